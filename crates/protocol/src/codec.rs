@@ -1,0 +1,150 @@
+//! Request decoding and response encoding. Wire types come from `kafka-protocol`;
+//! this module adds the checks a server needs before it trusts them.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, Encodable};
+
+/// The first eight bytes of every request: enough to route it, and to answer
+/// ApiVersions even when the rest cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request of {0} bytes is shorter than a request header")]
+    TooShort(usize),
+    #[error("unknown API key {0}")]
+    UnknownApiKey(i16),
+    #[error("malformed {api:?} v{version} request: {reason}")]
+    Malformed { api: ApiKey, version: i16, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode {api:?} v{version} response: {reason}")]
+pub struct EncodeError {
+    pub api: ApiKey,
+    pub version: i16,
+    pub reason: String,
+}
+
+/// A decoded request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub header: RequestHeader,
+    pub api_key: ApiKey,
+    pub body: RequestKind,
+}
+
+/// Reads api key, version and correlation id without decoding anything else.
+pub fn peek_preamble(frame: &[u8]) -> Result<Preamble, DecodeError> {
+    if frame.len() < 8 {
+        return Err(DecodeError::TooShort(frame.len()));
+    }
+    Ok(Preamble {
+        api_key: i16::from_be_bytes([frame[0], frame[1]]),
+        api_version: i16::from_be_bytes([frame[2], frame[3]]),
+        correlation_id: i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]),
+    })
+}
+
+/// Decodes a whole request frame (without its size prefix). The caller has already
+/// checked, from the preamble, that it serves this API at this version.
+pub fn decode_request(frame: Bytes) -> Result<Request, DecodeError> {
+    let preamble = peek_preamble(&frame)?;
+    let api_key = ApiKey::try_from(preamble.api_key).map_err(|_| DecodeError::UnknownApiKey(preamble.api_key))?;
+    let version = preamble.api_version;
+    let malformed = |e: anyhow::Error| DecodeError::Malformed { api: api_key, version, reason: e.to_string() };
+    let mut buf = frame;
+    let header_version = api_key.request_header_version(version);
+    let header = RequestHeader::decode(&mut buf, header_version).map_err(&malformed)?;
+    let body = RequestKind::decode(api_key, &mut buf, version).map_err(&malformed)?;
+    Ok(Request { header, api_key, body })
+}
+
+/// Appends one framed response (size prefix, header, body) to `out`.
+pub fn encode_response(
+    correlation_id: i32,
+    api_key: ApiKey,
+    version: i16,
+    body: &ResponseKind,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let err = |e: String| EncodeError { api: api_key, version, reason: e };
+    let start = out.len();
+    out.put_i32(0); // size, patched below
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    header
+        .encode(out, api_key.response_header_version(version))
+        .map_err(|e| err(e.to_string()))?;
+    body.encode(out, version).map_err(|e| err(e.to_string()))?;
+    let size = (out.len() - start - 4) as i32;
+    out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::ApiVersionsResponse;
+    use proptest::prelude::*;
+
+    #[test]
+    fn api_versions_v3_request_decodes() {
+        // ApiVersions v3 as librdkafka sends it: header v2 with client id, then the
+        // compact client software name and version and an empty tag buffer.
+        let mut frame = vec![0, 18, 0, 3, 0, 0, 0, 7, 0, 4];
+        frame.extend_from_slice(b"kcat");
+        frame.push(0); // header tagged fields
+        frame.push(6); // compact strings carry length + 1
+        frame.extend_from_slice(b"rdkaf");
+        frame.push(4);
+        frame.extend_from_slice(b"2.0");
+        frame.push(0);
+        let req = decode_request(Bytes::from(frame)).unwrap();
+        assert_eq!(req.api_key, ApiKey::ApiVersions);
+        assert_eq!(req.header.correlation_id, 7);
+        assert_eq!(req.header.client_id.as_deref(), Some("kcat"));
+        match req.body {
+            RequestKind::ApiVersions(v) => assert_eq!(v.client_software_name.as_str(), "rdkaf"),
+            other => panic!("decoded as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn api_versions_response_header_has_no_tagged_fields() {
+        // KIP-511: ApiVersions responses always use header v0, even at v3.
+        let mut out = BytesMut::new();
+        let body = ResponseKind::ApiVersions(ApiVersionsResponse::default());
+        encode_response(9, ApiKey::ApiVersions, 3, &body, &mut out).unwrap();
+        let size = i32::from_be_bytes(out[0..4].try_into().unwrap()) as usize;
+        assert_eq!(size, out.len() - 4);
+        assert_eq!(&out[4..8], &9i32.to_be_bytes());
+        // error code 0, then the compact array of api keys (empty = 1), throttle, tags
+        assert_eq!(&out[8..], &[0, 0, 1, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn huge_array_count_is_an_error_not_an_allocation() {
+        // Metadata v0 whose topic array claims 54M entries in 5 bytes (upstream #152).
+        let frame = Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x03, 0x3c, 0x0c, 0x00, 0xb6]);
+        assert!(matches!(decode_request(frame), Err(DecodeError::Malformed { .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn arbitrary_frames_never_panic(api_key in 0i16..80, version in -1i16..20, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&api_key.to_be_bytes());
+            frame.extend_from_slice(&version.to_be_bytes());
+            frame.extend_from_slice(&1i32.to_be_bytes());
+            frame.extend_from_slice(&body);
+            let _ = decode_request(Bytes::from(frame));
+        }
+    }
+}
