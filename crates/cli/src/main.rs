@@ -1,1 +1,44 @@
-fn main() {}
+//! The `freshet` binary. `serve` runs the broker on its embedded storage; the other
+//! subcommands are Kafka-protocol tools that work against any Kafka-compatible
+//! cluster (they go through librdkafka, never through broker internals).
+
+mod serve;
+mod tools;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "freshet", version, about = "A Kafka-compatible event-streaming platform in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Create, list, describe, delete topics and alter their configs.
+    Topic(tools::topic::TopicArgs),
+    /// Produce one record per stdin line.
+    Produce(tools::produce::ProduceArgs),
+    /// Consume records and print them.
+    Consume(tools::consume::ConsumeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Topic(args) => tools::topic::run(args),
+        Command::Produce(args) => tools::produce::run(args),
+        Command::Consume(args) => tools::consume::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("freshet: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
