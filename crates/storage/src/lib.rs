@@ -7,6 +7,15 @@
 //! broker hands it validated v2 record batches and asks for byte ranges back. Time
 //! is passed in (`now_ms`) so that tests control it.
 //!
+//! On disk, in the partition's directory:
+//! - `{base_offset:020}.log`: whole v2 batches, back to back, offsets without gaps;
+//! - `{base_offset:020}.index`: sparse offset index (relative offset u32 BE,
+//!   position u32 BE), one entry per `index_interval_bytes` of log;
+//! - `{base_offset:020}.timeindex`: time index (largest timestamp so far i64 BE,
+//!   relative offset u32 BE);
+//! - `log-start-offset`, `recovery-point`: checksummed offsets; `truncate-to`
+//!   exists only while a truncation is in progress.
+//!
 //! Codemap:
 //! - `log`: [`PartitionLog`], the segment map and the offsets that tie it together
 //!   (log start, high watermark, recovery point), read and flush handles.
