@@ -65,6 +65,10 @@ pub fn run(args: ConsumeArgs) -> anyhow::Result<()> {
         (false, None) => Offset::End,
     };
     let config = args.connect.client_config(&[
+        // librdkafka only lets a consumer assign partitions when it has a group id. The
+        // group is never joined (no subscribe) and no offset is ever committed or read
+        // from it, because every start position is explicit.
+        ("group.id", "freshet-consume"),
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         (
@@ -149,9 +153,10 @@ fn partitions_to_consume(
         None => Ok(partitions),
         Some(partition) if partitions.contains(&partition) => Ok(vec![partition]),
         Some(partition) => bail!(
-            "{} (topic '{topic}' has partitions 0..{}, not {partition})",
+            "{} (topic '{topic}' has partitions {} to {}, not {partition})",
             describe_code(RDKafkaErrorCode::UnknownPartition),
-            partitions.len()
+            partitions[0],
+            partitions[partitions.len() - 1]
         ),
     }
 }
@@ -200,7 +205,16 @@ fn consume_loop(
                 at_end.insert(partition);
             }
             Some(Err(err)) if is_fatal(&err) => {
-                bail!("consume failed: {}", describe_error(&err));
+                let hint = match (&err, args.offset) {
+                    (
+                        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+                        Some(offset),
+                    ) => {
+                        format!(" (--offset {offset} is outside a partition's log)")
+                    }
+                    _ => String::new(),
+                };
+                bail!("consume failed: {}{hint}", describe_error(&err));
             }
             Some(Err(err)) => {
                 // Transient client-side trouble (a broker connection dropped, say):
