@@ -26,6 +26,17 @@ enum Command {
     Consume(tools::consume::ConsumeArgs),
 }
 
+/// Logs go to stderr; `FRESHET_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+pub(crate) fn init_logging() {
+    let filter = std::env::var("FRESHET_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

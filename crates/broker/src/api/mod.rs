@@ -1,0 +1,108 @@
+//! Kafka API handlers, one module per API. [`dispatch`] routes a decoded request;
+//! [`SUPPORTED`] is what ApiVersions advertises and exactly what is implemented.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use protocol::codec::Request;
+use protocol::kafka_protocol::protocol::StrBytes;
+use protocol::{ApiKey, RequestKind, ResponseError, ResponseKind};
+
+use crate::Broker;
+
+pub mod api_versions;
+pub mod configs;
+pub mod create_partitions;
+pub mod create_topics;
+pub mod delete_records;
+pub mod delete_topics;
+pub mod describe_cluster;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+/// (API, lowest version, highest version) served.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
+    SUPPORTED.iter().any(|(k, min, max)| *k == api_key && (*min..=*max).contains(&version))
+}
+
+/// What a handler gives back: an answer now, or a future one (a long-polling fetch,
+/// an acks=all produce waiting for fsync, admin work that touches the disk).
+/// `None` means no response is sent (acks=0).
+pub enum Reply {
+    Now(Option<ResponseKind>),
+    Later(Pin<Box<dyn Future<Output = Option<ResponseKind>> + Send>>),
+}
+
+impl Reply {
+    fn now(body: impl Into<ResponseKind>) -> Reply {
+        Reply::Now(Some(body.into()))
+    }
+
+    /// Runs `work` on the blocking pool: it does file I/O.
+    fn blocking<R: Into<ResponseKind>>(
+        broker: &Arc<Broker>,
+        work: impl FnOnce(&Broker) -> R + Send + 'static,
+    ) -> Reply {
+        let broker = broker.clone();
+        Reply::Later(Box::pin(async move {
+            match tokio::task::spawn_blocking(move || work(&broker).into()).await {
+                Ok(body) => Some(body),
+                Err(e) => {
+                    tracing::error!(error = %e, "request handler panicked");
+                    None
+                }
+            }
+        }))
+    }
+}
+
+/// Routes a request whose API and version [`is_supported`].
+pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
+    let v = request.header.request_api_version;
+    match request.body {
+        RequestKind::ApiVersions(r) => Reply::now(api_versions::handle(&r, v)),
+        RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
+        RequestKind::Produce(r) => produce::handle(broker, r),
+        RequestKind::Fetch(r) => fetch::handle(broker, r, v),
+        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r)),
+        RequestKind::CreateTopics(r) => Reply::blocking(broker, move |b| create_topics::handle(b, r, v)),
+        RequestKind::DeleteTopics(r) => Reply::blocking(broker, move |b| delete_topics::handle(b, r, v)),
+        RequestKind::CreatePartitions(r) => Reply::blocking(broker, move |b| create_partitions::handle(b, r)),
+        RequestKind::DeleteRecords(r) => Reply::blocking(broker, move |b| delete_records::handle(b, r)),
+        RequestKind::DescribeConfigs(r) => Reply::now(configs::describe(broker, r, v)),
+        RequestKind::AlterConfigs(r) => Reply::blocking(broker, move |b| configs::alter(b, r)),
+        RequestKind::IncrementalAlterConfigs(r) => Reply::blocking(broker, move |b| configs::incremental_alter(b, r)),
+        RequestKind::DescribeCluster(r) => Reply::now(describe_cluster::handle(broker, r)),
+        other => {
+            // is_supported() admitted it, so SUPPORTED and this match disagree.
+            unreachable!("dispatch has no handler for {other:?}")
+        }
+    }
+}
+
+pub(crate) fn code(err: ResponseError) -> i16 {
+    err.code()
+}
+
+pub(crate) fn text(s: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(s.into())
+}

@@ -1,0 +1,147 @@
+//! Produce: validate the one v2 batch each partition carries, append it as sent,
+//! and answer by acks — 0: no answer, 1: once in the page cache, -1 (all): once
+//! fsync'd by the flusher's group commit.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use protocol::kafka_protocol::messages::produce_request::PartitionProduceData;
+use protocol::kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use protocol::kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use protocol::record_batch::{batches, BatchError, BatchHeader};
+use protocol::ResponseError;
+
+use super::{code, text, Reply};
+use crate::topics::{Partition, Topic};
+use crate::Broker;
+
+pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
+    let acks = request.acks;
+    let mut response = ProduceResponse::default();
+    let mut appended: Vec<Arc<Partition>> = Vec::new();
+    let now_ms = broker.now_ms();
+    for topic_data in request.topic_data {
+        let topic = broker.topics.get(&topic_data.name.0);
+        let max_batch_bytes = topic.as_ref().map(|t| t.config().max_message_bytes(&broker.config));
+        let mut topic_response = TopicProduceResponse::default().with_name(topic_data.name);
+        for data in topic_data.partition_data {
+            let index = data.index;
+            let result = if !matches!(acks, -1..=1) {
+                Err((ResponseError::InvalidRequiredAcks, None))
+            } else {
+                match (&topic, max_batch_bytes) {
+                    (Some(topic), Some(max)) => append(topic, data, max, now_ms),
+                    _ => Err((ResponseError::UnknownTopicOrPartition, None)),
+                }
+            };
+            let partition_response = match result {
+                Ok((partition, base_offset, log_start_offset)) => {
+                    appended.push(partition);
+                    PartitionProduceResponse::default()
+                        .with_index(index)
+                        .with_base_offset(base_offset)
+                        .with_log_append_time_ms(-1)
+                        .with_log_start_offset(log_start_offset)
+                }
+                Err((err, message)) => PartitionProduceResponse::default()
+                    .with_index(index)
+                    .with_error_code(code(err))
+                    .with_base_offset(-1)
+                    .with_log_append_time_ms(-1)
+                    .with_log_start_offset(-1)
+                    .with_error_message(message.map(text)),
+            };
+            topic_response.partition_responses.push(partition_response);
+        }
+        response.responses.push(topic_response);
+    }
+    if !appended.is_empty() {
+        broker.notify_appended();
+    }
+    match acks {
+        0 => Reply::Now(None),
+        -1 if !appended.is_empty() => {
+            let broker = broker.clone();
+            Reply::Later(Box::pin(async move {
+                if let Err(e) = broker.flusher.flush(appended).await {
+                    tracing::error!(error = %e, "acks=all produce could not be made durable");
+                    for topic in &mut response.responses {
+                        for p in &mut topic.partition_responses {
+                            if p.error_code == 0 {
+                                p.error_code = code(ResponseError::KafkaStorageError);
+                                p.error_message = Some(text(e.clone()));
+                            }
+                        }
+                    }
+                }
+                Some(response.into())
+            }))
+        }
+        _ => Reply::now(response),
+    }
+}
+
+type AppendResult = Result<(Arc<Partition>, i64, i64), (ResponseError, Option<String>)>;
+
+fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now_ms: i64) -> AppendResult {
+    let partition = topic.partition(data.index).ok_or((ResponseError::UnknownTopicOrPartition, None))?;
+    let records = data.records.unwrap_or_else(Bytes::new);
+    let header = single_batch_header(&records)?;
+    if header.total_bytes() > max_batch_bytes {
+        return Err((
+            ResponseError::MessageTooLarge,
+            Some(format!("batch of {} bytes exceeds max.message.bytes {max_batch_bytes}", header.total_bytes())),
+        ));
+    }
+    if header.has_producer_id() || header.is_transactional() || header.is_control() {
+        return Err((
+            ResponseError::InvalidRecord,
+            Some("idempotent and transactional producers are not supported yet".into()),
+        ));
+    }
+    let mut batch = records.to_vec();
+    let mut log = partition.lock();
+    match log.append(&mut batch, 0, now_ms) {
+        Ok(info) => {
+            let end = log.log_end_offset();
+            log.set_high_watermark(end);
+            let start = log.log_start_offset();
+            drop(log);
+            Ok((partition, info.base_offset, start))
+        }
+        Err(storage::StorageError::InvalidBatch(e)) => Err(batch_error(e)),
+        Err(e) => {
+            tracing::error!(topic = %topic.name, partition = data.index, error = %e, "append failed");
+            Err((ResponseError::KafkaStorageError, Some(e.to_string())))
+        }
+    }
+}
+
+/// A v3+ produce request carries exactly one v2 batch per partition.
+fn single_batch_header(records: &[u8]) -> Result<BatchHeader, (ResponseError, Option<String>)> {
+    let mut iter = batches(records);
+    let header = match iter.next() {
+        None => return Err((ResponseError::InvalidRecord, Some("no record batch".into()))),
+        Some(Err(e)) => return Err(batch_error(e)),
+        Some(Ok((header, _))) => header,
+    };
+    if iter.next().is_some() {
+        return Err((
+            ResponseError::InvalidRecord,
+            Some("a produce request must carry exactly one record batch per partition".into()),
+        ));
+    }
+    Ok(header)
+}
+
+fn batch_error(e: BatchError) -> (ResponseError, Option<String>) {
+    let err = match e {
+        BatchError::UnsupportedMagic(_) | BatchError::InconsistentCount { .. } => ResponseError::InvalidRecord,
+        BatchError::UnknownCompression(_) => ResponseError::UnsupportedCompressionType,
+        BatchError::Truncated { .. }
+        | BatchError::BadLength(_)
+        | BatchError::CrcMismatch { .. }
+        | BatchError::TrailingBytes(_) => ResponseError::CorruptMessage,
+    };
+    (err, Some(e.to_string()))
+}

@@ -1,0 +1,232 @@
+//! The broker's shared state: configuration, the topic registry, the flusher, the
+//! append notifications long-polling fetches wait on, and the fetch memory budget.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::BrokerConfig;
+use crate::flusher::Flusher;
+use crate::topics::{write_atomically, TopicError, TopicRegistry};
+
+/// Time as the broker sees it; tests may substitute their own.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("data directory {0} is in use by another broker")]
+    Locked(String),
+    #[error("{0}")]
+    Topics(#[from] TopicError),
+}
+
+pub struct Broker {
+    pub config: BrokerConfig,
+    pub cluster_id: String,
+    /// Host and port clients are told to connect to.
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    pub topics: TopicRegistry,
+    pub flusher: Flusher,
+    /// Bumped after every append; long-polling fetches wait for it to change.
+    appended: watch::Sender<u64>,
+    /// Bytes of record data all fetch responses being built may hold together.
+    pub fetch_memory: Arc<Semaphore>,
+    clock: Arc<dyn Clock>,
+    _lock: fs::File,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClusterMeta {
+    cluster_id: String,
+}
+
+impl Broker {
+    pub fn open(
+        config: BrokerConfig,
+        advertised_host: String,
+        advertised_port: i32,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Broker>, OpenError> {
+        let dir = config.data_dir.clone();
+        let dir_err = |source| OpenError::DataDir { path: dir.display().to_string(), source };
+        fs::create_dir_all(&dir).map_err(dir_err)?;
+        let lock = lock_data_dir(&dir)?;
+        let cluster_id = load_or_create_cluster_id(&dir)?;
+        raise_open_file_limit();
+        let topics = TopicRegistry::open(&dir, &config, clock.now_ms())?;
+        let fetch_memory = Arc::new(Semaphore::new(config.fetch_memory_bytes));
+        Ok(Arc::new(Broker {
+            config,
+            cluster_id,
+            advertised_host,
+            advertised_port,
+            topics,
+            flusher: Flusher::start(),
+            appended: watch::channel(0).0,
+            fetch_memory,
+            clock,
+            _lock: lock,
+        }))
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn notify_appended(&self) {
+        self.appended.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Flushes every partition and records its recovery point, so that the next
+    /// start validates nothing.
+    pub fn shutdown(&self) {
+        for topic in self.topics.all() {
+            for p in topic.partitions() {
+                if let Err(e) = p.lock().flush() {
+                    tracing::error!(topic = %p.topic, partition = p.index, error = %e, "flush at shutdown failed");
+                }
+            }
+        }
+    }
+
+    /// Periodic work: retention and the background flush. Runs until the broker is
+    /// dropped by everyone else.
+    pub async fn run_background(self: Arc<Self>) {
+        let retention_every = Duration::from_millis(self.config.retention_check_interval_ms.max(1));
+        let flush_every = Duration::from_millis(self.config.flush_interval_ms.max(1));
+        let mut retention = tokio::time::interval(retention_every);
+        let mut flush = tokio::time::interval(flush_every);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = retention.tick() => {
+                    let broker = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || broker.apply_retention()).await;
+                }
+                _ = flush.tick(), if self.config.flush_interval_ms > 0 => {
+                    let dirty: Vec<_> = self.topics.all().iter()
+                        .flat_map(|t| t.partitions())
+                        .filter(|p| { let log = p.lock(); log.recovery_point() < log.log_end_offset() })
+                        .collect();
+                    if !dirty.is_empty() {
+                        if let Err(e) = self.flusher.flush(dirty).await {
+                            tracing::error!(error = %e, "background flush failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_retention(&self) {
+        let now_ms = self.now_ms();
+        for topic in self.topics.all() {
+            for p in topic.partitions() {
+                match p.lock().apply_retention(now_ms) {
+                    Ok(r) if r.deleted_segments > 0 => tracing::info!(
+                        topic = %p.topic, partition = p.index, segments = r.deleted_segments,
+                        bytes = r.deleted_bytes, "retention deleted segments"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
+                }
+            }
+        }
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpenError::DataDir { path: path.display().to_string(), source })?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(OpenError::Locked(dir.display().to_string()));
+    }
+    Ok(file)
+}
+
+fn load_or_create_cluster_id(dir: &Path) -> Result<String, OpenError> {
+    let path = dir.join("cluster.json");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let meta: ClusterMeta = serde_json::from_str(&text).map_err(|e| {
+                OpenError::Topics(TopicError::Storage(format!("{}: {e}", path.display())))
+            })?;
+            Ok(meta.cluster_id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Kafka cluster ids are a UUID in URL-safe base64 without padding (22 chars).
+            let cluster_id = base64_url(uuid::Uuid::new_v4().as_bytes());
+            let json = serde_json::to_vec(&ClusterMeta { cluster_id: cluster_id.clone() }).expect("serialize");
+            write_atomically(&path, &json)?;
+            Ok(cluster_id)
+        }
+        Err(source) => Err(OpenError::DataDir { path: path.display().to_string(), source }),
+    }
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Each partition keeps a few files open; lift the soft descriptor limit to the
+/// hard one so that thousands of partitions fit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write/read the struct we pass; no other memory.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cluster_id_is_22_url_safe_chars() {
+        let id = super::base64_url(&[0xff; 16]);
+        assert_eq!(id.len(), 22);
+        assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+}

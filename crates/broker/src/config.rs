@@ -1,0 +1,181 @@
+//! Broker settings: defaults, overlaid by a TOML file, overlaid by `FRESHET_*`
+//! environment variables, overlaid by command-line flags (the CLI applies those).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Every limit and default the broker has. Field names are the TOML keys; the
+/// environment variable is `FRESHET_` + the key in upper case.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub node_id: i32,
+    /// Address to bind, `host:port`; port 0 picks a free port.
+    pub listen: String,
+    /// `host:port` clients are told to connect to; defaults to the bound address.
+    pub advertised_listener: Option<String>,
+    pub data_dir: PathBuf,
+    /// Partitions of a topic created without a count (auto-created or `-1`).
+    pub num_partitions: i32,
+    /// Create a topic when Metadata names one that does not exist.
+    pub auto_create_topics: bool,
+    /// Defaults of the topic configs `segment.bytes`, `segment.ms`, `retention.ms`,
+    /// `retention.bytes`, `max.message.bytes`.
+    pub segment_bytes: u64,
+    pub segment_ms: i64,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub max_message_bytes: i32,
+    /// How often retention runs over all partitions.
+    pub retention_check_interval_ms: u64,
+    /// Background fsync of partitions with unflushed data, in addition to the fsync
+    /// every acks=all produce waits for; 0 leaves acks=0/1 data to the OS.
+    pub flush_interval_ms: u64,
+    /// Largest request frame accepted; a larger one closes the connection.
+    pub max_request_bytes: usize,
+    /// Connections served at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// Requests read from one connection before earlier ones are answered.
+    pub max_in_flight_per_connection: usize,
+    /// Bytes of record data that all pending fetch responses may hold together.
+    pub fetch_memory_bytes: usize,
+    /// Upper bound on one fetch response, whatever the client asks for.
+    pub fetch_max_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            node_id: 0,
+            listen: "127.0.0.1:9092".into(),
+            advertised_listener: None,
+            data_dir: PathBuf::from("./freshet-data"),
+            num_partitions: 1,
+            auto_create_topics: true,
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            max_message_bytes: 1_048_588,
+            retention_check_interval_ms: 300_000,
+            flush_interval_ms: 1_000,
+            max_request_bytes: 100 * 1024 * 1024,
+            max_connections: 1_000,
+            max_in_flight_per_connection: 16,
+            fetch_memory_bytes: 512 * 1024 * 1024,
+            fetch_max_bytes: 55 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl BrokerConfig {
+    /// Defaults, then `file` if given, then every `FRESHET_<KEY>` variable in `env`.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("FRESHET_") else { continue };
+            let key = key.to_ascii_lowercase();
+            if !Self::is_key(&key) {
+                continue; // FRESHET_BROKERS and friends belong to the tools
+            }
+            table.insert(key, env_value(&value));
+        }
+        let config: BrokerConfig =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn is_key(key: &str) -> bool {
+        const KEYS: &[&str] = &[
+            "node_id", "listen", "advertised_listener", "data_dir", "num_partitions", "auto_create_topics",
+            "segment_bytes", "segment_ms", "retention_ms", "retention_bytes", "max_message_bytes",
+            "retention_check_interval_ms", "flush_interval_ms", "max_request_bytes", "max_connections",
+            "max_in_flight_per_connection", "fetch_memory_bytes", "fetch_max_bytes",
+        ];
+        KEYS.contains(&key)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.into()));
+        if self.num_partitions < 1 {
+            return bad("num_partitions must be at least 1");
+        }
+        if self.max_connections < 1 || self.max_in_flight_per_connection < 1 {
+            return bad("max_connections and max_in_flight_per_connection must be at least 1");
+        }
+        if self.max_request_bytes < 1024 {
+            return bad("max_request_bytes must be at least 1024");
+        }
+        if self.fetch_memory_bytes < self.fetch_max_bytes.min(1 << 20) {
+            return bad("fetch_memory_bytes must be at least 1 MiB (or fetch_max_bytes)");
+        }
+        if self.segment_bytes < 14 || self.segment_ms < 1 || self.max_message_bytes < 0 {
+            return bad("segment_bytes >= 14, segment_ms >= 1 and max_message_bytes >= 0 are required");
+        }
+        Ok(())
+    }
+}
+
+/// An environment value as TOML would read it: number or boolean if it parses as
+/// one, otherwise a string.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("freshet.toml");
+        std::fs::write(&path, "num_partitions = 3\nretention_ms = 1000\n").unwrap();
+        let env = vec![
+            ("FRESHET_RETENTION_MS".to_string(), "2000".to_string()),
+            ("FRESHET_AUTO_CREATE_TOPICS".to_string(), "false".to_string()),
+            ("FRESHET_BROKERS".to_string(), "ignored:9092".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let config = BrokerConfig::load(Some(&path), env).unwrap();
+        assert_eq!(config.num_partitions, 3);
+        assert_eq!(config.retention_ms, 2000);
+        assert!(!config.auto_create_topics);
+        assert_eq!(config.listen, BrokerConfig::default().listen);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("freshet.toml");
+        std::fs::write(&path, "num_partitons = 3\n").unwrap();
+        assert!(BrokerConfig::load(Some(&path), vec![]).is_err());
+        let env = vec![("FRESHET_NUM_PARTITIONS".to_string(), "0".to_string())];
+        assert!(BrokerConfig::load(None, env).is_err());
+    }
+}

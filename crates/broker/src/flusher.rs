@@ -1,0 +1,74 @@
+//! Group commit. acks=all produce requests ask the flusher to make their
+//! partitions durable; one thread takes every request that is waiting, fsyncs each
+//! partition involved once, and answers them all. Concurrent producers therefore
+//! share fsyncs, and no fsync runs on the async runtime or under a partition lock.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::topics::Partition;
+
+struct FlushRequest {
+    partitions: Vec<Arc<Partition>>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Clone)]
+pub struct Flusher {
+    tx: mpsc::Sender<FlushRequest>,
+}
+
+impl Flusher {
+    /// Starts the flusher thread; it ends when every `Flusher` clone is dropped.
+    pub fn start() -> Flusher {
+        let (tx, rx) = mpsc::channel::<FlushRequest>();
+        std::thread::Builder::new()
+            .name("freshet-flusher".into())
+            .spawn(move || run(rx))
+            .expect("spawn flusher thread");
+        Flusher { tx }
+    }
+
+    /// Resolves once everything appended to `partitions` before this call is on
+    /// stable storage. An error names the partition whose fsync failed.
+    pub async fn flush(&self, partitions: Vec<Arc<Partition>>) -> Result<(), String> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(FlushRequest { partitions, done }).map_err(|_| "flusher stopped".to_string())?;
+        wait.await.map_err(|_| "flusher stopped".to_string())?
+    }
+}
+
+fn run(rx: mpsc::Receiver<FlushRequest>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let mut results: HashMap<*const Partition, Result<(), String>> = HashMap::new();
+        for request in &batch {
+            for p in &request.partitions {
+                results.entry(Arc::as_ptr(p)).or_insert_with(|| flush_partition(p));
+            }
+        }
+        for request in batch {
+            let result = request
+                .partitions
+                .iter()
+                .map(|p| results[&Arc::as_ptr(p)].clone())
+                .find(|r| r.is_err())
+                .unwrap_or(Ok(()));
+            let _ = request.done.send(result); // the requester may have gone away
+        }
+    }
+}
+
+fn flush_partition(p: &Partition) -> Result<(), String> {
+    let handle = p.lock().flush_handle();
+    handle
+        .sync()
+        .map_err(|e| format!("fsync of {}-{} failed: {e}", p.topic, p.index))?;
+    p.lock()
+        .mark_flushed(handle.up_to_offset)
+        .map_err(|e| format!("recovery point of {}-{}: {e}", p.topic, p.index))
+}

@@ -1,0 +1,341 @@
+//! The topic registry: which topics exist, their ids, partitions and configs.
+//!
+//! On disk, `meta/<topic>.json` names a topic (written atomically: temp file, fsync,
+//! rename, fsync of the directory) and `<topic>-<partition>/` holds each partition's
+//! log. Creation writes partition directories first and the metadata file last;
+//! deletion removes the metadata file first. So a crash leaves at worst partition
+//! directories without a topic, which start-up removes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use storage::PartitionLog;
+use uuid::Uuid;
+
+use crate::config::BrokerConfig;
+use crate::topic_config::TopicConfig;
+
+pub const MAX_TOPIC_NAME_CHARS: usize = 249;
+const META_DIR: &str = "meta";
+
+pub struct Partition {
+    pub topic: String,
+    pub index: i32,
+    pub log: Mutex<PartitionLog>,
+}
+
+impl Partition {
+    /// Locks the log. A panic while holding the lock is a bug already reported;
+    /// the log's own state is consistent between calls, so carry on with it.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PartitionLog> {
+        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub struct Topic {
+    pub name: String,
+    pub id: Uuid,
+    partitions: RwLock<Vec<Arc<Partition>>>,
+    config: RwLock<TopicConfig>,
+}
+
+impl Topic {
+    pub fn partitions(&self) -> Vec<Arc<Partition>> {
+        self.partitions.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn partition(&self, index: i32) -> Option<Arc<Partition>> {
+        let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        usize::try_from(index).ok().and_then(|i| parts.get(i).cloned())
+    }
+    pub fn partition_count(&self) -> i32 {
+        self.partitions.read().unwrap_or_else(|p| p.into_inner()).len() as i32
+    }
+    pub fn config(&self) -> TopicConfig {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TopicMeta {
+    name: String,
+    id: Uuid,
+    partitions: i32,
+    config: TopicConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("Topic '{0}' already exists.")]
+    AlreadyExists(String),
+    #[error("This server does not host this topic-partition.")]
+    Unknown,
+    #[error("{0}")]
+    InvalidPartitions(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl From<storage::StorageError> for TopicError {
+    fn from(e: storage::StorageError) -> Self {
+        TopicError::Storage(e.to_string())
+    }
+}
+fn io_err(path: &Path, e: std::io::Error) -> TopicError {
+    TopicError::Storage(format!("{}: {e}", path.display()))
+}
+
+/// Kafka's rules for topic names.
+pub fn validate_name(name: &str) -> Result<(), TopicError> {
+    let bad = |m: String| Err(TopicError::InvalidName(m));
+    if name.is_empty() {
+        return bad("Topic name is illegal, it can't be empty".into());
+    }
+    if name == "." || name == ".." {
+        return bad("Topic name cannot be \".\" or \"..\"".into());
+    }
+    if name.len() > MAX_TOPIC_NAME_CHARS {
+        return bad(format!(
+            "Topic name is illegal, it can't be longer than {MAX_TOPIC_NAME_CHARS} characters, topic name: {name}"
+        ));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        return bad(format!(
+            "Topic name \"{name}\" is illegal, it contains a character other than ASCII alphanumerics, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// `a.b` and `a_b` collide in Kafka's metric names, so Kafka refuses the second.
+fn collision_key(name: &str) -> String {
+    name.replace('.', "_")
+}
+
+pub struct TopicRegistry {
+    data_dir: PathBuf,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serialises create/delete/alter so that disk and memory change together.
+    admin: Mutex<()>,
+}
+
+impl TopicRegistry {
+    /// Loads every topic under `data_dir`, recovering each partition's log.
+    pub fn open(data_dir: &Path, broker: &BrokerConfig, now_ms: i64) -> Result<Self, TopicError> {
+        let meta_dir = data_dir.join(META_DIR);
+        fs::create_dir_all(&meta_dir).map_err(|e| io_err(&meta_dir, e))?;
+        let mut topics = BTreeMap::new();
+        for entry in fs::read_dir(&meta_dir).map_err(|e| io_err(&meta_dir, e))? {
+            let path = entry.map_err(|e| io_err(&meta_dir, e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                let _ = fs::remove_file(&path); // temp file of an interrupted write
+                continue;
+            }
+            let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+            let meta: TopicMeta = serde_json::from_str(&text)
+                .map_err(|e| TopicError::Storage(format!("{}: {e}", path.display())))?;
+            let log_config = meta.config.log_config(broker);
+            let mut partitions = Vec::with_capacity(meta.partitions as usize);
+            for index in 0..meta.partitions {
+                let dir = partition_dir(data_dir, &meta.name, index);
+                let (log, report) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
+                if report.truncated_bytes > 0 || report.rebuilt_indexes > 0 {
+                    tracing::warn!(
+                        topic = %meta.name, partition = index, truncated_bytes = report.truncated_bytes,
+                        rebuilt_indexes = report.rebuilt_indexes, "recovered partition log"
+                    );
+                }
+                partitions.push(Arc::new(Partition { topic: meta.name.clone(), index, log: Mutex::new(log) }));
+            }
+            let topic = Topic {
+                name: meta.name.clone(),
+                id: meta.id,
+                partitions: RwLock::new(partitions),
+                config: RwLock::new(meta.config),
+            };
+            topics.insert(meta.name, Arc::new(topic));
+        }
+        remove_orphan_partitions(data_dir, &topics)?;
+        Ok(TopicRegistry { data_dir: data_dir.to_path_buf(), topics: RwLock::new(topics), admin: Mutex::new(()) })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+    pub fn get_by_id(&self, id: Uuid) -> Option<Arc<Topic>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().find(|t| t.id == id).cloned()
+    }
+    pub fn all(&self) -> Vec<Arc<Topic>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Checks that a topic could be created, without creating it.
+    pub fn check_create(&self, name: &str) -> Result<(), TopicError> {
+        validate_name(name)?;
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        if topics.contains_key(name) {
+            return Err(TopicError::AlreadyExists(name.into()));
+        }
+        let key = collision_key(name);
+        if let Some(other) = topics.keys().find(|t| collision_key(t) == key) {
+            return Err(TopicError::InvalidName(format!("Topic '{name}' collides with existing topic: {other}")));
+        }
+        Ok(())
+    }
+
+    pub fn create(
+        &self,
+        name: &str,
+        partitions: i32,
+        config: TopicConfig,
+        broker: &BrokerConfig,
+        now_ms: i64,
+    ) -> Result<Arc<Topic>, TopicError> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_create(name)?;
+        if partitions < 1 {
+            return Err(TopicError::InvalidPartitions("Number of partitions must be larger than 0.".into()));
+        }
+        let log_config = config.log_config(broker);
+        let mut logs = Vec::with_capacity(partitions as usize);
+        for index in 0..partitions {
+            let dir = partition_dir(&self.data_dir, name, index);
+            let (log, _) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
+            logs.push(Arc::new(Partition { topic: name.to_string(), index, log: Mutex::new(log) }));
+        }
+        let topic = Arc::new(Topic {
+            name: name.to_string(),
+            id: Uuid::new_v4(),
+            partitions: RwLock::new(logs),
+            config: RwLock::new(config),
+        });
+        self.persist(&topic)?;
+        self.topics.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(topic)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let topic = self.get(name).ok_or(TopicError::Unknown)?;
+        let meta = self.meta_path(name);
+        fs::remove_file(&meta).map_err(|e| io_err(&meta, e))?;
+        sync_dir(&self.data_dir.join(META_DIR))?;
+        self.topics.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        for p in topic.partitions() {
+            let dir = partition_dir(&self.data_dir, name, p.index);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove partition directory");
+            }
+        }
+        tracing::info!(topic = name, "deleted topic");
+        Ok(topic)
+    }
+
+    pub fn add_partitions(&self, topic: &Topic, count: i32, broker: &BrokerConfig, now_ms: i64) -> Result<(), TopicError> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let current = topic.partition_count();
+        if count <= current {
+            return Err(TopicError::InvalidPartitions(format!(
+                "Topic currently has {current} partitions, which is higher than the requested {count}."
+            )));
+        }
+        let log_config = topic.config().log_config(broker);
+        let mut added = Vec::new();
+        for index in current..count {
+            let dir = partition_dir(&self.data_dir, &topic.name, index);
+            let (log, _) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
+            added.push(Arc::new(Partition { topic: topic.name.clone(), index, log: Mutex::new(log) }));
+        }
+        {
+            let mut parts = topic.partitions.write().unwrap_or_else(|p| p.into_inner());
+            parts.extend(added);
+        }
+        self.persist(topic)
+    }
+
+    /// Replaces a topic's explicit configs and applies them to its logs.
+    pub fn set_config(&self, topic: &Topic, config: TopicConfig, broker: &BrokerConfig) -> Result<(), TopicError> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let log_config = config.log_config(broker);
+        *topic.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        self.persist(topic)?;
+        for p in topic.partitions() {
+            p.lock().set_config(log_config.clone());
+        }
+        Ok(())
+    }
+
+    fn meta_path(&self, name: &str) -> PathBuf {
+        self.data_dir.join(META_DIR).join(format!("{name}.json"))
+    }
+
+    fn persist(&self, topic: &Topic) -> Result<(), TopicError> {
+        let meta = TopicMeta {
+            name: topic.name.clone(),
+            id: topic.id,
+            partitions: topic.partition_count(),
+            config: topic.config(),
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| TopicError::Storage(e.to_string()))?;
+        write_atomically(&self.meta_path(&topic.name), &json)
+    }
+}
+
+pub fn partition_dir(data_dir: &Path, topic: &str, index: i32) -> PathBuf {
+    data_dir.join(format!("{topic}-{index}"))
+}
+
+/// Writes `bytes` so that after a crash the file holds either the old or the new
+/// contents: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TopicError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    file.sync_all().map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    sync_dir(path.parent().expect("file has a parent directory"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), TopicError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
+}
+
+/// Removes `<topic>-<n>` directories that no topic owns (a crash mid-create or
+/// mid-delete).
+fn remove_orphan_partitions(data_dir: &Path, topics: &BTreeMap<String, Arc<Topic>>) -> Result<(), TopicError> {
+    for entry in fs::read_dir(data_dir).map_err(|e| io_err(data_dir, e))? {
+        let entry = entry.map_err(|e| io_err(data_dir, e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        let Some((topic, index)) = name.rsplit_once('-') else { continue };
+        let Ok(index) = index.parse::<i32>() else { continue };
+        if !entry.path().is_dir() {
+            continue;
+        }
+        let owned = topics.get(topic).is_some_and(|t| index < t.partition_count());
+        if !owned {
+            tracing::warn!(dir = %entry.path().display(), "removing partition directory no topic owns");
+            fs::remove_dir_all(entry.path()).map_err(|e| io_err(&entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(validate_name("votes.v1_x-y").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("..").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name(&"a".repeat(250)).is_err());
+        assert!(validate_name(&"a".repeat(249)).is_ok());
+    }
+}
