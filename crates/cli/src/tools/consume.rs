@@ -225,21 +225,29 @@ fn consume_loop(
     }
 }
 
-/// Errors the cluster returned for our partitions, and offset resets we asked to be
-/// errors, end the tool; client-local transport errors are retried by librdkafka.
+/// Errors that will not go away by waiting end the tool: the topic or partition is
+/// gone or forbidden, the start offset is out of range (we asked for that to be an
+/// error), or a batch cannot be decoded. Everything else (a dropped connection, a
+/// broker that is not there yet, and any complaint from the group coordinator, which
+/// this tool never uses beyond librdkafka's need for a group id) is retried by
+/// librdkafka and only remembered for the message if we time out.
 fn is_fatal(err: &KafkaError) -> bool {
     match err {
         KafkaError::MessageConsumptionFatal(_) => true,
-        KafkaError::MessageConsumption(code) => {
-            (*code as i32) >= 0
-                || matches!(
-                    code,
-                    RDKafkaErrorCode::AutoOffsetReset
-                        | RDKafkaErrorCode::UnknownTopic
-                        | RDKafkaErrorCode::UnknownPartition
-                        | RDKafkaErrorCode::Fatal
-                )
-        }
+        KafkaError::MessageConsumption(code) => matches!(
+            code,
+            RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::UnsupportedCompressionType
+                | RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::BadMessage
+                | RDKafkaErrorCode::BadCompression
+                | RDKafkaErrorCode::Fatal
+        ),
         _ => false,
     }
 }
