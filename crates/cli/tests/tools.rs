@@ -350,6 +350,50 @@ fn describe_alter_config_and_delete_with_the_tools() {
         "other keys kept"
     );
 
+    // --validate-only creates nothing.
+    let validated = tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "checked",
+            "--partitions",
+            "3",
+            "--validate-only",
+        ],
+        b"",
+    );
+    validated.assert_success("create --validate-only");
+    assert_eq!(
+        validated.stdout_text(),
+        "topic 'checked' is valid (not created)\n"
+    );
+    let listed = tool(&broker, &["topic", "list"], b"");
+    listed.assert_success("list");
+    assert!(
+        !listed.stdout_text().lines().any(|line| line == "checked"),
+        "validate-only created it:\n{}",
+        listed.stdout_text()
+    );
+
+    // Without --partitions/--replication-factor the cluster's defaults apply.
+    tool(&broker, &["topic", "create", "defaults"], b"")
+        .assert_success("create with cluster defaults");
+    let described = tool(&broker, &["topic", "describe", "defaults"], b"");
+    described.assert_success("describe defaults");
+    let first = described
+        .stdout_text()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        first.starts_with("Topic: defaults\tPartitionCount: "),
+        "{first}"
+    );
+    assert!(!first.contains("PartitionCount: 0\t"), "{first}");
+    assert!(first.ends_with("\tReplicationFactor: 1"), "{first}");
+
     let deleted = tool(&broker, &["topic", "delete", "cfg"], b"");
     deleted.assert_success("delete");
     assert_eq!(deleted.stdout_text(), "deleted topic 'cfg'\n");
