@@ -19,6 +19,7 @@ pub mod delete_records;
 pub mod delete_topics;
 pub mod describe_cluster;
 pub mod fetch;
+pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
@@ -38,6 +39,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
@@ -92,6 +94,7 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::AlterConfigs(r) => Reply::blocking(broker, move |b| configs::alter(b, r)),
         RequestKind::IncrementalAlterConfigs(r) => Reply::blocking(broker, move |b| configs::incremental_alter(b, r)),
         RequestKind::DescribeCluster(r) => Reply::now(describe_cluster::handle(broker, r)),
+        RequestKind::InitProducerId(r) => Reply::blocking(broker, move |b| init_producer_id::handle(b, r)),
         other => {
             // is_supported() admitted it, so SUPPORTED and this match disagree.
             unreachable!("dispatch has no handler for {other:?}")

@@ -1,0 +1,314 @@
+//! The broker served in-process on an ephemeral port and driven over real TCP with
+//! raw Kafka requests: behaviour that third-party clients do not let us pin down
+//! precisely (long-poll timing, acks=all, bad bytes, limits, restart).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use broker::{Broker, BrokerConfig, SystemClock};
+use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
+use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use protocol::kafka_protocol::messages::*;
+use protocol::kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use protocol::ResponseError;
+use protocol::record_batch::{build_simple_batch, BatchHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+struct TestBroker {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestBroker {
+    async fn start(config: BrokerConfig) -> TestBroker {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, config).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, mut config: BrokerConfig) -> TestBroker {
+        config.data_dir = dir.path().to_path_buf();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let broker = Broker::open(config, "127.0.0.1".into(), addr.port() as i32, Arc::new(SystemClock)).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            broker::server::run(broker.clone(), listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+            broker.shutdown();
+        });
+        TestBroker { addr, dir, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops serving, flushes, and hands back the data directory.
+    async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        self.dir
+    }
+}
+
+struct Client {
+    stream: TcpStream,
+    correlation_id: i32,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client { stream: TcpStream::connect(addr).await.unwrap(), correlation_id: 0 }
+    }
+
+    async fn send_raw(&mut self, frame: &[u8]) {
+        self.stream.write_all(&(frame.len() as i32).to_be_bytes()).await.unwrap();
+        self.stream.write_all(frame).await.unwrap();
+    }
+
+    /// Reads one response frame; `None` if the broker closed the connection.
+    async fn read_frame(&mut self) -> Option<Bytes> {
+        let mut size = [0u8; 4];
+        self.stream.read_exact(&mut size).await.ok()?;
+        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.stream.read_exact(&mut body).await.ok()?;
+        Some(Bytes::from(body))
+    }
+
+    async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
+        self.correlation_id += 1;
+        let mut buf = BytesMut::new();
+        let api_key = ApiKey::try_from(R::KEY).unwrap();
+        RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("test")))
+            .encode(&mut buf, R::header_version(version))
+            .unwrap();
+        request.encode(&mut buf, version).unwrap();
+        self.send_raw(&buf).await;
+        let mut frame = self.read_frame().await.expect("response");
+        let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
+        assert_eq!(header.correlation_id, self.correlation_id);
+        R::Response::decode(&mut frame, version).unwrap()
+    }
+}
+
+fn topic_name(name: &str) -> TopicName {
+    TopicName(StrBytes::from_string(name.to_string()))
+}
+
+async fn create_topic(client: &mut Client, name: &str, partitions: i32) {
+    let request = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
+        .with_name(topic_name(name))
+        .with_num_partitions(partitions)
+        .with_replication_factor(1)]);
+    let response = client.call(request, 7).await;
+    assert_eq!(response.topics[0].error_code, 0, "{:?}", response.topics[0].error_message);
+}
+
+async fn produce(client: &mut Client, topic: &str, partition: i32, batch: Vec<u8>, acks: i16) -> PartitionProduceResponse {
+    let request = ProduceRequest::default().with_acks(acks).with_timeout_ms(5000).with_topic_data(vec![
+        TopicProduceData::default().with_name(topic_name(topic)).with_partition_data(vec![
+            PartitionProduceData::default().with_index(partition).with_records(Some(Bytes::from(batch))),
+        ]),
+    ]);
+    let mut response = client.call(request, 9).await;
+    response.responses.remove(0).partition_responses.remove(0)
+}
+
+fn fetch_request(topic: &str, partition: i32, offset: i64, max_wait_ms: i32, min_bytes: i32) -> FetchRequest {
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(min_bytes)
+        .with_max_bytes(1 << 20)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default().with_topic(topic_name(topic)).with_partitions(vec![
+            FetchPartition::default().with_partition(partition).with_fetch_offset(offset).with_partition_max_bytes(1 << 20),
+        ])])
+}
+
+fn records_of(response: &FetchResponse) -> (i16, i64, Bytes) {
+    let p = &response.responses[0].partitions[0];
+    (p.error_code, p.high_watermark, p.records.clone().unwrap_or_default())
+}
+
+#[tokio::test]
+async fn produce_then_fetch_returns_the_producers_bytes() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "t", 2).await;
+    let first = build_simple_batch(1_000, &[b"a", b"b"]);
+    let second = build_simple_batch(2_000, &[b"c"]);
+    let r = produce(&mut client, "t", 1, first.clone(), -1).await;
+    assert_eq!((r.error_code, r.base_offset), (0, 0));
+    let r = produce(&mut client, "t", 1, second.clone(), 1).await;
+    assert_eq!((r.error_code, r.base_offset), (0, 2));
+
+    let (err, hw, records) = records_of(&client.call(fetch_request("t", 1, 0, 0, 0), 12).await);
+    assert_eq!((err, hw), (0, 3));
+    // Stored byte-for-byte; only the base offset (bytes 0..8) was rewritten.
+    let mut expected_second = second.clone();
+    expected_second[0..8].copy_from_slice(&2i64.to_be_bytes());
+    assert_eq!(&records[..], &[first, expected_second].concat()[..]);
+
+    // Fetching from inside the second batch, and past the end.
+    let (_, _, records) = records_of(&client.call(fetch_request("t", 1, 2, 0, 0), 12).await);
+    assert_eq!(BatchHeader::parse(&records).unwrap().base_offset, 2);
+    let (err, _, _) = records_of(&client.call(fetch_request("t", 1, 4, 0, 0), 12).await);
+    assert_eq!(err, ResponseError::OffsetOutOfRange.code());
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut consumer = Client::connect(broker.addr).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "lp", 1).await;
+
+    let started = Instant::now();
+    let (_, _, records) = records_of(&consumer.call(fetch_request("lp", 0, 0, 300, 1), 12).await);
+    let waited = started.elapsed();
+    assert!(records.is_empty());
+    assert!(waited >= Duration::from_millis(290), "returned after {waited:?}, before max_wait");
+
+    // A fetch parked for 10 s is answered as soon as a record lands.
+    let fetch = tokio::spawn(async move {
+        let started = Instant::now();
+        let response = consumer.call(fetch_request("lp", 0, 0, 10_000, 1), 12).await;
+        (started.elapsed(), records_of(&response))
+    });
+    // Whether the record lands before or while the fetch is parked, the answer
+    // must come promptly, not at max_wait.
+    let r = produce(&mut producer, "lp", 0, build_simple_batch(5, &[b"wake"]), 1).await;
+    assert_eq!(r.error_code, 0);
+    let (waited, (err, hw, records)) = fetch.await.unwrap();
+    assert_eq!((err, hw), (0, 1));
+    assert!(!records.is_empty());
+    assert!(waited < Duration::from_secs(5), "long poll took {waited:?}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
+    let config = BrokerConfig { max_message_bytes: 200, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "c", 1).await;
+    assert_eq!(produce(&mut client, "c", 0, build_simple_batch(1, &[b"good"]), -1).await.error_code, 0);
+
+    let mut corrupt = build_simple_batch(1, &[b"payload"]);
+    let last = corrupt.len() - 3;
+    corrupt[last] ^= 0xff;
+    let r = produce(&mut client, "c", 0, corrupt, -1).await;
+    assert_eq!(r.error_code, ResponseError::CorruptMessage.code());
+
+    let big = build_simple_batch(1, &[&[7u8; 300]]);
+    let r = produce(&mut client, "c", 0, big, -1).await;
+    assert_eq!(r.error_code, ResponseError::MessageTooLarge.code());
+
+    let r = produce(&mut client, "nope", 0, build_simple_batch(1, &[b"x"]), -1).await;
+    assert_eq!(r.error_code, ResponseError::UnknownTopicOrPartition.code());
+
+    let (err, hw, records) = records_of(&client.call(fetch_request("c", 0, 0, 0, 0), 12).await);
+    assert_eq!((err, hw), (0, 1), "only the good batch is in the log");
+    assert_eq!(BatchHeader::parse(&records).unwrap().records_count, 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bytes_close_the_connection_and_harm_nothing() {
+    let config = BrokerConfig { max_request_bytes: 4096, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "b", 1).await;
+    assert_eq!(produce(&mut client, "b", 0, build_simple_batch(1, &[b"kept"]), -1).await.error_code, 0);
+
+    let attacks: Vec<Vec<u8>> = vec![
+        vec![0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5],      // unknown API key
+        vec![0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x03, 0x3c], // Metadata claiming a huge array
+        vec![0, 0, 0, 9, 0, 0, 0, 1],                         // Produce v9, body missing
+        vec![0, 1],                                           // shorter than a header
+    ];
+    for attack in attacks {
+        let mut bad = Client::connect(broker.addr).await;
+        bad.send_raw(&attack).await;
+        assert!(bad.read_frame().await.is_none(), "connection not closed for {attack:?}");
+    }
+    // A frame above max_request_bytes is refused from its size alone.
+    let mut bad = Client::connect(broker.addr).await;
+    bad.stream.write_all(&(1_000_000i32).to_be_bytes()).await.unwrap();
+    assert!(bad.read_frame().await.is_none());
+
+    // ApiVersions at a version we do not serve: the v0 answer with our ranges.
+    let mut av = Client::connect(broker.addr).await;
+    av.send_raw(&[0, 18, 0, 99, 0, 0, 0, 42, 0, 0]).await;
+    let mut frame = av.read_frame().await.expect("an answer, not a closed socket");
+    assert_eq!(frame.get_i32(), 42);
+    let response = ApiVersionsResponse::decode(&mut frame, 0).unwrap();
+    assert_eq!(response.error_code, ResponseError::UnsupportedVersion.code());
+    assert!(response.api_keys.iter().any(|k| k.api_key == ApiKey::Fetch as i16));
+
+    let (err, hw, _) = records_of(&client.call(fetch_request("b", 0, 0, 0, 0), 12).await);
+    assert_eq!((err, hw), (0, 1));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let config = BrokerConfig { max_connections: 2, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let mut a = Client::connect(broker.addr).await;
+    let mut b = Client::connect(broker.addr).await;
+    // Both are served (this also proves the broker accepted them).
+    a.call(ApiVersionsRequest::default(), 0).await;
+    b.call(ApiVersionsRequest::default(), 0).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.send_raw(&[0, 18, 0, 0, 0, 0, 0, 1, 0, 0]).await;
+    assert!(c.read_frame().await.is_none(), "third connection must be closed");
+    drop(a);
+    // Once a slot frees, new connections are served again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = Client::connect(broker.addr).await;
+        d.send_raw(&[0, 18, 0, 0, 0, 0, 0, 1, 0, 0]).await;
+        if d.read_frame().await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "freed connection slot never reused");
+        tokio::task::yield_now().await;
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn data_and_topics_survive_a_restart() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "keep", 3).await;
+    for i in 0..10u8 {
+        let r = produce(&mut client, "keep", (i % 3) as i32, build_simple_batch(i as i64, &[&[i]]), -1).await;
+        assert_eq!(r.error_code, 0);
+    }
+    drop(client);
+    let dir = broker.stop().await;
+    let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    let metadata = client
+        .call(MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert_eq!(metadata.topics.len(), 1);
+    assert_eq!(metadata.topics[0].partitions.len(), 3);
+    let (_, hw, _) = records_of(&client.call(fetch_request("keep", 0, 0, 0, 0), 12).await);
+    assert_eq!(hw, 4); // i = 0, 3, 6, 9
+    broker.stop().await;
+}
