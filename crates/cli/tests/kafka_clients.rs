@@ -198,6 +198,8 @@ fn produce(broker: &Broker, topic: &str, codec: &str, records: &[Record]) -> Vec
 
 fn consumer(broker: &Broker, eof: bool) -> BaseConsumer {
     config(broker)
+        // librdkafka needs a group id to assign(); the group is never joined.
+        .set("group.id", "kafka-clients-test")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .create()
