@@ -116,10 +116,13 @@ fn create_topic(broker: &Broker, name: &str, partitions: i32) {
     });
 }
 
-/// Collects every delivery report: (record index, partition, offset) or the error.
+/// Where a record landed, (partition, offset), or why it did not.
+type Outcome = Result<(i32, i64), String>;
+
+/// Collects every delivery report, by record index.
 #[derive(Default)]
 struct Reports {
-    reports: Mutex<Vec<(usize, Result<(i32, i64), String>)>>,
+    reports: Mutex<Vec<(usize, Outcome)>>,
 }
 
 impl ClientContext for Reports {}
