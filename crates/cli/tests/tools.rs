@@ -188,6 +188,67 @@ fn creating_an_existing_topic_fails_with_the_kafka_error_name() {
         missing.stderr
     );
 
+    // Describing or altering a missing topic fails, and does not create it on the way.
+    for args in [
+        &["topic", "describe", "no-such-topic"][..],
+        &[
+            "topic",
+            "alter-config",
+            "no-such-topic",
+            "--set",
+            "retention.ms=1000",
+        ][..],
+    ] {
+        let out = tool(&broker, args, b"");
+        assert!(!out.status.success(), "{args:?} must fail: {out:?}");
+        assert_eq!(
+            out.stderr.lines().count(),
+            1,
+            "one error line: {:?}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
+            "{args:?}: {:?}",
+            out.stderr
+        );
+    }
+    let listed = tool(&broker, &["topic", "list"], b"");
+    listed.assert_success("list");
+    assert_eq!(
+        listed.stdout_text(),
+        "twice\n",
+        "nothing but 'twice' was created"
+    );
+
+    let bad_config = tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "bad-config",
+            "--config",
+            "retention.ms=soon",
+        ],
+        b"",
+    );
+    assert!(
+        !bad_config.status.success(),
+        "an invalid config value must fail: {bad_config:?}"
+    );
+    assert!(
+        bad_config
+            .stderr
+            .starts_with("freshet: topic create failed: INVALID_CONFIG: "),
+        "{:?}",
+        bad_config.stderr
+    );
+    assert!(
+        bad_config.stderr.contains("retention.ms"),
+        "the message names the config: {:?}",
+        bad_config.stderr
+    );
+
     let deleted = tool(&broker, &["topic", "delete", "no-such-topic"], b"");
     assert!(
         !deleted.status.success(),

@@ -7,6 +7,7 @@
 //! the librdkafka client context, and the ONE place where librdkafka error codes are
 //! turned into Kafka error names for the one-line error messages.
 
+mod admin;
 pub mod consume;
 pub mod produce;
 pub mod topic;

@@ -2,18 +2,13 @@
 //! through the Kafka admin API (CreateTopics, Metadata, ListOffsets, DescribeConfigs,
 //! DeleteTopics, IncrementalAlterConfigs).
 
-use std::ffi::{CStr, CString};
 use std::fmt::Write as _;
-use std::os::raw::{c_char, c_int};
 
 use anyhow::{anyhow, bail, Context as _};
-use rdkafka::admin::{
-    AdminClient, AdminOptions, ConfigSource, NewTopic, ResourceSpecifier, TopicReplication,
-};
-use rdkafka::bindings as rdsys;
+use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
 use rdkafka::config::FromClientConfigAndContext;
-use rdkafka::error::RDKafkaErrorCode;
 
+use super::admin::{self, ConfigChange, NewTopicSpec};
 use super::{block_on, describe_code, describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
 
 #[derive(clap::Args)]
@@ -70,9 +65,13 @@ enum TopicCommand {
 
 pub fn run(args: TopicArgs) -> anyhow::Result<()> {
     let connect = &args.connect;
-    let admin: AdminClient<ToolContext> =
-        AdminClient::from_config_and_context(&connect.client_config(&[]), connect.context())
-            .context("cannot create Kafka client")?;
+    let admin: AdminClient<ToolContext> = AdminClient::from_config_and_context(
+        // Describing a topic must not create it as a side effect of the metadata
+        // request (librdkafka allows that by default for producer-type clients).
+        &connect.client_config(&[("allow.auto.create.topics", "false")]),
+        connect.context(),
+    )
+    .context("cannot create Kafka client")?;
     let mut out = String::new();
     match args.command {
         TopicCommand::Create {
@@ -110,9 +109,7 @@ pub fn run(args: TopicArgs) -> anyhow::Result<()> {
 }
 
 fn admin_options() -> AdminOptions {
-    AdminOptions::new()
-        .request_timeout(Some(REQUEST_TIMEOUT))
-        .operation_timeout(Some(REQUEST_TIMEOUT))
+    AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT))
 }
 
 fn create(
@@ -133,24 +130,24 @@ fn create(
     if replication_factor == 0 || replication_factor < -1 {
         bail!("--replication-factor must be at least 1, got {replication_factor}");
     }
-    let mut topic = NewTopic::new(
+    let spec = NewTopicSpec {
         name,
         partitions,
-        TopicReplication::Fixed(replication_factor),
-    );
-    for (key, value) in configs {
-        topic = topic.set(key, value);
+        replication_factor,
+        configs,
+    };
+    let outcomes = admin::create_topics(admin.inner(), &[spec], validate_only)
+        .map_err(|err| admin.inner().context().explain(err))?;
+    if outcomes.is_empty() {
+        bail!("the cluster's answer does not mention topic '{name}'");
     }
-    let options = admin_options().validate_only(validate_only);
-    let results = block_on(admin.create_topics([&topic], &options))?
-        .map_err(|err| admin.inner().context().explain(describe_error(&err)))?;
-    for result in results {
-        match result {
+    for outcome in outcomes {
+        match outcome {
             Ok(created) if validate_only => {
                 writeln!(out, "topic '{created}' is valid (not created)")?
             }
             Ok(created) => writeln!(out, "created topic '{created}'")?,
-            Err((topic, code)) => bail!("{} (topic '{topic}')", describe_code(code)),
+            Err(line) => bail!("{line}"),
         }
     }
     Ok(())
@@ -265,16 +262,20 @@ fn delete(
     names: &[String],
     out: &mut String,
 ) -> anyhow::Result<()> {
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let results = block_on(admin.delete_topics(&names, &admin_options()))?
-        .map_err(|err| admin.inner().context().explain(describe_error(&err)))?;
+    let outcomes = admin::delete_topics(admin.inner(), names)
+        .map_err(|err| admin.inner().context().explain(err))?;
+    if outcomes.len() != names.len() {
+        bail!(
+            "the cluster answered for {} of {} topics",
+            outcomes.len(),
+            names.len()
+        );
+    }
     let mut failures = Vec::new();
-    for result in results {
-        match result {
+    for outcome in outcomes {
+        match outcome {
             Ok(deleted) => writeln!(out, "deleted topic '{deleted}'")?,
-            Err((topic, code)) => {
-                failures.push(format!("{} (topic '{topic}')", describe_code(code)))
-            }
+            Err(line) => failures.push(line),
         }
     }
     if !failures.is_empty() {
@@ -286,9 +287,6 @@ fn delete(
     Ok(())
 }
 
-/// IncrementalAlterConfigs through librdkafka's C API: the rdkafka crate's AdminClient
-/// only wraps the older AlterConfigs, which replaces a topic's whole config set (every
-/// key not named is reset), so it cannot express "change only these keys".
 fn alter_config(
     admin: &AdminClient<ToolContext>,
     name: &str,
@@ -299,192 +297,13 @@ fn alter_config(
     if sets.is_empty() && deletes.is_empty() {
         bail!("nothing to change: give --set KEY=VALUE or --delete KEY");
     }
-    let mut ops = Vec::new();
-    for (key, value) in sets {
-        ops.push((
-            rdsys::rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_SET,
-            key,
-            Some(value),
-        ));
-    }
-    for key in deletes {
-        ops.push((
-            rdsys::rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_DELETE,
-            key,
-            None,
-        ));
-    }
-    incremental_alter_configs(admin, name, &ops)
+    let changes: Vec<ConfigChange<'_>> = sets
+        .iter()
+        .map(|(key, value)| ConfigChange::Set(key, value))
+        .chain(deletes.iter().map(|key| ConfigChange::Delete(key)))
+        .collect();
+    admin::incremental_alter_topic_configs(admin.inner(), name, &changes)
         .map_err(|err| admin.inner().context().explain(err))?;
     writeln!(out, "altered configs of topic '{name}'")?;
-    Ok(())
-}
-
-type AlterOp<'a> = (
-    rdsys::rd_kafka_AlterConfigOpType_t,
-    &'a String,
-    Option<&'a String>,
-);
-
-/// Owns a librdkafka object and destroys it on every exit path.
-struct Native<T> {
-    ptr: *mut T,
-    destroy: unsafe extern "C" fn(*mut T),
-}
-
-impl<T> Drop for Native<T> {
-    fn drop(&mut self) {
-        if !self.ptr.is_null() {
-            // SAFETY: ptr came from the matching librdkafka constructor and is destroyed once.
-            unsafe { (self.destroy)(self.ptr) }
-        }
-    }
-}
-
-fn native<T>(
-    ptr: *mut T,
-    destroy: unsafe extern "C" fn(*mut T),
-    what: &str,
-) -> Result<Native<T>, String> {
-    if ptr.is_null() {
-        return Err(format!("librdkafka could not allocate {what}"));
-    }
-    Ok(Native { ptr, destroy })
-}
-
-/// # Safety contract
-/// All pointers handed to librdkafka are owned by `Native` guards that outlive the call;
-/// strings passed in are copied by librdkafka before it returns.
-fn incremental_alter_configs(
-    admin: &AdminClient<ToolContext>,
-    name: &str,
-    ops: &[AlterOp<'_>],
-) -> Result<(), String> {
-    let rk = admin.inner().native_ptr();
-    let c_name = CString::new(name).map_err(|_| "topic name contains a NUL byte".to_owned())?;
-    // SAFETY: see the contract above; every returned pointer is checked for null.
-    unsafe {
-        let resource = native(
-            rdsys::rd_kafka_ConfigResource_new(
-                rdsys::rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC,
-                c_name.as_ptr(),
-            ),
-            rdsys::rd_kafka_ConfigResource_destroy,
-            "a config resource",
-        )?;
-        for (op, key, value) in ops {
-            let c_key = CString::new(key.as_str())
-                .map_err(|_| format!("config key '{key}' contains a NUL byte"))?;
-            let c_value = value
-                .map(|value| CString::new(value.as_str()))
-                .transpose()
-                .map_err(|_| format!("value of config '{key}' contains a NUL byte"))?;
-            let value_ptr = c_value
-                .as_ref()
-                .map_or(std::ptr::null(), |value| value.as_ptr());
-            let error = rdsys::rd_kafka_ConfigResource_add_incremental_config(
-                resource.ptr,
-                c_key.as_ptr(),
-                *op,
-                value_ptr,
-            );
-            if !error.is_null() {
-                let error = Native {
-                    ptr: error,
-                    destroy: rdsys::rd_kafka_error_destroy,
-                };
-                let code = RDKafkaErrorCode::from(rdsys::rd_kafka_error_code(error.ptr));
-                let text = CStr::from_ptr(rdsys::rd_kafka_error_string(error.ptr))
-                    .to_string_lossy()
-                    .into_owned();
-                return Err(format!(
-                    "{}: {text} (config '{key}')",
-                    super::error_name(code)
-                ));
-            }
-        }
-
-        let options = native(
-            rdsys::rd_kafka_AdminOptions_new(
-                rk,
-                rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
-            ),
-            rdsys::rd_kafka_AdminOptions_destroy,
-            "admin options",
-        )?;
-        let timeout_ms = c_int::try_from(REQUEST_TIMEOUT.as_millis()).unwrap_or(c_int::MAX);
-        let mut errstr = [0 as c_char; 512];
-        let err = rdsys::rd_kafka_AdminOptions_set_request_timeout(
-            options.ptr,
-            timeout_ms,
-            errstr.as_mut_ptr(),
-            errstr.len(),
-        );
-        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Err(CStr::from_ptr(errstr.as_ptr())
-                .to_string_lossy()
-                .into_owned());
-        }
-
-        let queue = native(
-            rdsys::rd_kafka_queue_new(rk),
-            rdsys::rd_kafka_queue_destroy,
-            "a queue",
-        )?;
-        let mut resources = [resource.ptr];
-        rdsys::rd_kafka_IncrementalAlterConfigs(
-            rk,
-            resources.as_mut_ptr(),
-            resources.len(),
-            options.ptr,
-            queue.ptr,
-        );
-
-        // librdkafka enforces the request timeout itself and always posts a result event;
-        // the extra margin only guards against a lost event.
-        let event = rdsys::rd_kafka_queue_poll(queue.ptr, timeout_ms.saturating_add(5_000));
-        if event.is_null() {
-            return Err("no answer to IncrementalAlterConfigs in time".to_owned());
-        }
-        let event = Native {
-            ptr: event,
-            destroy: rdsys::rd_kafka_event_destroy,
-        };
-        let err = rdsys::rd_kafka_event_error(event.ptr);
-        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            let text = CStr::from_ptr(rdsys::rd_kafka_event_error_string(event.ptr))
-                .to_string_lossy()
-                .into_owned();
-            return Err(format!("{}: {text}", super::error_name(err.into())));
-        }
-        let result = rdsys::rd_kafka_event_IncrementalAlterConfigs_result(event.ptr);
-        if result.is_null() {
-            return Err("unexpected event in answer to IncrementalAlterConfigs".to_owned());
-        }
-        let mut count = 0usize;
-        let answered = rdsys::rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut count);
-        if answered.is_null() || count == 0 {
-            return Err(
-                "the cluster answered IncrementalAlterConfigs without any resource".to_owned(),
-            );
-        }
-        for i in 0..count {
-            let answered = *answered.add(i);
-            let err = rdsys::rd_kafka_ConfigResource_error(answered);
-            if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                let code = RDKafkaErrorCode::from(err);
-                let text_ptr = rdsys::rd_kafka_ConfigResource_error_string(answered);
-                let text = if text_ptr.is_null() {
-                    super::error_description(code)
-                } else {
-                    CStr::from_ptr(text_ptr).to_string_lossy().into_owned()
-                };
-                return Err(format!(
-                    "{}: {text} (topic '{name}')",
-                    super::error_name(code)
-                ));
-            }
-        }
-    }
     Ok(())
 }
