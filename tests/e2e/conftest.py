@@ -86,6 +86,7 @@ class Broker:
             cmd += ["--config", str(self.config_path)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
         env.setdefault("RUST_BACKTRACE", "1")
+        env.setdefault("NO_COLOR", "1")  # plain stderr in failure reports
         env.update(self.env)
         self.starts += 1
         with open(self.log_path, "ab") as log:

@@ -144,7 +144,9 @@ def test_message_too_large_for_topic(broker):
     topic = create_topic(broker.bootstrap, topic_name("ck-maxmsg"), config={"max.message.bytes": "2000"})
     p = producer(broker.bootstrap)
     errs = []
+    # Separate requests: the limit applies to a whole batch.
     p.produce(topic, value=b"y" * 4000, partition=0, on_delivery=lambda e, m: errs.append(e))
+    assert p.flush(20) == 0
     p.produce(topic, value=b"ok", partition=0, on_delivery=lambda e, m: errs.append(e))
     assert p.flush(20) == 0
     assert errs[0] is not None and errs[0].code() == KafkaError.MSG_SIZE_TOO_LARGE, errs
@@ -216,7 +218,7 @@ def test_admin_errors(broker):
     assert kafka_error_code(a.create_topics([NewTopic(bad, 1, 1, config={"no.such.config": "1"})])[bad]) \
         == KafkaError.INVALID_CONFIG
     assert kafka_error_code(a.create_topics([NewTopic("bad/name", 1, 1)])["bad/name"]) \
-        == KafkaError.INVALID_TOPIC_EXCEPTION
+        == KafkaError.TOPIC_EXCEPTION
     missing = topic_name("ck-missing")
     assert kafka_error_code(a.delete_topics([missing])[missing]) == KafkaError.UNKNOWN_TOPIC_OR_PART
     assert kafka_error_code(a.create_partitions([NewPartitions(t, 1)])[t]) == KafkaError.INVALID_PARTITIONS
@@ -225,8 +227,8 @@ def test_admin_errors(broker):
     v = topic_name("ck-validate")
     wait_futures(a.create_topics([NewTopic(v, 2, 1)], validate_only=True))
     assert v not in a.list_topics(timeout=5).topics
-    assert kafka_error_code(a.create_topics([NewTopic(v, -5, 1)], validate_only=True)[v]) \
-        == KafkaError.INVALID_PARTITIONS
+    assert kafka_error_code(a.create_topics([NewTopic(v, 1, 1, config={"segment.bytes": "-1"})],
+                                            validate_only=True)[v]) == KafkaError.INVALID_CONFIG
     assert [r.value for r in consume(broker.bootstrap, t)] == []
 
 
@@ -287,7 +289,8 @@ def test_offsets_for_times(broker):
 
 
 def test_describe_cluster(broker):
-    d = admin(broker.bootstrap).describe_cluster(request_timeout=10).result(timeout=20)
+    a = admin(broker.bootstrap)  # keep the client alive until the future resolves
+    d = a.describe_cluster(request_timeout=10).result(timeout=20)
     assert len(d.nodes) == 1 and d.nodes[0].port == broker.port and d.nodes[0].host == "127.0.0.1"
     assert d.controller is not None and d.controller.id == d.nodes[0].id
     assert d.cluster_id

@@ -79,7 +79,8 @@ def test_retention_ms_altered_exact_boundary(broker):
 
     res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
         ConfigEntry("retention.ms", "600000", incremental_operation=AlterConfigOpType.SET)])
-    wait_futures(admin(broker.bootstrap).incremental_alter_configs([res]))
+    a = admin(broker.bootstrap)
+    wait_futures(a.incremental_alter_configs([res]))
     wait_until(lambda: watermarks(broker.bootstrap, topic)[0] == keep_from
                and min(segments(broker, topic)) == keep_from, timeout=30,
                what=f"earliest offset {keep_from} and segments below it deleted (segments were {sorted(before)})")

@@ -1,6 +1,6 @@
 // One kafkajs operation per run, driven by tests/e2e/test_kafkajs*.py.
 //
-//   node run.js '<json request>'
+//   node run.js < request.json
 //
 // The request is {"brokers": ["127.0.0.1:PORT"], "op": "...", ...}. The answer is one JSON
 // line on stdout: {"ok": true, "result": ...} or {"ok": false, "error": {...}} for an error
@@ -99,7 +99,12 @@ const ops = {
     return withAdmin(kafka, admin => admin.createPartitions(req.args))
   },
   async deleteTopicRecords(kafka, req) {
-    return withAdmin(kafka, admin => admin.deleteTopicRecords(req.args))
+    // kafkajs looks the leaders up in metadata it already has and does not load it
+    // itself ("Topic metadata not loaded" on a fresh client): load it first.
+    return withAdmin(kafka, async admin => {
+      await admin.fetchTopicOffsets(req.args.topic)
+      return admin.deleteTopicRecords(req.args)
+    })
   },
   async describeCluster(kafka) {
     return withAdmin(kafka, admin => admin.describeCluster())
@@ -113,6 +118,9 @@ const ops = {
     const records = []
     let done
     const finished = new Promise(resolve => { done = resolve })
+    let crashed
+    const crash = new Promise((_, reject) => { crashed = reject })
+    consumer.on(consumer.events.CRASH, ({ payload }) => crashed(payload.error))
     await consumer.connect()
     try {
       await consumer.subscribe({ topics: [req.topic], fromBeginning: true })
@@ -130,7 +138,7 @@ const ops = {
       const timer = new Promise((_, reject) =>
         setTimeout(() => reject(new Error(`only ${records.length} of ${req.count} records in ${req.timeoutMs}ms`)),
           req.timeoutMs))
-      await Promise.race([finished, timer])
+      await Promise.race([finished, timer, crash])
       return records
     } finally {
       await consumer.disconnect()
@@ -156,7 +164,9 @@ function describeError(e) {
 }
 
 async function main() {
-  const req = JSON.parse(process.argv[2])
+  const chunks = []
+  for await (const chunk of process.stdin) chunks.push(chunk)
+  const req = JSON.parse(Buffer.concat(chunks).toString('utf8'))
   const op = ops[req.op]
   if (!op) throw new Error(`unknown op ${req.op}`)
   let answer
