@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use protocol::record_batch::{
-    batches, build_simple_batch, compute_crc, validate, BatchHeader, BATCH_HEADER_BYTES,
+    batches, build_simple_batch, compute_crc, put_varint, validate, BatchHeader, BATCH_HEADER_BYTES,
     LOG_OVERHEAD,
 };
 use storage::{LogConfig, PartitionLog};
@@ -31,14 +31,6 @@ pub fn batch_of(count: usize, timestamp_ms: i64) -> Vec<u8> {
     build_simple_batch(timestamp_ms, &refs)
 }
 
-fn put_varint(out: &mut Vec<u8>, value: i64) {
-    let mut v = ((value << 1) ^ (value >> 63)) as u64;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
 
 /// A v2 batch with a valid CRC around `records` (already encoded).
 pub fn raw_batch(
