@@ -85,7 +85,7 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
         RequestKind::Produce(r) => produce::handle(broker, r),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
-        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r)),
+        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r, v)),
         RequestKind::CreateTopics(r) => Reply::blocking(broker, move |b| create_topics::handle(b, r, v)),
         RequestKind::DeleteTopics(r) => Reply::blocking(broker, move |b| delete_topics::handle(b, r, v)),
         RequestKind::CreatePartitions(r) => Reply::blocking(broker, move |b| create_partitions::handle(b, r)),
@@ -101,6 +101,9 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         }
     }
 }
+
+#[cfg(test)]
+mod every_version;
 
 pub(crate) fn code(err: ResponseError) -> i16 {
     err.code()
