@@ -203,6 +203,8 @@ fn consumer(broker: &Broker, eof: bool) -> BaseConsumer {
     config(broker)
         // librdkafka needs a group id to assign(); the group is never joined.
         .set("group.id", "kafka-clients-test")
+        // Verify every batch's CRC: the broker must serve batches exactly as stored.
+        .set("check.crcs", "true")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .create()
