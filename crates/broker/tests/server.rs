@@ -408,3 +408,108 @@ async fn data_and_topics_survive_a_restart() {
     assert_eq!(hw, 4); // i = 0, 3, 6, 9
     broker.stop().await;
 }
+
+fn idempotent_batch(producer_id: i64, sequence: i32, values: &[&[u8]]) -> Vec<u8> {
+    let mut batch = build_simple_batch(1, values);
+    protocol::record_batch::set_producer(&mut batch, producer_id, 0, sequence);
+    batch
+}
+
+#[tokio::test]
+async fn idempotent_retries_are_written_once_even_across_restarts() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "idem", 1).await;
+    let init = client
+        .call(
+            InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            4,
+        )
+        .await;
+    assert_eq!((init.error_code, init.producer_epoch), (0, 0));
+    let pid = init.producer_id.0;
+    let second = client
+        .call(
+            InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            4,
+        )
+        .await;
+    assert_ne!(second.producer_id.0, pid, "producer ids are unique");
+
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 0, &[b"a", b"b"]),
+        -1,
+    )
+    .await;
+    assert_eq!((r.error_code, r.base_offset), (0, 0));
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 0, &[b"a", b"b"]),
+        -1,
+    )
+    .await;
+    assert_eq!(
+        (r.error_code, r.base_offset),
+        (0, 0),
+        "a retry is acknowledged with its first offset"
+    );
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 5, &[b"gap"]),
+        -1,
+    )
+    .await;
+    assert_eq!(r.error_code, ResponseError::OutOfOrderSequenceNumber.code());
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 2, &[b"c"]),
+        -1,
+    )
+    .await;
+    assert_eq!((r.error_code, r.base_offset), (0, 2));
+    let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+    assert_eq!(hw, 3, "the retry was not written");
+    drop(client);
+
+    // Restart with the snapshot, then without it (state rebuilt from the log alone).
+    let mut dir = broker.stop().await;
+    for remove_snapshot in [false, true] {
+        if remove_snapshot {
+            std::fs::remove_file(dir.path().join("idem-0").join("producer-state.json")).unwrap();
+        }
+        let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
+        let mut client = Client::connect(broker.addr).await;
+        let r = produce(
+            &mut client,
+            "idem",
+            0,
+            idempotent_batch(pid, 2, &[b"c"]),
+            -1,
+        )
+        .await;
+        assert_eq!(
+            (r.error_code, r.base_offset),
+            (0, 2),
+            "retry after restart (snapshot removed: {remove_snapshot})"
+        );
+        let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+        assert_eq!(hw, 3);
+        drop(client);
+        dir = broker.stop().await;
+    }
+}

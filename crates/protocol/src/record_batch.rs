@@ -273,6 +273,16 @@ pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     batch
 }
 
+/// Sets producer id, epoch and base sequence and recomputes the CRC, which covers
+/// them. For tests and tools that build batches without a client library.
+pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    batch[43..51].copy_from_slice(&producer_id.to_be_bytes());
+    batch[51..53].copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Appends `value` as a zig-zag varint (the record fields' encoding).
 pub fn put_varint(out: &mut Vec<u8>, value: i64) {
     let mut v = ((value << 1) ^ (value >> 63)) as u64;

@@ -194,6 +194,7 @@ fn requests(api: ApiKey, version: i16) -> Vec<RequestKind> {
             .into()],
         ApiKey::DescribeCluster => vec![DescribeClusterRequest::default().into()],
         ApiKey::InitProducerId => vec![InitProducerIdRequest::default()
+            .with_transactional_id(None)
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
             .into()],
