@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, Timestamp, TopicPartitionList};
 
 const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
@@ -203,6 +203,8 @@ fn consumer(broker: &Broker, eof: bool) -> BaseConsumer {
     config(broker)
         // librdkafka needs a group id to assign(); the group is never joined.
         .set("group.id", "kafka-clients-test")
+        // Verify every batch's CRC: the broker must serve batches exactly as stored.
+        .set("check.crcs", "true")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .create()
@@ -473,4 +475,69 @@ fn admin_creates_and_deletes_topics() {
     let consumer = consumer(&broker, true);
     assign(&consumer, "admin-a", Offset::Beginning);
     wait_for_end(&consumer, "admin-a", 0);
+}
+
+/// Produces one record with an explicit create time; returns the delivery report's
+/// timestamp.
+fn produce_with_timestamp(
+    broker: &Broker,
+    topic: &str,
+    codec: &str,
+    value: &str,
+    timestamp_ms: i64,
+) -> Timestamp {
+    let producer: BaseProducer = config(broker)
+        .set("compression.type", codec)
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("create producer");
+    producer
+        .send(
+            BaseRecord::<(), str>::to(topic)
+                .payload(value)
+                .partition(0)
+                .timestamp(timestamp_ms),
+        )
+        .map_err(|(err, _)| err)
+        .expect("enqueue record");
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    // BaseProducer's default context drops delivery reports; read the record back.
+    let consumer = consumer(broker, false);
+    assign(&consumer, topic, Offset::Beginning);
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "record '{value}' not consumed in time"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) if message.payload() == Some(value.as_bytes()) => {
+                return message.timestamp()
+            }
+            Some(Err(err)) => panic!("consumer error: {err}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_producers_create_time_is_kept() {
+    let broker = Broker::start();
+    create_topic(&broker, "create-time", 1);
+    let long_ago_ms = 1_000_000_000_000; // 2001-09-09
+    for (i, codec) in CODECS.iter().enumerate() {
+        let value = format!("created long ago, {codec}");
+        let stamp = produce_with_timestamp(
+            &broker,
+            "create-time",
+            codec,
+            &value,
+            long_ago_ms + i as i64,
+        );
+        assert_eq!(
+            stamp,
+            Timestamp::CreateTime(long_ago_ms + i as i64),
+            "{codec}: the producer's create time"
+        );
+    }
 }

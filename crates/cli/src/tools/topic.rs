@@ -121,15 +121,15 @@ fn create(
     validate_only: bool,
     out: &mut String,
 ) -> anyhow::Result<()> {
+    if let Some(n) = partitions.filter(|n| *n < 1) {
+        bail!("--partitions must be at least 1, got {n}");
+    }
+    if let Some(n) = replication_factor.filter(|n| *n < 1) {
+        bail!("--replication-factor must be at least 1, got {n}");
+    }
     // -1 asks the cluster for its defaults (CreateTopics v4+), as kafka-topics.sh does.
     let partitions = partitions.unwrap_or(-1);
     let replication_factor = replication_factor.unwrap_or(-1);
-    if partitions == 0 || partitions < -1 {
-        bail!("--partitions must be at least 1, got {partitions}");
-    }
-    if replication_factor == 0 || replication_factor < -1 {
-        bail!("--replication-factor must be at least 1, got {replication_factor}");
-    }
     let spec = NewTopicSpec {
         name,
         partitions,

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use protocol::record_batch::{
-    batches, build_simple_batch, compute_crc, validate, BatchHeader, BATCH_HEADER_BYTES,
-    LOG_OVERHEAD,
+    batches, build_simple_batch, compute_crc, put_varint, validate, BatchHeader,
+    BATCH_HEADER_BYTES, LOG_OVERHEAD,
 };
 use storage::{LogConfig, PartitionLog};
 
@@ -29,15 +29,6 @@ pub fn batch_of(count: usize, timestamp_ms: i64) -> Vec<u8> {
     let values: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8]).collect();
     let refs: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
     build_simple_batch(timestamp_ms, &refs)
-}
-
-fn put_varint(out: &mut Vec<u8>, value: i64) {
-    let mut v = ((value << 1) ^ (value >> 63)) as u64;
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 /// A v2 batch with a valid CRC around `records` (already encoded).
