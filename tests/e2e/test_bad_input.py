@@ -171,6 +171,25 @@ def test_produce_with_corrupt_batch_crc_is_rejected(broker, stored):
     assert_healthy(broker, stored)
 
 
+def test_produce_to_missing_partition_and_bad_magic(broker, stored):
+    topic = topic_name("bad-partition")
+    create_topic(broker.bootstrap, topic)
+    with connect(broker.port) as s:
+        err = _produce_raw(s, topic, _record_batch(b"nowhere"), correlation_id=61, partition=7)
+        assert err == 3, f"expected UNKNOWN_TOPIC_OR_PARTITION (3), got {err}"
+        old_magic = bytearray(_record_batch(b"magic"))
+        old_magic[16] = 1  # magic byte: a v1 message set is not accepted by Produce v3+
+        err = _produce_raw(s, topic, bytes(old_magic), correlation_id=62)
+        assert err in (2, 87), f"expected CORRUPT_MESSAGE (2) or INVALID_RECORD (87), got {err}"
+        # A batch whose length field runs past the end of the records data.
+        short = bytearray(_record_batch(b"short"))
+        struct.pack_into(">i", short, 8, len(short) + 100)
+        err = _produce_raw(s, topic, bytes(short), correlation_id=63)
+        assert err in (2, 87), f"expected CORRUPT_MESSAGE (2) or INVALID_RECORD (87), got {err}"
+    assert consume(broker.bootstrap, topic) == []
+    assert_healthy(broker, stored)
+
+
 def test_many_connections_opened_and_dropped(broker, stored):
     for i in range(200):
         s = connect(broker.port)
@@ -249,11 +268,11 @@ def _record_batch(value: bytes) -> bytes:
     return struct.pack(">qi", 0, len(body)) + body
 
 
-def _produce_raw(sock, topic: str, batch: bytes, correlation_id: int) -> int:
+def _produce_raw(sock, topic: str, batch: bytes, correlation_id: int, partition: int = 0) -> int:
     """Produce v3 (non-flexible) with acks=1; returns the partition's error code."""
     name = topic.encode()
     body = (struct.pack(">hhi", -1, 1, 10000) + struct.pack(">i", 1) + struct.pack(">h", len(name)) + name
-            + struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(batch)) + batch)
+            + struct.pack(">i", 1) + struct.pack(">i", partition) + struct.pack(">i", len(batch)) + batch)
     sock.sendall(frame(request_header(API_PRODUCE, 3, correlation_id) + body))
     resp = recv_frame(sock)
     assert resp is not None, "connection closed instead of a Produce answer"
@@ -264,5 +283,5 @@ def _produce_raw(sock, topic: str, batch: bytes, correlation_id: int) -> int:
     (nlen,) = struct.unpack_from(">h", resp, pos)
     pos += 2 + nlen
     (nparts, part, err) = struct.unpack_from(">iih", resp, pos)
-    assert (ntopics, nparts, part) == (1, 1, 0)
+    assert (ntopics, nparts, part) == (1, 1, partition)
     return err

@@ -304,3 +304,105 @@ def test_thousand_partitions(broker):
     got = consume(broker.bootstrap, t, partitions=range(n), timeout=60)
     assert sorted((r.partition, r.offset, r.key, r.value, r.timestamp) for r in got) == \
         [(p, 0, f"k{p}".encode(), f"p{p}".encode(), NOW_MS + p) for p in range(n)]
+
+
+def test_fetch_limits_smaller_than_a_batch(broker):
+    """KIP-74: a fetch returns at least one whole batch even when it exceeds the client's
+    max.partition.fetch.bytes / fetch.max.bytes, so a consumer never gets stuck."""
+    t = create_topic(broker.bootstrap, topic_name("ck-fetchlimit"))
+    sent = [Rec(bytes([i]) * 200_000, partition=0) for i in range(6)]
+    produce(broker.bootstrap, t, sent, **ONE_RECORD_PER_BATCH_CK)
+    got = consume(broker.bootstrap, t, **{"max.partition.fetch.bytes": 1024, "fetch.max.bytes": 1024,
+                                          "message.max.bytes": 1000})
+    assert [(r.offset, r.value) for r in got] == [(i, r.value) for i, r in enumerate(sent)]
+
+
+ONE_RECORD_PER_BATCH_CK = {"linger.ms": 0, "batch.num.messages": 1}
+
+
+def test_concurrent_producers_one_partition(broker):
+    """Four producers appending to one partition at once: every record stored once, offsets
+    unique and contiguous, each producer's records in its own order."""
+    import threading
+    t = create_topic(broker.bootstrap, topic_name("ck-concurrent"))
+    results = {}
+
+    def run(n):
+        results[n] = produce(broker.bootstrap, t, [Rec(f"{n}:{i}".encode(), partition=0) for i in range(500)],
+                             compression=["none", "gzip", "lz4", "zstd"][n], **{"linger.ms": 1})
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert sorted(results) == [0, 1, 2, 3]
+    acked = sorted(r.offset for rs in results.values() for r in rs)
+    assert acked == list(range(2000))
+    got = consume(broker.bootstrap, t)
+    assert [r.offset for r in got] == list(range(2000))
+    by_offset = {r.offset: r.value for r in got}
+    for n, rs in results.items():
+        assert [by_offset[r.offset] for r in rs] == [f"{n}:{i}".encode() for i in range(500)]
+        assert [r.offset for r in rs] == sorted(r.offset for r in rs)
+
+
+def test_fetch_out_of_range(broker):
+    t = create_topic(broker.bootstrap, topic_name("ck-range"))
+    produce(broker.bootstrap, t, [Rec(f"r{i}".encode(), partition=0) for i in range(5)])
+    a = admin(broker.bootstrap)
+    wait_futures(a.delete_records([TopicPartition(t, 0, 2)]))
+    for start in (1, 6):  # below the log start, above the log end
+        c = consumer(broker.bootstrap, **{"auto.offset.reset": "error"})
+        c.assign([TopicPartition(t, 0, start)])
+        try:
+            def out_of_range():
+                for m in c.consume(10, timeout=0.2):
+                    assert m.error() is not None, f"start {start}: got record {m.offset()}"
+                    if m.error().code() == KafkaError._AUTO_OFFSET_RESET:
+                        assert "out of range" in m.error().str().lower() or "OFFSET_OUT_OF_RANGE" in m.error().str()
+                        return True
+                    assert m.error().code() != KafkaError._PARTITION_EOF, f"start {start}: EOF instead of out of range"
+            wait_until(out_of_range, what=f"offset out of range for start {start}")
+        finally:
+            c.close()
+    # With auto.offset.reset=earliest the consumer lands on the log start.
+    got = consume(broker.bootstrap, t, start=1, **{"auto.offset.reset": "earliest"})
+    assert [(r.offset, r.value) for r in got] == [(i, f"r{i}".encode()) for i in range(2, 5)]
+
+
+def test_offsets_for_times_compressed_batch(broker):
+    """Documented deviation from Kafka: inside a COMPRESSED batch the by-timestamp answer
+    is the batch's first offset (Kafka decompresses and answers the exact record); the
+    consumer then also receives the batch's earlier records."""
+    t = create_topic(broker.bootstrap, topic_name("ck-times-gz"))
+    # Compressible values: librdkafka sends a batch uncompressed when gzip does not shrink it.
+    value = b"z" * 500
+    produce(broker.bootstrap, t, [Rec(value, None, (), NOW_MS + 1000 * i, 0) for i in range(10)],
+            compression="gzip", **{"linger.ms": 100})
+    produce(broker.bootstrap, t, [Rec(value, None, (), NOW_MS + 1000 * i, 0) for i in range(10, 20)],
+            compression="gzip", **{"linger.ms": 100})
+    c = consumer(broker.bootstrap)
+    try:
+        for ts, want in [(NOW_MS, 0), (NOW_MS + 4500, 0), (NOW_MS + 9000, 0), (NOW_MS + 9001, 10),
+                         (NOW_MS + 15000, 10), (NOW_MS + 19000, 10), (NOW_MS + 19001, -1)]:
+            r = c.offsets_for_times([TopicPartition(t, 0, ts)], timeout=10)
+            assert r[0].error is None and r[0].offset == want, f"timestamp {ts - NOW_MS:+}: {r[0]}, want {want}"
+    finally:
+        c.close()
+
+
+def test_no_auto_create_when_disabled(broker_factory):
+    b = broker_factory(env={"FRESHET_AUTO_CREATE_TOPICS": "false", "FRESHET_NUM_PARTITIONS": "3"})
+    missing = topic_name("ck-noauto")
+    p = producer(b.bootstrap, **{"message.timeout.ms": 3000})
+    errs = []
+    p.produce(missing, value=b"x", on_delivery=lambda e, m: errs.append(e))
+    assert p.flush(15) == 0
+    assert errs and errs[0] is not None and errs[0].code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                                               KafkaError._UNKNOWN_TOPIC, KafkaError._MSG_TIMED_OUT), errs
+    assert missing not in admin(b.bootstrap).list_topics(timeout=10).topics
+    # ... and num_partitions applies to explicit creation with the broker default (-1).
+    t = topic_name("ck-default-parts")
+    a = admin(b.bootstrap)
+    wait_futures(a.create_topics([NewTopic(t, num_partitions=-1, replication_factor=-1)]))
+    assert len(a.list_topics(t, timeout=10).topics[t].partitions) == 3
