@@ -406,3 +406,16 @@ def test_no_auto_create_when_disabled(broker_factory):
     a = admin(b.bootstrap)
     wait_futures(a.create_topics([NewTopic(t, num_partitions=-1, replication_factor=-1)]))
     assert len(a.list_topics(t, timeout=10).topics[t].partitions) == 3
+
+
+def test_recreated_topic_starts_empty(broker):
+    a = admin(broker.bootstrap)
+    t = create_topic(broker.bootstrap, topic_name("ck-recreate"), partitions=2)
+    produce(broker.bootstrap, t, [Rec(f"old{i}".encode(), partition=i % 2) for i in range(6)])
+    wait_futures(a.delete_topics([t], operation_timeout=20))
+    wait_until(lambda: t not in a.list_topics(timeout=5).topics, what=f"{t} deleted")
+    create_topic(broker.bootstrap, t, partitions=1)
+    assert watermarks(broker.bootstrap, t, 0) == (0, 0)
+    delivered = produce(broker.bootstrap, t, [Rec(b"new", partition=0)])
+    assert delivered[0].offset == 0
+    assert [(r.offset, r.value) for r in consume(broker.bootstrap, t)] == [(0, b"new")]

@@ -58,10 +58,11 @@ def test_acked_records_survive_sigkill(broker_factory, report, tmp_path):
 
         kill_after = rng.uniform(0.2, 1.5)
         linger_ms = rng.choice([0, 1, 5])
+        codec = rng.choice(["none", "none", "gzip", "lz4", "zstd", "snappy"])
         producer = Producer({
             "bootstrap.servers": b.bootstrap, "acks": "all", "enable.idempotence": False,
             "message.send.max.retries": 0, "linger.ms": linger_ms, "message.timeout.ms": 5000,
-            "compression.type": "none",
+            "compression.type": codec,
         })
         cycle_acked = cycle_failed = 0
 
@@ -96,7 +97,7 @@ def test_acked_records_survive_sigkill(broker_factory, report, tmp_path):
         producer.purge(in_queue=True, in_flight=True, blocking=False)
         assert producer.flush(10) == 0, f"{where}: producer did not drain after purge"
         failed += cycle_failed
-        cycle_lines.append(f"cycle {cycle}: kill at {kill_after:.2f}s linger.ms={linger_ms} "
+        cycle_lines.append(f"cycle {cycle}: kill at {kill_after:.2f}s linger.ms={linger_ms} {codec} "
                            f"sent {next_seq - first_seq} acked {cycle_acked} not acked {cycle_failed}")
 
     b.start()
