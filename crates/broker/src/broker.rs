@@ -53,6 +53,7 @@ pub struct Broker {
     appended: watch::Sender<u64>,
     /// Bytes of record data all fetch responses being built may hold together.
     pub fetch_memory: Arc<Semaphore>,
+    pub producer_ids: ProducerIds,
     clock: Arc<dyn Clock>,
     _lock: fs::File,
 }
@@ -79,6 +80,7 @@ impl Broker {
         let fetch_memory = Arc::new(Semaphore::new(config.fetch_memory_bytes));
         let groups = GroupCoordinator::open(&dir, GroupConfig::default(), clock.now_ms())
             .map_err(|e| OpenError::Topics(TopicError::Storage(format!("group offsets: {e}"))))?;
+        let producer_ids = ProducerIds::open(&dir)?;
         Ok(Arc::new(Broker {
             config,
             cluster_id,
@@ -89,6 +91,7 @@ impl Broker {
             groups,
             appended: watch::channel(0).0,
             fetch_memory,
+            producer_ids,
             clock,
             _lock: lock,
         }))
@@ -113,6 +116,9 @@ impl Broker {
             for p in topic.partitions() {
                 if let Err(e) = p.lock().flush() {
                     tracing::error!(topic = %p.topic, partition = p.index, error = %e, "flush at shutdown failed");
+                }
+                if let Err(e) = p.save_producer_state() {
+                    tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed");
                 }
             }
         }
@@ -139,9 +145,16 @@ impl Broker {
                         .filter(|p| { let log = p.lock(); log.recovery_point() < log.log_end_offset() })
                         .collect();
                     if !dirty.is_empty() {
-                        if let Err(e) = self.flusher.flush(dirty).await {
+                        if let Err(e) = self.flusher.flush(dirty.clone()).await {
                             tracing::error!(error = %e, "background flush failed");
                         }
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for p in dirty {
+                                if let Err(e) = p.save_producer_state() {
+                                    tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed");
+                                }
+                            }
+                        }).await;
                     }
                 }
             }
@@ -162,6 +175,48 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// Hands out producer ids. Ids are reserved on disk a block at a time, so an id is
+/// never given out twice, even across a crash.
+pub struct ProducerIds {
+    path: std::path::PathBuf,
+    /// (next id to hand out, first id not yet reserved on disk)
+    state: std::sync::Mutex<(i64, i64)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProducerIdBlock {
+    next_block_start: i64,
+}
+
+const PRODUCER_ID_BLOCK: i64 = 1000;
+
+impl ProducerIds {
+    fn open(dir: &Path) -> Result<ProducerIds, OpenError> {
+        let path = dir.join("producer-ids.json");
+        let start = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<ProducerIdBlock>(&bytes)
+                .map_err(|e| OpenError::Topics(TopicError::Storage(format!("{}: {e}", path.display()))))?
+                .next_block_start,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => return Err(OpenError::DataDir { path: path.display().to_string(), source }),
+        };
+        Ok(ProducerIds { path, state: std::sync::Mutex::new((start, start)) })
+    }
+
+    pub fn next(&self) -> Result<i64, TopicError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 == state.1 {
+            let reserved = state.1 + PRODUCER_ID_BLOCK;
+            let json = serde_json::to_vec(&ProducerIdBlock { next_block_start: reserved }).expect("serialize");
+            write_atomically(&self.path, &json)?;
+            state.1 = reserved;
+        }
+        let id = state.0;
+        state.0 += 1;
+        Ok(id)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod flusher;
 pub mod group;
+pub mod idempotence;
 pub mod server;
 pub mod topic_config;
 pub mod topics;

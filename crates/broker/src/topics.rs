@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use storage::PartitionLog;
+
+use crate::idempotence::{self, ProducerStates};
 use uuid::Uuid;
 
 use crate::config::BrokerConfig;
@@ -24,10 +26,49 @@ const META_DIR: &str = "meta";
 pub struct Partition {
     pub topic: String,
     pub index: i32,
+    pub dir: PathBuf,
     pub log: Mutex<PartitionLog>,
+    /// Idempotent producers' sequences. Lock order: `producers` before `log`.
+    pub producers: Mutex<ProducerStates>,
 }
 
 impl Partition {
+    /// Opens (creating or recovering) the partition's log and its producer state.
+    pub fn open(
+        data_dir: &Path,
+        topic: &str,
+        index: i32,
+        config: storage::LogConfig,
+        now_ms: i64,
+    ) -> Result<Partition, TopicError> {
+        let dir = partition_dir(data_dir, topic, index);
+        let (log, report) = PartitionLog::open(&dir, config, now_ms)?;
+        if report.truncated_bytes > 0 || report.rebuilt_indexes > 0 {
+            tracing::warn!(
+                topic, partition = index, truncated_bytes = report.truncated_bytes,
+                rebuilt_indexes = report.rebuilt_indexes, "recovered partition log"
+            );
+        }
+        let producers = idempotence::load(&dir, &log)?;
+        Ok(Partition { topic: topic.to_string(), index, dir, log: Mutex::new(log), producers: Mutex::new(producers) })
+    }
+
+    pub fn lock_producers(&self) -> std::sync::MutexGuard<'_, ProducerStates> {
+        self.producers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes the producer-state snapshot if it changed since the last one.
+    pub fn save_producer_state(&self) -> Result<(), TopicError> {
+        let mut states = self.lock_producers();
+        if states.producer_count() == 0 {
+            return Ok(());
+        }
+        // Every idempotent append holds `producers`, so the state covers the log
+        // up to its current end.
+        states.end_offset = self.lock().log_end_offset();
+        idempotence::save_if_changed(&self.dir, &mut states)
+    }
+
     /// Locks the log. A panic while holding the lock is a bug already reported;
     /// the log's own state is consistent between calls, so carry on with it.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PartitionLog> {
@@ -141,15 +182,7 @@ impl TopicRegistry {
             let log_config = meta.config.log_config(broker);
             let mut partitions = Vec::with_capacity(meta.partitions as usize);
             for index in 0..meta.partitions {
-                let dir = partition_dir(data_dir, &meta.name, index);
-                let (log, report) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
-                if report.truncated_bytes > 0 || report.rebuilt_indexes > 0 {
-                    tracing::warn!(
-                        topic = %meta.name, partition = index, truncated_bytes = report.truncated_bytes,
-                        rebuilt_indexes = report.rebuilt_indexes, "recovered partition log"
-                    );
-                }
-                partitions.push(Arc::new(Partition { topic: meta.name.clone(), index, log: Mutex::new(log) }));
+                partitions.push(Arc::new(Partition::open(data_dir, &meta.name, index, log_config.clone(), now_ms)?));
             }
             let topic = Topic {
                 name: meta.name.clone(),
@@ -203,9 +236,7 @@ impl TopicRegistry {
         let log_config = config.log_config(broker);
         let mut logs = Vec::with_capacity(partitions as usize);
         for index in 0..partitions {
-            let dir = partition_dir(&self.data_dir, name, index);
-            let (log, _) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
-            logs.push(Arc::new(Partition { topic: name.to_string(), index, log: Mutex::new(log) }));
+            logs.push(Arc::new(Partition::open(&self.data_dir, name, index, log_config.clone(), now_ms)?));
         }
         let topic = Arc::new(Topic {
             name: name.to_string(),
@@ -247,9 +278,7 @@ impl TopicRegistry {
         let log_config = topic.config().log_config(broker);
         let mut added = Vec::new();
         for index in current..count {
-            let dir = partition_dir(&self.data_dir, &topic.name, index);
-            let (log, _) = PartitionLog::open(&dir, log_config.clone(), now_ms)?;
-            added.push(Arc::new(Partition { topic: topic.name.clone(), index, log: Mutex::new(log) }));
+            added.push(Arc::new(Partition::open(&self.data_dir, &topic.name, index, log_config.clone(), now_ms)?));
         }
         {
             let mut parts = topic.partitions.write().unwrap_or_else(|p| p.into_inner());

@@ -255,7 +255,8 @@ pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     batch
 }
 
-fn put_varint(out: &mut Vec<u8>, value: i64) {
+/// Appends `value` as a zig-zag varint (the record fields' encoding).
+pub fn put_varint(out: &mut Vec<u8>, value: i64) {
     let mut v = ((value << 1) ^ (value >> 63)) as u64;
     while v >= 0x80 {
         out.push((v as u8) | 0x80);

@@ -7,14 +7,52 @@
 //! broker hands it validated v2 record batches and asks for byte ranges back. Time
 //! is passed in (`now_ms`) so that tests control it.
 //!
-//! API CONTRACT (stub: implementation in progress, see module docs as they land).
+//! On disk, in the partition's directory:
+//! - `{base_offset:020}.log`: whole v2 batches, back to back, offsets without gaps;
+//! - `{base_offset:020}.index`: sparse offset index (relative offset u32 BE,
+//!   position u32 BE), one entry per `index_interval_bytes` of log;
+//! - `{base_offset:020}.timeindex`: time index (largest timestamp so far i64 BE,
+//!   relative offset u32 BE);
+//! - `log-start-offset`, `recovery-point`: checksummed offsets; `truncate-to`
+//!   exists only while a truncation is in progress.
+//!
+//! Codemap:
+//! - `log`: [`PartitionLog`], the segment map and the offsets that tie it together
+//!   (log start, high watermark, recovery point), read and flush handles.
+//! - `segment`: one `.log` file with its two indexes; append, locate, truncate, scan.
+//! - `index`: the sparse offset index and time index, kept in memory and appended to
+//!   their files; sanity checks used by recovery.
+//! - `recovery`: what `open` does: clean up, trust what was fsync'd, validate the rest.
+//! - `retention`: deleting old segments by time and size.
+//! - `checkpoint`: the small checksummed files `log-start-offset` and `recovery-point`.
+//! - `scan`: positioned, chunked reads of batch headers from a segment file.
+//! - `records`: walking the records of an uncompressed batch (timestamp lookups only).
+//!
+//! Architecture invariants:
+//! - Batches are stored byte for byte as the producer sent them; only the base offset
+//!   and partition leader epoch (not covered by the CRC) are rewritten.
+//! - The storage crate never touches the network and never decodes records except to
+//!   answer a timestamp lookup.
+//! - Bytes after the recovery point are never trusted at open: they are CRC-checked
+//!   batch by batch and the log is cut at the first bad one.
+//! - `log_start_offset <= high_watermark <= log_end_offset`, and the last segment (the
+//!   active one, which takes appends) always exists.
 
-use std::fs::File;
-use std::path::Path;
-use std::sync::Arc;
+use std::io;
 
-use bytes::Bytes;
 pub use protocol::record_batch::BatchError;
+
+mod checkpoint;
+mod fsutil;
+mod index;
+mod log;
+mod records;
+mod recovery;
+mod retention;
+mod scan;
+mod segment;
+
+pub use log::{FlushHandle, PartitionLog, ReadSlice};
 
 /// Per-partition settings; the broker derives them from topic configs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +81,33 @@ impl Default for LogConfig {
     }
 }
 
+/// Corruption found in bytes already accepted into the log (outside recovery, which
+/// repairs it) is reported as `Io` with [`io::ErrorKind::InvalidData`]: to the broker
+/// it is a storage failure like any other.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("offset {requested} is out of range [{log_start}, {log_end}]")]
-    OffsetOutOfRange { requested: i64, log_start: i64, log_end: i64 },
+    OffsetOutOfRange {
+        requested: i64,
+        log_start: i64,
+        log_end: i64,
+    },
     #[error("invalid record batch: {0}")]
     InvalidBatch(#[from] BatchError),
+}
+
+impl StorageError {
+    pub(crate) fn corrupt(path: &std::path::Path, message: String) -> StorageError {
+        StorageError::Io {
+            path: path.display().to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidData, message),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -64,7 +121,8 @@ pub struct AppendInfo {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
-    /// Bytes of torn or corrupt tail cut off the active segment.
+    /// Bytes of torn or corrupt tail cut off the log: the cut segment's tail plus
+    /// every later segment deleted because it followed the cut.
     pub truncated_bytes: u64,
     /// Bytes validated batch by batch (only the part after the recovery point).
     pub validated_bytes: u64,
@@ -82,110 +140,4 @@ pub struct RetentionReport {
 pub struct TimestampOffset {
     pub offset: i64,
     pub timestamp: i64,
-}
-
-/// Whole batches of one segment file, located under the partition lock and read
-/// without it (the file is append-only below `position + len`).
-#[derive(Debug, Clone)]
-pub struct ReadSlice {
-    pub file: Arc<File>,
-    pub position: u64,
-    pub len: usize,
-}
-
-impl ReadSlice {
-    pub fn empty() -> Self {
-        todo!()
-    }
-    /// The bytes, read with one positioned read (no decode).
-    pub fn load(&self) -> std::io::Result<Bytes> {
-        todo!()
-    }
-}
-
-/// Files to fsync to make the log durable up to `up_to_offset` (exclusive).
-#[derive(Debug, Clone)]
-pub struct FlushHandle {
-    pub files: Vec<Arc<File>>,
-    pub up_to_offset: i64,
-}
-
-impl FlushHandle {
-    /// fdatasync every file; called without holding the partition lock.
-    pub fn sync(&self) -> std::io::Result<()> {
-        todo!()
-    }
-}
-
-pub struct PartitionLog {}
-
-impl PartitionLog {
-    /// Opens (creating if needed) the log in `dir`, recovering after a crash.
-    pub fn open(_dir: &Path, _config: LogConfig, _now_ms: i64) -> Result<(PartitionLog, RecoveryReport)> {
-        todo!()
-    }
-    /// Appends exactly one v2 batch at the log end offset: validates it (CRC), rewrites
-    /// base offset and leader epoch, rolls the segment if needed, updates indexes.
-    pub fn append(&mut self, _batch: &mut [u8], _leader_epoch: i32, _now_ms: i64) -> Result<AppendInfo> {
-        todo!()
-    }
-    /// Whole batches from the one holding `offset`, up to `max_bytes` (but at least one
-    /// whole batch when any is there), never a batch starting at or after `max_offset`.
-    pub fn read(&self, _offset: i64, _max_bytes: usize, _max_offset: i64) -> Result<ReadSlice> {
-        todo!()
-    }
-    pub fn log_start_offset(&self) -> i64 {
-        todo!()
-    }
-    pub fn log_end_offset(&self) -> i64 {
-        todo!()
-    }
-    pub fn high_watermark(&self) -> i64 {
-        todo!()
-    }
-    pub fn set_high_watermark(&mut self, _hw: i64) {
-        todo!()
-    }
-    pub fn recovery_point(&self) -> i64 {
-        todo!()
-    }
-    pub fn truncate_to(&mut self, _offset: i64) -> Result<()> {
-        todo!()
-    }
-    pub fn delete_records_before(&mut self, _offset: i64) -> Result<i64> {
-        todo!()
-    }
-    pub fn offset_for_timestamp(&self, _timestamp: i64) -> Result<Option<TimestampOffset>> {
-        todo!()
-    }
-    pub fn flush_handle(&self) -> FlushHandle {
-        todo!()
-    }
-    pub fn mark_flushed(&mut self, _up_to_offset: i64) -> Result<()> {
-        todo!()
-    }
-    pub fn flush(&mut self) -> Result<()> {
-        todo!()
-    }
-    pub fn apply_retention(&mut self, _now_ms: i64) -> Result<RetentionReport> {
-        todo!()
-    }
-    pub fn config(&self) -> &LogConfig {
-        todo!()
-    }
-    pub fn set_config(&mut self, _config: LogConfig) {
-        todo!()
-    }
-    pub fn size_bytes(&self) -> u64 {
-        todo!()
-    }
-    pub fn segment_count(&self) -> usize {
-        todo!()
-    }
-    pub fn close(self) -> Result<()> {
-        todo!()
-    }
-    pub fn delete(self) -> Result<()> {
-        todo!()
-    }
 }

@@ -14,7 +14,11 @@ use crate::Broker;
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 
-pub fn handle(broker: &Broker, request: ListOffsetsRequest) -> ListOffsetsResponse {
+/// `leader_epoch` exists from v4 on.
+const LEADER_EPOCH_SINCE: i16 = 4;
+
+pub fn handle(broker: &Broker, request: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+    let epoch = |e: i32| if version >= LEADER_EPOCH_SINCE { e } else { -1 };
     let mut response = ListOffsetsResponse::default();
     for t in request.topics {
         let topic = broker.topics.get(&t.name.0);
@@ -37,7 +41,7 @@ pub fn handle(broker: &Broker, request: ListOffsetsRequest) -> ListOffsetsRespon
                         _ => Err((ResponseError::InvalidRequest, format!("unsupported timestamp {}", p.timestamp))),
                     };
                     match found {
-                        Ok(Some((offset, timestamp))) => answer.with_offset(offset).with_timestamp(timestamp).with_leader_epoch(0),
+                        Ok(Some((offset, timestamp))) => answer.with_offset(offset).with_timestamp(timestamp).with_leader_epoch(epoch(0)),
                         Ok(None) => answer.with_offset(-1).with_timestamp(-1).with_leader_epoch(-1),
                         Err((err, why)) => {
                             tracing::warn!(topic = %partition.topic, partition = partition.index, why, "ListOffsets failed");

@@ -20,6 +20,7 @@ pub mod delete_records;
 pub mod delete_topics;
 pub mod describe_cluster;
 pub mod fetch;
+pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
@@ -50,6 +51,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
@@ -95,7 +97,7 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
         RequestKind::Produce(r) => produce::handle(broker, r),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
-        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r)),
+        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r, v)),
         RequestKind::CreateTopics(r) => Reply::blocking(broker, move |b| create_topics::handle(b, r, v)),
         RequestKind::DeleteTopics(r) => Reply::blocking(broker, move |b| delete_topics::handle(b, r, v)),
         RequestKind::CreatePartitions(r) => Reply::blocking(broker, move |b| create_partitions::handle(b, r)),
@@ -118,12 +120,16 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::DescribeGroups(r) => Reply::now(group::describe_groups::handle(broker, r, v)),
         RequestKind::DeleteGroups(r) => group::delete_groups::handle(broker, r),
         RequestKind::OffsetDelete(r) => group::offset_delete::handle(broker, r),
+        RequestKind::InitProducerId(r) => Reply::blocking(broker, move |b| init_producer_id::handle(b, r)),
         other => {
             // is_supported() admitted it, so SUPPORTED and this match disagree.
             unreachable!("dispatch has no handler for {other:?}")
         }
     }
 }
+
+#[cfg(test)]
+mod every_version;
 
 pub(crate) fn code(err: ResponseError) -> i16 {
     err.code()

@@ -1,6 +1,7 @@
 //! Produce: validate the one v2 batch each partition carries, append it as sent,
 //! and answer by acks — 0: no answer, 1: once in the page cache, -1 (all): once
-//! fsync'd by the flusher's group commit.
+//! fsync'd by the flusher's group commit. Batches from idempotent producers are
+//! checked against their producer's sequence first (`idempotence.rs`).
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use protocol::record_batch::{batches, BatchError, BatchHeader};
 use protocol::ResponseError;
 
 use super::{code, text, Reply};
+use crate::idempotence::Check;
 use crate::topics::{Partition, Topic};
 use crate::Broker;
 
@@ -93,11 +95,27 @@ fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now
             Some(format!("batch of {} bytes exceeds max.message.bytes {max_batch_bytes}", header.total_bytes())),
         ));
     }
-    if header.has_producer_id() || header.is_transactional() || header.is_control() {
-        return Err((
-            ResponseError::InvalidRecord,
-            Some("idempotent and transactional producers are not supported yet".into()),
-        ));
+    if header.is_transactional() || header.is_control() {
+        return Err((ResponseError::InvalidRecord, Some("transactional producers are not supported yet".into())));
+    }
+    // Lock order: producers, then log. Held across the append so that the check
+    // and the record of a batch are one step for its producer.
+    let mut producers = header.has_producer_id().then(|| partition.lock_producers());
+    if let Some(states) = &producers {
+        match states.check(&header) {
+            Check::Append => {}
+            Check::Duplicate { base_offset } => {
+                let start = partition.lock().log_start_offset();
+                drop(producers);
+                return Ok((partition, base_offset, start));
+            }
+            Check::Reject(err) => {
+                let message = format!(
+                    "producer {} epoch {} sequence {} refused", header.producer_id, header.producer_epoch, header.base_sequence
+                );
+                return Err((err, Some(message)));
+            }
+        }
     }
     let mut batch = records.to_vec();
     let mut log = partition.lock();
@@ -107,6 +125,10 @@ fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now
             log.set_high_watermark(end);
             let start = log.log_start_offset();
             drop(log);
+            if let Some(states) = &mut producers {
+                states.record(&BatchHeader { base_offset: info.base_offset, ..header });
+            }
+            drop(producers);
             Ok((partition, info.base_offset, start))
         }
         Err(storage::StorageError::InvalidBatch(e)) => Err(batch_error(e)),

@@ -59,6 +59,7 @@ use protocol::record_batch::{batches, build_simple_batch};
 use storage::{LogConfig, PartitionLog, StorageError};
 
 use crate::flusher::Flusher;
+use crate::idempotence::ProducerStates;
 use crate::topics::Partition;
 
 /// The directory under the data directory.
@@ -180,7 +181,14 @@ impl OffsetsStore {
             }
         }
         tracing::info!(records, groups = state.committed.len(), "replayed committed offsets");
-        let partition = Arc::new(Partition { topic: DIR_NAME.to_string(), index: 0, log: Mutex::new(log) });
+        let partition = Arc::new(Partition {
+            topic: DIR_NAME.to_string(),
+            index: 0,
+            dir,
+            log: Mutex::new(log),
+            // No producer writes here: the state stays empty.
+            producers: Mutex::new(ProducerStates::default()),
+        });
         Ok(OffsetsStore { partition, state: Mutex::new(state) })
     }
 

@@ -1,5 +1,249 @@
 //! Command-line tools that speak the Kafka protocol through librdkafka.
+//!
+//! Architecture invariant: nothing in here touches broker internals. Every tool is a
+//! plain Kafka client, so it works against Apache Kafka, Redpanda and Freshet alike.
+//!
+//! This module holds what all tools share: the connection flags (`--brokers`, `-X`),
+//! the librdkafka client context, and the ONE place where librdkafka error codes are
+//! turned into Kafka error names for the one-line error messages.
 
+mod admin;
 pub mod consume;
 pub mod produce;
 pub mod topic;
+
+use std::ffi::CStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext};
+
+/// How long a tool waits for cluster metadata or an admin answer before giving up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection flags shared by every Kafka tool.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Bootstrap brokers, comma separated.
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHET_BROKERS",
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT[,..]"
+    )]
+    pub brokers: String,
+    /// Any librdkafka property (repeatable), e.g. `-X message.timeout.ms=5000`.
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub properties: Vec<(String, String)>,
+}
+
+impl ConnectArgs {
+    /// The librdkafka configuration for these flags; `-X` properties are applied last so
+    /// they override anything a tool sets by default.
+    pub fn client_config(&self, tool_defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in tool_defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// librdkafka's own log lines go to stderr only when the user asked for them with
+    /// `-X debug=...`; otherwise they would drown the one-line error a tool prints.
+    pub fn context(&self) -> ToolContext {
+        ToolContext {
+            print_logs: self.properties.iter().any(|(key, _)| key == "debug"),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+/// Parses `key=value` (the value may itself contain `=`).
+pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got '{text}'")),
+    }
+}
+
+/// The client context of every tool: it remembers the last client-wide error (e.g.
+/// "all brokers down") so a failure message can say why, and keeps librdkafka quiet
+/// unless debugging was asked for.
+pub struct ToolContext {
+    print_logs: bool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ToolContext {
+    /// The last client-wide error librdkafka reported, if any, as one line.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .map(|guard| guard.clone())
+            .unwrap_or(None)
+    }
+
+    /// `context` appended with the last client-wide error, if there is one.
+    pub fn explain(&self, message: String) -> anyhow::Error {
+        match self.last_error() {
+            Some(last) => anyhow!("{message} (last client error: {last})"),
+            None => anyhow!("{message}"),
+        }
+    }
+}
+
+impl ClientContext for ToolContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if self.print_logs {
+            eprintln!("rdkafka {level:?} {fac}: {log_message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let line = match error.rdkafka_error_code() {
+            Some(code) => format!("{}: {reason}", error_name(code)),
+            None => format!("{error}: {reason}"),
+        };
+        if self.print_logs {
+            eprintln!("rdkafka error: {line}");
+        }
+        if let Ok(mut guard) = self.last_error.lock() {
+            *guard = Some(line);
+        }
+    }
+}
+
+/// Admin clients and metadata-only clients need a producer context; they never produce.
+impl ProducerContext for ToolContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for ToolContext {}
+
+/// The Kafka name of an error code: `TOPIC_ALREADY_EXISTS`, `UNKNOWN_TOPIC_OR_PARTITION`
+/// for errors the cluster returned, and librdkafka's own underscore-prefixed names
+/// (`_MSG_TIMED_OUT`, `_TRANSPORT`) for errors raised inside the client.
+///
+/// This is the only place that maps error codes to names. librdkafka's
+/// `rd_kafka_err2name` already has upper-snake names, and they are Kafka's own
+/// (`org.apache.kafka.common.protocol.Errors`) except for the few codes below, where it
+/// keeps an old or shortened spelling; those are corrected so that what the user reads
+/// matches the Kafka documentation and every other Kafka tool.
+pub fn error_name(code: RDKafkaErrorCode) -> String {
+    let kafka_name = match code as i32 {
+        -1 => Some("UNKNOWN_SERVER_ERROR"),      // librdkafka: UNKNOWN
+        2 => Some("CORRUPT_MESSAGE"),            // INVALID_MSG
+        3 => Some("UNKNOWN_TOPIC_OR_PARTITION"), // UNKNOWN_TOPIC_OR_PART
+        4 => Some("INVALID_FETCH_SIZE"),         // INVALID_MSG_SIZE
+        6 => Some("NOT_LEADER_OR_FOLLOWER"),     // NOT_LEADER_FOR_PARTITION
+        10 => Some("MESSAGE_TOO_LARGE"),         // MSG_SIZE_TOO_LARGE
+        11 => Some("STALE_CONTROLLER_EPOCH"),    // STALE_CTRL_EPOCH
+        17 => Some("INVALID_TOPIC_EXCEPTION"),   // TOPIC_EXCEPTION
+        _ => None,
+    };
+    if let Some(name) = kafka_name {
+        return name.to_owned();
+    }
+    match RDKafkaRespErr::try_from(code as i32) {
+        Ok(native) => {
+            // SAFETY: rd_kafka_err2name returns a pointer to a static, NUL-terminated
+            // string for every code, including unknown ones.
+            let name = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2name(native)) };
+            name.to_string_lossy().into_owned()
+        }
+        Err(_) => format!("ERROR_{}", code as i32),
+    }
+}
+
+/// librdkafka's human description of a code, without the "Broker: " / "Local: " prefix
+/// (the name already says which side it came from).
+pub fn error_description(code: RDKafkaErrorCode) -> String {
+    match RDKafkaRespErr::try_from(code as i32) {
+        Ok(native) => {
+            // SAFETY: as for rd_kafka_err2name, a static NUL-terminated string.
+            let text = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2str(native)) };
+            let text = text.to_string_lossy();
+            let text = text.strip_prefix("Broker: ").unwrap_or(&text);
+            text.strip_prefix("Local: ").unwrap_or(text).to_owned()
+        }
+        Err(_) => "unknown error".to_owned(),
+    }
+}
+
+/// `NAME: description` for an error code.
+pub fn describe_code(code: RDKafkaErrorCode) -> String {
+    format!("{}: {}", error_name(code), error_description(code))
+}
+
+/// `NAME: description` for any rdkafka error.
+pub fn describe_error(error: &KafkaError) -> String {
+    match error {
+        KafkaError::AdminOp(code) => describe_code(*code),
+        other => match other.rdkafka_error_code() {
+            Some(code) => describe_code(code),
+            None => other.to_string(),
+        },
+    }
+}
+
+/// Runs an rdkafka admin future to completion on this thread. The futures are
+/// runtime-agnostic (they wait on a oneshot fed by rdkafka's own polling thread), so a
+/// current-thread runtime is enough.
+pub fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    Ok(runtime.block_on(future))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_names_are_kafka_upper_snake() {
+        assert_eq!(
+            error_name(RDKafkaErrorCode::TopicAlreadyExists),
+            "TOPIC_ALREADY_EXISTS"
+        );
+        assert_eq!(
+            error_name(RDKafkaErrorCode::UnknownTopicOrPartition),
+            "UNKNOWN_TOPIC_OR_PARTITION"
+        );
+        assert_eq!(
+            error_name(RDKafkaErrorCode::NotLeaderForPartition),
+            "NOT_LEADER_OR_FOLLOWER"
+        );
+        assert_eq!(
+            error_name(RDKafkaErrorCode::InvalidPartitions),
+            "INVALID_PARTITIONS"
+        );
+        assert_eq!(
+            error_name(RDKafkaErrorCode::MessageTimedOut),
+            "_MSG_TIMED_OUT"
+        );
+        assert_eq!(
+            describe_code(RDKafkaErrorCode::TopicAlreadyExists),
+            "TOPIC_ALREADY_EXISTS: Topic already exists"
+        );
+    }
+
+    #[test]
+    fn key_value_splits_at_the_first_equals() {
+        assert_eq!(parse_key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_key_value("a="), Ok(("a".into(), String::new())));
+        assert!(parse_key_value("=b").is_err());
+        assert!(parse_key_value("ab").is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! Every handler, at every version `SUPPORTED` advertises, answers a realistic
+//! request with a response that encodes at that version. kafka-protocol refuses to
+//! encode a field the version does not have when it is set to a non-default value,
+//! which would close the client's connection; this finds such fields.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use protocol::codec::{encode_response, Request};
+use protocol::kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use protocol::kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use protocol::kafka_protocol::messages::delete_records_request::{DeleteRecordsPartition, DeleteRecordsTopic};
+use protocol::kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use protocol::kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use protocol::kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
+use protocol::kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use protocol::kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use protocol::kafka_protocol::messages::*;
+use protocol::kafka_protocol::protocol::StrBytes;
+use protocol::record_batch::build_simple_batch;
+use protocol::{ApiKey, RequestKind};
+
+use super::{dispatch, Reply, SUPPORTED};
+use crate::{Broker, BrokerConfig, SystemClock};
+
+fn name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+fn requests(api: ApiKey, version: i16) -> Vec<RequestKind> {
+    let topic = |n: &str| name(n);
+    match api {
+        ApiKey::ApiVersions => vec![ApiVersionsRequest::default()
+            .with_client_software_name(StrBytes::from_static_str("test"))
+            .with_client_software_version(StrBytes::from_static_str("1.0"))
+            .into()],
+        ApiKey::Metadata => vec![
+            MetadataRequest::default().with_topics(if version == 0 { Some(vec![]) } else { None }).into(),
+            MetadataRequest::default()
+                .with_allow_auto_topic_creation(true)
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(topic("t"))),
+                    MetadataRequestTopic::default().with_name(Some(topic("auto"))),
+                    MetadataRequestTopic::default().with_name(Some(topic("bad/name"))),
+                ]))
+                .into(),
+        ],
+        ApiKey::Produce => vec![ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(1000)
+            .with_topic_data(vec![
+                TopicProduceData::default().with_name(topic("t")).with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(Bytes::from(build_simple_batch(1, &[b"x"])))),
+                    PartitionProduceData::default().with_index(0).with_records(Some(Bytes::from_static(b"junk"))),
+                    PartitionProduceData::default().with_index(9).with_records(None),
+                ]),
+            ])
+            .into()],
+        ApiKey::Fetch => vec![FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_bytes(1 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![
+                FetchTopic::default().with_topic(topic("t")).with_partitions(vec![
+                    FetchPartition::default().with_partition(0).with_fetch_offset(0).with_partition_max_bytes(1 << 20),
+                    FetchPartition::default().with_partition(0).with_fetch_offset(999),
+                ]),
+                FetchTopic::default()
+                    .with_topic(topic("missing"))
+                    .with_partitions(vec![FetchPartition::default().with_partition(0)]),
+            ])
+            .into()],
+        ApiKey::ListOffsets => vec![ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default().with_name(topic("t")).with_partitions(
+                [-1i64, -2, 0, 5_000]
+                    .into_iter()
+                    .map(|ts| ListOffsetsPartition::default().with_partition_index(0).with_timestamp(ts))
+                    .collect(),
+            )])
+            .into()],
+        ApiKey::CreateTopics => vec![CreateTopicsRequest::default()
+            .with_validate_only(version % 2 == 0)
+            .with_topics(vec![
+                CreatableTopic::default()
+                    .with_name(topic(&format!("new{version}")))
+                    .with_num_partitions(2)
+                    .with_replication_factor(1)
+                    .with_configs(vec![CreatableTopicConfig::default()
+                        .with_name(StrBytes::from_static_str("retention.ms"))
+                        .with_value(Some(StrBytes::from_static_str("1000")))]),
+                CreatableTopic::default().with_name(topic("t")).with_num_partitions(1).with_replication_factor(1),
+                CreatableTopic::default().with_name(topic("x")).with_num_partitions(1).with_replication_factor(3),
+            ])
+            .into()],
+        ApiKey::DeleteTopics => vec![DeleteTopicsRequest::default()
+            .with_topic_names(vec![topic("gone"), topic("never")])
+            .with_topics(vec![
+                DeleteTopicState::default().with_name(Some(topic("gone"))),
+                DeleteTopicState::default().with_name(Some(topic("never"))),
+            ])
+            .into()],
+        ApiKey::CreatePartitions => vec![CreatePartitionsRequest::default()
+            .with_validate_only(true)
+            .with_topics(vec![
+                CreatePartitionsTopic::default().with_name(topic("t")).with_count(4),
+                CreatePartitionsTopic::default().with_name(topic("t")).with_count(1),
+            ])
+            .into()],
+        ApiKey::DescribeConfigs => vec![DescribeConfigsRequest::default()
+            .with_include_synonyms(true)
+            .with_include_documentation(version >= 3)
+            .with_resources(vec![
+                DescribeConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(StrBytes::from_static_str("t")),
+                DescribeConfigsResource::default()
+                    .with_resource_type(4)
+                    .with_resource_name(StrBytes::from_static_str("0")),
+                DescribeConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(StrBytes::from_static_str("missing")),
+            ])
+            .into()],
+        ApiKey::IncrementalAlterConfigs => vec![IncrementalAlterConfigsRequest::default()
+            .with_resources(vec![AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_static_str("t"))
+                .with_configs(vec![AlterableConfig::default()
+                    .with_name(StrBytes::from_static_str("retention.ms"))
+                    .with_config_operation(0)
+                    .with_value(Some(StrBytes::from_static_str("60000")))])])
+            .into()],
+        ApiKey::AlterConfigs => vec![AlterConfigsRequest::default()
+            .with_resources(vec![alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_static_str("t"))
+                .with_configs(vec![alter_configs_request::AlterableConfig::default()
+                    .with_name(StrBytes::from_static_str("no.such.config"))
+                    .with_value(Some(StrBytes::from_static_str("1")))])])
+            .into()],
+        ApiKey::DeleteRecords => vec![DeleteRecordsRequest::default()
+            .with_topics(vec![DeleteRecordsTopic::default().with_name(topic("t")).with_partitions(vec![
+                DeleteRecordsPartition::default().with_partition_index(0).with_offset(0),
+                DeleteRecordsPartition::default().with_partition_index(0).with_offset(1_000),
+            ])])
+            .into()],
+        ApiKey::DescribeCluster => vec![DescribeClusterRequest::default().into()],
+        ApiKey::InitProducerId => vec![InitProducerIdRequest::default()
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1)
+            .into()],
+        other => panic!("no sample request for {other:?}: add one"),
+    }
+}
+
+#[tokio::test]
+async fn every_supported_version_encodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig { data_dir: dir.path().to_path_buf(), ..BrokerConfig::default() };
+    let broker = Broker::open(config, "127.0.0.1".into(), 9092, Arc::new(SystemClock)).unwrap();
+    let now = broker.now_ms();
+    broker.topics.create("t", 1, Default::default(), &broker.config, now).unwrap();
+    for (api, min, max) in SUPPORTED {
+        for version in *min..=*max {
+            if *api == ApiKey::DeleteTopics {
+                let _ = broker.topics.create("gone", 1, Default::default(), &broker.config, now);
+            }
+            for body in requests(*api, version) {
+                let header = RequestHeader::default().with_request_api_key(*api as i16).with_request_api_version(version);
+                let request = Request { header, api_key: *api, body };
+                let response = match dispatch(&broker, request) {
+                    Reply::Now(r) => r,
+                    Reply::Later(f) => f.await,
+                };
+                let response = response.unwrap_or_else(|| panic!("{api:?} v{version} gave no response"));
+                let mut out = BytesMut::new();
+                encode_response(1, *api, version, &response, &mut out)
+                    .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Idempotent producers: per partition, the epoch of every producer id and the
+//! sequence ranges of its last five batches, so that a retried batch is
+//! acknowledged with its original offset instead of being written twice, and a
+//! gap or a stale epoch is refused as Kafka refuses it.
+//!
+//! Persistence: a snapshot (`producer-state.json` in the partition directory)
+//! written by the background flush and at shutdown, labelled with the log end
+//! offset it reflects. On open, batches at or beyond the recovered log end are
+//! dropped from the snapshot (a crash may have cut them off) and the log after the
+//! snapshot is replayed, batch headers only. A missing or unreadable snapshot
+//! means replaying the whole log: correct, and as slow as the log is long.
+
+use std::collections::{HashMap, VecDeque};
+
+use protocol::record_batch::BatchHeader;
+use protocol::ResponseError;
+
+/// Kafka remembers this many batches per producer and partition.
+pub const BATCHES_REMEMBERED: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct BatchMeta {
+    first_seq: i32,
+    last_seq: i32,
+    base_offset: i64,
+    last_offset: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ProducerEntry {
+    epoch: i16,
+    batches: VecDeque<BatchMeta>,
+}
+
+/// What to do with a batch from an idempotent producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Append,
+    /// Already in the log: acknowledge with the original base offset.
+    Duplicate { base_offset: i64 },
+    Reject(ResponseError),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProducerStates {
+    producers: HashMap<i64, ProducerEntry>,
+    /// The log end offset this state reflects.
+    pub end_offset: i64,
+    /// `end_offset` when the snapshot was last written.
+    #[serde(skip)]
+    saved_end_offset: i64,
+}
+
+/// Sequence numbers wrap from i32::MAX to 0.
+fn add_seq(seq: i32, n: i32) -> i32 {
+    ((seq as i64 + n as i64) % (i32::MAX as i64 + 1)) as i32
+}
+
+fn last_seq(header: &BatchHeader) -> i32 {
+    add_seq(header.base_sequence, header.last_offset_delta)
+}
+
+impl ProducerStates {
+    pub fn check(&self, header: &BatchHeader) -> Check {
+        debug_assert!(header.has_producer_id());
+        let first = header.base_sequence;
+        if first < 0 {
+            return Check::Reject(ResponseError::InvalidRecord);
+        }
+        let Some(entry) = self.producers.get(&header.producer_id) else {
+            return if first == 0 { Check::Append } else { Check::Reject(ResponseError::OutOfOrderSequenceNumber) };
+        };
+        if header.producer_epoch < entry.epoch {
+            return Check::Reject(ResponseError::InvalidProducerEpoch);
+        }
+        if header.producer_epoch > entry.epoch {
+            return if first == 0 { Check::Append } else { Check::Reject(ResponseError::OutOfOrderSequenceNumber) };
+        }
+        let last = last_seq(header);
+        if let Some(b) = entry.batches.iter().find(|b| b.first_seq == first && b.last_seq == last) {
+            return Check::Duplicate { base_offset: b.base_offset };
+        }
+        match entry.batches.back() {
+            Some(prev) if first == add_seq(prev.last_seq, 1) => Check::Append,
+            None if first == 0 => Check::Append,
+            _ => Check::Reject(ResponseError::OutOfOrderSequenceNumber),
+        }
+    }
+
+    /// Records a batch that is now in the log (appended, or met while replaying).
+    pub fn record(&mut self, header: &BatchHeader) {
+        let entry = self.producers.entry(header.producer_id).or_default();
+        if header.producer_epoch != entry.epoch {
+            entry.epoch = header.producer_epoch;
+            entry.batches.clear();
+        }
+        entry.batches.push_back(BatchMeta {
+            first_seq: header.base_sequence,
+            last_seq: last_seq(header),
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+        });
+        while entry.batches.len() > BATCHES_REMEMBERED {
+            entry.batches.pop_front();
+        }
+        self.end_offset = self.end_offset.max(header.last_offset() + 1);
+    }
+
+    /// Forgets batches at or beyond `log_end_offset` (cut off by crash recovery).
+    pub fn truncate(&mut self, log_end_offset: i64) {
+        for entry in self.producers.values_mut() {
+            entry.batches.retain(|b| b.last_offset < log_end_offset);
+        }
+        self.producers.retain(|_, e| !e.batches.is_empty());
+        self.end_offset = self.end_offset.min(log_end_offset);
+    }
+
+    pub fn producer_count(&self) -> usize {
+        self.producers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::record_batch::{build_simple_batch, BatchHeader};
+
+    fn header(pid: i64, epoch: i16, seq: i32, records: usize, base_offset: i64) -> BatchHeader {
+        let values: Vec<&[u8]> = vec![b"v"; records];
+        let batch = build_simple_batch(0, &values);
+        let mut h = BatchHeader::parse(&batch).unwrap();
+        h.producer_id = pid;
+        h.producer_epoch = epoch;
+        h.base_sequence = seq;
+        h.base_offset = base_offset;
+        h
+    }
+
+    #[test]
+    fn in_order_batches_append_and_retries_are_duplicates() {
+        let mut s = ProducerStates::default();
+        let a = header(7, 0, 0, 3, 0);
+        assert_eq!(s.check(&a), Check::Append);
+        s.record(&a);
+        let b = header(7, 0, 3, 2, 3);
+        assert_eq!(s.check(&b), Check::Append);
+        s.record(&b);
+        assert_eq!(s.check(&header(7, 0, 0, 3, 99)), Check::Duplicate { base_offset: 0 });
+        assert_eq!(s.check(&header(7, 0, 3, 2, 99)), Check::Duplicate { base_offset: 3 });
+        assert_eq!(s.check(&header(7, 0, 6, 1, 99)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(s.check(&header(7, 0, 5, 1, 99)), Check::Append);
+    }
+
+    #[test]
+    fn only_five_batches_are_remembered() {
+        let mut s = ProducerStates::default();
+        for i in 0..6 {
+            let h = header(1, 0, i, 1, i as i64);
+            assert_eq!(s.check(&h), Check::Append);
+            s.record(&h);
+        }
+        // The first batch has been forgotten: a retry of it is now out of order.
+        assert_eq!(s.check(&header(1, 0, 0, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(s.check(&header(1, 0, 1, 1, 0)), Check::Duplicate { base_offset: 1 });
+    }
+
+    #[test]
+    fn epochs_fence_and_reset_sequences() {
+        let mut s = ProducerStates::default();
+        s.record(&header(1, 2, 0, 1, 0));
+        assert_eq!(s.check(&header(1, 1, 1, 1, 0)), Check::Reject(ResponseError::InvalidProducerEpoch));
+        assert_eq!(s.check(&header(1, 3, 5, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(s.check(&header(1, 3, 0, 1, 0)), Check::Append);
+        assert_eq!(s.check(&header(2, 0, 4, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+    }
+
+    #[test]
+    fn sequences_wrap_and_truncation_forgets_cut_batches() {
+        let mut s = ProducerStates::default();
+        s.record(&header(1, 0, 0, 1, 0));
+        let mut h = header(1, 0, 1, 1, 1);
+        h.base_sequence = 1;
+        s.record(&h);
+        assert_eq!(add_seq(i32::MAX, 1), 0);
+        s.truncate(1);
+        assert_eq!(s.check(&header(1, 0, 1, 1, 1)), Check::Append, "batch at offset 1 was cut off");
+        s.truncate(0);
+        assert_eq!(s.producer_count(), 0);
+    }
+}
+
+const SNAPSHOT_FILE: &str = "producer-state.json";
+/// Bytes read per step while replaying the log after the snapshot.
+const REPLAY_READ_BYTES: usize = 1 << 20;
+
+/// Loads the snapshot in `dir` and brings it up to the log end by replaying batch
+/// headers after it.
+pub fn load(dir: &std::path::Path, log: &storage::PartitionLog) -> Result<ProducerStates, crate::topics::TopicError> {
+    use crate::topics::TopicError;
+    let log_end = log.log_end_offset();
+    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<ProducerStates>(&bytes).ok());
+    let mut states = match snapshot {
+        Some(mut s) => {
+            s.truncate(log_end);
+            s
+        }
+        None => ProducerStates { end_offset: log.log_start_offset(), ..Default::default() },
+    };
+    let mut offset = states.end_offset.max(log.log_start_offset());
+    while offset < log_end {
+        let slice = log.read(offset, REPLAY_READ_BYTES, log_end).map_err(TopicError::from)?;
+        let bytes = slice.load().map_err(|e| TopicError::Storage(format!("{}: {e}", dir.display())))?;
+        let before = offset;
+        for item in protocol::record_batch::batches(&bytes) {
+            let Ok((header, _)) = item else { break }; // a partial batch ends the slice
+            if header.last_offset() >= offset && header.has_producer_id() {
+                states.record(&header);
+            }
+            offset = offset.max(header.last_offset() + 1);
+        }
+        if offset == before {
+            break; // nothing readable: recovery guarantees this does not happen
+        }
+    }
+    states.end_offset = log_end;
+    states.saved_end_offset = states.end_offset;
+    Ok(states)
+}
+
+/// Writes the snapshot (temp file + rename; no fsync: a lost snapshot only costs a
+/// longer replay) when it changed since the last save.
+pub fn save_if_changed(dir: &std::path::Path, states: &mut ProducerStates) -> Result<(), crate::topics::TopicError> {
+    if states.end_offset == states.saved_end_offset {
+        return Ok(());
+    }
+    let json = serde_json::to_vec(&*states).map_err(|e| crate::topics::TopicError::Storage(e.to_string()))?;
+    let path = dir.join(SNAPSHOT_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let io = |e: std::io::Error| crate::topics::TopicError::Storage(format!("{}: {e}", path.display()));
+    std::fs::write(&tmp, json).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    states.saved_end_offset = states.end_offset;
+    Ok(())
+}

@@ -1,0 +1,468 @@
+//! Admin requests through librdkafka's C API, for what the rdkafka crate does not wrap
+//! (IncrementalAlterConfigs: its AdminClient only has the older AlterConfigs, which
+//! resets every key not named) or wraps without the cluster's error message
+//! (CreateTopics, DeleteTopics: its `TopicResult` keeps only the code, and the message
+//! is what tells the user which config or name was wrong).
+//!
+//! All unsafe code of the tools lives here. Every librdkafka object is owned by a
+//! [`Native`] guard that destroys it on every exit path, and every returned pointer is
+//! checked for null before use.
+
+use std::ffi::{CStr, CString};
+use std::os::raw::{c_char, c_int};
+
+use rdkafka::bindings as rdsys;
+use rdkafka::client::Client;
+use rdkafka::error::RDKafkaErrorCode;
+
+use super::{error_description, error_name, ToolContext, REQUEST_TIMEOUT};
+
+/// A topic to create.
+pub struct NewTopicSpec<'a> {
+    pub name: &'a str,
+    /// -1 for the cluster's default.
+    pub partitions: i32,
+    /// -1 for the cluster's default.
+    pub replication_factor: i32,
+    pub configs: &'a [(String, String)],
+}
+
+/// What the cluster answered for one topic: its name, or one line `NAME: message`.
+pub type TopicOutcome = Result<String, String>;
+
+/// One change of IncrementalAlterConfigs.
+pub enum ConfigChange<'a> {
+    Set(&'a str, &'a str),
+    Delete(&'a str),
+}
+
+/// CreateTopics; one outcome per topic, in the order the cluster answered.
+pub fn create_topics(
+    client: &Client<ToolContext>,
+    topics: &[NewTopicSpec<'_>],
+    validate_only: bool,
+) -> Result<Vec<TopicOutcome>, String> {
+    let rk = client.native_ptr();
+    let mut natives = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let name = c_string("topic name", topic.name)?;
+        let mut errstr = [0 as c_char; 512];
+        // SAFETY: name and errstr outlive the call; librdkafka copies the name.
+        let new_topic = unsafe {
+            rdsys::rd_kafka_NewTopic_new(
+                name.as_ptr(),
+                topic.partitions,
+                topic.replication_factor,
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            )
+        };
+        if new_topic.is_null() {
+            // SAFETY: librdkafka NUL-terminates errstr when it fails.
+            return Err(
+                unsafe { text(errstr.as_ptr()) }.unwrap_or_else(|| "invalid topic".to_owned())
+            );
+        }
+        let new_topic = Native {
+            ptr: new_topic,
+            destroy: rdsys::rd_kafka_NewTopic_destroy,
+        };
+        for (key, value) in topic.configs {
+            let c_key = c_string("config key", key)?;
+            let c_value = c_string("config value", value)?;
+            // SAFETY: new_topic is live; librdkafka copies key and value.
+            let err = unsafe {
+                rdsys::rd_kafka_NewTopic_set_config(new_topic.ptr, c_key.as_ptr(), c_value.as_ptr())
+            };
+            if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(format!("{} (config '{key}')", error_line(err, None)));
+            }
+        }
+        natives.push(new_topic);
+    }
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_CREATETOPICS,
+        validate_only,
+        true,
+    )?;
+    let queue = new_queue(rk)?;
+    let mut ptrs: Vec<_> = natives.iter().map(|native| native.ptr).collect();
+    // SAFETY: rk, the topics, options and queue are live for the call; librdkafka copies
+    // what it keeps.
+    unsafe {
+        rdsys::rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options.ptr, queue.ptr)
+    };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: event is live; the result and its topic array are owned by the event.
+    unsafe {
+        let result = rdsys::rd_kafka_event_CreateTopics_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to CreateTopics".to_owned());
+        }
+        let mut count = 0usize;
+        let array = rdsys::rd_kafka_CreateTopics_result_topics(result, &mut count);
+        Ok(topic_outcomes(array, count))
+    }
+}
+
+/// DeleteTopics; one outcome per topic, in the order the cluster answered.
+pub fn delete_topics(
+    client: &Client<ToolContext>,
+    names: &[String],
+) -> Result<Vec<TopicOutcome>, String> {
+    let rk = client.native_ptr();
+    let mut natives = Vec::with_capacity(names.len());
+    for name in names {
+        let c_name = c_string("topic name", name)?;
+        // SAFETY: librdkafka copies the name.
+        let ptr = unsafe { rdsys::rd_kafka_DeleteTopic_new(c_name.as_ptr()) };
+        natives.push(native(
+            ptr,
+            rdsys::rd_kafka_DeleteTopic_destroy,
+            "a DeleteTopic",
+        )?);
+    }
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DELETETOPICS,
+        false,
+        true,
+    )?;
+    let queue = new_queue(rk)?;
+    let mut ptrs: Vec<_> = natives.iter().map(|native| native.ptr).collect();
+    // SAFETY: as for CreateTopics.
+    unsafe {
+        rdsys::rd_kafka_DeleteTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options.ptr, queue.ptr)
+    };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: as for CreateTopics.
+    unsafe {
+        let result = rdsys::rd_kafka_event_DeleteTopics_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to DeleteTopics".to_owned());
+        }
+        let mut count = 0usize;
+        let array = rdsys::rd_kafka_DeleteTopics_result_topics(result, &mut count);
+        Ok(topic_outcomes(array, count))
+    }
+}
+
+/// IncrementalAlterConfigs of one topic: only the named keys change.
+pub fn incremental_alter_topic_configs(
+    client: &Client<ToolContext>,
+    topic: &str,
+    changes: &[ConfigChange<'_>],
+) -> Result<(), String> {
+    let rk = client.native_ptr();
+    let c_topic = c_string("topic name", topic)?;
+    // SAFETY: librdkafka copies the name.
+    let resource = native(
+        unsafe {
+            rdsys::rd_kafka_ConfigResource_new(
+                rdsys::rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC,
+                c_topic.as_ptr(),
+            )
+        },
+        rdsys::rd_kafka_ConfigResource_destroy,
+        "a config resource",
+    )?;
+    for change in changes {
+        let (op, key, value) = match change {
+            ConfigChange::Set(key, value) => (
+                rdsys::rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_SET,
+                *key,
+                Some(*value),
+            ),
+            ConfigChange::Delete(key) => (
+                rdsys::rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_DELETE,
+                *key,
+                None,
+            ),
+        };
+        let c_key = c_string("config key", key)?;
+        let c_value = value
+            .map(|value| c_string("config value", value))
+            .transpose()?;
+        let value_ptr = c_value
+            .as_ref()
+            .map_or(std::ptr::null(), |value| value.as_ptr());
+        // SAFETY: resource is live; librdkafka copies key and value (null for DELETE).
+        let error = unsafe {
+            rdsys::rd_kafka_ConfigResource_add_incremental_config(
+                resource.ptr,
+                c_key.as_ptr(),
+                op,
+                value_ptr,
+            )
+        };
+        if !error.is_null() {
+            let error = Native {
+                ptr: error,
+                destroy: rdsys::rd_kafka_error_destroy,
+            };
+            // SAFETY: error is live; its string is owned by it.
+            let (code, message) = unsafe {
+                (
+                    rdsys::rd_kafka_error_code(error.ptr),
+                    text(rdsys::rd_kafka_error_string(error.ptr)),
+                )
+            };
+            return Err(format!("{} (config '{key}')", error_line(code, message)));
+        }
+    }
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
+        false,
+        false,
+    )?;
+    let queue = new_queue(rk)?;
+    let mut resources = [resource.ptr];
+    // SAFETY: as for CreateTopics.
+    unsafe {
+        rdsys::rd_kafka_IncrementalAlterConfigs(
+            rk,
+            resources.as_mut_ptr(),
+            resources.len(),
+            options.ptr,
+            queue.ptr,
+        )
+    };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: event is live; the result and its resources are owned by the event.
+    unsafe {
+        let result = rdsys::rd_kafka_event_IncrementalAlterConfigs_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to IncrementalAlterConfigs".to_owned());
+        }
+        let mut count = 0usize;
+        let answered = rdsys::rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut count);
+        if answered.is_null() || count == 0 {
+            return Err(
+                "the cluster answered IncrementalAlterConfigs without any resource".to_owned(),
+            );
+        }
+        for i in 0..count {
+            let resource = *answered.add(i);
+            let err = rdsys::rd_kafka_ConfigResource_error(resource);
+            if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                let message = text(rdsys::rd_kafka_ConfigResource_error_string(resource));
+                return Err(with_topic(error_line(err, message), topic));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Owns a librdkafka object and destroys it exactly once.
+struct Native<T> {
+    ptr: *mut T,
+    destroy: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Drop for Native<T> {
+    fn drop(&mut self) {
+        // SAFETY: ptr is non-null (checked at construction) and came from the
+        // constructor matching `destroy`.
+        unsafe { (self.destroy)(self.ptr) }
+    }
+}
+
+fn native<T>(
+    ptr: *mut T,
+    destroy: unsafe extern "C" fn(*mut T),
+    what: &str,
+) -> Result<Native<T>, String> {
+    if ptr.is_null() {
+        return Err(format!("librdkafka could not create {what}"));
+    }
+    Ok(Native { ptr, destroy })
+}
+
+fn c_string(what: &str, value: &str) -> Result<CString, String> {
+    CString::new(value).map_err(|_| format!("{what} '{value}' contains a NUL byte"))
+}
+
+/// An owned copy of a C string, `None` for null or empty.
+///
+/// # Safety
+/// `ptr` is null or points to a NUL-terminated string that lives for this call.
+unsafe fn text(ptr: *const c_char) -> Option<String> {
+    if ptr.is_null() {
+        return None;
+    }
+    let text = CStr::from_ptr(ptr).to_string_lossy().trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+/// `NAME: message`, with librdkafka's description when the cluster sent no message.
+/// (For request versions without an error message field librdkafka fills in its own
+/// "Broker: ..." text; that is the description again, so it gets the same form.)
+fn error_line(err: rdsys::rd_kafka_resp_err_t, message: Option<String>) -> String {
+    let code = RDKafkaErrorCode::from(err);
+    let message = match message {
+        Some(message) if !message.starts_with("Broker: ") && !message.starts_with("Local: ") => {
+            message
+        }
+        _ => error_description(code),
+    };
+    format!("{}: {message}", error_name(code))
+}
+
+/// Names the topic unless the message already does.
+fn with_topic(line: String, topic: &str) -> String {
+    if line.contains(&format!("'{topic}'")) {
+        line
+    } else {
+        format!("{line} (topic '{topic}')")
+    }
+}
+
+fn timeout_ms() -> c_int {
+    c_int::try_from(REQUEST_TIMEOUT.as_millis()).unwrap_or(c_int::MAX)
+}
+
+fn admin_options(
+    rk: *mut rdsys::rd_kafka_t,
+    op: rdsys::rd_kafka_admin_op_t,
+    validate_only: bool,
+    operation_timeout: bool,
+) -> Result<Native<rdsys::rd_kafka_AdminOptions_t>, String> {
+    // SAFETY: rk is the live client handle.
+    let options = native(
+        unsafe { rdsys::rd_kafka_AdminOptions_new(rk, op) },
+        rdsys::rd_kafka_AdminOptions_destroy,
+        "admin options",
+    )?;
+    let mut errstr = [0 as c_char; 512];
+    let check = |err: rdsys::rd_kafka_resp_err_t, errstr: &[c_char]| {
+        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            Ok(())
+        } else {
+            // SAFETY: librdkafka NUL-terminates errstr when it fails.
+            Err(unsafe { text(errstr.as_ptr()) }.unwrap_or_else(|| error_line(err, None)))
+        }
+    };
+    // SAFETY: options is live; errstr is large enough for librdkafka's messages.
+    unsafe {
+        let err = rdsys::rd_kafka_AdminOptions_set_request_timeout(
+            options.ptr,
+            timeout_ms(),
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        check(err, &errstr)?;
+        if operation_timeout {
+            // How long the cluster may take to finish the operation before answering.
+            let err = rdsys::rd_kafka_AdminOptions_set_operation_timeout(
+                options.ptr,
+                timeout_ms(),
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            );
+            check(err, &errstr)?;
+        }
+        if validate_only {
+            let err = rdsys::rd_kafka_AdminOptions_set_validate_only(
+                options.ptr,
+                1,
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            );
+            check(err, &errstr)?;
+        }
+    }
+    Ok(options)
+}
+
+fn new_queue(rk: *mut rdsys::rd_kafka_t) -> Result<Native<rdsys::rd_kafka_queue_t>, String> {
+    // SAFETY: rk is the live client handle.
+    native(
+        unsafe { rdsys::rd_kafka_queue_new(rk) },
+        rdsys::rd_kafka_queue_destroy,
+        "a queue",
+    )
+}
+
+/// Waits for the one result event of an admin request; a request-level error (timeout,
+/// no broker) becomes `Err`.
+fn wait_for_result(
+    queue: &Native<rdsys::rd_kafka_queue_t>,
+) -> Result<Native<rdsys::rd_kafka_event_t>, String> {
+    // librdkafka enforces the request timeout itself and always posts a result event;
+    // the margin only guards against a lost one.
+    // SAFETY: queue is live.
+    let event =
+        unsafe { rdsys::rd_kafka_queue_poll(queue.ptr, timeout_ms().saturating_add(5_000)) };
+    if event.is_null() {
+        return Err("no answer from the cluster in time".to_owned());
+    }
+    let event = Native {
+        ptr: event,
+        destroy: rdsys::rd_kafka_event_destroy,
+    };
+    // SAFETY: event is live; its error string is owned by it.
+    let (err, message) = unsafe {
+        (
+            rdsys::rd_kafka_event_error(event.ptr),
+            text(rdsys::rd_kafka_event_error_string(event.ptr)),
+        )
+    };
+    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Err(error_line(err, message));
+    }
+    Ok(event)
+}
+
+/// # Safety
+/// `array` is null or points to `count` topic results owned by a live event.
+unsafe fn topic_outcomes(
+    array: *mut *const rdsys::rd_kafka_topic_result_t,
+    count: usize,
+) -> Vec<TopicOutcome> {
+    if array.is_null() {
+        return Vec::new();
+    }
+    (0..count)
+        .map(|i| {
+            let result = *array.add(i);
+            let name = text(rdsys::rd_kafka_topic_result_name(result)).unwrap_or_default();
+            let err = rdsys::rd_kafka_topic_result_error(result);
+            if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                Ok(name)
+            } else {
+                let message = text(rdsys::rd_kafka_topic_result_error_string(result));
+                Err(with_topic(error_line(err, message), &name))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_use_the_cluster_message_and_name_the_topic_once() {
+        let exists = rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS;
+        assert_eq!(
+            with_topic(
+                error_line(exists, Some("Topic 'x' already exists.".into())),
+                "x"
+            ),
+            "TOPIC_ALREADY_EXISTS: Topic 'x' already exists."
+        );
+        assert_eq!(
+            with_topic(error_line(exists, None), "x"),
+            "TOPIC_ALREADY_EXISTS: Topic already exists (topic 'x')"
+        );
+        assert_eq!(
+            with_topic(
+                error_line(exists, Some("Broker: Topic already exists".into())),
+                "x"
+            ),
+            "TOPIC_ALREADY_EXISTS: Topic already exists (topic 'x')"
+        );
+    }
+}

@@ -1,0 +1,506 @@
+//! The `freshet topic/produce/consume` tools end to end, against the real broker.
+
+mod common;
+
+use common::{run_tool, wait_for, Broker, CONDITION_TIMEOUT};
+
+/// `freshet ARGS --brokers ADDR`
+fn tool(broker: &Broker, args: &[&str], stdin: &[u8]) -> common::ToolOutput {
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend(["--brokers", broker.address.as_str()]);
+    run_tool(&full, stdin)
+}
+
+#[test]
+fn create_produce_consume_with_the_tools() {
+    let broker = Broker::start();
+    let created = tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "tools",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "1",
+        ],
+        b"",
+    );
+    created.assert_success("topic create");
+    assert_eq!(created.stdout_text(), "created topic 'tools'\n");
+
+    let listed = tool(&broker, &["topic", "list"], b"");
+    listed.assert_success("topic list");
+    assert!(
+        listed.stdout_text().lines().any(|line| line == "tools"),
+        "list: {}",
+        listed.stdout_text()
+    );
+    let long = tool(&broker, &["topic", "list", "--long"], b"");
+    long.assert_success("topic list --long");
+    assert!(
+        long.stdout_text().lines().any(|line| line == "tools\t1"),
+        "list --long: {}",
+        long.stdout_text()
+    );
+
+    let input = b"k1:v1\nk2:v2:with:colons\nno separator\n:empty key\nk5:\n";
+    let produced = tool(
+        &broker,
+        &[
+            "produce",
+            "tools",
+            "--key-separator",
+            ":",
+            "--header",
+            "src=cli",
+        ],
+        input,
+    );
+    produced.assert_success("produce");
+    assert_eq!(
+        produced.stdout_text(),
+        "",
+        "produce prints nothing on success"
+    );
+
+    let consumed = tool(
+        &broker,
+        &[
+            "consume",
+            "tools",
+            "--from-beginning",
+            "-n",
+            "5",
+            "--format",
+            "%k=%v %h\\n",
+            "--timeout-ms",
+            "20000",
+        ],
+        b"",
+    );
+    consumed.assert_success("consume");
+    assert_eq!(
+        consumed.stdout_text(),
+        "k1=v1 src=cli\nk2=v2:with:colons src=cli\n=no separator src=cli\n=empty key src=cli\nk5= src=cli\n"
+    );
+
+    // Offsets, partition and escapes; --exit stops at the end without -n.
+    let offsets = tool(
+        &broker,
+        &[
+            "consume",
+            "tools",
+            "--offset",
+            "3",
+            "--exit",
+            "--format",
+            "%p/%o\\t%v|",
+        ],
+        b"",
+    );
+    offsets.assert_success("consume --offset 3 --exit");
+    assert_eq!(offsets.stdout_text(), "0/3\tempty key|0/4\t|");
+
+    // Timestamps are the producer's create time: recent, in milliseconds.
+    let stamped = tool(
+        &broker,
+        &[
+            "consume",
+            "tools",
+            "--from-beginning",
+            "-e",
+            "--format",
+            "%t\\n",
+        ],
+        b"",
+    );
+    stamped.assert_success("consume %t");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    let stamps: Vec<i64> = stamped
+        .stdout_text()
+        .lines()
+        .map(|line| line.parse().expect("a number"))
+        .collect();
+    assert_eq!(stamps.len(), 5);
+    for stamp in stamps {
+        assert!(
+            (now_ms - 600_000..=now_ms).contains(&stamp),
+            "timestamp {stamp} not within 10 min before {now_ms}"
+        );
+    }
+}
+
+#[test]
+fn creating_an_existing_topic_fails_with_the_kafka_error_name() {
+    let broker = Broker::start();
+    tool(
+        &broker,
+        &["topic", "create", "twice", "--partitions", "2"],
+        b"",
+    )
+    .assert_success("first create");
+    let again = tool(
+        &broker,
+        &["topic", "create", "twice", "--partitions", "2"],
+        b"",
+    );
+    assert!(
+        !again.status.success(),
+        "second create must fail: {again:?}"
+    );
+    assert_eq!(again.stdout_text(), "");
+    let lines: Vec<&str> = again.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one error line: {:?}", again.stderr);
+    assert!(
+        lines[0].starts_with("freshet: topic create failed: TOPIC_ALREADY_EXISTS: "),
+        "error line: {:?}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains("'twice'"),
+        "error names the topic: {:?}",
+        lines[0]
+    );
+
+    let missing = tool(
+        &broker,
+        &["consume", "no-such-topic", "--from-beginning", "-e"],
+        b"",
+    );
+    assert!(
+        !missing.status.success(),
+        "consuming a missing topic must fail: {missing:?}"
+    );
+    assert!(
+        missing.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
+        "stderr: {:?}",
+        missing.stderr
+    );
+    assert_eq!(
+        missing.stderr.lines().count(),
+        1,
+        "one error line: {:?}",
+        missing.stderr
+    );
+
+    // Describing or altering a missing topic fails, and does not create it on the way.
+    for args in [
+        &["topic", "describe", "no-such-topic"][..],
+        &[
+            "topic",
+            "alter-config",
+            "no-such-topic",
+            "--set",
+            "retention.ms=1000",
+        ][..],
+    ] {
+        let out = tool(&broker, args, b"");
+        assert!(!out.status.success(), "{args:?} must fail: {out:?}");
+        assert_eq!(
+            out.stderr.lines().count(),
+            1,
+            "one error line: {:?}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
+            "{args:?}: {:?}",
+            out.stderr
+        );
+    }
+    let listed = tool(&broker, &["topic", "list"], b"");
+    listed.assert_success("list");
+    assert_eq!(
+        listed.stdout_text(),
+        "twice\n",
+        "nothing but 'twice' was created"
+    );
+
+    let bad_config = tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "bad-config",
+            "--config",
+            "retention.ms=soon",
+        ],
+        b"",
+    );
+    assert!(
+        !bad_config.status.success(),
+        "an invalid config value must fail: {bad_config:?}"
+    );
+    assert!(
+        bad_config
+            .stderr
+            .starts_with("freshet: topic create failed: INVALID_CONFIG: "),
+        "{:?}",
+        bad_config.stderr
+    );
+    assert!(
+        bad_config.stderr.contains("retention.ms"),
+        "the message names the config: {:?}",
+        bad_config.stderr
+    );
+
+    let deleted = tool(&broker, &["topic", "delete", "no-such-topic"], b"");
+    assert!(
+        !deleted.status.success(),
+        "deleting a missing topic must fail: {deleted:?}"
+    );
+    assert!(
+        deleted.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
+        "stderr: {:?}",
+        deleted.stderr
+    );
+}
+
+#[test]
+fn every_compression_codec_through_the_tools() {
+    let broker = Broker::start();
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let topic = format!("tools-{codec}");
+        tool(
+            &broker,
+            &["topic", "create", &topic, "--partitions", "1"],
+            b"",
+        )
+        .assert_success("create");
+        // Repetitive lines so the batch really compresses.
+        let input: String = (0..200)
+            .map(|i| format!("key-{i}|{codec} value {i} {}\n", "abc".repeat(i % 13)))
+            .collect();
+        tool(
+            &broker,
+            &[
+                "produce",
+                &topic,
+                "--key-separator",
+                "|",
+                "--compression",
+                codec,
+                "--acks",
+                "1",
+            ],
+            input.as_bytes(),
+        )
+        .assert_success("produce");
+        let consumed = tool(
+            &broker,
+            &[
+                "consume",
+                &topic,
+                "--from-beginning",
+                "-e",
+                "--format",
+                "%k|%v\\n",
+            ],
+            b"",
+        );
+        consumed.assert_success("consume");
+        assert_eq!(
+            consumed.stdout_text(),
+            input,
+            "{codec}: every line back, in order"
+        );
+    }
+}
+
+#[test]
+fn describe_alter_config_and_delete_with_the_tools() {
+    let broker = Broker::start();
+    tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "cfg",
+            "--partitions",
+            "2",
+            "--config",
+            "retention.ms=86400000",
+        ],
+        b"",
+    )
+    .assert_success("create with config");
+    tool(
+        &broker,
+        &["produce", "cfg", "--partition", "1"],
+        b"a\nb\nc\n",
+    )
+    .assert_success("produce to partition 1");
+
+    let described = tool(&broker, &["topic", "describe", "cfg"], b"");
+    described.assert_success("describe");
+    let text = described.stdout_text();
+    assert!(
+        text.starts_with("Topic: cfg\tPartitionCount: 2\tReplicationFactor: 1\n"),
+        "describe:\n{text}"
+    );
+    let partition_line = |id: i32| {
+        text.lines()
+            .find(|line| line.starts_with(&format!("\tPartition: {id}\t")))
+            .unwrap_or_else(|| panic!("no line for partition {id}:\n{text}"))
+            .to_owned()
+    };
+    assert!(
+        partition_line(0).ends_with("\tLogStartOffset: 0\tLogEndOffset: 0"),
+        "{}",
+        partition_line(0)
+    );
+    assert!(
+        partition_line(1).ends_with("\tLogStartOffset: 0\tLogEndOffset: 3"),
+        "{}",
+        partition_line(1)
+    );
+    assert!(
+        text.lines()
+            .any(|line| line == "\tretention.ms=86400000\t(topic)"),
+        "describe:\n{text}"
+    );
+
+    tool(
+        &broker,
+        &[
+            "topic",
+            "alter-config",
+            "cfg",
+            "--set",
+            "retention.ms=1234567",
+            "--set",
+            "cleanup.policy=delete",
+        ],
+        b"",
+    )
+    .assert_success("alter-config --set");
+    let config_line = |key: &str| -> Option<String> {
+        let out = tool(&broker, &["topic", "describe", "cfg"], b"");
+        out.assert_success("describe");
+        out.stdout_text()
+            .lines()
+            .find(|line| line.starts_with(&format!("\t{key}=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        config_line("retention.ms").as_deref(),
+        Some("\tretention.ms=1234567\t(topic)")
+    );
+
+    tool(
+        &broker,
+        &["topic", "alter-config", "cfg", "--delete", "retention.ms"],
+        b"",
+    )
+    .assert_success("alter-config --delete");
+    let after = config_line("retention.ms");
+    assert!(
+        after
+            .as_deref()
+            .is_none_or(|line| !line.ends_with("(topic)")),
+        "retention.ms still a topic override after --delete: {after:?}"
+    );
+    assert_eq!(
+        config_line("cleanup.policy").as_deref(),
+        Some("\tcleanup.policy=delete\t(topic)"),
+        "other keys kept"
+    );
+
+    // --validate-only creates nothing.
+    let validated = tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "checked",
+            "--partitions",
+            "3",
+            "--validate-only",
+        ],
+        b"",
+    );
+    validated.assert_success("create --validate-only");
+    assert_eq!(
+        validated.stdout_text(),
+        "topic 'checked' is valid (not created)\n"
+    );
+    let listed = tool(&broker, &["topic", "list"], b"");
+    listed.assert_success("list");
+    assert!(
+        !listed.stdout_text().lines().any(|line| line == "checked"),
+        "validate-only created it:\n{}",
+        listed.stdout_text()
+    );
+
+    // Without --partitions/--replication-factor the cluster's defaults apply.
+    tool(&broker, &["topic", "create", "defaults"], b"")
+        .assert_success("create with cluster defaults");
+    let described = tool(&broker, &["topic", "describe", "defaults"], b"");
+    described.assert_success("describe defaults");
+    let first = described
+        .stdout_text()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        first.starts_with("Topic: defaults\tPartitionCount: "),
+        "{first}"
+    );
+    assert!(!first.contains("PartitionCount: 0\t"), "{first}");
+    assert!(first.ends_with("\tReplicationFactor: 1"), "{first}");
+
+    let deleted = tool(&broker, &["topic", "delete", "cfg"], b"");
+    deleted.assert_success("delete");
+    assert_eq!(deleted.stdout_text(), "deleted topic 'cfg'\n");
+    wait_for(
+        "cfg to disappear from topic list",
+        CONDITION_TIMEOUT,
+        || {
+            let listed = tool(&broker, &["topic", "list"], b"");
+            listed.assert_success("list");
+            (!listed.stdout_text().lines().any(|line| line == "cfg")).then_some(())
+        },
+    );
+}
+
+#[test]
+fn produce_reports_failure_with_one_line() {
+    let broker = Broker::start();
+    // A record for a partition the topic does not have cannot be delivered.
+    tool(
+        &broker,
+        &["topic", "create", "one-partition", "--partitions", "1"],
+        b"",
+    )
+    .assert_success("create");
+    let out = tool(
+        &broker,
+        &[
+            "produce",
+            "one-partition",
+            "--partition",
+            "7",
+            "-X",
+            "message.timeout.ms=3000",
+        ],
+        b"x\n",
+    );
+    assert!(
+        !out.status.success(),
+        "producing to a missing partition must fail: {out:?}"
+    );
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line: {:?}", out.stderr);
+    assert!(
+        lines[0].starts_with("freshet: produce failed: 1 of 1 records not delivered"),
+        "{:?}",
+        lines[0]
+    );
+    assert!(lines[0].contains("_UNKNOWN_PARTITION"), "{:?}", lines[0]);
+}
