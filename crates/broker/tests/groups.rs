@@ -429,7 +429,7 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
     // Followers' SyncGroup waits for the leader's assignment.
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
     let mut leader = members.swap_remove(leader_at);
-    let waiting: Vec<_> = members
+    let mut waiting: Vec<_> = members
         .into_iter()
         .map(|mut m| {
             tokio::spawn(async move {
@@ -438,7 +438,14 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await; // let the followers park (not a synchronisation: either order must work)
+    // Without the leader's assignment, followers get no answer (a bounded check for
+    // an absence, not a synchronisation).
+    for w in &mut waiting {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), w).await.is_err(),
+            "a follower's SyncGroup returned early"
+        );
+    }
     let assignments: Vec<(String, Vec<u8>)> =
         ids.iter().map(|id| (id.clone(), format!("for-{id}").into_bytes())).collect();
     let refs: Vec<(&str, &[u8])> = assignments.iter().map(|(i, a)| (i.as_str(), a.as_slice())).collect();

@@ -155,6 +155,19 @@ pub struct JoinRequest {
     pub supports_skip_assignment: bool,
 }
 
+/// A SyncGroup as the state machine sees it.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub generation_id: i32,
+    /// v5+: checked against the group's when present.
+    pub protocol_type: Option<String>,
+    pub protocol_name: Option<String>,
+    /// The leader's assignments, by member id (empty from followers).
+    pub assignments: Vec<(String, Bytes)>,
+}
+
 pub struct Member {
     pub id: String,
     pub group_instance_id: Option<String>,
@@ -566,16 +579,17 @@ impl Group {
         }
     }
 
-    pub fn sync(
-        &mut self,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation_id: i32,
-        protocol_type: Option<&str>,
-        protocol_name: Option<&str>,
-        assignments: Vec<(String, Bytes)>,
-        now: Instant,
-    ) -> Step<SyncOutcome> {
+    pub fn sync(&mut self, request: SyncRequest, now: Instant) -> Step<SyncOutcome> {
+        let SyncRequest {
+            member_id,
+            group_instance_id: instance_id,
+            generation_id,
+            protocol_type,
+            protocol_name,
+            assignments,
+        } = request;
+        let (member_id, instance_id) = (member_id.as_str(), instance_id.as_deref());
+        let (protocol_type, protocol_name) = (protocol_type.as_deref(), protocol_name.as_deref());
         if self.state == GroupState::Dead {
             return Step::Now(Err(ResponseError::CoordinatorNotAvailable));
         }

@@ -51,7 +51,7 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
             .iter()
             .map(|p| {
                 let index = p.partition_index;
-                let err = if !known.as_ref().is_some_and(|t| t.partition(index).is_some()) {
+                let err = if known.as_ref().is_none_or(|t| t.partition(index).is_none()) {
                     Some(ResponseError::UnknownTopicOrPartition)
                 } else if subscribed {
                     Some(ResponseError::GroupSubscribedToTopic)

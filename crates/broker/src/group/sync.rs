@@ -7,7 +7,7 @@ use bytes::Bytes;
 use protocol::kafka_protocol::messages::{SyncGroupRequest, SyncGroupResponse};
 use protocol::ResponseError;
 
-use super::{Step, SyncOutcome};
+use super::{Step, SyncOutcome, SyncRequest};
 use crate::api::{code, text, Reply};
 use crate::Broker;
 
@@ -29,17 +29,15 @@ pub fn handle(broker: &Arc<Broker>, request: SyncGroupRequest, version: i16) -> 
     };
     let assignments: Vec<(String, Bytes)> =
         request.assignments.into_iter().map(|a| (a.member_id.to_string(), a.assignment)).collect();
-    let step = broker.groups.with_group(&cell, |g, at, _| {
-        g.sync(
-            &member_id,
-            instance_id.as_deref(),
-            request.generation_id,
-            ptype.as_deref(),
-            pname.as_deref(),
-            assignments,
-            at,
-        )
-    });
+    let sync = SyncRequest {
+        member_id,
+        group_instance_id: instance_id,
+        generation_id: request.generation_id,
+        protocol_type: ptype,
+        protocol_name: pname,
+        assignments,
+    };
+    let step = broker.groups.with_group(&cell, |g, at, _| g.sync(sync, at));
     match step {
         Step::Now(outcome) => now(outcome),
         Step::Wait(answer) => Reply::Later(Box::pin(async move {
