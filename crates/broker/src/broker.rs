@@ -32,7 +32,10 @@ impl Clock for SystemClock {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("data directory {0} is in use by another broker")]
     Locked(String),
     #[error("{0}")]
@@ -71,7 +74,10 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Broker>, OpenError> {
         let dir = config.data_dir.clone();
-        let dir_err = |source| OpenError::DataDir { path: dir.display().to_string(), source };
+        let dir_err = |source| OpenError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        };
         fs::create_dir_all(&dir).map_err(dir_err)?;
         let lock = lock_data_dir(&dir)?;
         let cluster_id = load_or_create_cluster_id(&dir)?;
@@ -102,7 +108,8 @@ impl Broker {
     }
 
     pub fn notify_appended(&self) {
-        self.appended.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.appended
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
     pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
@@ -171,7 +178,9 @@ impl Broker {
                         bytes = r.deleted_bytes, "retention deleted segments"
                     ),
                     Ok(_) => {}
-                    Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
+                    Err(e) => {
+                        tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed")
+                    }
                 }
             }
         }
@@ -197,20 +206,35 @@ impl ProducerIds {
     fn open(dir: &Path) -> Result<ProducerIds, OpenError> {
         let path = dir.join("producer-ids.json");
         let start = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<ProducerIdBlock>(&bytes)
-                .map_err(|e| OpenError::Topics(TopicError::Storage(format!("{}: {e}", path.display()))))?
-                .next_block_start,
+            Ok(bytes) => {
+                serde_json::from_slice::<ProducerIdBlock>(&bytes)
+                    .map_err(|e| {
+                        OpenError::Topics(TopicError::Storage(format!("{}: {e}", path.display())))
+                    })?
+                    .next_block_start
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(source) => return Err(OpenError::DataDir { path: path.display().to_string(), source }),
+            Err(source) => {
+                return Err(OpenError::DataDir {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
         };
-        Ok(ProducerIds { path, state: std::sync::Mutex::new((start, start)) })
+        Ok(ProducerIds {
+            path,
+            state: std::sync::Mutex::new((start, start)),
+        })
     }
 
     pub fn next(&self) -> Result<i64, TopicError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.0 == state.1 {
             let reserved = state.1 + PRODUCER_ID_BLOCK;
-            let json = serde_json::to_vec(&ProducerIdBlock { next_block_start: reserved }).expect("serialize");
+            let json = serde_json::to_vec(&ProducerIdBlock {
+                next_block_start: reserved,
+            })
+            .expect("serialize");
             write_atomically(&self.path, &json)?;
             state.1 = reserved;
         }
@@ -228,7 +252,10 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, OpenError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| OpenError::DataDir { path: path.display().to_string(), source })?;
+        .map_err(|source| OpenError::DataDir {
+            path: path.display().to_string(),
+            source,
+        })?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -249,11 +276,17 @@ fn load_or_create_cluster_id(dir: &Path) -> Result<String, OpenError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Kafka cluster ids are a UUID in URL-safe base64 without padding (22 chars).
             let cluster_id = base64_url(uuid::Uuid::new_v4().as_bytes());
-            let json = serde_json::to_vec(&ClusterMeta { cluster_id: cluster_id.clone() }).expect("serialize");
+            let json = serde_json::to_vec(&ClusterMeta {
+                cluster_id: cluster_id.clone(),
+            })
+            .expect("serialize");
             write_atomically(&path, &json)?;
             Ok(cluster_id)
         }
-        Err(source) => Err(OpenError::DataDir { path: path.display().to_string(), source }),
+        Err(source) => Err(OpenError::DataDir {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 
@@ -261,7 +294,10 @@ fn base64_url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -272,10 +308,14 @@ fn base64_url(bytes: &[u8]) -> String {
 /// Each partition keeps a few files open; lift the soft descriptor limit to the
 /// hard one so that thousands of partitions fit.
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit write/read the struct we pass; no other memory.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
@@ -288,6 +328,8 @@ mod tests {
     fn cluster_id_is_22_url_safe_chars() {
         let id = super::base64_url(&[0xff; 16]);
         assert_eq!(id.len(), 22);
-        assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
     }
 }

@@ -72,43 +72,68 @@ impl Default for BrokerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
 impl BrokerConfig {
     /// Defaults, then `file` if given, then every `FRESHET_<KEY>` variable in `env`.
-    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
             }
             None => toml::Table::new(),
         };
         for (name, value) in env {
-            let Some(key) = name.strip_prefix("FRESHET_") else { continue };
+            let Some(key) = name.strip_prefix("FRESHET_") else {
+                continue;
+            };
             let key = key.to_ascii_lowercase();
             if !Self::is_key(&key) {
                 continue; // FRESHET_BROKERS and friends belong to the tools
             }
             table.insert(key, env_value(&value));
         }
-        let config: BrokerConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let config: BrokerConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
     fn is_key(key: &str) -> bool {
         const KEYS: &[&str] = &[
-            "node_id", "listen", "advertised_listener", "data_dir", "num_partitions", "auto_create_topics",
-            "segment_bytes", "segment_ms", "retention_ms", "retention_bytes", "max_message_bytes",
-            "retention_check_interval_ms", "flush_interval_ms", "max_request_bytes", "max_connections",
-            "max_in_flight_per_connection", "fetch_memory_bytes", "fetch_max_bytes",
+            "node_id",
+            "listen",
+            "advertised_listener",
+            "data_dir",
+            "num_partitions",
+            "auto_create_topics",
+            "segment_bytes",
+            "segment_ms",
+            "retention_ms",
+            "retention_bytes",
+            "max_message_bytes",
+            "retention_check_interval_ms",
+            "flush_interval_ms",
+            "max_request_bytes",
+            "max_connections",
+            "max_in_flight_per_connection",
+            "fetch_memory_bytes",
+            "fetch_max_bytes",
         ];
         KEYS.contains(&key)
     }
@@ -128,7 +153,9 @@ impl BrokerConfig {
             return bad("fetch_memory_bytes must be at least 1 MiB (or fetch_max_bytes)");
         }
         if self.segment_bytes < 14 || self.segment_ms < 1 || self.max_message_bytes < 0 {
-            return bad("segment_bytes >= 14, segment_ms >= 1 and max_message_bytes >= 0 are required");
+            return bad(
+                "segment_bytes >= 14, segment_ms >= 1 and max_message_bytes >= 0 are required",
+            );
         }
         Ok(())
     }
@@ -158,7 +185,10 @@ mod tests {
         std::fs::write(&path, "num_partitions = 3\nretention_ms = 1000\n").unwrap();
         let env = vec![
             ("FRESHET_RETENTION_MS".to_string(), "2000".to_string()),
-            ("FRESHET_AUTO_CREATE_TOPICS".to_string(), "false".to_string()),
+            (
+                "FRESHET_AUTO_CREATE_TOPICS".to_string(),
+                "false".to_string(),
+            ),
             ("FRESHET_BROKERS".to_string(), "ignored:9092".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ];

@@ -36,7 +36,9 @@ impl Flusher {
     /// stable storage. An error names the partition whose fsync failed.
     pub async fn flush(&self, partitions: Vec<Arc<Partition>>) -> Result<(), String> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(FlushRequest { partitions, done }).map_err(|_| "flusher stopped".to_string())?;
+        self.tx
+            .send(FlushRequest { partitions, done })
+            .map_err(|_| "flusher stopped".to_string())?;
         wait.await.map_err(|_| "flusher stopped".to_string())?
     }
 }
@@ -48,7 +50,9 @@ fn run(rx: mpsc::Receiver<FlushRequest>) {
         let mut results: HashMap<*const Partition, Result<(), String>> = HashMap::new();
         for request in &batch {
             for p in &request.partitions {
-                results.entry(Arc::as_ptr(p)).or_insert_with(|| flush_partition(p));
+                results
+                    .entry(Arc::as_ptr(p))
+                    .or_insert_with(|| flush_partition(p));
             }
         }
         for request in batch {

@@ -37,7 +37,9 @@ struct ProducerEntry {
 pub enum Check {
     Append,
     /// Already in the log: acknowledge with the original base offset.
-    Duplicate { base_offset: i64 },
+    Duplicate {
+        base_offset: i64,
+    },
     Reject(ResponseError),
 }
 
@@ -68,17 +70,31 @@ impl ProducerStates {
             return Check::Reject(ResponseError::InvalidRecord);
         }
         let Some(entry) = self.producers.get(&header.producer_id) else {
-            return if first == 0 { Check::Append } else { Check::Reject(ResponseError::OutOfOrderSequenceNumber) };
+            return if first == 0 {
+                Check::Append
+            } else {
+                Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+            };
         };
         if header.producer_epoch < entry.epoch {
             return Check::Reject(ResponseError::InvalidProducerEpoch);
         }
         if header.producer_epoch > entry.epoch {
-            return if first == 0 { Check::Append } else { Check::Reject(ResponseError::OutOfOrderSequenceNumber) };
+            return if first == 0 {
+                Check::Append
+            } else {
+                Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+            };
         }
         let last = last_seq(header);
-        if let Some(b) = entry.batches.iter().find(|b| b.first_seq == first && b.last_seq == last) {
-            return Check::Duplicate { base_offset: b.base_offset };
+        if let Some(b) = entry
+            .batches
+            .iter()
+            .find(|b| b.first_seq == first && b.last_seq == last)
+        {
+            return Check::Duplicate {
+                base_offset: b.base_offset,
+            };
         }
         match entry.batches.back() {
             Some(prev) if first == add_seq(prev.last_seq, 1) => Check::Append,
@@ -120,6 +136,77 @@ impl ProducerStates {
     }
 }
 
+const SNAPSHOT_FILE: &str = "producer-state.json";
+/// Bytes read per step while replaying the log after the snapshot.
+const REPLAY_READ_BYTES: usize = 1 << 20;
+
+/// Loads the snapshot in `dir` and brings it up to the log end by replaying batch
+/// headers after it.
+pub fn load(
+    dir: &std::path::Path,
+    log: &storage::PartitionLog,
+) -> Result<ProducerStates, crate::topics::TopicError> {
+    use crate::topics::TopicError;
+    let log_end = log.log_end_offset();
+    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<ProducerStates>(&bytes).ok());
+    let mut states = match snapshot {
+        Some(mut s) => {
+            s.truncate(log_end);
+            s
+        }
+        None => ProducerStates {
+            end_offset: log.log_start_offset(),
+            ..Default::default()
+        },
+    };
+    let mut offset = states.end_offset.max(log.log_start_offset());
+    while offset < log_end {
+        let slice = log
+            .read(offset, REPLAY_READ_BYTES, log_end)
+            .map_err(TopicError::from)?;
+        let bytes = slice
+            .load()
+            .map_err(|e| TopicError::Storage(format!("{}: {e}", dir.display())))?;
+        let before = offset;
+        for item in protocol::record_batch::batches(&bytes) {
+            let Ok((header, _)) = item else { break }; // a partial batch ends the slice
+            if header.last_offset() >= offset && header.has_producer_id() {
+                states.record(&header);
+            }
+            offset = offset.max(header.last_offset() + 1);
+        }
+        if offset == before {
+            break; // nothing readable: recovery guarantees this does not happen
+        }
+    }
+    states.end_offset = log_end;
+    states.saved_end_offset = states.end_offset;
+    Ok(states)
+}
+
+/// Writes the snapshot (temp file + rename; no fsync: a lost snapshot only costs a
+/// longer replay) when it changed since the last save.
+pub fn save_if_changed(
+    dir: &std::path::Path,
+    states: &mut ProducerStates,
+) -> Result<(), crate::topics::TopicError> {
+    if states.end_offset == states.saved_end_offset {
+        return Ok(());
+    }
+    let json = serde_json::to_vec(&*states)
+        .map_err(|e| crate::topics::TopicError::Storage(e.to_string()))?;
+    let path = dir.join(SNAPSHOT_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let io =
+        |e: std::io::Error| crate::topics::TopicError::Storage(format!("{}: {e}", path.display()));
+    std::fs::write(&tmp, json).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    states.saved_end_offset = states.end_offset;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,9 +232,18 @@ mod tests {
         let b = header(7, 0, 3, 2, 3);
         assert_eq!(s.check(&b), Check::Append);
         s.record(&b);
-        assert_eq!(s.check(&header(7, 0, 0, 3, 99)), Check::Duplicate { base_offset: 0 });
-        assert_eq!(s.check(&header(7, 0, 3, 2, 99)), Check::Duplicate { base_offset: 3 });
-        assert_eq!(s.check(&header(7, 0, 6, 1, 99)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(
+            s.check(&header(7, 0, 0, 3, 99)),
+            Check::Duplicate { base_offset: 0 }
+        );
+        assert_eq!(
+            s.check(&header(7, 0, 3, 2, 99)),
+            Check::Duplicate { base_offset: 3 }
+        );
+        assert_eq!(
+            s.check(&header(7, 0, 6, 1, 99)),
+            Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+        );
         assert_eq!(s.check(&header(7, 0, 5, 1, 99)), Check::Append);
     }
 
@@ -160,18 +256,33 @@ mod tests {
             s.record(&h);
         }
         // The first batch has been forgotten: a retry of it is now out of order.
-        assert_eq!(s.check(&header(1, 0, 0, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
-        assert_eq!(s.check(&header(1, 0, 1, 1, 0)), Check::Duplicate { base_offset: 1 });
+        assert_eq!(
+            s.check(&header(1, 0, 0, 1, 0)),
+            Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+        );
+        assert_eq!(
+            s.check(&header(1, 0, 1, 1, 0)),
+            Check::Duplicate { base_offset: 1 }
+        );
     }
 
     #[test]
     fn epochs_fence_and_reset_sequences() {
         let mut s = ProducerStates::default();
         s.record(&header(1, 2, 0, 1, 0));
-        assert_eq!(s.check(&header(1, 1, 1, 1, 0)), Check::Reject(ResponseError::InvalidProducerEpoch));
-        assert_eq!(s.check(&header(1, 3, 5, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(
+            s.check(&header(1, 1, 1, 1, 0)),
+            Check::Reject(ResponseError::InvalidProducerEpoch)
+        );
+        assert_eq!(
+            s.check(&header(1, 3, 5, 1, 0)),
+            Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+        );
         assert_eq!(s.check(&header(1, 3, 0, 1, 0)), Check::Append);
-        assert_eq!(s.check(&header(2, 0, 4, 1, 0)), Check::Reject(ResponseError::OutOfOrderSequenceNumber));
+        assert_eq!(
+            s.check(&header(2, 0, 4, 1, 0)),
+            Check::Reject(ResponseError::OutOfOrderSequenceNumber)
+        );
     }
 
     #[test]
@@ -183,64 +294,12 @@ mod tests {
         s.record(&h);
         assert_eq!(add_seq(i32::MAX, 1), 0);
         s.truncate(1);
-        assert_eq!(s.check(&header(1, 0, 1, 1, 1)), Check::Append, "batch at offset 1 was cut off");
+        assert_eq!(
+            s.check(&header(1, 0, 1, 1, 1)),
+            Check::Append,
+            "batch at offset 1 was cut off"
+        );
         s.truncate(0);
         assert_eq!(s.producer_count(), 0);
     }
-}
-
-const SNAPSHOT_FILE: &str = "producer-state.json";
-/// Bytes read per step while replaying the log after the snapshot.
-const REPLAY_READ_BYTES: usize = 1 << 20;
-
-/// Loads the snapshot in `dir` and brings it up to the log end by replaying batch
-/// headers after it.
-pub fn load(dir: &std::path::Path, log: &storage::PartitionLog) -> Result<ProducerStates, crate::topics::TopicError> {
-    use crate::topics::TopicError;
-    let log_end = log.log_end_offset();
-    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<ProducerStates>(&bytes).ok());
-    let mut states = match snapshot {
-        Some(mut s) => {
-            s.truncate(log_end);
-            s
-        }
-        None => ProducerStates { end_offset: log.log_start_offset(), ..Default::default() },
-    };
-    let mut offset = states.end_offset.max(log.log_start_offset());
-    while offset < log_end {
-        let slice = log.read(offset, REPLAY_READ_BYTES, log_end).map_err(TopicError::from)?;
-        let bytes = slice.load().map_err(|e| TopicError::Storage(format!("{}: {e}", dir.display())))?;
-        let before = offset;
-        for item in protocol::record_batch::batches(&bytes) {
-            let Ok((header, _)) = item else { break }; // a partial batch ends the slice
-            if header.last_offset() >= offset && header.has_producer_id() {
-                states.record(&header);
-            }
-            offset = offset.max(header.last_offset() + 1);
-        }
-        if offset == before {
-            break; // nothing readable: recovery guarantees this does not happen
-        }
-    }
-    states.end_offset = log_end;
-    states.saved_end_offset = states.end_offset;
-    Ok(states)
-}
-
-/// Writes the snapshot (temp file + rename; no fsync: a lost snapshot only costs a
-/// longer replay) when it changed since the last save.
-pub fn save_if_changed(dir: &std::path::Path, states: &mut ProducerStates) -> Result<(), crate::topics::TopicError> {
-    if states.end_offset == states.saved_end_offset {
-        return Ok(());
-    }
-    let json = serde_json::to_vec(&*states).map_err(|e| crate::topics::TopicError::Storage(e.to_string()))?;
-    let path = dir.join(SNAPSHOT_FILE);
-    let tmp = path.with_extension("json.tmp");
-    let io = |e: std::io::Error| crate::topics::TopicError::Storage(format!("{}: {e}", path.display()));
-    std::fs::write(&tmp, json).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    states.saved_end_offset = states.end_offset;
-    Ok(())
 }

@@ -129,7 +129,14 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
         if api_key == ApiKey::ApiVersions {
             // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our ranges, so the
             // client can retry with a version we serve.
-            return encode(correlation_id, api_key, 0, &api::api_versions::unsupported_version(), peer).map(Slot::Ready);
+            return encode(
+                correlation_id,
+                api_key,
+                0,
+                &api::api_versions::unsupported_version(),
+                peer,
+            )
+            .map(Slot::Ready);
         }
         tracing::warn!(%peer, ?api_key, version, "closing connection: unsupported API version");
         return None;
@@ -138,7 +145,14 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
         Ok(r) => r,
         Err(e) if api_key == ApiKey::ApiVersions => {
             tracing::warn!(%peer, error = %e, "malformed ApiVersions request");
-            return encode(correlation_id, api_key, 0, &api::api_versions::unsupported_version(), peer).map(Slot::Ready);
+            return encode(
+                correlation_id,
+                api_key,
+                0,
+                &api::api_versions::unsupported_version(),
+                peer,
+            )
+            .map(Slot::Ready);
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing connection: malformed request");
@@ -146,7 +160,9 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
         }
     };
     match api::dispatch(broker, request) {
-        Reply::Now(Some(body)) => encode(correlation_id, api_key, version, &body, peer).map(Slot::Ready),
+        Reply::Now(Some(body)) => {
+            encode(correlation_id, api_key, version, &body, peer).map(Slot::Ready)
+        }
         Reply::Now(None) => Some(Slot::Silent),
         Reply::Later(future) => Some(Slot::Pending(tokio::spawn(async move {
             let body = future.await?;
@@ -155,7 +171,13 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
     }
 }
 
-fn encode(correlation_id: i32, api_key: ApiKey, version: i16, body: &ResponseKind, peer: SocketAddr) -> Option<BytesMut> {
+fn encode(
+    correlation_id: i32,
+    api_key: ApiKey,
+    version: i16,
+    body: &ResponseKind,
+    peer: SocketAddr,
+) -> Option<BytesMut> {
     let mut out = BytesMut::new();
     match encode_response(correlation_id, api_key, version, body, &mut out) {
         Ok(()) => Some(out),
@@ -166,7 +188,11 @@ fn encode(correlation_id: i32, api_key: ApiKey, version: i16, body: &ResponseKin
     }
 }
 
-async fn write_responses(writer: OwnedWriteHalf, mut queue: mpsc::Receiver<Slot>, peer: SocketAddr) {
+async fn write_responses(
+    writer: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Slot>,
+    peer: SocketAddr,
+) {
     let mut writer = BufWriter::with_capacity(READ_BUFFER_BYTES, writer);
     while let Some(slot) = queue.recv().await {
         let bytes = match slot {

@@ -112,17 +112,24 @@ pub fn def(name: &str) -> Option<&'static ConfigDef> {
 /// Checks one value; the error is the message Kafka clients show the user.
 pub fn validate(name: &str, value: Option<&str>) -> Result<String, String> {
     let def = def(name).ok_or_else(|| format!("Unknown topic config name: {name}"))?;
-    let value = value.ok_or_else(|| format!("Null value not supported for topic config '{name}'"))?.trim();
+    let value = value
+        .ok_or_else(|| format!("Null value not supported for topic config '{name}'"))?
+        .trim();
     match def.kind {
         ConfigType::Int | ConfigType::Long => {
-            let n: i64 = value
-                .parse()
-                .map_err(|_| format!("Invalid value {value} for configuration {name}: Not a number"))?;
+            let n: i64 = value.parse().map_err(|_| {
+                format!("Invalid value {value} for configuration {name}: Not a number")
+            })?;
             if def.kind == ConfigType::Int && i32::try_from(n).is_err() {
-                return Err(format!("Invalid value {value} for configuration {name}: Not a 32-bit integer"));
+                return Err(format!(
+                    "Invalid value {value} for configuration {name}: Not a 32-bit integer"
+                ));
             }
             if n < def.min {
-                return Err(format!("Invalid value {value} for configuration {name}: Value must be at least {}", def.min));
+                return Err(format!(
+                    "Invalid value {value} for configuration {name}: Value must be at least {}",
+                    def.min
+                ));
             }
             Ok(n.to_string())
         }
@@ -153,7 +160,9 @@ pub struct TopicConfig {
 
 impl TopicConfig {
     /// Builds from (name, value) pairs, validating each.
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Result<Self, String> {
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Self, String> {
         let mut overrides = BTreeMap::new();
         for (name, value) in pairs {
             let value = validate(name, value)?;
@@ -200,20 +209,38 @@ mod tests {
     #[test]
     fn validates_like_kafka() {
         assert_eq!(validate("retention.ms", Some("1000")), Ok("1000".into()));
-        assert!(validate("retention.ms", Some("-2")).unwrap_err().contains("at least -1"));
-        assert!(validate("segment.bytes", Some("abc")).unwrap_err().contains("Not a number"));
-        assert!(validate("segment.bytes", Some("9999999999")).unwrap_err().contains("32-bit"));
-        assert!(validate("no.such", Some("1")).unwrap_err().contains("Unknown topic config"));
+        assert!(validate("retention.ms", Some("-2"))
+            .unwrap_err()
+            .contains("at least -1"));
+        assert!(validate("segment.bytes", Some("abc"))
+            .unwrap_err()
+            .contains("Not a number"));
+        assert!(validate("segment.bytes", Some("9999999999"))
+            .unwrap_err()
+            .contains("32-bit"));
+        assert!(validate("no.such", Some("1"))
+            .unwrap_err()
+            .contains("Unknown topic config"));
         assert!(validate("cleanup.policy", Some("compact")).is_err());
-        assert_eq!(validate("cleanup.policy", Some("delete")), Ok("delete".into()));
+        assert_eq!(
+            validate("cleanup.policy", Some("delete")),
+            Ok("delete".into())
+        );
     }
 
     #[test]
     fn effective_values_fall_back_to_broker_defaults() {
-        let broker = BrokerConfig { retention_ms: 42, ..BrokerConfig::default() };
+        let broker = BrokerConfig {
+            retention_ms: 42,
+            ..BrokerConfig::default()
+        };
         let topic = TopicConfig::from_pairs([("segment.bytes", Some("1024"))]).unwrap();
         let log = topic.log_config(&broker);
         assert_eq!((log.segment_bytes, log.retention_ms), (1024, 42));
-        assert!(TopicConfig::from_pairs([("segment.bytes", Some("1024")), ("segment.bytes", Some("2048"))]).is_err());
+        assert!(TopicConfig::from_pairs([
+            ("segment.bytes", Some("1024")),
+            ("segment.bytes", Some("2048"))
+        ])
+        .is_err());
     }
 }

@@ -45,16 +45,27 @@ impl Partition {
         let (log, report) = PartitionLog::open(&dir, config, now_ms)?;
         if report.truncated_bytes > 0 || report.rebuilt_indexes > 0 {
             tracing::warn!(
-                topic, partition = index, truncated_bytes = report.truncated_bytes,
-                rebuilt_indexes = report.rebuilt_indexes, "recovered partition log"
+                topic,
+                partition = index,
+                truncated_bytes = report.truncated_bytes,
+                rebuilt_indexes = report.rebuilt_indexes,
+                "recovered partition log"
             );
         }
         let producers = idempotence::load(&dir, &log)?;
-        Ok(Partition { topic: topic.to_string(), index, dir, log: Mutex::new(log), producers: Mutex::new(producers) })
+        Ok(Partition {
+            topic: topic.to_string(),
+            index,
+            dir,
+            log: Mutex::new(log),
+            producers: Mutex::new(producers),
+        })
     }
 
     pub fn lock_producers(&self) -> std::sync::MutexGuard<'_, ProducerStates> {
-        self.producers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.producers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes the producer-state snapshot if it changed since the last one.
@@ -72,7 +83,9 @@ impl Partition {
     /// Locks the log. A panic while holding the lock is a bug already reported;
     /// the log's own state is consistent between calls, so carry on with it.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PartitionLog> {
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -85,17 +98,28 @@ pub struct Topic {
 
 impl Topic {
     pub fn partitions(&self) -> Vec<Arc<Partition>> {
-        self.partitions.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     pub fn partition(&self, index: i32) -> Option<Arc<Partition>> {
         let parts = self.partitions.read().unwrap_or_else(|p| p.into_inner());
-        usize::try_from(index).ok().and_then(|i| parts.get(i).cloned())
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| parts.get(i).cloned())
     }
     pub fn partition_count(&self) -> i32 {
-        self.partitions.read().unwrap_or_else(|p| p.into_inner()).len() as i32
+        self.partitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as i32
     }
     pub fn config(&self) -> TopicConfig {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -144,7 +168,10 @@ pub fn validate_name(name: &str) -> Result<(), TopicError> {
             "Topic name is illegal, it can't be longer than {MAX_TOPIC_NAME_CHARS} characters, topic name: {name}"
         ));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         return bad(format!(
             "Topic name \"{name}\" is illegal, it contains a character other than ASCII alphanumerics, '.', '_' and '-'"
         ));
@@ -182,7 +209,13 @@ impl TopicRegistry {
             let log_config = meta.config.log_config(broker);
             let mut partitions = Vec::with_capacity(meta.partitions as usize);
             for index in 0..meta.partitions {
-                partitions.push(Arc::new(Partition::open(data_dir, &meta.name, index, log_config.clone(), now_ms)?));
+                partitions.push(Arc::new(Partition::open(
+                    data_dir,
+                    &meta.name,
+                    index,
+                    log_config.clone(),
+                    now_ms,
+                )?));
             }
             let topic = Topic {
                 name: meta.name.clone(),
@@ -193,17 +226,35 @@ impl TopicRegistry {
             topics.insert(meta.name, Arc::new(topic));
         }
         remove_orphan_partitions(data_dir, &topics)?;
-        Ok(TopicRegistry { data_dir: data_dir.to_path_buf(), topics: RwLock::new(topics), admin: Mutex::new(()) })
+        Ok(TopicRegistry {
+            data_dir: data_dir.to_path_buf(),
+            topics: RwLock::new(topics),
+            admin: Mutex::new(()),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
-        self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
     pub fn get_by_id(&self, id: Uuid) -> Option<Arc<Topic>> {
-        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().find(|t| t.id == id).cloned()
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|t| t.id == id)
+            .cloned()
     }
     pub fn all(&self) -> Vec<Arc<Topic>> {
-        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Checks that a topic could be created, without creating it.
@@ -215,7 +266,9 @@ impl TopicRegistry {
         }
         let key = collision_key(name);
         if let Some(other) = topics.keys().find(|t| collision_key(t) == key) {
-            return Err(TopicError::InvalidName(format!("Topic '{name}' collides with existing topic: {other}")));
+            return Err(TopicError::InvalidName(format!(
+                "Topic '{name}' collides with existing topic: {other}"
+            )));
         }
         Ok(())
     }
@@ -231,12 +284,20 @@ impl TopicRegistry {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         self.check_create(name)?;
         if partitions < 1 {
-            return Err(TopicError::InvalidPartitions("Number of partitions must be larger than 0.".into()));
+            return Err(TopicError::InvalidPartitions(
+                "Number of partitions must be larger than 0.".into(),
+            ));
         }
         let log_config = config.log_config(broker);
         let mut logs = Vec::with_capacity(partitions as usize);
         for index in 0..partitions {
-            logs.push(Arc::new(Partition::open(&self.data_dir, name, index, log_config.clone(), now_ms)?));
+            logs.push(Arc::new(Partition::open(
+                &self.data_dir,
+                name,
+                index,
+                log_config.clone(),
+                now_ms,
+            )?));
         }
         let topic = Arc::new(Topic {
             name: name.to_string(),
@@ -245,7 +306,10 @@ impl TopicRegistry {
             config: RwLock::new(config),
         });
         self.persist(&topic)?;
-        self.topics.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), topic.clone());
+        self.topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
     }
@@ -256,7 +320,10 @@ impl TopicRegistry {
         let meta = self.meta_path(name);
         fs::remove_file(&meta).map_err(|e| io_err(&meta, e))?;
         sync_dir(&self.data_dir.join(META_DIR))?;
-        self.topics.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         for p in topic.partitions() {
             let dir = partition_dir(&self.data_dir, name, p.index);
             if let Err(e) = fs::remove_dir_all(&dir) {
@@ -267,7 +334,13 @@ impl TopicRegistry {
         Ok(topic)
     }
 
-    pub fn add_partitions(&self, topic: &Topic, count: i32, broker: &BrokerConfig, now_ms: i64) -> Result<(), TopicError> {
+    pub fn add_partitions(
+        &self,
+        topic: &Topic,
+        count: i32,
+        broker: &BrokerConfig,
+        now_ms: i64,
+    ) -> Result<(), TopicError> {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let current = topic.partition_count();
         if count <= current {
@@ -278,7 +351,13 @@ impl TopicRegistry {
         let log_config = topic.config().log_config(broker);
         let mut added = Vec::new();
         for index in current..count {
-            added.push(Arc::new(Partition::open(&self.data_dir, &topic.name, index, log_config.clone(), now_ms)?));
+            added.push(Arc::new(Partition::open(
+                &self.data_dir,
+                &topic.name,
+                index,
+                log_config.clone(),
+                now_ms,
+            )?));
         }
         {
             let mut parts = topic.partitions.write().unwrap_or_else(|p| p.into_inner());
@@ -288,7 +367,12 @@ impl TopicRegistry {
     }
 
     /// Replaces a topic's explicit configs and applies them to its logs.
-    pub fn set_config(&self, topic: &Topic, config: TopicConfig, broker: &BrokerConfig) -> Result<(), TopicError> {
+    pub fn set_config(
+        &self,
+        topic: &Topic,
+        config: TopicConfig,
+        broker: &BrokerConfig,
+    ) -> Result<(), TopicError> {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let log_config = config.log_config(broker);
         *topic.config.write().unwrap_or_else(|p| p.into_inner()) = config;
@@ -310,7 +394,8 @@ impl TopicRegistry {
             partitions: topic.partition_count(),
             config: topic.config(),
         };
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| TopicError::Storage(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&meta).map_err(|e| TopicError::Storage(e.to_string()))?;
         write_atomically(&self.meta_path(&topic.name), &json)
     }
 }
@@ -331,21 +416,34 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TopicError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), TopicError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
 }
 
 /// Removes `<topic>-<n>` directories that no topic owns (a crash mid-create or
 /// mid-delete).
-fn remove_orphan_partitions(data_dir: &Path, topics: &BTreeMap<String, Arc<Topic>>) -> Result<(), TopicError> {
+fn remove_orphan_partitions(
+    data_dir: &Path,
+    topics: &BTreeMap<String, Arc<Topic>>,
+) -> Result<(), TopicError> {
     for entry in fs::read_dir(data_dir).map_err(|e| io_err(data_dir, e))? {
         let entry = entry.map_err(|e| io_err(data_dir, e))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
-        let Some((topic, index)) = name.rsplit_once('-') else { continue };
-        let Ok(index) = index.parse::<i32>() else { continue };
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let Some((topic, index)) = name.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(index) = index.parse::<i32>() else {
+            continue;
+        };
         if !entry.path().is_dir() {
             continue;
         }
-        let owned = topics.get(topic).is_some_and(|t| index < t.partition_count());
+        let owned = topics
+            .get(topic)
+            .is_some_and(|t| index < t.partition_count());
         if !owned {
             tracing::warn!(dir = %entry.path().display(), "removing partition directory no topic owns");
             fs::remove_dir_all(entry.path()).map_err(|e| io_err(&entry.path(), e))?;

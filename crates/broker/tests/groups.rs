@@ -43,7 +43,11 @@ struct TestBroker {
 /// Session timeouts down to 100 ms and no initial rebalance delay, so that tests
 /// run in fractions of a second.
 fn fast_groups() -> GroupConfig {
-    GroupConfig { min_session_timeout_ms: 100, initial_rebalance_delay_ms: 0, ..GroupConfig::default() }
+    GroupConfig {
+        min_session_timeout_ms: 100,
+        initial_rebalance_delay_ms: 0,
+        ..GroupConfig::default()
+    }
 }
 
 impl TestBroker {
@@ -52,10 +56,19 @@ impl TestBroker {
     }
 
     async fn start_in(dir: tempfile::TempDir, groups: GroupConfig) -> TestBroker {
-        let config = BrokerConfig { data_dir: dir.path().to_path_buf(), ..BrokerConfig::default() };
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let broker = Broker::open(config, "127.0.0.1".into(), addr.port() as i32, Arc::new(SystemClock)).unwrap();
+        let broker = Broker::open(
+            config,
+            "127.0.0.1".into(),
+            addr.port() as i32,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         broker.groups.set_config(groups);
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = broker.clone();
@@ -66,7 +79,13 @@ impl TestBroker {
             .await;
             serving.shutdown();
         });
-        TestBroker { addr, broker, dir, stop: Some(stop), task: Some(task) }
+        TestBroker {
+            addr,
+            broker,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     async fn stop(mut self) -> tempfile::TempDir {
@@ -84,7 +103,10 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
-        Client { stream: TcpStream::connect(addr).await.unwrap(), correlation_id: 0 }
+        Client {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            correlation_id: 0,
+        }
     }
 
     async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
@@ -99,14 +121,21 @@ impl Client {
             .encode(&mut buf, R::header_version(version))
             .unwrap();
         request.encode(&mut buf, version).unwrap();
-        self.stream.write_all(&(buf.len() as i32).to_be_bytes()).await.unwrap();
+        self.stream
+            .write_all(&(buf.len() as i32).to_be_bytes())
+            .await
+            .unwrap();
         self.stream.write_all(&buf).await.unwrap();
         let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size).await.expect("a response, not a closed connection");
+        self.stream
+            .read_exact(&mut size)
+            .await
+            .expect("a response, not a closed connection");
         let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
         self.stream.read_exact(&mut body).await.unwrap();
         let mut frame = Bytes::from(body);
-        let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
+        let header =
+            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
         assert_eq!(header.correlation_id, self.correlation_id);
         R::Response::decode(&mut frame, version).unwrap()
     }
@@ -126,7 +155,11 @@ async fn create_topic(client: &mut Client, name: &str, partitions: i32) {
         .with_num_partitions(partitions)
         .with_replication_factor(1)]);
     let response = client.call(request, 7).await;
-    assert_eq!(response.topics[0].error_code, 0, "{:?}", response.topics[0].error_message);
+    assert_eq!(
+        response.topics[0].error_code, 0,
+        "{:?}",
+        response.topics[0].error_message
+    );
 }
 
 /// ConsumerProtocol subscription metadata (version 1) for `topics`.
@@ -173,7 +206,11 @@ impl JoinSpec {
             .with_protocols(
                 self.protocols
                     .iter()
-                    .map(|(n, m)| JoinGroupRequestProtocol::default().with_name(s(n)).with_metadata(m.clone()))
+                    .map(|(n, m)| {
+                        JoinGroupRequestProtocol::default()
+                            .with_name(s(n))
+                            .with_metadata(m.clone())
+                    })
                     .collect(),
             )
     }
@@ -197,12 +234,22 @@ impl Member {
         if spec.instance.is_none() {
             let first = client.call(spec.request(""), 9).await;
             assert_eq!(first.error_code, code(ResponseError::MemberIdRequired));
-            assert!(first.member_id.starts_with("test-"), "member id {}", first.member_id.as_str());
+            assert!(
+                first.member_id.starts_with("test-"),
+                "member id {}",
+                first.member_id.as_str()
+            );
             id = first.member_id.to_string();
         }
         let join = client.call(spec.request(&id), 9).await;
         assert_eq!(join.error_code, 0, "join of {id} failed");
-        Member { client, spec, id: join.member_id.to_string(), generation: join.generation_id, join }
+        Member {
+            client,
+            spec,
+            id: join.member_id.to_string(),
+            generation: join.generation_id,
+            join,
+        }
     }
 
     /// Rejoins with its member id (after REBALANCE_IN_PROGRESS).
@@ -240,11 +287,24 @@ impl Member {
     }
 
     async fn heartbeat(&mut self) -> i16 {
-        heartbeat(&mut self.client, &self.spec.group, &self.id, self.generation, self.spec.instance.as_deref()).await
+        heartbeat(
+            &mut self.client,
+            &self.spec.group,
+            &self.id,
+            self.generation,
+            self.spec.instance.as_deref(),
+        )
+        .await
     }
 }
 
-async fn heartbeat(client: &mut Client, group: &str, member: &str, generation: i32, instance: Option<&str>) -> i16 {
+async fn heartbeat(
+    client: &mut Client,
+    group: &str,
+    member: &str,
+    generation: i32,
+    instance: Option<&str>,
+) -> i16 {
     let request = HeartbeatRequest::default()
         .with_group_id(GroupId(s(group)))
         .with_generation_id(generation)
@@ -254,20 +314,34 @@ async fn heartbeat(client: &mut Client, group: &str, member: &str, generation: i
 }
 
 /// Heartbeats until the answer is REBALANCE_IN_PROGRESS; fails after 5 s.
-async fn await_rebalance(c: &mut Client, group: &str, member: &str, generation: i32, instance: Option<&str>) {
+async fn await_rebalance(
+    c: &mut Client,
+    group: &str,
+    member: &str,
+    generation: i32,
+    instance: Option<&str>,
+) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let error = heartbeat(c, group, member, generation, instance).await;
         if error == code(ResponseError::RebalanceInProgress) {
             return;
         }
-        assert!(Instant::now() < deadline, "no rebalance in group {group} after 5 s (last answer {error})");
+        assert!(
+            Instant::now() < deadline,
+            "no rebalance in group {group} after 5 s (last answer {error})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 async fn describe(client: &mut Client, group: &str) -> describe_groups_response::DescribedGroup {
-    let r = client.call(DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]), 5).await;
+    let r = client
+        .call(
+            DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]),
+            5,
+        )
+        .await;
     r.groups.into_iter().next().unwrap()
 }
 
@@ -287,9 +361,11 @@ async fn commit(
             .with_committed_metadata(metadata.map(s));
         match topics.iter_mut().find(|t| t.name.0.as_str() == *topic) {
             Some(t) => t.partitions.push(p),
-            None => {
-                topics.push(OffsetCommitRequestTopic::default().with_name(TopicName(s(topic))).with_partitions(vec![p]))
-            }
+            None => topics.push(
+                OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(s(topic)))
+                    .with_partitions(vec![p]),
+            ),
         }
     }
     let request = OffsetCommitRequest::default()
@@ -301,7 +377,11 @@ async fn commit(
     response
         .topics
         .iter()
-        .flat_map(|t| t.partitions.iter().map(move |p| (t.name.0.to_string(), p.partition_index, p.error_code)))
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.partition_index, p.error_code))
+        })
         .collect()
 }
 
@@ -312,9 +392,11 @@ async fn fetch_offsets(
     topic: &str,
     partitions: &[i32],
 ) -> Vec<(i32, i64, i32, String)> {
-    let request = OffsetFetchRequest::default().with_group_id(GroupId(s(group))).with_topics(Some(vec![
-        OffsetFetchRequestTopic::default().with_name(TopicName(s(topic))).with_partition_indexes(partitions.to_vec()),
-    ]));
+    let request = OffsetFetchRequest::default()
+        .with_group_id(GroupId(s(group)))
+        .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+            .with_name(TopicName(s(topic)))
+            .with_partition_indexes(partitions.to_vec())]));
     let response = client.call(request, 7).await;
     assert_eq!(response.error_code, 0);
     response.topics[0]
@@ -340,8 +422,18 @@ async fn form_group(addr: SocketAddr, spec: &JoinSpec, n: usize) -> Vec<Member> 
     for _ in 1..n {
         let newcomer = tokio::spawn(Member::join_new(addr, spec.clone()));
         let (id, generation) = (members[0].id.clone(), members[0].generation);
-        await_rebalance(&mut probe, &spec.group, &id, generation, spec.instance.as_deref()).await;
-        let rejoins: Vec<_> = members.into_iter().map(|m| tokio::spawn(m.rejoin())).collect();
+        await_rebalance(
+            &mut probe,
+            &spec.group,
+            &id,
+            generation,
+            spec.instance.as_deref(),
+        )
+        .await;
+        let rejoins: Vec<_> = members
+            .into_iter()
+            .map(|m| tokio::spawn(m.rejoin()))
+            .collect();
         members = Vec::new();
         for r in rejoins {
             members.push(r.await.unwrap());
@@ -360,20 +452,42 @@ async fn find_coordinator_answers_this_broker_in_every_version() {
     let broker = TestBroker::start().await;
     let mut client = Client::connect(broker.addr).await;
     for version in 0..=3 {
-        let r = client.call(FindCoordinatorRequest::default().with_key(s("g")).with_key_type(0), version).await;
+        let r = client
+            .call(
+                FindCoordinatorRequest::default()
+                    .with_key(s("g"))
+                    .with_key_type(0),
+                version,
+            )
+            .await;
         assert_eq!(
             (r.error_code, r.node_id.0, r.host.as_str(), r.port),
             (0, 0, "127.0.0.1", broker.addr.port() as i32)
         );
     }
     let r = client
-        .call(FindCoordinatorRequest::default().with_key_type(1).with_coordinator_keys(vec![s("a"), s("b")]), 4)
+        .call(
+            FindCoordinatorRequest::default()
+                .with_key_type(1)
+                .with_coordinator_keys(vec![s("a"), s("b")]),
+            4,
+        )
         .await;
     assert_eq!(r.coordinators.len(), 2);
     for (c, key) in r.coordinators.iter().zip(["a", "b"]) {
-        assert_eq!((c.key.as_str(), c.error_code, c.port), (key, 0, broker.addr.port() as i32));
+        assert_eq!(
+            (c.key.as_str(), c.error_code, c.port),
+            (key, 0, broker.addr.port() as i32)
+        );
     }
-    let r = client.call(FindCoordinatorRequest::default().with_key(s("g")).with_key_type(7), 3).await;
+    let r = client
+        .call(
+            FindCoordinatorRequest::default()
+                .with_key(s("g"))
+                .with_key_type(7),
+            3,
+        )
+        .await;
     assert_eq!(r.error_code, code(ResponseError::InvalidRequest));
     broker.stop().await;
 }
@@ -395,14 +509,20 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
     let sync = m1.sync(&[(&id1, b"a1")]).await;
     assert_eq!((sync.error_code, &sync.assignment[..]), (0, &b"a1"[..]));
     assert_eq!(m1.heartbeat().await, 0);
-    assert_eq!(describe(&mut m1.client, "g3").await.group_state.as_str(), "Stable");
+    assert_eq!(
+        describe(&mut m1.client, "g3").await.group_state.as_str(),
+        "Stable"
+    );
 
     // A second member starts a rebalance: m1 learns of it from its heartbeat.
     let m2 = tokio::spawn(Member::join_new(addr, spec.clone()));
     let mut m1_client_check = Client::connect(addr).await;
     await_rebalance(&mut m1_client_check, "g3", &id1, m1.generation, None).await;
     // A follower-to-be cannot sync in the middle of a rebalance.
-    assert_eq!(m1.sync(&[]).await.error_code, code(ResponseError::RebalanceInProgress));
+    assert_eq!(
+        m1.sync(&[]).await.error_code,
+        code(ResponseError::RebalanceInProgress)
+    );
     let m1 = m1.rejoin().await;
     let m2 = m2.await.unwrap();
     assert_eq!((m1.generation, m2.generation), (2, 2));
@@ -416,8 +536,14 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
     let m3 = tokio::spawn(Member::join_new(addr, spec.clone()));
     let mut probe = Client::connect(addr).await;
     await_rebalance(&mut probe, "g3", &id1, 2, None).await;
-    assert_eq!(heartbeat(&mut probe, "g3", &m2.id, 1, None).await, code(ResponseError::IllegalGeneration));
-    assert_eq!(heartbeat(&mut probe, "g3", "nobody", 2, None).await, code(ResponseError::UnknownMemberId));
+    assert_eq!(
+        heartbeat(&mut probe, "g3", &m2.id, 1, None).await,
+        code(ResponseError::IllegalGeneration)
+    );
+    assert_eq!(
+        heartbeat(&mut probe, "g3", "nobody", 2, None).await,
+        code(ResponseError::UnknownMemberId)
+    );
     let (m1, m2) = tokio::join!(m1.rejoin(), m2.rejoin());
     let m3 = m3.await.unwrap();
     let mut members = vec![m1, m2, m3];
@@ -442,13 +568,20 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
     // an absence, not a synchronisation).
     for w in &mut waiting {
         assert!(
-            tokio::time::timeout(Duration::from_millis(300), w).await.is_err(),
+            tokio::time::timeout(Duration::from_millis(300), w)
+                .await
+                .is_err(),
             "a follower's SyncGroup returned early"
         );
     }
-    let assignments: Vec<(String, Vec<u8>)> =
-        ids.iter().map(|id| (id.clone(), format!("for-{id}").into_bytes())).collect();
-    let refs: Vec<(&str, &[u8])> = assignments.iter().map(|(i, a)| (i.as_str(), a.as_slice())).collect();
+    let assignments: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (id.clone(), format!("for-{id}").into_bytes()))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = assignments
+        .iter()
+        .map(|(i, a)| (i.as_str(), a.as_slice()))
+        .collect();
     let r = leader.sync(&refs).await;
     assert_eq!(r.error_code, 0);
     assert_eq!(r.assignment, Bytes::from(format!("for-{}", leader.id)));
@@ -462,7 +595,10 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
     let described = describe(&mut leader.client, "g3").await;
     assert_eq!(described.group_state.as_str(), "Stable");
     assert_eq!(described.members.len(), 3);
-    assert!(described.members.iter().all(|m| m.client_id.as_str() == "test" && !m.member_assignment.is_empty()));
+    assert!(described
+        .members
+        .iter()
+        .all(|m| m.client_id.as_str() == "test" && !m.member_assignment.is_empty()));
     broker.stop().await;
 }
 
@@ -470,12 +606,20 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
 async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() {
     let broker = TestBroker::start().await;
     let addr = broker.addr;
-    let spec = JoinSpec { session_ms: 400, rebalance_ms: 5_000, ..JoinSpec::consumer("gx", &["t"]) };
+    let spec = JoinSpec {
+        session_ms: 400,
+        rebalance_ms: 5_000,
+        ..JoinSpec::consumer("gx", &["t"])
+    };
     let mut formed = form_group(addr, &spec, 2).await;
     let mut second = formed.pop().unwrap();
     let mut first = formed.pop().unwrap();
     let generation = first.generation;
-    let (leader, follower) = if first.is_leader() { (&mut first, &mut second) } else { (&mut second, &mut first) };
+    let (leader, follower) = if first.is_leader() {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
     let (lid, fid) = (leader.id.clone(), follower.id.clone());
     let follower_sync = {
         let mut c = Client::connect(addr).await;
@@ -488,7 +632,10 @@ async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() 
             c.call(r, 3).await.error_code
         })
     };
-    assert_eq!(leader.sync(&[(&lid, b"x"), (&fid, b"y")]).await.error_code, 0);
+    assert_eq!(
+        leader.sync(&[(&lid, b"x"), (&fid, b"y")]).await.error_code,
+        0
+    );
     assert_eq!(follower_sync.await.unwrap(), 0);
 
     // Only the leader keeps heartbeating: the follower expires after 400 ms, and
@@ -505,9 +652,15 @@ async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(told, "no rebalance after the follower stopped heartbeating");
-    assert!(started.elapsed() >= Duration::from_millis(300), "expired before its session timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "expired before its session timeout"
+    );
     let mut c = Client::connect(addr).await;
-    assert_eq!(heartbeat(&mut c, "gx", &fid, generation, None).await, code(ResponseError::UnknownMemberId));
+    assert_eq!(
+        heartbeat(&mut c, "gx", &fid, generation, None).await,
+        code(ResponseError::UnknownMemberId)
+    );
     let leader = if first.id == lid { first } else { second };
     let leader = leader.rejoin().await;
     assert_eq!(leader.generation, generation + 1);
@@ -519,8 +672,14 @@ async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() 
 async fn static_member_rejoining_replaces_its_old_id_without_a_rebalance() {
     let broker = TestBroker::start().await;
     let addr = broker.addr;
-    let spec_a = JoinSpec { instance: Some("host-a".into()), ..JoinSpec::consumer("gs", &["t"]) };
-    let spec_b = JoinSpec { instance: Some("host-b".into()), ..JoinSpec::consumer("gs", &["t"]) };
+    let spec_a = JoinSpec {
+        instance: Some("host-a".into()),
+        ..JoinSpec::consumer("gs", &["t"])
+    };
+    let spec_b = JoinSpec {
+        instance: Some("host-b".into()),
+        ..JoinSpec::consumer("gs", &["t"])
+    };
     let mut a = Member::join_new(addr, spec_a.clone()).await;
     assert!(a.id.starts_with("host-a-"));
     let ida = a.id.clone();
@@ -533,7 +692,12 @@ async fn static_member_rejoining_replaces_its_old_id_without_a_rebalance() {
     assert_eq!((a.generation, b.generation), (2, 2));
     let (ida, idb) = (a.id.clone(), b.id.clone());
     let members = &a.join.members;
-    assert!(members.iter().any(|m| m.group_instance_id.as_deref() == Some("host-b")), "leader sees instance ids");
+    assert!(
+        members
+            .iter()
+            .any(|m| m.group_instance_id.as_deref() == Some("host-b")),
+        "leader sees instance ids"
+    );
     let b_sync = tokio::spawn(async move {
         let r = b.sync(&[]).await;
         (b, r)
@@ -555,21 +719,36 @@ async fn static_member_rejoining_replaces_its_old_id_without_a_rebalance() {
     assert_eq!(b2.heartbeat().await, 0);
     // The old member id is fenced.
     let mut c = Client::connect(addr).await;
-    assert_eq!(heartbeat(&mut c, "gs", &idb, 2, Some("host-b")).await, code(ResponseError::FencedInstanceId));
-    assert_eq!(heartbeat(&mut c, "gs", &idb, 2, None).await, code(ResponseError::UnknownMemberId));
+    assert_eq!(
+        heartbeat(&mut c, "gs", &idb, 2, Some("host-b")).await,
+        code(ResponseError::FencedInstanceId)
+    );
+    assert_eq!(
+        heartbeat(&mut c, "gs", &idb, 2, None).await,
+        code(ResponseError::UnknownMemberId)
+    );
 
     // An administrator removes the static member by instance id (LeaveGroup v3+).
-    let leave = LeaveGroupRequest::default().with_group_id(GroupId(s("gs"))).with_members(vec![
-        MemberIdentity::default().with_member_id(s("")).with_group_instance_id(Some(s("host-b"))),
-        MemberIdentity::default().with_member_id(s("")).with_group_instance_id(Some(s("host-z"))),
-    ]);
+    let leave = LeaveGroupRequest::default()
+        .with_group_id(GroupId(s("gs")))
+        .with_members(vec![
+            MemberIdentity::default()
+                .with_member_id(s(""))
+                .with_group_instance_id(Some(s("host-b"))),
+            MemberIdentity::default()
+                .with_member_id(s(""))
+                .with_group_instance_id(Some(s("host-z"))),
+        ]);
     let r = c.call(leave, 5).await;
     assert_eq!(r.error_code, 0);
     assert_eq!(
         r.members.iter().map(|m| m.error_code).collect::<Vec<_>>(),
         vec![0, code(ResponseError::UnknownMemberId)]
     );
-    assert_eq!(a.heartbeat().await, code(ResponseError::RebalanceInProgress));
+    assert_eq!(
+        a.heartbeat().await,
+        code(ResponseError::RebalanceInProgress)
+    );
     broker.stop().await;
 }
 
@@ -583,7 +762,14 @@ async fn leaving_members_trigger_a_rebalance_and_an_empty_group_remains_with_its
     let mut a = Member::join_new(addr, spec.clone()).await;
     let ida = a.id.clone();
     assert_eq!(a.sync(&[(&ida, b"all")]).await.error_code, 0);
-    let errors = commit(&mut a.client, "gl", &ida, a.generation, &[("lt", 0, 5, None)]).await;
+    let errors = commit(
+        &mut a.client,
+        "gl",
+        &ida,
+        a.generation,
+        &[("lt", 0, 5, None)],
+    )
+    .await;
     assert_eq!(errors, vec![("lt".into(), 0, 0)]);
     let b = tokio::spawn(Member::join_new(addr, spec.clone()));
     let mut probe = Client::connect(addr).await;
@@ -599,10 +785,28 @@ async fn leaving_members_trigger_a_rebalance_and_an_empty_group_remains_with_its
     assert_eq!(a.generation, 2);
 
     // LeaveGroup v0 for b: a must rejoin, and forms generation 3 alone.
-    let r = admin.call(LeaveGroupRequest::default().with_group_id(GroupId(s("gl"))).with_member_id(s(&b.id)), 0).await;
+    let r = admin
+        .call(
+            LeaveGroupRequest::default()
+                .with_group_id(GroupId(s("gl")))
+                .with_member_id(s(&b.id)),
+            0,
+        )
+        .await;
     assert_eq!(r.error_code, 0);
-    let r = admin.call(LeaveGroupRequest::default().with_group_id(GroupId(s("gl"))).with_member_id(s(&b.id)), 1).await;
-    assert_eq!(r.error_code, code(ResponseError::UnknownMemberId), "already gone");
+    let r = admin
+        .call(
+            LeaveGroupRequest::default()
+                .with_group_id(GroupId(s("gl")))
+                .with_member_id(s(&b.id)),
+            1,
+        )
+        .await;
+    assert_eq!(
+        r.error_code,
+        code(ResponseError::UnknownMemberId),
+        "already gone"
+    );
     let mut a = a.rejoin().await;
     assert_eq!((a.generation, a.join.members.len()), (3, 1));
     let ida = a.id.clone();
@@ -619,7 +823,10 @@ async fn leaving_members_trigger_a_rebalance_and_an_empty_group_remains_with_its
         .await;
     assert_eq!((r.error_code, r.members[0].error_code), (0, 0));
     let described = describe(&mut admin, "gl").await;
-    assert_eq!((described.group_state.as_str(), described.members.len()), ("Empty", 0));
+    assert_eq!(
+        (described.group_state.as_str(), described.members.len()),
+        ("Empty", 0)
+    );
     assert_eq!(fetch_offsets(&mut admin, "gl", "lt", &[0]).await[0].1, 6);
     broker.stop().await;
 }
@@ -635,7 +842,12 @@ async fn offsets_are_committed_with_metadata_and_survive_a_restart() {
         "go",
         "",
         -1,
-        &[("ot", 0, 10, Some("first")), ("ot", 1, 20, None), ("ot", 7, 1, None), ("nope", 0, 1, None)],
+        &[
+            ("ot", 0, 10, Some("first")),
+            ("ot", 1, 20, None),
+            ("ot", 7, 1, None),
+            ("nope", 0, 1, None),
+        ],
     )
     .await;
     assert_eq!(
@@ -644,43 +856,83 @@ async fn offsets_are_committed_with_metadata_and_survive_a_restart() {
             ("ot".into(), 0, 0),
             ("ot".into(), 1, 0),
             ("ot".into(), 7, code(ResponseError::UnknownTopicOrPartition)),
-            ("nope".into(), 0, code(ResponseError::UnknownTopicOrPartition)),
+            (
+                "nope".into(),
+                0,
+                code(ResponseError::UnknownTopicOrPartition)
+            ),
         ]
     );
     // Later commits win; metadata too large is refused.
     let long = "m".repeat(5000);
-    let errors = commit(&mut client, "go", "", -1, &[("ot", 0, 11, Some("second")), ("ot", 2, 1, Some(&long))]).await;
-    assert_eq!(errors, vec![("ot".into(), 0, 0), ("ot".into(), 2, code(ResponseError::OffsetMetadataTooLarge))]);
+    let errors = commit(
+        &mut client,
+        "go",
+        "",
+        -1,
+        &[("ot", 0, 11, Some("second")), ("ot", 2, 1, Some(&long))],
+    )
+    .await;
+    assert_eq!(
+        errors,
+        vec![
+            ("ot".into(), 0, 0),
+            ("ot".into(), 2, code(ResponseError::OffsetMetadataTooLarge))
+        ]
+    );
     // A group under management refuses commits from non-members and old generations.
     let errors = commit(&mut client, "nogroup", "m", 3, &[("ot", 0, 1, None)]).await;
     assert_eq!(errors[0].2, code(ResponseError::IllegalGeneration));
 
-    let expected = vec![(0, 11, 3, "second".to_string()), (1, 20, 3, String::new()), (2, -1, -1, String::new())];
-    assert_eq!(fetch_offsets(&mut client, "go", "ot", &[0, 1, 2]).await, expected);
+    let expected = vec![
+        (0, 11, 3, "second".to_string()),
+        (1, 20, 3, String::new()),
+        (2, -1, -1, String::new()),
+    ];
+    assert_eq!(
+        fetch_offsets(&mut client, "go", "ot", &[0, 1, 2]).await,
+        expected
+    );
     // Unknown groups answer -1 for everything.
-    assert_eq!(fetch_offsets(&mut client, "unknown", "ot", &[0]).await, vec![(0, -1, -1, String::new())]);
+    assert_eq!(
+        fetch_offsets(&mut client, "unknown", "ot", &[0]).await,
+        vec![(0, -1, -1, String::new())]
+    );
 
     drop(client);
     let dir = broker.stop().await;
     let broker = TestBroker::start_in(dir, fast_groups()).await;
     let mut client = Client::connect(broker.addr).await;
-    assert_eq!(fetch_offsets(&mut client, "go", "ot", &[0, 1, 2]).await, expected);
+    assert_eq!(
+        fetch_offsets(&mut client, "go", "ot", &[0, 1, 2]).await,
+        expected
+    );
     // v8, several groups at once; null topics = everything committed.
     let request = OffsetFetchRequest::default().with_groups(vec![
-        OffsetFetchRequestGroup::default().with_group_id(GroupId(s("go"))).with_topics(None),
-        OffsetFetchRequestGroup::default().with_group_id(GroupId(s("other"))).with_topics(Some(vec![
-            OffsetFetchRequestTopics::default().with_name(TopicName(s("ot"))).with_partition_indexes(vec![0]),
-        ])),
+        OffsetFetchRequestGroup::default()
+            .with_group_id(GroupId(s("go")))
+            .with_topics(None),
+        OffsetFetchRequestGroup::default()
+            .with_group_id(GroupId(s("other")))
+            .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+                .with_name(TopicName(s("ot")))
+                .with_partition_indexes(vec![0])])),
     ]);
     let r = client.call(request.with_require_stable(true), 8).await;
     assert_eq!(r.groups.len(), 2);
-    let all: Vec<(i32, i64)> =
-        r.groups[0].topics[0].partitions.iter().map(|p| (p.partition_index, p.committed_offset)).collect();
+    let all: Vec<(i32, i64)> = r.groups[0].topics[0]
+        .partitions
+        .iter()
+        .map(|p| (p.partition_index, p.committed_offset))
+        .collect();
     assert_eq!(all, vec![(0, 11), (1, 20)]);
     assert_eq!(r.groups[1].topics[0].partitions[0].committed_offset, -1);
     // The group came back, Empty.
     let listed = client.call(ListGroupsRequest::default(), 4).await;
-    assert!(listed.groups.iter().any(|g| g.group_id.0.as_str() == "go" && g.group_state.as_str() == "Empty"));
+    assert!(listed
+        .groups
+        .iter()
+        .any(|g| g.group_id.0.as_str() == "go" && g.group_state.as_str() == "Empty"));
     broker.stop().await;
 }
 
@@ -691,18 +943,30 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
     let mut admin = Client::connect(addr).await;
     create_topic(&mut admin, "dt", 1).await;
     create_topic(&mut admin, "other", 1).await;
-    assert!(commit(&mut admin, "empty-one", "", -1, &[("dt", 0, 1, None), ("other", 0, 2, None)])
-        .await
-        .iter()
-        .all(|e| e.2 == 0));
+    assert!(commit(
+        &mut admin,
+        "empty-one",
+        "",
+        -1,
+        &[("dt", 0, 1, None), ("other", 0, 2, None)]
+    )
+    .await
+    .iter()
+    .all(|e| e.2 == 0));
     let mut active = Member::join_new(addr, JoinSpec::consumer("active-one", &["dt"])).await;
     let id = active.id.clone();
     assert_eq!(active.sync(&[(&id, b"x")]).await.error_code, 0);
     let g = active.generation;
-    assert!(commit(&mut active.client, "active-one", &id, g, &[("dt", 0, 1, None), ("other", 0, 1, None)])
-        .await
-        .iter()
-        .all(|e| e.2 == 0));
+    assert!(commit(
+        &mut active.client,
+        "active-one",
+        &id,
+        g,
+        &[("dt", 0, 1, None), ("other", 0, 1, None)]
+    )
+    .await
+    .iter()
+    .all(|e| e.2 == 0));
 
     let names = |r: &ListGroupsResponse| {
         let mut v: Vec<String> = r.groups.iter().map(|g| g.group_id.0.to_string()).collect();
@@ -711,26 +975,50 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
     };
     let all = admin.call(ListGroupsRequest::default(), 2).await;
     assert_eq!(names(&all), vec!["active-one", "empty-one"]);
-    assert!(all.groups.iter().all(|g| g.protocol_type.as_str() == "consumer" || g.group_id.0.as_str() == "empty-one"));
-    let stable = admin.call(ListGroupsRequest::default().with_states_filter(vec![s("stable")]), 4).await;
+    assert!(all
+        .groups
+        .iter()
+        .all(|g| g.protocol_type.as_str() == "consumer" || g.group_id.0.as_str() == "empty-one"));
+    let stable = admin
+        .call(
+            ListGroupsRequest::default().with_states_filter(vec![s("stable")]),
+            4,
+        )
+        .await;
     assert_eq!(names(&stable), vec!["active-one"]);
-    let empty = admin.call(ListGroupsRequest::default().with_states_filter(vec![s("Empty"), s("Dead")]), 4).await;
+    let empty = admin
+        .call(
+            ListGroupsRequest::default().with_states_filter(vec![s("Empty"), s("Dead")]),
+            4,
+        )
+        .await;
     assert_eq!(names(&empty), vec!["empty-one"]);
 
     // OffsetDelete: a subscribed topic of a live consumer group is protected.
     let delete_offsets = |group: &str, topic: &str| {
-        OffsetDeleteRequest::default().with_group_id(GroupId(s(group))).with_topics(vec![
-            OffsetDeleteRequestTopic::default()
+        OffsetDeleteRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_topics(vec![OffsetDeleteRequestTopic::default()
                 .with_name(TopicName(s(topic)))
-                .with_partitions(vec![OffsetDeleteRequestPartition::default().with_partition_index(0)]),
-        ])
+                .with_partitions(vec![
+                    OffsetDeleteRequestPartition::default().with_partition_index(0)
+                ])])
     };
     let r = admin.call(delete_offsets("active-one", "dt"), 0).await;
-    assert_eq!((r.error_code, r.topics[0].partitions[0].error_code), (0, code(ResponseError::GroupSubscribedToTopic)));
+    assert_eq!(
+        (r.error_code, r.topics[0].partitions[0].error_code),
+        (0, code(ResponseError::GroupSubscribedToTopic))
+    );
     let r = admin.call(delete_offsets("active-one", "other"), 0).await;
     assert_eq!((r.error_code, r.topics[0].partitions[0].error_code), (0, 0));
-    assert_eq!(fetch_offsets(&mut admin, "active-one", "other", &[0]).await[0].1, -1);
-    assert_eq!(fetch_offsets(&mut admin, "active-one", "dt", &[0]).await[0].1, 1);
+    assert_eq!(
+        fetch_offsets(&mut admin, "active-one", "other", &[0]).await[0].1,
+        -1
+    );
+    assert_eq!(
+        fetch_offsets(&mut admin, "active-one", "dt", &[0]).await[0].1,
+        1
+    );
     let r = admin.call(delete_offsets("no-such-group", "dt"), 0).await;
     assert_eq!(r.error_code, code(ResponseError::GroupIdNotFound));
 
@@ -746,10 +1034,26 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
         )
         .await;
     let codes: Vec<i16> = r.results.iter().map(|r| r.error_code).collect();
-    assert_eq!(codes, vec![0, code(ResponseError::NonEmptyGroup), code(ResponseError::GroupIdNotFound)]);
-    assert_eq!(fetch_offsets(&mut admin, "empty-one", "dt", &[0]).await[0].1, -1);
-    assert_eq!(names(&admin.call(ListGroupsRequest::default(), 4).await), vec!["active-one"]);
-    assert_eq!(describe(&mut admin, "empty-one").await.group_state.as_str(), "Dead");
+    assert_eq!(
+        codes,
+        vec![
+            0,
+            code(ResponseError::NonEmptyGroup),
+            code(ResponseError::GroupIdNotFound)
+        ]
+    );
+    assert_eq!(
+        fetch_offsets(&mut admin, "empty-one", "dt", &[0]).await[0].1,
+        -1
+    );
+    assert_eq!(
+        names(&admin.call(ListGroupsRequest::default(), 4).await),
+        vec!["active-one"]
+    );
+    assert_eq!(
+        describe(&mut admin, "empty-one").await.group_state.as_str(),
+        "Dead"
+    );
 
     // The deletion is durable: after a restart the group's offsets stay gone.
     drop(admin);
@@ -757,9 +1061,18 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
     let dir = broker.stop().await;
     let broker = TestBroker::start_in(dir, fast_groups()).await;
     let mut admin = Client::connect(broker.addr).await;
-    assert_eq!(fetch_offsets(&mut admin, "empty-one", "dt", &[0]).await[0].1, -1);
-    assert_eq!(fetch_offsets(&mut admin, "active-one", "other", &[0]).await[0].1, -1);
-    assert_eq!(fetch_offsets(&mut admin, "active-one", "dt", &[0]).await[0].1, 1);
+    assert_eq!(
+        fetch_offsets(&mut admin, "empty-one", "dt", &[0]).await[0].1,
+        -1
+    );
+    assert_eq!(
+        fetch_offsets(&mut admin, "active-one", "other", &[0]).await[0].1,
+        -1
+    );
+    assert_eq!(
+        fetch_offsets(&mut admin, "active-one", "dt", &[0]).await[0].1,
+        1
+    );
     broker.stop().await;
 }
 
@@ -769,9 +1082,27 @@ async fn join_errors_member_id_required_and_protocol_checks() {
     let mut c = Client::connect(broker.addr).await;
     let spec = JoinSpec::consumer("gp", &["t"]);
     // Empty group id, session timeout out of bounds.
-    let r = c.call(JoinSpec { group: String::new(), ..spec.clone() }.request(""), 5).await;
+    let r = c
+        .call(
+            JoinSpec {
+                group: String::new(),
+                ..spec.clone()
+            }
+            .request(""),
+            5,
+        )
+        .await;
     assert_eq!(r.error_code, code(ResponseError::InvalidGroupId));
-    let r = c.call(JoinSpec { session_ms: 10, ..spec.clone() }.request(""), 5).await;
+    let r = c
+        .call(
+            JoinSpec {
+                session_ms: 10,
+                ..spec.clone()
+            }
+            .request(""),
+            5,
+        )
+        .await;
     assert_eq!(r.error_code, code(ResponseError::InvalidSessionTimeout));
     // A known member id of an unknown group.
     let r = c.call(spec.request("who"), 5).await;
@@ -782,10 +1113,26 @@ async fn join_errors_member_id_required_and_protocol_checks() {
     let leader = r.member_id.to_string();
     // A member with another protocol type, or no protocol in common, is refused.
     let mut other = Client::connect(broker.addr).await;
-    let r = other.call(JoinSpec { protocol_type: "connect".into(), ..spec.clone() }.request(""), 7).await;
+    let r = other
+        .call(
+            JoinSpec {
+                protocol_type: "connect".into(),
+                ..spec.clone()
+            }
+            .request(""),
+            7,
+        )
+        .await;
     assert_eq!(r.error_code, code(ResponseError::InconsistentGroupProtocol));
     let r = other
-        .call(JoinSpec { protocols: vec![("roundrobin".into(), subscription(&["t"]))], ..spec.clone() }.request(""), 7)
+        .call(
+            JoinSpec {
+                protocols: vec![("roundrobin".into(), subscription(&["t"]))],
+                ..spec.clone()
+            }
+            .request(""),
+            7,
+        )
         .await;
     assert_eq!(r.error_code, code(ResponseError::InconsistentGroupProtocol));
     assert_eq!(r.protocol_name, None, "v7+: null protocol name on errors");
@@ -805,11 +1152,17 @@ async fn join_errors_member_id_required_and_protocol_checks() {
     // Protocol selection: the one most members prefer among those all support.
     let spec2 = JoinSpec {
         group: "sel".into(),
-        protocols: vec![("roundrobin".into(), subscription(&["t"])), ("range".into(), subscription(&["t"]))],
+        protocols: vec![
+            ("roundrobin".into(), subscription(&["t"])),
+            ("range".into(), subscription(&["t"])),
+        ],
         ..spec.clone()
     };
     let r = c.call(spec2.request(""), 3).await;
-    assert_eq!((r.error_code, r.protocol_name.as_deref()), (0, Some("roundrobin")));
+    assert_eq!(
+        (r.error_code, r.protocol_name.as_deref()),
+        (0, Some("roundrobin"))
+    );
     broker.stop().await;
 }
 
@@ -819,7 +1172,11 @@ async fn two_groups_rebalance_at_once_without_waiting_on_each_other() {
     let addr = broker.addr;
     // Group "slow": two members, then one stops responding: its rebalance waits the
     // full 3 s rebalance timeout for it.
-    let slow_spec = JoinSpec { session_ms: 30_000, rebalance_ms: 3_000, ..JoinSpec::consumer("slow", &["t"]) };
+    let slow_spec = JoinSpec {
+        session_ms: 30_000,
+        rebalance_ms: 3_000,
+        ..JoinSpec::consumer("slow", &["t"])
+    };
     let mut formed = form_group(addr, &slow_spec, 2).await;
     let mut b = formed.pop().unwrap();
     let a = formed.pop().unwrap();
@@ -854,7 +1211,10 @@ async fn two_groups_rebalance_at_once_without_waiting_on_each_other() {
         "slow group did not wait for b: {:?}",
         started.elapsed()
     );
-    assert_eq!((a.generation, c.generation), (generation + 1, generation + 1));
+    assert_eq!(
+        (a.generation, c.generation),
+        (generation + 1, generation + 1)
+    );
     let leader = if a.is_leader() { &a } else { &c };
     assert_eq!(leader.join.members.len(), 2, "b was dropped");
     assert_eq!(b.heartbeat().await, code(ResponseError::UnknownMemberId));
@@ -863,15 +1223,30 @@ async fn two_groups_rebalance_at_once_without_waiting_on_each_other() {
 
 #[tokio::test]
 async fn the_initial_rebalance_delay_gathers_members_starting_together() {
-    let config = GroupConfig { initial_rebalance_delay_ms: 300, ..fast_groups() };
+    let config = GroupConfig {
+        initial_rebalance_delay_ms: 300,
+        ..fast_groups()
+    };
     let broker = TestBroker::start_in(tempfile::tempdir().unwrap(), config).await;
     let spec = JoinSpec::consumer("gi", &["t"]);
-    let joins: Vec<_> = (0..3).map(|_| tokio::spawn(Member::join_new(broker.addr, spec.clone()))).collect();
+    let joins: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(Member::join_new(broker.addr, spec.clone())))
+        .collect();
     let mut members = Vec::new();
     for j in joins {
         members.push(j.await.unwrap());
     }
-    assert!(members.iter().all(|m| m.generation == 1), "one generation for all three");
-    assert_eq!(members.iter().filter(|m| m.is_leader()).map(|m| m.join.members.len()).collect::<Vec<_>>(), vec![3]);
+    assert!(
+        members.iter().all(|m| m.generation == 1),
+        "one generation for all three"
+    );
+    assert_eq!(
+        members
+            .iter()
+            .filter(|m| m.is_leader())
+            .map(|m| m.join.members.len())
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
     broker.stop().await;
 }

@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
 use broker::{Broker, BrokerConfig, SystemClock};
+use bytes::{Buf, Bytes, BytesMut};
 use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
 use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use protocol::kafka_protocol::messages::*;
 use protocol::kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use protocol::kafka_protocol::messages::*;
 use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
-use protocol::ResponseError;
 use protocol::record_batch::{build_simple_batch, BatchHeader};
+use protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -37,7 +37,13 @@ impl TestBroker {
         config.data_dir = dir.path().to_path_buf();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let broker = Broker::open(config, "127.0.0.1".into(), addr.port() as i32, Arc::new(SystemClock)).unwrap();
+        let broker = Broker::open(
+            config,
+            "127.0.0.1".into(),
+            addr.port() as i32,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             broker::server::run(broker.clone(), listener, async {
@@ -46,7 +52,12 @@ impl TestBroker {
             .await;
             broker.shutdown();
         });
-        TestBroker { addr, dir, stop: Some(stop), task: Some(task) }
+        TestBroker {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops serving, flushes, and hands back the data directory.
@@ -64,11 +75,17 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Client {
-        Client { stream: TcpStream::connect(addr).await.unwrap(), correlation_id: 0 }
+        Client {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            correlation_id: 0,
+        }
     }
 
     async fn send_raw(&mut self, frame: &[u8]) {
-        self.stream.write_all(&(frame.len() as i32).to_be_bytes()).await.unwrap();
+        self.stream
+            .write_all(&(frame.len() as i32).to_be_bytes())
+            .await
+            .unwrap();
         self.stream.write_all(frame).await.unwrap();
     }
 
@@ -95,7 +112,8 @@ impl Client {
         request.encode(&mut buf, version).unwrap();
         self.send_raw(&buf).await;
         let mut frame = self.read_frame().await.expect("response");
-        let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
+        let header =
+            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
         assert_eq!(header.correlation_id, self.correlation_id);
         R::Response::decode(&mut frame, version).unwrap()
     }
@@ -111,34 +129,60 @@ async fn create_topic(client: &mut Client, name: &str, partitions: i32) {
         .with_num_partitions(partitions)
         .with_replication_factor(1)]);
     let response = client.call(request, 7).await;
-    assert_eq!(response.topics[0].error_code, 0, "{:?}", response.topics[0].error_message);
+    assert_eq!(
+        response.topics[0].error_code, 0,
+        "{:?}",
+        response.topics[0].error_message
+    );
 }
 
-async fn produce(client: &mut Client, topic: &str, partition: i32, batch: Vec<u8>, acks: i16) -> PartitionProduceResponse {
-    let request = ProduceRequest::default().with_acks(acks).with_timeout_ms(5000).with_topic_data(vec![
-        TopicProduceData::default().with_name(topic_name(topic)).with_partition_data(vec![
-            PartitionProduceData::default().with_index(partition).with_records(Some(Bytes::from(batch))),
-        ]),
-    ]);
+async fn produce(
+    client: &mut Client,
+    topic: &str,
+    partition: i32,
+    batch: Vec<u8>,
+    acks: i16,
+) -> PartitionProduceResponse {
+    let request = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(topic_name(topic))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(partition)
+                .with_records(Some(Bytes::from(batch)))])]);
     let mut response = client.call(request, 9).await;
     response.responses.remove(0).partition_responses.remove(0)
 }
 
-fn fetch_request(topic: &str, partition: i32, offset: i64, max_wait_ms: i32, min_bytes: i32) -> FetchRequest {
+fn fetch_request(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    max_wait_ms: i32,
+    min_bytes: i32,
+) -> FetchRequest {
     FetchRequest::default()
         .with_replica_id(BrokerId(-1))
         .with_max_wait_ms(max_wait_ms)
         .with_min_bytes(min_bytes)
         .with_max_bytes(1 << 20)
         .with_session_epoch(-1)
-        .with_topics(vec![FetchTopic::default().with_topic(topic_name(topic)).with_partitions(vec![
-            FetchPartition::default().with_partition(partition).with_fetch_offset(offset).with_partition_max_bytes(1 << 20),
-        ])])
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(topic_name(topic))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(partition)
+                .with_fetch_offset(offset)
+                .with_partition_max_bytes(1 << 20)])])
 }
 
 fn records_of(response: &FetchResponse) -> (i16, i64, Bytes) {
     let p = &response.responses[0].partitions[0];
-    (p.error_code, p.high_watermark, p.records.clone().unwrap_or_default())
+    (
+        p.error_code,
+        p.high_watermark,
+        p.records.clone().unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
@@ -179,12 +223,17 @@ async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
     let (_, _, records) = records_of(&consumer.call(fetch_request("lp", 0, 0, 300, 1), 12).await);
     let waited = started.elapsed();
     assert!(records.is_empty());
-    assert!(waited >= Duration::from_millis(290), "returned after {waited:?}, before max_wait");
+    assert!(
+        waited >= Duration::from_millis(290),
+        "returned after {waited:?}, before max_wait"
+    );
 
     // A fetch parked for 10 s is answered as soon as a record lands.
     let fetch = tokio::spawn(async move {
         let started = Instant::now();
-        let response = consumer.call(fetch_request("lp", 0, 0, 10_000, 1), 12).await;
+        let response = consumer
+            .call(fetch_request("lp", 0, 0, 10_000, 1), 12)
+            .await;
         (started.elapsed(), records_of(&response))
     });
     // Whether the record lands before or while the fetch is parked, the answer
@@ -200,11 +249,19 @@ async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
 
 #[tokio::test]
 async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
-    let config = BrokerConfig { max_message_bytes: 200, ..BrokerConfig::default() };
+    let config = BrokerConfig {
+        max_message_bytes: 200,
+        ..BrokerConfig::default()
+    };
     let broker = TestBroker::start(config).await;
     let mut client = Client::connect(broker.addr).await;
     create_topic(&mut client, "c", 1).await;
-    assert_eq!(produce(&mut client, "c", 0, build_simple_batch(1, &[b"good"]), -1).await.error_code, 0);
+    assert_eq!(
+        produce(&mut client, "c", 0, build_simple_batch(1, &[b"good"]), -1)
+            .await
+            .error_code,
+        0
+    );
 
     let mut corrupt = build_simple_batch(1, &[b"payload"]);
     let last = corrupt.len() - 3;
@@ -227,36 +284,59 @@ async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
 
 #[tokio::test]
 async fn bad_bytes_close_the_connection_and_harm_nothing() {
-    let config = BrokerConfig { max_request_bytes: 4096, ..BrokerConfig::default() };
+    let config = BrokerConfig {
+        max_request_bytes: 4096,
+        ..BrokerConfig::default()
+    };
     let broker = TestBroker::start(config).await;
     let mut client = Client::connect(broker.addr).await;
     create_topic(&mut client, "b", 1).await;
-    assert_eq!(produce(&mut client, "b", 0, build_simple_batch(1, &[b"kept"]), -1).await.error_code, 0);
+    assert_eq!(
+        produce(&mut client, "b", 0, build_simple_batch(1, &[b"kept"]), -1)
+            .await
+            .error_code,
+        0
+    );
 
     let attacks: Vec<Vec<u8>> = vec![
-        vec![0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5],      // unknown API key
+        vec![0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5], // unknown API key
         vec![0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x03, 0x3c], // Metadata claiming a huge array
-        vec![0, 0, 0, 9, 0, 0, 0, 1],                         // Produce v9, body missing
-        vec![0, 1],                                           // shorter than a header
+        vec![0, 0, 0, 9, 0, 0, 0, 1],                   // Produce v9, body missing
+        vec![0, 1],                                     // shorter than a header
     ];
     for attack in attacks {
         let mut bad = Client::connect(broker.addr).await;
         bad.send_raw(&attack).await;
-        assert!(bad.read_frame().await.is_none(), "connection not closed for {attack:?}");
+        assert!(
+            bad.read_frame().await.is_none(),
+            "connection not closed for {attack:?}"
+        );
     }
     // A frame above max_request_bytes is refused from its size alone.
     let mut bad = Client::connect(broker.addr).await;
-    bad.stream.write_all(&(1_000_000i32).to_be_bytes()).await.unwrap();
+    bad.stream
+        .write_all(&(1_000_000i32).to_be_bytes())
+        .await
+        .unwrap();
     assert!(bad.read_frame().await.is_none());
 
     // ApiVersions at a version we do not serve: the v0 answer with our ranges.
     let mut av = Client::connect(broker.addr).await;
     av.send_raw(&[0, 18, 0, 99, 0, 0, 0, 42, 0, 0]).await;
-    let mut frame = av.read_frame().await.expect("an answer, not a closed socket");
+    let mut frame = av
+        .read_frame()
+        .await
+        .expect("an answer, not a closed socket");
     assert_eq!(frame.get_i32(), 42);
     let response = ApiVersionsResponse::decode(&mut frame, 0).unwrap();
-    assert_eq!(response.error_code, ResponseError::UnsupportedVersion.code());
-    assert!(response.api_keys.iter().any(|k| k.api_key == ApiKey::Fetch as i16));
+    assert_eq!(
+        response.error_code,
+        ResponseError::UnsupportedVersion.code()
+    );
+    assert!(response
+        .api_keys
+        .iter()
+        .any(|k| k.api_key == ApiKey::Fetch as i16));
 
     let (err, hw, _) = records_of(&client.call(fetch_request("b", 0, 0, 0, 0), 12).await);
     assert_eq!((err, hw), (0, 1));
@@ -265,7 +345,10 @@ async fn bad_bytes_close_the_connection_and_harm_nothing() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed() {
-    let config = BrokerConfig { max_connections: 2, ..BrokerConfig::default() };
+    let config = BrokerConfig {
+        max_connections: 2,
+        ..BrokerConfig::default()
+    };
     let broker = TestBroker::start(config).await;
     let mut a = Client::connect(broker.addr).await;
     let mut b = Client::connect(broker.addr).await;
@@ -274,7 +357,10 @@ async fn connections_beyond_the_limit_are_closed() {
     b.call(ApiVersionsRequest::default(), 0).await;
     let mut c = Client::connect(broker.addr).await;
     c.send_raw(&[0, 18, 0, 0, 0, 0, 0, 1, 0, 0]).await;
-    assert!(c.read_frame().await.is_none(), "third connection must be closed");
+    assert!(
+        c.read_frame().await.is_none(),
+        "third connection must be closed"
+    );
     drop(a);
     // Once a slot frees, new connections are served again.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -284,7 +370,10 @@ async fn connections_beyond_the_limit_are_closed() {
         if d.read_frame().await.is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "freed connection slot never reused");
+        assert!(
+            Instant::now() < deadline,
+            "freed connection slot never reused"
+        );
         tokio::task::yield_now().await;
     }
     broker.stop().await;
@@ -296,7 +385,14 @@ async fn data_and_topics_survive_a_restart() {
     let mut client = Client::connect(broker.addr).await;
     create_topic(&mut client, "keep", 3).await;
     for i in 0..10u8 {
-        let r = produce(&mut client, "keep", (i % 3) as i32, build_simple_batch(i as i64, &[&[i]]), -1).await;
+        let r = produce(
+            &mut client,
+            "keep",
+            (i % 3) as i32,
+            build_simple_batch(i as i64, &[&[i]]),
+            -1,
+        )
+        .await;
         assert_eq!(r.error_code, 0);
     }
     drop(client);
@@ -311,4 +407,109 @@ async fn data_and_topics_survive_a_restart() {
     let (_, hw, _) = records_of(&client.call(fetch_request("keep", 0, 0, 0, 0), 12).await);
     assert_eq!(hw, 4); // i = 0, 3, 6, 9
     broker.stop().await;
+}
+
+fn idempotent_batch(producer_id: i64, sequence: i32, values: &[&[u8]]) -> Vec<u8> {
+    let mut batch = build_simple_batch(1, values);
+    protocol::record_batch::set_producer(&mut batch, producer_id, 0, sequence);
+    batch
+}
+
+#[tokio::test]
+async fn idempotent_retries_are_written_once_even_across_restarts() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "idem", 1).await;
+    let init = client
+        .call(
+            InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            4,
+        )
+        .await;
+    assert_eq!((init.error_code, init.producer_epoch), (0, 0));
+    let pid = init.producer_id.0;
+    let second = client
+        .call(
+            InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            4,
+        )
+        .await;
+    assert_ne!(second.producer_id.0, pid, "producer ids are unique");
+
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 0, &[b"a", b"b"]),
+        -1,
+    )
+    .await;
+    assert_eq!((r.error_code, r.base_offset), (0, 0));
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 0, &[b"a", b"b"]),
+        -1,
+    )
+    .await;
+    assert_eq!(
+        (r.error_code, r.base_offset),
+        (0, 0),
+        "a retry is acknowledged with its first offset"
+    );
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 5, &[b"gap"]),
+        -1,
+    )
+    .await;
+    assert_eq!(r.error_code, ResponseError::OutOfOrderSequenceNumber.code());
+    let r = produce(
+        &mut client,
+        "idem",
+        0,
+        idempotent_batch(pid, 2, &[b"c"]),
+        -1,
+    )
+    .await;
+    assert_eq!((r.error_code, r.base_offset), (0, 2));
+    let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+    assert_eq!(hw, 3, "the retry was not written");
+    drop(client);
+
+    // Restart with the snapshot, then without it (state rebuilt from the log alone).
+    let mut dir = broker.stop().await;
+    for remove_snapshot in [false, true] {
+        if remove_snapshot {
+            std::fs::remove_file(dir.path().join("idem-0").join("producer-state.json")).unwrap();
+        }
+        let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
+        let mut client = Client::connect(broker.addr).await;
+        let r = produce(
+            &mut client,
+            "idem",
+            0,
+            idempotent_batch(pid, 2, &[b"c"]),
+            -1,
+        )
+        .await;
+        assert_eq!(
+            (r.error_code, r.base_offset),
+            (0, 2),
+            "retry after restart (snapshot removed: {remove_snapshot})"
+        );
+        let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+        assert_eq!(hw, 3);
+        drop(client);
+        dir = broker.stop().await;
+    }
 }

@@ -8,7 +8,11 @@ mod tools;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "freshet", version, about = "A Kafka-compatible event-streaming platform in one binary")]
+#[command(
+    name = "freshet",
+    version,
+    about = "A Kafka-compatible event-streaming platform in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -38,17 +38,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(advertised) = args.advertised_listener {
         config.advertised_listener = Some(advertised);
     }
-    let listener = std::net::TcpListener::bind(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = std::net::TcpListener::bind(&config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let (host, port) = advertised(&config, local)?;
-    let data_dir = std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let data_dir =
+        std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     let broker = Broker::open(config, host, port, Arc::new(SystemClock))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("freshet").build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("freshet")
+        .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         // The one line a user (and the test harness) reads; logs go to stderr.
-        println!("freshet listening on {local}, data in {}", data_dir.display());
+        println!(
+            "freshet listening on {local}, data in {}",
+            data_dir.display()
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let background = tokio::spawn(broker.clone().run_background());
@@ -65,12 +73,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 fn advertised(config: &BrokerConfig, local: SocketAddr) -> anyhow::Result<(String, i32)> {
     if let Some(adv) = &config.advertised_listener {
-        let (host, port) = adv.rsplit_once(':').context("advertised_listener must be host:port")?;
+        let (host, port) = adv
+            .rsplit_once(':')
+            .context("advertised_listener must be host:port")?;
         let port: u16 = port.parse().context("advertised_listener port")?;
-        return Ok((host.trim_matches(|c| c == '[' || c == ']').to_string(), port as i32));
+        return Ok((
+            host.trim_matches(|c| c == '[' || c == ']').to_string(),
+            port as i32,
+        ));
     }
     if local.ip().is_unspecified() {
-        tracing::warn!("listening on all interfaces without --advertised-listener; advertising 127.0.0.1");
+        tracing::warn!(
+            "listening on all interfaces without --advertised-listener; advertising 127.0.0.1"
+        );
         return Ok(("127.0.0.1".into(), local.port() as i32));
     }
     Ok((local.ip().to_string(), local.port() as i32))

@@ -21,7 +21,11 @@ pub enum DecodeError {
     #[error("unknown API key {0}")]
     UnknownApiKey(i16),
     #[error("malformed {api:?} v{version} request: {reason}")]
-    Malformed { api: ApiKey, version: i16, reason: String },
+    Malformed {
+        api: ApiKey,
+        version: i16,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +60,23 @@ pub fn peek_preamble(frame: &[u8]) -> Result<Preamble, DecodeError> {
 /// checked, from the preamble, that it serves this API at this version.
 pub fn decode_request(frame: Bytes) -> Result<Request, DecodeError> {
     let preamble = peek_preamble(&frame)?;
-    let api_key = ApiKey::try_from(preamble.api_key).map_err(|_| DecodeError::UnknownApiKey(preamble.api_key))?;
+    let api_key = ApiKey::try_from(preamble.api_key)
+        .map_err(|_| DecodeError::UnknownApiKey(preamble.api_key))?;
     let version = preamble.api_version;
-    let malformed = |e: anyhow::Error| DecodeError::Malformed { api: api_key, version, reason: e.to_string() };
+    let malformed = |e: anyhow::Error| DecodeError::Malformed {
+        api: api_key,
+        version,
+        reason: e.to_string(),
+    };
     let mut buf = frame;
     let header_version = api_key.request_header_version(version);
     let header = RequestHeader::decode(&mut buf, header_version).map_err(&malformed)?;
     let body = RequestKind::decode(api_key, &mut buf, version).map_err(&malformed)?;
-    Ok(Request { header, api_key, body })
+    Ok(Request {
+        header,
+        api_key,
+        body,
+    })
 }
 
 /// Appends one framed response (size prefix, header, body) to `out`.
@@ -74,7 +87,11 @@ pub fn encode_response(
     body: &ResponseKind,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let err = |e: String| EncodeError { api: api_key, version, reason: e };
+    let err = |e: String| EncodeError {
+        api: api_key,
+        version,
+        reason: e,
+    };
     let start = out.len();
     out.put_i32(0); // size, patched below
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
@@ -131,8 +148,13 @@ mod tests {
     #[test]
     fn huge_array_count_is_an_error_not_an_allocation() {
         // Metadata v0 whose topic array claims 54M entries in 5 bytes (upstream #152).
-        let frame = Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x03, 0x3c, 0x0c, 0x00, 0xb6]);
-        assert!(matches!(decode_request(frame), Err(DecodeError::Malformed { .. })));
+        let frame = Bytes::from_static(&[
+            0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0x03, 0x3c, 0x0c, 0x00, 0xb6,
+        ]);
+        assert!(matches!(
+            decode_request(frame),
+            Err(DecodeError::Malformed { .. })
+        ));
     }
 
     proptest! {

@@ -19,7 +19,10 @@ pub enum FrameError {
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame: that is not an error,
 /// the caller reads more bytes. A size above `max_frame_bytes` is rejected before any
 /// of the body is buffered.
-pub fn decode_frame(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<BytesMut>, FrameError> {
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    max_frame_bytes: usize,
+) -> Result<Option<BytesMut>, FrameError> {
     if buf.len() < SIZE_PREFIX_BYTES {
         return Ok(None);
     }
@@ -29,7 +32,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option
     }
     let size = size as usize;
     if size > max_frame_bytes {
-        return Err(FrameError::TooLarge { size, max: max_frame_bytes });
+        return Err(FrameError::TooLarge {
+            size,
+            max: max_frame_bytes,
+        });
     }
     if buf.len() < SIZE_PREFIX_BYTES + size {
         buf.reserve(SIZE_PREFIX_BYTES + size - buf.len());
@@ -57,8 +63,17 @@ mod tests {
     #[test]
     fn oversized_and_negative_frames_are_rejected() {
         let mut buf = BytesMut::from(&[0u8, 0, 1, 0][..]);
-        assert_eq!(decode_frame(&mut buf, 255), Err(FrameError::TooLarge { size: 256, max: 255 }));
+        assert_eq!(
+            decode_frame(&mut buf, 255),
+            Err(FrameError::TooLarge {
+                size: 256,
+                max: 255
+            })
+        );
         let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xfe][..]);
-        assert_eq!(decode_frame(&mut buf, 255), Err(FrameError::NegativeSize(-2)));
+        assert_eq!(
+            decode_frame(&mut buf, 255),
+            Err(FrameError::NegativeSize(-2))
+        );
     }
 }

@@ -41,7 +41,10 @@ pub enum BatchError {
     #[error("record batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     CrcMismatch { stored: u32, computed: u32 },
     #[error("record batch has {records} records but lastOffsetDelta {last_offset_delta}")]
-    InconsistentCount { records: i32, last_offset_delta: i32 },
+    InconsistentCount {
+        records: i32,
+        last_offset_delta: i32,
+    },
     #[error("record batch uses unknown compression codec {0}")]
     UnknownCompression(i16),
     #[error("{0} bytes follow the record batch")]
@@ -94,7 +97,10 @@ impl BatchHeader {
     /// Checks only what the header alone can tell: length, magic, codec, counts.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < BATCH_HEADER_BYTES {
-            return Err(BatchError::Truncated { have: buf.len(), need: BATCH_HEADER_BYTES });
+            return Err(BatchError::Truncated {
+                have: buf.len(),
+                need: BATCH_HEADER_BYTES,
+            });
         }
         let batch_length = i32_at(buf, 8);
         peek_total_bytes(buf)?;
@@ -163,14 +169,20 @@ pub fn validate(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     let header = BatchHeader::parse(batch)?;
     let total = header.total_bytes();
     if batch.len() < total {
-        return Err(BatchError::Truncated { have: batch.len(), need: total });
+        return Err(BatchError::Truncated {
+            have: batch.len(),
+            need: total,
+        });
     }
     if batch.len() > total {
         return Err(BatchError::TrailingBytes(batch.len() - total));
     }
     let computed = compute_crc(batch);
     if computed != header.crc {
-        return Err(BatchError::CrcMismatch { stored: header.crc, computed });
+        return Err(BatchError::CrcMismatch {
+            stored: header.crc,
+            computed,
+        });
     }
     Ok(header)
 }
@@ -195,7 +207,10 @@ impl<'a> Iterator for Batches<'a> {
         let result = BatchHeader::parse(self.rest).and_then(|header| {
             let total = header.total_bytes();
             if self.rest.len() < total {
-                return Err(BatchError::Truncated { have: self.rest.len(), need: total });
+                return Err(BatchError::Truncated {
+                    have: self.rest.len(),
+                    need: total,
+                });
             }
             let (batch, rest) = self.rest.split_at(total);
             self.rest = rest;
@@ -215,7 +230,8 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
 
 /// Rewrites the partition leader epoch; the CRC does not cover it.
 pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
-    batch[PARTITION_LEADER_EPOCH_AT..PARTITION_LEADER_EPOCH_AT + 4].copy_from_slice(&epoch.to_be_bytes());
+    batch[PARTITION_LEADER_EPOCH_AT..PARTITION_LEADER_EPOCH_AT + 4]
+        .copy_from_slice(&epoch.to_be_bytes());
 }
 
 /// Builds an uncompressed v2 batch of `values` (no keys, no headers), for tests and
@@ -237,7 +253,9 @@ pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     }
     let mut batch = Vec::with_capacity(BATCH_HEADER_BYTES + records.len());
     batch.extend_from_slice(&0i64.to_be_bytes());
-    batch.extend_from_slice(&((BATCH_HEADER_BYTES - LOG_OVERHEAD + records.len()) as i32).to_be_bytes());
+    batch.extend_from_slice(
+        &((BATCH_HEADER_BYTES - LOG_OVERHEAD + records.len()) as i32).to_be_bytes(),
+    );
     batch.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
     batch.push(MAGIC_V2 as u8);
     batch.extend_from_slice(&0u32.to_be_bytes()); // crc, set below
@@ -253,6 +271,16 @@ pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     let crc = compute_crc(&batch);
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
     batch
+}
+
+/// Sets producer id, epoch and base sequence and recomputes the CRC, which covers
+/// them. For tests and tools that build batches without a client library.
+pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    batch[43..51].copy_from_slice(&producer_id.to_be_bytes());
+    batch[51..53].copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Appends `value` as a zig-zag varint (the record fields' encoding).
@@ -279,7 +307,14 @@ mod tests {
         set_base_offset(&mut batch, 42);
         set_partition_leader_epoch(&mut batch, 7);
         let header = validate(&batch).unwrap();
-        assert_eq!((header.base_offset, header.last_offset(), header.partition_leader_epoch), (42, 44, 7));
+        assert_eq!(
+            (
+                header.base_offset,
+                header.last_offset(),
+                header.partition_leader_epoch
+            ),
+            (42, 44, 7)
+        );
     }
 
     #[test]
@@ -287,7 +322,10 @@ mod tests {
         let mut batch = build_simple_batch(1, &[b"hello"]);
         let last = batch.len() - 2;
         batch[last] ^= 1;
-        assert!(matches!(validate(&batch), Err(BatchError::CrcMismatch { .. })));
+        assert!(matches!(
+            validate(&batch),
+            Err(BatchError::CrcMismatch { .. })
+        ));
     }
 
     #[test]

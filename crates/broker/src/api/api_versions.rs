@@ -10,7 +10,10 @@ fn api_keys() -> Vec<ApiVersion> {
     SUPPORTED
         .iter()
         .map(|(key, min, max)| {
-            ApiVersion::default().with_api_key(*key as i16).with_min_version(*min).with_max_version(*max)
+            ApiVersion::default()
+                .with_api_key(*key as i16)
+                .with_min_version(*min)
+                .with_max_version(*max)
         })
         .collect()
 }
@@ -22,7 +25,9 @@ fn valid_software_field(s: &str) -> bool {
     !bytes.is_empty()
         && bytes[0].is_ascii_alphanumeric()
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
 }
 
 pub fn handle(request: &ApiVersionsRequest, version: i16) -> ApiVersionsResponse {

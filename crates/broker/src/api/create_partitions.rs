@@ -24,13 +24,21 @@ pub fn handle(broker: &Broker, request: CreatePartitionsRequest) -> CreatePartit
                         t.count
                     ))))
                 } else if t.assignments.as_ref().is_some_and(|a| {
-                    a.len() != added || a.iter().any(|a| a.broker_ids.iter().any(|b| b.0 != broker.config.node_id))
+                    a.len() != added
+                        || a.iter()
+                            .any(|a| a.broker_ids.iter().any(|b| b.0 != broker.config.node_id))
                 }) {
-                    Err((ResponseError::InvalidReplicaAssignment, "Assignments must name only this broker, one per new partition".into()))
+                    Err((
+                        ResponseError::InvalidReplicaAssignment,
+                        "Assignments must name only this broker, one per new partition".into(),
+                    ))
                 } else if request.validate_only {
                     Ok(())
                 } else {
-                    broker.topics.add_partitions(&topic, t.count, &broker.config, broker.now_ms()).map_err(topic_error)
+                    broker
+                        .topics
+                        .add_partitions(&topic, t.count, &broker.config, broker.now_ms())
+                        .map_err(topic_error)
                 }
             }
         };

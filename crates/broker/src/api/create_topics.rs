@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
-use protocol::kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use protocol::kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
 use protocol::kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use protocol::ResponseError;
 
@@ -24,7 +26,10 @@ pub fn handle(broker: &Broker, request: CreateTopicsRequest, version: i16) -> Cr
         let name = t.name.0.to_string();
         let mut result = CreatableTopicResult::default().with_name(t.name.clone());
         let outcome = if mentions[&name] > 1 {
-            Err((ResponseError::InvalidRequest, format!("Topic {name} is listed more than once in the request")))
+            Err((
+                ResponseError::InvalidRequest,
+                format!("Topic {name} is listed more than once in the request"),
+            ))
         } else {
             plan(broker, &t).and_then(|(partitions, config)| {
                 if request.validate_only {
@@ -32,7 +37,13 @@ pub fn handle(broker: &Broker, request: CreateTopicsRequest, version: i16) -> Cr
                 }
                 broker
                     .topics
-                    .create(&name, partitions, config.clone(), &broker.config, broker.now_ms())
+                    .create(
+                        &name,
+                        partitions,
+                        config.clone(),
+                        &broker.config,
+                        broker.now_ms(),
+                    )
                     .map(|topic| (partitions, config, Some(topic.id)))
                     .map_err(topic_error)
             })
@@ -51,7 +62,11 @@ pub fn handle(broker: &Broker, request: CreateTopicsRequest, version: i16) -> Cr
                             CreatableTopicConfigs::default()
                                 .with_name(text(def.name))
                                 .with_value(Some(text(value)))
-                                .with_config_source(if explicit { SOURCE_DYNAMIC_TOPIC } else { crate::topic_config::SOURCE_DEFAULT })
+                                .with_config_source(if explicit {
+                                    SOURCE_DYNAMIC_TOPIC
+                                } else {
+                                    crate::topic_config::SOURCE_DEFAULT
+                                })
                         })
                         .collect();
                     result.configs = Some(entries);
@@ -80,19 +95,33 @@ pub(crate) fn topic_error(e: TopicError) -> (ResponseError, String) {
     (err, e.to_string())
 }
 
-fn plan(broker: &Broker, t: &CreatableTopic) -> Result<(i32, TopicConfig), (ResponseError, String)> {
+fn plan(
+    broker: &Broker,
+    t: &CreatableTopic,
+) -> Result<(i32, TopicConfig), (ResponseError, String)> {
     broker.topics.check_create(&t.name.0).map_err(topic_error)?;
     let partitions = if t.assignments.is_empty() {
-        let partitions = if t.num_partitions == -1 { broker.config.num_partitions } else { t.num_partitions };
+        let partitions = if t.num_partitions == -1 {
+            broker.config.num_partitions
+        } else {
+            t.num_partitions
+        };
         if partitions < 1 {
             return Err((
                 ResponseError::InvalidPartitions,
                 "Number of partitions was set to an invalid non-positive value.".into(),
             ));
         }
-        let replication = if t.replication_factor == -1 { 1 } else { t.replication_factor };
+        let replication = if t.replication_factor == -1 {
+            1
+        } else {
+            t.replication_factor
+        };
         if replication < 1 {
-            return Err((ResponseError::InvalidReplicationFactor, "Replication factor must be larger than 0.".into()));
+            return Err((
+                ResponseError::InvalidReplicationFactor,
+                "Replication factor must be larger than 0.".into(),
+            ));
         }
         if replication > 1 {
             return Err((
@@ -116,7 +145,9 @@ fn plan(broker: &Broker, t: &CreatableTopic) -> Result<(i32, TopicConfig), (Resp
         let count = t.assignments.len() as i32;
         let mut seen = vec![false; count as usize];
         for a in &t.assignments {
-            let slot = usize::try_from(a.partition_index).ok().filter(|i| *i < seen.len());
+            let slot = usize::try_from(a.partition_index)
+                .ok()
+                .filter(|i| *i < seen.len());
             let Some(slot) = slot.filter(|i| !seen[*i]) else {
                 return Err((
                     ResponseError::InvalidReplicaAssignment,
@@ -127,7 +158,10 @@ fn plan(broker: &Broker, t: &CreatableTopic) -> Result<(i32, TopicConfig), (Resp
             if a.broker_ids.len() != 1 || a.broker_ids[0].0 != broker.config.node_id {
                 return Err((
                     ResponseError::InvalidReplicaAssignment,
-                    format!("Replica assignment must name exactly broker {}", broker.config.node_id),
+                    format!(
+                        "Replica assignment must name exactly broker {}",
+                        broker.config.node_id
+                    ),
                 ));
             }
         }

@@ -16,22 +16,35 @@ pub fn handle(broker: &Broker, request: DeleteRecordsRequest) -> DeleteRecordsRe
         let topic = broker.topics.get(&t.name.0);
         let mut topic_response = DeleteRecordsTopicResult::default().with_name(t.name);
         for p in t.partitions {
-            let result = DeleteRecordsPartitionResult::default().with_partition_index(p.partition_index);
-            let partition = topic.as_ref().and_then(|topic| topic.partition(p.partition_index));
+            let result =
+                DeleteRecordsPartitionResult::default().with_partition_index(p.partition_index);
+            let partition = topic
+                .as_ref()
+                .and_then(|topic| topic.partition(p.partition_index));
             let result = match partition {
-                None => result.with_error_code(code(ResponseError::UnknownTopicOrPartition)).with_low_watermark(-1),
+                None => result
+                    .with_error_code(code(ResponseError::UnknownTopicOrPartition))
+                    .with_low_watermark(-1),
                 Some(partition) => {
                     let mut log = partition.lock();
                     let high_watermark = log.high_watermark();
-                    let target = if p.offset == -1 { high_watermark } else { p.offset };
+                    let target = if p.offset == -1 {
+                        high_watermark
+                    } else {
+                        p.offset
+                    };
                     if target < 0 || target > high_watermark {
-                        result.with_error_code(code(ResponseError::OffsetOutOfRange)).with_low_watermark(-1)
+                        result
+                            .with_error_code(code(ResponseError::OffsetOutOfRange))
+                            .with_low_watermark(-1)
                     } else {
                         match log.delete_records_before(target) {
                             Ok(low_watermark) => result.with_low_watermark(low_watermark),
                             Err(e) => {
                                 tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "DeleteRecords failed");
-                                result.with_error_code(code(ResponseError::KafkaStorageError)).with_low_watermark(-1)
+                                result
+                                    .with_error_code(code(ResponseError::KafkaStorageError))
+                                    .with_low_watermark(-1)
                             }
                         }
                     }

@@ -11,9 +11,17 @@ use crate::Broker;
 
 pub fn handle(broker: &Broker, request: DeleteTopicsRequest, version: i16) -> DeleteTopicsResponse {
     let wanted: Vec<(Option<TopicName>, Uuid)> = if version >= 6 {
-        request.topics.into_iter().map(|t| (t.name, t.topic_id)).collect()
+        request
+            .topics
+            .into_iter()
+            .map(|t| (t.name, t.topic_id))
+            .collect()
     } else {
-        request.topic_names.into_iter().map(|n| (Some(n), Uuid::nil())).collect()
+        request
+            .topic_names
+            .into_iter()
+            .map(|n| (Some(n), Uuid::nil()))
+            .collect()
     };
     let mut response = DeleteTopicsResponse::default();
     for (name, id) in wanted {
@@ -21,10 +29,16 @@ pub fn handle(broker: &Broker, request: DeleteTopicsRequest, version: i16) -> De
             Some(name) => broker.topics.get(&name.0),
             None => broker.topics.get_by_id(id),
         };
-        let mut result = DeletableTopicResult::default().with_name(name.clone()).with_topic_id(id);
+        let mut result = DeletableTopicResult::default()
+            .with_name(name.clone())
+            .with_topic_id(id);
         match topic {
             None => {
-                let err = if name.is_some() { ResponseError::UnknownTopicOrPartition } else { ResponseError::UnknownTopicId };
+                let err = if name.is_some() {
+                    ResponseError::UnknownTopicOrPartition
+                } else {
+                    ResponseError::UnknownTopicId
+                };
                 result.error_code = code(err);
             }
             Some(topic) => {

@@ -1,7 +1,9 @@
 //! DescribeCluster: this one broker, which is also the controller.
 
 use protocol::kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
-use protocol::kafka_protocol::messages::{BrokerId, DescribeClusterRequest, DescribeClusterResponse};
+use protocol::kafka_protocol::messages::{
+    BrokerId, DescribeClusterRequest, DescribeClusterResponse,
+};
 
 use super::text;
 use crate::Broker;

@@ -46,13 +46,20 @@ struct Located {
 
 pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Reply {
     if version >= 7 && request.session_id != 0 {
-        return Reply::now(session_error(ResponseError::FetchSessionIdNotFound, request.session_id));
+        return Reply::now(session_error(
+            ResponseError::FetchSessionIdNotFound,
+            request.session_id,
+        ));
     }
     if version >= 7 && !matches!(request.session_epoch, -1 | 0) {
         return Reply::now(session_error(ResponseError::InvalidFetchSessionEpoch, 0));
     }
     let topics = resolve(broker, &request);
-    let max_bytes = if version >= 3 { request.max_bytes.max(0) as usize } else { usize::MAX };
+    let max_bytes = if version >= 3 {
+        request.max_bytes.max(0) as usize
+    } else {
+        usize::MAX
+    };
     let max_bytes = max_bytes.min(broker.config.fetch_max_bytes);
     let min_bytes = request.min_bytes.max(0) as usize;
     let max_wait = Duration::from_millis(request.max_wait_ms.max(0) as u64);
@@ -76,7 +83,9 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
 }
 
 fn session_error(err: ResponseError, session_id: i32) -> FetchResponse {
-    FetchResponse::default().with_error_code(code(err)).with_session_id(session_id)
+    FetchResponse::default()
+        .with_error_code(code(err))
+        .with_session_id(session_id)
 }
 
 fn resolve(broker: &Broker, request: &FetchRequest) -> Vec<WantedTopic> {
@@ -85,15 +94,25 @@ fn resolve(broker: &Broker, request: &FetchRequest) -> Vec<WantedTopic> {
         .iter()
         .map(|t| {
             let by_id = t.topic.0.is_empty() && !t.topic_id.is_nil();
-            let topic = if by_id { broker.topics.get_by_id(t.topic_id) } else { broker.topics.get(&t.topic.0) };
-            let missing = if by_id { ResponseError::UnknownTopicId } else { ResponseError::UnknownTopicOrPartition };
+            let topic = if by_id {
+                broker.topics.get_by_id(t.topic_id)
+            } else {
+                broker.topics.get(&t.topic.0)
+            };
+            let missing = if by_id {
+                ResponseError::UnknownTopicId
+            } else {
+                ResponseError::UnknownTopicOrPartition
+            };
             let partitions = t
                 .partitions
                 .iter()
                 .map(|p| {
                     let target = match &topic {
                         _ if p.current_leader_epoch > 0 => Err(ResponseError::UnknownLeaderEpoch),
-                        Some(topic) => topic.partition(p.partition).ok_or(ResponseError::UnknownTopicOrPartition),
+                        Some(topic) => topic
+                            .partition(p.partition)
+                            .ok_or(ResponseError::UnknownTopicOrPartition),
                         None => Err(missing),
                     };
                     Wanted {
@@ -104,7 +123,11 @@ fn resolve(broker: &Broker, request: &FetchRequest) -> Vec<WantedTopic> {
                     }
                 })
                 .collect();
-            WantedTopic { name: t.topic.clone(), id: topic.map(|t| t.id).unwrap_or(t.topic_id), partitions }
+            WantedTopic {
+                name: t.topic.clone(),
+                id: topic.map(|t| t.id).unwrap_or(t.topic_id),
+                partitions,
+            }
         })
         .collect()
 }
@@ -163,16 +186,31 @@ fn satisfied(located: &[Vec<Located>], min_bytes: usize) -> bool {
     bytes >= min_bytes.max(1)
 }
 
-async fn load(broker: &Broker, topics: &[WantedTopic], located: Vec<Vec<Located>>, read_committed: bool) -> FetchResponse {
-    let total: usize = located.iter().flatten().filter_map(|l| l.slice.as_ref()).map(|s| s.len).sum();
+async fn load(
+    broker: &Broker,
+    topics: &[WantedTopic],
+    located: Vec<Vec<Located>>,
+    read_committed: bool,
+) -> FetchResponse {
+    let total: usize = located
+        .iter()
+        .flatten()
+        .filter_map(|l| l.slice.as_ref())
+        .map(|s| s.len)
+        .sum();
     let budget = broker.config.fetch_memory_bytes.min(u32::MAX as usize);
-    let _permit = match broker.fetch_memory.clone().acquire_many_owned(total.min(budget) as u32).await {
-        Ok(permit) => Some(permit),
-        Err(_) => None, // semaphore closed: shutting down
-    };
+    // An error means the semaphore was closed: shutting down; answer anyway.
+    let _permit = broker
+        .fetch_memory
+        .clone()
+        .acquire_many_owned(total.min(budget) as u32)
+        .await
+        .ok();
     let mut response = FetchResponse::default();
     for (topic, partitions) in topics.iter().zip(located) {
-        let mut topic_response = FetchableTopicResponse::default().with_topic(topic.name.clone()).with_topic_id(topic.id);
+        let mut topic_response = FetchableTopicResponse::default()
+            .with_topic(topic.name.clone())
+            .with_topic_id(topic.id);
         for (wanted, l) in topic.partitions.iter().zip(partitions) {
             let mut error = l.error;
             let records = match l.slice.map(|s| s.load()) {

@@ -24,11 +24,16 @@ pub fn handle(broker: &Broker, request: ListOffsetsRequest, version: i16) -> Lis
         let topic = broker.topics.get(&t.name.0);
         let mut topic_response = ListOffsetsTopicResponse::default().with_name(t.name);
         for p in t.partitions {
-            let answer = ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
-            let partition = topic.as_ref().and_then(|topic| topic.partition(p.partition_index));
+            let answer =
+                ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
+            let partition = topic
+                .as_ref()
+                .and_then(|topic| topic.partition(p.partition_index));
             let answer = match partition {
                 None => answer.with_error_code(code(ResponseError::UnknownTopicOrPartition)),
-                Some(_) if p.current_leader_epoch > 0 => answer.with_error_code(code(ResponseError::UnknownLeaderEpoch)),
+                Some(_) if p.current_leader_epoch > 0 => {
+                    answer.with_error_code(code(ResponseError::UnknownLeaderEpoch))
+                }
                 Some(partition) => {
                     let log = partition.lock();
                     let found = match p.timestamp {
@@ -38,14 +43,26 @@ pub fn handle(broker: &Broker, request: ListOffsetsRequest, version: i16) -> Lis
                             .offset_for_timestamp(ts)
                             .map(|found| found.map(|f| (f.offset, f.timestamp)))
                             .map_err(|e| (ResponseError::KafkaStorageError, e.to_string())),
-                        _ => Err((ResponseError::InvalidRequest, format!("unsupported timestamp {}", p.timestamp))),
+                        _ => Err((
+                            ResponseError::InvalidRequest,
+                            format!("unsupported timestamp {}", p.timestamp),
+                        )),
                     };
                     match found {
-                        Ok(Some((offset, timestamp))) => answer.with_offset(offset).with_timestamp(timestamp).with_leader_epoch(epoch(0)),
-                        Ok(None) => answer.with_offset(-1).with_timestamp(-1).with_leader_epoch(-1),
+                        Ok(Some((offset, timestamp))) => answer
+                            .with_offset(offset)
+                            .with_timestamp(timestamp)
+                            .with_leader_epoch(epoch(0)),
+                        Ok(None) => answer
+                            .with_offset(-1)
+                            .with_timestamp(-1)
+                            .with_leader_epoch(-1),
                         Err((err, why)) => {
                             tracing::warn!(topic = %partition.topic, partition = partition.index, why, "ListOffsets failed");
-                            answer.with_error_code(code(err)).with_offset(-1).with_timestamp(-1)
+                            answer
+                                .with_error_code(code(err))
+                                .with_offset(-1)
+                                .with_timestamp(-1)
                         }
                     }
                 }

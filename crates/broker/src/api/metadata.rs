@@ -32,11 +32,17 @@ pub fn handle(broker: &Broker, request: MetadataRequest, version: i16) -> Metada
         Some(list) => list.is_empty() && version == 0,
     };
     if all {
-        response.topics = broker.topics.all().iter().map(|t| describe(broker, t)).collect();
+        response.topics = broker
+            .topics
+            .all()
+            .iter()
+            .map(|t| describe(broker, t))
+            .collect();
         return response;
     }
     // v4+ lets the client say no; before v4 auto-creation is always allowed.
-    let may_create = broker.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
+    let may_create =
+        broker.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
     for requested in request.topics.unwrap_or_default() {
         let entry = match requested.name {
             Some(name) => lookup_by_name(broker, &name.0, may_create),
@@ -55,16 +61,30 @@ fn lookup_by_name(broker: &Broker, name: &str, may_create: bool) -> MetadataResp
         return describe(broker, &topic);
     }
     if !may_create {
-        return error_topic(Some(name), Uuid::nil(), ResponseError::UnknownTopicOrPartition);
+        return error_topic(
+            Some(name),
+            Uuid::nil(),
+            ResponseError::UnknownTopicOrPartition,
+        );
     }
-    match broker.topics.create(name, broker.config.num_partitions, TopicConfig::default(), &broker.config, broker.now_ms()) {
+    match broker.topics.create(
+        name,
+        broker.config.num_partitions,
+        TopicConfig::default(),
+        &broker.config,
+        broker.now_ms(),
+    ) {
         Ok(topic) => describe(broker, &topic),
         // Lost a race with another creator: describe what exists.
         Err(TopicError::AlreadyExists(_)) => match broker.topics.get(name) {
             Some(topic) => describe(broker, &topic),
             None => error_topic(Some(name), Uuid::nil(), ResponseError::LeaderNotAvailable),
         },
-        Err(TopicError::InvalidName(_)) => error_topic(Some(name), Uuid::nil(), ResponseError::InvalidTopicException),
+        Err(TopicError::InvalidName(_)) => error_topic(
+            Some(name),
+            Uuid::nil(),
+            ResponseError::InvalidTopicException,
+        ),
         Err(e) => {
             tracing::error!(topic = name, error = %e, "auto-creating topic failed");
             error_topic(Some(name), Uuid::nil(), ResponseError::KafkaStorageError)

@@ -55,12 +55,15 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
 ];
 
 pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
-    SUPPORTED.iter().any(|(k, min, max)| *k == api_key && (*min..=*max).contains(&version))
+    SUPPORTED
+        .iter()
+        .any(|(k, min, max)| *k == api_key && (*min..=*max).contains(&version))
 }
 
 /// What a handler gives back: an answer now, or a future one (a long-polling fetch,
 /// an acks=all produce waiting for fsync, admin work that touches the disk).
 /// `None` means no response is sent (acks=0).
+#[allow(clippy::large_enum_variant)] // one per request; boxing buys nothing
 pub enum Reply {
     Now(Option<ResponseKind>),
     Later(Pin<Box<dyn Future<Output = Option<ResponseKind>> + Send>>),
@@ -98,17 +101,34 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::Produce(r) => produce::handle(broker, r),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
         RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r, v)),
-        RequestKind::CreateTopics(r) => Reply::blocking(broker, move |b| create_topics::handle(b, r, v)),
-        RequestKind::DeleteTopics(r) => Reply::blocking(broker, move |b| delete_topics::handle(b, r, v)),
-        RequestKind::CreatePartitions(r) => Reply::blocking(broker, move |b| create_partitions::handle(b, r)),
-        RequestKind::DeleteRecords(r) => Reply::blocking(broker, move |b| delete_records::handle(b, r)),
+        RequestKind::CreateTopics(r) => {
+            Reply::blocking(broker, move |b| create_topics::handle(b, r, v))
+        }
+        RequestKind::DeleteTopics(r) => {
+            Reply::blocking(broker, move |b| delete_topics::handle(b, r, v))
+        }
+        RequestKind::CreatePartitions(r) => {
+            Reply::blocking(broker, move |b| create_partitions::handle(b, r))
+        }
+        RequestKind::DeleteRecords(r) => {
+            Reply::blocking(broker, move |b| delete_records::handle(b, r))
+        }
         RequestKind::DescribeConfigs(r) => Reply::now(configs::describe(broker, r, v)),
         RequestKind::AlterConfigs(r) => Reply::blocking(broker, move |b| configs::alter(b, r)),
-        RequestKind::IncrementalAlterConfigs(r) => Reply::blocking(broker, move |b| configs::incremental_alter(b, r)),
+        RequestKind::IncrementalAlterConfigs(r) => {
+            Reply::blocking(broker, move |b| configs::incremental_alter(b, r))
+        }
         RequestKind::DescribeCluster(r) => Reply::now(describe_cluster::handle(broker, r)),
-        RequestKind::FindCoordinator(r) => Reply::now(group::find_coordinator::handle(broker, r, v)),
+        RequestKind::FindCoordinator(r) => {
+            Reply::now(group::find_coordinator::handle(broker, r, v))
+        }
         RequestKind::JoinGroup(r) => {
-            let client_id = request.header.client_id.as_deref().unwrap_or_default().to_string();
+            let client_id = request
+                .header
+                .client_id
+                .as_deref()
+                .unwrap_or_default()
+                .to_string();
             group::join::handle(broker, client_id, r, v)
         }
         RequestKind::SyncGroup(r) => group::sync::handle(broker, r, v),
@@ -120,7 +140,9 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
         RequestKind::DescribeGroups(r) => Reply::now(group::describe_groups::handle(broker, r, v)),
         RequestKind::DeleteGroups(r) => group::delete_groups::handle(broker, r),
         RequestKind::OffsetDelete(r) => group::offset_delete::handle(broker, r),
-        RequestKind::InitProducerId(r) => Reply::blocking(broker, move |b| init_producer_id::handle(b, r)),
+        RequestKind::InitProducerId(r) => {
+            Reply::blocking(broker, move |b| init_producer_id::handle(b, r))
+        }
         other => {
             // is_supported() admitted it, so SUPPORTED and this match disagree.
             unreachable!("dispatch has no handler for {other:?}")

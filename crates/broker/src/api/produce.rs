@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use protocol::kafka_protocol::messages::produce_request::PartitionProduceData;
-use protocol::kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use protocol::kafka_protocol::messages::produce_response::{
+    PartitionProduceResponse, TopicProduceResponse,
+};
 use protocol::kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use protocol::record_batch::{batches, BatchError, BatchHeader};
 use protocol::ResponseError;
@@ -24,7 +25,9 @@ pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
     let now_ms = broker.now_ms();
     for topic_data in request.topic_data {
         let topic = broker.topics.get(&topic_data.name.0);
-        let max_batch_bytes = topic.as_ref().map(|t| t.config().max_message_bytes(&broker.config));
+        let max_batch_bytes = topic
+            .as_ref()
+            .map(|t| t.config().max_message_bytes(&broker.config));
         let mut topic_response = TopicProduceResponse::default().with_name(topic_data.name);
         for data in topic_data.partition_data {
             let index = data.index;
@@ -85,18 +88,31 @@ pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
 
 type AppendResult = Result<(Arc<Partition>, i64, i64), (ResponseError, Option<String>)>;
 
-fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now_ms: i64) -> AppendResult {
-    let partition = topic.partition(data.index).ok_or((ResponseError::UnknownTopicOrPartition, None))?;
-    let records = data.records.unwrap_or_else(Bytes::new);
+fn append(
+    topic: &Topic,
+    data: PartitionProduceData,
+    max_batch_bytes: usize,
+    now_ms: i64,
+) -> AppendResult {
+    let partition = topic
+        .partition(data.index)
+        .ok_or((ResponseError::UnknownTopicOrPartition, None))?;
+    let records = data.records.unwrap_or_default();
     let header = single_batch_header(&records)?;
     if header.total_bytes() > max_batch_bytes {
         return Err((
             ResponseError::MessageTooLarge,
-            Some(format!("batch of {} bytes exceeds max.message.bytes {max_batch_bytes}", header.total_bytes())),
+            Some(format!(
+                "batch of {} bytes exceeds max.message.bytes {max_batch_bytes}",
+                header.total_bytes()
+            )),
         ));
     }
     if header.is_transactional() || header.is_control() {
-        return Err((ResponseError::InvalidRecord, Some("transactional producers are not supported yet".into())));
+        return Err((
+            ResponseError::InvalidRecord,
+            Some("transactional producers are not supported yet".into()),
+        ));
     }
     // Lock order: producers, then log. Held across the append so that the check
     // and the record of a batch are one step for its producer.
@@ -111,7 +127,8 @@ fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now
             }
             Check::Reject(err) => {
                 let message = format!(
-                    "producer {} epoch {} sequence {} refused", header.producer_id, header.producer_epoch, header.base_sequence
+                    "producer {} epoch {} sequence {} refused",
+                    header.producer_id, header.producer_epoch, header.base_sequence
                 );
                 return Err((err, Some(message)));
             }
@@ -126,7 +143,10 @@ fn append(topic: &Topic, data: PartitionProduceData, max_batch_bytes: usize, now
             let start = log.log_start_offset();
             drop(log);
             if let Some(states) = &mut producers {
-                states.record(&BatchHeader { base_offset: info.base_offset, ..header });
+                states.record(&BatchHeader {
+                    base_offset: info.base_offset,
+                    ..header
+                });
             }
             drop(producers);
             Ok((partition, info.base_offset, start))
@@ -158,7 +178,9 @@ fn single_batch_header(records: &[u8]) -> Result<BatchHeader, (ResponseError, Op
 
 fn batch_error(e: BatchError) -> (ResponseError, Option<String>) {
     let err = match e {
-        BatchError::UnsupportedMagic(_) | BatchError::InconsistentCount { .. } => ResponseError::InvalidRecord,
+        BatchError::UnsupportedMagic(_) | BatchError::InconsistentCount { .. } => {
+            ResponseError::InvalidRecord
+        }
         BatchError::UnknownCompression(_) => ResponseError::UnsupportedCompressionType,
         BatchError::Truncated { .. }
         | BatchError::BadLength(_)

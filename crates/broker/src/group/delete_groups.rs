@@ -18,9 +18,15 @@ pub fn handle(broker: &Arc<Broker>, request: DeleteGroupsRequest) -> Reply {
     for id in request.groups_names {
         let result = broker.groups.delete(&id.0);
         if result.is_ok() && broker.groups.offsets().has_offsets(&id.0) {
-            tombstones.push(OffsetChange::DeleteGroup { group: id.0.to_string() });
+            tombstones.push(OffsetChange::DeleteGroup {
+                group: id.0.to_string(),
+            });
         }
-        results.push(DeletableGroupResult::default().with_group_id(id).with_error_code(result.err().map_or(0, code)));
+        results.push(
+            DeletableGroupResult::default()
+                .with_group_id(id)
+                .with_error_code(result.err().map_or(0, code)),
+        );
     }
     let mut response = DeleteGroupsResponse::default().with_results(results);
     if tombstones.is_empty() {
@@ -35,7 +41,12 @@ pub fn handle(broker: &Arc<Broker>, request: DeleteGroupsRequest) -> Reply {
                 _ => unreachable!("only group tombstones here"),
             })
             .collect();
-        if let Err(e) = broker.groups.offsets().commit(&broker.flusher, tombstones, broker.now_ms()).await {
+        if let Err(e) = broker
+            .groups
+            .offsets()
+            .commit(&broker.flusher, tombstones, broker.now_ms())
+            .await
+        {
             tracing::error!(groups = ?deleted, error = %e, "group deletion could not be made durable");
             for r in &mut response.results {
                 if r.error_code == 0 && deleted.iter().any(|g| **g == *r.group_id.0) {

@@ -2,7 +2,9 @@
 //! group (key type 0) and every transactional id (key type 1). v4 batches keys.
 
 use protocol::kafka_protocol::messages::find_coordinator_response::Coordinator;
-use protocol::kafka_protocol::messages::{BrokerId, FindCoordinatorRequest, FindCoordinatorResponse};
+use protocol::kafka_protocol::messages::{
+    BrokerId, FindCoordinatorRequest, FindCoordinatorResponse,
+};
 use protocol::ResponseError;
 
 use crate::api::{code, text};
@@ -11,7 +13,11 @@ use crate::Broker;
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
 
-pub fn handle(broker: &Broker, request: FindCoordinatorRequest, version: i16) -> FindCoordinatorResponse {
+pub fn handle(
+    broker: &Broker,
+    request: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
     let known_type = matches!(request.key_type, KEY_TYPE_GROUP | KEY_TYPE_TRANSACTION);
     let bad_type = || format!("unknown coordinator key type {}", request.key_type);
     if version >= 4 {

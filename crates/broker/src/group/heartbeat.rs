@@ -15,7 +15,11 @@ pub fn handle(broker: &Broker, request: HeartbeatRequest, version: i16) -> Heart
         match broker.groups.get(&group_id) {
             None => Err(ResponseError::UnknownMemberId),
             Some(cell) => {
-                let instance_id = if version >= 3 { request.group_instance_id.as_deref() } else { None };
+                let instance_id = if version >= 3 {
+                    request.group_instance_id.as_deref()
+                } else {
+                    None
+                };
                 broker.groups.with_group(&cell, |g, at, _| {
                     g.heartbeat(&request.member_id, instance_id, request.generation_id, at)
                 })

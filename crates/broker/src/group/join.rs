@@ -17,29 +17,52 @@ use crate::Broker;
 /// Times a JoinGroup retries a group that was dropped while it looked it up.
 const DEAD_GROUP_RETRIES: usize = 3;
 
-pub fn handle(broker: &Arc<Broker>, client_id: String, request: JoinGroupRequest, version: i16) -> Reply {
+pub fn handle(
+    broker: &Arc<Broker>,
+    client_id: String,
+    request: JoinGroupRequest,
+    version: i16,
+) -> Reply {
     let group_id = request.group_id.0.to_string();
     let member_id = request.member_id.to_string();
     let now = |outcome: JoinOutcome| Reply::Now(Some(response(outcome, version).into()));
     let config = broker.groups.config();
     if group_id.is_empty() {
-        return now(JoinOutcome::error(&member_id, ResponseError::InvalidGroupId));
+        return now(JoinOutcome::error(
+            &member_id,
+            ResponseError::InvalidGroupId,
+        ));
     }
     let session_ms = request.session_timeout_ms;
     if session_ms < config.min_session_timeout_ms || session_ms > config.max_session_timeout_ms {
-        return now(JoinOutcome::error(&member_id, ResponseError::InvalidSessionTimeout));
+        return now(JoinOutcome::error(
+            &member_id,
+            ResponseError::InvalidSessionTimeout,
+        ));
     }
     // v0 has no rebalance timeout: the session timeout serves as both.
-    let rebalance_ms = if version == 0 { session_ms } else { request.rebalance_timeout_ms.max(0) };
+    let rebalance_ms = if version == 0 {
+        session_ms
+    } else {
+        request.rebalance_timeout_ms.max(0)
+    };
     let join = JoinRequest {
         member_id: member_id.clone(),
-        group_instance_id: if version >= 5 { request.group_instance_id.map(|s| s.to_string()) } else { None },
+        group_instance_id: if version >= 5 {
+            request.group_instance_id.map(|s| s.to_string())
+        } else {
+            None
+        },
         client_id,
         client_host: String::new(),
         session_timeout: Duration::from_millis(session_ms as u64),
         rebalance_timeout: Duration::from_millis(rebalance_ms as u64),
         protocol_type: request.protocol_type.to_string(),
-        protocols: request.protocols.into_iter().map(|p| (p.name.to_string(), p.metadata)).collect(),
+        protocols: request
+            .protocols
+            .into_iter()
+            .map(|p| (p.name.to_string(), p.metadata))
+            .collect(),
         require_known_member_id: version >= 4,
         supports_skip_assignment: version >= 9,
     };
@@ -51,10 +74,17 @@ pub fn handle(broker: &Arc<Broker>, client_id: String, request: JoinGroupRequest
         } else {
             match broker.groups.get(&group_id) {
                 Some(cell) => cell,
-                None => return now(JoinOutcome::error(&member_id, ResponseError::UnknownMemberId)),
+                None => {
+                    return now(JoinOutcome::error(
+                        &member_id,
+                        ResponseError::UnknownMemberId,
+                    ))
+                }
             }
         };
-        let step = broker.groups.with_group(&cell, |g, at, config| g.join(join.clone(), at, config));
+        let step = broker
+            .groups
+            .with_group(&cell, |g, at, config| g.join(join.clone(), at, config));
         let dropped = matches!(&step, Step::Now(o) if o.error == Some(ResponseError::CoordinatorNotAvailable));
         if dropped && member_id.is_empty() && attempt < DEAD_GROUP_RETRIES {
             continue;
@@ -65,7 +95,9 @@ pub fn handle(broker: &Arc<Broker>, client_id: String, request: JoinGroupRequest
         Step::Now(outcome) => now(outcome),
         Step::Wait(answer) => Reply::Later(Box::pin(async move {
             // A dropped sender: the member was removed while it waited.
-            let outcome = answer.await.unwrap_or_else(|_| JoinOutcome::error("", ResponseError::UnknownMemberId));
+            let outcome = answer
+                .await
+                .unwrap_or_else(|_| JoinOutcome::error("", ResponseError::UnknownMemberId));
             Some(response(outcome, version).into())
         })),
     }
@@ -84,7 +116,11 @@ fn response(outcome: JoinOutcome, version: i16) -> JoinGroupResponse {
         .map(|(id, instance, metadata)| {
             JoinGroupResponseMember::default()
                 .with_member_id(text(id))
-                .with_group_instance_id(if version >= 5 { instance.map(text) } else { None })
+                .with_group_instance_id(if version >= 5 {
+                    instance.map(text)
+                } else {
+                    None
+                })
                 .with_metadata(metadata)
         })
         .collect();

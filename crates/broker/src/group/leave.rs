@@ -15,27 +15,41 @@ pub fn handle(broker: &Broker, request: LeaveGroupRequest, version: i16) -> Leav
         request
             .members
             .iter()
-            .map(|m| (m.member_id.to_string(), m.group_instance_id.as_ref().map(|s| s.to_string())))
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    m.group_instance_id.as_ref().map(|s| s.to_string()),
+                )
+            })
             .collect()
     } else {
         vec![(request.member_id.to_string(), None)]
     };
     let group_id = request.group_id.0.to_string();
-    let (top, results): (Option<ResponseError>, Vec<Result<(), ResponseError>>) = if group_id.is_empty() {
-        (Some(ResponseError::InvalidGroupId), Vec::new())
-    } else {
-        match broker.groups.get(&group_id) {
-            None => (None, leaving.iter().map(|_| Err(ResponseError::UnknownMemberId)).collect()),
-            Some(cell) => broker.groups.with_group(&cell, |g, at, config| {
-                if g.state == GroupState::Dead {
-                    return (Some(ResponseError::CoordinatorNotAvailable), Vec::new());
-                }
-                let results =
-                    leaving.iter().map(|(id, instance)| g.leave(id, instance.as_deref(), at, config)).collect();
-                (None, results)
-            }),
-        }
-    };
+    let (top, results): (Option<ResponseError>, Vec<Result<(), ResponseError>>) =
+        if group_id.is_empty() {
+            (Some(ResponseError::InvalidGroupId), Vec::new())
+        } else {
+            match broker.groups.get(&group_id) {
+                None => (
+                    None,
+                    leaving
+                        .iter()
+                        .map(|_| Err(ResponseError::UnknownMemberId))
+                        .collect(),
+                ),
+                Some(cell) => broker.groups.with_group(&cell, |g, at, config| {
+                    if g.state == GroupState::Dead {
+                        return (Some(ResponseError::CoordinatorNotAvailable), Vec::new());
+                    }
+                    let results = leaving
+                        .iter()
+                        .map(|(id, instance)| g.leave(id, instance.as_deref(), at, config))
+                        .collect();
+                    (None, results)
+                }),
+            }
+        };
     if version < 3 {
         // One member: its error is the answer's.
         let error = top.or_else(|| results.iter().find_map(|r| r.err()));
@@ -51,5 +65,7 @@ pub fn handle(broker: &Broker, request: LeaveGroupRequest, version: i16) -> Leav
                 .with_error_code(result.err().map_or(0, code))
         })
         .collect();
-    LeaveGroupResponse::default().with_error_code(top.map_or(0, code)).with_members(members)
+    LeaveGroupResponse::default()
+        .with_error_code(top.map_or(0, code))
+        .with_members(members)
 }

@@ -8,8 +8,15 @@ use crate::api::text;
 use crate::Broker;
 
 pub fn handle(broker: &Broker, request: ListGroupsRequest, version: i16) -> ListGroupsResponse {
-    let states: Vec<String> =
-        if version >= 4 { request.states_filter.iter().map(|s| s.to_ascii_lowercase()).collect() } else { Vec::new() };
+    let states: Vec<String> = if version >= 4 {
+        request
+            .states_filter
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut groups = Vec::new();
     for cell in broker.groups.all() {
         let group = cell.lock();

@@ -125,7 +125,12 @@ pub struct JoinOutcome {
 
 impl JoinOutcome {
     fn error(member_id: &str, error: ResponseError) -> JoinOutcome {
-        JoinOutcome { error: Some(error), generation_id: -1, member_id: member_id.to_string(), ..Default::default() }
+        JoinOutcome {
+            error: Some(error),
+            generation_id: -1,
+            member_id: member_id.to_string(),
+            ..Default::default()
+        }
     }
 }
 
@@ -190,7 +195,11 @@ pub struct Member {
 
 impl Member {
     pub fn metadata(&self, protocol: &str) -> Bytes {
-        self.protocols.iter().find(|(name, _)| name == protocol).map(|(_, m)| m.clone()).unwrap_or_default()
+        self.protocols
+            .iter()
+            .find(|(name, _)| name == protocol)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
     }
 
     fn is_awaiting_join(&self) -> bool {
@@ -243,7 +252,10 @@ pub fn decode_subscription(metadata: &Bytes) -> Option<Vec<String>> {
 enum JoinTimer {
     /// `group.initial.rebalance.delay.ms` for a group that was Empty: never completes
     /// early; extended while new members arrive, up to the rebalance timeout.
-    Initial { deadline: Instant, remaining: Duration },
+    Initial {
+        deadline: Instant,
+        remaining: Duration,
+    },
     /// Completes when every member has rejoined, or at the deadline.
     Normal { deadline: Instant },
 }
@@ -305,15 +317,23 @@ impl Group {
     }
 
     fn is_idle(&self) -> bool {
-        self.state == GroupState::Empty && self.members.is_empty() && self.pending_members.is_empty()
+        self.state == GroupState::Empty
+            && self.members.is_empty()
+            && self.pending_members.is_empty()
     }
 
     /// Kafka's `validateCurrentMember`: a static member must map to this member id,
     /// and the member must be in the group.
-    pub fn validate_member(&self, member_id: &str, instance_id: Option<&str>) -> Result<(), ResponseError> {
+    pub fn validate_member(
+        &self,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Result<(), ResponseError> {
         if let Some(instance) = instance_id {
             match self.static_members.get(instance) {
-                Some(current) if current != member_id => return Err(ResponseError::FencedInstanceId),
+                Some(current) if current != member_id => {
+                    return Err(ResponseError::FencedInstanceId)
+                }
                 Some(_) => {}
                 None => return Err(ResponseError::UnknownMemberId),
             }
@@ -329,9 +349,11 @@ impl Group {
             return !protocol_type.is_empty() && !protocols.is_empty();
         }
         self.protocol_type.as_deref() == Some(protocol_type)
-            && protocols
-                .iter()
-                .any(|(name, _)| self.members.values().all(|m| m.protocols.iter().any(|(n, _)| n == name)))
+            && protocols.iter().any(|(name, _)| {
+                self.members
+                    .values()
+                    .all(|m| m.protocols.iter().any(|(n, _)| n == name))
+            })
     }
 
     /// The protocol most members prefer among those all of them support.
@@ -342,7 +364,11 @@ impl Group {
                 .protocols
                 .iter()
                 .map(|(n, _)| n)
-                .filter(|n| self.members.values().all(|m| m.protocols.iter().any(|(p, _)| p == *n)))
+                .filter(|n| {
+                    self.members
+                        .values()
+                        .all(|m| m.protocols.iter().any(|(p, _)| p == *n))
+                })
                 .collect(),
         };
         let mut votes: Vec<(&String, usize)> = candidates.iter().map(|c| (*c, 0)).collect();
@@ -364,7 +390,11 @@ impl Group {
     }
 
     fn rebalance_timeout(&self) -> Duration {
-        self.members.values().map(|m| m.rebalance_timeout).max().unwrap_or_default()
+        self.members
+            .values()
+            .map(|m| m.rebalance_timeout)
+            .max()
+            .unwrap_or_default()
     }
 
     fn all_members_joined(&self) -> bool {
@@ -373,7 +403,16 @@ impl Group {
 
     fn current_member_metadata(&self) -> Vec<(String, Option<String>, Bytes)> {
         let protocol = self.protocol_name.clone().unwrap_or_default();
-        self.members.values().map(|m| (m.id.clone(), m.group_instance_id.clone(), m.metadata(&protocol))).collect()
+        self.members
+            .values()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    m.group_instance_id.clone(),
+                    m.metadata(&protocol),
+                )
+            })
+            .collect()
     }
 
     fn outcome_for(&self, member_id: &str, with_members: bool) -> JoinOutcome {
@@ -385,7 +424,11 @@ impl Group {
             leader: self.leader.clone().unwrap_or_default(),
             member_id: member_id.to_string(),
             skip_assignment: false,
-            members: if with_members { self.current_member_metadata() } else { Vec::new() },
+            members: if with_members {
+                self.current_member_metadata()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -393,39 +436,70 @@ impl Group {
     fn next_deadline(&self) -> Option<Instant> {
         let members = self.members.values().filter_map(Member::expiry);
         let pending = self.pending_members.values().copied();
-        let timers = self.join_timer.as_ref().map(JoinTimer::deadline).into_iter().chain(self.pending_sync_deadline);
+        let timers = self
+            .join_timer
+            .as_ref()
+            .map(JoinTimer::deadline)
+            .into_iter()
+            .chain(self.pending_sync_deadline);
         members.chain(pending).chain(timers).min()
     }
 
     // ---- the state machine ------------------------------------------------------
 
-    pub fn join(&mut self, request: JoinRequest, now: Instant, config: &GroupConfig) -> Step<JoinOutcome> {
+    pub fn join(
+        &mut self,
+        request: JoinRequest,
+        now: Instant,
+        config: &GroupConfig,
+    ) -> Step<JoinOutcome> {
         let step = self.join_inner(request, now, config);
         self.try_complete_join(now);
         step
     }
 
-    fn join_inner(&mut self, request: JoinRequest, now: Instant, config: &GroupConfig) -> Step<JoinOutcome> {
+    fn join_inner(
+        &mut self,
+        request: JoinRequest,
+        now: Instant,
+        config: &GroupConfig,
+    ) -> Step<JoinOutcome> {
         let member_id = request.member_id.clone();
         if self.state == GroupState::Dead {
             // Deleted or dropped while we looked it up: the client finds the
             // coordinator again and rejoins a fresh group.
-            return Step::Now(JoinOutcome::error(&member_id, ResponseError::CoordinatorNotAvailable));
+            return Step::Now(JoinOutcome::error(
+                &member_id,
+                ResponseError::CoordinatorNotAvailable,
+            ));
         }
         if !self.supports_protocols(&request.protocol_type, &request.protocols) {
-            return Step::Now(JoinOutcome::error(&member_id, ResponseError::InconsistentGroupProtocol));
+            return Step::Now(JoinOutcome::error(
+                &member_id,
+                ResponseError::InconsistentGroupProtocol,
+            ));
         }
         if member_id.is_empty() {
-            let known_static = request.group_instance_id.as_ref().and_then(|i| self.static_members.get(i)).cloned();
-            if known_static.is_none() && self.members.len() + self.pending_members.len() >= config.max_group_size {
+            let known_static = request
+                .group_instance_id
+                .as_ref()
+                .and_then(|i| self.static_members.get(i))
+                .cloned();
+            if known_static.is_none()
+                && self.members.len() + self.pending_members.len() >= config.max_group_size
+            {
                 return Step::Now(JoinOutcome::error("", ResponseError::GroupMaxSizeReached));
             }
-            let prefix = request.group_instance_id.as_deref().unwrap_or(&request.client_id);
+            let prefix = request
+                .group_instance_id
+                .as_deref()
+                .unwrap_or(&request.client_id);
             let new_id = format!("{prefix}-{}", uuid::Uuid::new_v4());
             return match known_static {
                 Some(old_id) => self.replace_static_member(&old_id, new_id, request, now),
                 None if request.group_instance_id.is_none() && request.require_known_member_id => {
-                    self.pending_members.insert(new_id.clone(), now + request.session_timeout);
+                    self.pending_members
+                        .insert(new_id.clone(), now + request.session_timeout);
                     Step::Now(JoinOutcome::error(&new_id, ResponseError::MemberIdRequired))
                 }
                 None => self.add_member(new_id, request, now, config),
@@ -450,10 +524,13 @@ impl Group {
             }
             // A leader's JoinGroup in Stable forces a rebalance (its view of topic
             // metadata may have changed); changed metadata does too.
-            GroupState::CompletingRebalance | GroupState::Stable => self.update_member(request, now, config),
-            GroupState::Empty | GroupState::Dead => {
-                Step::Now(JoinOutcome::error(&member_id, ResponseError::UnknownMemberId))
+            GroupState::CompletingRebalance | GroupState::Stable => {
+                self.update_member(request, now, config)
             }
+            GroupState::Empty | GroupState::Dead => Step::Now(JoinOutcome::error(
+                &member_id,
+                ResponseError::UnknownMemberId,
+            )),
         }
     }
 
@@ -498,16 +575,27 @@ impl Group {
         Step::Wait(rx)
     }
 
-    fn update_member(&mut self, request: JoinRequest, now: Instant, config: &GroupConfig) -> Step<JoinOutcome> {
+    fn update_member(
+        &mut self,
+        request: JoinRequest,
+        now: Instant,
+        config: &GroupConfig,
+    ) -> Step<JoinOutcome> {
         let (tx, rx) = oneshot::channel();
-        let member = self.members.get_mut(&request.member_id).expect("validated member");
+        let member = self
+            .members
+            .get_mut(&request.member_id)
+            .expect("validated member");
         member.protocols = request.protocols;
         member.rebalance_timeout = request.rebalance_timeout;
         member.session_timeout = request.session_timeout;
         member.client_id = request.client_id;
         if let Some(previous) = member.awaiting_join.replace(tx) {
             // The client gave up on its earlier JoinGroup and sent another.
-            let _ = previous.send(JoinOutcome::error(&member.id, ResponseError::RebalanceInProgress));
+            let _ = previous.send(JoinOutcome::error(
+                &member.id,
+                ResponseError::RebalanceInProgress,
+            ));
         }
         self.maybe_prepare_rebalance(now, config);
         Step::Wait(rx)
@@ -523,7 +611,10 @@ impl Group {
         now: Instant,
     ) -> Step<JoinOutcome> {
         let previous_leader = self.leader.clone().unwrap_or_default();
-        let mut member = self.members.remove(old_id).expect("static member is a member");
+        let mut member = self
+            .members
+            .remove(old_id)
+            .expect("static member is a member");
         if let Some(join) = member.awaiting_join.take() {
             let _ = join.send(JoinOutcome::error(old_id, ResponseError::FencedInstanceId));
         }
@@ -543,7 +634,10 @@ impl Group {
         if self.pending_sync.remove(old_id) {
             self.pending_sync.insert(new_id.clone());
         }
-        let instance = request.group_instance_id.clone().expect("static member has an instance id");
+        let instance = request
+            .group_instance_id
+            .clone()
+            .expect("static member has an instance id");
         self.static_members.insert(instance, new_id.clone());
         self.members.insert(new_id.clone(), member);
         match self.state {
@@ -564,13 +658,19 @@ impl Group {
             }
             GroupState::Stable | GroupState::CompletingRebalance => {
                 let (tx, rx) = oneshot::channel();
-                self.members.get_mut(&new_id).expect("just inserted").awaiting_join = Some(tx);
+                self.members
+                    .get_mut(&new_id)
+                    .expect("just inserted")
+                    .awaiting_join = Some(tx);
                 self.prepare_rebalance(now);
                 Step::Wait(rx)
             }
             GroupState::PreparingRebalance => {
                 let (tx, rx) = oneshot::channel();
-                self.members.get_mut(&new_id).expect("just inserted").awaiting_join = Some(tx);
+                self.members
+                    .get_mut(&new_id)
+                    .expect("just inserted")
+                    .awaiting_join = Some(tx);
                 Step::Wait(rx)
             }
             GroupState::Empty | GroupState::Dead => {
@@ -609,7 +709,10 @@ impl Group {
             GroupState::PreparingRebalance => Step::Now(Err(ResponseError::RebalanceInProgress)),
             GroupState::CompletingRebalance => {
                 let (tx, rx) = oneshot::channel();
-                self.members.get_mut(member_id).expect("validated").awaiting_sync = Some(tx);
+                self.members
+                    .get_mut(member_id)
+                    .expect("validated")
+                    .awaiting_sync = Some(tx);
                 self.remove_pending_sync(member_id);
                 if self.is_leader(member_id) {
                     let mut given: HashMap<String, Bytes> = assignments.into_iter().collect();
@@ -626,7 +729,11 @@ impl Group {
                 self.remove_pending_sync(member_id);
                 let member = self.members.get_mut(member_id).expect("validated");
                 member.deadline = now + member.session_timeout;
-                Step::Now(Ok((self.protocol_type.clone(), self.protocol_name.clone(), member.assignment.clone())))
+                Step::Now(Ok((
+                    self.protocol_type.clone(),
+                    self.protocol_name.clone(),
+                    member.assignment.clone(),
+                )))
             }
         }
     }
@@ -690,7 +797,9 @@ impl Group {
         config: &GroupConfig,
     ) -> Result<(), ResponseError> {
         if member_id.is_empty() {
-            let current = instance_id.and_then(|i| self.static_members.get(i)).cloned();
+            let current = instance_id
+                .and_then(|i| self.static_members.get(i))
+                .cloned();
             let current = current.ok_or(ResponseError::UnknownMemberId)?;
             self.remove_member_and_update(&current, now, config);
             return Ok(());
@@ -738,9 +847,10 @@ impl Group {
     /// metadata; undecodable metadata subscribes to nothing)?
     pub fn is_subscribed_to(&self, topic: &str) -> bool {
         let protocol = self.protocol_name.as_deref();
-        self.members
-            .values()
-            .any(|m| m.subscribed_topics(protocol).is_some_and(|topics| topics.iter().any(|t| t == topic)))
+        self.members.values().any(|m| {
+            m.subscribed_topics(protocol)
+                .is_some_and(|topics| topics.iter().any(|t| t == topic))
+        })
     }
 
     fn remove_member(&mut self, member_id: &str) -> Option<Member> {
@@ -764,7 +874,9 @@ impl Group {
         // requests are answered UNKNOWN_MEMBER_ID, so a live client rejoins.
         drop(self.remove_member(member_id));
         match self.state {
-            GroupState::Stable | GroupState::CompletingRebalance => self.maybe_prepare_rebalance(now, config),
+            GroupState::Stable | GroupState::CompletingRebalance => {
+                self.maybe_prepare_rebalance(now, config)
+            }
             GroupState::PreparingRebalance => self.try_complete_join(now),
             GroupState::Empty | GroupState::Dead => {}
         }
@@ -778,7 +890,10 @@ impl Group {
     }
 
     fn maybe_prepare_rebalance(&mut self, now: Instant, _config: &GroupConfig) {
-        if matches!(self.state, GroupState::Stable | GroupState::CompletingRebalance | GroupState::Empty) {
+        if matches!(
+            self.state,
+            GroupState::Stable | GroupState::CompletingRebalance | GroupState::Empty
+        ) {
             self.prepare_rebalance(now);
         }
     }
@@ -791,9 +906,14 @@ impl Group {
         let timeout = self.rebalance_timeout();
         self.join_timer = Some(if self.state == GroupState::Empty {
             let delay = Duration::from_millis(self.initial_delay_ms);
-            JoinTimer::Initial { deadline: now + delay, remaining: timeout.saturating_sub(delay) }
+            JoinTimer::Initial {
+                deadline: now + delay,
+                remaining: timeout.saturating_sub(delay),
+            }
         } else {
-            JoinTimer::Normal { deadline: now + timeout }
+            JoinTimer::Normal {
+                deadline: now + timeout,
+            }
         });
         tracing::info!(group = %self.id, generation = self.generation_id, members = self.members.len(), "preparing to rebalance");
         self.state = GroupState::PreparingRebalance;
@@ -830,7 +950,9 @@ impl Group {
         if !self.members.is_empty() && !self.elect_joined_leader() {
             // Only static members that did not rejoin are left: wait another
             // rebalance timeout for them (their sessions expire meanwhile).
-            self.join_timer = Some(JoinTimer::Normal { deadline: now + self.rebalance_timeout() });
+            self.join_timer = Some(JoinTimer::Normal {
+                deadline: now + self.rebalance_timeout(),
+            });
             return;
         }
         self.generation_id += 1;
@@ -870,7 +992,11 @@ impl Group {
         let Some(leader) = self.leader.clone() else {
             return false;
         };
-        if self.members.get(&leader).is_some_and(Member::is_awaiting_join) {
+        if self
+            .members
+            .get(&leader)
+            .is_some_and(Member::is_awaiting_join)
+        {
             return true;
         }
         match self.members.values().find(|m| m.is_awaiting_join()) {
@@ -888,22 +1014,40 @@ impl Group {
         if self.state == GroupState::Dead {
             return;
         }
-        let expired: Vec<String> = self.members.values().filter(|m| m.expired(now)).map(|m| m.id.clone()).collect();
+        let expired: Vec<String> = self
+            .members
+            .values()
+            .filter(|m| m.expired(now))
+            .map(|m| m.id.clone())
+            .collect();
         for id in expired {
             tracing::info!(group = %self.id, member = %id, "member session expired; removing it");
             self.remove_member_and_update(&id, now, config);
         }
-        let expired: Vec<String> =
-            self.pending_members.iter().filter(|(_, d)| **d <= now).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> = self
+            .pending_members
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in expired {
             self.remove_pending_member(&id, now);
         }
-        if self.join_timer.as_ref().is_some_and(|t| t.deadline() <= now) {
+        if self
+            .join_timer
+            .as_ref()
+            .is_some_and(|t| t.deadline() <= now)
+        {
             match self.join_timer.take() {
-                Some(JoinTimer::Initial { remaining, .. }) if self.new_member_added && !remaining.is_zero() => {
+                Some(JoinTimer::Initial { remaining, .. })
+                    if self.new_member_added && !remaining.is_zero() =>
+                {
                     self.new_member_added = false;
                     let delay = Duration::from_millis(self.initial_delay_ms).min(remaining);
-                    self.join_timer = Some(JoinTimer::Initial { deadline: now + delay, remaining: remaining - delay });
+                    self.join_timer = Some(JoinTimer::Initial {
+                        deadline: now + delay,
+                        remaining: remaining - delay,
+                    });
                 }
                 _ => {
                     self.new_member_added = false;
@@ -913,8 +1057,10 @@ impl Group {
         }
         if self.pending_sync_deadline.is_some_and(|d| d <= now) {
             self.pending_sync_deadline = None;
-            if matches!(self.state, GroupState::CompletingRebalance | GroupState::Stable)
-                && !self.pending_sync.is_empty()
+            if matches!(
+                self.state,
+                GroupState::CompletingRebalance | GroupState::Stable
+            ) && !self.pending_sync.is_empty()
             {
                 let laggards: Vec<String> = self.pending_sync.iter().cloned().collect();
                 tracing::info!(group = %self.id, members = ?laggards, "removing members that sent no SyncGroup in time");
@@ -954,19 +1100,31 @@ pub struct GroupCoordinator {
 impl GroupCoordinator {
     /// Opens the offsets log under `data_dir` and replays it: every group with
     /// committed offsets exists again, Empty.
-    pub fn open(data_dir: &Path, config: GroupConfig, now_ms: i64) -> Result<GroupCoordinator, storage::StorageError> {
+    pub fn open(
+        data_dir: &Path,
+        config: GroupConfig,
+        now_ms: i64,
+    ) -> Result<GroupCoordinator, storage::StorageError> {
         let offsets = OffsetsStore::open(data_dir, now_ms)?;
         let mut groups = HashMap::new();
         for id in offsets.groups() {
             groups.insert(id.clone(), new_cell(&id, &config));
         }
         Ok(GroupCoordinator {
-            shared: Arc::new(Shared { groups: Mutex::new(groups), offsets, config: RwLock::new(config) }),
+            shared: Arc::new(Shared {
+                groups: Mutex::new(groups),
+                offsets,
+                config: RwLock::new(config),
+            }),
         })
     }
 
     pub fn config(&self) -> GroupConfig {
-        self.shared.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Replaces the settings (tests shorten the session-timeout bounds and delays).
@@ -974,7 +1132,11 @@ impl GroupCoordinator {
         for cell in self.all() {
             cell.lock().initial_delay_ms = config.initial_rebalance_delay_ms;
         }
-        *self.shared.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self
+            .shared
+            .config
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     pub fn offsets(&self) -> &OffsetsStore {
@@ -991,7 +1153,10 @@ impl GroupCoordinator {
 
     pub fn get_or_create(&self, id: &str) -> Arc<GroupCell> {
         let config = self.config();
-        self.registry().entry(id.to_string()).or_insert_with(|| new_cell(id, &config)).clone()
+        self.registry()
+            .entry(id.to_string())
+            .or_insert_with(|| new_cell(id, &config))
+            .clone()
     }
 
     /// Every group, in id order.
@@ -1004,7 +1169,11 @@ impl GroupCoordinator {
     /// Runs `f` on the group under its lock, then makes sure its timer task sees the
     /// new deadlines, and drops the group if it is left with nothing (no members, no
     /// offsets), as Kafka's periodic cleanup would.
-    pub fn with_group<R>(&self, cell: &Arc<GroupCell>, f: impl FnOnce(&mut Group, Instant, &GroupConfig) -> R) -> R {
+    pub fn with_group<R>(
+        &self,
+        cell: &Arc<GroupCell>,
+        f: impl FnOnce(&mut Group, Instant, &GroupConfig) -> R,
+    ) -> R {
         let config = self.config();
         let (result, idle) = {
             let mut group = cell.lock();
@@ -1068,7 +1237,11 @@ impl GroupCoordinator {
 fn new_cell(id: &str, config: &GroupConfig) -> Arc<GroupCell> {
     let mut group = Group::new(id);
     group.initial_delay_ms = config.initial_rebalance_delay_ms;
-    Arc::new(GroupCell { id: id.to_string(), state: Mutex::new(group), wake: Notify::new() })
+    Arc::new(GroupCell {
+        id: id.to_string(),
+        state: Mutex::new(group),
+        wake: Notify::new(),
+    })
 }
 
 fn remove_if_idle(shared: &Shared, cell: &Arc<GroupCell>) {
@@ -1090,7 +1263,11 @@ async fn run_timer(shared: Weak<Shared>, cell: Arc<GroupCell>) {
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        let config = strong.config.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let config = strong
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let (deadline, idle) = {
             let mut group = cell.lock();
             group.on_deadlines(Instant::now(), &config);
@@ -1098,7 +1275,10 @@ async fn run_timer(shared: Weak<Shared>, cell: Arc<GroupCell>) {
             if next.is_none() || group.state == GroupState::Dead {
                 group.timer_running = false;
             }
-            (next.filter(|_| group.state != GroupState::Dead), group.is_idle())
+            (
+                next.filter(|_| group.state != GroupState::Dead),
+                group.is_idle(),
+            )
         };
         if idle {
             remove_if_idle(&strong, &cell);

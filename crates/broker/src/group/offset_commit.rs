@@ -16,9 +16,19 @@ use crate::Broker;
 pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) -> Reply {
     let group_id = request.group_id.0.to_string();
     let member_id = request.member_id.to_string();
-    let instance_id = if version >= 7 { request.group_instance_id.as_ref().map(|s| s.to_string()) } else { None };
+    let instance_id = if version >= 7 {
+        request.group_instance_id.as_ref().map(|s| s.to_string())
+    } else {
+        None
+    };
     let generation_id = request.generation_id_or_member_epoch;
-    let group_error = validate_group(broker, &group_id, &member_id, instance_id.as_deref(), generation_id);
+    let group_error = validate_group(
+        broker,
+        &group_id,
+        &member_id,
+        instance_id.as_deref(),
+        generation_id,
+    );
     let max_metadata = broker.groups.config().max_offset_metadata_bytes;
     let now_ms = broker.now_ms();
     let mut changes = Vec::new();
@@ -27,12 +37,18 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) 
         let known = broker.topics.get(&topic.name.0);
         let mut partitions = Vec::with_capacity(topic.partitions.len());
         for p in topic.partitions {
-            let exists = known.as_ref().is_some_and(|t| t.partition(p.partition_index).is_some());
+            let exists = known
+                .as_ref()
+                .is_some_and(|t| t.partition(p.partition_index).is_some());
             let error = if !exists {
                 Some(ResponseError::UnknownTopicOrPartition)
             } else if let Err(e) = group_error {
                 Some(e)
-            } else if p.committed_metadata.as_ref().is_some_and(|m| m.len() > max_metadata) {
+            } else if p
+                .committed_metadata
+                .as_ref()
+                .is_some_and(|m| m.len() > max_metadata)
+            {
                 Some(ResponseError::OffsetMetadataTooLarge)
             } else {
                 changes.push(OffsetChange::Commit {
@@ -41,7 +57,11 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) 
                     partition: p.partition_index,
                     offset: CommittedOffset {
                         offset: p.committed_offset,
-                        leader_epoch: if version >= 6 { p.committed_leader_epoch } else { -1 },
+                        leader_epoch: if version >= 6 {
+                            p.committed_leader_epoch
+                        } else {
+                            -1
+                        },
                         metadata: p.committed_metadata.map(|m| m.to_string()),
                         commit_timestamp_ms: now_ms,
                     },
@@ -54,14 +74,23 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) 
                     .with_error_code(error.map_or(0, code)),
             );
         }
-        response.topics.push(OffsetCommitResponseTopic::default().with_name(topic.name).with_partitions(partitions));
+        response.topics.push(
+            OffsetCommitResponseTopic::default()
+                .with_name(topic.name)
+                .with_partitions(partitions),
+        );
     }
     if changes.is_empty() {
         return Reply::Now(Some(response.into()));
     }
     let broker = broker.clone();
     Reply::Later(Box::pin(async move {
-        match broker.groups.offsets().commit(&broker.flusher, changes, now_ms).await {
+        match broker
+            .groups
+            .offsets()
+            .commit(&broker.flusher, changes, now_ms)
+            .await
+        {
             Ok(()) => broker.groups.ensure_group(&group_id),
             Err(e) => {
                 tracing::error!(group = %group_id, error = %e, "offset commit could not be made durable");
@@ -94,5 +123,7 @@ fn validate_group(
         None if generation_id < 0 => broker.groups.get_or_create(group_id),
         None => return Err(ResponseError::IllegalGeneration),
     };
-    broker.groups.with_group(&cell, |g, at, _| g.validate_commit(member_id, instance_id, generation_id, at))
+    broker.groups.with_group(&cell, |g, at, _| {
+        g.validate_commit(member_id, instance_id, generation_id, at)
+    })
 }

@@ -24,18 +24,34 @@ enum Eligible {
 
 pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
     let group_id = request.group_id.0.to_string();
-    let error = |e: ResponseError| Reply::Now(Some(OffsetDeleteResponse::default().with_error_code(code(e)).into()));
+    let error = |e: ResponseError| {
+        Reply::Now(Some(
+            OffsetDeleteResponse::default()
+                .with_error_code(code(e))
+                .into(),
+        ))
+    };
     let Some(cell) = broker.groups.get(&group_id) else {
         return error(ResponseError::GroupIdNotFound);
     };
-    let requested: Vec<String> = request.topics.iter().map(|t| t.name.0.to_string()).collect();
+    let requested: Vec<String> = request
+        .topics
+        .iter()
+        .map(|t| t.name.0.to_string())
+        .collect();
     let eligible = {
         let group = cell.lock();
         match group.state {
             GroupState::Dead => return error(ResponseError::GroupIdNotFound),
             GroupState::Empty => Eligible::All,
             _ if group.protocol_type.as_deref() == Some(CONSUMER_PROTOCOL_TYPE) => {
-                Eligible::Unsubscribed(requested.iter().filter(|t| group.is_subscribed_to(t)).cloned().collect())
+                Eligible::Unsubscribed(
+                    requested
+                        .iter()
+                        .filter(|t| group.is_subscribed_to(t))
+                        .cloned()
+                        .collect(),
+                )
             }
             _ => return error(ResponseError::NonEmptyGroup),
         }
@@ -56,7 +72,12 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
                 } else if subscribed {
                     Some(ResponseError::GroupSubscribedToTopic)
                 } else {
-                    if broker.groups.offsets().fetch(&group_id, &name, index).is_some() {
+                    if broker
+                        .groups
+                        .offsets()
+                        .fetch(&group_id, &name, index)
+                        .is_some()
+                    {
                         tombstones.push(OffsetChange::DeleteOffset {
                             group: group_id.clone(),
                             topic: name.clone(),
@@ -70,17 +91,28 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
                     .with_error_code(err.map_or(0, code))
             })
             .collect();
-        response.topics.push(OffsetDeleteResponseTopic::default().with_name(topic.name).with_partitions(partitions));
+        response.topics.push(
+            OffsetDeleteResponseTopic::default()
+                .with_name(topic.name)
+                .with_partitions(partitions),
+        );
     }
     if tombstones.is_empty() {
         return Reply::Now(Some(response.into()));
     }
     let broker = broker.clone();
     Reply::Later(Box::pin(async move {
-        if let Err(e) = broker.groups.offsets().commit(&broker.flusher, tombstones, broker.now_ms()).await {
+        if let Err(e) = broker
+            .groups
+            .offsets()
+            .commit(&broker.flusher, tombstones, broker.now_ms())
+            .await
+        {
             tracing::error!(group = %group_id, error = %e, "offset deletion could not be made durable");
             return Some(
-                OffsetDeleteResponse::default().with_error_code(code(ResponseError::CoordinatorNotAvailable)).into(),
+                OffsetDeleteResponse::default()
+                    .with_error_code(code(ResponseError::CoordinatorNotAvailable))
+                    .into(),
             );
         }
         // An Empty group left without offsets is gone, as Kafka's cleanup does.

@@ -4,8 +4,8 @@
 //! waiting here: there are no transactional offset commits to be pending.
 
 use protocol::kafka_protocol::messages::offset_fetch_response::{
-    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions, OffsetFetchResponseTopic,
-    OffsetFetchResponseTopics,
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use protocol::kafka_protocol::messages::{OffsetFetchRequest, OffsetFetchResponse, TopicName};
 
@@ -22,48 +22,61 @@ pub fn handle(broker: &Broker, request: OffsetFetchRequest, version: i16) -> Off
             .groups
             .into_iter()
             .map(|g| {
-                let wanted =
-                    g.topics.map(|ts| ts.into_iter().map(|t| (t.name.0.to_string(), t.partition_indexes)).collect());
+                let wanted = g.topics.map(|ts| {
+                    ts.into_iter()
+                        .map(|t| (t.name.0.to_string(), t.partition_indexes))
+                        .collect()
+                });
                 let topics = fetch(broker, &g.group_id, wanted)
                     .into_iter()
                     .map(|(name, partitions)| {
-                        OffsetFetchResponseTopics::default().with_name(topic_name(name)).with_partitions(
-                            partitions
-                                .into_iter()
-                                .map(|(index, c)| {
-                                    let (offset, epoch, metadata) = split(c);
-                                    OffsetFetchResponsePartitions::default()
-                                        .with_partition_index(index)
-                                        .with_committed_offset(offset)
-                                        .with_committed_leader_epoch(epoch)
-                                        .with_metadata(Some(text(metadata)))
-                                })
-                                .collect(),
-                        )
+                        OffsetFetchResponseTopics::default()
+                            .with_name(topic_name(name))
+                            .with_partitions(
+                                partitions
+                                    .into_iter()
+                                    .map(|(index, c)| {
+                                        let (offset, epoch, metadata) = split(c);
+                                        OffsetFetchResponsePartitions::default()
+                                            .with_partition_index(index)
+                                            .with_committed_offset(offset)
+                                            .with_committed_leader_epoch(epoch)
+                                            .with_metadata(Some(text(metadata)))
+                                    })
+                                    .collect(),
+                            )
                     })
                     .collect();
-                OffsetFetchResponseGroup::default().with_group_id(g.group_id).with_topics(topics)
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(g.group_id)
+                    .with_topics(topics)
             })
             .collect();
         return OffsetFetchResponse::default().with_groups(groups);
     }
-    let wanted = request.topics.map(|ts| ts.into_iter().map(|t| (t.name.0.to_string(), t.partition_indexes)).collect());
+    let wanted = request.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes))
+            .collect()
+    });
     let topics = fetch(broker, &request.group_id, wanted)
         .into_iter()
         .map(|(name, partitions)| {
-            OffsetFetchResponseTopic::default().with_name(topic_name(name)).with_partitions(
-                partitions
-                    .into_iter()
-                    .map(|(index, c)| {
-                        let (offset, epoch, metadata) = split(c);
-                        OffsetFetchResponsePartition::default()
-                            .with_partition_index(index)
-                            .with_committed_offset(offset)
-                            .with_committed_leader_epoch(if version >= 5 { epoch } else { -1 })
-                            .with_metadata(Some(text(metadata)))
-                    })
-                    .collect(),
-            )
+            OffsetFetchResponseTopic::default()
+                .with_name(topic_name(name))
+                .with_partitions(
+                    partitions
+                        .into_iter()
+                        .map(|(index, c)| {
+                            let (offset, epoch, metadata) = split(c);
+                            OffsetFetchResponsePartition::default()
+                                .with_partition_index(index)
+                                .with_committed_offset(offset)
+                                .with_committed_leader_epoch(if version >= 5 { epoch } else { -1 })
+                                .with_metadata(Some(text(metadata)))
+                        })
+                        .collect(),
+                )
         })
         .collect();
     OffsetFetchResponse::default().with_topics(topics)
@@ -87,7 +100,10 @@ fn fetch(broker: &Broker, group: &str, wanted: Option<Vec<(String, Vec<i32>)>>) 
         Some(topics) => topics
             .into_iter()
             .map(|(topic, partitions)| {
-                let found = partitions.into_iter().map(|p| (p, store.fetch(group, &topic, p))).collect();
+                let found = partitions
+                    .into_iter()
+                    .map(|p| (p, store.fetch(group, &topic, p)))
+                    .collect();
                 (topic, found)
             })
             .collect(),

@@ -82,9 +82,20 @@ pub struct CommittedOffset {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OffsetChange {
-    Commit { group: String, topic: String, partition: i32, offset: CommittedOffset },
-    DeleteOffset { group: String, topic: String, partition: i32 },
-    DeleteGroup { group: String },
+    Commit {
+        group: String,
+        topic: String,
+        partition: i32,
+        offset: CommittedOffset,
+    },
+    DeleteOffset {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
+    DeleteGroup {
+        group: String,
+    },
 }
 
 impl OffsetChange {
@@ -109,10 +120,22 @@ struct State {
 impl State {
     fn apply(&mut self, change: OffsetChange) {
         match change {
-            OffsetChange::Commit { group, topic, partition, offset } => {
-                self.committed.entry(group).or_default().insert((topic, partition), offset);
+            OffsetChange::Commit {
+                group,
+                topic,
+                partition,
+                offset,
+            } => {
+                self.committed
+                    .entry(group)
+                    .or_default()
+                    .insert((topic, partition), offset);
             }
-            OffsetChange::DeleteOffset { group, topic, partition } => {
+            OffsetChange::DeleteOffset {
+                group,
+                topic,
+                partition,
+            } => {
                 if let Some(offsets) = self.committed.get_mut(&group) {
                     offsets.remove(&(topic, partition));
                     if offsets.is_empty() {
@@ -137,7 +160,11 @@ impl OffsetsStore {
     /// Opens (creating) `<data_dir>/__group_offsets` and replays it.
     pub fn open(data_dir: &Path, now_ms: i64) -> Result<OffsetsStore, StorageError> {
         let dir = data_dir.join(DIR_NAME);
-        let config = LogConfig { retention_ms: -1, retention_bytes: -1, ..LogConfig::default() };
+        let config = LogConfig {
+            retention_ms: -1,
+            retention_bytes: -1,
+            ..LogConfig::default()
+        };
         let (mut log, report) = PartitionLog::open(&dir, config, now_ms)?;
         if report.truncated_bytes > 0 || report.rebuilt_indexes > 0 {
             tracing::warn!(
@@ -156,7 +183,10 @@ impl OffsetsStore {
             if slice.len == 0 {
                 break;
             }
-            let bytes = slice.load().map_err(|source| StorageError::Io { path: dir.display().to_string(), source })?;
+            let bytes = slice.load().map_err(|source| StorageError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
             for item in batches(&bytes) {
                 let (header, batch) = item?;
                 offset = header.last_offset() + 1;
@@ -174,13 +204,24 @@ impl OffsetsStore {
                             state.apply(change);
                             records += 1;
                         }
-                        Some(Err(why)) => tracing::warn!(offset = record.offset, why, "skipping group offsets record"),
-                        None => tracing::warn!(offset = record.offset, "skipping group offsets record without a value"),
+                        Some(Err(why)) => tracing::warn!(
+                            offset = record.offset,
+                            why,
+                            "skipping group offsets record"
+                        ),
+                        None => tracing::warn!(
+                            offset = record.offset,
+                            "skipping group offsets record without a value"
+                        ),
                     }
                 }
             }
         }
-        tracing::info!(records, groups = state.committed.len(), "replayed committed offsets");
+        tracing::info!(
+            records,
+            groups = state.committed.len(),
+            "replayed committed offsets"
+        );
         let partition = Arc::new(Partition {
             topic: DIR_NAME.to_string(),
             index: 0,
@@ -189,7 +230,10 @@ impl OffsetsStore {
             // No producer writes here: the state stays empty.
             producers: Mutex::new(ProducerStates::default()),
         });
-        Ok(OffsetsStore { partition, state: Mutex::new(state) })
+        Ok(OffsetsStore {
+            partition,
+            state: Mutex::new(state),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -198,7 +242,12 @@ impl OffsetsStore {
 
     /// Appends `changes` as one batch and applies them once they are durable. An
     /// error means the change is not visible (it may still survive in the log).
-    pub async fn commit(&self, flusher: &Flusher, changes: Vec<OffsetChange>, now_ms: i64) -> Result<(), String> {
+    pub async fn commit(
+        &self,
+        flusher: &Flusher,
+        changes: Vec<OffsetChange>,
+        now_ms: i64,
+    ) -> Result<(), String> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -218,7 +267,10 @@ impl OffsetsStore {
         let end = log.log_end_offset();
         log.set_high_watermark(end);
         drop(log);
-        debug_assert!(state.pending.keys().all(|k| *k < info.last_offset), "log offsets grow");
+        debug_assert!(
+            state.pending.keys().all(|k| *k < info.last_offset),
+            "log offsets grow"
+        );
         state.pending.insert(info.last_offset, changes);
         Ok(info.last_offset)
     }
@@ -240,7 +292,10 @@ impl OffsetsStore {
     }
 
     pub fn fetch(&self, group: &str, topic: &str, partition: i32) -> Option<CommittedOffset> {
-        self.state().committed.get(group).and_then(|o| o.get(&(topic.to_string(), partition)).cloned())
+        self.state()
+            .committed
+            .get(group)
+            .and_then(|o| o.get(&(topic.to_string(), partition)).cloned())
     }
 
     /// All committed offsets of `group`, by topic and partition.
@@ -248,7 +303,11 @@ impl OffsetsStore {
         self.state()
             .committed
             .get(group)
-            .map(|o| o.iter().map(|((t, p), c)| (t.clone(), *p, c.clone())).collect())
+            .map(|o| {
+                o.iter()
+                    .map(|((t, p), c)| (t.clone(), *p, c.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -277,7 +336,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 fn encode_change(change: &OffsetChange) -> Vec<u8> {
     let mut out = vec![FORMAT_V1];
     match change {
-        OffsetChange::Commit { group, topic, partition, offset } => {
+        OffsetChange::Commit {
+            group,
+            topic,
+            partition,
+            offset,
+        } => {
             out.push(KIND_COMMIT);
             put_str(&mut out, group);
             put_str(&mut out, topic);
@@ -290,7 +354,11 @@ fn encode_change(change: &OffsetChange) -> Vec<u8> {
                 Some(m) => put_str(&mut out, m),
             }
         }
-        OffsetChange::DeleteOffset { group, topic, partition } => {
+        OffsetChange::DeleteOffset {
+            group,
+            topic,
+            partition,
+        } => {
             out.push(KIND_DELETE_OFFSET);
             put_str(&mut out, group);
             put_str(&mut out, topic);
@@ -321,10 +389,14 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn i32(&mut self) -> Result<i32, &'static str> {
-        Ok(i32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(i32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn i64(&mut self) -> Result<i64, &'static str> {
-        Ok(i64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn nstr(&mut self) -> Result<Option<String>, &'static str> {
         let len = self.i32()?;
@@ -332,7 +404,9 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let bytes = self.take(len as usize)?;
-        String::from_utf8(bytes.to_vec()).map(Some).map_err(|_| "string is not UTF-8")
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| "string is not UTF-8")
     }
     fn str(&mut self) -> Result<String, &'static str> {
         self.nstr()?.ok_or("null string")
@@ -358,13 +432,22 @@ fn decode_change(value: &[u8]) -> Result<OffsetChange, &'static str> {
                 group,
                 topic,
                 partition,
-                offset: CommittedOffset { offset, leader_epoch, metadata, commit_timestamp_ms },
+                offset: CommittedOffset {
+                    offset,
+                    leader_epoch,
+                    metadata,
+                    commit_timestamp_ms,
+                },
             }
         }
         KIND_DELETE_OFFSET => {
             let topic = r.str()?;
             let partition = r.i32()?;
-            OffsetChange::DeleteOffset { group, topic, partition }
+            OffsetChange::DeleteOffset {
+                group,
+                topic,
+                partition,
+            }
         }
         KIND_DELETE_GROUP => OffsetChange::DeleteGroup { group },
         _ => return Err("unknown record kind"),
@@ -397,16 +480,28 @@ mod tests {
                 group: "".into(),
                 topic: "t".into(),
                 partition: 0,
-                offset: CommittedOffset { offset: -1, leader_epoch: -1, metadata: None, commit_timestamp_ms: 0 },
+                offset: CommittedOffset {
+                    offset: -1,
+                    leader_epoch: -1,
+                    metadata: None,
+                    commit_timestamp_ms: 0,
+                },
             },
-            OffsetChange::DeleteOffset { group: "g".into(), topic: "t".into(), partition: 3 },
+            OffsetChange::DeleteOffset {
+                group: "g".into(),
+                topic: "t".into(),
+                partition: 3,
+            },
             OffsetChange::DeleteGroup { group: "g".into() },
         ];
         for change in changes {
             let bytes = encode_change(&change);
             assert_eq!(decode_change(&bytes), Ok(change.clone()));
             for cut in 0..bytes.len() {
-                assert!(decode_change(&bytes[..cut]).is_err(), "{change:?} cut at {cut}");
+                assert!(
+                    decode_change(&bytes[..cut]).is_err(),
+                    "{change:?} cut at {cut}"
+                );
             }
         }
         assert_eq!(decode_change(&[2, 0]), Err("unknown format version"));
@@ -419,11 +514,20 @@ mod tests {
             group: "g".into(),
             topic: "t".into(),
             partition: p,
-            offset: CommittedOffset { offset: 1, leader_epoch: -1, metadata: None, commit_timestamp_ms: 0 },
+            offset: CommittedOffset {
+                offset: 1,
+                leader_epoch: -1,
+                metadata: None,
+                commit_timestamp_ms: 0,
+            },
         };
         state.apply(commit(0));
         state.apply(commit(1));
-        state.apply(OffsetChange::DeleteOffset { group: "g".into(), topic: "t".into(), partition: 0 });
+        state.apply(OffsetChange::DeleteOffset {
+            group: "g".into(),
+            topic: "t".into(),
+            partition: 0,
+        });
         assert_eq!(state.committed["g"].len(), 1);
         state.apply(OffsetChange::DeleteGroup { group: "g".into() });
         assert!(state.committed.is_empty());

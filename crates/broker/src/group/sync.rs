@@ -21,14 +21,24 @@ pub fn handle(broker: &Arc<Broker>, request: SyncGroupRequest, version: i16) -> 
         return now(Err(ResponseError::UnknownMemberId));
     };
     let member_id = request.member_id.to_string();
-    let instance_id = if version >= 3 { request.group_instance_id.map(|s| s.to_string()) } else { None };
+    let instance_id = if version >= 3 {
+        request.group_instance_id.map(|s| s.to_string())
+    } else {
+        None
+    };
     let (ptype, pname) = if version >= 5 {
-        (request.protocol_type.map(|s| s.to_string()), request.protocol_name.map(|s| s.to_string()))
+        (
+            request.protocol_type.map(|s| s.to_string()),
+            request.protocol_name.map(|s| s.to_string()),
+        )
     } else {
         (None, None)
     };
-    let assignments: Vec<(String, Bytes)> =
-        request.assignments.into_iter().map(|a| (a.member_id.to_string(), a.assignment)).collect();
+    let assignments: Vec<(String, Bytes)> = request
+        .assignments
+        .into_iter()
+        .map(|a| (a.member_id.to_string(), a.assignment))
+        .collect();
     let sync = SyncRequest {
         member_id,
         group_instance_id: instance_id,

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use protocol::record_batch::{
-    batches, build_simple_batch, compute_crc, put_varint, validate, BatchHeader, BATCH_HEADER_BYTES,
-    LOG_OVERHEAD,
+    batches, build_simple_batch, compute_crc, put_varint, validate, BatchHeader,
+    BATCH_HEADER_BYTES, LOG_OVERHEAD,
 };
 use storage::{LogConfig, PartitionLog};
 
@@ -30,7 +30,6 @@ pub fn batch_of(count: usize, timestamp_ms: i64) -> Vec<u8> {
     let refs: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
     build_simple_batch(timestamp_ms, &refs)
 }
-
 
 /// A v2 batch with a valid CRC around `records` (already encoded).
 pub fn raw_batch(
