@@ -84,8 +84,11 @@ impl Broker {
         raise_open_file_limit();
         let topics = TopicRegistry::open(&dir, &config, clock.now_ms())?;
         let fetch_memory = Arc::new(Semaphore::new(config.fetch_memory_bytes));
-        let groups = GroupCoordinator::open(&dir, GroupConfig::default(), clock.now_ms())
-            .map_err(|e| OpenError::Topics(TopicError::Storage(format!("group offsets: {e}"))))?;
+        let groups =
+            GroupCoordinator::open(&dir, GroupConfig::from_broker(&config), clock.now_ms())
+                .map_err(|e| {
+                    OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
+                })?;
         let producer_ids = ProducerIds::open(&dir)?;
         Ok(Arc::new(Broker {
             config,

@@ -371,7 +371,7 @@ async fn every_supported_version_encodes() {
                     api_key: *api,
                     body,
                 };
-                let response = match dispatch(&broker, request) {
+                let response = match dispatch(&broker, request, "127.0.0.1:1".parse().unwrap()) {
                     Reply::Now(r) => r,
                     Reply::Later(f) => f.await,
                 };

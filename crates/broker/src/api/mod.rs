@@ -93,7 +93,8 @@ impl Reply {
 }
 
 /// Routes a request whose API and version [`is_supported`].
-pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
+/// `peer` is the client's address (DescribeGroups reports it as `client_host`).
+pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAddr) -> Reply {
     let v = request.header.request_api_version;
     match request.body {
         RequestKind::ApiVersions(r) => Reply::now(api_versions::handle(&r, v)),
@@ -129,7 +130,8 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
                 .as_deref()
                 .unwrap_or_default()
                 .to_string();
-            group::join::handle(broker, client_id, r, v)
+            // Kafka reports the host as `/ip`.
+            group::join::handle(broker, client_id, format!("/{}", peer.ip()), r, v)
         }
         RequestKind::SyncGroup(r) => group::sync::handle(broker, r, v),
         RequestKind::Heartbeat(r) => Reply::now(group::heartbeat::handle(broker, r, v)),

@@ -20,6 +20,7 @@ const DEAD_GROUP_RETRIES: usize = 3;
 pub fn handle(
     broker: &Arc<Broker>,
     client_id: String,
+    client_host: String,
     request: JoinGroupRequest,
     version: i16,
 ) -> Reply {
@@ -54,7 +55,7 @@ pub fn handle(
             None
         },
         client_id,
-        client_host: String::new(),
+        client_host,
         session_timeout: Duration::from_millis(session_ms as u64),
         rebalance_timeout: Duration::from_millis(rebalance_ms as u64),
         protocol_type: request.protocol_type.to_string(),

@@ -75,16 +75,26 @@ pub struct GroupConfig {
     pub new_member_join_timeout_ms: u64,
 }
 
+impl GroupConfig {
+    /// The group settings of a broker configuration (one place for their defaults).
+    pub fn from_broker(c: &crate::BrokerConfig) -> Self {
+        GroupConfig {
+            min_session_timeout_ms: c.group_min_session_timeout_ms,
+            max_session_timeout_ms: c.group_max_session_timeout_ms,
+            initial_rebalance_delay_ms: c.group_initial_rebalance_delay_ms,
+            max_group_size: c.group_max_size,
+            max_offset_metadata_bytes: c.offset_metadata_max_bytes,
+            new_member_join_timeout_ms: NEW_MEMBER_JOIN_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Kafka's fixed wait for a new member's first JoinGroup.
+const NEW_MEMBER_JOIN_TIMEOUT_MS: u64 = 300_000;
+
 impl Default for GroupConfig {
     fn default() -> Self {
-        GroupConfig {
-            min_session_timeout_ms: 6_000,
-            max_session_timeout_ms: 1_800_000,
-            initial_rebalance_delay_ms: 3_000,
-            max_group_size: 10_000,
-            max_offset_metadata_bytes: 4_096,
-            new_member_join_timeout_ms: 300_000,
-        }
+        GroupConfig::from_broker(&crate::BrokerConfig::default())
     }
 }
 
