@@ -98,8 +98,8 @@ def produce(bootstrap: str, topic: str, records: list[Rec], compression: str = "
 
 
 def consumer(bootstrap: str, **conf) -> Consumer:
-    # No consumer groups on the broker yet: group.id is mandatory for librdkafka's
-    # consumer, but assign() + no commits never talks to a coordinator.
+    # Manual assignment, no commits: what these tests check must not depend on the
+    # group coordinator. librdkafka still insists on a group.id.
     base = {"bootstrap.servers": bootstrap, "group.id": "e2e-unused",
             "enable.auto.commit": False, "enable.auto.offset.store": False,
             "enable.partition.eof": True, "check.crcs": True,

@@ -1,7 +1,6 @@
 """kafkajs consumption through its consumer-group API (kafkajs has no group-less
-consumer). Needs FindCoordinator/JoinGroup/SyncGroup/Heartbeat/OffsetFetch/OffsetCommit:
-expected to fail until the broker has consumer groups; scripts/test deselects the
-`groups` marker until then."""
+consumer): FindCoordinator/JoinGroup/SyncGroup/Heartbeat/OffsetFetch/OffsetCommit.
+Marked `groups` (`-m "not groups"` leaves these out on a broker without groups)."""
 
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ const lz4js = require('lz4js')
 const { ZstdCodec } = require('zstd-codec')
 
 let zstdSimple = null
+let zstdStreaming = null
 const zstdReady = new Promise(resolve => {
   ZstdCodec.run(zstd => {
     zstdSimple = new zstd.Simple()
+    zstdStreaming = new zstd.Streaming()
     resolve()
   })
 })
@@ -32,7 +34,9 @@ const ZstdJsCodec = () => ({
   },
   async decompress(buffer) {
     await zstdReady
-    const out = zstdSimple.decompress(new Uint8Array(buffer))
+    // Streaming: librdkafka and Java write frames without a content size, which
+    // zstd-codec's Simple.decompress cannot handle.
+    const out = zstdStreaming.decompress(new Uint8Array(buffer))
     if (out === null) throw new Error('zstd: cannot decompress frame')
     return Buffer.from(out)
   },
