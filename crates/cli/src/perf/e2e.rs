@@ -50,7 +50,7 @@ pub struct E2eArgs {
     #[arg(long, default_value_t = 100)]
     record_size: usize,
     /// Acknowledgements the producer waits for: 0, 1, all (same as -1).
-    #[arg(long, default_value = "1", value_parser = ["0", "1", "all", "-1"])]
+    #[arg(long, default_value = "1", allow_hyphen_values = true, value_parser = ["0", "1", "all", "-1"])]
     acks: String,
     /// Compression codec of the record batches.
     #[arg(long, default_value = "none", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
