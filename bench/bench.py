@@ -190,6 +190,11 @@ def freshet_consume(args, broker, topic, records):
     }, cpu)
 
 
+def last_match(pattern, text):
+    matches = list(re.finditer(pattern, text))
+    return matches[-1] if matches else None
+
+
 def rdkafka_produce(args, broker, topic, size, acks, partitions, records):
     subprocess.run([args.freshet, "topic", "create", topic, "--partitions", str(partitions),
                     "--brokers", broker.address], check=True, capture_output=True)
@@ -198,7 +203,8 @@ def rdkafka_produce(args, broker, topic, size, acks, partitions, records):
     for prop in PRODUCER_TUNING:
         command += ["-X", prop]
     out, cpu = run_client(broker, command)
-    match = re.search(r"(\d+) messages produced \((\d+) bytes\), (\d+) delivered .*? in (\d+)ms", out)
+    # The last report line is the final one (others are printed every second).
+    match = last_match(r"(\d+) messages produced \((\d+) bytes\), (\d+) delivered .*? in (\d+)ms", out)
     if not match:
         raise RuntimeError(f"unexpected rdkafka_performance output:\n{out}")
     delivered, millis = int(match.group(3)), int(match.group(4))
@@ -217,7 +223,7 @@ def rdkafka_consume(args, broker, topic, partitions, records):
     for prop in CONSUMER_TUNING:
         command += ["-X", prop]
     out, cpu = run_client(broker, command)
-    match = re.search(r"(\d+) messages \((\d+) bytes\) consumed in (\d+)ms", out)
+    match = last_match(r"(\d+) messages \((\d+) bytes\) consumed in (\d+)ms", out)
     if not match:
         raise RuntimeError(f"unexpected rdkafka_performance output:\n{out}")
     count, data, millis = int(match.group(1)), int(match.group(2)), int(match.group(3))
