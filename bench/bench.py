@@ -33,9 +33,9 @@ SIZES = [100, 1024]
 ACKS = ["1", "-1"]
 PARTITIONS = [1, 8]
 # Records per produce row: a few seconds each at the rates this machine reaches.
-RECORDS = {100: 2_000_000, 1024: 500_000}
+RECORDS = {100: 5_000_000, 1024: 1_000_000}
 # e2e: (records/s, seconds)
-E2E = [(1_000, 10), (10_000, 10), (100_000, 5)]
+E2E = [(1_000, 20), (10_000, 20), (100_000, 10)]
 # Every client run is killed after this long.
 RUN_TIMEOUT_S = 180
 
