@@ -10,6 +10,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::BrokerConfig;
 use crate::flusher::Flusher;
+use crate::group::{GroupConfig, GroupCoordinator};
 use crate::topics::{write_atomically, TopicError, TopicRegistry};
 
 /// Time as the broker sees it; tests may substitute their own.
@@ -49,6 +50,8 @@ pub struct Broker {
     pub advertised_port: i32,
     pub topics: TopicRegistry,
     pub flusher: Flusher,
+    /// Consumer groups and their committed offsets.
+    pub groups: GroupCoordinator,
     /// Bumped after every append; long-polling fetches wait for it to change.
     appended: watch::Sender<u64>,
     /// Bytes of record data all fetch responses being built may hold together.
@@ -81,6 +84,11 @@ impl Broker {
         raise_open_file_limit();
         let topics = TopicRegistry::open(&dir, &config, clock.now_ms())?;
         let fetch_memory = Arc::new(Semaphore::new(config.fetch_memory_bytes));
+        let groups =
+            GroupCoordinator::open(&dir, GroupConfig::from_broker(&config), clock.now_ms())
+                .map_err(|e| {
+                    OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
+                })?;
         let producer_ids = ProducerIds::open(&dir)?;
         Ok(Arc::new(Broker {
             config,
@@ -89,6 +97,7 @@ impl Broker {
             advertised_port,
             topics,
             flusher: Flusher::start(),
+            groups,
             appended: watch::channel(0).0,
             fetch_memory,
             producer_ids,

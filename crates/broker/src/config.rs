@@ -42,6 +42,14 @@ pub struct BrokerConfig {
     pub fetch_memory_bytes: usize,
     /// Upper bound on one fetch response, whatever the client asks for.
     pub fetch_max_bytes: usize,
+    /// Consumer groups (Kafka's `group.min/max.session.timeout.ms`,
+    /// `group.initial.rebalance.delay.ms`, `group.max.size`,
+    /// `offset.metadata.max.bytes`).
+    pub group_min_session_timeout_ms: i32,
+    pub group_max_session_timeout_ms: i32,
+    pub group_initial_rebalance_delay_ms: u64,
+    pub group_max_size: usize,
+    pub offset_metadata_max_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -65,6 +73,11 @@ impl Default for BrokerConfig {
             max_in_flight_per_connection: 16,
             fetch_memory_bytes: 512 * 1024 * 1024,
             fetch_max_bytes: 55 * 1024 * 1024,
+            group_min_session_timeout_ms: 6_000,
+            group_max_session_timeout_ms: 1_800_000,
+            group_initial_rebalance_delay_ms: 3_000,
+            group_max_size: 10_000,
+            offset_metadata_max_bytes: 4_096,
         }
     }
 }
@@ -134,6 +147,11 @@ impl BrokerConfig {
             "max_in_flight_per_connection",
             "fetch_memory_bytes",
             "fetch_max_bytes",
+            "group_min_session_timeout_ms",
+            "group_max_session_timeout_ms",
+            "group_initial_rebalance_delay_ms",
+            "group_max_size",
+            "offset_metadata_max_bytes",
         ];
         KEYS.contains(&key)
     }
@@ -151,6 +169,13 @@ impl BrokerConfig {
         }
         if self.fetch_memory_bytes < self.fetch_max_bytes.min(1 << 20) {
             return bad("fetch_memory_bytes must be at least 1 MiB (or fetch_max_bytes)");
+        }
+        if self.group_min_session_timeout_ms < 1
+            || self.group_max_session_timeout_ms < self.group_min_session_timeout_ms
+        {
+            return bad(
+                "group_min_session_timeout_ms must be >= 1 and <= group_max_session_timeout_ms",
+            );
         }
         if self.segment_bytes < 14 || self.segment_ms < 1 || self.max_message_bytes < 0 {
             return bad(

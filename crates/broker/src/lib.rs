@@ -10,6 +10,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod flusher;
+pub mod group;
 pub mod idempotence;
 pub mod server;
 pub mod topic_config;

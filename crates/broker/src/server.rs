@@ -159,7 +159,7 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
             return None;
         }
     };
-    match api::dispatch(broker, request) {
+    match api::dispatch(broker, request, peer) {
         Reply::Now(Some(body)) => {
             encode(correlation_id, api_key, version, &body, peer).map(Slot::Ready)
         }

@@ -206,6 +206,14 @@ impl TopicRegistry {
             let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
             let meta: TopicMeta = serde_json::from_str(&text)
                 .map_err(|e| TopicError::Storage(format!("{}: {e}", path.display())))?;
+            // Values on disk are checked again: the code reading them relies on it.
+            TopicConfig::from_pairs(
+                meta.config
+                    .overrides
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Some(v.as_str()))),
+            )
+            .map_err(|e| TopicError::Storage(format!("{}: {e}", path.display())))?;
             let log_config = meta.config.log_config(broker);
             let mut partitions = Vec::with_capacity(meta.partitions as usize);
             for index in 0..meta.partitions {

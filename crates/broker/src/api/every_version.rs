@@ -198,6 +198,146 @@ fn requests(api: ApiKey, version: i16) -> Vec<RequestKind> {
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
             .into()],
+        ApiKey::FindCoordinator => vec![
+            FindCoordinatorRequest::default()
+                .with_key(if version < 4 {
+                    StrBytes::from_static_str("g")
+                } else {
+                    StrBytes::default()
+                })
+                .with_coordinator_keys(if version >= 4 {
+                    vec![StrBytes::from_static_str("g")]
+                } else {
+                    vec![]
+                })
+                .into(),
+            FindCoordinatorRequest::default()
+                .with_key_type(if version >= 1 { 9 } else { 0 })
+                .with_key(if version < 4 {
+                    StrBytes::from_static_str("g")
+                } else {
+                    StrBytes::default()
+                })
+                .with_coordinator_keys(if version >= 4 {
+                    vec![StrBytes::from_static_str("g")]
+                } else {
+                    vec![]
+                })
+                .into(),
+        ],
+        ApiKey::JoinGroup => {
+            let join = |session_ms| {
+                JoinGroupRequest::default()
+                    .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                    .with_session_timeout_ms(session_ms)
+                    .with_rebalance_timeout_ms(10_000)
+                    .with_protocol_type(StrBytes::from_static_str("consumer"))
+                    .with_protocols(vec![join_group_request::JoinGroupRequestProtocol::default(
+                    )
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(Bytes::from_static(b"\0\0\0\0\0\0\0\0"))])
+            };
+            // Answers that do not wait for a rebalance: a refused session timeout,
+            // and from v4 on the MEMBER_ID_REQUIRED round.
+            let mut requests = vec![join(1).into()];
+            if version >= 4 {
+                requests.push(join(10_000).into());
+            }
+            requests
+        }
+        ApiKey::SyncGroup => vec![SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_member_id(StrBytes::from_static_str("m"))
+            .into()],
+        ApiKey::Heartbeat => vec![HeartbeatRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_member_id(StrBytes::from_static_str("m"))
+            .into()],
+        ApiKey::LeaveGroup => vec![LeaveGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_member_id(if version < 3 {
+                StrBytes::from_static_str("m")
+            } else {
+                StrBytes::default()
+            })
+            .with_members(if version >= 3 {
+                vec![leave_group_request::MemberIdentity::default()
+                    .with_member_id(StrBytes::from_static_str("m"))]
+            } else {
+                vec![]
+            })
+            .into()],
+        ApiKey::OffsetCommit => vec![OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![
+                offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(vec![
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_committed_offset(1)
+                            .with_committed_metadata(Some(StrBytes::from_static_str("m"))),
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_partition_index(5),
+                    ]),
+            ])
+            .into()],
+        ApiKey::OffsetFetch if version >= 8 => vec![OffsetFetchRequest::default()
+            .with_groups(vec![
+                offset_fetch_request::OffsetFetchRequestGroup::default()
+                    .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                    .with_topics(None),
+                offset_fetch_request::OffsetFetchRequestGroup::default()
+                    .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                    .with_topics(Some(vec![
+                        offset_fetch_request::OffsetFetchRequestTopics::default()
+                            .with_name(topic("t"))
+                            .with_partition_indexes(vec![0, 1]),
+                    ])),
+            ])
+            .into()],
+        ApiKey::OffsetFetch => vec![OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_topics(if version >= 2 {
+                None
+            } else {
+                Some(vec![
+                    offset_fetch_request::OffsetFetchRequestTopic::default()
+                        .with_name(topic("t"))
+                        .with_partition_indexes(vec![0, 1]),
+                ])
+            })
+            .into()],
+        ApiKey::ListGroups => vec![ListGroupsRequest::default()
+            .with_states_filter(if version >= 4 {
+                vec![StrBytes::from_static_str("Empty")]
+            } else {
+                vec![]
+            })
+            .into()],
+        ApiKey::DescribeGroups => vec![DescribeGroupsRequest::default()
+            .with_groups(vec![
+                GroupId(StrBytes::from_static_str("g")),
+                GroupId(StrBytes::from_static_str("none")),
+            ])
+            .with_include_authorized_operations(version >= 3)
+            .into()],
+        ApiKey::DeleteGroups => vec![DeleteGroupsRequest::default()
+            .with_groups_names(vec![
+                GroupId(StrBytes::from_static_str("g")),
+                GroupId(StrBytes::from_static_str("none")),
+            ])
+            .into()],
+        ApiKey::OffsetDelete => vec![OffsetDeleteRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_topics(vec![
+                offset_delete_request::OffsetDeleteRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(vec![
+                        offset_delete_request::OffsetDeleteRequestPartition::default(),
+                    ]),
+            ])
+            .into()],
         other => panic!("no sample request for {other:?}: add one"),
     }
 }
@@ -231,7 +371,7 @@ async fn every_supported_version_encodes() {
                     api_key: *api,
                     body,
                 };
-                let response = match dispatch(&broker, request) {
+                let response = match dispatch(&broker, request, "127.0.0.1:1".parse().unwrap()) {
                     Reply::Now(r) => r,
                     Reply::Later(f) => f.await,
                 };

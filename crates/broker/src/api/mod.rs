@@ -9,6 +9,7 @@ use protocol::codec::Request;
 use protocol::kafka_protocol::protocol::StrBytes;
 use protocol::{ApiKey, RequestKind, ResponseError, ResponseKind};
 
+use crate::group;
 use crate::Broker;
 
 pub mod api_versions;
@@ -39,6 +40,17 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::InitProducerId, 0, 4),
 ];
 
@@ -81,7 +93,8 @@ impl Reply {
 }
 
 /// Routes a request whose API and version [`is_supported`].
-pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
+/// `peer` is the client's address (DescribeGroups reports it as `client_host`).
+pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAddr) -> Reply {
     let v = request.header.request_api_version;
     match request.body {
         RequestKind::ApiVersions(r) => Reply::now(api_versions::handle(&r, v)),
@@ -107,6 +120,28 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request) -> Reply {
             Reply::blocking(broker, move |b| configs::incremental_alter(b, r))
         }
         RequestKind::DescribeCluster(r) => Reply::now(describe_cluster::handle(broker, r)),
+        RequestKind::FindCoordinator(r) => {
+            Reply::now(group::find_coordinator::handle(broker, r, v))
+        }
+        RequestKind::JoinGroup(r) => {
+            let client_id = request
+                .header
+                .client_id
+                .as_deref()
+                .unwrap_or_default()
+                .to_string();
+            // Kafka reports the host as `/ip`.
+            group::join::handle(broker, client_id, format!("/{}", peer.ip()), r, v)
+        }
+        RequestKind::SyncGroup(r) => group::sync::handle(broker, r, v),
+        RequestKind::Heartbeat(r) => Reply::now(group::heartbeat::handle(broker, r, v)),
+        RequestKind::LeaveGroup(r) => Reply::now(group::leave::handle(broker, r, v)),
+        RequestKind::OffsetCommit(r) => group::offset_commit::handle(broker, r, v),
+        RequestKind::OffsetFetch(r) => Reply::now(group::offset_fetch::handle(broker, r, v)),
+        RequestKind::ListGroups(r) => Reply::now(group::list_groups::handle(broker, r, v)),
+        RequestKind::DescribeGroups(r) => Reply::now(group::describe_groups::handle(broker, r, v)),
+        RequestKind::DeleteGroups(r) => group::delete_groups::handle(broker, r),
+        RequestKind::OffsetDelete(r) => group::offset_delete::handle(broker, r),
         RequestKind::InitProducerId(r) => {
             Reply::blocking(broker, move |b| init_producer_id::handle(b, r))
         }
