@@ -300,3 +300,37 @@ fn e2e_fails_when_records_go_missing() {
         output.stderr
     );
 }
+
+#[test]
+fn consume_in_a_group_gets_every_partition() {
+    let broker = Broker::start();
+    perf(
+        &broker,
+        &[
+            "produce",
+            "--topic",
+            "grouped",
+            "--records",
+            "3000",
+            "--partitions",
+            "3",
+        ],
+    );
+    let consumed = perf(
+        &broker,
+        &[
+            "consume",
+            "--topic",
+            "grouped",
+            "--group",
+            "perf-smoke",
+            "--from-beginning",
+            "--records",
+            "3000",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    assert_eq!(count(&consumed, "records"), 3_000, "{consumed}");
+    assert_eq!(consumed["group"], "perf-smoke", "{consumed}");
+}
