@@ -150,22 +150,30 @@ impl Broker {
                     let _ = tokio::task::spawn_blocking(move || broker.apply_retention()).await;
                 }
                 _ = flush.tick(), if self.config.flush_interval_ms > 0 => {
-                    let dirty: Vec<_> = self.topics.all().iter()
-                        .flat_map(|t| t.partitions())
-                        .filter(|p| { let log = p.lock(); log.recovery_point() < log.log_end_offset() })
+                    let partitions: Vec<_> = self.topics.all().iter().flat_map(|t| t.partitions()).collect();
+                    let dirty: Vec<_> = partitions
+                        .iter()
+                        .filter(|p| {
+                            let log = p.lock();
+                            log.recovery_point() < log.log_end_offset()
+                        })
+                        .cloned()
                         .collect();
                     if !dirty.is_empty() {
-                        if let Err(e) = self.flusher.flush(dirty.clone()).await {
+                        if let Err(e) = self.flusher.flush(dirty).await {
                             tracing::error!(error = %e, "background flush failed");
                         }
-                        let _ = tokio::task::spawn_blocking(move || {
-                            for p in dirty {
-                                if let Err(e) = p.save_producer_state() {
-                                    tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed");
-                                }
-                            }
-                        }).await;
                     }
+                    // Every partition, not only the dirty ones: acks=all producers keep
+                    // theirs flushed, and a missing snapshot means a full replay at start.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for p in partitions {
+                            if let Err(e) = p.save_producer_state() {
+                                tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed");
+                            }
+                        }
+                    })
+                    .await;
                 }
             }
         }

@@ -71,11 +71,9 @@ impl Partition {
     /// Writes the producer-state snapshot if it changed since the last one.
     pub fn save_producer_state(&self) -> Result<(), TopicError> {
         let mut states = self.lock_producers();
-        if states.producer_count() == 0 {
-            return Ok(());
-        }
         // Every idempotent append holds `producers`, so the state covers the log
-        // up to its current end.
+        // up to its current end. An empty state is saved too: without a snapshot,
+        // opening the partition would replay its whole log.
         states.end_offset = self.lock().log_end_offset();
         idempotence::save_if_changed(&self.dir, &mut states)
     }

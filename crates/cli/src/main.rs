@@ -2,6 +2,7 @@
 //! subcommands are Kafka-protocol tools that work against any Kafka-compatible
 //! cluster (they go through librdkafka, never through broker internals).
 
+mod perf;
 mod serve;
 mod tools;
 
@@ -28,6 +29,8 @@ enum Command {
     Produce(tools::produce::ProduceArgs),
     /// Consume records and print them.
     Consume(tools::consume::ConsumeArgs),
+    /// Benchmarks: producer and consumer throughput, end-to-end latency.
+    Perf(perf::PerfArgs),
 }
 
 /// Logs go to stderr; `FRESHET_LOG` (or `RUST_LOG`) sets the filter, default `info`.
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic(args) => tools::topic::run(args),
         Command::Produce(args) => tools::produce::run(args),
         Command::Consume(args) => tools::consume::run(args),
+        Command::Perf(args) => perf::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
