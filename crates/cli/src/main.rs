@@ -28,6 +28,8 @@ enum Command {
     Produce(tools::produce::ProduceArgs),
     /// Consume records and print them.
     Consume(tools::consume::ConsumeArgs),
+    /// List and describe consumer groups (members, lag) and reset their offsets.
+    Group(tools::group::GroupArgs),
 }
 
 /// Logs go to stderr; `FRESHET_LOG` (or `RUST_LOG`) sets the filter, default `info`.
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic(args) => tools::topic::run(args),
         Command::Produce(args) => tools::produce::run(args),
         Command::Consume(args) => tools::consume::run(args),
+        Command::Group(args) => tools::group::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
