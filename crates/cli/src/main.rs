@@ -29,6 +29,8 @@ enum Command {
     Produce(tools::produce::ProduceArgs),
     /// Consume records and print them.
     Consume(tools::consume::ConsumeArgs),
+    /// List and describe consumer groups (members, lag) and reset their offsets.
+    Group(tools::group::GroupArgs),
     /// Benchmarks: producer and consumer throughput, end-to-end latency.
     Perf(perf::PerfArgs),
 }
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic(args) => tools::topic::run(args),
         Command::Produce(args) => tools::produce::run(args),
         Command::Consume(args) => tools::consume::run(args),
+        Command::Group(args) => tools::group::run(args),
         Command::Perf(args) => perf::run(args),
     };
     match result {

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod consume;
+pub mod group;
 pub mod produce;
 pub mod topic;
 

@@ -32,6 +32,12 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with_env(&[])
+    }
+
+    /// Starts the broker with extra environment variables, e.g. `FRESHET_<KEY>`
+    /// settings that have no flag.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Broker {
         let data_dir = tempfile::tempdir().expect("create a temporary data directory");
         let log_path = data_dir.path().with_extension("broker.log");
         let log = std::fs::File::create(&log_path).expect("create the broker log file");
@@ -44,6 +50,7 @@ impl Broker {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -1,0 +1,758 @@
+//! `freshet group`: list consumer groups, describe one (members, their assignments,
+//! committed offsets and lag) and reset a group's committed offsets, through the
+//! Kafka protocol (ListGroups, DescribeGroups, Metadata, ListOffsets, OffsetFetch,
+//! OffsetCommit).
+//!
+//! Offsets are read and written by a consumer whose `group.id` is the group but which
+//! never subscribes: it never joins the group, so it commits with generation -1 and no
+//! member id, which a Kafka coordinator accepts only while the group is Empty. That is
+//! why `reset-offsets` checks that the group has no members before committing, as
+//! Kafka's `kafka-consumer-groups.sh` does; a member that joins between the check and
+//! the commit makes the coordinator refuse the commit (UNKNOWN_MEMBER_ID), so the
+//! check gives a clear message, and the coordinator is the safety net.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use anyhow::{anyhow, bail, Context as _};
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::groups::GroupInfo;
+use rdkafka::metadata::Metadata;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{describe_code, describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
+
+#[derive(clap::Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(subcommand)]
+    command: GroupCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum GroupCommand {
+    /// List consumer groups, one per line: GROUP, STATE, PROTOCOL_TYPE (tab separated).
+    List,
+    /// Show a group's state, members with their assigned partitions, and the
+    /// committed offset, log end offset and lag of every partition it has committed.
+    Describe { group: String },
+    /// Set a group's committed offsets for a topic. Refused while the group has
+    /// members: stop its consumers first.
+    ResetOffsets {
+        group: String,
+        /// Topic whose offsets are reset.
+        #[arg(long)]
+        topic: String,
+        /// Only this partition (default: every partition of the topic).
+        #[arg(long)]
+        partition: Option<i32>,
+        #[command(flatten)]
+        target: ResetTarget,
+        /// Print the new offsets without committing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ResetTarget {
+    /// To the first offset still in each partition (the log start offset).
+    #[arg(long)]
+    to_earliest: bool,
+    /// To the end of each partition (the high watermark): nothing left to consume.
+    #[arg(long)]
+    to_latest: bool,
+    /// To offset N, clamped to each partition's [log start, log end].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    to_offset: Option<i64>,
+}
+
+/// Group states in which a group has no members, so its offsets may be reset.
+const INACTIVE_STATES: [&str; 2] = ["Empty", "Dead"];
+
+pub fn run(args: GroupArgs) -> anyhow::Result<()> {
+    let connect = &args.connect;
+    let mut out = String::new();
+    match args.command {
+        GroupCommand::List => {
+            let client = consumer(connect, None).context("group list failed")?;
+            list(&client, &mut out).context("group list failed")?
+        }
+        GroupCommand::Describe { group } => {
+            let client = consumer(connect, Some(&group)).context("group describe failed")?;
+            describe(&client, &group, &mut out).context("group describe failed")?
+        }
+        GroupCommand::ResetOffsets {
+            group,
+            topic,
+            partition,
+            target,
+            dry_run,
+        } => {
+            let target = match (target.to_earliest, target.to_latest, target.to_offset) {
+                (true, _, _) => Target::Earliest,
+                (_, true, _) => Target::Latest,
+                (_, _, Some(offset)) => Target::Offset(offset),
+                (false, false, None) => unreachable!("clap requires one --to-* flag"),
+            };
+            let client = consumer(connect, Some(&group)).context("group reset-offsets failed")?;
+            reset_offsets(
+                &client, &group, &topic, partition, target, dry_run, &mut out,
+            )
+            .context("group reset-offsets failed")?
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// A consumer that never subscribes, so it never joins (or disturbs) any group.
+/// `group` is the group whose offsets it reads and commits; `None` for a client that
+/// only lists groups.
+fn consumer(
+    connect: &ConnectArgs,
+    group: Option<&str>,
+) -> anyhow::Result<BaseConsumer<ToolContext>> {
+    let mut defaults = vec![
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        // Looking at a group must not create the topics it looks at.
+        ("allow.auto.create.topics", "false"),
+    ];
+    if let Some(group) = group {
+        defaults.push(("group.id", group));
+    }
+    BaseConsumer::from_config_and_context(&connect.client_config(&defaults), connect.context())
+        .context("cannot create Kafka consumer")
+}
+
+/// Metadata of every topic. It is also what makes [`fetch_groups`] reliable:
+/// `rd_kafka_list_groups` first waits until the client has any metadata, but it wakes
+/// up only on a broker connection state change, and a response arriving after the
+/// last such change (connections are made lazily) leaves it waiting out its timeout.
+/// A metadata request answered before the listing starts avoids that wait.
+fn cluster_metadata(client: &BaseConsumer<ToolContext>) -> anyhow::Result<Metadata> {
+    client
+        .fetch_metadata(None, REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))
+}
+
+/// ListGroups on every broker, then DescribeGroups for the groups found (librdkafka's
+/// `rd_kafka_list_groups`). `Some(group)`: only that one, if the cluster knows it.
+/// Call it after a metadata request (see [`cluster_metadata`]).
+fn fetch_groups(
+    client: &BaseConsumer<ToolContext>,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<GroupSummary>> {
+    let list = client
+        .fetch_group_list(group, REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))?;
+    let mut groups: Vec<GroupSummary> = list.groups().iter().map(GroupSummary::from).collect();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(groups)
+}
+
+/// What DescribeGroups told about a group, copied out of librdkafka's list.
+struct GroupSummary {
+    name: String,
+    /// Empty when the coordinator answered DescribeGroups with an error.
+    state: String,
+    protocol_type: String,
+    protocol: String,
+    members: Vec<MemberSummary>,
+}
+
+struct MemberSummary {
+    id: String,
+    client_id: String,
+    host: String,
+    /// `None` when the member has no assignment (yet); `Some(Err)` when its bytes are
+    /// not a ConsumerProtocol assignment.
+    assignment: Option<Result<Assignment, AssignmentError>>,
+}
+
+impl From<&GroupInfo> for GroupSummary {
+    fn from(info: &GroupInfo) -> Self {
+        let mut members: Vec<MemberSummary> = info
+            .members()
+            .iter()
+            .map(|member| MemberSummary {
+                id: member.id().to_owned(),
+                client_id: member.client_id().to_owned(),
+                host: member.client_host().to_owned(),
+                assignment: member
+                    .assignment()
+                    .filter(|bytes| !bytes.is_empty())
+                    .map(decode_assignment),
+            })
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        GroupSummary {
+            name: info.name().to_owned(),
+            state: info.state().to_owned(),
+            protocol_type: info.protocol_type().to_owned(),
+            protocol: info.protocol().to_owned(),
+            members,
+        }
+    }
+}
+
+fn list(client: &BaseConsumer<ToolContext>, out: &mut String) -> anyhow::Result<()> {
+    cluster_metadata(client)?;
+    for group in fetch_groups(client, None)? {
+        writeln!(
+            out,
+            "{}\t{}\t{}",
+            group.name,
+            state_or_unknown(&group.state),
+            group.protocol_type
+        )?;
+    }
+    Ok(())
+}
+
+fn state_or_unknown(state: &str) -> &str {
+    if state.is_empty() {
+        "(unknown)"
+    } else {
+        state
+    }
+}
+
+/// One partition the group has committed, with how far behind the log end it is.
+struct PartitionLag {
+    topic: String,
+    partition: i32,
+    committed: i64,
+    log_end: i64,
+    metadata: String,
+}
+
+fn describe(
+    client: &BaseConsumer<ToolContext>,
+    group: &str,
+    out: &mut String,
+) -> anyhow::Result<()> {
+    let metadata = cluster_metadata(client)?;
+    // A group the cluster does not know is described as Kafka's DescribeGroups
+    // describes it: Dead, without members.
+    let summary = fetch_groups(client, Some(group))?
+        .into_iter()
+        .find(|summary| summary.name == group)
+        .unwrap_or_else(|| GroupSummary {
+            name: group.to_owned(),
+            state: "Dead".to_owned(),
+            protocol_type: String::new(),
+            protocol: String::new(),
+            members: Vec::new(),
+        });
+    writeln!(
+        out,
+        "Group: {group}\tState: {}\tProtocolType: {}\tProtocol: {}\tMembers: {}",
+        state_or_unknown(&summary.state),
+        summary.protocol_type,
+        summary.protocol,
+        summary.members.len()
+    )?;
+    for member in &summary.members {
+        writeln!(
+            out,
+            "\tMember: {}\tClientId: {}\tHost: {}\tAssignment: {}",
+            member.id,
+            member.client_id,
+            member.host,
+            format_assignment(member.assignment.as_ref())
+        )?;
+    }
+    for lag in committed_lags(client, &metadata, &summary)? {
+        writeln!(
+            out,
+            "\tTopic: {}\tPartition: {}\tCommitted: {}\tLogEnd: {}\tLag: {}\tMetadata: {}",
+            lag.topic,
+            lag.partition,
+            lag.committed,
+            lag.log_end,
+            lag.log_end - lag.committed,
+            printable(&lag.metadata)
+        )?;
+    }
+    Ok(())
+}
+
+/// OffsetFetch for every partition of every topic in the cluster's `metadata` and
+/// every partition a member is assigned (a topic may be missing from metadata fetched
+/// a moment earlier), keeping the partitions with a committed offset, each with its log end.
+fn committed_lags(
+    client: &BaseConsumer<ToolContext>,
+    metadata: &Metadata,
+    summary: &GroupSummary,
+) -> anyhow::Result<Vec<PartitionLag>> {
+    let mut wanted: BTreeSet<(String, i32)> = BTreeSet::new();
+    for topic in metadata.topics() {
+        if topic.error().is_some() {
+            continue;
+        }
+        for partition in topic.partitions() {
+            wanted.insert((topic.name().to_owned(), partition.id()));
+        }
+    }
+    for member in &summary.members {
+        if let Some(Ok(assignment)) = &member.assignment {
+            for (topic, partitions) in assignment {
+                for &partition in partitions {
+                    wanted.insert((topic.clone(), partition));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut request = TopicPartitionList::with_capacity(wanted.len());
+    for (topic, partition) in &wanted {
+        request.add_partition(topic, *partition);
+    }
+    let committed = client
+        .committed_offsets(request, REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))?;
+    let mut lags = Vec::new();
+    for element in committed.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        if let Err(err) = element.error() {
+            bail!(
+                "{} (committed offset of {topic} partition {partition})",
+                describe_error(&err)
+            );
+        }
+        let Offset::Offset(offset) = element.offset() else {
+            continue; // nothing committed for this partition
+        };
+        if offset < 0 {
+            continue;
+        }
+        let (_, log_end) = client
+            .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+            .map_err(|err| {
+                client.context().explain(format!(
+                    "{} (log end offset of {topic} partition {partition})",
+                    describe_error(&err)
+                ))
+            })?;
+        lags.push(PartitionLag {
+            topic: topic.to_owned(),
+            partition,
+            committed: offset,
+            log_end,
+            metadata: element.metadata().to_owned(),
+        });
+    }
+    lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(lags)
+}
+
+/// Commit metadata is free text from a client: control characters are escaped so one
+/// partition stays one line.
+fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    Earliest,
+    Latest,
+    Offset(i64),
+}
+
+/// Where `target` puts a partition whose log spans `[low, high]`, and whether an
+/// explicit offset had to be clamped into that range.
+fn new_offset(target: Target, low: i64, high: i64) -> (i64, bool) {
+    assert!(0 <= low && low <= high, "watermarks [{low}, {high}]");
+    let (offset, clamped) = match target {
+        Target::Earliest => (low, false),
+        Target::Latest => (high, false),
+        Target::Offset(wanted) => {
+            let offset = wanted.clamp(low, high);
+            (offset, offset != wanted)
+        }
+    };
+    assert!((low..=high).contains(&offset));
+    (offset, clamped)
+}
+
+fn reset_offsets(
+    client: &BaseConsumer<ToolContext>,
+    group: &str,
+    topic: &str,
+    only: Option<i32>,
+    target: Target,
+    dry_run: bool,
+    out: &mut String,
+) -> anyhow::Result<()> {
+    if let Some(partition) = only.filter(|partition| *partition < 0) {
+        bail!("--partition must not be negative, got {partition}");
+    }
+    let partitions = topic_partitions(client, topic, only)?;
+    let mut offsets = Vec::with_capacity(partitions.len());
+    let mut warnings = Vec::new();
+    for partition in partitions {
+        let (low, high) = client
+            .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+            .map_err(|err| {
+                client.context().explain(format!(
+                    "{} (offsets of {topic} partition {partition})",
+                    describe_error(&err)
+                ))
+            })?;
+        if low < 0 || low > high {
+            bail!("the cluster reports a log of [{low}, {high}] for {topic} partition {partition}");
+        }
+        let (offset, clamped) = new_offset(target, low, high);
+        if clamped {
+            if let Target::Offset(wanted) = target {
+                warnings.push(format!(
+                    "freshet: warning: offset {wanted} is outside {topic} partition \
+                     {partition} [{low}, {high}]; using {offset}"
+                ));
+            }
+        }
+        offsets.push((partition, offset));
+    }
+
+    // Checked as late as possible, just before the commit; `topic_partitions` has
+    // fetched metadata, as `fetch_groups` needs.
+    if let Some(summary) = fetch_groups(client, Some(group))?
+        .into_iter()
+        .find(|summary| summary.name == group)
+    {
+        if !INACTIVE_STATES.contains(&summary.state.as_str()) {
+            bail!(
+                "group '{group}' is active (state {}, members: {}); offsets can only be reset \
+                 while it has no members, so stop its consumers first",
+                state_or_unknown(&summary.state),
+                summary.members.len()
+            );
+        }
+    }
+    for warning in warnings {
+        eprintln!("{warning}");
+    }
+
+    if !dry_run {
+        let mut commit = TopicPartitionList::with_capacity(offsets.len());
+        for &(partition, offset) in &offsets {
+            commit
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
+                .map_err(|err| anyhow!("{}", describe_error(&err)))?;
+        }
+        client
+            .commit(&commit, CommitMode::Sync)
+            .map_err(|err| client.context().explain(describe_error(&err)))?;
+        verify_committed(client, topic, &offsets)?;
+    }
+
+    writeln!(out, "TOPIC\tPARTITION\tNEW-OFFSET")?;
+    for (partition, offset) in offsets {
+        writeln!(out, "{topic}\t{partition}\t{offset}")?;
+    }
+    if dry_run {
+        eprintln!("freshet: dry run: nothing committed");
+    }
+    Ok(())
+}
+
+/// Reads the offsets back: a coordinator that acknowledged a commit must then report
+/// what was committed.
+fn verify_committed(
+    client: &BaseConsumer<ToolContext>,
+    topic: &str,
+    offsets: &[(i32, i64)],
+) -> anyhow::Result<()> {
+    let mut request = TopicPartitionList::with_capacity(offsets.len());
+    for &(partition, _) in offsets {
+        request.add_partition(topic, partition);
+    }
+    let committed = client
+        .committed_offsets(request, REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))?;
+    for &(partition, offset) in offsets {
+        let reported = committed
+            .find_partition(topic, partition)
+            .map(|element| element.offset());
+        if reported != Some(Offset::Offset(offset)) {
+            bail!(
+                "the cluster accepted offset {offset} for {topic} partition {partition} \
+                 but then reported {reported:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The partitions of `topic`: all of them, or the one asked for if it exists.
+fn topic_partitions(
+    client: &BaseConsumer<ToolContext>,
+    topic: &str,
+    only: Option<i32>,
+) -> anyhow::Result<Vec<i32>> {
+    let metadata = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))?;
+    let topic_metadata = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+        .ok_or_else(|| anyhow!("the cluster's metadata answer does not mention topic '{topic}'"))?;
+    if let Some(err) = topic_metadata.error() {
+        bail!("{} (topic '{topic}')", describe_code(err.into()));
+    }
+    let mut partitions: Vec<i32> = topic_metadata
+        .partitions()
+        .iter()
+        .map(|partition| partition.id())
+        .collect();
+    partitions.sort_unstable();
+    match only {
+        None if partitions.is_empty() => bail!("topic '{topic}' has no partitions"),
+        None => Ok(partitions),
+        Some(partition) if partitions.contains(&partition) => Ok(vec![partition]),
+        Some(partition) => bail!(
+            "{} (topic '{topic}' has no partition {partition})",
+            describe_code(RDKafkaErrorCode::UnknownPartition)
+        ),
+    }
+}
+
+/// The partitions assigned to a member, by topic, as the assignor sent them.
+type Assignment = Vec<(String, Vec<i32>)>;
+
+/// Why assignment bytes are not a ConsumerProtocol assignment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum AssignmentError {
+    Truncated,
+    NegativeVersion,
+    NegativeLength,
+    NotUtf8,
+    TrailingBytes,
+}
+
+/// Decodes a ConsumerProtocolAssignment (versions 0-3 share one layout): version i16,
+/// then an array of (topic string, array of i32 partitions), then user data bytes.
+/// Later versions may append fields, so trailing bytes are accepted only for them.
+fn decode_assignment(bytes: &[u8]) -> Result<Assignment, AssignmentError> {
+    let mut reader = Reader { bytes };
+    let version = reader.i16()?;
+    if version < 0 {
+        return Err(AssignmentError::NegativeVersion);
+    }
+    // Each topic takes at least 6 bytes (empty name, empty array) and each partition 4,
+    // so a count larger than what is left is garbage; checked before allocating.
+    let topic_count = reader.count(6)?;
+    let mut topics = Vec::with_capacity(topic_count);
+    for _ in 0..topic_count {
+        let name = reader.string()?;
+        let partition_count = reader.count(4)?;
+        let mut partitions = Vec::with_capacity(partition_count);
+        for _ in 0..partition_count {
+            partitions.push(reader.i32()?);
+        }
+        topics.push((name, partitions));
+    }
+    let user_data = reader.i32()?;
+    if user_data >= 0 {
+        reader.take(user_data as usize)?;
+    } else if user_data != -1 {
+        return Err(AssignmentError::NegativeLength);
+    }
+    if version <= 3 && !reader.bytes.is_empty() {
+        return Err(AssignmentError::TrailingBytes);
+    }
+    Ok(topics)
+}
+
+/// `topic:0,1,2 other:5` (topics and partitions sorted), `-` for no assignment, `?`
+/// for bytes that are not a ConsumerProtocol assignment.
+fn format_assignment(assignment: Option<&Result<Assignment, AssignmentError>>) -> String {
+    let topics = match assignment {
+        None => return "-".to_owned(),
+        Some(Err(_)) => return "?".to_owned(),
+        Some(Ok(topics)) => topics,
+    };
+    let mut topics: Vec<(&String, Vec<i32>)> = topics
+        .iter()
+        .filter(|(_, partitions)| !partitions.is_empty())
+        .map(|(topic, partitions)| {
+            let mut partitions = partitions.clone();
+            partitions.sort_unstable();
+            (topic, partitions)
+        })
+        .collect();
+    if topics.is_empty() {
+        return "-".to_owned();
+    }
+    topics.sort();
+    topics
+        .iter()
+        .map(|(topic, partitions)| {
+            let ids: Vec<String> = partitions.iter().map(i32::to_string).collect();
+            format!("{topic}:{}", ids.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Big-endian reads over untrusted bytes; every read checks the length first.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], AssignmentError> {
+        if self.bytes.len() < n {
+            return Err(AssignmentError::Truncated);
+        }
+        let (taken, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn i16(&mut self) -> Result<i16, AssignmentError> {
+        let taken = self.take(2)?;
+        Ok(i16::from_be_bytes([taken[0], taken[1]]))
+    }
+
+    fn i32(&mut self) -> Result<i32, AssignmentError> {
+        let taken = self.take(4)?;
+        Ok(i32::from_be_bytes([taken[0], taken[1], taken[2], taken[3]]))
+    }
+
+    /// An array length whose elements take at least `element_bytes` each.
+    fn count(&mut self, element_bytes: usize) -> Result<usize, AssignmentError> {
+        let count = self.i32()?;
+        let count = usize::try_from(count).map_err(|_| AssignmentError::NegativeLength)?;
+        if count.saturating_mul(element_bytes) > self.bytes.len() {
+            return Err(AssignmentError::Truncated);
+        }
+        Ok(count)
+    }
+
+    fn string(&mut self) -> Result<String, AssignmentError> {
+        let length = self.i16()?;
+        let length = usize::try_from(length).map_err(|_| AssignmentError::NegativeLength)?;
+        let taken = self.take(length)?;
+        String::from_utf8(taken.to_vec()).map_err(|_| AssignmentError::NotUtf8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(version: i16, topics: &[(&str, &[i32])], user_data: Option<&[u8]>) -> Vec<u8> {
+        let mut bytes = version.to_be_bytes().to_vec();
+        bytes.extend((topics.len() as i32).to_be_bytes());
+        for (name, partitions) in topics {
+            bytes.extend((name.len() as i16).to_be_bytes());
+            bytes.extend(name.as_bytes());
+            bytes.extend((partitions.len() as i32).to_be_bytes());
+            for partition in *partitions {
+                bytes.extend(partition.to_be_bytes());
+            }
+        }
+        match user_data {
+            Some(data) => {
+                bytes.extend((data.len() as i32).to_be_bytes());
+                bytes.extend(data);
+            }
+            None => bytes.extend((-1i32).to_be_bytes()),
+        }
+        bytes
+    }
+
+    #[test]
+    fn assignment_round_trips_every_version() {
+        for version in 0..=3 {
+            let bytes = encode(version, &[("b", &[2, 0]), ("a", &[1])], Some(b"ud"));
+            let decoded = decode_assignment(&bytes).expect("valid assignment");
+            assert_eq!(
+                decoded,
+                vec![("b".to_owned(), vec![2, 0]), ("a".to_owned(), vec![1])]
+            );
+            assert_eq!(format_assignment(Some(&Ok(decoded))), "a:1 b:0,2");
+        }
+        let empty = decode_assignment(&encode(0, &[], None)).expect("valid");
+        assert_eq!(format_assignment(Some(&Ok(empty))), "-");
+        assert_eq!(format_assignment(None), "-");
+    }
+
+    #[test]
+    fn garbage_assignment_is_an_error_never_a_panic() {
+        let valid = encode(1, &[("topic", &[0, 1, 2])], Some(b"x"));
+        // Every truncation of a valid assignment is refused.
+        for end in 0..valid.len() {
+            assert!(decode_assignment(&valid[..end]).is_err(), "prefix {end}");
+        }
+        let mut trailing = valid.clone();
+        trailing.push(0);
+        assert_eq!(
+            decode_assignment(&trailing),
+            Err(AssignmentError::TrailingBytes)
+        );
+        // A future version may append fields.
+        let mut future = encode(4, &[("t", &[7])], None);
+        future.extend([1, 2, 3]);
+        assert_eq!(
+            decode_assignment(&future),
+            Ok(vec![("t".to_owned(), vec![7])])
+        );
+        assert_eq!(
+            decode_assignment(&encode(-1, &[], None)),
+            Err(AssignmentError::NegativeVersion)
+        );
+        // A huge count is refused before anything is allocated for it.
+        let mut huge = 0i16.to_be_bytes().to_vec();
+        huge.extend(i32::MAX.to_be_bytes());
+        assert_eq!(decode_assignment(&huge), Err(AssignmentError::Truncated));
+        let mut bad_utf8 = encode(0, &[("ab", &[])], None);
+        bad_utf8[8] = 0xff;
+        assert_eq!(decode_assignment(&bad_utf8), Err(AssignmentError::NotUtf8));
+        assert_eq!(format_assignment(Some(&decode_assignment(b"garbage"))), "?");
+        // Arbitrary bytes never panic.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..10_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 40) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
+            let _ = decode_assignment(&bytes);
+        }
+    }
+
+    #[test]
+    fn new_offsets_stay_within_the_log() {
+        assert_eq!(new_offset(Target::Earliest, 3, 10), (3, false));
+        assert_eq!(new_offset(Target::Latest, 3, 10), (10, false));
+        assert_eq!(new_offset(Target::Offset(5), 3, 10), (5, false));
+        assert_eq!(new_offset(Target::Offset(10), 3, 10), (10, false));
+        assert_eq!(new_offset(Target::Offset(11), 3, 10), (10, true));
+        assert_eq!(new_offset(Target::Offset(0), 3, 10), (3, true));
+        assert_eq!(new_offset(Target::Offset(-5), 0, 0), (0, true));
+    }
+
+    #[test]
+    fn metadata_stays_on_one_line() {
+        assert_eq!(printable("a\tb\nc é"), "a\\tb\\nc é");
+    }
+}
