@@ -12,7 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext as _, Message, Offset, TopicPartitionList};
 
-use super::{describe_code, describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
+use super::{describe_error, ConnectArgs, ToolContext};
 
 /// Longest single wait in `poll`, so the stop conditions are checked regularly and
 /// output is flushed soon after records stop arriving.
@@ -90,8 +90,8 @@ pub fn run(args: ConsumeArgs) -> anyhow::Result<()> {
         BaseConsumer::from_config_and_context(&config, args.connect.context())
             .context("cannot create Kafka consumer")?;
 
-    let partitions =
-        partitions_to_consume(&consumer, &args.topic, args.partition).context("consume failed")?;
+    let partitions = super::topic_partitions(consumer.client(), &args.topic, args.partition)
+        .context("consume failed")?;
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
         assignment
@@ -121,44 +121,6 @@ pub fn run(args: ConsumeArgs) -> anyhow::Result<()> {
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.downcast_ref::<std::io::Error>()
         .is_some_and(|err| err.kind() == ErrorKind::BrokenPipe)
-}
-
-/// The partitions of `topic` to assign: all of them, or the one asked for if it exists.
-fn partitions_to_consume(
-    consumer: &BaseConsumer<ToolContext>,
-    topic: &str,
-    only: Option<i32>,
-) -> anyhow::Result<Vec<i32>> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-        .map_err(|err| consumer.context().explain(describe_error(&err)))?;
-    let topic_metadata = metadata
-        .topics()
-        .iter()
-        .find(|candidate| candidate.name() == topic)
-        .ok_or_else(|| anyhow!("the cluster's metadata answer does not mention topic '{topic}'"))?;
-    if let Some(err) = topic_metadata.error() {
-        bail!("{} (topic '{topic}')", describe_code(err.into()));
-    }
-    let mut partitions: Vec<i32> = topic_metadata
-        .partitions()
-        .iter()
-        .map(|partition| partition.id())
-        .collect();
-    partitions.sort_unstable();
-    if partitions.is_empty() {
-        bail!("topic '{topic}' has no partitions");
-    }
-    match only {
-        None => Ok(partitions),
-        Some(partition) if partitions.contains(&partition) => Ok(vec![partition]),
-        Some(partition) => bail!(
-            "{} (topic '{topic}' has partitions {} to {}, not {partition})",
-            describe_code(RDKafkaErrorCode::UnknownPartition),
-            partitions[0],
-            partitions[partitions.len() - 1]
-        ),
-    }
 }
 
 fn consume_loop(

@@ -17,12 +17,11 @@ use std::fmt::Write as _;
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::groups::GroupInfo;
 use rdkafka::metadata::Metadata;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{describe_code, describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
+use super::{describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
 
 #[derive(clap::Args)]
 pub struct GroupArgs {
@@ -403,7 +402,7 @@ fn reset_offsets(
     if let Some(partition) = only.filter(|partition| *partition < 0) {
         bail!("--partition must not be negative, got {partition}");
     }
-    let partitions = topic_partitions(client, topic, only)?;
+    let partitions = super::topic_partitions(client.client(), topic, only)?;
     let mut offsets = Vec::with_capacity(partitions.len());
     let mut warnings = Vec::new();
     for partition in partitions {
@@ -498,40 +497,6 @@ fn verify_committed(
         }
     }
     Ok(())
-}
-
-/// The partitions of `topic`: all of them, or the one asked for if it exists.
-fn topic_partitions(
-    client: &BaseConsumer<ToolContext>,
-    topic: &str,
-    only: Option<i32>,
-) -> anyhow::Result<Vec<i32>> {
-    let metadata = client
-        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-        .map_err(|err| client.context().explain(describe_error(&err)))?;
-    let topic_metadata = metadata
-        .topics()
-        .iter()
-        .find(|candidate| candidate.name() == topic)
-        .ok_or_else(|| anyhow!("the cluster's metadata answer does not mention topic '{topic}'"))?;
-    if let Some(err) = topic_metadata.error() {
-        bail!("{} (topic '{topic}')", describe_code(err.into()));
-    }
-    let mut partitions: Vec<i32> = topic_metadata
-        .partitions()
-        .iter()
-        .map(|partition| partition.id())
-        .collect();
-    partitions.sort_unstable();
-    match only {
-        None if partitions.is_empty() => bail!("topic '{topic}' has no partitions"),
-        None => Ok(partitions),
-        Some(partition) if partitions.contains(&partition) => Ok(vec![partition]),
-        Some(partition) => bail!(
-            "{} (topic '{topic}' has no partition {partition})",
-            describe_code(RDKafkaErrorCode::UnknownPartition)
-        ),
-    }
 }
 
 /// The partitions assigned to a member, by topic, as the assignor sent them.

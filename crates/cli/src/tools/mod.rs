@@ -17,7 +17,8 @@ use std::ffi::CStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
+use rdkafka::client::Client;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
@@ -206,6 +207,44 @@ pub fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> 
         .enable_time()
         .build()?;
     Ok(runtime.block_on(future))
+}
+
+/// The partitions of `topic`: all of them, or the one asked for if it exists.
+pub fn topic_partitions(
+    client: &Client<ToolContext>,
+    topic: &str,
+    only: Option<i32>,
+) -> anyhow::Result<Vec<i32>> {
+    let metadata = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|err| client.context().explain(describe_error(&err)))?;
+    let topic_metadata = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+        .ok_or_else(|| anyhow!("the cluster's metadata answer does not mention topic '{topic}'"))?;
+    if let Some(err) = topic_metadata.error() {
+        bail!("{} (topic '{topic}')", describe_code(err.into()));
+    }
+    let mut partitions: Vec<i32> = topic_metadata
+        .partitions()
+        .iter()
+        .map(|partition| partition.id())
+        .collect();
+    partitions.sort_unstable();
+    if partitions.is_empty() {
+        bail!("topic '{topic}' has no partitions");
+    }
+    match only {
+        None => Ok(partitions),
+        Some(partition) if partitions.contains(&partition) => Ok(vec![partition]),
+        Some(partition) => bail!(
+            "{} (topic '{topic}' has partitions {} to {}, not {partition})",
+            describe_code(RDKafkaErrorCode::UnknownPartition),
+            partitions[0],
+            partitions[partitions.len() - 1]
+        ),
+    }
 }
 
 #[cfg(test)]
