@@ -109,7 +109,7 @@ class Broker:
         self.process = subprocess.Popen(
             [freshet, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1"},
+            env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1", "FRESHET_HTTP_LISTEN": "off"},
         )
         line = self.process.stdout.readline().decode()
         match = re.match(r"freshet listening on (\S+), data in ", line)

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LISTEN_LINE = re.compile(r"^freshet listening on (?P<host>[^\s:]+):(?P<port>\d+), data in (?P<data>.+)$")
+LISTEN_LINE = re.compile(r"^freshet listening on (?P<host>[^\s:]+):(?P<port>\d+)"
+                         r"(?:, http on (?P<http_host>[^\s:]+):(?P<http_port>\d+))?, data in (?P<data>.+)$")
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 STDERR_TAIL_BYTES = 30_000
@@ -62,6 +63,7 @@ class Broker:
         self.proc: subprocess.Popen | None = None
         self.host = ""
         self.port = 0
+        self.http_port: int | None = None
         self.reported_data_dir = ""
         self.starts = 0
         self._stdout_lines: queue.Queue = queue.Queue()
@@ -72,6 +74,12 @@ class Broker:
     def bootstrap(self) -> str:
         assert self.running, "broker is not running"
         return f"{self.host}:{self.port}"
+
+    @property
+    def http(self) -> str:
+        """Base URL of the embedded HTTP gateway (start with FRESHET_HTTP_LISTEN set)."""
+        assert self.running and self.http_port, "broker is not running with the HTTP gateway"
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def running(self) -> bool:
@@ -87,6 +95,9 @@ class Broker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("NO_COLOR", "1")  # plain stderr in failure reports
+        # The embedded HTTP gateway only where a test asks for it (its own Kafka clients
+        # would otherwise add connections to every broker under test).
+        env["FRESHET_HTTP_LISTEN"] = "off"
         env.update(self.env)
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -118,6 +129,7 @@ class Broker:
                 self.kill()
                 raise BrokerError(f"unexpected first stdout line {line!r}; stderr:\n{self.stderr_tail()}")
             self.host, self.port = m["host"], int(m["port"])
+            self.http_port = int(m["http_port"]) if m["http_port"] else None
             self.reported_data_dir = m["data"]
             assert self.port != 0, line
             assert Path(self.reported_data_dir) == self.data_dir.resolve(), \

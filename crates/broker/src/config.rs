@@ -105,8 +105,11 @@ impl BrokerConfig {
                     path: path.display().to_string(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+                let mut table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+                table.remove("http"); // the HTTP gateway's table (gateway::GatewayConfig)
+                table
             }
             None => toml::Table::new(),
         };

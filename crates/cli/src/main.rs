@@ -2,6 +2,7 @@
 //! subcommands are Kafka-protocol tools that work against any Kafka-compatible
 //! cluster (they go through librdkafka, never through broker internals).
 
+mod gateway;
 mod perf;
 mod serve;
 mod tools;
@@ -31,6 +32,8 @@ enum Command {
     Consume(tools::consume::ConsumeArgs),
     /// List and describe consumer groups (members, lag) and reset their offsets.
     Group(tools::group::GroupArgs),
+    /// The HTTP gateway alone, in front of any Kafka-compatible cluster.
+    Gateway(gateway::GatewayArgs),
     /// Benchmarks: producer and consumer throughput, end-to-end latency.
     Perf(perf::PerfArgs),
 }
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Produce(args) => tools::produce::run(args),
         Command::Consume(args) => tools::consume::run(args),
         Command::Group(args) => tools::group::run(args),
+        Command::Gateway(args) => gateway::run(args),
         Command::Perf(args) => perf::run(args),
     };
     match result {

@@ -1,6 +1,7 @@
 //! `freshet serve`: load the configuration, open the data directory (recovering
-//! every partition), bind, print where it listens, serve until SIGINT/SIGTERM,
-//! then answer what is in flight and flush every partition.
+//! every partition), bind, start the embedded HTTP gateway (a Kafka client of this
+//! broker, like any other), print where it listens, serve until SIGINT/SIGTERM,
+//! then stop the gateway, answer what is in flight and flush every partition.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ pub struct ServeArgs {
     /// these flags override it.
     #[arg(long, env = "FRESHET_CONFIG")]
     config: Option<PathBuf>,
+    /// Address of the embedded HTTP gateway, host:port, or `off` [default: 127.0.0.1:8080]
+    #[arg(long)]
+    http_listen: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -38,6 +42,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(advertised) = args.advertised_listener {
         config.advertised_listener = Some(advertised);
     }
+    let mut http = gateway::GatewayConfig::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(listen) = args.http_listen {
+        http.listen = listen;
+    }
     let listener = std::net::TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     listener.set_nonblocking(true)?;
@@ -45,6 +53,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (host, port) = advertised(&config, local)?;
     let data_dir =
         std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    // The embedded gateway is a Kafka client of this broker, like any other.
+    http.brokers = format!("{host}:{port}");
+    if http.spool_dir == gateway::GatewayConfig::default().spool_dir {
+        http.spool_dir = data_dir.join("http-spool");
+    }
     let broker = Broker::open(config, host, port, Arc::new(SystemClock))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -52,15 +65,38 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop_rx = async move {
+            let _ = stop_rx.await;
+        };
+        let background = tokio::spawn(broker.clone().run_background());
+        let serving = tokio::spawn(broker::server::run(broker.clone(), listener, stop_rx));
+        let http = if http.listen == "off" {
+            None
+        } else {
+            Some(gateway::start(http).await?)
+        };
         // The one line a user (and the test harness) reads; logs go to stderr.
-        println!(
-            "freshet listening on {local}, data in {}",
-            data_dir.display()
-        );
+        match &http {
+            Some(http) => println!(
+                "freshet listening on {local}, http on {}, data in {}",
+                http.addr,
+                data_dir.display()
+            ),
+            None => println!(
+                "freshet listening on {local}, data in {}",
+                data_dir.display()
+            ),
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let background = tokio::spawn(broker.clone().run_background());
-        broker::server::run(broker.clone(), listener, shutdown_signal()).await;
+        shutdown_signal().await;
+        // The gateway first: its in-flight requests still need the broker.
+        if let Some(http) = http {
+            http.shutdown().await;
+        }
+        let _ = stop_tx.send(());
+        let _ = serving.await;
         background.abort();
         tracing::info!("shutting down: flushing partitions");
         let b = broker.clone();
@@ -91,7 +127,7 @@ fn advertised(config: &BrokerConfig, local: SocketAddr) -> anyhow::Result<(Strin
     Ok((local.ip().to_string(), local.port() as i32))
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

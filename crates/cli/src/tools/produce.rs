@@ -42,6 +42,17 @@ pub struct ProduceArgs {
     /// Compression codec of the record batches.
     #[arg(long, default_value = "none", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     compression: String,
+    /// Keep records the cluster cannot acknowledge in this directory (fsync'd), and
+    /// send what an earlier run left there first: the command succeeds once every
+    /// line is acknowledged (acks=all, idempotent) or spooled. Needs --acks all.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<std::path::PathBuf>,
+    /// With --spool: how long a record waits for the cluster before it is spooled.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    spool_after_ms: u64,
+    /// With --spool: bytes of records held (in memory and in the spool) at most.
+    #[arg(long, default_value_t = 256 << 20, value_name = "BYTES")]
+    spool_max_bytes: u64,
 }
 
 /// Counts delivery reports and keeps the first failure, so the tool can wait for all
@@ -91,6 +102,9 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         if partition < 0 {
             bail!("--partition must not be negative, got {partition}");
         }
+    }
+    if let Some(dir) = args.spool.clone() {
+        return run_spooled(&args, dir);
     }
     let config = args.connect.client_config(&[
         ("acks", args.acks.as_str()),
@@ -201,6 +215,125 @@ fn send_lines(
         sent += 1;
         producer.poll(Duration::ZERO);
     }
+}
+
+/// `--spool DIR`: every line goes through the gateway's durable producer, so it is
+/// acknowledged or kept in DIR; lines are submitted in order, at most
+/// `SPOOLED_IN_FLIGHT` awaiting their outcome.
+fn run_spooled(args: &ProduceArgs, dir: std::path::PathBuf) -> anyhow::Result<()> {
+    use gateway::producer::{DurableProducer, ProducerConfig, Record, SendError};
+    const SPOOLED_IN_FLIGHT: usize = 10_000;
+    if args.acks != "all" && args.acks != "-1" {
+        bail!("--spool needs --acks all: a record is only dropped from the spool once the cluster has it durably");
+    }
+    let mut kafka = vec![("compression.type".to_string(), args.compression.clone())];
+    kafka.extend(args.connect.properties.iter().cloned());
+    let config = ProducerConfig {
+        brokers: args.connect.brokers.clone(),
+        spool_dir: dir.clone(),
+        spool_max_bytes: args.spool_max_bytes,
+        spool_segment_bytes: 16 << 20,
+        spool_after_ms: args.spool_after_ms,
+        max_record_bytes: LINE_BYTES_MAX,
+        kafka,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let producer =
+        std::sync::Arc::new(DurableProducer::open(&config).context("cannot open the spool")?);
+    let separator = args.key_separator.as_deref().map(str::as_bytes);
+    let headers: Vec<(String, Vec<u8>)> = args
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    let (mut delivered, mut spooled) = (0u64, 0u64);
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let mut pending = std::collections::VecDeque::new();
+        let mut input = BufReader::new(std::io::stdin().lock());
+        let mut line = Vec::new();
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            let read = std::io::Read::take(&mut input, LINE_BYTES_MAX as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .context("cannot read stdin")?;
+            if read == 0 {
+                break;
+            }
+            number += 1;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            } else if line.len() > LINE_BYTES_MAX {
+                bail!("line {number} is longer than {LINE_BYTES_MAX} bytes");
+            }
+            let (key, value) = split_key(&line, separator);
+            let record = Record {
+                topic: args.topic.clone(),
+                partition: args.partition,
+                key: key.map(<[u8]>::to_vec),
+                value: Some(value.to_vec()),
+                headers: headers.clone(),
+                timestamp_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+            };
+            // Submitting queues the record at once, in line order; its outcome is
+            // awaited later, so lines are pipelined. The first outcome that times out
+            // spools everything queued, so waiting in order costs one timeout.
+            loop {
+                match producer.submit(record.clone()) {
+                    Ok(p) => {
+                        pending.push_back((number, p));
+                        break;
+                    }
+                    Err(SendError::Full { .. }) if !pending.is_empty() => {
+                        let (n, p) = pending.pop_front().expect("not empty");
+                        count(n, p.outcome().await, &mut delivered, &mut spooled)?;
+                    }
+                    Err(err) => bail!("produce failed: {err} (line {number})"),
+                }
+            }
+            if pending.len() >= SPOOLED_IN_FLIGHT {
+                let (n, p) = pending.pop_front().expect("not empty");
+                count(n, p.outcome().await, &mut delivered, &mut spooled)?;
+            }
+        }
+        while let Some((n, p)) = pending.pop_front() {
+            count(n, p.outcome().await, &mut delivered, &mut spooled)?;
+        }
+        producer
+            .shutdown(std::time::Duration::from_millis(args.spool_after_ms))
+            .await;
+        Ok(())
+    });
+    result?;
+    let left = producer.spool_depth().records;
+    if spooled > 0 || left > 0 {
+        eprintln!(
+            "{delivered} records acknowledged, {spooled} spooled; {left} still in {} (sent first by the next `freshet produce --spool {}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Tallies one line's outcome; a refusal by the cluster ends the command.
+fn count(
+    line: u64,
+    outcome: Result<gateway::producer::Outcome, gateway::producer::SendError>,
+    delivered: &mut u64,
+    spooled: &mut u64,
+) -> anyhow::Result<()> {
+    match outcome {
+        Ok(gateway::producer::Outcome::Delivered { .. }) => *delivered += 1,
+        Ok(gateway::producer::Outcome::Spooled) => *spooled += 1,
+        Err(err) => bail!("produce failed: {err} (line {line})"),
+    }
+    Ok(())
 }
 
 /// Splits a line at the first separator: `(Some(key), value)`, or `(None, line)` when

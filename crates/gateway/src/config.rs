@@ -1,0 +1,238 @@
+//! Gateway settings: defaults, then the `[http]` table of the TOML file, then
+//! `FRESHET_HTTP_<KEY>` environment variables, then command-line flags (applied by the
+//! caller). Every limit the gateway enforces is here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address the HTTP server binds, `host:port` (port 0 picks one).
+    pub listen: String,
+    /// Bootstrap brokers of the cluster the gateway produces to and reads from.
+    pub brokers: String,
+    /// Where records are kept while the cluster cannot acknowledge them.
+    pub spool_dir: PathBuf,
+    /// Bytes of records accepted and not yet acknowledged by the cluster (in memory
+    /// and in the spool); beyond it requests get `503` with `Retry-After`.
+    pub spool_max_bytes: u64,
+    /// Size of one spool file.
+    pub spool_segment_bytes: u64,
+    /// How long a request waits for the cluster's acks=all answer before its record
+    /// is spooled instead (and answered `202` with `"spooled": true`).
+    pub spool_after_ms: u64,
+    /// Largest request body; larger gets `413`.
+    pub max_body_bytes: usize,
+    /// Largest single record value (after encoding); larger gets `413`.
+    pub max_record_bytes: usize,
+    /// Requests that produce or consume, served at once; more get `503` with
+    /// `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// `Idempotency-Key`s remembered (with their answers) for retried requests.
+    pub idempotency_keys: usize,
+    /// Topic name to JSON Schema file; records for the topic must validate. Schemas
+    /// set through `PUT /topics/{topic}/schema` are kept in `schema_topic` and
+    /// override these.
+    pub schemas: BTreeMap<String, PathBuf>,
+    /// The topic (in the cluster) where schemas set over HTTP are kept, so every
+    /// gateway in front of the cluster sees them.
+    pub schema_topic: String,
+    /// Live-stream subscribers served at once; more get `503`.
+    pub stream_max_subscribers: usize,
+    /// Records per partition a topic's shared live reader keeps for subscribers that
+    /// resume a little behind the tail.
+    pub stream_buffer_records: usize,
+    /// Interval of the SSE keep-alive comment.
+    pub stream_keepalive_ms: u64,
+    /// REST-proxy consumer instances at once; more get `503`.
+    pub max_consumer_instances: usize,
+    /// A consumer instance nobody used for this long is closed (as the REST Proxy's
+    /// `consumer.instance.timeout.ms`).
+    pub consumer_instance_timeout_ms: u64,
+    /// Longest wait of `GET .../records` (its `timeout` parameter is capped by it).
+    pub consumer_request_timeout_ms: u64,
+    /// Largest answer of `GET .../records` (its `max_bytes` parameter is capped by it).
+    pub consumer_request_max_bytes: usize,
+    /// How long shutdown waits for in-flight requests and for the cluster to take
+    /// what is queued (the rest stays in the spool).
+    pub shutdown_timeout_ms: u64,
+    /// Extra librdkafka properties for the gateway's clients (e.g. `linger.ms`).
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            brokers: "127.0.0.1:9092".into(),
+            spool_dir: PathBuf::from("./freshet-spool"),
+            spool_max_bytes: 256 << 20,
+            spool_segment_bytes: 16 << 20,
+            spool_after_ms: 1000,
+            max_body_bytes: 1 << 20,
+            max_record_bytes: 1_000_000,
+            max_concurrent_requests: 4096,
+            idempotency_keys: 100_000,
+            schemas: BTreeMap::new(),
+            schema_topic: "_freshet_schemas".into(),
+            stream_max_subscribers: 10_000,
+            stream_buffer_records: 10_000,
+            stream_keepalive_ms: 15_000,
+            max_consumer_instances: 1000,
+            consumer_instance_timeout_ms: 300_000,
+            consumer_request_timeout_ms: 30_000,
+            consumer_request_max_bytes: 64 << 20,
+            shutdown_timeout_ms: 10_000,
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid http configuration: {0}")]
+    Invalid(String),
+}
+
+impl GatewayConfig {
+    /// Defaults, then the `[http]` table of `file` if given, then every
+    /// `FRESHET_HTTP_<KEY>` variable in `env` (scalar keys only).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let mut whole = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+                match whole.remove("http") {
+                    Some(toml::Value::Table(http)) => http,
+                    Some(_) => return Err(ConfigError::Invalid("[http] must be a table".into())),
+                    None => toml::Table::new(),
+                }
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("FRESHET_HTTP_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if key == "schemas" || key == "kafka" {
+                continue; // tables: only in the file
+            }
+            let value = match value.parse::<i64>() {
+                Ok(n) if !matches!(key.as_str(), "listen" | "brokers" | "schema_topic") => {
+                    toml::Value::Integer(n)
+                }
+                _ => toml::Value::String(value),
+            };
+            table.insert(key, value);
+        }
+        let config: GatewayConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.into()));
+        if self.max_body_bytes < 1024 || self.max_record_bytes < 1 {
+            return bad("max_body_bytes must be at least 1024 and max_record_bytes at least 1");
+        }
+        if self.max_concurrent_requests < 1
+            || self.stream_max_subscribers < 1
+            || self.max_consumer_instances < 1
+        {
+            return bad("max_concurrent_requests, stream_max_subscribers and max_consumer_instances must be at least 1");
+        }
+        if self.spool_after_ms < 10 {
+            return bad("spool_after_ms must be at least 10");
+        }
+        if self.spool_max_bytes < 1 << 20 || self.spool_segment_bytes < 4096 {
+            return bad(
+                "spool_max_bytes must be at least 1 MiB and spool_segment_bytes at least 4096",
+            );
+        }
+        if (self.max_record_bytes as u64) * 2 > self.spool_max_bytes {
+            return bad("spool_max_bytes must hold at least two records of max_record_bytes");
+        }
+        if self.stream_buffer_records < 1 || self.stream_keepalive_ms < 100 {
+            return bad(
+                "stream_buffer_records must be at least 1 and stream_keepalive_ms at least 100",
+            );
+        }
+        if self.consumer_request_max_bytes < 1024 || self.consumer_instance_timeout_ms < 1000 {
+            return bad("consumer_request_max_bytes must be at least 1024 and consumer_instance_timeout_ms at least 1000");
+        }
+        if self.schema_topic.is_empty() {
+            return bad("schema_topic must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The durable producer's settings.
+    pub fn producer(&self) -> crate::producer::ProducerConfig {
+        crate::producer::ProducerConfig {
+            brokers: self.brokers.clone(),
+            spool_dir: self.spool_dir.clone(),
+            spool_max_bytes: self.spool_max_bytes,
+            spool_segment_bytes: self.spool_segment_bytes,
+            spool_after_ms: self.spool_after_ms,
+            max_record_bytes: self.max_record_bytes,
+            kafka: self
+                .kafka
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "listen = \"ignored\"\n[http]\nmax_body_bytes = 4096\nlisten = \"127.0.0.1:1\"\n[http.schemas]\nvotes = \"v.json\"\n",
+        )
+        .unwrap();
+        let env = [
+            ("FRESHET_HTTP_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            ("FRESHET_HTTP_SPOOL_AFTER_MS".to_string(), "500".to_string()),
+            ("FRESHET_LISTEN".to_string(), "x".to_string()),
+        ];
+        let c = GatewayConfig::load(Some(&path), env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(c.max_body_bytes, 4096);
+        assert_eq!(c.spool_after_ms, 500);
+        assert_eq!(c.schemas["votes"], PathBuf::from("v.json"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_limits_are_refused() {
+        let env = [("FRESHET_HTTP_NO_SUCH".to_string(), "1".to_string())];
+        assert!(GatewayConfig::load(None, env).is_err());
+        let env = [("FRESHET_HTTP_MAX_BODY_BYTES".to_string(), "10".to_string())];
+        assert!(GatewayConfig::load(None, env).is_err());
+    }
+}

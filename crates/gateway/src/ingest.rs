@@ -1,0 +1,444 @@
+//! `POST /ingest/{topic}`: one record per request from a web form or a JSON client.
+//! The body is `application/json` (stored as sent) or
+//! `application/x-www-form-urlencoded` (stored as a JSON object; a repeated field
+//! becomes an array). `?key=` sets the record key, `?partition=` pins a partition.
+//! Every record carries `freshet-received-at` (ms since the epoch) and
+//! `freshet-request-id` headers. An `Idempotency-Key` makes a retried request return
+//! the first answer instead of storing the record again.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+
+use crate::error::ApiError;
+use crate::producer::{Outcome, Record, SendError};
+use crate::Gateway;
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new().route("/ingest/{topic}", post(ingest))
+}
+
+#[derive(Deserialize)]
+struct IngestQuery {
+    key: Option<String>,
+    partition: Option<i32>,
+}
+
+async fn ingest(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+    Query(query): Query<IngestQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let answer = match headers.get("idempotency-key") {
+        None => accept(&gateway, &topic, &query, &headers, &body, &request_id, None)
+            .await
+            .map(|answer| (answer, false)),
+        Some(key) => {
+            let Ok(key) = key.to_str() else {
+                return ApiError::bad_request("Idempotency-Key must be visible ASCII")
+                    .into_response();
+            };
+            let fingerprint = fingerprint(&topic, query.key.as_deref(), query.partition, &body);
+            gateway
+                .idempotency
+                .once(&topic, key, fingerprint, || {
+                    accept(
+                        &gateway,
+                        &topic,
+                        &query,
+                        &headers,
+                        &body,
+                        &request_id,
+                        Some(key),
+                    )
+                })
+                .await
+        }
+    };
+    match answer {
+        Ok((answer, replayed)) => {
+            let mut response = (StatusCode::ACCEPTED, Json(answer.body)).into_response();
+            if let Ok(id) = HeaderValue::from_str(&answer.request_id) {
+                response.headers_mut().insert("x-request-id", id);
+            }
+            if replayed {
+                gateway
+                    .metrics
+                    .idempotent_replays
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The first answer to a request, kept for its retries.
+#[derive(Clone)]
+struct Answer {
+    request_id: String,
+    body: Value,
+}
+
+async fn accept(
+    gateway: &Gateway,
+    topic: &str,
+    query: &IngestQuery,
+    headers: &HeaderMap,
+    body: &Bytes,
+    request_id: &str,
+    idempotency_key: Option<&str>,
+) -> Result<Answer, ApiError> {
+    check_topic_name(topic)?;
+    let (value, document) = decode_body(headers, body)?;
+    if value.len() > gateway.config.max_record_bytes {
+        return Err(ApiError::too_large(format!(
+            "record of {} bytes is larger than max_record_bytes ({})",
+            value.len(),
+            gateway.config.max_record_bytes
+        )));
+    }
+    let violations = gateway.schemas.validate(topic, &document);
+    if !violations.is_empty() {
+        gateway
+            .metrics
+            .validation_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut err = ApiError::unprocessable(format!(
+            "record does not match the schema of topic '{topic}' ({} violation{})",
+            violations.len(),
+            if violations.len() == 1 { "" } else { "s" }
+        ));
+        err.violations = Some(violations);
+        return Err(err);
+    }
+    check_target(gateway, topic, query.partition).await?;
+    let timestamp_ms = crate::now_ms();
+    let mut record_headers = vec![
+        (
+            "freshet-received-at".to_string(),
+            timestamp_ms.to_string().into_bytes(),
+        ),
+        (
+            "freshet-request-id".to_string(),
+            request_id.as_bytes().to_vec(),
+        ),
+    ];
+    if let Some(key) = idempotency_key {
+        record_headers.push((
+            "freshet-idempotency-key".to_string(),
+            key.as_bytes().to_vec(),
+        ));
+    }
+    let record = Record {
+        topic: topic.to_string(),
+        partition: query.partition,
+        key: query.key.as_ref().map(|k| k.as_bytes().to_vec()),
+        value: Some(value),
+        headers: record_headers,
+        timestamp_ms,
+    };
+    let outcome = gateway
+        .producer
+        .send(record)
+        .await
+        .map_err(|err| send_error(topic, err))?;
+    let body = match outcome {
+        Outcome::Delivered { partition, offset } => json!({
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "spooled": false,
+            "request_id": request_id,
+        }),
+        Outcome::Spooled => json!({
+            "topic": topic,
+            "partition": null,
+            "offset": null,
+            "spooled": true,
+            "request_id": request_id,
+        }),
+    };
+    Ok(Answer {
+        request_id: request_id.to_string(),
+        body,
+    })
+}
+
+/// Refuses a record for a topic (or partition) the cluster says does not exist. A
+/// cluster that does not answer is no reason to refuse: the record is spooled.
+pub(crate) async fn check_target(
+    gateway: &Gateway,
+    topic: &str,
+    partition: Option<i32>,
+) -> Result<(), ApiError> {
+    match gateway.producer.partitions(topic).await {
+        Ok(None) => Err(ApiError::topic_not_found(topic)),
+        Ok(Some(count)) => match partition {
+            Some(p) if p < 0 || p >= count => Err(ApiError::partition_not_found(topic, p)),
+            _ => Ok(()),
+        },
+        Err(()) => Ok(()),
+    }
+}
+
+/// The HTTP answer for a record that could not be made durable.
+pub(crate) fn send_error(topic: &str, err: SendError) -> ApiError {
+    match err {
+        SendError::Rejected { name, .. } if name.starts_with("UNKNOWN_TOPIC") => {
+            ApiError::topic_not_found(topic)
+        }
+        SendError::Rejected { name, message }
+            if name.contains("SIZE_TOO_LARGE") || name.contains("TOO_LARGE") =>
+        {
+            ApiError::too_large(format!("{name}: {message}"))
+        }
+        SendError::Rejected { name, message } => {
+            ApiError::unprocessable(format!("the cluster refused the record: {name}: {message}"))
+        }
+        err @ SendError::Full { .. } => ApiError::busy(err.to_string()),
+        SendError::Storage(why) => {
+            ApiError::busy(format!("the record could not be made durable: {why}"))
+        }
+    }
+}
+
+/// Kafka's rule: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub(crate) fn check_topic_name(topic: &str) -> Result<(), ApiError> {
+    let valid = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid topic name '{topic}': 1 to 249 characters of [a-zA-Z0-9._-], not '.' or '..'"
+        )))
+    }
+}
+
+/// The record value to store and the JSON document to validate.
+fn decode_body(headers: &HeaderMap, body: &Bytes) -> Result<(Vec<u8>, Value), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut parts = content_type.split(';');
+    let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    for param in parts {
+        if let Some((name, value)) = param.split_once('=') {
+            let value = value.trim().trim_matches('"');
+            if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
+                return Err(ApiError::unsupported_media_type(format!(
+                    "charset {value} is not supported: send UTF-8"
+                )));
+            }
+        }
+    }
+    match media.as_str() {
+        "application/json" => {
+            let document: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
+            Ok((body.to_vec(), document))
+        }
+        "application/x-www-form-urlencoded" => {
+            let document = parse_form(body)?;
+            let value = serde_json::to_vec(&document).expect("a JSON value serializes");
+            Ok((value, document))
+        }
+        _ => Err(ApiError::unsupported_media_type(format!(
+            "Content-Type '{content_type}' is not supported: use application/json or \
+             application/x-www-form-urlencoded"
+        ))),
+    }
+}
+
+/// A form body as a JSON object of strings; a field given more than once becomes an
+/// array of its values in order. Bytes that are not UTF-8 after decoding are refused
+/// (not replaced).
+fn parse_form(body: &[u8]) -> Result<Value, ApiError> {
+    let mut object = serde_json::Map::new();
+    for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let name = form_decode(name)?;
+        let value = Value::String(
+            form_decode(value)
+                .map_err(|e| ApiError::unprocessable(format!("field '{name}': {}", e.message)))?,
+        );
+        match object.get_mut(&name) {
+            None => {
+                object.insert(name, value);
+            }
+            Some(Value::Array(values)) => values.push(value),
+            Some(first) => {
+                let first = first.take();
+                object.insert(name, Value::Array(vec![first, value]));
+            }
+        }
+    }
+    Ok(Value::Object(object))
+}
+
+fn form_decode(raw: &[u8]) -> Result<String, ApiError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = raw
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => {
+                        return Err(ApiError::bad_request(
+                            "malformed percent-escape in form body",
+                        ))
+                    }
+                }
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| ApiError::unprocessable("form data is not valid UTF-8"))
+}
+
+fn fingerprint(topic: &str, key: Option<&str>, partition: Option<i32>, body: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (topic, key, partition, body).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Answers remembered by `Idempotency-Key` (per topic), the oldest forgotten first.
+/// Concurrent requests with one key wait for the first; a failed attempt is not
+/// remembered, so a retry runs again.
+pub struct IdempotencyCache {
+    capacity: usize,
+    entries: Mutex<(HashMap<String, Arc<Entry>>, VecDeque<String>)>,
+}
+
+struct Entry {
+    fingerprint: u64,
+    answer: OnceCell<Answer>,
+}
+
+impl IdempotencyCache {
+    pub fn new(capacity: usize) -> IdempotencyCache {
+        IdempotencyCache {
+            capacity: capacity.max(1),
+            entries: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    async fn once<F, Fut>(
+        &self,
+        topic: &str,
+        key: &str,
+        fingerprint: u64,
+        run: F,
+    ) -> Result<(Answer, bool), ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Answer, ApiError>>,
+    {
+        let id = format!("{topic}\0{key}");
+        let entry = {
+            let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let (map, order) = &mut *guard;
+            if let Some(entry) = map.get(&id) {
+                entry.clone()
+            } else {
+                while map.len() >= self.capacity {
+                    match order.pop_front() {
+                        Some(oldest) => {
+                            map.remove(&oldest);
+                        }
+                        None => break,
+                    }
+                }
+                let entry = Arc::new(Entry {
+                    fingerprint,
+                    answer: OnceCell::new(),
+                });
+                map.insert(id.clone(), entry.clone());
+                order.push_back(id);
+                entry
+            }
+        };
+        if entry.fingerprint != fingerprint {
+            return Err(ApiError::unprocessable(
+                "Idempotency-Key was already used for a different request",
+            ));
+        }
+        if let Some(answer) = entry.answer.get() {
+            return Ok((answer.clone(), true));
+        }
+        let mut ran = false;
+        let answer = entry
+            .answer
+            .get_or_try_init(|| {
+                ran = true;
+                run()
+            })
+            .await?;
+        Ok((answer.clone(), !ran))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_fields_become_a_json_object() {
+        let v = parse_form(b"name=Ann+Lee&vote=a%26b&vote=c&empty=&flag").unwrap();
+        assert_eq!(
+            v,
+            json!({"name": "Ann Lee", "vote": ["a&b", "c"], "empty": "", "flag": ""})
+        );
+    }
+
+    #[test]
+    fn form_bytes_that_are_not_utf8_are_refused() {
+        let err = parse_form(b"name=%FF%FE").unwrap_err();
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(parse_form(b"name=%F").is_err());
+        assert!(parse_form(b"name=%zz").is_err());
+    }
+
+    #[test]
+    fn topic_names_follow_kafka() {
+        assert!(check_topic_name("votes.2026_a-b").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(250)] {
+            assert!(check_topic_name(bad).is_err(), "{bad}");
+        }
+    }
+}

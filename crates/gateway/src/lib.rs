@@ -1,0 +1,204 @@
+//! The HTTP gateway: how records reach Freshet (or any Kafka-compatible cluster) from
+//! the web, where no Kafka client exists. It owns the HTTP server and its routes —
+//! `/ingest/{topic}` for web forms, the Confluent REST Proxy v2 API, live streams
+//! (SSE), schemas, health and metrics — and the spool that keeps accepted records
+//! while the cluster is away. It talks to the cluster only through the Kafka protocol
+//! (librdkafka), whether it runs embedded in `freshet serve` or standalone as
+//! `freshet gateway`.
+//!
+//! Codemap: `config` (settings and limits), `producer` (the acks=all idempotent
+//! producer every accepted record goes through, in front of the spool), `spool` (the
+//! on-disk spool), `ingest` (`POST /ingest/{topic}`, `Idempotency-Key`),
+//! `rest_proxy` (REST Proxy v2 produce and topics), `consumers` (REST Proxy v2
+//! consumer instances), `stream` (`GET /topics/{topic}/stream`, shared readers),
+//! `schema` (per-topic JSON Schemas), `ops` (`/health`, `/ready`, `/metrics`,
+//! `/openapi.json`), `metrics`, `error` (the JSON error body).
+//!
+//! Architecture invariant: a `2xx` answer to a request that carries records means
+//! every one of them is durable: acknowledged by the cluster with acks=all, or
+//! fsync'd in the spool.
+
+pub mod config;
+mod consumers;
+mod error;
+mod ingest;
+pub mod metrics;
+mod ops;
+pub mod producer;
+pub mod rest_proxy;
+pub mod schema;
+pub mod spool;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tokio::sync::{watch, Semaphore};
+
+pub use config::GatewayConfig;
+pub use error::ApiError;
+use producer::DurableProducer;
+
+/// What every handler shares.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub producer: Arc<DurableProducer>,
+    pub schemas: Arc<schema::Schemas>,
+    pub metrics: metrics::Metrics,
+    streams: stream::Streams,
+    consumers: consumers::Instances,
+    idempotency: ingest::IdempotencyCache,
+    requests: Arc<Semaphore>,
+    /// Becomes `true` when the gateway starts shutting down; long-lived responses
+    /// (streams) end when they see it.
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+/// A running gateway: its address, and the way to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    gateway: Arc<Gateway>,
+}
+
+impl Running {
+    /// Stops accepting, ends the streams, lets in-flight requests finish (up to
+    /// `shutdown_timeout_ms`), then gives the cluster the same time to take what is
+    /// queued; whatever it did not take stays in the spool for the next start.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let timeout = Duration::from_millis(self.gateway.config.shutdown_timeout_ms);
+        let mut task = self.task;
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            tracing::warn!("HTTP requests still running after the shutdown timeout; closing them");
+            task.abort();
+        }
+        self.gateway.consumers.close_all().await;
+        self.gateway.streams.stop_all();
+        self.gateway.schemas.stop();
+        self.gateway.producer.shutdown(timeout).await;
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+}
+
+/// Opens the spool (queueing what an earlier run left), loads the schemas, binds
+/// `config.listen` and serves until [`Running::shutdown`].
+pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, shutting_down) = watch::channel(false);
+    let producer_config = config.producer();
+    let producer =
+        tokio::task::spawn_blocking(move || DurableProducer::open(&producer_config)).await??;
+    let schema_config = config.clone();
+    let schemas =
+        tokio::task::spawn_blocking(move || schema::Schemas::open(&schema_config)).await??;
+    let gateway = Arc::new(Gateway {
+        producer: Arc::new(producer),
+        schemas,
+        metrics: metrics::Metrics::default(),
+        streams: stream::Streams::new(&config),
+        consumers: consumers::Instances::new(&config),
+        idempotency: ingest::IdempotencyCache::new(config.idempotency_keys),
+        requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        shutting_down: shutting_down.clone(),
+        config,
+    });
+    let app = router(gateway.clone());
+    let mut signal = shutting_down;
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = signal.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "HTTP server failed");
+        }
+    });
+    consumers::spawn_reaper(gateway.clone());
+    Ok(Running {
+        addr,
+        stop,
+        task,
+        gateway,
+    })
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    // Requests that produce or consume count against `max_concurrent_requests`;
+    // streams have their own limit.
+    let limited = Router::new()
+        .merge(ingest::routes())
+        .merge(rest_proxy::routes())
+        .merge(consumers::routes())
+        .merge(schema_routes())
+        .route_layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            limit_concurrency,
+        ));
+    Router::new()
+        .merge(limited)
+        .merge(stream::routes())
+        .merge(ops::routes())
+        .layer(middleware::from_fn_with_state(gateway.clone(), observe))
+        .layer(DefaultBodyLimit::max(gateway.config.max_body_bytes))
+        .with_state(gateway)
+}
+
+fn schema_routes() -> Router<Arc<Gateway>> {
+    use axum::routing::get;
+    Router::new().route(
+        "/topics/{topic}/schema",
+        get(ops::get_schema)
+            .put(ops::put_schema)
+            .delete(ops::delete_schema),
+    )
+}
+
+async fn limit_concurrency(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match gateway.requests.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ApiError::busy("too many concurrent requests").into_response(),
+    }
+}
+
+/// Counts every answer by route (the matched pattern, so topic names do not become
+/// labels) and status, with its latency.
+async fn observe(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    gateway
+        .metrics
+        .observe(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Milliseconds since the Unix epoch, for record timestamps and the
+/// `freshet-received-at` header.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

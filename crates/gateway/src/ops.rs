@@ -1,0 +1,172 @@
+//! Operations endpoints: `GET /health` (the process is up: cluster reachability,
+//! spool depth and age), `GET /ready` (200 only when the cluster answers a metadata
+//! request and the gateway is not shutting down), `GET /metrics` (Prometheus text),
+//! `GET /openapi.json`, and the schema endpoints `GET|PUT|DELETE
+//! /topics/{topic}/schema`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::ingest::check_topic_name;
+use crate::metrics::Gauges;
+use crate::schema::SchemaError;
+use crate::Gateway;
+
+/// The OpenAPI 3.1 description of every route.
+const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+}
+
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let cluster = cluster_reachable(&gateway).await;
+    let depth = gateway.producer.spool_depth();
+    Json(json!({
+        "status": "ok",
+        "cluster": if cluster { "reachable" } else { "unreachable" },
+        "spool": {
+            "records": depth.records,
+            "bytes": depth.bytes,
+            "oldest_age_ms": depth.oldest_timestamp_ms.map(|ts| (crate::now_ms() - ts).max(0)),
+            "max_bytes": gateway.config.spool_max_bytes,
+            "held_bytes": gateway.producer.held_bytes(),
+        },
+        "streams": {"subscribers": gateway.streams.subscribers(), "readers": gateway.streams.readers()},
+        "consumer_instances": gateway.consumers.count(),
+    }))
+    .into_response()
+}
+
+async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
+    if *gateway.shutting_down.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "shutting down"})),
+        )
+            .into_response();
+    }
+    if cluster_reachable(&gateway).await {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "the cluster does not answer"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let depth = gateway.producer.spool_depth();
+    let stats = gateway.producer.stats();
+    let gauges = Gauges {
+        spool_records: depth.records,
+        spool_bytes: depth.bytes,
+        spool_oldest_age_s: depth
+            .oldest_timestamp_ms
+            .map_or(0.0, |ts| (crate::now_ms() - ts).max(0) as f64 / 1000.0),
+        held_bytes: gateway.producer.held_bytes(),
+        stream_subscribers: gateway.streams.subscribers() as u64,
+        stream_readers: gateway.streams.readers() as u64,
+        consumer_instances: gateway.consumers.count() as u64,
+        records_delivered: stats.delivered.load(Ordering::Relaxed),
+        records_spooled: stats.spooled.load(Ordering::Relaxed),
+        records_rejected: stats.rejected.load(Ordering::Relaxed),
+        records_dropped: stats.dropped.load(Ordering::Relaxed),
+        records_replayed: stats.replayed.load(Ordering::Relaxed),
+    };
+    let mut response = gateway.metrics.render(&gauges).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+async fn openapi() -> Response {
+    let mut response = OPENAPI.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub(crate) async fn get_schema(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+) -> Response {
+    if let Err(err) = check_topic_name(&topic) {
+        return err.into_response();
+    }
+    match gateway.schemas.get(&topic) {
+        Some(schema) => Json(schema.document.clone()).into_response(),
+        None => ApiError::not_found(3, format!("topic '{topic}' has no schema")).into_response(),
+    }
+}
+
+pub(crate) async fn put_schema(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(err) = check_topic_name(&topic) {
+        return err.into_response();
+    }
+    let document: Value = match serde_json::from_slice(&body) {
+        Ok(document) => document,
+        Err(e) => {
+            return ApiError::bad_request(format!("body is not valid JSON: {e}")).into_response()
+        }
+    };
+    match gateway.schemas.put(&topic, Some(document)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => schema_error(err).into_response(),
+    }
+}
+
+pub(crate) async fn delete_schema(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+) -> Response {
+    if let Err(err) = check_topic_name(&topic) {
+        return err.into_response();
+    }
+    if gateway.schemas.get(&topic).is_none() {
+        return ApiError::not_found(3, format!("topic '{topic}' has no schema")).into_response();
+    }
+    match gateway.schemas.put(&topic, None).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => schema_error(err).into_response(),
+    }
+}
+
+fn schema_error(err: SchemaError) -> ApiError {
+    match err {
+        SchemaError::Invalid(why) => ApiError::unprocessable(why),
+        SchemaError::Unavailable(why) => ApiError::busy(why),
+    }
+}
+
+/// Whether the cluster answers a metadata request within a second.
+async fn cluster_reachable(gateway: &Arc<Gateway>) -> bool {
+    let gateway = gateway.clone();
+    tokio::task::spawn_blocking(move || gateway.producer.cluster_answers(Duration::from_secs(1)))
+        .await
+        .unwrap_or(false)
+}
