@@ -90,7 +90,7 @@ impl Broker {
                     OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
                 })?;
         let producer_ids = ProducerIds::open(&dir)?;
-        Ok(Arc::new(Broker {
+        let broker = Arc::new(Broker {
             config,
             cluster_id,
             advertised_host,
@@ -103,7 +103,10 @@ impl Broker {
             producer_ids,
             clock,
             _lock: lock,
-        }))
+        });
+        // Kafka drops expired producers when it loads a snapshot; so do we.
+        broker.expire_producers();
+        Ok(broker)
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -139,12 +142,20 @@ impl Broker {
     pub async fn run_background(self: Arc<Self>) {
         let retention_every = Duration::from_millis(self.config.retention_check_interval_ms.max(1));
         let flush_every = Duration::from_millis(self.config.flush_interval_ms.max(1));
+        let expiry_every =
+            Duration::from_millis(self.config.producer_id_expiration_check_interval_ms.max(1));
         let mut retention = tokio::time::interval(retention_every);
         let mut flush = tokio::time::interval(flush_every);
+        let mut expiry = tokio::time::interval(expiry_every);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = expiry.tick() => {
+                    let broker = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || broker.expire_producers()).await;
+                }
                 _ = retention.tick() => {
                     let broker = self.clone();
                     let _ = tokio::task::spawn_blocking(move || broker.apply_retention()).await;
@@ -177,6 +188,28 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Forgets, on every partition, idempotent producers idle for longer than
+    /// `producer_id_expiration_ms`. Returns how many were dropped.
+    pub fn expire_producers(&self) -> usize {
+        let now_ms = self.now_ms();
+        let mut total = 0;
+        for topic in self.topics.all() {
+            for p in topic.partitions() {
+                match p.expire_producers(now_ms, self.config.producer_id_expiration_ms) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        total += n;
+                        tracing::info!(topic = %p.topic, partition = p.index, producers = n, "expired idle producers");
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed")
+                    }
+                }
+            }
+        }
+        total
     }
 
     fn apply_retention(&self) {

@@ -50,6 +50,15 @@ pub struct BrokerConfig {
     pub group_initial_rebalance_delay_ms: u64,
     pub group_max_size: usize,
     pub offset_metadata_max_bytes: usize,
+    /// Kafka's `producer.id.expiration.ms`: an idempotent producer whose last batch
+    /// on a partition is this old is forgotten there (its state and snapshot entry).
+    pub producer_id_expiration_ms: i64,
+    /// Kafka's `producer.id.expiration.check.interval.ms`: how often expiry runs.
+    pub producer_id_expiration_check_interval_ms: u64,
+    /// The committed-offsets log is compacted (the live offsets rewritten, the rest
+    /// dropped) once it is twice the size it had after the last compaction and at
+    /// least this big.
+    pub offsets_compaction_min_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -78,6 +87,9 @@ impl Default for BrokerConfig {
             group_initial_rebalance_delay_ms: 3_000,
             group_max_size: 10_000,
             offset_metadata_max_bytes: 4_096,
+            producer_id_expiration_ms: 86_400_000,
+            producer_id_expiration_check_interval_ms: 600_000,
+            offsets_compaction_min_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -152,6 +164,9 @@ impl BrokerConfig {
             "group_initial_rebalance_delay_ms",
             "group_max_size",
             "offset_metadata_max_bytes",
+            "producer_id_expiration_ms",
+            "producer_id_expiration_check_interval_ms",
+            "offsets_compaction_min_bytes",
         ];
         KEYS.contains(&key)
     }
@@ -180,6 +195,11 @@ impl BrokerConfig {
         if self.segment_bytes < 14 || self.segment_ms < 1 || self.max_message_bytes < 0 {
             return bad(
                 "segment_bytes >= 14, segment_ms >= 1 and max_message_bytes >= 0 are required",
+            );
+        }
+        if self.producer_id_expiration_ms < 1 || self.producer_id_expiration_check_interval_ms < 1 {
+            return bad(
+                "producer_id_expiration_ms and producer_id_expiration_check_interval_ms must be at least 1",
             );
         }
         Ok(())

@@ -78,6 +78,16 @@ impl Partition {
         idempotence::save_if_changed(&self.dir, &mut states)
     }
 
+    /// Forgets idle producers (`producer_id_expiration_ms`) and, when any went,
+    /// rewrites the snapshot so that a restart does not bring them back.
+    pub fn expire_producers(&self, now_ms: i64, expiration_ms: i64) -> Result<usize, TopicError> {
+        let expired = self.lock_producers().expire(now_ms, expiration_ms);
+        if expired > 0 {
+            self.save_producer_state()?;
+        }
+        Ok(expired)
+    }
+
     /// Locks the log. A panic while holding the lock is a bug already reported;
     /// the log's own state is consistent between calls, so carry on with it.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PartitionLog> {

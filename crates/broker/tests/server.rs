@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{Broker, BrokerConfig, SystemClock};
+use broker::{Broker, BrokerConfig, Clock, SystemClock};
 use bytes::{Buf, Bytes, BytesMut};
 use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
 use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -419,7 +419,9 @@ async fn data_and_topics_survive_a_restart() {
 }
 
 fn idempotent_batch(producer_id: i64, sequence: i32, values: &[&[u8]]) -> Vec<u8> {
-    let mut batch = build_simple_batch(1, values);
+    // A current timestamp: producer-id expiry measures idleness from it.
+    let now_ms = SystemClock.now_ms();
+    let mut batch = build_simple_batch(now_ms, values);
     protocol::record_batch::set_producer(&mut batch, producer_id, 0, sequence);
     batch
 }
