@@ -3,6 +3,17 @@
 //! acknowledged with its original offset instead of being written twice, and a
 //! gap or a stale epoch is refused as Kafka refuses it.
 //!
+//! The answers follow Kafka 3.x (`ProducerAppendInfo.checkSequence`): a stale epoch
+//! is INVALID_PRODUCER_EPOCH; a new epoch must start at sequence 0; within an epoch
+//! a batch must follow the last one, else OUT_OF_ORDER_SEQUENCE_NUMBER (a retry of
+//! a batch older than the last five included); a producer with no state here, new
+//! or forgotten, is accepted at any sequence (UNKNOWN_PRODUCER_ID is never sent).
+//!
+//! Expiry: a producer whose last batch's max timestamp is `producer_id_expiration_ms`
+//! old is forgotten (Kafka's `producer.id.expiration.ms`, measured the same way),
+//! when the broker opens and every `producer_id_expiration_check_interval_ms`; the
+//! snapshot is rewritten without it, so a restart does not bring it back.
+//!
 //! Persistence: a snapshot (`producer-state.json` in the partition directory)
 //! written by the background flush and at shutdown, labelled with the log end
 //! offset it reflects. On open, batches at or beyond the recovered log end are
