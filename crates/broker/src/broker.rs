@@ -190,8 +190,8 @@ impl Broker {
         }
     }
 
-    /// Forgets, on every partition, idempotent producers idle for longer than
-    /// `producer_id_expiration_ms`. Returns how many were dropped.
+    /// Forgets, on every partition, idempotent producers idle for
+    /// `producer_id_expiration_ms` or longer. Returns how many were dropped.
     pub fn expire_producers(&self) -> usize {
         let now_ms = self.now_ms();
         let mut total = 0;
