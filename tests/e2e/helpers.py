@@ -15,8 +15,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
 
-def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s."""
+def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what="condition"):
+    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s.
+    `what` may be a callable, called on failure to describe the state at that moment."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -27,6 +28,8 @@ def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = 
         except Exception as e:  # noqa: BLE001 - remembered and reported on timeout
             last_exc = e
         if time.monotonic() >= deadline:
+            if callable(what):
+                what = what()
             raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                                  + (f" (last error: {last_exc!r})" if last_exc else ""))
         time.sleep(interval)
