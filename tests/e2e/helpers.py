@@ -1,5 +1,5 @@
-"""Shared helpers: polling with deadlines, confluent-kafka produce/consume/admin, and a
-minimal raw Kafka wire codec for the bad-input tests."""
+"""Shared helpers: polling with deadlines, confluent-kafka produce/consume/admin, the batch
+headers stored in segment files, and a minimal raw Kafka wire codec for the bad-input tests."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
 
-def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s."""
+def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what="condition"):
+    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s.
+    `what` may be a callable, called on failure to describe the state at that moment."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -27,6 +28,8 @@ def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = 
         except Exception as e:  # noqa: BLE001 - remembered and reported on timeout
             last_exc = e
         if time.monotonic() >= deadline:
+            if callable(what):
+                what = what()
             raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                                  + (f" (last error: {last_exc!r})" if last_exc else ""))
         time.sleep(interval)
@@ -175,6 +178,51 @@ def watermarks(bootstrap: str, topic: str, partition: int = 0) -> tuple[int, int
 
 def content(recs):
     return [r.content() for r in recs]
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A v2 record batch header as it lies in a segment file (stored as the producer sent it)."""
+    base_offset: int
+    records: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+
+
+def stored_batches(broker, topic: str, partition: int) -> list[StoredBatch]:
+    """Every batch header in the partition's segment files, in offset order."""
+    out = []
+    for seg in sorted(broker.partition_dir(topic, partition).glob("*.log")):
+        data = seg.read_bytes()
+        pos = 0
+        while pos + 61 <= len(data):
+            base_offset, length = struct.unpack_from(">qi", data, pos)
+            if length == 0:  # zeroed space past the end
+                break
+            magic = data[pos + 16]
+            assert magic == 2, f"{seg}: magic {magic} at byte {pos}"
+            pid, epoch, seq, count = struct.unpack_from(">qhii", data, pos + 43)
+            out.append(StoredBatch(base_offset, count, pid, epoch, seq))
+            pos += 12 + length
+    return out
+
+
+def check_idempotent_batches(broker, topic: str, partitions: int, records_per_partition: int):
+    """Every stored batch carries the producer id InitProducerId handed out, and the
+    sequences run on without gap or repeat across the producer's requests."""
+    pids = set()
+    for part in range(partitions):
+        batches = stored_batches(broker, topic, part)
+        assert len(batches) > 1, f"partition {part}: one batch cannot show sequences carrying on"
+        assert sum(b.records for b in batches) == records_per_partition
+        seq = 0
+        for b in batches:
+            assert b.producer_id >= 0 and b.producer_epoch >= 0, f"not an idempotent batch: {b}"
+            assert b.base_sequence == seq, f"partition {part}: batch {b} after {seq} sequenced records"
+            seq += b.records
+            pids.add((b.producer_id, b.producer_epoch))
+    assert len(pids) == 1, f"one producer, one producer id: {pids}"
 
 
 # ---- raw Kafka wire -------------------------------------------------------------
