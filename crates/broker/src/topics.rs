@@ -139,6 +139,9 @@ pub enum TopicError {
     Unknown,
     #[error("{0}")]
     InvalidPartitions(String),
+    /// A broker limit (`max_partitions`) would be exceeded.
+    #[error("{0}")]
+    LimitReached(String),
     #[error("storage error: {0}")]
     Storage(String),
 }
@@ -279,6 +282,33 @@ impl TopicRegistry {
         Ok(())
     }
 
+    /// Partitions hosted, over every topic.
+    pub fn partition_total(&self) -> usize {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|t| t.partition_count() as usize)
+            .sum()
+    }
+
+    /// Checks that `adding` more partitions stay within `max_partitions`.
+    pub fn check_partition_limit(
+        &self,
+        adding: usize,
+        broker: &BrokerConfig,
+    ) -> Result<(), TopicError> {
+        let hosted = self.partition_total();
+        if hosted.saturating_add(adding) > broker.max_partitions {
+            return Err(TopicError::LimitReached(format!(
+                "Adding {adding} partition(s) would exceed this broker's limit of {} partitions \
+                 (max_partitions); it hosts {hosted}.",
+                broker.max_partitions
+            )));
+        }
+        Ok(())
+    }
+
     pub fn create(
         &self,
         name: &str,
@@ -294,6 +324,8 @@ impl TopicRegistry {
                 "Number of partitions must be larger than 0.".into(),
             ));
         }
+        // Under the admin lock, so concurrent creations cannot pass it together.
+        self.check_partition_limit(partitions as usize, broker)?;
         let log_config = config.log_config(broker);
         let mut logs = Vec::with_capacity(partitions as usize);
         for index in 0..partitions {
@@ -354,6 +386,7 @@ impl TopicRegistry {
                 "Topic currently has {current} partitions, which is higher than the requested {count}."
             )));
         }
+        self.check_partition_limit((count - current) as usize, broker)?;
         let log_config = topic.config().log_config(broker);
         let mut added = Vec::new();
         for index in current..count {

@@ -522,6 +522,136 @@ async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
     broker.stop().await;
 }
 
+fn creatable(name: &str, partitions: i32) -> CreatableTopic {
+    CreatableTopic::default()
+        .with_name(topic_name(name))
+        .with_num_partitions(partitions)
+        .with_replication_factor(1)
+}
+
+async fn create_topics(
+    client: &mut Client,
+    topics: Vec<CreatableTopic>,
+    validate_only: bool,
+) -> Vec<(i16, String)> {
+    let request = CreateTopicsRequest::default()
+        .with_topics(topics)
+        .with_validate_only(validate_only);
+    let response = client.call(request, 7).await;
+    response
+        .topics
+        .iter()
+        .map(|t| {
+            let message = t.error_message.as_deref().unwrap_or_default().to_string();
+            (t.error_code, message)
+        })
+        .collect()
+}
+
+async fn create_partitions(client: &mut Client, topic: &str, count: i32) -> (i16, String) {
+    use protocol::kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+    let request = CreatePartitionsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(topic_name(topic))
+            .with_count(count)
+            .with_assignments(None)]);
+    let response = client.call(request, 3).await;
+    let r = &response.results[0];
+    let message = r.error_message.as_deref().unwrap_or_default().to_string();
+    (r.error_code, message)
+}
+
+fn topic_names(metadata: &MetadataResponse) -> Vec<String> {
+    let mut names: Vec<String> = metadata
+        .topics
+        .iter()
+        .filter(|t| t.error_code == 0)
+        .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn requests_for_too_many_partitions_are_refused_as_kafka_refuses_them() {
+    let policy = ResponseError::PolicyViolation.code();
+    let excessive = "Excessively large number of partitions per request.".to_string();
+    // Kafka's limit: 10,000 partitions in one request, counted over all its topics.
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    let topics = vec![
+        creatable("a", 5_000),
+        creatable("b", 5_000),
+        creatable("c", 1),
+    ];
+    assert_eq!(
+        create_topics(&mut client, topics, false).await,
+        vec![(policy, excessive.clone()); 3],
+        "the whole request is refused"
+    );
+    let answer = create_topics(&mut client, vec![creatable("huge", i32::MAX)], true).await;
+    assert_eq!(answer, vec![(policy, excessive.clone())]);
+    let metadata = client
+        .call(MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert!(topic_names(&metadata).is_empty(), "nothing was created");
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("a", 3)], false).await[0].0,
+        0
+    );
+    let (err, message) = create_partitions(&mut client, "a", 10_004).await;
+    assert_eq!((err, message), (policy, excessive));
+    assert_eq!(create_partitions(&mut client, "a", 5).await.0, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn the_broker_hosts_at_most_max_partitions() {
+    let config = BrokerConfig {
+        max_partitions: 10,
+        ..BrokerConfig::default()
+    };
+    let policy = ResponseError::PolicyViolation.code();
+    let broker = TestBroker::start(config).await;
+    let mut client = Client::connect(broker.addr).await;
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("a", 8)], false).await[0].0,
+        0
+    );
+    for validate_only in [true, false] {
+        let (err, message) = create_topics(&mut client, vec![creatable("b", 3)], validate_only)
+            .await
+            .remove(0);
+        assert_eq!(err, policy, "validate_only {validate_only}: {message}");
+        assert!(message.contains("max_partitions"), "{message}");
+    }
+    assert_eq!(create_partitions(&mut client, "a", 11).await.0, policy);
+    // Up to the limit is fine.
+    assert_eq!(create_partitions(&mut client, "a", 10).await.0, 0);
+    // Automatic creation counts too: the topic is simply not there.
+    let auto = MetadataRequest::default()
+        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+        )
+        .with_name(Some(topic_name("auto")))]))
+        .with_allow_auto_topic_creation(true);
+    let metadata = client.call(auto, 12).await;
+    assert_eq!(
+        metadata.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    let metadata = client
+        .call(MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert_eq!(topic_names(&metadata), vec!["a"]);
+    assert_eq!(metadata.topics[0].partitions.len(), 10);
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("c", 1)], false).await[0].0,
+        policy
+    );
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
     let config = BrokerConfig {
