@@ -653,6 +653,48 @@ async fn the_broker_hosts_at_most_max_partitions() {
 }
 
 #[tokio::test]
+async fn concurrent_acks_all_producers_share_fsyncs() {
+    let config = BrokerConfig {
+        flush_interval_ms: 0, // only acks=all produces fsync
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut admin = Client::connect(broker.addr).await;
+    create_topic(&mut admin, "gc", 1).await;
+    const PRODUCERS: usize = 8;
+    const EACH: usize = 30;
+    let syncs_before = broker.broker.flusher.sync_count();
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let addr = broker.addr;
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for i in 0..EACH {
+                    let value = format!("{p}-{i}");
+                    let batch = build_simple_batch(i as i64, &[value.as_bytes()]);
+                    let r = produce(&mut client, "gc", 0, batch, -1).await;
+                    assert_eq!(r.error_code, 0);
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let syncs = broker.broker.flusher.sync_count() - syncs_before;
+    let requests = (PRODUCERS * EACH) as u64;
+    eprintln!("{syncs} fsyncs for {requests} acks=all produce requests");
+    assert!(syncs >= 1);
+    assert!(
+        syncs * 2 <= requests,
+        "{syncs} fsyncs for {requests} acks=all produce requests: not shared"
+    );
+    let (_, hw, _) = records_of(&admin.call(fetch_request("gc", 0, 0, 0, 0), 12).await);
+    assert_eq!(hw, requests as i64);
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
     let config = BrokerConfig {
         max_message_bytes: 200,
