@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use storage::PartitionLog;
+use storage::{PartitionLog, StorageError, TimestampLookup, TimestampOffset};
 
 use crate::idempotence::{self, ProducerStates};
 use uuid::Uuid;
@@ -76,6 +76,29 @@ impl Partition {
         // opening the partition would replay its whole log.
         states.end_offset = self.lock().log_end_offset();
         idempotence::save_if_changed(&self.dir, &mut states)
+    }
+
+    /// ListOffsets by timestamp: the first offset whose record timestamp is
+    /// `>= timestamp`. The lock is held only to find the batch from headers; its
+    /// records are read and decompressed without it (call from a blocking thread).
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp: i64,
+        max_decompressed_bytes: u64,
+    ) -> Result<Option<TimestampOffset>, StorageError> {
+        let mut from_offset = i64::MIN;
+        loop {
+            let lookup = self.lock().lookup_timestamp(timestamp, from_offset)?;
+            match lookup {
+                TimestampLookup::Found(found) => return Ok(Some(found)),
+                TimestampLookup::NotFound => return Ok(None),
+                TimestampLookup::Search(batch) => match batch.search(max_decompressed_bytes)? {
+                    Some(found) => return Ok(Some(found)),
+                    // Each round moves past one batch, so this ends.
+                    None => from_offset = batch.next_offset(),
+                },
+            }
+        }
     }
 
     /// Locks the log. A panic while holding the lock is a bug already reported;

@@ -112,7 +112,9 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
         RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
         RequestKind::Produce(r) => produce::handle(broker, r),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
-        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r, v)),
+        RequestKind::ListOffsets(r) => {
+            Reply::blocking(broker, move |b| list_offsets::handle(b, r, v))
+        }
         RequestKind::CreateTopics(r) => {
             Reply::blocking(broker, move |b| create_topics::handle(b, r, v))
         }
