@@ -63,6 +63,9 @@ pub struct Broker {
     pub fetch_answer_bytes: Gauge,
     /// Fetches waiting for their share of `fetch_memory`.
     pub fetch_memory_waiting: Gauge,
+    /// Fetches waiting for the answer of an earlier fetch on their connection to
+    /// be written (fetches on one connection run one at a time).
+    pub fetch_waiting_turn: Gauge,
     pub producer_ids: ProducerIds,
     clock: Arc<dyn Clock>,
     _lock: fs::File,
@@ -109,6 +112,7 @@ impl Broker {
             fetch_memory,
             fetch_answer_bytes: Gauge::default(),
             fetch_memory_waiting: Gauge::default(),
+            fetch_waiting_turn: Gauge::default(),
             producer_ids,
             clock,
             _lock: lock,

@@ -18,7 +18,7 @@ use protocol::{ApiKey, ResponseKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -88,11 +88,13 @@ struct Encoded {
 
 /// A fetch answer's share of `fetch_memory_bytes`, and its bytes counted in
 /// `Broker::fetch_answer_bytes`, both given back when it is dropped: after the
-/// write, or unwritten when the connection closes.
+/// write, or unwritten when the connection closes. Dropping it also lets the
+/// connection's next fetch start (see [`FetchTurn`]).
 #[derive(Default)]
 struct Held {
     _permit: MemoryHold,
     counted: Option<(Arc<Broker>, usize)>,
+    _turn_done: Option<oneshot::Sender<()>>,
 }
 
 impl Drop for Held {
@@ -100,6 +102,26 @@ impl Drop for Held {
         if let Some((broker, bytes)) = self.counted.take() {
             broker.fetch_answer_bytes.sub(bytes);
         }
+    }
+}
+
+/// Fetches on one connection run one after the other, each once the answer
+/// before it is written (Kafka serves a connection one request at a time).
+/// Otherwise a later fetch could take the fetch memory an earlier one needs,
+/// while its own answer waits behind that earlier one: a deadlock holding the
+/// budget for good.
+#[derive(Default)]
+struct FetchTurn {
+    /// Resolves (with an error: the sender is dropped, never used) once the
+    /// previous fetch's answer is written or dropped.
+    previous: Option<oneshot::Receiver<()>>,
+}
+
+impl FetchTurn {
+    /// The turn to wait for, and the signal that ends the new fetch's turn.
+    fn next(&mut self) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, next) = oneshot::channel();
+        (self.previous.replace(next), done)
     }
 }
 
@@ -160,12 +182,13 @@ async fn serve_connection(
     // frame, or stopping halfway, is idle.
     let mut last_request = Instant::now();
     let mut writer_done = false;
+    let mut fetch_turn = FetchTurn::default();
     'conn: loop {
         loop {
             match decode_frame(&mut buf, broker.config.max_request_bytes) {
                 Ok(Some(frame)) => {
                     last_request = Instant::now();
-                    match handle_frame(&broker, frame.freeze(), peer) {
+                    match handle_frame(&broker, frame.freeze(), peer, &mut fetch_turn) {
                         Some(slot) => {
                             activity.in_flight.fetch_add(1, Ordering::Relaxed);
                             if slots.send(slot).await.is_err() {
@@ -222,7 +245,12 @@ async fn serve_connection(
 
 /// Turns one frame into a queued answer, or `None` to close the connection (what
 /// Kafka does for requests it cannot parse or does not serve).
-fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<Slot> {
+fn handle_frame(
+    broker: &Arc<Broker>,
+    frame: Bytes,
+    peer: SocketAddr,
+    fetch_turn: &mut FetchTurn,
+) -> Option<Slot> {
     let preamble = match peek_preamble(&frame) {
         Ok(p) => p,
         Err(e) => {
@@ -285,7 +313,12 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
         }))),
         Reply::Holding(future) => {
             let broker = broker.clone();
+            let (previous, turn_done) = fetch_turn.next();
             Some(Slot::Pending(tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _waiting = broker.fetch_waiting_turn.count(1);
+                    let _ = previous.await;
+                }
                 let (body, permit) = future.await?;
                 let bytes = encode(correlation_id, api_key, version, &body, peer)?;
                 drop(body); // the encoded copy is what waits for the socket
@@ -296,6 +329,7 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
                     _hold: Held {
                         _permit: permit,
                         counted,
+                        _turn_done: Some(turn_done),
                     },
                 })
             })))

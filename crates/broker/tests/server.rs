@@ -82,7 +82,9 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 
 struct Client {
     stream: TcpStream,
+    /// Of the last request sent, and of the last answer received.
     correlation_id: i32,
+    answered: i32,
 }
 
 impl Client {
@@ -90,6 +92,7 @@ impl Client {
         Client {
             stream: TcpStream::connect(addr).await.unwrap(),
             correlation_id: 0,
+            answered: 0,
         }
     }
 
@@ -101,6 +104,7 @@ impl Client {
         Client {
             stream: socket.connect(addr).await.unwrap(),
             correlation_id: 0,
+            answered: 0,
         }
     }
 
@@ -141,13 +145,15 @@ impl Client {
         self.send_raw(&buf).await;
     }
 
-    /// The answer to the last request sent (answers come in request order).
+    /// The answer to the oldest request not yet answered (answers come in
+    /// request order).
     async fn receive<R: Request>(&mut self, version: i16) -> R::Response {
         let api_key = ApiKey::try_from(R::KEY).unwrap();
         let mut frame = self.read_frame().await.expect("response");
         let header =
             ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
-        assert_eq!(header.correlation_id, self.correlation_id);
+        self.answered += 1;
+        assert_eq!(header.correlation_id, self.answered);
         R::Response::decode(&mut frame, version).unwrap()
     }
 }
@@ -422,6 +428,49 @@ async fn fetch_memory_is_held_until_answers_are_written() {
         "fetch answers held {} bytes at once, budget {BUDGET}",
         b.fetch_answer_bytes.max()
     );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_fetches_on_one_connection_cannot_deadlock_on_fetch_memory() {
+    const BUDGET: usize = 8 << 20;
+    let config = BrokerConfig {
+        fetch_memory_bytes: BUDGET,
+        fetch_max_bytes: BUDGET,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "ready", 1).await;
+    create_topic(&mut producer, "later", 1).await;
+    let ready_bytes = fill_megabytes(&mut producer, "ready", 6).await;
+
+    // First a long poll that will need 6 MB, then a fetch that could take 6 MB at
+    // once; its answer must go out after the first one's.
+    let mut client = Client::connect(broker.addr).await;
+    let mut long_poll = fetch_all("later");
+    long_poll.max_wait_ms = 20_000;
+    long_poll.min_bytes = ready_bytes as i32; // all 6 MB, once they are there
+    client.send(long_poll, 12).await;
+    client.send(fetch_all("ready"), 12).await;
+    let b = broker.broker.clone();
+    // Either the second fetch took its memory ahead of the first (the deadlock to
+    // avoid), or it waits for its turn.
+    wait_until("the second fetch is taken up", || {
+        b.fetch_memory.available_permits() < BUDGET || b.fetch_waiting_turn.value() == 1
+    })
+    .await;
+    let later_bytes = fill_megabytes(&mut producer, "later", 6).await;
+    let answers = tokio::time::timeout(Duration::from_secs(20), async {
+        let first = records_of(&client.receive::<FetchRequest>(12).await);
+        let second = records_of(&client.receive::<FetchRequest>(12).await);
+        (first, second)
+    })
+    .await
+    .expect("pipelined fetches deadlocked on fetch memory");
+    let ((err1, hw1, first), (err2, hw2, second)) = answers;
+    assert_eq!((err1, hw1, first.len()), (0, 6, later_bytes));
+    assert_eq!((err2, hw2, second.len()), (0, 6, ready_bytes));
     broker.stop().await;
 }
 
