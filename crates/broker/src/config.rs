@@ -266,5 +266,35 @@ mod tests {
         assert!(BrokerConfig::load(Some(&path), vec![]).is_err());
         let env = vec![("FRESHET_NUM_PARTITIONS".to_string(), "0".to_string())];
         assert!(BrokerConfig::load(None, env).is_err());
+        for key in [
+            "FRESHET_CONNECTIONS_MAX_IDLE_MS",
+            "FRESHET_MAX_PARTITIONS",
+            "FRESHET_MAX_PARTITIONS_PER_REQUEST",
+        ] {
+            let env = vec![(key.to_string(), "0".to_string())];
+            assert!(BrokerConfig::load(None, env).is_err(), "{key}=0 accepted");
+        }
+    }
+
+    #[test]
+    fn limits_are_keys_with_kafka_like_defaults() {
+        let defaults = BrokerConfig::default();
+        assert_eq!(defaults.max_partitions_per_request, 10_000);
+        assert_eq!(defaults.connections_max_idle_ms, 600_000);
+        let env = [
+            ("FRESHET_SHUTDOWN_TIMEOUT_MS", "5"),
+            ("FRESHET_TIMESTAMP_LOOKUP_MAX_BYTES", "1024"),
+            ("FRESHET_MAX_PARTITIONS", "7"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = BrokerConfig::load(None, env).unwrap();
+        assert_eq!(
+            (
+                config.shutdown_timeout_ms,
+                config.timestamp_lookup_max_bytes,
+                config.max_partitions
+            ),
+            (5, 1024, 7)
+        );
     }
 }
