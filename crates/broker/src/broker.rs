@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,8 +55,17 @@ pub struct Broker {
     pub groups: GroupCoordinator,
     /// Bumped after every append; long-polling fetches wait for it to change.
     appended: watch::Sender<u64>,
-    /// Bytes of record data all fetch responses being built may hold together.
+    /// Bytes of record data all fetch responses being built or sent may hold
+    /// together; a fetch holds its share until its answer is written.
     pub fetch_memory: Arc<Semaphore>,
+    /// Bytes of encoded fetch answers not yet written to their sockets: what
+    /// `fetch_memory` bounds, measured where the memory really is.
+    pub fetch_answer_bytes: Gauge,
+    /// Fetches waiting for their share of `fetch_memory`.
+    pub fetch_memory_waiting: Gauge,
+    /// Fetches waiting for the answer of an earlier fetch on their connection to
+    /// be written (fetches on one connection run one at a time).
+    pub fetch_waiting_turn: Gauge,
     pub producer_ids: ProducerIds,
     clock: Arc<dyn Clock>,
     _lock: fs::File,
@@ -100,6 +110,9 @@ impl Broker {
             groups,
             appended: watch::channel(0).0,
             fetch_memory,
+            fetch_answer_bytes: Gauge::default(),
+            fetch_memory_waiting: Gauge::default(),
+            fetch_waiting_turn: Gauge::default(),
             producer_ids,
             clock,
             _lock: lock,
@@ -228,6 +241,47 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// A count that goes up and down, with its high-water mark.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    value: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Gauge {
+    pub fn add(&self, n: usize) {
+        let value = self.value.fetch_add(n, Ordering::Relaxed) + n;
+        self.max.fetch_max(value, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: usize) {
+        let before = self.value.fetch_sub(n, Ordering::Relaxed);
+        debug_assert!(before >= n, "gauge below zero");
+    }
+    pub fn value(&self) -> usize {
+        self.value.load(Ordering::Relaxed)
+    }
+    /// The highest value since the start.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+    /// Adds `n` until the returned guard is dropped.
+    pub fn count(&self, n: usize) -> Counted<'_> {
+        self.add(n);
+        Counted { gauge: self, n }
+    }
+}
+
+pub struct Counted<'a> {
+    gauge: &'a Gauge,
+    n: usize,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.n);
     }
 }
 

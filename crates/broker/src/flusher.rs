@@ -4,6 +4,7 @@
 //! share fsyncs, and no fsync runs on the async runtime or under a partition lock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -19,17 +20,27 @@ struct FlushRequest {
 #[derive(Clone)]
 pub struct Flusher {
     tx: mpsc::Sender<FlushRequest>,
+    /// Partition fsyncs so far; with group commit, far fewer than flush requests.
+    syncs: Arc<AtomicU64>,
 }
 
 impl Flusher {
     /// Starts the flusher thread; it ends when every `Flusher` clone is dropped.
     pub fn start() -> Flusher {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counter = syncs.clone();
         std::thread::Builder::new()
             .name("freshet-flusher".into())
-            .spawn(move || run(rx))
+            .spawn(move || run(rx, &counter))
             .expect("spawn flusher thread");
-        Flusher { tx }
+        Flusher { tx, syncs }
+    }
+
+    /// Partitions fsync'd so far (one count per partition per shared fsync; a
+    /// partition already durable costs nothing and counts nothing).
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Resolves once everything appended to `partitions` before this call is on
@@ -43,7 +54,7 @@ impl Flusher {
     }
 }
 
-fn run(rx: mpsc::Receiver<FlushRequest>) {
+fn run(rx: mpsc::Receiver<FlushRequest>, syncs: &AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -52,7 +63,7 @@ fn run(rx: mpsc::Receiver<FlushRequest>) {
             for p in &request.partitions {
                 results
                     .entry(Arc::as_ptr(p))
-                    .or_insert_with(|| flush_partition(p));
+                    .or_insert_with(|| flush_partition(p, syncs));
             }
         }
         for request in batch {
@@ -67,8 +78,11 @@ fn run(rx: mpsc::Receiver<FlushRequest>) {
     }
 }
 
-fn flush_partition(p: &Partition) -> Result<(), String> {
+fn flush_partition(p: &Partition, syncs: &AtomicU64) -> Result<(), String> {
     let handle = p.lock().flush_handle();
+    if !handle.files.is_empty() {
+        syncs.fetch_add(1, Ordering::Relaxed);
+    }
     handle
         .sync()
         .map_err(|e| format!("fsync of {}-{} failed: {e}", p.topic, p.index))?;
