@@ -219,6 +219,11 @@ pub struct PartitionLog {
     pub(crate) log_start_offset: i64,
     pub(crate) high_watermark: i64,
     pub(crate) recovery_point: i64,
+    /// What the `recovery-point` file says: at most `recovery_point`. It is written
+    /// by [`PartitionLog::write_recovery_point`], which the caller runs off the
+    /// latency path and not after every fsync (a lagging file only makes the next
+    /// open validate a little more).
+    pub(crate) recovery_point_on_disk: i64,
     /// Lowest offset truncated to since the last `mark_flushed`: a flush handle
     /// taken before the truncation synced files whose bytes at and above it have
     /// since been replaced, so it cannot vouch for them.
@@ -505,6 +510,7 @@ impl PartitionLog {
                 Durability::Durable,
             )?;
             self.recovery_point = new_end;
+            self.recovery_point_on_disk = new_end;
         }
         self.truncated_since_mark = Some(
             self.truncated_since_mark
@@ -628,35 +634,45 @@ impl PartitionLog {
     }
 
     /// Records that a [`FlushHandle`] up to `up_to_offset` was synced: raises the
-    /// recovery point and writes it to `recovery-point`. That write needs no fsync:
-    /// it names only data already synced, and a lost or torn file just makes the
-    /// next open validate more. One flush at a time per log.
-    pub fn mark_flushed(&mut self, up_to_offset: i64) -> Result<()> {
+    /// recovery point (in memory; [`PartitionLog::write_recovery_point`] writes it
+    /// down). One flush at a time per log.
+    pub fn mark_flushed(&mut self, up_to_offset: i64) {
         let mut up_to_offset = up_to_offset.min(self.log_end_offset());
         if let Some(truncated) = self.truncated_since_mark.take() {
             up_to_offset = up_to_offset.min(truncated);
         }
-        if up_to_offset <= self.recovery_point {
+        if up_to_offset > self.recovery_point {
+            self.recovery_point = up_to_offset;
+        }
+    }
+
+    /// Writes the recovery point to `recovery-point` if it moved since the last
+    /// write. No fsync: it names only data already synced, and a lost or torn file
+    /// just makes the next open validate more.
+    pub fn write_recovery_point(&mut self) -> Result<()> {
+        if self.recovery_point <= self.recovery_point_on_disk {
             return Ok(());
         }
         checkpoint::write(
             &self.dir,
             &self.dir_handle,
             RECOVERY_POINT_FILE,
-            up_to_offset,
+            self.recovery_point,
             Durability::Lazy,
         )?;
-        self.recovery_point = up_to_offset;
+        self.recovery_point_on_disk = self.recovery_point;
         Ok(())
     }
 
-    /// `flush_handle`, `sync` and `mark_flushed` in one go, under the caller's lock.
+    /// `flush_handle`, `sync`, `mark_flushed` and `write_recovery_point` in one go,
+    /// under the caller's lock.
     pub fn flush(&mut self) -> Result<()> {
         let handle = self.flush_handle();
         handle.sync().map_err(io_error(&self.dir))?;
         // The handle was taken after any truncation, so it vouches for everything.
         self.truncated_since_mark = None;
-        self.mark_flushed(handle.up_to_offset)
+        self.mark_flushed(handle.up_to_offset);
+        self.write_recovery_point()
     }
 
     pub fn config(&self) -> &LogConfig {

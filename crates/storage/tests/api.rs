@@ -685,12 +685,39 @@ fn flush_handle_and_mark_flushed() {
     assert_eq!(handle.up_to_offset, 2);
     log.append(&mut batch_of(2, 0), 0, 0).unwrap();
     handle.sync().unwrap();
-    log.mark_flushed(handle.up_to_offset).unwrap();
+    log.mark_flushed(handle.up_to_offset);
     assert_eq!(log.recovery_point(), 2);
-    log.mark_flushed(1).unwrap();
+    log.mark_flushed(1);
     assert_eq!(log.recovery_point(), 2, "never moves down");
-    log.mark_flushed(100).unwrap();
+    log.mark_flushed(100);
     assert_eq!(log.recovery_point(), 4, "clamped to the log end");
+}
+
+#[test]
+fn the_recovery_point_file_is_written_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    log.append(&mut batch_of(3, 0), 0, 0).unwrap();
+    log.flush().unwrap();
+    log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+    let handle = log.flush_handle();
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+    assert_eq!(log.recovery_point(), 7);
+    drop(log);
+    // The file still says 3: the next open validates the 4 records after it.
+    let (log, report) = PartitionLog::open(tmp.path(), config(1 << 20, 4096), 0).unwrap();
+    assert!(report.validated_bytes > 0, "{report:?}");
+    assert_eq!(log.log_end_offset(), 7);
+    let mut log = log;
+    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    let handle = log.flush_handle();
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+    log.write_recovery_point().unwrap();
+    drop(log);
+    let (_, report) = PartitionLog::open(tmp.path(), config(1 << 20, 4096), 0).unwrap();
+    assert_eq!(report.validated_bytes, 0, "{report:?}");
 }
 
 #[test]
@@ -704,7 +731,7 @@ fn stale_flush_handle_cannot_vouch_for_rewritten_offsets() {
     log.truncate_to(10).unwrap();
     log.append(&mut batch_of(15, 0), 1, 0).unwrap();
     stale.sync().unwrap();
-    log.mark_flushed(stale.up_to_offset).unwrap();
+    log.mark_flushed(stale.up_to_offset);
     assert_eq!(
         log.recovery_point(),
         10,
