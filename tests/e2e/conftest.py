@@ -6,7 +6,9 @@ broker binary is `$FRESHET_BIN`, else `target/release/freshet` at the repository
 Fixtures:
   broker          one broker per test module (module-level `BROKER_ENV` dict adds
                   environment, e.g. {"FRESHET_MAX_REQUEST_BYTES": "65536"})
-  broker_factory  starts brokers owned by one test: broker_factory(env={...})
+  broker_factory  starts brokers owned by one test: broker_factory(env={...}, config={...},
+                  args=[...]) (config is written as a TOML file passed with --config; args
+                  are extra `serve` flags)
   report          report("section", "line") adds a line to the run's closing summary
 
 A `Broker` can `stop()` (SIGTERM, must exit cleanly), `kill()` (SIGKILL), `start()` again
@@ -51,11 +53,12 @@ class Broker:
     """One `freshet serve` process on a data directory that outlives restarts."""
 
     def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str] | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, args: list[str] | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_path)
         self.env = dict(env or {})
+        self.args = list(args or [])  # extra `serve` flags; may be changed between starts
         self.config_path: Path | None = None
         if config:
             self.config_path = self.data_dir.parent / f"{self.data_dir.name}.toml"
@@ -92,6 +95,7 @@ class Broker:
                "--listen", f"127.0.0.1:{port}"]
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
+        cmd += self.args
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
         env.setdefault("RUST_BACKTRACE", "1")
         env.setdefault("NO_COLOR", "1")  # plain stderr in failure reports
@@ -211,9 +215,10 @@ class BrokerFactory:
         self.brokers: list[Broker] = []
 
     def __call__(self, env: dict[str, str] | None = None, config: dict | None = None,
-                 start: bool = True, name: str | None = None) -> Broker:
+                 start: bool = True, name: str | None = None, args: list[str] | None = None) -> Broker:
         name = name or f"broker{len(self.brokers)}"
-        b = Broker(self.tmp_path / name, self.tmp_path / f"{name}.stderr.log", env=env, config=config)
+        b = Broker(self.tmp_path / name, self.tmp_path / f"{name}.stderr.log", env=env, config=config,
+                   args=args)
         self.brokers.append(b)
         if start:
             b.start()

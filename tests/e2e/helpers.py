@@ -1,5 +1,5 @@
-"""Shared helpers: polling with deadlines, confluent-kafka produce/consume/admin, and a
-minimal raw Kafka wire codec for the bad-input tests."""
+"""Shared helpers: polling with deadlines, confluent-kafka produce/consume/admin, the batch
+headers stored in segment files, and a minimal raw Kafka wire codec for the bad-input tests."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
 
-def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s."""
+def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what="condition"):
+    """Poll `cond()` until it returns a truthy value; fail with `what` after `timeout` s.
+    `what` may be a callable, called on failure to describe the state at that moment."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -27,6 +28,8 @@ def wait_until(cond, timeout: float = 15.0, interval: float = 0.05, what: str = 
         except Exception as e:  # noqa: BLE001 - remembered and reported on timeout
             last_exc = e
         if time.monotonic() >= deadline:
+            if callable(what):
+                what = what()
             raise AssertionError(f"timed out after {timeout}s waiting for {what}"
                                  + (f" (last error: {last_exc!r})" if last_exc else ""))
         time.sleep(interval)
@@ -177,6 +180,51 @@ def content(recs):
     return [r.content() for r in recs]
 
 
+@dataclass(frozen=True)
+class StoredBatch:
+    """A v2 record batch header as it lies in a segment file (stored as the producer sent it)."""
+    base_offset: int
+    records: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+
+
+def stored_batches(broker, topic: str, partition: int) -> list[StoredBatch]:
+    """Every batch header in the partition's segment files, in offset order."""
+    out = []
+    for seg in sorted(broker.partition_dir(topic, partition).glob("*.log")):
+        data = seg.read_bytes()
+        pos = 0
+        while pos + 61 <= len(data):
+            base_offset, length = struct.unpack_from(">qi", data, pos)
+            if length == 0:  # zeroed space past the end
+                break
+            magic = data[pos + 16]
+            assert magic == 2, f"{seg}: magic {magic} at byte {pos}"
+            pid, epoch, seq, count = struct.unpack_from(">qhii", data, pos + 43)
+            out.append(StoredBatch(base_offset, count, pid, epoch, seq))
+            pos += 12 + length
+    return out
+
+
+def check_idempotent_batches(broker, topic: str, partitions: int, records_per_partition: int):
+    """Every stored batch carries the producer id InitProducerId handed out, and the
+    sequences run on without gap or repeat across the producer's requests."""
+    pids = set()
+    for part in range(partitions):
+        batches = stored_batches(broker, topic, part)
+        assert len(batches) > 1, f"partition {part}: one batch cannot show sequences carrying on"
+        assert sum(b.records for b in batches) == records_per_partition
+        seq = 0
+        for b in batches:
+            assert b.producer_id >= 0 and b.producer_epoch >= 0, f"not an idempotent batch: {b}"
+            assert b.base_sequence == seq, f"partition {part}: batch {b} after {seq} sequenced records"
+            seq += b.records
+            pids.add((b.producer_id, b.producer_epoch))
+    assert len(pids) == 1, f"one producer, one producer id: {pids}"
+
+
 # ---- raw Kafka wire -------------------------------------------------------------
 
 API_PRODUCE, API_FETCH, API_LIST_OFFSETS, API_METADATA, API_VERSIONS = 0, 1, 2, 3, 18
@@ -272,3 +320,124 @@ def closed_or_answered(sock: socket.socket, timeout: float = 10.0):
         return recv_frame(sock)
     except socket.timeout:
         raise AssertionError(f"broker neither answered nor closed the connection within {timeout}s")
+
+
+# ---- raw record batches, Produce and Fetch -------------------------------------------
+
+def varint(n: int) -> bytes:
+    """Kafka's zig-zag varint."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while True:
+        b = z & 0x7F
+        z >>= 7
+        if z:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def record_batch(value: bytes, timestamp_ms: int | None = None) -> bytes:
+    """A v2 record batch holding one uncompressed record (null key, no headers)."""
+    import crc32c
+    ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    record = b"\x00" + varint(0) + varint(0) + varint(-1) + varint(len(value)) + value + varint(0)
+    record = varint(len(record)) + record
+    # attributes .. records: covered by the CRC
+    after_crc = struct.pack(">hiqqqhii", 0, 0, ts, ts, -1, -1, -1, 1) + record
+    crc = crc32c.crc32c(after_crc)
+    partition_leader_epoch = 0
+    body = struct.pack(">ibI", partition_leader_epoch, 2, crc) + after_crc
+    return struct.pack(">qi", 0, len(body)) + body
+
+
+def _string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack(">h", len(b)) + b
+
+
+def produce_request(topic: str, partition: int, batch: bytes, correlation_id: int, acks: int = 1,
+                    timeout_ms: int = 10000) -> bytes:
+    """A framed Produce v3 (non-flexible) request for one partition."""
+    body = (struct.pack(">hhi", -1, acks, timeout_ms) + struct.pack(">i", 1) + _string(topic)
+            + struct.pack(">ii", 1, partition) + struct.pack(">i", len(batch)) + batch)
+    return frame(request_header(API_PRODUCE, 3, correlation_id) + body)
+
+
+@dataclass
+class ProducePartition:
+    topic: str
+    partition: int
+    error_code: int
+    base_offset: int
+
+
+def parse_produce_response_v3(resp: bytes) -> tuple[int, ProducePartition]:
+    """(correlation id, the one partition's result) of a Produce v3 answer."""
+    (corr, ntopics) = struct.unpack_from(">ii", resp, 0)
+    pos = 8
+    assert ntopics == 1, f"{ntopics} topics in a one-partition Produce answer"
+    (nlen,) = struct.unpack_from(">h", resp, pos)
+    topic = resp[pos + 2:pos + 2 + nlen].decode()
+    pos += 2 + nlen
+    (nparts, part, err, base_offset) = struct.unpack_from(">iihq", resp, pos)
+    assert nparts == 1, f"{nparts} partitions in a one-partition Produce answer"
+    return corr, ProducePartition(topic, part, err, base_offset)
+
+
+def fetch_request(topic: str, partition: int, offset: int, correlation_id: int, max_wait_ms: int,
+                  min_bytes: int = 1, max_bytes: int = 1 << 20) -> bytes:
+    """A framed Fetch v4 (non-flexible) request for one partition."""
+    body = (struct.pack(">iiiib", -1, max_wait_ms, min_bytes, max_bytes, 0) + struct.pack(">i", 1)
+            + _string(topic) + struct.pack(">iiqi", 1, partition, offset, max_bytes))
+    return frame(request_header(API_FETCH, 4, correlation_id) + body)
+
+
+@dataclass
+class FetchPartition:
+    topic: str
+    partition: int
+    error_code: int
+    high_watermark: int
+    records: bytes
+
+
+def parse_fetch_response_v4(resp: bytes) -> tuple[int, list[FetchPartition]]:
+    """(correlation id, every partition's result) of a Fetch v4 answer."""
+    (corr, _throttle_ms, ntopics) = struct.unpack_from(">iii", resp, 0)
+    pos = 12
+    out = []
+    for _ in range(ntopics):
+        (nlen,) = struct.unpack_from(">h", resp, pos)
+        topic = resp[pos + 2:pos + 2 + nlen].decode()
+        pos += 2 + nlen
+        (nparts,) = struct.unpack_from(">i", resp, pos)
+        pos += 4
+        for _ in range(nparts):
+            (part, err, hw, _lso, naborted) = struct.unpack_from(">ihqqi", resp, pos)
+            pos += 26 + max(naborted, 0) * 16
+            (rlen,) = struct.unpack_from(">i", resp, pos)
+            pos += 4
+            records = resp[pos:pos + max(rlen, 0)]
+            pos += max(rlen, 0)
+            out.append(FetchPartition(topic, part, err, hw, records))
+    assert pos == len(resp), f"Fetch answer has {len(resp) - pos} bytes after its last partition"
+    return corr, out
+
+
+def broker_has_read(sock: socket.socket, broker_port: int) -> bool:
+    """True once the broker's end of this loopback connection has nothing left in its
+    kernel receive queue: every byte sent on `sock` so far has been read by the broker
+    process (Linux /proc/net/tcp; IPv4 loopback only)."""
+    host, port = sock.getsockname()
+    local = f"{socket.inet_aton('127.0.0.1')[::-1].hex().upper()}:{broker_port:04X}"
+    remote = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)  # header
+        for line in f:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                rx_queue = int(fields[4].split(":")[1], 16)
+                return rx_queue == 0
+    raise AssertionError(f"no broker-side socket {local} <- {remote} in /proc/net/tcp")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import time
 
 import pytest
 
 from helpers import (API_METADATA, API_PRODUCE, API_VERSIONS, UNSUPPORTED_VERSION, Rec, api_versions,
-                     closed_or_answered, connect, consume, content, create_topic, frame, produce,
-                     recv_frame, request_header, topic_name, wait_until)
+                     closed_or_answered, connect, consume, content, create_topic, frame, parse_produce_response_v3,
+                     produce, produce_request, record_batch, recv_frame, request_header, topic_name, wait_until)
 
 MAX_REQUEST_BYTES = 65536
 BROKER_ENV = {"FRESHET_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
@@ -159,12 +158,12 @@ def test_produce_with_corrupt_batch_crc_is_rejected(broker, stored):
     """A record batch with a wrong CRC gets CORRUPT_MESSAGE (2) and is not stored."""
     topic = topic_name("bad-crc")
     create_topic(broker.bootstrap, topic)
-    batch = bytearray(_record_batch(b"value-1"))
+    batch = bytearray(record_batch(b"value-1"))
     batch[-2] ^= 0xFF  # flip the last byte of the value (covered by the CRC)
     with connect(broker.port) as s:
         err = _produce_raw(s, topic, bytes(batch), correlation_id=51)
         assert err == 2, f"expected CORRUPT_MESSAGE (2), got error {err}"
-        err = _produce_raw(s, topic, _record_batch(b"value-2"), correlation_id=52)
+        err = _produce_raw(s, topic, record_batch(b"value-2"), correlation_id=52)
         assert err == 0, f"valid batch after a corrupt one: error {err}"
     got = consume(broker.bootstrap, topic)
     assert [(r.offset, r.value) for r in got] == [(0, b"value-2")]
@@ -175,14 +174,14 @@ def test_produce_to_missing_partition_and_bad_magic(broker, stored):
     topic = topic_name("bad-partition")
     create_topic(broker.bootstrap, topic)
     with connect(broker.port) as s:
-        err = _produce_raw(s, topic, _record_batch(b"nowhere"), correlation_id=61, partition=7)
+        err = _produce_raw(s, topic, record_batch(b"nowhere"), correlation_id=61, partition=7)
         assert err == 3, f"expected UNKNOWN_TOPIC_OR_PARTITION (3), got {err}"
-        old_magic = bytearray(_record_batch(b"magic"))
+        old_magic = bytearray(record_batch(b"magic"))
         old_magic[16] = 1  # magic byte: a v1 message set is not accepted by Produce v3+
         err = _produce_raw(s, topic, bytes(old_magic), correlation_id=62)
         assert err in (2, 87), f"expected CORRUPT_MESSAGE (2) or INVALID_RECORD (87), got {err}"
         # A batch whose length field runs past the end of the records data.
-        short = bytearray(_record_batch(b"short"))
+        short = bytearray(record_batch(b"short"))
         struct.pack_into(">i", short, 8, len(short) + 100)
         err = _produce_raw(s, topic, bytes(short), correlation_id=63)
         assert err in (2, 87), f"expected CORRUPT_MESSAGE (2) or INVALID_RECORD (87), got {err}"
@@ -236,52 +235,12 @@ def test_max_connections(broker_factory, report):
         s.close()
 
 
-# ---- a minimal v2 record batch encoder, for the CRC test ----------------------------
-
-def _varint(n: int) -> bytes:
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while True:
-        b = z & 0x7F
-        z >>= 7
-        if z:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _crc32c(data: bytes) -> int:
-    import crc32c
-    return crc32c.crc32c(data)
-
-
-def _record_batch(value: bytes) -> bytes:
-    ts = int(time.time() * 1000)
-    record = b"\x00" + _varint(0) + _varint(0) + _varint(-1) + _varint(len(value)) + value + _varint(0)
-    record = _varint(len(record)) + record
-    # attributes .. records: covered by the CRC
-    after_crc = struct.pack(">hiqqqhii", 0, 0, ts, ts, -1, -1, -1, 1) + record
-    crc = _crc32c(after_crc)
-    partition_leader_epoch = 0
-    body = struct.pack(">ibI", partition_leader_epoch, 2, crc) + after_crc
-    return struct.pack(">qi", 0, len(body)) + body
-
-
 def _produce_raw(sock, topic: str, batch: bytes, correlation_id: int, partition: int = 0) -> int:
     """Produce v3 (non-flexible) with acks=1; returns the partition's error code."""
-    name = topic.encode()
-    body = (struct.pack(">hhi", -1, 1, 10000) + struct.pack(">i", 1) + struct.pack(">h", len(name)) + name
-            + struct.pack(">i", 1) + struct.pack(">i", partition) + struct.pack(">i", len(batch)) + batch)
-    sock.sendall(frame(request_header(API_PRODUCE, 3, correlation_id) + body))
+    sock.sendall(produce_request(topic, partition, batch, correlation_id, acks=1))
     resp = recv_frame(sock)
     assert resp is not None, "connection closed instead of a Produce answer"
-    pos = 0
-    (corr, ntopics) = struct.unpack_from(">ii", resp, pos)
+    corr, result = parse_produce_response_v3(resp)
     assert corr == correlation_id
-    pos += 8
-    (nlen,) = struct.unpack_from(">h", resp, pos)
-    pos += 2 + nlen
-    (nparts, part, err) = struct.unpack_from(">iih", resp, pos)
-    assert (ntopics, nparts, part) == (1, 1, partition)
-    return err
+    assert (result.topic, result.partition) == (topic, partition)
+    return result.error_code

@@ -10,14 +10,16 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewPartitions
 from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
-from helpers import Rec, consume, content, create_topic, topic_name, wait_until, watermarks
+from helpers import (Rec, check_idempotent_batches, consume, content, create_topic, stored_batches, topic_name,
+                     wait_until, watermarks)
 
 NOW_MS = 1_760_000_000_000
 CODECS = [None, "gzip", "snappy", "lz4", "zstd"]
 
 
 def kp_producer(bootstrap: str, **conf) -> KafkaProducer:
-    # kafka-python 3 turns idempotence on by default; the broker has no InitProducerId yet.
+    # kafka-python 3 turns idempotence on by default; these tests pin it off so that they
+    # check one thing each (test_idempotent_round_trip turns it on).
     base = dict(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=5,
                 request_timeout_ms=20000)
     base.update(conf)
@@ -99,6 +101,43 @@ def test_consume_from_offset(broker):
     assert [(r.offset, r.value) for r in got] == [(i, f"v{i}".encode()) for i in range(6, 10)]
 
 
+def poll_until(c: KafkaConsumer, n: int, timeout: float = 30.0) -> list:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {len(out)} of {n} records within {timeout}s"
+        for records in c.poll(timeout_ms=200).values():
+            out.extend(records)
+    return out
+
+
+def test_consume_from_the_end(broker):
+    """seek_to_end, then the position is the log end offset: only records produced after
+    it arrive."""
+    topic = create_topic(broker.bootstrap, topic_name("kp-end"), partitions=2)
+    p = kp_producer(broker.bootstrap)
+    for i in range(30):
+        p.send(topic, value=f"old-{i}".encode(), partition=i % 2)
+    p.flush(timeout=30)
+    c = kp_consumer(broker.bootstrap)
+    try:
+        tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+        c.assign(tps)
+        c.seek_to_end(*tps)
+        assert [c.position(tp) for tp in tps] == [15, 15]  # resolves the seek now
+        futures = [p.send(topic, value=f"new-{i}".encode(), partition=i % 2) for i in range(10)]
+        p.flush(timeout=30)
+        assert sorted((f.get(timeout=10).partition, f.get(timeout=10).offset) for f in futures) == \
+            sorted((i % 2, 15 + i // 2) for i in range(10))
+        got = poll_until(c, 10)
+        assert sorted((r.partition, r.offset, r.value) for r in got) == \
+            sorted((i % 2, 15 + i // 2, f"new-{i}".encode()) for i in range(10))
+        assert [c.position(tp) for tp in tps] == [20, 20]
+    finally:
+        c.close()
+        p.close()
+
+
 def test_admin_create_delete(broker):
     a = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=20000)
     try:
@@ -142,3 +181,27 @@ def test_offsets_for_times_and_watermarks(broker):
     finally:
         c.close()
     assert watermarks(broker.bootstrap, topic) == (0, 12)
+
+
+def test_idempotent_round_trip(broker):
+    """enable_idempotence=True (kafka-python 3's default): InitProducerId, then sequenced
+    batches over several requests; every record lands once, in order."""
+    topic = create_topic(broker.bootstrap, topic_name("kp-idem"), partitions=2)
+    p = kp_producer(broker.bootstrap, enable_idempotence=True, compression_type="gzip")
+    sent = []
+    for round_ in range(5):  # one flush per round: at least one request per round
+        futures = [p.send(topic, value=f"r{round_}-{i}".encode(), key=f"k{i}".encode(), partition=i % 2)
+                   for i in range(40)]
+        p.flush(timeout=30)
+        sent += [(f.get(timeout=10).partition, f.get(timeout=10).offset) for f in futures]
+    pid = p._transaction_manager.producer_id_and_epoch  # noqa: SLF001 - no public accessor
+    p.close()
+    assert pid.producer_id >= 0, f"kafka-python did not get a producer id: {pid}"
+    for part in (0, 1):
+        assert sorted(o for pp, o in sent if pp == part) == list(range(100))
+    got = consume(broker.bootstrap, topic, (0, 1))
+    for part in (0, 1):
+        want = [f"r{r}-{i}".encode() for r in range(5) for i in range(40) if i % 2 == part]
+        assert [r.value for r in sorted((r for r in got if r.partition == part), key=lambda r: r.offset)] == want
+    check_idempotent_batches(broker, topic, 2, 100)
+    assert {b.producer_id for b in stored_batches(broker, topic, 0)} == {pid.producer_id}

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from helpers import CODECS, Rec, consume, content, create_topic, topic_name, wait_until, watermarks
+from helpers import (CODECS, Rec, check_idempotent_batches, consume, content, create_topic, topic_name, wait_until,
+                     watermarks)
 from kafkajs_driver import b64, kafkajs, ok
 
 NOW_MS = 1_770_000_000_000
@@ -47,6 +48,23 @@ def test_produce(broker, codec):
         h = sorted((r for r in got if r.partition == p), key=lambda r: r.offset)
         assert [r.offset for r in h] == list(range(len(w)))
         assert content(h) == content(w), f"codec {codec} partition {p}"
+
+
+def test_idempotent_produce(broker):
+    """idempotent: true: InitProducerId, then sequenced batches; 10 sends of one producer,
+    so the sequences must carry on across requests. Every record lands once, in order."""
+    topic = create_topic(broker.bootstrap, topic_name("kjs-idem"), partitions=2)
+    msgs, want = js_messages(11, n=100)
+    meta = ok(broker, "produce", topic=topic, messages=msgs, idempotent=True, sendSize=10, compression="gzip")
+    assert all(m["errorCode"] == 0 for m in meta)
+    assert sorted(int(m["baseOffset"]) for m in meta if m["partition"] == 0) == list(range(0, 50, 5))
+    got = consume(broker.bootstrap, topic, partitions=(0, 1))
+    for p in (0, 1):
+        w = [r for r in want if r.partition == p]
+        h = sorted((r for r in got if r.partition == p), key=lambda r: r.offset)
+        assert [r.offset for r in h] == list(range(len(w)))
+        assert content(h) == content(w), f"partition {p}"
+    check_idempotent_batches(broker, topic, 2, 50)
 
 
 @pytest.mark.parametrize("acks", [0, 1])

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,8 +55,17 @@ pub struct Broker {
     pub groups: GroupCoordinator,
     /// Bumped after every append; long-polling fetches wait for it to change.
     appended: watch::Sender<u64>,
-    /// Bytes of record data all fetch responses being built may hold together.
+    /// Bytes of record data all fetch responses being built or sent may hold
+    /// together; a fetch holds its share until its answer is written.
     pub fetch_memory: Arc<Semaphore>,
+    /// Bytes of encoded fetch answers not yet written to their sockets: what
+    /// `fetch_memory` bounds, measured where the memory really is.
+    pub fetch_answer_bytes: Gauge,
+    /// Fetches waiting for their share of `fetch_memory`.
+    pub fetch_memory_waiting: Gauge,
+    /// Fetches waiting for the answer of an earlier fetch on their connection to
+    /// be written (fetches on one connection run one at a time).
+    pub fetch_waiting_turn: Gauge,
     pub producer_ids: ProducerIds,
     clock: Arc<dyn Clock>,
     _lock: fs::File,
@@ -90,7 +100,7 @@ impl Broker {
                     OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
                 })?;
         let producer_ids = ProducerIds::open(&dir)?;
-        Ok(Arc::new(Broker {
+        let broker = Arc::new(Broker {
             config,
             cluster_id,
             advertised_host,
@@ -100,10 +110,16 @@ impl Broker {
             groups,
             appended: watch::channel(0).0,
             fetch_memory,
+            fetch_answer_bytes: Gauge::default(),
+            fetch_memory_waiting: Gauge::default(),
+            fetch_waiting_turn: Gauge::default(),
             producer_ids,
             clock,
             _lock: lock,
-        }))
+        });
+        // Kafka drops expired producers when it loads a snapshot; so do we.
+        broker.expire_producers();
+        Ok(broker)
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -139,12 +155,20 @@ impl Broker {
     pub async fn run_background(self: Arc<Self>) {
         let retention_every = Duration::from_millis(self.config.retention_check_interval_ms.max(1));
         let flush_every = Duration::from_millis(self.config.flush_interval_ms.max(1));
+        let expiry_every =
+            Duration::from_millis(self.config.producer_id_expiration_check_interval_ms.max(1));
         let mut retention = tokio::time::interval(retention_every);
         let mut flush = tokio::time::interval(flush_every);
+        let mut expiry = tokio::time::interval(expiry_every);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = expiry.tick() => {
+                    let broker = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || broker.expire_producers()).await;
+                }
                 _ = retention.tick() => {
                     let broker = self.clone();
                     let _ = tokio::task::spawn_blocking(move || broker.apply_retention()).await;
@@ -179,6 +203,28 @@ impl Broker {
         }
     }
 
+    /// Forgets, on every partition, idempotent producers idle for
+    /// `producer_id_expiration_ms` or longer. Returns how many were dropped.
+    pub fn expire_producers(&self) -> usize {
+        let now_ms = self.now_ms();
+        let mut total = 0;
+        for topic in self.topics.all() {
+            for p in topic.partitions() {
+                match p.expire_producers(now_ms, self.config.producer_id_expiration_ms) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        total += n;
+                        tracing::info!(topic = %p.topic, partition = p.index, producers = n, "expired idle producers");
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %p.topic, partition = p.index, error = %e, "producer state snapshot failed")
+                    }
+                }
+            }
+        }
+        total
+    }
+
     fn apply_retention(&self) {
         let now_ms = self.now_ms();
         for topic in self.topics.all() {
@@ -195,6 +241,47 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// A count that goes up and down, with its high-water mark.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    value: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Gauge {
+    pub fn add(&self, n: usize) {
+        let value = self.value.fetch_add(n, Ordering::Relaxed) + n;
+        self.max.fetch_max(value, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: usize) {
+        let before = self.value.fetch_sub(n, Ordering::Relaxed);
+        debug_assert!(before >= n, "gauge below zero");
+    }
+    pub fn value(&self) -> usize {
+        self.value.load(Ordering::Relaxed)
+    }
+    /// The highest value since the start.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+    /// Adds `n` until the returned guard is dropped.
+    pub fn count(&self, n: usize) -> Counted<'_> {
+        self.add(n);
+        Counted { gauge: self, n }
+    }
+}
+
+pub struct Counted<'a> {
+    gauge: &'a Gauge,
+    n: usize,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.n);
     }
 }
 

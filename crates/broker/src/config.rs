@@ -42,6 +42,24 @@ pub struct BrokerConfig {
     pub fetch_memory_bytes: usize,
     /// Upper bound on one fetch response, whatever the client asks for.
     pub fetch_max_bytes: usize,
+    /// Partitions one CreateTopics or CreatePartitions request may create (Kafka's
+    /// controller refuses more than 10,000 with `POLICY_VIOLATION`).
+    pub max_partitions_per_request: usize,
+    /// Partitions this broker hosts at most, counting every topic; creations past
+    /// it (explicit or automatic) get `POLICY_VIOLATION`. Each partition holds a
+    /// few open files and its indexes in memory.
+    pub max_partitions: usize,
+    /// A connection that completes no request for this long while nothing is in
+    /// flight on it (silent, or stopped mid-frame), or whose peer stops reading an
+    /// answer for this long, is closed (Kafka's `connections.max.idle.ms`).
+    pub connections_max_idle_ms: u64,
+    /// On shutdown, how long connections get to answer what is in flight; those
+    /// still open then (say, a peer that stopped reading) are closed unanswered.
+    pub shutdown_timeout_ms: u64,
+    /// Decompressed bytes a by-timestamp ListOffsets may walk inside one
+    /// compressed batch; past it the answer is the batch's first offset (a
+    /// decompression bomb costs at most this much CPU).
+    pub timestamp_lookup_max_bytes: u64,
     /// Consumer groups (Kafka's `group.min/max.session.timeout.ms`,
     /// `group.initial.rebalance.delay.ms`, `group.max.size`,
     /// `offset.metadata.max.bytes`).
@@ -50,6 +68,15 @@ pub struct BrokerConfig {
     pub group_initial_rebalance_delay_ms: u64,
     pub group_max_size: usize,
     pub offset_metadata_max_bytes: usize,
+    /// Kafka's `producer.id.expiration.ms`: an idempotent producer whose last batch
+    /// on a partition is this old is forgotten there (its state and snapshot entry).
+    pub producer_id_expiration_ms: i64,
+    /// Kafka's `producer.id.expiration.check.interval.ms`: how often expiry runs.
+    pub producer_id_expiration_check_interval_ms: u64,
+    /// The committed-offsets log is compacted (the live offsets rewritten, the rest
+    /// dropped) once it is twice the size it had after the last compaction and at
+    /// least this big.
+    pub offsets_compaction_min_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -73,11 +100,19 @@ impl Default for BrokerConfig {
             max_in_flight_per_connection: 16,
             fetch_memory_bytes: 512 * 1024 * 1024,
             fetch_max_bytes: 55 * 1024 * 1024,
+            max_partitions_per_request: 10_000,
+            max_partitions: 100_000,
+            connections_max_idle_ms: 600_000,
+            shutdown_timeout_ms: 30_000,
+            timestamp_lookup_max_bytes: 256 * 1024 * 1024,
             group_min_session_timeout_ms: 6_000,
             group_max_session_timeout_ms: 1_800_000,
             group_initial_rebalance_delay_ms: 3_000,
             group_max_size: 10_000,
             offset_metadata_max_bytes: 4_096,
+            producer_id_expiration_ms: 86_400_000,
+            producer_id_expiration_check_interval_ms: 600_000,
+            offsets_compaction_min_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -150,11 +185,19 @@ impl BrokerConfig {
             "max_in_flight_per_connection",
             "fetch_memory_bytes",
             "fetch_max_bytes",
+            "max_partitions_per_request",
+            "max_partitions",
+            "connections_max_idle_ms",
+            "shutdown_timeout_ms",
+            "timestamp_lookup_max_bytes",
             "group_min_session_timeout_ms",
             "group_max_session_timeout_ms",
             "group_initial_rebalance_delay_ms",
             "group_max_size",
             "offset_metadata_max_bytes",
+            "producer_id_expiration_ms",
+            "producer_id_expiration_check_interval_ms",
+            "offsets_compaction_min_bytes",
         ];
         KEYS.contains(&key)
     }
@@ -170,6 +213,12 @@ impl BrokerConfig {
         if self.max_request_bytes < 1024 {
             return bad("max_request_bytes must be at least 1024");
         }
+        if self.max_partitions_per_request < 1 || self.max_partitions < 1 {
+            return bad("max_partitions_per_request and max_partitions must be at least 1");
+        }
+        if self.connections_max_idle_ms < 1 {
+            return bad("connections_max_idle_ms must be at least 1");
+        }
         if self.fetch_memory_bytes < self.fetch_max_bytes.min(1 << 20) {
             return bad("fetch_memory_bytes must be at least 1 MiB (or fetch_max_bytes)");
         }
@@ -183,6 +232,11 @@ impl BrokerConfig {
         if self.segment_bytes < 14 || self.segment_ms < 1 || self.max_message_bytes < 0 {
             return bad(
                 "segment_bytes >= 14, segment_ms >= 1 and max_message_bytes >= 0 are required",
+            );
+        }
+        if self.producer_id_expiration_ms < 1 || self.producer_id_expiration_check_interval_ms < 1 {
+            return bad(
+                "producer_id_expiration_ms and producer_id_expiration_check_interval_ms must be at least 1",
             );
         }
         Ok(())
@@ -235,5 +289,35 @@ mod tests {
         assert!(BrokerConfig::load(Some(&path), vec![]).is_err());
         let env = vec![("FRESHET_NUM_PARTITIONS".to_string(), "0".to_string())];
         assert!(BrokerConfig::load(None, env).is_err());
+        for key in [
+            "FRESHET_CONNECTIONS_MAX_IDLE_MS",
+            "FRESHET_MAX_PARTITIONS",
+            "FRESHET_MAX_PARTITIONS_PER_REQUEST",
+        ] {
+            let env = vec![(key.to_string(), "0".to_string())];
+            assert!(BrokerConfig::load(None, env).is_err(), "{key}=0 accepted");
+        }
+    }
+
+    #[test]
+    fn limits_are_keys_with_kafka_like_defaults() {
+        let defaults = BrokerConfig::default();
+        assert_eq!(defaults.max_partitions_per_request, 10_000);
+        assert_eq!(defaults.connections_max_idle_ms, 600_000);
+        let env = [
+            ("FRESHET_SHUTDOWN_TIMEOUT_MS", "5"),
+            ("FRESHET_TIMESTAMP_LOOKUP_MAX_BYTES", "1024"),
+            ("FRESHET_MAX_PARTITIONS", "7"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = BrokerConfig::load(None, env).unwrap();
+        assert_eq!(
+            (
+                config.shutdown_timeout_ms,
+                config.timestamp_lookup_max_bytes,
+                config.max_partitions
+            ),
+            (5, 1024, 7)
+        );
     }
 }

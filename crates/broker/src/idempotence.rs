@@ -3,6 +3,17 @@
 //! acknowledged with its original offset instead of being written twice, and a
 //! gap or a stale epoch is refused as Kafka refuses it.
 //!
+//! The answers follow Kafka 3.x (`ProducerAppendInfo.checkSequence`): a stale epoch
+//! is INVALID_PRODUCER_EPOCH; a new epoch must start at sequence 0; within an epoch
+//! a batch must follow the last one, else OUT_OF_ORDER_SEQUENCE_NUMBER (a retry of
+//! a batch older than the last five included); a producer with no state here, new
+//! or forgotten, is accepted at any sequence (UNKNOWN_PRODUCER_ID is never sent).
+//!
+//! Expiry: a producer whose last batch's max timestamp is `producer_id_expiration_ms`
+//! old is forgotten (Kafka's `producer.id.expiration.ms`, measured the same way),
+//! when the broker opens and every `producer_id_expiration_check_interval_ms`; the
+//! snapshot is rewritten without it, so a restart does not bring it back.
+//!
 //! Persistence: a snapshot (`producer-state.json` in the partition directory)
 //! written by the background flush and at shutdown, labelled with the log end
 //! offset it reflects. On open, batches at or beyond the recovered log end are
@@ -26,10 +37,30 @@ struct BatchMeta {
     last_offset: i64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct ProducerEntry {
     epoch: i16,
     batches: VecDeque<BatchMeta>,
+    /// Max timestamp of the producer's last batch, what Kafka's expiry measures
+    /// idleness from (`ProducerStateEntry.lastTimestamp`). Negative: unknown (a
+    /// snapshot written before this field existed); the first expiry check then
+    /// starts the idle clock.
+    #[serde(default = "unknown_timestamp")]
+    last_timestamp_ms: i64,
+}
+
+fn unknown_timestamp() -> i64 {
+    -1
+}
+
+impl Default for ProducerEntry {
+    fn default() -> Self {
+        ProducerEntry {
+            epoch: 0,
+            batches: VecDeque::new(),
+            last_timestamp_ms: unknown_timestamp(),
+        }
+    }
 }
 
 /// What to do with a batch from an idempotent producer.
@@ -51,6 +82,9 @@ pub struct ProducerStates {
     /// `end_offset` when the snapshot was last written.
     #[serde(skip)]
     saved_end_offset: i64,
+    /// Producers were expired since the snapshot was last written.
+    #[serde(skip)]
+    expired_since_save: bool,
 }
 
 /// Sequence numbers wrap from i32::MAX to 0.
@@ -69,17 +103,19 @@ impl ProducerStates {
         if first < 0 {
             return Check::Reject(ResponseError::InvalidRecord);
         }
+        // No state for this producer: it is new, or its state was lost (expired
+        // after `producer_id_expiration_ms`, or its batches were cut off). Kafka 3.x
+        // (ProducerAppendInfo.checkSequence) accepts any sequence then, so that a
+        // producer whose state went away can go on; it no longer answers
+        // UNKNOWN_PRODUCER_ID here, and neither do we.
         let Some(entry) = self.producers.get(&header.producer_id) else {
-            return if first == 0 {
-                Check::Append
-            } else {
-                Check::Reject(ResponseError::OutOfOrderSequenceNumber)
-            };
+            return Check::Append;
         };
         if header.producer_epoch < entry.epoch {
             return Check::Reject(ResponseError::InvalidProducerEpoch);
         }
         if header.producer_epoch > entry.epoch {
+            // A bumped epoch starts its sequences again at 0.
             return if first == 0 {
                 Check::Append
             } else {
@@ -96,6 +132,8 @@ impl ProducerStates {
                 base_offset: b.base_offset,
             };
         }
+        // Anything else must follow the last batch: a gap, and a retry of a batch
+        // older than the last five, are both out of order (Kafka says the same).
         match entry.batches.back() {
             Some(prev) if first == add_seq(prev.last_seq, 1) => Check::Append,
             None if first == 0 => Check::Append,
@@ -110,6 +148,7 @@ impl ProducerStates {
             entry.epoch = header.producer_epoch;
             entry.batches.clear();
         }
+        entry.last_timestamp_ms = header.max_timestamp;
         entry.batches.push_back(BatchMeta {
             first_seq: header.base_sequence,
             last_seq: last_seq(header),
@@ -129,6 +168,26 @@ impl ProducerStates {
         }
         self.producers.retain(|_, e| !e.batches.is_empty());
         self.end_offset = self.end_offset.min(log_end_offset);
+    }
+
+    /// Forgets producers whose last batch is `expiration_ms` or more older than
+    /// `now_ms` (Kafka's `producer.id.expiration.ms`; the timestamp is the batch's
+    /// max timestamp, as Kafka measures it). A forgotten producer's next batch is
+    /// accepted with any sequence, so retries of its old batches can no longer be
+    /// recognised. Returns how many were dropped.
+    pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
+        let before = self.producers.len();
+        self.producers.retain(|_, e| {
+            if e.last_timestamp_ms < 0 {
+                e.last_timestamp_ms = now_ms;
+            }
+            now_ms.saturating_sub(e.last_timestamp_ms) < expiration_ms
+        });
+        let expired = before - self.producers.len();
+        if expired > 0 {
+            self.expired_since_save = true;
+        }
+        expired
     }
 
     pub fn producer_count(&self) -> usize {
@@ -192,7 +251,7 @@ pub fn save_if_changed(
     dir: &std::path::Path,
     states: &mut ProducerStates,
 ) -> Result<(), crate::topics::TopicError> {
-    if states.end_offset == states.saved_end_offset {
+    if states.end_offset == states.saved_end_offset && !states.expired_since_save {
         return Ok(());
     }
     let json = serde_json::to_vec(&*states)
@@ -204,6 +263,7 @@ pub fn save_if_changed(
     std::fs::write(&tmp, json).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
     states.saved_end_offset = states.end_offset;
+    states.expired_since_save = false;
     Ok(())
 }
 
@@ -279,10 +339,59 @@ mod tests {
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
         assert_eq!(s.check(&header(1, 3, 0, 1, 0)), Check::Append);
+        // A producer without state may start anywhere (its state may have expired).
+        assert_eq!(s.check(&header(2, 0, 4, 1, 0)), Check::Append);
         assert_eq!(
-            s.check(&header(2, 0, 4, 1, 0)),
+            s.check(&header(2, 0, -1, 1, 0)),
+            Check::Reject(ResponseError::InvalidRecord)
+        );
+    }
+
+    #[test]
+    fn idle_producers_expire_and_then_start_anywhere() {
+        let mut s = ProducerStates::default();
+        let mut old = header(1, 0, 0, 1, 0);
+        old.max_timestamp = 1_000;
+        s.record(&old);
+        let mut recent = header(2, 0, 0, 1, 1);
+        recent.max_timestamp = 5_000;
+        s.record(&recent);
+        assert_eq!(s.expire(10_999, 10_000), 0, "idle for 9999 ms only");
+        assert_eq!(s.expire(11_000, 10_000), 1, "idle for exactly the limit");
+        assert_eq!(s.producer_count(), 1);
+        // Producer 1 is forgotten: a gap is no longer detectable, as in Kafka.
+        assert_eq!(s.check(&header(1, 0, 7, 1, 2)), Check::Append);
+        assert_eq!(
+            s.check(&header(2, 0, 7, 1, 2)),
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
+    }
+
+    #[test]
+    fn expiry_is_saved_and_a_snapshot_without_timestamps_starts_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ProducerStates::default();
+        let mut h = header(1, 0, 0, 1, 0);
+        h.max_timestamp = 0;
+        s.record(&h);
+        save_if_changed(dir.path(), &mut s).unwrap();
+        assert_eq!(s.expire(100, 10), 1);
+        save_if_changed(dir.path(), &mut s).unwrap();
+        let saved: ProducerStates =
+            serde_json::from_slice(&std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(saved.producer_count(), 0, "the expiry reached the snapshot");
+
+        // A snapshot from before `last_timestamp_ms` existed.
+        let json = br#"{"producers":{"9":{"epoch":0,"batches":[]}},"end_offset":0}"#;
+        let mut old: ProducerStates = serde_json::from_slice(json).unwrap();
+        assert_eq!(
+            old.expire(1_000, 10),
+            0,
+            "unknown age: the clock starts now"
+        );
+        assert_eq!(old.expire(1_009, 10), 0);
+        assert_eq!(old.expire(1_010, 10), 1);
     }
 
     #[test]

@@ -2,11 +2,14 @@
 //! (so appends from one connection happen in the order they were sent), and
 //! answers in request order, as Kafka requires, while later requests are already
 //! being served. Limits: connections, frame size, requests in flight per
-//! connection.
+//! connection, idle time (a silent peer, a frame left half-sent, a peer that
+//! stops reading), and how long shutdown waits for connections to finish.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use protocol::codec::{decode_request, encode_response, peek_preamble};
@@ -15,10 +18,11 @@ use protocol::{ApiKey, ResponseKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
-use crate::api::{self, Reply};
+use crate::api::{self, MemoryHold, Reply};
 use crate::Broker;
 
 const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -53,15 +57,102 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Futu
         }
     }
     let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
+    // A peer that stops reading would otherwise hold its connection, and so the
+    // shutdown, forever.
+    let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            timeout_ms = broker.config.shutdown_timeout_ms,
+            "shutdown: closing connections that did not finish answering in time"
+        );
+        tasks.shutdown().await;
+    }
 }
 
 /// A response in the connection's answer queue.
 enum Slot {
     Ready(BytesMut),
-    Pending(JoinHandle<Option<BytesMut>>),
+    Pending(JoinHandle<Option<Encoded>>),
     /// acks=0 produce: nothing is sent back.
     Silent,
+}
+
+/// An encoded answer and the memory budget it holds until it is written.
+struct Encoded {
+    bytes: BytesMut,
+    _hold: Held,
+}
+
+/// A fetch answer's share of `fetch_memory_bytes`, and its bytes counted in
+/// `Broker::fetch_answer_bytes`, both given back when it is dropped: after the
+/// write, or unwritten when the connection closes. Dropping it also lets the
+/// connection's next fetch start (see [`FetchTurn`]).
+#[derive(Default)]
+struct Held {
+    _permit: MemoryHold,
+    counted: Option<(Arc<Broker>, usize)>,
+    _turn_done: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some((broker, bytes)) = self.counted.take() {
+            broker.fetch_answer_bytes.sub(bytes);
+        }
+    }
+}
+
+/// Fetches on one connection run one after the other, each once the answer
+/// before it is written (Kafka serves a connection one request at a time).
+/// Otherwise a later fetch could take the fetch memory an earlier one needs,
+/// while its own answer waits behind that earlier one: a deadlock holding the
+/// budget for good.
+#[derive(Default)]
+struct FetchTurn {
+    /// Resolves (with an error: the sender is dropped, never used) once the
+    /// previous fetch's answer is written or dropped.
+    previous: Option<oneshot::Receiver<()>>,
+}
+
+impl FetchTurn {
+    /// The turn to wait for, and the signal that ends the new fetch's turn.
+    fn next(&mut self) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, next) = oneshot::channel();
+        (self.previous.replace(next), done)
+    }
+}
+
+/// What the reader and the writer of one connection share to tell an idle
+/// connection from a busy one.
+struct Activity {
+    started: Instant,
+    /// Requests read and not yet answered (or dropped, for acks=0).
+    in_flight: AtomicUsize,
+    /// When an answer was last written, in ms since `started`.
+    last_write_ms: AtomicU64,
+}
+
+impl Activity {
+    fn last_write(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    }
+    fn wrote(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_write_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Aborts the task when dropped, so that a connection task cut short at shutdown
+/// takes its writer with it.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn serve_connection(
@@ -71,21 +162,42 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
     let (mut reader, writer) = stream.into_split();
     let (slots, queue) = mpsc::channel(broker.config.max_in_flight_per_connection);
-    let writer = tokio::spawn(write_responses(writer, queue, peer));
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        last_write_ms: AtomicU64::new(0),
+    });
+    let mut writer = AbortOnDrop(tokio::spawn(write_responses(
+        writer,
+        queue,
+        peer,
+        activity.clone(),
+        idle,
+    )));
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    // Only a whole request counts as activity: a peer trickling the bytes of one
+    // frame, or stopping halfway, is idle.
+    let mut last_request = Instant::now();
+    let mut writer_done = false;
+    let mut fetch_turn = FetchTurn::default();
     'conn: loop {
         loop {
             match decode_frame(&mut buf, broker.config.max_request_bytes) {
-                Ok(Some(frame)) => match handle_frame(&broker, frame.freeze(), peer) {
-                    Some(slot) => {
-                        if slots.send(slot).await.is_err() {
-                            break 'conn; // the writer has stopped
+                Ok(Some(frame)) => {
+                    last_request = Instant::now();
+                    match handle_frame(&broker, frame.freeze(), peer, &mut fetch_turn) {
+                        Some(slot) => {
+                            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                            if slots.send(slot).await.is_err() {
+                                break 'conn; // the writer has stopped
+                            }
                         }
+                        None => break 'conn,
                     }
-                    None => break 'conn,
-                },
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "closing connection: bad frame");
@@ -93,6 +205,7 @@ async fn serve_connection(
                 }
             }
         }
+        let idle_since = last_request.max(activity.last_write());
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => break,
@@ -103,15 +216,41 @@ async fn serve_connection(
                 }
             },
             _ = stop.changed() => break,
+            // The writer gave up on the peer (it stopped reading): close.
+            _ = &mut writer.0 => {
+                writer_done = true;
+                break;
+            }
+            _ = tokio::time::sleep_until(idle_since + idle) => {
+                if activity.in_flight.load(Ordering::Relaxed) > 0 {
+                    // Waiting for our own answers (a long poll, an fsync) is not idle.
+                    last_request = Instant::now();
+                } else if last_request.max(activity.last_write()) + idle <= Instant::now() {
+                    if buf.is_empty() {
+                        tracing::info!(%peer, idle_ms = idle.as_millis() as u64, "closing idle connection");
+                    } else {
+                        tracing::warn!(%peer, idle_ms = idle.as_millis() as u64, buffered_bytes = buf.len(),
+                            "closing connection: request frame left unfinished");
+                    }
+                    break;
+                }
+            }
         }
     }
     drop(slots);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = (&mut writer.0).await;
+    }
 }
 
 /// Turns one frame into a queued answer, or `None` to close the connection (what
 /// Kafka does for requests it cannot parse or does not serve).
-fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<Slot> {
+fn handle_frame(
+    broker: &Arc<Broker>,
+    frame: Bytes,
+    peer: SocketAddr,
+    fetch_turn: &mut FetchTurn,
+) -> Option<Slot> {
     let preamble = match peek_preamble(&frame) {
         Ok(p) => p,
         Err(e) => {
@@ -166,8 +305,35 @@ fn handle_frame(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Option<
         Reply::Now(None) => Some(Slot::Silent),
         Reply::Later(future) => Some(Slot::Pending(tokio::spawn(async move {
             let body = future.await?;
-            encode(correlation_id, api_key, version, &body, peer)
+            let bytes = encode(correlation_id, api_key, version, &body, peer)?;
+            Some(Encoded {
+                bytes,
+                _hold: Held::default(),
+            })
         }))),
+        Reply::Holding(future) => {
+            let broker = broker.clone();
+            let (previous, turn_done) = fetch_turn.next();
+            Some(Slot::Pending(tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _waiting = broker.fetch_waiting_turn.count(1);
+                    let _ = previous.await;
+                }
+                let (body, permit) = future.await?;
+                let bytes = encode(correlation_id, api_key, version, &body, peer)?;
+                drop(body); // the encoded copy is what waits for the socket
+                broker.fetch_answer_bytes.add(bytes.len());
+                let counted = Some((broker, bytes.len()));
+                Some(Encoded {
+                    bytes,
+                    _hold: Held {
+                        _permit: permit,
+                        counted,
+                        _turn_done: Some(turn_done),
+                    },
+                })
+            })))
+        }
     }
 }
 
@@ -192,14 +358,22 @@ async fn write_responses(
     writer: OwnedWriteHalf,
     mut queue: mpsc::Receiver<Slot>,
     peer: SocketAddr,
+    activity: Arc<Activity>,
+    idle: Duration,
 ) {
     let mut writer = BufWriter::with_capacity(READ_BUFFER_BYTES, writer);
     while let Some(slot) = queue.recv().await {
-        let bytes = match slot {
-            Slot::Ready(bytes) => bytes,
-            Slot::Silent => continue,
+        let answer = match slot {
+            Slot::Ready(bytes) => Encoded {
+                bytes,
+                _hold: Held::default(),
+            },
+            Slot::Silent => {
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
             Slot::Pending(handle) => match handle.await {
-                Ok(Some(bytes)) => bytes,
+                Ok(Some(answer)) => answer,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!(%peer, error = %e, "request handler failed; closing connection");
@@ -207,13 +381,41 @@ async fn write_responses(
                 }
             },
         };
-        if writer.write_all(&bytes).await.is_err() {
+        // A peer that stops reading must not hold the answer (and its share of
+        // fetch memory) for ever: an answer not written within `idle` closes
+        // the connection.
+        if !write_within(idle, writer.write_all(&answer.bytes), peer).await {
             break;
         }
-        if queue.is_empty() && writer.flush().await.is_err() {
+        drop(answer); // the bytes are in the socket (or the 64 KiB buffer): release the hold
+        activity.wrote();
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if queue.is_empty() && !write_within(idle, writer.flush(), peer).await {
             break;
         }
     }
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(idle, async {
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}
+
+/// Runs one write; false (with a log line) if it failed or did not finish in `idle`.
+async fn write_within(
+    idle: Duration,
+    write: impl Future<Output = std::io::Result<()>>,
+    peer: SocketAddr,
+) -> bool {
+    match tokio::time::timeout(idle, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "write failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%peer, idle_ms = idle.as_millis() as u64, "closing connection: peer stopped reading answers");
+            false
+        }
+    }
 }

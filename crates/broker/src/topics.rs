@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use storage::PartitionLog;
+use storage::{PartitionLog, StorageError, TimestampLookup, TimestampOffset};
 
 use crate::idempotence::{self, ProducerStates};
 use uuid::Uuid;
@@ -78,6 +78,39 @@ impl Partition {
         idempotence::save_if_changed(&self.dir, &mut states)
     }
 
+    /// Forgets idle producers (`producer_id_expiration_ms`) and, when any went,
+    /// rewrites the snapshot so that a restart does not bring them back.
+    pub fn expire_producers(&self, now_ms: i64, expiration_ms: i64) -> Result<usize, TopicError> {
+        let expired = self.lock_producers().expire(now_ms, expiration_ms);
+        if expired > 0 {
+            self.save_producer_state()?;
+        }
+        Ok(expired)
+    }
+
+    /// ListOffsets by timestamp: the first offset whose record timestamp is
+    /// `>= timestamp`. The lock is held only to find the batch from headers; its
+    /// records are read and decompressed without it (call from a blocking thread).
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp: i64,
+        max_decompressed_bytes: u64,
+    ) -> Result<Option<TimestampOffset>, StorageError> {
+        let mut from_offset = i64::MIN;
+        loop {
+            let lookup = self.lock().lookup_timestamp(timestamp, from_offset)?;
+            match lookup {
+                TimestampLookup::Found(found) => return Ok(Some(found)),
+                TimestampLookup::NotFound => return Ok(None),
+                TimestampLookup::Search(batch) => match batch.search(max_decompressed_bytes)? {
+                    Some(found) => return Ok(Some(found)),
+                    // Each round moves past one batch, so this ends.
+                    None => from_offset = batch.next_offset(),
+                },
+            }
+        }
+    }
+
     /// Locks the log. A panic while holding the lock is a bug already reported;
     /// the log's own state is consistent between calls, so carry on with it.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PartitionLog> {
@@ -139,6 +172,9 @@ pub enum TopicError {
     Unknown,
     #[error("{0}")]
     InvalidPartitions(String),
+    /// A broker limit (`max_partitions`) would be exceeded.
+    #[error("{0}")]
+    LimitReached(String),
     #[error("storage error: {0}")]
     Storage(String),
 }
@@ -279,6 +315,33 @@ impl TopicRegistry {
         Ok(())
     }
 
+    /// Partitions hosted, over every topic.
+    pub fn partition_total(&self) -> usize {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|t| t.partition_count() as usize)
+            .sum()
+    }
+
+    /// Checks that `adding` more partitions stay within `max_partitions`.
+    pub fn check_partition_limit(
+        &self,
+        adding: usize,
+        broker: &BrokerConfig,
+    ) -> Result<(), TopicError> {
+        let hosted = self.partition_total();
+        if hosted.saturating_add(adding) > broker.max_partitions {
+            return Err(TopicError::LimitReached(format!(
+                "Adding {adding} partition(s) would exceed this broker's limit of {} partitions \
+                 (max_partitions); it hosts {hosted}.",
+                broker.max_partitions
+            )));
+        }
+        Ok(())
+    }
+
     pub fn create(
         &self,
         name: &str,
@@ -294,6 +357,8 @@ impl TopicRegistry {
                 "Number of partitions must be larger than 0.".into(),
             ));
         }
+        // Under the admin lock, so concurrent creations cannot pass it together.
+        self.check_partition_limit(partitions as usize, broker)?;
         let log_config = config.log_config(broker);
         let mut logs = Vec::with_capacity(partitions as usize);
         for index in 0..partitions {
@@ -354,6 +419,7 @@ impl TopicRegistry {
                 "Topic currently has {current} partitions, which is higher than the requested {count}."
             )));
         }
+        self.check_partition_limit((count - current) as usize, broker)?;
         let log_config = topic.config().log_config(broker);
         let mut added = Vec::new();
         for index in current..count {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{Broker, BrokerConfig, SystemClock};
+use broker::{Broker, BrokerConfig, Clock, SystemClock};
 use bytes::{Buf, Bytes, BytesMut};
 use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
 use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 struct TestBroker {
     addr: SocketAddr,
+    broker: Arc<Broker>,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -45,6 +46,7 @@ impl TestBroker {
         )
         .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
+        let handle = broker.clone();
         let task = tokio::spawn(async move {
             broker::server::run(broker.clone(), listener, async {
                 let _ = stopped.await;
@@ -54,6 +56,7 @@ impl TestBroker {
         });
         TestBroker {
             addr,
+            broker: handle,
             dir,
             stop: Some(stop),
             task: Some(task),
@@ -68,9 +71,20 @@ impl TestBroker {
     }
 }
 
+/// Polls `condition` until it holds; fails with `what` after 20 s.
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 struct Client {
     stream: TcpStream,
+    /// Of the last request sent, and of the last answer received.
     correlation_id: i32,
+    answered: i32,
 }
 
 impl Client {
@@ -78,6 +92,19 @@ impl Client {
         Client {
             stream: TcpStream::connect(addr).await.unwrap(),
             correlation_id: 0,
+            answered: 0,
+        }
+    }
+
+    /// A client whose socket takes in only a few KiB before the broker's writes
+    /// block: a peer that reads slowly, or not at all.
+    async fn connect_slow_reader(addr: SocketAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        Client {
+            stream: socket.connect(addr).await.unwrap(),
+            correlation_id: 0,
+            answered: 0,
         }
     }
 
@@ -99,9 +126,14 @@ impl Client {
     }
 
     async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
+        self.send(request, version).await;
+        self.receive::<R>(version).await
+    }
+
+    /// Sends a request without waiting for its answer.
+    async fn send<R: Request>(&mut self, request: R, version: i16) {
         self.correlation_id += 1;
         let mut buf = BytesMut::new();
-        let api_key = ApiKey::try_from(R::KEY).unwrap();
         RequestHeader::default()
             .with_request_api_key(R::KEY)
             .with_request_api_version(version)
@@ -111,10 +143,17 @@ impl Client {
             .unwrap();
         request.encode(&mut buf, version).unwrap();
         self.send_raw(&buf).await;
+    }
+
+    /// The answer to the oldest request not yet answered (answers come in
+    /// request order).
+    async fn receive<R: Request>(&mut self, version: i16) -> R::Response {
+        let api_key = ApiKey::try_from(R::KEY).unwrap();
         let mut frame = self.read_frame().await.expect("response");
         let header =
             ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
-        assert_eq!(header.correlation_id, self.correlation_id);
+        self.answered += 1;
+        assert_eq!(header.correlation_id, self.answered);
         R::Response::decode(&mut frame, version).unwrap()
     }
 }
@@ -244,6 +283,463 @@ async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
     assert_eq!((err, hw), (0, 1));
     assert!(!records.is_empty());
     assert!(waited < Duration::from_secs(5), "long poll took {waited:?}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn min_bytes_zero_answers_at_once_and_larger_min_bytes_waits_for_them() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut consumer = Client::connect(broker.addr).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "mb", 1).await;
+
+    // min_bytes 0: Kafka answers at once, even with nothing to return.
+    let started = Instant::now();
+    let (err, hw, records) = records_of(
+        &consumer
+            .call(fetch_request("mb", 0, 0, 10_000, 0), 12)
+            .await,
+    );
+    let waited = started.elapsed();
+    assert_eq!((err, hw), (0, 0));
+    assert!(records.is_empty());
+    assert!(
+        waited < Duration::from_secs(5),
+        "min_bytes 0 waited {waited:?}"
+    );
+
+    let first = build_simple_batch(1, &[&[1u8; 100]]);
+    let second = build_simple_batch(2, &[&[2u8; 100]]);
+    assert_eq!(
+        produce(&mut producer, "mb", 0, first.clone(), 1)
+            .await
+            .error_code,
+        0
+    );
+
+    // One batch is there but min_bytes asks for more: wait out max_wait, then
+    // answer with what there is.
+    let started = Instant::now();
+    let min_bytes = first.len() as i32 + 1;
+    let (_, _, records) = records_of(
+        &consumer
+            .call(fetch_request("mb", 0, 0, 400, min_bytes), 12)
+            .await,
+    );
+    let waited = started.elapsed();
+    assert_eq!(records.len(), first.len());
+    assert!(
+        waited >= Duration::from_millis(390),
+        "answered after {waited:?} with fewer than min_bytes"
+    );
+
+    // min_bytes reached by a second batch: answered then, with both, well before
+    // max_wait.
+    let both = first.len() + second.len();
+    let fetch = tokio::spawn(async move {
+        let started = Instant::now();
+        let response = consumer
+            .call(fetch_request("mb", 0, 0, 20_000, both as i32), 12)
+            .await;
+        (started.elapsed(), records_of(&response))
+    });
+    let r = produce(&mut producer, "mb", 0, second, 1).await;
+    assert_eq!(r.error_code, 0);
+    let (waited, (err, hw, records)) = fetch.await.unwrap();
+    assert_eq!((err, hw), (0, 2));
+    assert_eq!(records.len(), both);
+    assert!(waited < Duration::from_secs(10), "took {waited:?}");
+    broker.stop().await;
+}
+
+/// Fills partition 0 of `topic` with `batches` batches of one 1 MB record each.
+async fn fill_megabytes(client: &mut Client, topic: &str, batches: u8) -> usize {
+    let mut bytes = 0;
+    for i in 0..batches {
+        let batch = build_simple_batch(i as i64, &[&vec![i; 1_000_000]]);
+        bytes += batch.len();
+        let r = produce(client, topic, 0, batch, 1).await;
+        assert_eq!(r.error_code, 0);
+    }
+    bytes
+}
+
+/// A fetch of everything from offset 0, up to 16 MiB.
+fn fetch_all(topic: &str) -> FetchRequest {
+    let mut request = fetch_request(topic, 0, 0, 0, 1).with_max_bytes(16 << 20);
+    request.topics[0].partitions[0].partition_max_bytes = 16 << 20;
+    request
+}
+
+#[tokio::test]
+async fn fetch_memory_is_held_until_answers_are_written() {
+    const BUDGET: usize = 8 << 20;
+    let config = BrokerConfig {
+        fetch_memory_bytes: BUDGET,
+        fetch_max_bytes: BUDGET,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "mem", 1).await;
+    // 6 MB per answer: more than the kernel's largest send buffer (4 MiB), so an
+    // answer to a peer that is not reading stays in the broker; two do not fit the
+    // budget together.
+    let stored = fill_megabytes(&mut producer, "mem", 6).await;
+
+    const CLIENTS: usize = 4;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut client = Client::connect_slow_reader(broker.addr).await;
+        client.send(fetch_all("mem"), 12).await;
+        clients.push(client);
+    }
+    // Nobody reads yet: one answer is out (stuck in its socket), the others wait
+    // for fetch memory instead of being loaded alongside it.
+    let b = broker.broker.clone();
+    wait_until(
+        "one fetch answer is sent and the others wait for memory",
+        || b.fetch_answer_bytes.value() > 0 && b.fetch_memory_waiting.value() == CLIENTS - 1,
+    )
+    .await;
+    assert!(
+        b.fetch_answer_bytes.max() <= BUDGET,
+        "{} bytes held",
+        b.fetch_answer_bytes.max()
+    );
+
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move { records_of(&client.receive::<FetchRequest>(12).await) })
+        })
+        .collect();
+    for reader in readers {
+        let (err, hw, records) = reader.await.unwrap();
+        assert_eq!((err, hw, records.len()), (0, 6, stored));
+    }
+    wait_until("every answer's memory is given back", || {
+        b.fetch_answer_bytes.value() == 0
+    })
+    .await;
+    assert_eq!(b.fetch_memory.available_permits(), BUDGET);
+    assert!(
+        b.fetch_answer_bytes.max() <= BUDGET,
+        "fetch answers held {} bytes at once, budget {BUDGET}",
+        b.fetch_answer_bytes.max()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_fetches_on_one_connection_cannot_deadlock_on_fetch_memory() {
+    const BUDGET: usize = 8 << 20;
+    let config = BrokerConfig {
+        fetch_memory_bytes: BUDGET,
+        fetch_max_bytes: BUDGET,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "ready", 1).await;
+    create_topic(&mut producer, "later", 1).await;
+    let ready_bytes = fill_megabytes(&mut producer, "ready", 6).await;
+
+    // First a long poll that will need 6 MB, then a fetch that could take 6 MB at
+    // once; its answer must go out after the first one's.
+    let mut client = Client::connect(broker.addr).await;
+    let mut long_poll = fetch_all("later");
+    long_poll.max_wait_ms = 20_000;
+    long_poll.min_bytes = ready_bytes as i32; // all 6 MB, once they are there
+    client.send(long_poll, 12).await;
+    client.send(fetch_all("ready"), 12).await;
+    let b = broker.broker.clone();
+    // Either the second fetch took its memory ahead of the first (the deadlock to
+    // avoid), or it waits for its turn.
+    wait_until("the second fetch is taken up", || {
+        b.fetch_memory.available_permits() < BUDGET || b.fetch_waiting_turn.value() == 1
+    })
+    .await;
+    let later_bytes = fill_megabytes(&mut producer, "later", 6).await;
+    let answers = tokio::time::timeout(Duration::from_secs(20), async {
+        let first = records_of(&client.receive::<FetchRequest>(12).await);
+        let second = records_of(&client.receive::<FetchRequest>(12).await);
+        (first, second)
+    })
+    .await
+    .expect("pipelined fetches deadlocked on fetch memory");
+    let ((err1, hw1, first), (err2, hw2, second)) = answers;
+    assert_eq!((err1, hw1, first.len()), (0, 6, later_bytes));
+    assert_eq!((err2, hw2, second.len()), (0, 6, ready_bytes));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_ever_on_a_peer_that_stopped_reading() {
+    let config = BrokerConfig {
+        shutdown_timeout_ms: 300,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut producer = Client::connect(broker.addr).await;
+    create_topic(&mut producer, "stuck", 1).await;
+    fill_megabytes(&mut producer, "stuck", 6).await;
+    let mut stuck = Client::connect_slow_reader(broker.addr).await;
+    stuck.send(fetch_all("stuck"), 12).await;
+    let b = broker.broker.clone();
+    wait_until("the answer is being written", || {
+        b.fetch_answer_bytes.value() > 0
+    })
+    .await;
+
+    let started = Instant::now();
+    let dir = tokio::time::timeout(Duration::from_secs(20), broker.stop())
+        .await
+        .expect("shutdown hung on a peer that does not read");
+    assert!(started.elapsed() >= Duration::from_millis(290));
+    drop((stuck, b));
+    // The stop still flushed: everything is there after a restart.
+    let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    let (err, hw, _) = records_of(&client.call(fetch_request("stuck", 0, 0, 0, 0), 12).await);
+    assert_eq!((err, hw), (0, 6));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_busy_ones_are_not() {
+    let config = BrokerConfig {
+        connections_max_idle_ms: 300,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let closed_within = |mut client: Client| async move {
+        let started = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(20), client.read_frame()).await;
+        assert!(read.expect("connection left open").is_none());
+        started.elapsed()
+    };
+
+    // Sends nothing at all.
+    let silent = Client::connect(broker.addr).await;
+    assert!(closed_within(silent).await >= Duration::from_millis(250));
+
+    // Stops in the middle of a frame: the size says 100 bytes, 10 come.
+    let mut half = Client::connect(broker.addr).await;
+    half.stream.write_all(&100i32.to_be_bytes()).await.unwrap();
+    half.stream.write_all(&[0u8; 10]).await.unwrap();
+    closed_within(half).await;
+
+    // Trickles a frame byte by byte, slower than requests but faster than the idle
+    // time: the bytes alone do not keep the connection open.
+    let mut trickle = Client::connect(broker.addr).await;
+    let started = Instant::now();
+    let mut closed = false;
+    for _ in 0..100 {
+        if trickle.stream.write_all(&[0u8]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(100), trickle.stream.read(&mut byte)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("an answer to a frame never finished"),
+            Err(_) => {} // still open, nothing to read: go on trickling
+        }
+    }
+    assert!(
+        closed,
+        "a trickling peer kept its connection for {:?}",
+        started.elapsed()
+    );
+
+    // A long poll longer than the idle time is waiting for us, not idle: it is
+    // answered, and the connection serves the next request.
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "idle", 1).await;
+    let started = Instant::now();
+    let (err, _, records) =
+        records_of(&client.call(fetch_request("idle", 0, 0, 1_000, 1), 12).await);
+    assert_eq!(err, 0);
+    assert!(records.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(990));
+    client.call(ApiVersionsRequest::default(), 0).await;
+    broker.stop().await;
+}
+
+fn creatable(name: &str, partitions: i32) -> CreatableTopic {
+    CreatableTopic::default()
+        .with_name(topic_name(name))
+        .with_num_partitions(partitions)
+        .with_replication_factor(1)
+}
+
+async fn create_topics(
+    client: &mut Client,
+    topics: Vec<CreatableTopic>,
+    validate_only: bool,
+) -> Vec<(i16, String)> {
+    let request = CreateTopicsRequest::default()
+        .with_topics(topics)
+        .with_validate_only(validate_only);
+    let response = client.call(request, 7).await;
+    response
+        .topics
+        .iter()
+        .map(|t| {
+            let message = t.error_message.as_deref().unwrap_or_default().to_string();
+            (t.error_code, message)
+        })
+        .collect()
+}
+
+async fn create_partitions(client: &mut Client, topic: &str, count: i32) -> (i16, String) {
+    use protocol::kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+    let request = CreatePartitionsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(topic_name(topic))
+            .with_count(count)
+            .with_assignments(None)]);
+    let response = client.call(request, 3).await;
+    let r = &response.results[0];
+    let message = r.error_message.as_deref().unwrap_or_default().to_string();
+    (r.error_code, message)
+}
+
+fn topic_names(metadata: &MetadataResponse) -> Vec<String> {
+    let mut names: Vec<String> = metadata
+        .topics
+        .iter()
+        .filter(|t| t.error_code == 0)
+        .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn requests_for_too_many_partitions_are_refused_as_kafka_refuses_them() {
+    let policy = ResponseError::PolicyViolation.code();
+    let excessive = "Excessively large number of partitions per request.".to_string();
+    // Kafka's limit: 10,000 partitions in one request, counted over all its topics.
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut client = Client::connect(broker.addr).await;
+    let topics = vec![
+        creatable("a", 5_000),
+        creatable("b", 5_000),
+        creatable("c", 1),
+    ];
+    assert_eq!(
+        create_topics(&mut client, topics, false).await,
+        vec![(policy, excessive.clone()); 3],
+        "the whole request is refused"
+    );
+    let answer = create_topics(&mut client, vec![creatable("huge", i32::MAX)], true).await;
+    assert_eq!(answer, vec![(policy, excessive.clone())]);
+    let metadata = client
+        .call(MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert!(topic_names(&metadata).is_empty(), "nothing was created");
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("a", 3)], false).await[0].0,
+        0
+    );
+    let (err, message) = create_partitions(&mut client, "a", 10_004).await;
+    assert_eq!((err, message), (policy, excessive));
+    assert_eq!(create_partitions(&mut client, "a", 5).await.0, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn the_broker_hosts_at_most_max_partitions() {
+    let config = BrokerConfig {
+        max_partitions: 10,
+        ..BrokerConfig::default()
+    };
+    let policy = ResponseError::PolicyViolation.code();
+    let broker = TestBroker::start(config).await;
+    let mut client = Client::connect(broker.addr).await;
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("a", 8)], false).await[0].0,
+        0
+    );
+    for validate_only in [true, false] {
+        let (err, message) = create_topics(&mut client, vec![creatable("b", 3)], validate_only)
+            .await
+            .remove(0);
+        assert_eq!(err, policy, "validate_only {validate_only}: {message}");
+        assert!(message.contains("max_partitions"), "{message}");
+    }
+    assert_eq!(create_partitions(&mut client, "a", 11).await.0, policy);
+    // Up to the limit is fine.
+    assert_eq!(create_partitions(&mut client, "a", 10).await.0, 0);
+    // Automatic creation counts too: the topic is simply not there.
+    let auto = MetadataRequest::default()
+        .with_topics(Some(vec![metadata_request::MetadataRequestTopic::default(
+        )
+        .with_name(Some(topic_name("auto")))]))
+        .with_allow_auto_topic_creation(true);
+    let metadata = client.call(auto, 12).await;
+    assert_eq!(
+        metadata.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    let metadata = client
+        .call(MetadataRequest::default().with_topics(None), 12)
+        .await;
+    assert_eq!(topic_names(&metadata), vec!["a"]);
+    assert_eq!(metadata.topics[0].partitions.len(), 10);
+    assert_eq!(
+        create_topics(&mut client, vec![creatable("c", 1)], false).await[0].0,
+        policy
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_acks_all_producers_share_fsyncs() {
+    let config = BrokerConfig {
+        flush_interval_ms: 0, // only acks=all produces fsync
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let mut admin = Client::connect(broker.addr).await;
+    create_topic(&mut admin, "gc", 1).await;
+    const PRODUCERS: usize = 8;
+    const EACH: usize = 30;
+    let syncs_before = broker.broker.flusher.sync_count();
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let addr = broker.addr;
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for i in 0..EACH {
+                    let value = format!("{p}-{i}");
+                    let batch = build_simple_batch(i as i64, &[value.as_bytes()]);
+                    let r = produce(&mut client, "gc", 0, batch, -1).await;
+                    assert_eq!(r.error_code, 0);
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let syncs = broker.broker.flusher.sync_count() - syncs_before;
+    let requests = (PRODUCERS * EACH) as u64;
+    eprintln!("{syncs} fsyncs for {requests} acks=all produce requests");
+    assert!(syncs >= 1);
+    assert!(
+        syncs * 2 <= requests,
+        "{syncs} fsyncs for {requests} acks=all produce requests: not shared"
+    );
+    let (_, hw, _) = records_of(&admin.call(fetch_request("gc", 0, 0, 0, 0), 12).await);
+    assert_eq!(hw, requests as i64);
     broker.stop().await;
 }
 
@@ -419,7 +915,9 @@ async fn data_and_topics_survive_a_restart() {
 }
 
 fn idempotent_batch(producer_id: i64, sequence: i32, values: &[&[u8]]) -> Vec<u8> {
-    let mut batch = build_simple_batch(1, values);
+    // A current timestamp: producer-id expiry measures idleness from it.
+    let now_ms = SystemClock.now_ms();
+    let mut batch = build_simple_batch(now_ms, values);
     protocol::record_batch::set_producer(&mut batch, producer_id, 0, sequence);
     batch
 }

@@ -423,3 +423,106 @@ fn unknown_groups_and_cluster_errors() {
     assert_eq!(fresh.group["State"], "Empty", "{fresh:?}");
     assert_eq!(fresh.offsets.len(), 1, "{fresh:?}");
 }
+
+/// Partitions a member is assigned but has not committed are shown, as
+/// kafka-consumer-groups shows them: "-" for the committed offset and the lag.
+#[test]
+fn assigned_partitions_without_a_commit_are_shown_with_dashes() {
+    const TOPIC: &str = "uncommitted";
+    const GROUP: &str = "g-dash";
+    let broker = start_broker();
+    tool(&broker, &["topic", "create", TOPIC, "--partitions", "3"]).assert_success("topic create");
+    let out = run_tool(
+        &[
+            "produce",
+            TOPIC,
+            "--partition",
+            "1",
+            "--brokers",
+            &broker.address,
+        ],
+        b"a\nb\n",
+    );
+    out.assert_success("produce");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", GROUP)
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("create the group member");
+    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    wait_for("the member's assignment", CONDITION_TIMEOUT, || {
+        consumer.poll(std::time::Duration::from_millis(100));
+        let assigned = consumer.assignment().expect("assignment");
+        (assigned.count() == 3).then_some(())
+    });
+    let lines = |described: &Described| -> Vec<(String, String, String, String)> {
+        described
+            .offsets
+            .iter()
+            .filter(|line| line["Topic"] == TOPIC)
+            .map(|line| {
+                (
+                    line["Partition"].clone(),
+                    line["Committed"].clone(),
+                    line["LogEnd"].clone(),
+                    line["Lag"].clone(),
+                )
+            })
+            .collect()
+    };
+    let row = |p: &str, committed: &str, end: &str, lag: &str| {
+        (
+            p.to_owned(),
+            committed.to_owned(),
+            end.to_owned(),
+            lag.to_owned(),
+        )
+    };
+    let described = wait_for(
+        "g-dash Stable with its assignment",
+        CONDITION_TIMEOUT,
+        || {
+            let described = describe(&broker, GROUP);
+            (described.group["State"] == "Stable" && described.members.len() == 1)
+                .then_some(described)
+        },
+    );
+    assert_eq!(described.members[0]["Assignment"], "uncommitted:0,1,2");
+    assert_eq!(
+        lines(&described),
+        vec![
+            row("0", "-", "0", "-"),
+            row("1", "-", "2", "-"),
+            row("2", "-", "0", "-")
+        ],
+        "{described:?}"
+    );
+
+    let mut commit = TopicPartitionList::new();
+    commit
+        .add_partition(TOPIC, 1)
+        .set_offset(Offset::Offset(1))
+        .expect("set offset");
+    consumer
+        .commit(&commit, CommitMode::Sync)
+        .expect("the member's commit");
+    assert_eq!(
+        lines(&describe(&broker, GROUP)),
+        vec![
+            row("0", "-", "0", "-"),
+            row("1", "1", "2", "1"),
+            row("2", "-", "0", "-")
+        ]
+    );
+
+    // Once the member has left, only the committed partition is left to show.
+    drop(consumer);
+    let empty = wait_for("g-dash to become Empty", CONDITION_TIMEOUT, || {
+        let described = describe(&broker, GROUP);
+        (described.group["State"] == "Empty").then_some(described)
+    });
+    assert_eq!(lines(&empty), vec![row("1", "1", "2", "1")]);
+}

@@ -504,3 +504,324 @@ fn produce_reports_failure_with_one_line() {
     );
     assert!(lines[0].contains("_UNKNOWN_PARTITION"), "{:?}", lines[0]);
 }
+
+#[test]
+fn produce_with_acks_0_delivers() {
+    let broker = Broker::start();
+    tool(
+        &broker,
+        &["topic", "create", "fire-and-forget", "--partitions", "1"],
+        b"",
+    )
+    .assert_success("create");
+    let input: String = (0..300)
+        .map(|i| format!("k{i}|acks-0 value {i}\n"))
+        .collect();
+    let produced = tool(
+        &broker,
+        &[
+            "produce",
+            "fire-and-forget",
+            "--acks",
+            "0",
+            "--key-separator",
+            "|",
+        ],
+        input.as_bytes(),
+    );
+    produced.assert_success("produce --acks 0");
+    assert_eq!(produced.stdout_text(), "");
+    // Nothing acknowledges acks=0 records: wait until the broker has stored them all.
+    let consumed = tool(
+        &broker,
+        &[
+            "consume",
+            "fire-and-forget",
+            "--from-beginning",
+            "-n",
+            "300",
+            "--timeout-ms",
+            "20000",
+            "--format",
+            "%o %k|%v\\n",
+        ],
+        b"",
+    );
+    consumed.assert_success("consume the acks=0 records");
+    let want: String = (0..300)
+        .map(|i| format!("{i} k{i}|acks-0 value {i}\n"))
+        .collect();
+    assert_eq!(consumed.stdout_text(), want, "every record, once, in order");
+}
+
+#[test]
+fn produce_refused_by_the_cluster_prints_one_line_with_the_kafka_error() {
+    let broker = Broker::start();
+    tool(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "small-records",
+            "--partitions",
+            "1",
+            "--config",
+            "max.message.bytes=1000",
+        ],
+        b"",
+    )
+    .assert_success("create with max.message.bytes");
+    // Far below librdkafka's own message.max.bytes, so only the broker can refuse it.
+    let big = format!("{}\n", "x".repeat(5000));
+    let refused = tool(&broker, &["produce", "small-records"], big.as_bytes());
+    assert!(
+        !refused.status.success(),
+        "a record above the topic's max.message.bytes must fail: {refused:?}"
+    );
+    assert_eq!(refused.stdout_text(), "");
+    let lines: Vec<&str> = refused.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line: {:?}", refused.stderr);
+    assert!(
+        lines[0].starts_with(
+            "freshet: produce failed: 1 of 1 records not delivered, first: MESSAGE_TOO_LARGE: "
+        ),
+        "{:?}",
+        lines[0]
+    );
+    assert!(lines[0].contains("(line 1)"), "{:?}", lines[0]);
+
+    // Nothing was stored, and a record within the limit still goes through.
+    tool(&broker, &["produce", "small-records"], b"fits\n").assert_success("small produce");
+    let consumed = tool(
+        &broker,
+        &[
+            "consume",
+            "small-records",
+            "--from-beginning",
+            "-e",
+            "--format",
+            "%o:%v\\n",
+        ],
+        b"",
+    );
+    consumed.assert_success("consume");
+    assert_eq!(consumed.stdout_text(), "0:fits\n");
+}
+
+/// A record to produce with everything `--format` can show set to a known value.
+struct Known {
+    partition: i32,
+    key: Option<&'static str>,
+    value: &'static str,
+    timestamp_ms: i64,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+/// Produces `records` in order through librdkafka, each with its create time, and
+/// fails the test unless every one is acknowledged.
+fn produce_known(broker: &Broker, topic: &str, records: &[Known]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Acks {
+        delivered: AtomicUsize,
+    }
+    impl rdkafka::ClientContext for Acks {}
+    impl ProducerContext for Acks {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if let Err((err, _)) = result {
+                panic!("record not delivered: {err}");
+            }
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    let producer: BaseProducer<Acks> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("acks", "all")
+        // One in flight at a time: the records land in the order given.
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("message.timeout.ms", "30000")
+        .create_with_context(Acks::default())
+        .expect("create producer");
+    for record in records {
+        let mut base = BaseRecord::to(topic)
+            .partition(record.partition)
+            .payload(record.value)
+            .timestamp(record.timestamp_ms);
+        if let Some(key) = record.key {
+            base = base.key(key);
+        }
+        if !record.headers.is_empty() {
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in record.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(*value),
+                });
+            }
+            base = base.headers(headers);
+        }
+        producer
+            .send(base)
+            .map_err(|(err, _)| err)
+            .expect("enqueue record");
+        producer.poll(std::time::Duration::ZERO);
+    }
+    producer
+        .flush(std::time::Duration::from_secs(60))
+        .expect("flush");
+    assert_eq!(
+        producer.context().delivered.load(Ordering::Relaxed),
+        records.len(),
+        "every record acknowledged"
+    );
+}
+
+#[test]
+fn consume_from_an_offset_with_every_format_field() {
+    let broker = Broker::start();
+    tool(
+        &broker,
+        &["topic", "create", "known", "--partitions", "2"],
+        b"",
+    )
+    .assert_success("create");
+    let t0 = 1_600_000_000_000i64;
+    let records: Vec<Known> = (0..4)
+        .flat_map(|i| {
+            [
+                Known {
+                    partition: 0,
+                    key: Some(["a", "b", "c", "d"][i]),
+                    value: ["zero", "one", "two", "three"][i],
+                    timestamp_ms: t0 + i as i64,
+                    headers: [
+                        &[("h", "1")][..],
+                        &[][..],
+                        &[("x", "y"), ("h", "2")][..],
+                        &[("h", "")][..],
+                    ][i],
+                },
+                Known {
+                    partition: 1,
+                    key: [None, Some("k1"), Some(""), Some("k3")][i],
+                    value: ["p1-0", "p1-1", "p1-2", "p1-3"][i],
+                    timestamp_ms: t0 + 1000 + i as i64,
+                    headers: &[("p", "1")],
+                },
+            ]
+        })
+        .collect();
+    produce_known(&broker, "known", &records);
+
+    let format = "%p/%o@%t %k=%v [%h] 100%%\\n";
+    let partition0 = tool(
+        &broker,
+        &[
+            "consume",
+            "known",
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+            "--exit",
+            "--format",
+            format,
+        ],
+        b"",
+    );
+    partition0.assert_success("consume --partition 0 --offset 1");
+    assert_eq!(
+        partition0.stdout_text(),
+        "0/1@1600000000001 b=one [] 100%\n\
+         0/2@1600000000002 c=two [x=y,h=2] 100%\n\
+         0/3@1600000000003 d=three [h=] 100%\n"
+    );
+
+    // --offset N applies to every partition; their records interleave in any order.
+    let both = tool(
+        &broker,
+        &[
+            "consume", "known", "--offset", "2", "-n", "4", "--format", format,
+        ],
+        b"",
+    );
+    both.assert_success("consume --offset 2 -n 4");
+    let mut lines: Vec<String> = both.stdout_text().lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "0/2@1600000000002 c=two [x=y,h=2] 100%",
+            "0/3@1600000000003 d=three [h=] 100%",
+            "1/2@1600000001002 =p1-2 [p=1] 100%",
+            "1/3@1600000001003 k3=p1-3 [p=1] 100%",
+        ]
+    );
+
+    // A negative offset counts back from the end of each partition.
+    let tail = tool(
+        &broker,
+        &[
+            "consume",
+            "known",
+            "--partition",
+            "1",
+            "--offset",
+            "-2",
+            "--exit",
+            "--format",
+            format,
+        ],
+        b"",
+    );
+    tail.assert_success("consume --offset -2");
+    assert_eq!(
+        tail.stdout_text(),
+        "1/2@1600000001002 =p1-2 [p=1] 100%\n1/3@1600000001003 k3=p1-3 [p=1] 100%\n"
+    );
+
+    // An offset past the end is the user's mistake: one line, non-zero exit.
+    let beyond = tool(
+        &broker,
+        &[
+            "consume",
+            "known",
+            "--partition",
+            "0",
+            "--offset",
+            "10",
+            "--exit",
+        ],
+        b"",
+    );
+    assert!(
+        !beyond.status.success(),
+        "--offset past the end must fail: {beyond:?}"
+    );
+    assert_eq!(beyond.stdout_text(), "");
+    assert_eq!(
+        beyond.stderr.lines().count(),
+        1,
+        "one error line: {:?}",
+        beyond.stderr
+    );
+    assert!(
+        beyond
+            .stderr
+            .starts_with("freshet: consume failed: OFFSET_OUT_OF_RANGE: "),
+        "names the Kafka error: {:?}",
+        beyond.stderr
+    );
+    assert!(
+        beyond
+            .stderr
+            .contains("--offset 10 is outside a partition's log"),
+        "{:?}",
+        beyond.stderr
+    );
+}

@@ -26,13 +26,15 @@
 //! - `retention`: deleting old segments by time and size.
 //! - `checkpoint`: the small checksummed files `log-start-offset` and `recovery-point`.
 //! - `scan`: positioned, chunked reads of batch headers from a segment file.
-//! - `records`: walking the records of an uncompressed batch (timestamp lookups only).
+//! - `records`: walking the records of a batch, decompressing it if need be
+//!   (timestamp lookups only; the stored bytes are never rewritten).
 //!
 //! Architecture invariants:
 //! - Batches are stored byte for byte as the producer sent them; only the base offset
 //!   and partition leader epoch (not covered by the CRC) are rewritten.
 //! - The storage crate never touches the network and never decodes records except to
-//!   answer a timestamp lookup.
+//!   answer a timestamp lookup (decompressing a copy of the batch, within a byte
+//!   limit, and never under the caller's lock when it uses `lookup_timestamp`).
 //! - Bytes after the recovery point are never trusted at open: they are CRC-checked
 //!   batch by batch and the log is cut at the first bad one.
 //! - `log_start_offset <= high_watermark <= log_end_offset`, and the last segment (the
@@ -52,7 +54,7 @@ mod retention;
 mod scan;
 mod segment;
 
-pub use log::{FlushHandle, PartitionLog, ReadSlice};
+pub use log::{BatchSearch, FlushHandle, PartitionLog, ReadSlice, TimestampLookup};
 
 /// Per-partition settings; the broker derives them from topic configs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,8 @@ use crate::checkpoint::{
     self, Durability, LOG_START_OFFSET_FILE, RECOVERY_POINT_FILE, TRUNCATE_TO_FILE,
 };
 use crate::fsutil::{io_error, sync_dir};
-use crate::segment::Segment;
+use crate::records::{first_record_at_or_after, RecordSearch};
+use crate::segment::{Segment, TimestampHit};
 use crate::{AppendInfo, LogConfig, RecoveryReport, Result, StorageError, TimestampOffset};
 
 // Slice lengths are bounded by a segment's size, itself bounded by u32 positions.
@@ -99,6 +100,93 @@ impl ReadSlice {
     }
 }
 
+/// What [`PartitionLog::lookup_timestamp`] learns from batch headers alone.
+#[derive(Debug)]
+pub enum TimestampLookup {
+    Found(TimestampOffset),
+    NotFound,
+    /// The answer is in this batch's records, or (if its header's max timestamp
+    /// promised more than its records hold) after it.
+    Search(BatchSearch),
+}
+
+/// A batch whose records hold the answer to a timestamp lookup. It is read from
+/// its segment file, CRC-checked again and walked (decompressed if need be)
+/// without the log: the file is append-only below the batch, as for
+/// [`ReadSlice`].
+#[derive(Debug)]
+pub struct BatchSearch {
+    file: Arc<File>,
+    path: PathBuf,
+    position: u64,
+    header: BatchHeader,
+    target_ms: i64,
+    min_offset: i64,
+}
+
+impl BatchSearch {
+    /// The first record at or above the lookup's offset with a timestamp at or
+    /// above its target, decompressing at most `max_decompressed_bytes`. `None`
+    /// when no record of the batch qualifies: look again from
+    /// [`Self::next_offset`]. A batch whose records cannot be walked (corrupt
+    /// inside a valid CRC, an unknown codec, over the byte limit) is answered as
+    /// well as its header allows: its first offset at or above the lookup's, with
+    /// its base timestamp when that reaches the target, else its max timestamp.
+    pub fn search(&self, max_decompressed_bytes: u64) -> Result<Option<TimestampOffset>> {
+        let header = &self.header;
+        let mut batch = vec![0u8; header.total_bytes()];
+        std::os::unix::fs::FileExt::read_exact_at(self.file.as_ref(), &mut batch, self.position)
+            .map_err(io_error(&self.path))?;
+        // Read without the lock: make sure it is still the batch we located.
+        match record_batch::validate(&batch) {
+            Ok(read) if read.base_offset == header.base_offset && read.crc == header.crc => {}
+            _ => {
+                return Err(StorageError::corrupt(
+                    &self.path,
+                    format!(
+                        "batch at position {} changed during a timestamp lookup",
+                        self.position
+                    ),
+                ))
+            }
+        }
+        let found = match first_record_at_or_after(
+            &batch,
+            header,
+            self.min_offset,
+            self.target_ms,
+            max_decompressed_bytes,
+        ) {
+            RecordSearch::Found {
+                offset,
+                timestamp_ms,
+            } => TimestampOffset {
+                offset,
+                timestamp: timestamp_ms,
+            },
+            RecordSearch::NoneInBatch => return Ok(None),
+            RecordSearch::Unreadable(why) => {
+                tracing::warn!(path = %self.path.display(), base_offset = header.base_offset, why,
+                    "timestamp lookup cannot walk a batch's records; answering its first offset");
+                TimestampOffset {
+                    offset: header.base_offset.max(self.min_offset),
+                    timestamp: if header.base_timestamp >= self.target_ms {
+                        header.base_timestamp
+                    } else {
+                        header.max_timestamp
+                    },
+                }
+            }
+        };
+        Ok(Some(found))
+    }
+
+    /// Where to look next when [`Self::search`] found nothing in this batch.
+    pub fn next_offset(&self) -> i64 {
+        self.header.last_offset() + 1
+    }
+}
+
 /// Files to fsync to make the log durable up to `up_to_offset` (exclusive).
 #[derive(Debug, Clone)]
 pub struct FlushHandle {
@@ -131,6 +219,11 @@ pub struct PartitionLog {
     pub(crate) log_start_offset: i64,
     pub(crate) high_watermark: i64,
     pub(crate) recovery_point: i64,
+    /// What the `recovery-point` file says: at most `recovery_point`. It is written
+    /// by [`PartitionLog::write_recovery_point`], which the caller runs off the
+    /// latency path and not after every fsync (a lagging file only makes the next
+    /// open validate a little more).
+    pub(crate) recovery_point_on_disk: i64,
     /// Lowest offset truncated to since the last `mark_flushed`: a flush handle
     /// taken before the truncation synced files whose bytes at and above it have
     /// since been replaced, so it cannot vouch for them.
@@ -417,6 +510,7 @@ impl PartitionLog {
                 Durability::Durable,
             )?;
             self.recovery_point = new_end;
+            self.recovery_point_on_disk = new_end;
         }
         self.truncated_since_mark = Some(
             self.truncated_since_mark
@@ -459,24 +553,55 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// The earliest offset whose record timestamp is `>= timestamp` (ListOffsets),
-    /// at or above the log start; `None` when no record is that new.
-    ///
-    /// Exact for uncompressed batches (the records are walked). For a compressed
-    /// batch, or one whose records do not parse, the answer is approximate: the
-    /// batch's first offset (at or above the log start) with its base timestamp
-    /// when that is `>= timestamp`, else with the batch's max timestamp. Offsets
-    /// above the high watermark may be returned; the caller filters by isolation.
-    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<TimestampOffset>> {
+    /// The earliest offset at or above `from_offset` (and the log start) whose
+    /// record timestamp is `>= timestamp`, as far as batch headers tell: found, not
+    /// there, or a batch whose records must be walked ([`BatchSearch`]), which the
+    /// caller does after releasing whatever lock guards this log.
+    pub fn lookup_timestamp(&self, timestamp: i64, from_offset: i64) -> Result<TimestampLookup> {
+        let min_offset = from_offset.max(self.log_start_offset);
         for segment in self.segments.values() {
-            if segment.next_offset() <= self.log_start_offset {
+            if segment.next_offset() <= min_offset {
                 continue;
             }
-            if let Some(found) = segment.find_timestamp(timestamp, self.log_start_offset)? {
-                return Ok(Some(found));
+            match segment.find_timestamp(timestamp, min_offset)? {
+                None => continue,
+                Some(TimestampHit::Exact(found)) => return Ok(TimestampLookup::Found(found)),
+                Some(TimestampHit::Batch { position, header }) => {
+                    return Ok(TimestampLookup::Search(BatchSearch {
+                        file: Arc::clone(segment.log_file()),
+                        path: segment.log_path().to_path_buf(),
+                        position,
+                        header,
+                        target_ms: timestamp,
+                        min_offset,
+                    }))
+                }
             }
         }
-        Ok(None)
+        Ok(TimestampLookup::NotFound)
+    }
+
+    /// The earliest offset whose record timestamp is `>= timestamp` (ListOffsets),
+    /// at or above the log start; `None` when no record is that new. Exact for
+    /// every codec (see [`BatchSearch::search`]). Offsets above the high watermark
+    /// may be returned; the caller filters by isolation. For a log behind a lock,
+    /// [`Self::lookup_timestamp`] lets the records be walked outside it.
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp: i64,
+        max_decompressed_bytes: u64,
+    ) -> Result<Option<TimestampOffset>> {
+        let mut from_offset = self.log_start_offset;
+        loop {
+            match self.lookup_timestamp(timestamp, from_offset)? {
+                TimestampLookup::Found(found) => return Ok(Some(found)),
+                TimestampLookup::NotFound => return Ok(None),
+                TimestampLookup::Search(batch) => match batch.search(max_decompressed_bytes)? {
+                    Some(found) => return Ok(Some(found)),
+                    None => from_offset = batch.next_offset(),
+                },
+            }
+        }
     }
 
     /// What to fsync to make everything appended so far durable.
@@ -509,35 +634,45 @@ impl PartitionLog {
     }
 
     /// Records that a [`FlushHandle`] up to `up_to_offset` was synced: raises the
-    /// recovery point and writes it to `recovery-point`. That write needs no fsync:
-    /// it names only data already synced, and a lost or torn file just makes the
-    /// next open validate more. One flush at a time per log.
-    pub fn mark_flushed(&mut self, up_to_offset: i64) -> Result<()> {
+    /// recovery point (in memory; [`PartitionLog::write_recovery_point`] writes it
+    /// down). One flush at a time per log.
+    pub fn mark_flushed(&mut self, up_to_offset: i64) {
         let mut up_to_offset = up_to_offset.min(self.log_end_offset());
         if let Some(truncated) = self.truncated_since_mark.take() {
             up_to_offset = up_to_offset.min(truncated);
         }
-        if up_to_offset <= self.recovery_point {
+        if up_to_offset > self.recovery_point {
+            self.recovery_point = up_to_offset;
+        }
+    }
+
+    /// Writes the recovery point to `recovery-point` if it moved since the last
+    /// write. No fsync: it names only data already synced, and a lost or torn file
+    /// just makes the next open validate more.
+    pub fn write_recovery_point(&mut self) -> Result<()> {
+        if self.recovery_point <= self.recovery_point_on_disk {
             return Ok(());
         }
         checkpoint::write(
             &self.dir,
             &self.dir_handle,
             RECOVERY_POINT_FILE,
-            up_to_offset,
+            self.recovery_point,
             Durability::Lazy,
         )?;
-        self.recovery_point = up_to_offset;
+        self.recovery_point_on_disk = self.recovery_point;
         Ok(())
     }
 
-    /// `flush_handle`, `sync` and `mark_flushed` in one go, under the caller's lock.
+    /// `flush_handle`, `sync`, `mark_flushed` and `write_recovery_point` in one go,
+    /// under the caller's lock.
     pub fn flush(&mut self) -> Result<()> {
         let handle = self.flush_handle();
         handle.sync().map_err(io_error(&self.dir))?;
         // The handle was taken after any truncation, so it vouches for everything.
         self.truncated_since_mark = None;
-        self.mark_flushed(handle.up_to_offset)
+        self.mark_flushed(handle.up_to_offset);
+        self.write_recovery_point()
     }
 
     pub fn config(&self) -> &LogConfig {

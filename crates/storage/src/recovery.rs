@@ -123,6 +123,7 @@ pub(crate) fn open(
         log_start_offset: log_start.min(log_end),
         high_watermark: log_end,
         recovery_point: recovery_point_checkpoint.map_or(first_base, |rp| rp.min(log_end)),
+        recovery_point_on_disk: recovery_point_checkpoint.map_or(i64::MIN, |rp| rp.min(log_end)),
         truncated_since_mark: None,
     };
     if log_start > log_end {
@@ -148,6 +149,7 @@ pub(crate) fn open(
             log.recovery_point,
             Durability::Lazy,
         )?;
+        log.recovery_point_on_disk = log.recovery_point;
     }
     debug_assert!(
         log.log_start_offset <= log.high_watermark && log.high_watermark <= log.log_end_offset()

@@ -17,7 +17,6 @@ use crate::index::{
     check_offset_index, check_time_index, floor_offset_entry, last_time_entry_below, IndexFile,
     Loaded, OffsetEntry, TimeEntry,
 };
-use crate::records::{first_record_at_or_after, RecordSearch};
 use crate::scan::{SegmentReader, Step, BATCH_CHUNK_BYTES, HEADER_CHUNK_BYTES};
 use crate::{Result, StorageError, TimestampOffset};
 
@@ -47,6 +46,15 @@ pub(crate) struct Segment {
     file_may_exceed_size: bool,
     offset_index: IndexFile<OffsetEntry>,
     time_index: IndexFile<TimeEntry>,
+}
+
+/// What a segment's batch headers say about a timestamp lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimestampHit {
+    /// Known from the header alone.
+    Exact(TimestampOffset),
+    /// The first batch that may hold the answer: its records must be walked.
+    Batch { position: u64, header: BatchHeader },
 }
 
 /// How a walk over a segment's batches ended.
@@ -571,17 +579,11 @@ impl Segment {
         })
     }
 
-    /// The first record at or above `min_offset` with a timestamp `>= target_ms`.
-    /// Uncompressed batches are walked record by record; for compressed (or
-    /// malformed) batches the answer is the batch's first offset at or above
-    /// `min_offset`, with its base timestamp when that reaches the target and its
-    /// max timestamp otherwise. Log-append-time batches give every record the
-    /// batch's max timestamp.
-    pub fn find_timestamp(
-        &self,
-        target_ms: i64,
-        min_offset: i64,
-    ) -> Result<Option<TimestampOffset>> {
+    /// Where the first record at or above `min_offset` with a timestamp
+    /// `>= target_ms` is: the first batch reaching both, from its header alone
+    /// (batch headers are read, records are not). Log-append-time batches give
+    /// every record the batch's max timestamp, so they answer exactly.
+    pub fn find_timestamp(&self, target_ms: i64, min_offset: i64) -> Result<Option<TimestampHit>> {
         if self.max_timestamp_ms.is_none_or(|max| max < target_ms) {
             return Ok(None);
         }
@@ -603,48 +605,21 @@ impl Segment {
             start = from_min_offset;
         }
         let mut found = None;
-        self.find_batch(start, |reader, position, header| {
+        self.find_batch(start, |_, position, header| {
             if header.last_offset() < min_offset || header.max_timestamp < target_ms {
                 return Ok(false);
             }
-            let first_offset = header.base_offset.max(min_offset);
-            if header.is_log_append_time() {
-                found = Some(TimestampOffset {
-                    offset: first_offset,
+            found = Some(if header.is_log_append_time() {
+                // Every record carries the batch's (append) time.
+                TimestampHit::Exact(TimestampOffset {
+                    offset: header.base_offset.max(min_offset),
                     timestamp: header.max_timestamp,
-                });
-                return Ok(true);
-            }
-            if header.compression() == 0 {
-                match first_record_at_or_after(
-                    reader.batch_at(position, header)?,
-                    header,
-                    min_offset,
-                    target_ms,
-                ) {
-                    RecordSearch::Found {
-                        offset,
-                        timestamp_ms,
-                    } => {
-                        found = Some(TimestampOffset {
-                            offset,
-                            timestamp: timestamp_ms,
-                        });
-                        return Ok(true);
-                    }
-                    // The header's max timestamp promised more than the records hold.
-                    RecordSearch::NoneInBatch => return Ok(false),
-                    RecordSearch::Malformed => {}
-                }
-            }
-            let timestamp = if header.base_timestamp >= target_ms {
-                header.base_timestamp
+                })
             } else {
-                header.max_timestamp
-            };
-            found = Some(TimestampOffset {
-                offset: first_offset,
-                timestamp,
+                TimestampHit::Batch {
+                    position,
+                    header: *header,
+                }
             });
             Ok(true)
         })?;

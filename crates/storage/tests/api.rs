@@ -412,7 +412,7 @@ fn offset_for_timestamp_finds_exact_record() {
                 timestamp: flat[i],
             });
         assert_eq!(
-            log.offset_for_timestamp(target).unwrap(),
+            log.offset_for_timestamp(target, NO_LIMIT).unwrap(),
             expected,
             "target {target}"
         );
@@ -420,14 +420,14 @@ fn offset_for_timestamp_finds_exact_record() {
     log.set_high_watermark(log.log_end_offset());
     log.delete_records_before(4).unwrap();
     assert_eq!(
-        log.offset_for_timestamp(0).unwrap(),
+        log.offset_for_timestamp(0, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 4,
             timestamp: 40
         })
     );
     assert_eq!(
-        log.offset_for_timestamp(41).unwrap(),
+        log.offset_for_timestamp(41, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 7,
             timestamp: 50
@@ -436,7 +436,158 @@ fn offset_for_timestamp_finds_exact_record() {
 }
 
 #[test]
-fn offset_for_timestamp_approximates_compressed_batches() {
+fn offset_for_timestamp_is_exact_inside_compressed_batches() {
+    let timestamps: Vec<Vec<i64>> = vec![
+        vec![10, 30, 20],
+        vec![25, 40],
+        vec![35, 35, 50, 45],
+        vec![60],
+        vec![55, 70],
+        vec![72, 65, 71],
+    ];
+    let flat: Vec<i64> = timestamps.concat();
+    for codec in CODECS {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = open(tmp.path(), config(400, 1));
+        for (i, ts) in timestamps.iter().enumerate() {
+            // Mixed with uncompressed batches, as a producer switching codecs would.
+            let mut batch = if i % 3 == 1 {
+                batch_with_timestamps(ts[0], ts)
+            } else {
+                compressed_batch_with_timestamps(codec, ts[0], ts, b"some value")
+            };
+            log.append(&mut batch, 0, 0).unwrap();
+        }
+        assert!(log.segment_count() > 1);
+        let model = |from: usize, target: i64| {
+            (from..flat.len())
+                .find(|i| flat[*i] >= target)
+                .map(|i| TimestampOffset {
+                    offset: i as i64,
+                    timestamp: flat[i],
+                })
+        };
+        for target in 0..80 {
+            assert_eq!(
+                log.offset_for_timestamp(target, NO_LIMIT).unwrap(),
+                model(0, target),
+                "codec {codec}, target {target}"
+            );
+        }
+        // From inside a compressed batch: records below the log start never answer.
+        log.set_high_watermark(log.log_end_offset());
+        log.delete_records_before(1).unwrap();
+        for target in 0..80 {
+            assert_eq!(
+                log.offset_for_timestamp(target, NO_LIMIT).unwrap(),
+                model(1, target),
+                "codec {codec}, target {target}, log start 1"
+            );
+        }
+    }
+}
+
+#[test]
+fn raw_snappy_as_librdkafka_writes_it_is_walked_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    // librdkafka sends snappy without the Java framing: one raw block.
+    let records = records_with_timestamps(5, &[5, 9, 7], b"value");
+    let raw = snap::raw::Encoder::new().compress_vec(&records).unwrap();
+    log.append(&mut raw_batch(SNAPPY, 5, 9, 3, &raw), 0, 0)
+        .unwrap();
+    assert_eq!(
+        log.offset_for_timestamp(6, NO_LIMIT).unwrap(),
+        Some(TimestampOffset {
+            offset: 1,
+            timestamp: 9
+        })
+    );
+}
+
+#[test]
+fn a_batch_whose_header_promises_too_much_is_passed_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    // The header says a record reaches 100; none does (Kafka moves on too).
+    let records = records_with_timestamps(1, &[1, 2], b"v");
+    log.append(
+        &mut raw_batch(ZSTD, 1, 100, 2, &compress(ZSTD, &records)),
+        0,
+        0,
+    )
+    .unwrap();
+    log.append(
+        &mut compressed_batch_with_timestamps(ZSTD, 50, &[50, 150], b"v"),
+        0,
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        log.offset_for_timestamp(100, NO_LIMIT).unwrap(),
+        Some(TimestampOffset {
+            offset: 3,
+            timestamp: 150
+        })
+    );
+}
+
+#[test]
+fn timestamp_lookup_decompresses_no_more_than_its_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    // 3 MB of records that zstd squeezes into a few hundred bytes.
+    let big = vec![0u8; 1 << 20];
+    let mut bomb = compressed_batch_with_timestamps(ZSTD, 10, &[10, 20, 30], &big);
+    assert!(bomb.len() < 4096, "{} bytes", bomb.len());
+    log.append(&mut bomb, 0, 0).unwrap();
+    assert_eq!(
+        log.offset_for_timestamp(25, NO_LIMIT).unwrap(),
+        Some(TimestampOffset {
+            offset: 2,
+            timestamp: 30
+        })
+    );
+    // Over the limit: answered from the header, as well as it can be.
+    assert_eq!(
+        log.offset_for_timestamp(25, 100_000).unwrap(),
+        Some(TimestampOffset {
+            offset: 0,
+            timestamp: 30
+        })
+    );
+}
+
+#[test]
+fn a_located_batch_is_searched_without_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    log.append(
+        &mut compressed_batch_with_timestamps(LZ4, 10, &[10, 30, 20], b"v"),
+        0,
+        0,
+    )
+    .unwrap();
+    let storage::TimestampLookup::Search(batch) = log.lookup_timestamp(15, 0).unwrap() else {
+        panic!("the answer is inside a compressed batch: its records must be walked")
+    };
+    // Appends go on meanwhile; the located batch is not disturbed by them.
+    for i in 0..5 {
+        log.append(&mut batch_of(2, 100 + i), 0, 0).unwrap();
+    }
+    drop(log);
+    assert_eq!(
+        batch.search(NO_LIMIT).unwrap(),
+        Some(TimestampOffset {
+            offset: 1,
+            timestamp: 30
+        })
+    );
+    assert_eq!(batch.next_offset(), 3);
+}
+
+#[test]
+fn offset_for_timestamp_answers_unwalkable_batches_from_their_header() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
     log.append(&mut compressed_batch(100, 200, 3), 0, 0)
@@ -444,32 +595,32 @@ fn offset_for_timestamp_approximates_compressed_batches() {
     log.append(&mut compressed_batch(300, 400, 2), 0, 0)
         .unwrap();
     assert_eq!(
-        log.offset_for_timestamp(50).unwrap(),
+        log.offset_for_timestamp(50, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 0,
             timestamp: 100
         })
     );
     assert_eq!(
-        log.offset_for_timestamp(150).unwrap(),
+        log.offset_for_timestamp(150, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 0,
             timestamp: 200
         })
     );
     assert_eq!(
-        log.offset_for_timestamp(201).unwrap(),
+        log.offset_for_timestamp(201, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 3,
             timestamp: 300
         })
     );
-    assert_eq!(log.offset_for_timestamp(401).unwrap(), None);
+    assert_eq!(log.offset_for_timestamp(401, NO_LIMIT).unwrap(), None);
     // Malformed records in an "uncompressed" batch are treated the same way.
     let mut bad = raw_batch_uncompressed_garbage();
     log.append(&mut bad, 0, 0).unwrap();
     assert_eq!(
-        log.offset_for_timestamp(450).unwrap(),
+        log.offset_for_timestamp(450, NO_LIMIT).unwrap(),
         Some(TimestampOffset {
             offset: 5,
             timestamp: 500
@@ -534,12 +685,39 @@ fn flush_handle_and_mark_flushed() {
     assert_eq!(handle.up_to_offset, 2);
     log.append(&mut batch_of(2, 0), 0, 0).unwrap();
     handle.sync().unwrap();
-    log.mark_flushed(handle.up_to_offset).unwrap();
+    log.mark_flushed(handle.up_to_offset);
     assert_eq!(log.recovery_point(), 2);
-    log.mark_flushed(1).unwrap();
+    log.mark_flushed(1);
     assert_eq!(log.recovery_point(), 2, "never moves down");
-    log.mark_flushed(100).unwrap();
+    log.mark_flushed(100);
     assert_eq!(log.recovery_point(), 4, "clamped to the log end");
+}
+
+#[test]
+fn the_recovery_point_file_is_written_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut log = open(tmp.path(), config(1 << 20, 4096));
+    log.append(&mut batch_of(3, 0), 0, 0).unwrap();
+    log.flush().unwrap();
+    log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+    let handle = log.flush_handle();
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+    assert_eq!(log.recovery_point(), 7);
+    drop(log);
+    // The file still says 3: the next open validates the 4 records after it.
+    let (log, report) = PartitionLog::open(tmp.path(), config(1 << 20, 4096), 0).unwrap();
+    assert!(report.validated_bytes > 0, "{report:?}");
+    assert_eq!(log.log_end_offset(), 7);
+    let mut log = log;
+    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    let handle = log.flush_handle();
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+    log.write_recovery_point().unwrap();
+    drop(log);
+    let (_, report) = PartitionLog::open(tmp.path(), config(1 << 20, 4096), 0).unwrap();
+    assert_eq!(report.validated_bytes, 0, "{report:?}");
 }
 
 #[test]
@@ -553,7 +731,7 @@ fn stale_flush_handle_cannot_vouch_for_rewritten_offsets() {
     log.truncate_to(10).unwrap();
     log.append(&mut batch_of(15, 0), 1, 0).unwrap();
     stale.sync().unwrap();
-    log.mark_flushed(stale.up_to_offset).unwrap();
+    log.mark_flushed(stale.up_to_offset);
     assert_eq!(
         log.recovery_point(),
         10,
@@ -647,7 +825,9 @@ fn damaged_indexes_are_rebuilt() {
     assert_eq!(read_all(&log), expected);
     for target in [0, 10, 33, 59] {
         assert_eq!(
-            log.offset_for_timestamp(target).unwrap().map(|t| t.offset),
+            log.offset_for_timestamp(target, NO_LIMIT)
+                .unwrap()
+                .map(|t| t.offset),
             Some(target * 2)
         );
     }

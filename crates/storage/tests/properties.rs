@@ -427,8 +427,41 @@ proptest! {
                 targets.extend([ts - 1, ts, ts + 1]);
             }
             for target in targets {
-                prop_assert_eq!(log.offset_for_timestamp(target).unwrap(), model.offset_for_timestamp(target), "target {}", target);
+                prop_assert_eq!(log.offset_for_timestamp(target, NO_LIMIT).unwrap(), model.offset_for_timestamp(target), "target {}", target);
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random per-record timestamps, a random codec per batch (none, gzip, snappy,
+    /// lz4, zstd), tiny segments and a random log start: every by-timestamp lookup
+    /// is the first record, in log order, that reaches the target, as in Kafka.
+    #[test]
+    fn timestamp_lookups_are_exact_for_every_codec(
+        specs in prop::collection::vec((0usize..5, prop::collection::vec(0i64..200, 1..6)), 1..12),
+        start in any::<Index>(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = PartitionLog::open(tmp.path(), config(400, 1), 0).unwrap().0;
+        for (codec, timestamps) in &specs {
+            let mut batch = match codec {
+                0 => batch_with_timestamps(timestamps[0], timestamps),
+                c => compressed_batch_with_timestamps(CODECS[c - 1], timestamps[0], timestamps, b"value"),
+            };
+            log.append(&mut batch, 0, 0).unwrap();
+        }
+        let flat: Vec<i64> = specs.iter().flat_map(|(_, ts)| ts.iter().copied()).collect();
+        let log_start = start.index(flat.len());
+        log.set_high_watermark(log.log_end_offset());
+        log.delete_records_before(log_start as i64).unwrap();
+        for target in 0..=200 {
+            let expected = (log_start..flat.len())
+                .find(|i| flat[*i] >= target)
+                .map(|i| TimestampOffset { offset: i as i64, timestamp: flat[i] });
+            prop_assert_eq!(log.offset_for_timestamp(target, NO_LIMIT).unwrap(), expected, "target {}", target);
         }
     }
 }

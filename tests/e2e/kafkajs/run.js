@@ -1,14 +1,18 @@
-// One kafkajs operation per run, driven by tests/e2e/test_kafkajs*.py.
+// One kafkajs operation per run, driven by tests/e2e/test_kafkajs*.py and
+// tests/e2e/group_workers.py.
 //
 //   node run.js < request.json
+//   node run.js '{"op": "member", ...}'    (stdin stays free for commands)
 //
 // The request is {"brokers": ["127.0.0.1:PORT"], "op": "...", ...}. The answer is one JSON
 // line on stdout: {"ok": true, "result": ...} or {"ok": false, "error": {...}} for an error
-// that kafkajs reported (the test decides whether it was expected). kafkajs' own log goes
-// to stderr. Binary values travel as base64 strings; null stays null.
+// that kafkajs reported (the test decides whether it was expected). The long-lived `member`
+// op prints event lines before it (see there). kafkajs' own log goes to stderr. Binary
+// values travel as base64 strings; null stays null.
 'use strict'
 
-const { Kafka, logLevel, CompressionTypes, ConfigResourceTypes } = require('kafkajs')
+const { Kafka, logLevel, CompressionTypes, ConfigResourceTypes, PartitionAssigners } = require('kafkajs')
+const readline = require('readline')
 const codecs = require('./codecs')
 
 codecs.register()
@@ -23,6 +27,21 @@ const COMPRESSION = {
 
 const b64 = s => (s === null || s === undefined ? null : Buffer.from(s, 'base64'))
 const toB64 = b => (b === null || b === undefined ? null : Buffer.from(b).toString('base64'))
+
+// kafkajs ships one assigner; a request names it as the other clients name theirs.
+const ASSIGNERS = { roundrobin: PartitionAssigners.roundRobin }
+
+const emit = obj => process.stdout.write(JSON.stringify(obj) + '\n')
+
+// A consumed message as the tests compare it: exact bytes, every header value in order.
+function recordOf(partition, message) {
+  const headers = {}
+  for (const [k, v] of Object.entries(message.headers || {})) {
+    headers[k] = (Array.isArray(v) ? v : [v]).map(toB64)
+  }
+  return { partition, offset: Number(message.offset), key: toB64(message.key), value: toB64(message.value),
+    headers, timestamp: Number(message.timestamp) }
+}
 
 function stderrLogger() {
   return ({ namespace, level, label, log }) => {
@@ -44,9 +63,14 @@ function client(req) {
 }
 
 const ops = {
-  // messages: [{key, value, headers: {name: [b64, ...]}, partition, timestamp}]
+  // messages: [{key, value, headers: {name: [b64, ...]}, partition, timestamp}].
+  // idempotent: InitProducerId first, then sequenced batches (kafkajs wants acks=-1 and one
+  // request in flight). sendSize: messages per send (default all in one), so sequences
+  // must carry on across requests of one producer.
   async produce(kafka, req) {
-    const producer = kafka.producer({ allowAutoTopicCreation: true, idempotent: false })
+    const producer = req.idempotent
+      ? kafka.producer({ allowAutoTopicCreation: true, idempotent: true, maxInFlightRequests: 1 })
+      : kafka.producer({ allowAutoTopicCreation: true, idempotent: false })
     await producer.connect()
     try {
       const messages = req.messages.map(m => {
@@ -58,13 +82,18 @@ const ops = {
         return out
       })
       // One send = one request; batches split by partition.
-      return await producer.send({
-        topic: req.topic,
-        messages,
-        acks: req.acks === undefined ? -1 : req.acks,
-        compression: COMPRESSION[req.compression || 'none'],
-        timeout: 20000,
-      })
+      const sendSize = req.sendSize || messages.length
+      const results = []
+      for (let i = 0; i < messages.length; i += sendSize) {
+        results.push(...await producer.send({
+          topic: req.topic,
+          messages: messages.slice(i, i + sendSize),
+          acks: req.acks === undefined ? -1 : req.acks,
+          compression: COMPRESSION[req.compression || 'none'],
+          timeout: 20000,
+        }))
+      }
+      return results
     } finally {
       await producer.disconnect()
     }
@@ -126,12 +155,7 @@ const ops = {
       await consumer.subscribe({ topics: [req.topic], fromBeginning: true })
       await consumer.run({
         eachMessage: async ({ partition, message }) => {
-          const headers = {}
-          for (const [k, v] of Object.entries(message.headers || {})) {
-            headers[k] = (Array.isArray(v) ? v : [v]).map(toB64)
-          }
-          records.push({ partition, offset: Number(message.offset), key: toB64(message.key),
-            value: toB64(message.value), headers, timestamp: Number(message.timestamp) })
+          records.push(recordOf(partition, message))
           if (records.length >= req.count) done()
         },
       })
@@ -143,6 +167,85 @@ const ops = {
     } finally {
       await consumer.disconnect()
     }
+  },
+
+  // A long-lived group member for tests/e2e/group_workers.py, which SIGKILLs it or closes
+  // it. Prints one JSON line per event, in the order they happened:
+  //   {"assigned": [partitions]}   after every join + sync (kafkajs rebalances eagerly)
+  //   {"positioned": true}         the first fetch after a join is done, so every assigned
+  //                                partition has a position (committed, or the reset)
+  //   {"recs": [record, ...]}      a batch, before it is committed
+  //   {"committed": {p: offset}}   after the commit succeeded
+  //   {"commit_failed": {p: offset}, "error": ...}
+  //   {"error": ...}               a consumer crash
+  // stdin commands, one a line: "hold" stops committing (answered {"held": true}: a
+  // commit that had started before may still be reported), "close" (or EOF) disconnects,
+  // which sends LeaveGroup.
+  async member(kafka, req) {
+    const assigner = ASSIGNERS[req.assignor || 'roundrobin']
+    if (!assigner) throw new Error(`kafkajs has no assigner ${req.assignor}`)
+    const consumer = kafka.consumer({
+      groupId: req.groupId,
+      sessionTimeout: req.sessionTimeoutMs,
+      heartbeatInterval: req.heartbeatIntervalMs,
+      maxWaitTimeInMs: 100,
+      partitionAssigners: [assigner],
+      retry: { retries: 5, initialRetryTime: 100, maxRetryTime: 1000 },
+    })
+    let holding = false
+    let close
+    const closed = new Promise(resolve => { close = resolve })
+    const commands = readline.createInterface({ input: process.stdin })
+    commands.on('line', line => {
+      if (line.trim() === 'hold') {
+        holding = true
+        emit({ held: true })
+      } else if (line.trim() === 'close') {
+        close()
+      }
+    })
+    commands.on('close', () => close())
+
+    // Join -> fetch start -> fetch done: only then has every partition a position.
+    let joined = false
+    let fetchAfterJoin = false
+    consumer.on(consumer.events.GROUP_JOIN, ({ payload }) => {
+      emit({ assigned: [...(payload.memberAssignment[req.topic] || [])].sort((a, b) => a - b) })
+      joined = true
+      fetchAfterJoin = false
+    })
+    consumer.on(consumer.events.FETCH_START, () => { if (joined) fetchAfterJoin = true })
+    consumer.on(consumer.events.FETCH, () => {
+      if (fetchAfterJoin) {
+        emit({ positioned: true })
+        joined = fetchAfterJoin = false
+      }
+    })
+    consumer.on(consumer.events.CRASH, ({ payload }) => emit({ error: describeError(payload.error) }))
+
+    await consumer.connect()
+    await consumer.subscribe({ topics: [req.topic], fromBeginning: req.fromBeginning !== false })
+    await consumer.run({
+      autoCommit: false,
+      eachBatch: async ({ batch }) => {
+        if (batch.messages.length === 0) return
+        emit({ recs: batch.messages.map(m => recordOf(batch.partition, m)) })
+        if (holding) return
+        const last = batch.messages[batch.messages.length - 1]
+        const next = String(Number(last.offset) + 1)
+        const offsets = { [batch.partition]: Number(next) }
+        try {
+          await consumer.commitOffsets([{ topic: batch.topic, partition: batch.partition, offset: next }])
+          emit({ committed: offsets })
+        } catch (e) {
+          emit({ commit_failed: offsets, error: describeError(e) })
+        }
+      },
+    })
+    await closed
+    commands.close()
+    await consumer.disconnect()
+    return { closed: true }
   },
 }
 
@@ -164,9 +267,13 @@ function describeError(e) {
 }
 
 async function main() {
-  const chunks = []
-  for await (const chunk of process.stdin) chunks.push(chunk)
-  const req = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  let text = process.argv[2]
+  if (text === undefined) {
+    const chunks = []
+    for await (const chunk of process.stdin) chunks.push(chunk)
+    text = Buffer.concat(chunks).toString('utf8')
+  }
+  const req = JSON.parse(text)
   const op = ops[req.op]
   if (!op) throw new Error(`unknown op ${req.op}`)
   let answer
@@ -175,7 +282,9 @@ async function main() {
   } catch (e) {
     answer = { ok: false, error: describeError(e) }
   }
-  process.stdout.write(JSON.stringify(answer) + '\n')
+  // Stdout to a pipe is asynchronous: exiting before the write has drained would cut a
+  // large answer short.
+  await new Promise(resolve => process.stdout.write(JSON.stringify(answer) + '\n', resolve))
 }
 
 main().then(

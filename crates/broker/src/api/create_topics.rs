@@ -22,10 +22,23 @@ pub fn handle(broker: &Broker, request: CreateTopicsRequest, version: i16) -> Cr
         *mentions.entry(t.name.0.to_string()).or_default() += 1;
     }
     let mut response = CreateTopicsResponse::default();
+    // As Kafka's controller does, before looking at any topic: a request for too
+    // many partitions is refused whole.
+    let requested: u64 = request
+        .topics
+        .iter()
+        .map(|t| requested_partitions(broker, t))
+        .sum();
+    let too_many = requested > broker.config.max_partitions_per_request as u64;
     for t in request.topics {
         let name = t.name.0.to_string();
         let mut result = CreatableTopicResult::default().with_name(t.name.clone());
-        let outcome = if mentions[&name] > 1 {
+        let outcome = if too_many {
+            Err((
+                ResponseError::PolicyViolation,
+                EXCESSIVE_PARTITIONS.to_string(),
+            ))
+        } else if mentions[&name] > 1 {
             Err((
                 ResponseError::InvalidRequest,
                 format!("Topic {name} is listed more than once in the request"),
@@ -84,12 +97,29 @@ pub fn handle(broker: &Broker, request: CreateTopicsRequest, version: i16) -> Cr
     response
 }
 
+/// Kafka's words for a request over `max_partitions_per_request`.
+pub(crate) const EXCESSIVE_PARTITIONS: &str = "Excessively large number of partitions per request.";
+
+/// Partitions a topic of the request would have, counted as Kafka counts them for
+/// the per-request limit (nonsense counts are refused later, one by one).
+fn requested_partitions(broker: &Broker, t: &CreatableTopic) -> u64 {
+    if !t.assignments.is_empty() {
+        return t.assignments.len() as u64;
+    }
+    match t.num_partitions {
+        -1 => broker.config.num_partitions as u64,
+        n if n > 0 => n as u64,
+        _ => 0,
+    }
+}
+
 pub(crate) fn topic_error(e: TopicError) -> (ResponseError, String) {
     let err = match &e {
         TopicError::InvalidName(_) => ResponseError::InvalidTopicException,
         TopicError::AlreadyExists(_) => ResponseError::TopicAlreadyExists,
         TopicError::Unknown => ResponseError::UnknownTopicOrPartition,
         TopicError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
+        TopicError::LimitReached(_) => ResponseError::PolicyViolation,
         TopicError::Storage(_) => ResponseError::KafkaStorageError,
     };
     (err, e.to_string())
@@ -169,5 +199,10 @@ fn plan(
     };
     let config = TopicConfig::from_pairs(t.configs.iter().map(|c| (&*c.name, c.value.as_deref())))
         .map_err(|message| (ResponseError::InvalidConfig, message))?;
+    // Checked here too so that validate-only answers as creation would.
+    broker
+        .topics
+        .check_partition_limit(partitions as usize, &broker.config)
+        .map_err(topic_error)?;
     Ok((partitions, config))
 }

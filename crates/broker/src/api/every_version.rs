@@ -374,6 +374,7 @@ async fn every_supported_version_encodes() {
                 let response = match dispatch(&broker, request, "127.0.0.1:1".parse().unwrap()) {
                     Reply::Now(r) => r,
                     Reply::Later(f) => f.await,
+                    Reply::Holding(f) => f.await.map(|(body, _hold)| body),
                 };
                 let response =
                     response.unwrap_or_else(|| panic!("{api:?} v{version} gave no response"));

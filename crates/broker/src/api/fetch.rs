@@ -17,7 +17,7 @@ use protocol::ResponseError;
 use storage::{ReadSlice, StorageError};
 use uuid::Uuid;
 
-use super::{code, Reply};
+use super::{code, MemoryHold, Reply};
 use crate::topics::Partition;
 use crate::Broker;
 
@@ -68,7 +68,7 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
     let mut appends = broker.subscribe_appends();
     appends.borrow_and_update();
     let broker = broker.clone();
-    Reply::Later(Box::pin(async move {
+    Reply::Holding(Box::pin(async move {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut located = locate(&topics, max_bytes);
         while !satisfied(&located, min_bytes) {
@@ -78,7 +78,8 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
             }
             located = locate(&topics, max_bytes);
         }
-        Some(load(&broker, &topics, located, read_committed).await.into())
+        let (response, hold) = load(&broker, &topics, located, read_committed).await;
+        Some((response.into(), hold))
     }))
 }
 
@@ -175,6 +176,8 @@ fn locate(topics: &[WantedTopic], max_bytes: usize) -> Vec<Vec<Located>> {
         .collect()
 }
 
+/// Kafka answers once `min_bytes` are there, so `min_bytes` 0 (or negative, read
+/// as 0) means at once, even with nothing to return.
 fn satisfied(located: &[Vec<Located>], min_bytes: usize) -> bool {
     let mut bytes = 0usize;
     for l in located.iter().flatten() {
@@ -183,7 +186,7 @@ fn satisfied(located: &[Vec<Located>], min_bytes: usize) -> bool {
         }
         bytes += l.slice.as_ref().map_or(0, |s| s.len);
     }
-    bytes >= min_bytes.max(1)
+    bytes >= min_bytes
 }
 
 async fn load(
@@ -191,7 +194,7 @@ async fn load(
     topics: &[WantedTopic],
     located: Vec<Vec<Located>>,
     read_committed: bool,
-) -> FetchResponse {
+) -> (FetchResponse, MemoryHold) {
     let total: usize = located
         .iter()
         .flatten()
@@ -199,13 +202,17 @@ async fn load(
         .map(|s| s.len)
         .sum();
     let budget = broker.config.fetch_memory_bytes.min(u32::MAX as usize);
-    // An error means the semaphore was closed: shutting down; answer anyway.
-    let _permit = broker
+    // Held until the encoded answer is written (see `Reply::Holding`). One fetch
+    // larger than the whole budget takes all of it rather than never running. An
+    // error means the semaphore was closed: shutting down; answer anyway.
+    let waiting = broker.fetch_memory_waiting.count(1);
+    let hold = broker
         .fetch_memory
         .clone()
         .acquire_many_owned(total.min(budget) as u32)
         .await
         .ok();
+    drop(waiting);
     let mut response = FetchResponse::default();
     for (topic, partitions) in topics.iter().zip(located) {
         let mut topic_response = FetchableTopicResponse::default()
@@ -235,5 +242,5 @@ async fn load(
         }
         response.responses.push(topic_response);
     }
-    response
+    (response, hold)
 }

@@ -1,6 +1,11 @@
-//! InitProducerId for idempotent producers: a fresh producer id at epoch 0, or
-//! (KIP-360, v3+) the same id with the next epoch when the producer asks to bump.
-//! Transactional ids are refused until transactions exist.
+//! InitProducerId for idempotent producers: always a fresh producer id at epoch 0.
+//!
+//! Kafka's TransactionCoordinator.handleInitProducerId "blindly accepts" a request
+//! without a transactional id and hands out a new id, even when the KIP-360 form
+//! (v3+, the producer's current id and epoch) is sent: an idempotent producer
+//! bumping its epoch gets a new id, and its sequences start again at 0 everywhere.
+//! A request naming only one of id and epoch is malformed (KafkaApis answers
+//! INVALID_REQUEST). Transactional ids are refused until transactions exist.
 
 use protocol::kafka_protocol::messages::{
     InitProducerIdRequest, InitProducerIdResponse, ProducerId,
@@ -17,13 +22,8 @@ pub fn handle(broker: &Broker, request: InitProducerIdRequest) -> InitProducerId
     if request.transactional_id.is_some() {
         return response.with_error_code(code(ResponseError::UnsupportedVersion));
     }
-    let bump = request.producer_id.0 >= 0
-        && request.producer_epoch >= 0
-        && request.producer_epoch < i16::MAX - 1;
-    if bump {
-        return response
-            .with_producer_id(request.producer_id)
-            .with_producer_epoch(request.producer_epoch + 1);
+    if (request.producer_id.0 == -1) != (request.producer_epoch == -1) {
+        return response.with_error_code(code(ResponseError::InvalidRequest));
     }
     match broker.producer_ids.next() {
         Ok(id) => response

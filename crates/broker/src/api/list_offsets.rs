@@ -1,5 +1,7 @@
 //! ListOffsets: earliest (-2), latest (-1) or the first offset at or after a
-//! timestamp. read_committed sees the same end as read_uncommitted: there are no
+//! timestamp: the exact record, as Kafka answers, also inside compressed batches
+//! (decompressed for the lookup, without the partition lock; runs on the blocking
+//! pool). read_committed sees the same end as read_uncommitted: there are no
 //! transactions yet, so the last stable offset is the high watermark.
 
 use protocol::kafka_protocol::messages::list_offsets_response::{
@@ -35,12 +37,11 @@ pub fn handle(broker: &Broker, request: ListOffsetsRequest, version: i16) -> Lis
                     answer.with_error_code(code(ResponseError::UnknownLeaderEpoch))
                 }
                 Some(partition) => {
-                    let log = partition.lock();
                     let found = match p.timestamp {
-                        LATEST => Ok(Some((log.high_watermark(), -1))),
-                        EARLIEST => Ok(Some((log.log_start_offset(), -1))),
-                        ts if ts >= 0 => log
-                            .offset_for_timestamp(ts)
+                        LATEST => Ok(Some((partition.lock().high_watermark(), -1))),
+                        EARLIEST => Ok(Some((partition.lock().log_start_offset(), -1))),
+                        ts if ts >= 0 => partition
+                            .offset_for_timestamp(ts, broker.config.timestamp_lookup_max_bytes)
                             .map(|found| found.map(|f| (f.offset, f.timestamp)))
                             .map_err(|e| (ResponseError::KafkaStorageError, e.to_string())),
                         _ => Err((

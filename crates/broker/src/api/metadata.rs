@@ -85,6 +85,16 @@ fn lookup_by_name(broker: &Broker, name: &str, may_create: bool) -> MetadataResp
             Uuid::nil(),
             ResponseError::InvalidTopicException,
         ),
+        // As when Kafka's controller refuses an automatic creation: the topic is
+        // just not there.
+        Err(e @ TopicError::LimitReached(_)) => {
+            tracing::warn!(topic = name, error = %e, "not auto-creating topic");
+            error_topic(
+                Some(name),
+                Uuid::nil(),
+                ResponseError::UnknownTopicOrPartition,
+            )
+        }
         Err(e) => {
             tracing::error!(topic = name, error = %e, "auto-creating topic failed");
             error_topic(Some(name), Uuid::nil(), ResponseError::KafkaStorageError)

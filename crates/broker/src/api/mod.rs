@@ -67,7 +67,18 @@ pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
 pub enum Reply {
     Now(Option<ResponseKind>),
     Later(Pin<Box<dyn Future<Output = Option<ResponseKind>> + Send>>),
+    /// A future answer that holds part of a broker-wide memory budget (a fetch's
+    /// record bytes): the server keeps the hold until the encoded answer has been
+    /// written to the socket, so the budget bounds what answers really occupy.
+    Holding(Pin<Box<dyn Future<Output = Option<HeldAnswer>> + Send>>),
 }
+
+/// An answer and the part of a memory budget it holds.
+pub type HeldAnswer = (ResponseKind, MemoryHold);
+
+/// Part of a memory budget, released when dropped; `None` when the budget was
+/// closed (shutting down) and the answer goes out regardless.
+pub type MemoryHold = Option<tokio::sync::OwnedSemaphorePermit>;
 
 impl Reply {
     fn now(body: impl Into<ResponseKind>) -> Reply {
@@ -101,7 +112,9 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
         RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
         RequestKind::Produce(r) => produce::handle(broker, r),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
-        RequestKind::ListOffsets(r) => Reply::now(list_offsets::handle(broker, r, v)),
+        RequestKind::ListOffsets(r) => {
+            Reply::blocking(broker, move |b| list_offsets::handle(b, r, v))
+        }
         RequestKind::CreateTopics(r) => {
             Reply::blocking(broker, move |b| create_topics::handle(b, r, v))
         }

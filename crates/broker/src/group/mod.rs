@@ -73,6 +73,9 @@ pub struct GroupConfig {
     pub max_offset_metadata_bytes: usize,
     /// How long a new member's first JoinGroup may wait (Kafka's 5 minutes).
     pub new_member_join_timeout_ms: u64,
+    /// `offsets_compaction_min_bytes`: the committed-offsets log is not compacted
+    /// below this size (read when the store opens).
+    pub offsets_compaction_min_bytes: u64,
 }
 
 impl GroupConfig {
@@ -85,6 +88,7 @@ impl GroupConfig {
             max_group_size: c.group_max_size,
             max_offset_metadata_bytes: c.offset_metadata_max_bytes,
             new_member_join_timeout_ms: NEW_MEMBER_JOIN_TIMEOUT_MS,
+            offsets_compaction_min_bytes: c.offsets_compaction_min_bytes,
         }
     }
 }
@@ -1115,7 +1119,7 @@ impl GroupCoordinator {
         config: GroupConfig,
         now_ms: i64,
     ) -> Result<GroupCoordinator, storage::StorageError> {
-        let offsets = OffsetsStore::open(data_dir, now_ms)?;
+        let offsets = OffsetsStore::open(data_dir, now_ms, config.offsets_compaction_min_bytes)?;
         let mut groups = HashMap::new();
         for id in offsets.groups() {
             groups.insert(id.clone(), new_cell(&id, &config));

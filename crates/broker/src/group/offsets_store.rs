@@ -43,11 +43,33 @@
 //! not applied; it is still in the log and may reappear after a restart, as a
 //! produce whose answer was an error may still have been written.
 //!
-//! **Not compacted yet.** The log only grows: about 60 bytes plus the names for each
-//! committed partition, so a consumer of 100 partitions auto-committing every 5 s
-//! adds ~150 MB a day, and replay at start-up reads all of it. Compaction (rewrite
-//! the live map as a fresh segment, drop the old ones) is the next step; until then
-//! the size is bounded only by the disk.
+//! **Compaction.** Each commit adds about 60 bytes plus the names per partition, so
+//! a consumer of 100 partitions auto-committing every 5 s adds ~150 MB a day, almost
+//! all of it superseded. Once the log is [`COMPACTION_RATIO`] times the size it had
+//! after the last compaction, and at least `offsets_compaction_min_bytes`, it is
+//! compacted (checked after each commit and at start-up):
+//!
+//! 1. under the state and log locks (no commit can land in between), the live set
+//!    (the durable offsets plus the pending changes, which are already in the log)
+//!    is appended again as ordinary commit records from offset S, starting a new
+//!    segment (one change that removes nothing stands in for an empty set). A
+//!    pending change whose fsync then fails is restated too: it was in the log and
+//!    could reappear after a restart anyway (see Visibility);
+//! 2. the log is fsync'd;
+//! 3. the log start moves to S (a durable checkpoint), then the segments below S,
+//!    which hold only superseded changes, are deleted.
+//!
+//! Crash safety needs no switch-over: replaying any suffix of the old log that
+//! starts at a segment boundary, then the restated set, yields exactly the live set
+//! (every offset the suffix leaves set is live, and the restatement sets every live
+//! offset to its value). So a `kill -9` at any instant leaves a log that replays to
+//! the same offsets: before step 3, the old log followed by a restatement (possibly
+//! torn, then cut by recovery) of values it already holds; after the checkpoint,
+//! the restated set, with or without the old segments still on disk below the log
+//! start. No directory is renamed and no second log exists, so there is no state in
+//! which old and new could mix. The log thus stays within twice its live size (or
+//! the floor) plus one commit; the cost is one rewrite of the live set, amortised
+//! over at least as many bytes of commits, during which commits wait.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -71,6 +93,17 @@ const KIND_DELETE_OFFSET: u8 = 1;
 const KIND_DELETE_GROUP: u8 = 2;
 /// Bytes read from the log at a time during replay.
 const REPLAY_READ_BYTES: usize = 1 << 20;
+/// Compaction runs once the log is this many times the size it had after the last
+/// one (so its cost, proportional to the live set, is amortised over at least as
+/// many bytes of commits). Kafka cleans `__consumer_offsets` at a dirty ratio of
+/// 0.5 (`log.cleaner.min.cleanable.ratio`): the same factor.
+const COMPACTION_RATIO: u64 = 2;
+/// Changes per batch when the live set is restated.
+const SNAPSHOT_CHANGES_PER_BATCH: usize = 1000;
+/// Bytes a record adds to its value in a batch (length, attributes, deltas, key,
+/// header count), and a batch's header: for estimating the live set's size.
+const RECORD_OVERHEAD_BYTES: u64 = 16;
+const BATCH_OVERHEAD_BYTES: u64 = 61;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedOffset {
@@ -115,6 +148,8 @@ struct State {
     committed: HashMap<String, GroupOffsets>,
     /// Appended, not yet known to be durable: batch last offset -> its changes.
     pending: BTreeMap<i64, Vec<OffsetChange>>,
+    /// Compact once the log reaches this size.
+    compact_at_bytes: u64,
 }
 
 impl State {
@@ -154,11 +189,29 @@ pub struct OffsetsStore {
     /// The log, wrapped as a partition so that the broker's flusher can fsync it.
     partition: Arc<Partition>,
     state: Mutex<State>,
+    /// `offsets_compaction_min_bytes`: no compaction below this size.
+    compaction_min_bytes: u64,
+}
+
+/// Where a compaction stops early: tests leave each intermediate state on disk,
+/// as a crash there would, and open the store again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Never,
+    /// After this many batches of the restated live set, before the fsync.
+    AfterSnapshotBatches(usize),
+    /// After the fsync, before the log start moves past the superseded changes.
+    BeforeDroppingOld,
 }
 
 impl OffsetsStore {
-    /// Opens (creating) `<data_dir>/__group_offsets` and replays it.
-    pub fn open(data_dir: &Path, now_ms: i64) -> Result<OffsetsStore, StorageError> {
+    /// Opens (creating) `<data_dir>/__group_offsets`, replays it, and compacts it if
+    /// it is already past the threshold.
+    pub fn open(
+        data_dir: &Path,
+        now_ms: i64,
+        compaction_min_bytes: u64,
+    ) -> Result<OffsetsStore, StorageError> {
         let dir = data_dir.join(DIR_NAME);
         let config = LogConfig {
             retention_ms: -1,
@@ -230,10 +283,61 @@ impl OffsetsStore {
             // No producer writes here: the state stays empty.
             producers: Mutex::new(ProducerStates::default()),
         });
-        Ok(OffsetsStore {
+        let store = OffsetsStore {
             partition,
             state: Mutex::new(state),
-        })
+            compaction_min_bytes,
+        };
+        {
+            let mut state = store.state();
+            let estimate = live_bytes_estimate(&state.committed);
+            state.compact_at_bytes = store.threshold(estimate);
+        }
+        store.maybe_compact(now_ms);
+        Ok(store)
+    }
+
+    /// The log size that triggers the next compaction, after one left it at
+    /// `live_bytes`.
+    fn threshold(&self, live_bytes: u64) -> u64 {
+        live_bytes
+            .saturating_mul(COMPACTION_RATIO)
+            .max(self.compaction_min_bytes)
+    }
+
+    /// Compacts the log if it reached the threshold. A failure is logged and
+    /// retried only after `offsets_compaction_min_bytes` more: every commit is
+    /// already durable without it.
+    fn maybe_compact(&self, now_ms: i64) {
+        let mut state = self.state();
+        let mut log = self.partition.lock();
+        let before = log.size_bytes();
+        if before < state.compact_at_bytes {
+            return;
+        }
+        match compact(&mut state, &mut log, now_ms, Stop::Never) {
+            Ok(()) => {
+                let after = log.size_bytes();
+                state.compact_at_bytes = self.threshold(after);
+                tracing::info!(
+                    before_bytes = before,
+                    after_bytes = after,
+                    next_at_bytes = state.compact_at_bytes,
+                    "compacted the group offsets log"
+                );
+            }
+            Err(e) => {
+                state.compact_at_bytes = before.saturating_add(self.compaction_min_bytes);
+                tracing::error!(error = %e, "compacting the group offsets log failed");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn compact_and_stop(&self, now_ms: i64, stop: Stop) -> Result<(), StorageError> {
+        let mut state = self.state();
+        let mut log = self.partition.lock();
+        compact(&mut state, &mut log, now_ms, stop)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -254,6 +358,9 @@ impl OffsetsStore {
         let ticket = self.append(changes, now_ms).map_err(|e| e.to_string())?;
         let result = flusher.flush(vec![self.partition.clone()]).await;
         self.settle(ticket, result.is_ok());
+        if result.is_ok() {
+            self.maybe_compact(now_ms);
+        }
         result
     }
 
@@ -326,6 +433,108 @@ impl OffsetsStore {
     pub fn size_bytes(&self) -> u64 {
         self.partition.lock().size_bytes()
     }
+}
+
+/// Rewrites the log down to its live set. Called with the state and log locks held
+/// (in that order, as `append` takes them), so no commit lands in between.
+///
+/// The live set, what a replay yields now, is appended again as ordinary commit
+/// records from offset S, starting a fresh segment; once that is fsync'd the log
+/// start moves to S, durably, and the segments below S are deleted. Replaying from
+/// any segment boundary at or below S and then the restated set yields exactly the
+/// live set, so a crash at any instant leaves a log that replays to the same
+/// offsets: before the log start moves, the old log with a (possibly torn, and
+/// then cut) restatement of values it already holds; after, the restated set.
+fn compact(
+    state: &mut State,
+    log: &mut PartitionLog,
+    now_ms: i64,
+    stop: Stop,
+) -> Result<(), StorageError> {
+    let mut changes = live_changes(state);
+    if changes.is_empty() {
+        // Nothing is live. One change that removes nothing stands in for the
+        // empty set, so that the superseded changes can still go.
+        changes.push(OffsetChange::DeleteGroup {
+            group: String::new(),
+        });
+    }
+    let snapshot_start = log.log_end_offset();
+    let config = log.config().clone();
+    for (i, chunk) in changes.chunks(SNAPSHOT_CHANGES_PER_BATCH).enumerate() {
+        if stop == Stop::AfterSnapshotBatches(i) {
+            return Ok(());
+        }
+        let values: Vec<Vec<u8>> = chunk.iter().map(encode_change).collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        let mut batch = build_simple_batch(now_ms, &refs);
+        if i == 0 {
+            // Start the restated set in a new segment: every segment before it then
+            // holds only superseded changes and can be deleted whole.
+            log.set_config(LogConfig {
+                segment_bytes: 1,
+                ..config.clone()
+            });
+            let appended = log.append(&mut batch, 0, now_ms);
+            log.set_config(config.clone());
+            appended?;
+        } else {
+            log.append(&mut batch, 0, now_ms)?;
+        }
+    }
+    let end = log.log_end_offset();
+    log.set_high_watermark(end);
+    log.flush()?;
+    if stop == Stop::BeforeDroppingOld {
+        return Ok(());
+    }
+    log.delete_records_before(snapshot_start)?;
+    debug_assert_eq!(log.log_start_offset(), snapshot_start);
+    Ok(())
+}
+
+/// What a replay of the log yields now: the durable offsets with the pending
+/// changes (already in the log, ahead of the restated set) applied, as commits in
+/// a stable order.
+fn live_changes(state: &State) -> Vec<OffsetChange> {
+    let mut live = State {
+        committed: state.committed.clone(),
+        ..State::default()
+    };
+    for change in state.pending.values().flatten() {
+        live.apply(change.clone());
+    }
+    let mut groups: Vec<(String, GroupOffsets)> = live.committed.into_iter().collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    groups
+        .into_iter()
+        .flat_map(|(group, offsets)| {
+            offsets
+                .into_iter()
+                .map(move |((topic, partition), offset)| OffsetChange::Commit {
+                    group: group.clone(),
+                    topic,
+                    partition,
+                    offset,
+                })
+        })
+        .collect()
+}
+
+/// About the bytes the live set takes once restated.
+fn live_bytes_estimate(committed: &HashMap<String, GroupOffsets>) -> u64 {
+    let mut records = 0u64;
+    let mut bytes = 0u64;
+    for (group, offsets) in committed {
+        for ((topic, _), offset) in offsets {
+            records += 1;
+            // format, kind, 4 length prefixes, partition, offset, epoch, timestamp
+            let fixed = 2 + 4 * 3 + 4 + 8 + 4 + 8;
+            let metadata = offset.metadata.as_ref().map_or(0, String::len);
+            bytes += (fixed + group.len() + topic.len() + metadata) as u64 + RECORD_OVERHEAD_BYTES;
+        }
+    }
+    bytes + records.div_ceil(SNAPSHOT_CHANGES_PER_BATCH as u64) * BATCH_OVERHEAD_BYTES
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -505,6 +714,227 @@ mod tests {
             }
         }
         assert_eq!(decode_change(&[2, 0]), Err("unknown format version"));
+    }
+
+    type Snapshot = BTreeMap<(String, String, i32), CommittedOffset>;
+
+    fn everything(store: &OffsetsStore) -> Snapshot {
+        let mut all = Snapshot::new();
+        for group in store.groups() {
+            for (topic, partition, offset) in store.group_offsets(&group) {
+                all.insert((group.clone(), topic, partition), offset);
+            }
+        }
+        all
+    }
+
+    fn commit(group: &str, topic: &str, partition: i32, offset: i64) -> OffsetChange {
+        OffsetChange::Commit {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+            offset: CommittedOffset {
+                offset,
+                leader_epoch: (offset % 3) as i32 - 1,
+                metadata: (offset % 2 == 0).then(|| format!("m{offset}")),
+                commit_timestamp_ms: 1_000 + offset,
+            },
+        }
+    }
+
+    /// Commits that overwrite, delete offsets and delete a group: 1199 offsets stay
+    /// live, more than one restated batch holds.
+    async fn fill(store: &OffsetsStore, flusher: &Flusher) {
+        for round in 0..3i64 {
+            for g in 0..4 {
+                let group = format!("g{g}");
+                let all: Vec<OffsetChange> = (0..2)
+                    .flat_map(|t| (0..200).map(move |p| (t, p)))
+                    .map(|(t, p)| commit(&group, &format!("t{t}"), p, round * 1000 + p as i64))
+                    .collect();
+                for chunk in all.chunks(400) {
+                    store.commit(flusher, chunk.to_vec(), 0).await.unwrap();
+                }
+            }
+        }
+        let deletions = vec![
+            OffsetChange::DeleteOffset {
+                group: "g1".into(),
+                topic: "t0".into(),
+                partition: 5,
+            },
+            OffsetChange::DeleteGroup { group: "g3".into() },
+        ];
+        store.commit(flusher, deletions, 0).await.unwrap();
+        assert_eq!(everything(store).len(), 3 * 400 - 1);
+    }
+
+    /// Equal maps, or a short account of the first difference.
+    fn same(got: &Snapshot, expected: &Snapshot, when: &str) {
+        let missing = expected.iter().find(|(k, v)| got.get(*k) != Some(*v));
+        let extra = got.keys().find(|k| !expected.contains_key(*k));
+        assert!(
+            missing.is_none() && extra.is_none(),
+            "{when}: {} offsets, expected {}; first missing or changed {missing:?}, first extra {extra:?}",
+            got.len(),
+            expected.len()
+        );
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_step_of_compaction_loses_no_offset() {
+        #[derive(Debug, Clone, Copy)]
+        enum Crash {
+            At(Stop),
+            /// Mid-way through writing the restated set: its last batch torn.
+            TornSnapshot,
+            /// The log start moved durably, the old segments not deleted yet.
+            BeforeSegmentsDeleted,
+            None,
+        }
+        let crashes = [
+            Crash::At(Stop::AfterSnapshotBatches(0)),
+            Crash::At(Stop::AfterSnapshotBatches(1)),
+            Crash::TornSnapshot,
+            Crash::At(Stop::BeforeDroppingOld),
+            Crash::BeforeSegmentsDeleted,
+            Crash::None,
+        ];
+        let flusher = Flusher::start();
+        for crash in crashes {
+            let data = tempfile::tempdir().unwrap();
+            let dir = data.path().join(DIR_NAME);
+            let store = OffsetsStore::open(data.path(), 0, u64::MAX).unwrap();
+            fill(&store, &flusher).await;
+            let expected = everything(&store);
+            let size_before = store.size_bytes();
+            let backup = tempfile::tempdir().unwrap();
+            for name in files(&dir) {
+                std::fs::copy(dir.join(&name), backup.path().join(&name)).unwrap();
+            }
+            let stop = match crash {
+                Crash::At(stop) => stop,
+                Crash::TornSnapshot => Stop::AfterSnapshotBatches(1),
+                Crash::BeforeSegmentsDeleted | Crash::None => Stop::Never,
+            };
+            store.compact_and_stop(7, stop).unwrap();
+            drop(store); // as a kill: nothing more is written or flushed
+            match crash {
+                Crash::TornSnapshot => {
+                    let last = files(&dir)
+                        .into_iter()
+                        .rfind(|n| n.ends_with(".log"))
+                        .unwrap();
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(dir.join(last))
+                        .unwrap();
+                    let len = file.metadata().unwrap().len();
+                    file.set_len(len - 5).unwrap();
+                }
+                Crash::BeforeSegmentsDeleted => {
+                    let now = files(&dir);
+                    let restored: Vec<String> = files(backup.path())
+                        .into_iter()
+                        .filter(|n| !now.contains(n))
+                        .collect();
+                    assert!(!restored.is_empty(), "compaction deleted old segments");
+                    for name in restored {
+                        std::fs::copy(backup.path().join(&name), dir.join(&name)).unwrap();
+                    }
+                }
+                _ => {}
+            }
+
+            let store = OffsetsStore::open(data.path(), 0, u64::MAX).unwrap();
+            same(&everything(&store), &expected, &format!("after {crash:?}"));
+            if matches!(crash, Crash::None) {
+                assert!(
+                    store.size_bytes() < size_before / 2,
+                    "{} bytes of {size_before} left",
+                    store.size_bytes()
+                );
+            }
+            // The log goes on from there, and compacts again (at open) to the same.
+            store
+                .commit(&flusher, vec![commit("g0", "t0", 0, 99_999)], 0)
+                .await
+                .unwrap();
+            let mut expected = expected;
+            let OffsetChange::Commit { offset, .. } = commit("g0", "t0", 0, 99_999) else {
+                unreachable!()
+            };
+            expected.insert(("g0".into(), "t0".into(), 0), offset);
+            drop(store);
+            let store = OffsetsStore::open(data.path(), 0, 1).unwrap();
+            same(
+                &everything(&store),
+                &expected,
+                &format!("compacted at open after {crash:?}"),
+            );
+            drop(store);
+            let store = OffsetsStore::open(data.path(), 0, u64::MAX).unwrap();
+            same(
+                &everything(&store),
+                &expected,
+                &format!("reopened after {crash:?}"),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_log_bounded_by_the_live_offsets() {
+        const MIN_BYTES: u64 = 4 * 1024;
+        let data = tempfile::tempdir().unwrap();
+        let flusher = Flusher::start();
+        let store = OffsetsStore::open(data.path(), 0, MIN_BYTES).unwrap();
+        let mut written = 0u64;
+        for i in 0..1_000i64 {
+            let changes: Vec<OffsetChange> = (0..4)
+                .map(|p| commit("g", "t", p, i * 10 + p as i64))
+                .collect();
+            let before = store.size_bytes();
+            store.commit(&flusher, changes, i).await.unwrap();
+            written += store.size_bytes().saturating_sub(before);
+            // Four live offsets: the log never grows much past the floor.
+            assert!(
+                store.size_bytes() <= MIN_BYTES + 1024,
+                "commit {i}: {} bytes",
+                store.size_bytes()
+            );
+        }
+        assert!(written > 20 * MIN_BYTES, "{written} bytes were committed");
+        let segments = store.partition.lock().segment_count();
+        assert!(segments <= 2, "{segments} segments");
+        let expected = everything(&store);
+        drop(store);
+        let store = OffsetsStore::open(data.path(), 0, MIN_BYTES).unwrap();
+        assert_eq!(everything(&store), expected);
+        assert_eq!(store.fetch("g", "t", 3).unwrap().offset, 9_993);
+
+        // Everything deleted: the log still shrinks to (almost) nothing.
+        store
+            .commit(
+                &flusher,
+                vec![OffsetChange::DeleteGroup { group: "g".into() }],
+                0,
+            )
+            .await
+            .unwrap();
+        store.compact_and_stop(0, Stop::Never).unwrap();
+        assert!(store.size_bytes() < 200, "{} bytes", store.size_bytes());
+        drop(store);
+        let store = OffsetsStore::open(data.path(), 0, MIN_BYTES).unwrap();
+        assert!(store.groups().is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext as _, Message, Offset, TopicPartitionList};
 
-use super::{describe_error, ConnectArgs, ToolContext};
+use super::{describe_code, describe_error, ConnectArgs, ToolContext};
 
 /// Longest single wait in `poll`, so the stop conditions are checked regularly and
 /// output is flushed soon after records stop arriving.
@@ -167,16 +167,20 @@ fn consume_loop(
                 at_end.insert(partition);
             }
             Some(Err(err)) if is_fatal(&err) => {
-                let hint = match (&err, args.offset) {
-                    (
-                        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
-                        Some(offset),
-                    ) => {
-                        format!(" (--offset {offset} is outside a partition's log)")
-                    }
-                    _ => String::new(),
-                };
-                bail!("consume failed: {}{hint}", describe_error(&err));
+                if let (
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+                    Some(offset),
+                ) = (&err, args.offset)
+                {
+                    // With auto.offset.reset=error librdkafka reports the cluster's
+                    // OFFSET_OUT_OF_RANGE under its own _AUTO_OFFSET_RESET code; name the
+                    // Kafka error the cluster returned, as for every other failure.
+                    bail!(
+                        "consume failed: {} (--offset {offset} is outside a partition's log)",
+                        describe_code(RDKafkaErrorCode::OffsetOutOfRange)
+                    );
+                }
+                bail!("consume failed: {}", describe_error(&err));
             }
             Some(Err(err)) => {
                 // Transient client-side trouble (a broker connection dropped, say):

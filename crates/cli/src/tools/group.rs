@@ -36,7 +36,8 @@ enum GroupCommand {
     /// List consumer groups, one per line: GROUP, STATE, PROTOCOL_TYPE (tab separated).
     List,
     /// Show a group's state, members with their assigned partitions, and the
-    /// committed offset, log end offset and lag of every partition it has committed.
+    /// committed offset, log end offset and lag of every partition it has committed
+    /// or a member is assigned ("-" where nothing is committed yet).
     Describe { group: String },
     /// Set a group's committed offsets for a topic. Refused while the group has
     /// members: stop its consumers first.
@@ -222,11 +223,13 @@ fn state_or_unknown(state: &str) -> &str {
     }
 }
 
-/// One partition the group has committed, with how far behind the log end it is.
+/// One partition the group has committed or is assigned, with how far behind the
+/// log end it is.
 struct PartitionLag {
     topic: String,
     partition: i32,
-    committed: i64,
+    /// `None`: assigned, nothing committed yet.
+    committed: Option<i64>,
     log_end: i64,
     metadata: String,
 }
@@ -268,14 +271,17 @@ fn describe(
         )?;
     }
     for lag in committed_lags(client, &metadata, &summary)? {
+        // As kafka-consumer-groups shows a partition without a committed offset.
+        let (committed, behind) = match lag.committed {
+            Some(offset) => (offset.to_string(), (lag.log_end - offset).to_string()),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         writeln!(
             out,
-            "\tTopic: {}\tPartition: {}\tCommitted: {}\tLogEnd: {}\tLag: {}\tMetadata: {}",
+            "\tTopic: {}\tPartition: {}\tCommitted: {committed}\tLogEnd: {}\tLag: {behind}\tMetadata: {}",
             lag.topic,
             lag.partition,
-            lag.committed,
             lag.log_end,
-            lag.log_end - lag.committed,
             printable(&lag.metadata)
         )?;
     }
@@ -284,7 +290,8 @@ fn describe(
 
 /// OffsetFetch for every partition of every topic in the cluster's `metadata` and
 /// every partition a member is assigned (a topic may be missing from metadata fetched
-/// a moment earlier), keeping the partitions with a committed offset, each with its log end.
+/// a moment earlier), keeping the partitions with a committed offset and the assigned
+/// ones, each with its log end.
 fn committed_lags(
     client: &BaseConsumer<ToolContext>,
     metadata: &Metadata,
@@ -299,15 +306,17 @@ fn committed_lags(
             wanted.insert((topic.name().to_owned(), partition.id()));
         }
     }
+    let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();
     for member in &summary.members {
         if let Some(Ok(assignment)) = &member.assignment {
             for (topic, partitions) in assignment {
                 for &partition in partitions {
-                    wanted.insert((topic.clone(), partition));
+                    assigned.insert((topic.clone(), partition));
                 }
             }
         }
     }
+    wanted.extend(assigned.iter().cloned());
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -327,10 +336,11 @@ fn committed_lags(
                 describe_error(&err)
             );
         }
-        let Offset::Offset(offset) = element.offset() else {
-            continue; // nothing committed for this partition
+        let committed = match element.offset() {
+            Offset::Offset(offset) if offset >= 0 => Some(offset),
+            _ => None, // nothing committed for this partition
         };
-        if offset < 0 {
+        if committed.is_none() && !assigned.contains(&(topic.to_owned(), partition)) {
             continue;
         }
         let (_, log_end) = client
@@ -344,7 +354,7 @@ fn committed_lags(
         lags.push(PartitionLag {
             topic: topic.to_owned(),
             partition,
-            committed: offset,
+            committed,
             log_end,
             metadata: element.metadata().to_owned(),
         });

@@ -62,6 +62,82 @@ pub fn raw_batch(
     batch
 }
 
+/// Kafka's codec ids.
+pub const GZIP: i16 = 1;
+pub const SNAPPY: i16 = 2;
+pub const LZ4: i16 = 3;
+pub const ZSTD: i16 = 4;
+pub const CODECS: [i16; 4] = [GZIP, SNAPPY, LZ4, ZSTD];
+
+/// No limit on the bytes a timestamp lookup decompresses.
+pub const NO_LIMIT: u64 = u64::MAX;
+
+/// `data` compressed as Kafka clients compress a batch's records (snappy in the
+/// Java client's xerial framing, in 32 KiB blocks).
+pub fn compress(codec: i16, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match codec {
+        GZIP => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        SNAPPY => {
+            let mut out = b"\x82SNAPPY\x00".to_vec();
+            out.extend_from_slice(&1i32.to_be_bytes());
+            out.extend_from_slice(&1i32.to_be_bytes());
+            for block in data.chunks(32 * 1024) {
+                let compressed = snap::raw::Encoder::new().compress_vec(block).unwrap();
+                out.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+                out.extend_from_slice(&compressed);
+            }
+            out
+        }
+        LZ4 => {
+            let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        ZSTD => zstd::stream::encode_all(data, 3).unwrap(),
+        other => panic!("no codec {other}"),
+    }
+}
+
+/// Encoded records with the given timestamps, offset deltas 0, 1, ...
+pub fn records_with_timestamps(base_timestamp: i64, timestamps: &[i64], value: &[u8]) -> Vec<u8> {
+    let mut records = Vec::new();
+    for (i, ts) in timestamps.iter().enumerate() {
+        let mut body = vec![0u8];
+        put_varint(&mut body, ts - base_timestamp);
+        put_varint(&mut body, i as i64);
+        put_varint(&mut body, -1);
+        put_varint(&mut body, value.len() as i64);
+        body.extend_from_slice(value);
+        put_varint(&mut body, 0);
+        put_varint(&mut records, body.len() as i64);
+        records.extend_from_slice(&body);
+    }
+    records
+}
+
+/// A batch compressed with `codec` whose records have the given timestamps.
+pub fn compressed_batch_with_timestamps(
+    codec: i16,
+    base_timestamp: i64,
+    timestamps: &[i64],
+    value: &[u8],
+) -> Vec<u8> {
+    let records = records_with_timestamps(base_timestamp, timestamps, value);
+    let max = *timestamps.iter().max().expect("at least one record");
+    raw_batch(
+        codec,
+        base_timestamp,
+        max,
+        timestamps.len() as i32,
+        &compress(codec, &records),
+    )
+}
+
 /// An uncompressed batch whose records have the given timestamps (any order).
 pub fn batch_with_timestamps(base_timestamp: i64, timestamps: &[i64]) -> Vec<u8> {
     let mut records = Vec::new();
@@ -80,7 +156,7 @@ pub fn batch_with_timestamps(base_timestamp: i64, timestamps: &[i64]) -> Vec<u8>
     raw_batch(0, base_timestamp, max, timestamps.len() as i32, &records)
 }
 
-/// A "gzip" batch whose payload is not really compressed: storage never inflates.
+/// A "gzip" batch whose payload is not really gzip: its records cannot be walked.
 pub fn compressed_batch(base_timestamp: i64, max_timestamp: i64, count: i32) -> Vec<u8> {
     raw_batch(
         1,

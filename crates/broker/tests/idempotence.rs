@@ -1,0 +1,513 @@
+//! Idempotent producers over real TCP with raw Kafka requests, on a broker served
+//! in-process: InitProducerId answers, epoch fencing, sequence gaps, duplicates of
+//! the last five batches, producers without state, and producer-id expiry (with a
+//! clock the test moves).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker::{Broker, BrokerConfig, Clock};
+use bytes::{Bytes, BytesMut};
+use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
+use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use protocol::kafka_protocol::messages::produce_response::PartitionProduceResponse;
+use protocol::kafka_protocol::messages::*;
+use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use protocol::record_batch::{build_simple_batch, set_producer};
+use protocol::ResponseError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+// ---- harness (as in tests/server.rs, plus a clock and the background tasks) ----
+
+/// Starts at the real time; tests move it forward (or back) by hand.
+struct TestClock(AtomicI64);
+
+impl TestClock {
+    fn new() -> Arc<TestClock> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        Arc::new(TestClock(AtomicI64::new(now)))
+    }
+    fn set(&self, ms: i64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TestClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct TestBroker {
+    addr: SocketAddr,
+    broker: Arc<Broker>,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    background: tokio::task::JoinHandle<()>,
+}
+
+impl TestBroker {
+    async fn start(config: BrokerConfig, clock: Arc<TestClock>) -> TestBroker {
+        Self::start_in(tempfile::tempdir().unwrap(), config, clock).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        mut config: BrokerConfig,
+        clock: Arc<TestClock>,
+    ) -> TestBroker {
+        config.data_dir = dir.path().to_path_buf();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let broker = Broker::open(config, "127.0.0.1".into(), addr.port() as i32, clock).unwrap();
+        let background = tokio::spawn(broker.clone().run_background());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = broker.clone();
+        let task = tokio::spawn(async move {
+            broker::server::run(serving.clone(), listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+            serving.shutdown();
+        });
+        TestBroker {
+            addr,
+            broker,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+            background,
+        }
+    }
+
+    /// Stops serving and the background tasks, flushes, and hands back the data
+    /// directory once nothing holds the broker (and its data-dir lock) any more.
+    async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        self.background.abort();
+        let _ = (&mut self.background).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&self.broker) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "a background job kept the broker"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.dir
+    }
+}
+
+struct Client {
+    stream: TcpStream,
+    correlation_id: i32,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            correlation_id: 0,
+        }
+    }
+
+    async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
+        self.correlation_id += 1;
+        let mut buf = BytesMut::new();
+        let api_key = ApiKey::try_from(R::KEY).unwrap();
+        RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("test")))
+            .encode(&mut buf, R::header_version(version))
+            .unwrap();
+        request.encode(&mut buf, version).unwrap();
+        self.stream
+            .write_all(&(buf.len() as i32).to_be_bytes())
+            .await
+            .unwrap();
+        self.stream.write_all(&buf).await.unwrap();
+        let mut size = [0u8; 4];
+        self.stream.read_exact(&mut size).await.unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.stream.read_exact(&mut body).await.unwrap();
+        let mut frame = Bytes::from(body);
+        let header =
+            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
+        assert_eq!(header.correlation_id, self.correlation_id);
+        R::Response::decode(&mut frame, version).unwrap()
+    }
+
+    async fn create_topic(&mut self, name: &str) {
+        let request = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
+            .with_name(TopicName(StrBytes::from_string(name.into())))
+            .with_num_partitions(1)
+            .with_replication_factor(1)]);
+        let response = self.call(request, 7).await;
+        assert_eq!(response.topics[0].error_code, 0);
+    }
+
+    async fn init_producer_id(&mut self, id: i64, epoch: i16, version: i16) -> (i16, i64, i16) {
+        let r = self
+            .call(
+                InitProducerIdRequest::default()
+                    .with_transactional_id(None)
+                    .with_transaction_timeout_ms(60_000)
+                    .with_producer_id(ProducerId(id))
+                    .with_producer_epoch(epoch),
+                version,
+            )
+            .await;
+        (r.error_code, r.producer_id.0, r.producer_epoch)
+    }
+
+    async fn produce(&mut self, topic: &str, batch: Vec<u8>) -> PartitionProduceResponse {
+        let request = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(5000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.into())))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(Bytes::from(batch)))])]);
+        let mut response = self.call(request, 9).await;
+        response.responses.remove(0).partition_responses.remove(0)
+    }
+
+    /// (error code, base offset) of an idempotent batch of `records` records.
+    async fn send(
+        &mut self,
+        topic: &str,
+        batch: (i64, i16, i32, usize, i64),
+    ) -> (Option<ResponseError>, i64) {
+        let (pid, epoch, seq, records, timestamp_ms) = batch;
+        let r = self
+            .produce(topic, idempotent(pid, epoch, seq, records, timestamp_ms))
+            .await;
+        (error(r.error_code), r.base_offset)
+    }
+
+    async fn log_end(&mut self, topic: &str) -> i64 {
+        let request = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.into())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let response = self.call(request, 12).await;
+        let p = &response.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0);
+        p.high_watermark
+    }
+}
+
+/// The answer without an error.
+const NONE: Option<ResponseError> = None;
+
+fn error(code: i16) -> Option<ResponseError> {
+    (code != 0).then(|| {
+        ResponseError::try_from_code(code).unwrap_or_else(|| panic!("unknown error code {code}"))
+    })
+}
+
+fn idempotent(pid: i64, epoch: i16, seq: i32, records: usize, timestamp_ms: i64) -> Vec<u8> {
+    let values: Vec<&[u8]> = vec![b"v"; records];
+    let mut batch = build_simple_batch(timestamp_ms, &values);
+    set_producer(&mut batch, pid, epoch, seq);
+    batch
+}
+
+// ---- tests ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn init_producer_id_always_hands_out_a_new_id_at_epoch_0() {
+    let broker = TestBroker::start(BrokerConfig::default(), TestClock::new()).await;
+    let mut client = Client::connect(broker.addr).await;
+    let mut seen = std::collections::HashSet::new();
+    for version in 0..=4 {
+        let (err, id, epoch) = client.init_producer_id(-1, -1, version).await;
+        assert_eq!((err, epoch), (0, 0), "v{version}");
+        assert!(id >= 0 && seen.insert(id), "v{version}: id {id} is new");
+    }
+    // KIP-360's form (the producer's current id and epoch) without a transactional
+    // id: Kafka still gives a new id at epoch 0, not the next epoch.
+    let (_, current, _) = client.init_producer_id(-1, -1, 4).await;
+    for version in [3, 4] {
+        let (err, id, epoch) = client.init_producer_id(current, 0, version).await;
+        assert_eq!((err, epoch), (0, 0), "v{version}");
+        assert_ne!(id, current, "v{version}: a new id, not a bumped epoch");
+        assert!(seen.insert(id));
+    }
+    // Only one of the two given: malformed.
+    for (id, epoch) in [(current, -1), (-1, 0)] {
+        let (err, id_back, epoch_back) = client.init_producer_id(id, epoch, 4).await;
+        assert_eq!(
+            error(err),
+            Some(ResponseError::InvalidRequest),
+            "({id}, {epoch})"
+        );
+        assert_eq!((id_back, epoch_back), (-1, -1));
+    }
+    drop(client);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_epoch_is_fenced_and_a_new_epoch_restarts_at_zero() {
+    let clock = TestClock::new();
+    let now = clock.now_ms();
+    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("fence").await;
+    assert_eq!(c.send("fence", (7, 1, 0, 2, now)).await, (NONE, 0));
+    assert_eq!(
+        c.send("fence", (7, 0, 2, 1, now)).await.0,
+        Some(ResponseError::InvalidProducerEpoch)
+    );
+    assert_eq!(
+        c.send("fence", (7, 0, 0, 1, now)).await.0,
+        Some(ResponseError::InvalidProducerEpoch),
+        "an older epoch is fenced even at sequence 0"
+    );
+    assert_eq!(
+        c.send("fence", (7, 2, 2, 1, now)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber),
+        "a new epoch must start at sequence 0"
+    );
+    assert_eq!(c.send("fence", (7, 2, 0, 1, now)).await, (NONE, 2));
+    assert_eq!(
+        c.send("fence", (7, 1, 2, 1, now)).await.0,
+        Some(ResponseError::InvalidProducerEpoch),
+        "epoch 1 is now stale too"
+    );
+    assert_eq!(c.log_end("fence").await, 3, "refused batches wrote nothing");
+    drop(c);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_sequence_gap_is_out_of_order_and_writes_nothing() {
+    let clock = TestClock::new();
+    let now = clock.now_ms();
+    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("gap").await;
+    assert_eq!(c.send("gap", (3, 0, 0, 3, now)).await, (NONE, 0));
+    for seq in [4, 100, 1] {
+        assert_eq!(
+            c.send("gap", (3, 0, seq, 1, now)).await.0,
+            Some(ResponseError::OutOfOrderSequenceNumber),
+            "sequence {seq} after 0..=2"
+        );
+    }
+    assert_eq!(c.log_end("gap").await, 3);
+    assert_eq!(c.send("gap", (3, 0, 3, 1, now)).await, (NONE, 3));
+    drop(c);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn retries_of_the_last_five_batches_get_their_offsets_and_older_ones_are_refused() {
+    let clock = TestClock::new();
+    let now = clock.now_ms();
+    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("dups").await;
+    // Six batches of 1..=6 records: (sequence, records, base offset).
+    let mut sent = Vec::new();
+    let (mut seq, mut offset) = (0, 0);
+    for records in 1..=6usize {
+        assert_eq!(
+            c.send("dups", (9, 0, seq, records, now)).await,
+            (NONE, offset)
+        );
+        sent.push((seq, records, offset));
+        seq += records as i32;
+        offset += records as i64;
+    }
+    let end = c.log_end("dups").await;
+    assert_eq!(end, 21);
+    for &(seq, records, offset) in &sent[1..] {
+        assert_eq!(
+            c.send("dups", (9, 0, seq, records, now)).await,
+            (NONE, offset),
+            "retry of the batch at sequence {seq}"
+        );
+    }
+    // The first batch is no longer remembered: Kafka answers out of order.
+    let (seq, records, _) = sent[0];
+    assert_eq!(
+        c.send("dups", (9, 0, seq, records, now)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber)
+    );
+    // Same first sequence, different length: not a duplicate, and not next either.
+    let (seq, records, _) = sent[5];
+    assert_eq!(
+        c.send("dups", (9, 0, seq, records - 1, now)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber)
+    );
+    assert_eq!(c.log_end("dups").await, end, "no retry was written again");
+    drop(c);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_producer_without_state_may_start_at_any_sequence() {
+    let clock = TestClock::new();
+    let now = clock.now_ms();
+    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("lost").await;
+    // As after its state expired or its batches were removed: Kafka 3.x accepts it.
+    assert_eq!(c.send("lost", (55, 3, 42, 2, now)).await, (NONE, 0));
+    assert_eq!(
+        c.send("lost", (55, 3, 42, 2, now)).await,
+        (NONE, 0),
+        "retry"
+    );
+    assert_eq!(
+        c.send("lost", (55, 3, 45, 1, now)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber),
+        "from then on it is tracked"
+    );
+    assert_eq!(c.send("lost", (55, 3, 44, 1, now)).await, (NONE, 2));
+    assert_eq!(
+        error(
+            c.produce("lost", idempotent(56, 0, -1, 1, now))
+                .await
+                .error_code
+        ),
+        Some(ResponseError::InvalidRecord),
+        "a producer id with no sequence is malformed"
+    );
+    assert_eq!(c.log_end("lost").await, 3);
+    drop(c);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn idle_producers_expire_in_the_background_and_leave_the_snapshot() {
+    const EXPIRATION_MS: i64 = 60_000;
+    let config = BrokerConfig {
+        producer_id_expiration_ms: EXPIRATION_MS,
+        producer_id_expiration_check_interval_ms: 10,
+        ..BrokerConfig::default()
+    };
+    let clock = TestClock::new();
+    let start = clock.now_ms();
+    let broker = TestBroker::start(config.clone(), clock.clone()).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("idle").await;
+    // Producer 1 goes idle; producer 2 writes again just before the clock moves.
+    assert_eq!(c.send("idle", (1, 0, 0, 1, start)).await, (NONE, 0));
+    assert_eq!(c.send("idle", (2, 0, 0, 1, start)).await, (NONE, 1));
+    clock.set(start + EXPIRATION_MS - 1);
+    assert_eq!(
+        c.send("idle", (2, 0, 1, 1, start + 30_000)).await,
+        (NONE, 2)
+    );
+    assert_eq!(
+        c.send("idle", (1, 0, 5, 1, start)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber),
+        "not idle long enough yet"
+    );
+
+    clock.set(start + EXPIRATION_MS);
+    // The background check forgets producer 1: its gapped sequence is then taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.send("idle", (1, 0, 5, 1, start)).await {
+            (None, offset) => {
+                assert_eq!(offset, 3);
+                break;
+            }
+            (err, _) => assert_eq!(err, Some(ResponseError::OutOfOrderSequenceNumber)),
+        }
+        assert!(Instant::now() < deadline, "producer 1 never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        c.send("idle", (2, 0, 5, 1, start + 30_000)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber),
+        "producer 2 was active 30 s ago and is still tracked"
+    );
+    // Producer 1's new batch still carries the old timestamp, so it is idle again:
+    // the next check drops it, and rewrites the snapshot without it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let partition = broker
+        .broker
+        .topics
+        .get("idle")
+        .unwrap()
+        .partition(0)
+        .unwrap();
+    while partition.lock_producers().producer_count() != 1 {
+        assert!(Instant::now() < deadline, "producer 1 never expired again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(partition);
+    drop(c);
+
+    // Restart with the clock back at the start: had the snapshot kept producer 1,
+    // it would not be idle then and its gap would be refused.
+    let dir = broker.stop().await;
+    clock.set(start);
+    let broker = TestBroker::start_in(dir, config, clock.clone()).await;
+    let mut c = Client::connect(broker.addr).await;
+    assert_eq!(
+        c.send("idle", (1, 0, 40, 1, start)).await,
+        (NONE, 4),
+        "producer 1 did not come back from the snapshot"
+    );
+    assert_eq!(
+        c.send("idle", (2, 0, 5, 1, start)).await.0,
+        Some(ResponseError::OutOfOrderSequenceNumber),
+        "producer 2 did"
+    );
+    drop(c);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn producers_replayed_from_the_log_expire_at_start_up() {
+    let config = BrokerConfig {
+        producer_id_expiration_ms: 60_000,
+        ..BrokerConfig::default()
+    };
+    let clock = TestClock::new();
+    let start = clock.now_ms();
+    let broker = TestBroker::start(config.clone(), clock.clone()).await;
+    let mut c = Client::connect(broker.addr).await;
+    c.create_topic("replay").await;
+    assert_eq!(c.send("replay", (1, 0, 0, 1, start)).await, (NONE, 0));
+    drop(c);
+    let dir = broker.stop().await;
+    // Without a snapshot the state is rebuilt from the log, old batch included.
+    std::fs::remove_file(dir.path().join("replay-0").join("producer-state.json")).unwrap();
+    clock.set(start + 60_000);
+    let broker = TestBroker::start_in(dir, config, clock).await;
+    let mut c = Client::connect(broker.addr).await;
+    assert_eq!(
+        c.send("replay", (1, 0, 9, 1, start)).await,
+        (NONE, 1),
+        "the idle producer was dropped when the broker opened"
+    );
+    drop(c);
+    broker.stop().await;
+}
