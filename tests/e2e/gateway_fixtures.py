@@ -485,6 +485,47 @@ def gateway_factory(tmp_path):
 # ---- waiting on the gateway -------------------------------------------------------------
 
 
+def hold_request(gw: "Gateway", topic: str, body: bytes, timeout: float = 20.0):
+    """Starts `POST /ingest/{topic}` with `body` but sends only its first 10 bytes, and
+    returns (socket, a 503 answer to a probe) once the request holds the gateway's only
+    request slot (the gateway must run with FRESHET_HTTP_MAX_CONCURRENT_REQUESTS=1).
+    The probe (GET /topics) writes nothing; when it wins the race for the slot, the
+    held request is answered 503 at once and a new one is started."""
+    import select
+    head = (f"POST /ingest/{topic} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    slow = None
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"the held request never took the only slot in {timeout}s"
+        if slow is None:
+            slow = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            slow.sendall(head + body[:10])
+        if select.select([slow], [], [], 0.05)[0]:
+            early = slow.recv(65536)
+            assert early.startswith(b"HTTP/1.1 503"), early
+            slow.close()
+            slow = None
+            continue
+        r = get(f"{gw.http}/topics")
+        if r.status == 503:
+            return slow, r
+        assert r.status == 200, r
+
+
+def finish_request(slow: socket.socket, body: bytes) -> bytes:
+    """Sends the rest of a `hold_request` body; returns the raw answer."""
+    slow.sendall(body[10:])
+    answer = b""
+    while chunk := slow.recv(65536):
+        answer += chunk
+    slow.close()
+    return answer
+
+
+# ---- waiting on the gateway -------------------------------------------------------------
+
+
 def wait_spool_empty(base: str, timeout: float = 60.0) -> dict:
     from helpers import wait_until
 

@@ -17,21 +17,17 @@ import base64
 import json
 import os
 import resource
-import select
-import socket
-import statistics
 import subprocess
 import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conftest import freshet_bin
-from gateway_fixtures import (SseStream, assert_error, gateway_factory, get, health, ingest,  # noqa: F401
-                              metric, metrics, post, request, sse_async, wait_spool_empty)
+from gateway_fixtures import (SseStream, assert_error, finish_request, gateway_factory, get, health,  # noqa: F401
+                              hold_request, ingest, metric, metrics, post, request, sse_async, wait_spool_empty)
 from helpers import consume, create_topic, topic_name, wait_until, watermarks
 
 BROKER_ENV = {
@@ -428,6 +424,7 @@ def test_ingest_idempotency_key_stores_once(broker):
     topic = create_topic(bs, topic_name("gw-idem"))
     doc = {"form": "signup", "email": "a@example.com"}
     hdr = {"Idempotency-Key": "req-1"}
+    replays_before = metric(metrics(base), "freshet_gateway_idempotent_replays_total")
     first = ingest(base, topic, doc=doc, headers=hdr)
     assert first.status == 202 and "idempotent-replayed" not in first.headers, first
     for _ in range(3):
@@ -447,12 +444,33 @@ def test_ingest_idempotency_key_stores_once(broker):
     assert all(a.status == 202 for a in answers), answers
     assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1, answers
     assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 7, answers
+    assert metric(metrics(base), "freshet_gateway_idempotent_replays_total") - replays_before == 3 + 7
+    # A first attempt that failed is not remembered: its retry runs again.
+    hdr3 = {"Idempotency-Key": "req-3"}
+    assert_error(ingest(base, topic, doc={"n": 3}, partition=5, headers=hdr3), 404, 40402)
+    assert_error(ingest(base, topic, doc={"n": 3}, partition=5, headers=hdr3), 404, 40402)
     # The key is per topic: another topic stores its own record.
     other = create_topic(bs, topic_name("gw-idem"))
     assert ingest(base, other, doc=doc, headers=hdr).status == 202
     recs = consume(bs, topic)
     assert [json.loads(r.value) for r in recs] == [doc, {"n": 2}]
     assert end_offsets(bs, other) == [1]
+
+
+def test_idempotency_key_retry_through_another_gateway_stores_once(broker, gateway_factory):
+    """Gateways scale out behind a load balancer, so a client's retry may reach another
+    gateway of the same cluster; it must still be stored once (issue 5: "a client
+    retry is stored once")."""
+    bs = broker.bootstrap
+    gw_b = gateway_factory(brokers=bs)
+    topic = create_topic(bs, topic_name("gw-idem-lb"))
+    hdr = {"Idempotency-Key": "lb-retry-1"}
+    first = ingest(broker.http, topic, doc={"order": 1}, headers=hdr)
+    assert first.status == 202, first
+    retry = ingest(gw_b.http, topic, doc={"order": 1}, headers=hdr)
+    assert retry.status == 202, retry
+    assert end_offsets(bs, topic) == [1], "a retry through another gateway stored the record again"
+    assert retry.json() == first.json() and retry.headers.get("idempotent-replayed") == "true", retry
 
 
 def test_ingest_unknown_topic_partition_and_bad_names(broker):
@@ -763,6 +781,24 @@ def test_stream_catch_up_joins_the_shared_reader_without_gaps(broker, gateway_fa
         assert [e.json()["value"]["tag"] for e in evs if e.json()["value"]["tag"] == "sentinel"] == ["sentinel"]
 
 
+def test_stream_of_a_topic_created_after_a_404(broker):
+    base, bs = broker.http, broker.bootstrap
+    name = topic_name("gw-sse-late")
+    assert_error(get(f"{base}{stream_path(name)}"), 404)
+    create_topic(bs, name)
+    # The gateway may still remember the answer for a moment; it must not for long.
+    def opens():
+        s = SseStream(base, stream_path(name))
+        if s.status != 200:
+            return None
+        return s
+    s = wait_until(opens, timeout=10, what="a stream of the new topic")
+    with s:
+        assert s.next().positions() == {0: 0}
+        assert ingest(base, name, doc={"late": True}).status == 202
+        assert s.next().json()["value"] == {"late": True}
+
+
 def test_stream_thousand_subscribers_share_one_reader(broker_factory, report):
     n_subs, n_records = 1000, 100
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -811,6 +847,8 @@ def test_stream_thousand_subscribers_share_one_reader(broker_factory, report):
         m = await loop.run_in_executor(None, metrics, base)
         assert metric(m, "freshet_gateway_stream_subscribers") == n_subs
         assert metric(m, "freshet_gateway_stream_readers") == 1
+        h = await loop.run_in_executor(None, health, base)
+        assert h["streams"] == {"subscribers": n_subs, "readers": 1}, h
         t_burst = time.monotonic()
 
         def burst():
@@ -937,29 +975,8 @@ def test_too_many_concurrent_requests_get_503(broker, gateway_factory):
     gw = gateway_factory(brokers=bs, env={"FRESHET_HTTP_MAX_CONCURRENT_REQUESTS": "1"})
     topic = create_topic(bs, topic_name("gw-busy"))
     body = json.dumps({"slow": "x" * 200}).encode()
-    head = (f"POST /ingest/{topic} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    # A request whose body trickles in holds the only slot, once it has it: a probe
-    # (GET /topics, which writes nothing) may win the race for the slot, and the held
-    # request is then answered 503 at once; try again with a new one.
-    slow, busy = None, None
-    deadline = time.monotonic() + 20
-    while busy is None:
-        assert time.monotonic() < deadline, "the held request never took the only slot"
-        if slow is None:
-            slow = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
-            slow.sendall(head + body[:10])
-        if select.select([slow], [], [], 0.05)[0]:
-            early = slow.recv(65536)
-            assert early.startswith(b"HTTP/1.1 503"), early
-            slow.close()
-            slow = None
-            continue
-        r = get(f"{gw.http}/topics")
-        if r.status == 503:
-            busy = r
-        else:
-            assert r.status == 200, r
+    # A request whose body trickles in holds the only slot.
+    slow, busy = hold_request(gw, topic, body)
     assert busy.headers.get("retry-after", "").isdigit(), busy
     assert_error(busy, 503)
     r = ingest(gw.http, topic, doc={"refused": True})
@@ -968,11 +985,7 @@ def test_too_many_concurrent_requests_get_503(broker, gateway_factory):
     assert_error(rest_produce(gw.http, topic, [{"value": b64(b"refused")}]), 503)
     # Streams and operations endpoints are not counted against the limit.
     assert get(f"{gw.http}/health").status == 200
-    slow.sendall(body[10:])
-    answer = b""
-    while chunk := slow.recv(65536):
-        answer += chunk
-    slow.close()
+    answer = finish_request(slow, body)
     assert answer.startswith(b"HTTP/1.1 202"), answer
     wait_until(lambda: get(f"{gw.http}/topics").status == 200, timeout=10, what="the slot to be free again")
     recs = consume(bs, topic)

@@ -20,8 +20,11 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from gateway_fixtures import Tally, gateway_factory, health, ingest, metric, metrics, wait_spool_empty  # noqa: F401
-from helpers import consume, create_topic, topic_name
+import signal
+
+from gateway_fixtures import (SseStream, Tally, finish_request, gateway_factory, health, hold_request,  # noqa: F401
+                              ingest, metric, metrics, post, wait_spool_empty)
+from helpers import consume, create_topic, topic_name, wait_until
 
 PARTITIONS = 3
 KEYS = 10
@@ -169,15 +172,21 @@ def test_gateway_sigkill_with_a_full_spool_loses_nothing(broker_factory, gateway
     h = health(gw.http)
     assert h["spool"]["records"] == n_spooled, h
     gw.kill()  # SIGKILL: no chance to flush or to mark anything
+    # A new process on the same spool directory, while the broker is still away: what
+    # it accepts now must come after what the dead one spooled, per key.
+    gw.start()
+    for i in range(5 + n_spooled, 15 + n_spooled):
+        r = ingest(gw.http, topic, doc={"i": i}, key=f"k{i % 3}")
+        assert r.status == 202 and r.json()["spooled"] is True, r
+        ok.append(i)
     b.start(port=port)
-    gw.start()  # a new process on the same spool directory
     h = wait_spool_empty(gw.http, timeout=60)
     replayed = metric(metrics(gw.http), "freshet_gateway_records_total", outcome="replayed")
     stored = consume(b.bootstrap, topic, partitions=(0, 1))
     seen = Counter(json.loads(r.value)["i"] for r in stored)
     missing = sorted(set(ok) - set(seen))
     dupes = {i: n for i, n in seen.items() if n > 1}
-    report("gateway SIGKILL", f"2xx {len(ok)} ({n_spooled} spooled), replayed by the new gateway {replayed:.0f}, "
+    report("gateway SIGKILL", f"2xx {len(ok)} ({n_spooled} spooled before the SIGKILL, 10 after), replayed by the new gateway {replayed:.0f}, "
                               f"stored {sum(seen.values())}, duplicates {sum(n - 1 for n in dupes.values())}, "
                               f"missing {len(missing)}")
     assert not missing, f"records answered 2xx lost with the gateway: {missing}"
@@ -207,3 +216,97 @@ def test_gateway_sigterm_keeps_the_spool_for_the_next_start(broker_factory, gate
     wait_spool_empty(gw.http, timeout=60)
     assert [json.loads(r.value)["i"] for r in consume(b.bootstrap, topic)] == list(range(11)), \
         "every record once, in order"
+
+
+def test_rest_produce_while_the_broker_is_down_is_spooled(broker_factory, gateway_factory):
+    b = broker_factory(name="rest-down-broker")
+    topic = create_topic(b.bootstrap, topic_name("gw-restdown"), partitions=2)
+    gw = gateway_factory(brokers=b.bootstrap, env={"FRESHET_HTTP_SPOOL_AFTER_MS": "300"})
+    ct = {"Content-Type": "application/vnd.kafka.json.v2+json"}
+    assert post(f"{gw.http}/topics/{topic}", body=json.dumps({"records": [{"value": -1}]}), headers=ct).status == 200
+    port = b.port
+    b.kill()
+    r = post(f"{gw.http}/topics/{topic}", body=json.dumps({"records": [{"key": f"k{i % 2}", "value": i}
+                                                                       for i in range(6)]}), headers=ct)
+    assert r.status == 200, r
+    offsets = r.json()["offsets"]
+    assert len(offsets) == 6 and all(o["error_code"] is None and o["offset"] is None and o.get("spooled")
+                                     for o in offsets), r
+    b.start(port=port)
+    wait_spool_empty(gw.http)
+    stored = consume(b.bootstrap, topic, partitions=(0, 1))
+    assert sorted(json.loads(r.value) for r in stored) == list(range(-1, 6)), "each record once"
+    for k in (b'"k0"', b'"k1"'):  # JSON-format keys are stored as JSON
+        xs = [json.loads(r.value) for r in stored if r.key == k]
+        assert xs == sorted(xs) and len(xs) == 3, (k, xs)
+
+
+def test_stream_follows_across_a_broker_restart(broker_factory, gateway_factory):
+    """A live subscriber keeps its stream while the broker is SIGKILLed and restarted:
+    it gets every record produced before and after, once, in order."""
+    b = broker_factory(name="sse-restart-broker")
+    topic = create_topic(b.bootstrap, topic_name("gw-sse-restart"), partitions=2)
+    gw = gateway_factory(brokers=b.bootstrap, env={"FRESHET_HTTP_SPOOL_AFTER_MS": "300"})
+    port = b.port
+    placed = []
+    with SseStream(gw.http, "/topics/%s/stream" % topic) as s:
+        first = s.next()
+        assert first.positions() == {0: 0, 1: 0}, first
+        for i in range(10):
+            r = ingest(gw.http, topic, doc={"i": i}, key=f"k{i}")
+            assert r.status == 202, r
+            placed.append(i)
+        got = [e.json()["value"]["i"] for e in s.take(10)]
+        b.kill()
+        for i in range(10, 20):  # spooled while the broker is away
+            r = ingest(gw.http, topic, doc={"i": i}, key=f"k{i}")
+            assert r.status == 202 and r.json()["spooled"] is True, r
+        b.start(port=port)
+        events = s.take(10, timeout=60)
+        got += [e.json()["value"]["i"] for e in events]
+        assert sorted(got) == list(range(20)), f"every record once: {got}"
+        pos = events[-1].positions()
+        assert sum(pos.values()) == 20, pos
+        r = ingest(gw.http, topic, doc={"i": "sentinel"})
+        e = s.next(timeout=20)
+        assert e.json()["value"] == {"i": "sentinel"}, "nothing else was pending"
+
+
+def test_graceful_shutdown_answers_in_flight_requests(broker_factory, gateway_factory):
+    b = broker_factory(name="drain-broker")
+    topic = create_topic(b.bootstrap, topic_name("gw-drain"))
+    gw = gateway_factory(brokers=b.bootstrap, env={"FRESHET_HTTP_MAX_CONCURRENT_REQUESTS": "1"})
+    body = json.dumps({"in": "flight", "pad": "x" * 20}).encode()
+    with SseStream(gw.http, f"/topics/{topic}/stream") as stream:
+        stream.next()
+        slow, _ = hold_request(gw, topic, body)  # being served: it holds the only slot
+        gw.proc.send_signal(signal.SIGTERM)
+        # Streams end at once, so they cannot hold the shutdown.
+        wait_until(stream.closed.is_set, timeout=10, what="the stream to be closed by the shutdown")
+        answer = finish_request(slow, body)
+    assert answer.startswith(b"HTTP/1.1 202"), f"the in-flight request got {answer[:300]!r}"
+    assert gw.proc.wait(timeout=20) == 0, gw.stderr_tail()
+    assert [json.loads(r.value) for r in consume(b.bootstrap, topic)] == [json.loads(body)]
+
+
+def test_a_gateway_started_during_an_outage_answers_within_spool_after_ms(broker_factory, gateway_factory, report):
+    """A 202 comes "when the cluster did not ack within spool_after_ms": a gateway
+    (re)started while the cluster is away, which has never seen the topic, must
+    still answer about that fast rather than wait on metadata for every request."""
+    b = broker_factory(name="cold-broker")
+    topic = create_topic(b.bootstrap, topic_name("gw-cold"))
+    addr, port = b.bootstrap, b.port
+    b.kill()
+    spool_after_s = 0.3
+    gw = gateway_factory(brokers=addr, env={"FRESHET_HTTP_SPOOL_AFTER_MS": str(int(spool_after_s * 1000))})
+    took = []
+    for i in range(5):
+        t = time.monotonic()
+        r = ingest(gw.http, topic, doc={"i": i})
+        took.append(time.monotonic() - t)
+        assert r.status == 202 and r.json()["spooled"] is True, r
+    report("gateway cold start", "answers while the cluster is away: " + ", ".join(f"{x * 1000:.0f} ms" for x in took))
+    b.start(port=port)
+    wait_spool_empty(gw.http)
+    assert [json.loads(r.value)["i"] for r in consume(b.bootstrap, topic)] == list(range(5))
+    assert max(took) < spool_after_s + 1.0, f"answers took {[round(x, 2) for x in took]} s with spool_after_ms=300"
