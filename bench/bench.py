@@ -104,19 +104,23 @@ def loopback_tcp_limit(seconds=3.0):
 
 
 class Broker:
-    def __init__(self, freshet, data_dir, log_path):
+    """`freshet serve` on a free port; with `http`, its embedded HTTP gateway too."""
+
+    def __init__(self, freshet, data_dir, log_path, http=False):
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [freshet, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1", "FRESHET_HTTP_LISTEN": "off"},
+            env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1",
+                 "FRESHET_HTTP_LISTEN": "127.0.0.1:0" if http else "off"},
         )
         line = self.process.stdout.readline().decode()
-        match = re.match(r"freshet listening on (\S+), data in ", line)
+        match = re.match(r"freshet listening on ([^\s,]+)(?:, http on ([^\s,]+))?, data in ", line)
         if not match:
             self.process.kill()
             raise SystemExit(f"broker did not start: {line!r}; see {log_path}")
         self.address = match.group(1)
+        self.http = match.group(2)
         # Keep draining stdout so the broker never blocks on it.
         threading.Thread(target=self.process.stdout.read, daemon=True).start()
 

@@ -434,6 +434,28 @@ mod tests {
         assert!(parse_form(b"name=%zz").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_form_body_decodes_or_is_refused_without_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            if let Ok(v) = parse_form(&body) {
+                proptest::prop_assert!(v.is_object());
+            }
+        }
+
+        #[test]
+        fn form_fields_round_trip(fields in proptest::collection::vec(("[a-z]{1,5}", "\\PC{0,12}"), 0..8)) {
+            let encoded: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.bytes().map(|b| format!("%{b:02X}")).collect::<String>()))
+                .collect();
+            let v = parse_form(encoded.join("&").as_bytes()).unwrap();
+            for (k, value) in &fields {
+                let got = &v[k.as_str()];
+                proptest::prop_assert!(got == value || got.as_array().is_some_and(|a| a.iter().any(|x| x == value)));
+            }
+        }
+    }
+
     #[test]
     fn topic_names_follow_kafka() {
         assert!(check_topic_name("votes.2026_a-b").is_ok());

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -152,6 +153,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(limited)
         .merge(stream::routes())
         .merge(ops::routes())
+        .fallback(|| async { ApiError::not_found(0, "no such route (see /openapi.json)") })
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(gateway.clone(), observe))
         .layer(DefaultBodyLimit::max(gateway.config.max_body_bytes))
         .with_state(gateway)
@@ -176,6 +179,38 @@ async fn limit_concurrency(
         Ok(_permit) => next.run(request).await,
         Err(_) => ApiError::busy("too many concurrent requests").into_response(),
     }
+}
+
+/// Gives the errors axum itself answers (a body over the limit, a malformed query
+/// or path, a wrong method) the same JSON body as ours.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !plain {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_string();
+    }
+    let mut answer = ApiError::new(status, 0, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 /// Counts every answer by route (the matched pattern, so topic names do not become

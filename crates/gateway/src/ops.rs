@@ -170,3 +170,28 @@ async fn cluster_reachable(gateway: &Arc<Gateway>) -> bool {
         .await
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_openapi_document_is_json_and_names_the_routes() {
+        let doc: serde_json::Value =
+            serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().expect("paths");
+        for route in [
+            "/ingest/{topic}",
+            "/topics/{topic}",
+            "/topics/{topic}/stream",
+            "/topics/{topic}/schema",
+            "/consumers/{group}/instances/{name}/records",
+            "/health",
+            "/metrics",
+        ] {
+            assert!(
+                paths.contains_key(route),
+                "{route} missing from openapi.json"
+            );
+        }
+    }
+}

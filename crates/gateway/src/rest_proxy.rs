@@ -391,6 +391,18 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn base64_decodes_any_text_without_panic(text in "\\PC{0,40}") {
+            let _ = base64_decode(&text);
+        }
+
+        #[test]
+        fn base64_round_trips_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            proptest::prop_assert_eq!(base64_decode(&base64_encode(&bytes)).unwrap(), bytes);
+        }
+    }
+
     #[test]
     fn base64_round_trips() {
         for n in 0..70usize {

@@ -95,7 +95,10 @@ impl Streams {
     }
 
     pub fn readers(&self) -> usize {
-        self.lock().len()
+        self.lock()
+            .values()
+            .filter(|h| h.subscribers.load(Ordering::Relaxed) != CLOSED)
+            .count()
     }
 
     pub fn stop_all(&self) {
@@ -108,12 +111,15 @@ impl Streams {
         self.hubs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The topic's hub, started if needed.
-    fn hub(&self, topic: &str) -> Result<Arc<Hub>, ApiError> {
+    /// Joins the topic's hub (counted as one of its subscribers), starting one if
+    /// there is none or the one there is closing.
+    fn join(&self, topic: &str) -> Result<Arc<Hub>, ApiError> {
         let mut hubs = self.lock();
-        hubs.retain(|_, hub| !hub.stopped.load(Ordering::Relaxed));
+        hubs.retain(|_, hub| hub.subscribers.load(Ordering::Acquire) != CLOSED);
         if let Some(hub) = hubs.get(topic) {
-            return Ok(hub.clone());
+            if hub.try_join() {
+                return Ok(hub.clone());
+            }
         }
         let consumer: BaseConsumer = self
             .client
@@ -124,9 +130,8 @@ impl Streams {
             topic: topic.to_string(),
             state: Mutex::new(HubState::default()),
             changed,
-            subscribers: AtomicUsize::new(0),
+            subscribers: AtomicUsize::new(1),
             stop: AtomicBool::new(false),
-            stopped: AtomicBool::new(false),
             buffer_records: self.buffer_records,
         });
         let reader = hub.clone();
@@ -240,13 +245,31 @@ struct Hub {
     state: Mutex<HubState>,
     /// Bumped whenever records arrive or the state changes.
     changed: watch::Sender<u64>,
+    /// Subscribers; `CLOSED` once the reader has decided to stop, after which nobody
+    /// can join and a new hub is started instead.
     subscribers: AtomicUsize,
     stop: AtomicBool,
-    stopped: AtomicBool,
     buffer_records: usize,
 }
 
+const CLOSED: usize = usize::MAX;
+
 impl Hub {
+    fn try_join(&self) -> bool {
+        self.subscribers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != CLOSED).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Closes the hub if nobody is subscribed.
+    fn try_close(&self) -> bool {
+        self.subscribers
+            .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -262,7 +285,7 @@ impl Hub {
         while !self.stop.load(Ordering::Relaxed) {
             if self.subscribers.load(Ordering::Relaxed) > 0 {
                 idle_since = Instant::now();
-            } else if idle_since.elapsed() > READER_IDLE {
+            } else if idle_since.elapsed() > READER_IDLE && self.try_close() {
                 break;
             }
             if !started {
@@ -270,7 +293,6 @@ impl Hub {
                     Ok(()) => started = true,
                     Err(Some(why)) => {
                         self.lock().error = Some(why);
-                        self.bump();
                         break;
                     }
                     Err(None) => std::thread::sleep(Duration::from_millis(500)),
@@ -316,7 +338,8 @@ impl Hub {
             }
             self.bump();
         }
-        self.stopped.store(true, Ordering::Relaxed);
+        // Stopped for good: nobody joins any more; whoever is still subscribed ends.
+        self.subscribers.store(CLOSED, Ordering::Release);
         self.lock()
             .error
             .get_or_insert_with(|| "the stream reader stopped".into());
@@ -425,8 +448,7 @@ async fn open(
     let streams = &gateway.streams;
     let guard = SubscriberGuard::new(streams.subscribers.clone(), streams.max_subscribers)
         .ok_or_else(|| ApiError::busy("too many stream subscribers"))?;
-    let hub = streams.hub(&topic)?;
-    hub.subscribers.fetch_add(1, Ordering::Relaxed);
+    let hub = streams.join(&topic)?;
     let hub_guard = HubGuard(hub.clone());
     // Wait for the reader to know the partitions.
     let mut changed = hub.changed.subscribe();
@@ -743,7 +765,13 @@ struct HubGuard(Arc<Hub>);
 
 impl Drop for HubGuard {
     fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        // A closed hub's count is not counted down any more.
+        let _ = self
+            .0
+            .subscribers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != CLOSED).then(|| n - 1)
+            });
     }
 }
 
