@@ -510,27 +510,38 @@ async fn seek_end(
     seek_to(gateway, group, name, body, Offset::End).await
 }
 
-/// Seeks assigned partitions; a partition not assigned (yet) is refused as the REST
-/// Proxy does, with 409... here 422 naming it.
+/// Seeks assigned partitions. Right after an assignment librdkafka refuses a seek
+/// (`__STATE`) until it has started the partition, where Kafka's consumer just sets
+/// the position: retry for a while before answering that the partition is not
+/// assigned.
 async fn seek_list(instance: Arc<Instance>, list: TopicPartitionList) -> Result<(), ApiError> {
     with_consumer(instance, move |consumer, _| {
-        let result = consumer
-            .seek_partitions(list, Duration::from_secs(10))
-            .map_err(kafka_error)?;
-        for e in result.elements() {
-            if let Err(err) = e.error() {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    1,
-                    format!(
-                        "cannot seek {}-{}: {err} (is the partition assigned to this instance?)",
-                        e.topic(),
-                        e.partition()
-                    ),
-                ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let result = consumer
+                .seek_partitions(list.clone(), Duration::from_secs(5))
+                .map_err(kafka_error)?;
+            let failed = result.elements().into_iter().find_map(|e| match e.error() {
+                Err(err) => Some((e.topic().to_string(), e.partition(), err)),
+                Ok(()) => None,
+            });
+            let Some((topic, partition, err)) = failed else {
+                return Ok(());
+            };
+            let starting = matches!(err, KafkaError::Seek(_))
+                || err.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::State);
+            if starting && Instant::now() < deadline {
+                // librdkafka's own threads start the partition; no poll here, which
+                // would take records away from the next `records` request.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                1,
+                format!("cannot seek {topic}-{partition}: {err} (is the partition assigned to this instance?)"),
+            ));
         }
-        Ok(())
     })
     .await
 }

@@ -126,6 +126,7 @@ pub struct DurableProducer {
     shared: Arc<Shared>,
     spool_after: Duration,
     topics: Mutex<HashMap<String, TopicInfo>>,
+    last_lookup_failure: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone, Copy)]
@@ -137,8 +138,12 @@ struct TopicInfo {
 /// How long a topic's partition count is trusted before it is looked up again (in
 /// the background of a request: a stale count is still used meanwhile).
 const TOPIC_REFRESH: Duration = Duration::from_secs(30);
-/// How long a request waits for a metadata answer about a topic it has never seen.
+/// How long a request waits for a metadata answer about a topic it has never seen
+/// (at most `spool_after_ms`).
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a metadata lookup went unanswered, requests for unknown topics do not wait
+/// for another one for this long.
+const LOOKUP_BACKOFF: Duration = Duration::from_secs(5);
 
 struct Shared {
     spool: Spool,
@@ -410,6 +415,7 @@ impl DurableProducer {
             shared,
             spool_after: Duration::from_millis(config.spool_after_ms),
             topics: Mutex::new(HashMap::new()),
+            last_lookup_failure: Mutex::new(None),
         };
         for entry in pending {
             let record = Arc::new(entry.record);
@@ -547,17 +553,35 @@ impl DurableProducer {
         }
         let this = self.clone();
         let topic = topic.to_string();
+        let recently_failed = self
+            .last_lookup_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < LOOKUP_BACKOFF);
+        if recently_failed {
+            // The cluster did not answer a moment ago: do not make every request wait
+            // for it again; look in the background and accept into the spool now.
+            tokio::task::spawn_blocking(move || this.lookup(&topic));
+            return Err(());
+        }
         tokio::task::spawn_blocking(move || this.lookup(&topic))
             .await
             .unwrap_or(Err(()))
     }
 
     fn lookup(&self, topic: &str) -> Result<Option<i32>, ()> {
-        let metadata = self
-            .producer
-            .client()
-            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-            .map_err(|_| ())?;
+        // No longer than a request would wait for an acknowledgement.
+        let timeout = METADATA_TIMEOUT.min(self.spool_after);
+        let metadata = match self.producer.client().fetch_metadata(Some(topic), timeout) {
+            Ok(metadata) => metadata,
+            Err(_) => {
+                *self
+                    .last_lookup_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                return Err(());
+            }
+        };
         let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Ok(None);
         };
