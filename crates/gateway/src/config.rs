@@ -33,6 +33,11 @@ pub struct GatewayConfig {
     pub max_concurrent_requests: usize,
     /// `Idempotency-Key`s remembered (with their answers) for retried requests.
     pub idempotency_keys: usize,
+    /// The topic (in the cluster) where `Idempotency-Key` answers are kept, so a retry
+    /// through another gateway, or after a restart, is answered and not stored again.
+    pub idempotency_topic: String,
+    /// How long the idempotency topic keeps answers.
+    pub idempotency_retention_ms: i64,
     /// Topic name to JSON Schema file; records for the topic must validate. Schemas
     /// set through `PUT /topics/{topic}/schema` are kept in `schema_topic` and
     /// override these.
@@ -76,6 +81,8 @@ impl Default for GatewayConfig {
             max_record_bytes: 1_000_000,
             max_concurrent_requests: 4096,
             idempotency_keys: 100_000,
+            idempotency_topic: "_freshet_idempotency".into(),
+            idempotency_retention_ms: 24 * 3600 * 1000,
             schemas: BTreeMap::new(),
             schema_topic: "_freshet_schemas".into(),
             stream_max_subscribers: 10_000,
@@ -135,7 +142,12 @@ impl GatewayConfig {
                 continue; // tables: only in the file
             }
             let value = match value.parse::<i64>() {
-                Ok(n) if !matches!(key.as_str(), "listen" | "brokers" | "schema_topic") => {
+                Ok(n)
+                    if !matches!(
+                        key.as_str(),
+                        "listen" | "brokers" | "schema_topic" | "idempotency_topic"
+                    ) =>
+                {
                     toml::Value::Integer(n)
                 }
                 _ => toml::Value::String(value),
@@ -179,10 +191,26 @@ impl GatewayConfig {
         if self.consumer_request_max_bytes < 1024 || self.consumer_instance_timeout_ms < 1000 {
             return bad("consumer_request_max_bytes must be at least 1024 and consumer_instance_timeout_ms at least 1000");
         }
-        if self.schema_topic.is_empty() {
-            return bad("schema_topic must not be empty");
+        if self.schema_topic.is_empty()
+            || self.idempotency_topic.is_empty()
+            || self.schema_topic == self.idempotency_topic
+        {
+            return bad("schema_topic and idempotency_topic must be set and differ");
+        }
+        if self.idempotency_retention_ms < 1000 {
+            return bad("idempotency_retention_ms must be at least 1000");
         }
         Ok(())
+    }
+
+    /// librdkafka settings every client of the gateway starts from.
+    pub fn client(&self) -> rdkafka::ClientConfig {
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.kafka {
+            client.set(key, value);
+        }
+        client
     }
 
     /// The durable producer's settings.

@@ -68,11 +68,7 @@ struct Instance {
 
 impl Instances {
     pub fn new(config: &GatewayConfig) -> Instances {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (key, value) in &config.kafka {
-            client.set(key, value);
-        }
+        let client = config.client();
         Instances {
             map: Mutex::new(HashMap::new()),
             max: config.max_consumer_instances,

@@ -7,7 +7,6 @@
 //! the first answer instead of storing the record again.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Query, State};
@@ -54,8 +53,8 @@ async fn ingest(
             let fingerprint = fingerprint(&topic, query.key.as_deref(), query.partition, &body);
             gateway
                 .idempotency
-                .once(&topic, key, fingerprint, || {
-                    accept(
+                .once(&topic, key, fingerprint, || async {
+                    let answer = accept(
                         &gateway,
                         &topic,
                         &query,
@@ -64,6 +63,9 @@ async fn ingest(
                         &request_id,
                         Some(key),
                     )
+                    .await?;
+                    remember(&gateway, &topic, key, fingerprint, &answer).await;
+                    Ok(answer)
                 })
                 .await
         }
@@ -90,10 +92,40 @@ async fn ingest(
 }
 
 /// The first answer to a request, kept for its retries.
-#[derive(Clone)]
-struct Answer {
+#[derive(Clone, serde::Serialize, Deserialize)]
+pub(crate) struct Answer {
     request_id: String,
     body: Value,
+}
+
+/// What the idempotency topic holds per key (`topic\0Idempotency-Key`).
+#[derive(serde::Serialize, Deserialize)]
+struct Remembered {
+    fingerprint: u64,
+    answer: Answer,
+}
+
+/// Writes the answer to the idempotency topic (through the durable producer, so it
+/// is spooled with the record when the cluster is away), for every gateway in front
+/// of the cluster and for this one after a restart. A failure only weakens retries
+/// through other gateways, so it is logged, not answered.
+async fn remember(gateway: &Gateway, topic: &str, key: &str, fingerprint: u64, answer: &Answer) {
+    let value = serde_json::to_vec(&Remembered {
+        fingerprint,
+        answer: answer.clone(),
+    })
+    .expect("an answer serializes");
+    let record = Record {
+        topic: gateway.config.idempotency_topic.clone(),
+        partition: Some(0),
+        key: Some(format!("{topic}\0{key}").into_bytes()),
+        value: Some(value),
+        headers: Vec::new(),
+        timestamp_ms: crate::now_ms(),
+    };
+    if let Err(err) = gateway.producer.send(record).await {
+        tracing::warn!(error = %err, "cannot record an Idempotency-Key answer in the cluster; only this gateway knows it");
+    }
 }
 
 async fn accept(
@@ -331,10 +363,22 @@ fn form_decode(raw: &[u8]) -> Result<String, ApiError> {
     String::from_utf8(out).map_err(|_| ApiError::unprocessable("form data is not valid UTF-8"))
 }
 
+/// The same for the same request on every gateway and every version (it travels in
+/// the idempotency topic): two CRC-32Cs over length-prefixed parts.
 fn fingerprint(topic: &str, key: Option<&str>, partition: Option<i32>, body: &[u8]) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (topic, key, partition, body).hash(&mut hasher);
-    hasher.finish()
+    let mut parts = Vec::with_capacity(topic.len() + body.len() + 32);
+    for part in [
+        topic.as_bytes(),
+        key.unwrap_or("\u{0}none").as_bytes(),
+        &partition.unwrap_or(-1).to_le_bytes(),
+        body,
+    ] {
+        parts.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        parts.extend_from_slice(part);
+    }
+    let low = crc32c::crc32c(&parts);
+    let high = crc32c::crc32c_append(0x9e37_79b9, &parts);
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 /// Answers remembered by `Idempotency-Key` (per topic), the oldest forgotten first.
@@ -358,6 +402,42 @@ impl IdempotencyCache {
         }
     }
 
+    /// The entry for `id`, created (the oldest forgotten if full) if there is none.
+    fn entry(&self, id: &str, fingerprint: u64) -> Arc<Entry> {
+        let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *guard;
+        if let Some(entry) = map.get(id) {
+            return entry.clone();
+        }
+        while map.len() >= self.capacity {
+            match order.pop_front() {
+                Some(oldest) => {
+                    map.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        let entry = Arc::new(Entry {
+            fingerprint,
+            answer: OnceCell::new(),
+        });
+        map.insert(id.to_string(), entry.clone());
+        order.push_back(id.to_string());
+        entry
+    }
+
+    /// An answer recorded in the idempotency topic (by any gateway).
+    pub(crate) fn learn(&self, id: &str, value: &[u8]) {
+        let Ok(remembered) = serde_json::from_slice::<Remembered>(value) else {
+            tracing::warn!("ignoring an unreadable record in the idempotency topic");
+            return;
+        };
+        let entry = self.entry(id, remembered.fingerprint);
+        if entry.fingerprint == remembered.fingerprint {
+            let _ = entry.answer.set(remembered.answer);
+        }
+    }
+
     async fn once<F, Fut>(
         &self,
         topic: &str,
@@ -369,30 +449,7 @@ impl IdempotencyCache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Answer, ApiError>>,
     {
-        let id = format!("{topic}\0{key}");
-        let entry = {
-            let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            let (map, order) = &mut *guard;
-            if let Some(entry) = map.get(&id) {
-                entry.clone()
-            } else {
-                while map.len() >= self.capacity {
-                    match order.pop_front() {
-                        Some(oldest) => {
-                            map.remove(&oldest);
-                        }
-                        None => break,
-                    }
-                }
-                let entry = Arc::new(Entry {
-                    fingerprint,
-                    answer: OnceCell::new(),
-                });
-                map.insert(id.clone(), entry.clone());
-                order.push_back(id);
-                entry
-            }
-        };
+        let entry = self.entry(&format!("{topic}\0{key}"), fingerprint);
         if entry.fingerprint != fingerprint {
             return Err(ApiError::unprocessable(
                 "Idempotency-Key was already used for a different request",

@@ -11,7 +11,8 @@
 //! on-disk spool), `ingest` (`POST /ingest/{topic}`, `Idempotency-Key`),
 //! `rest_proxy` (REST Proxy v2 produce and topics), `consumers` (REST Proxy v2
 //! consumer instances), `stream` (`GET /topics/{topic}/stream`, shared readers),
-//! `schema` (per-topic JSON Schemas), `ops` (`/health`, `/ready`, `/metrics`,
+//! `schema` (per-topic JSON Schemas), `shared` (topics in the cluster that every
+//! gateway follows: schemas, `Idempotency-Key` answers), `ops` (`/health`, `/ready`, `/metrics`,
 //! `/openapi.json`), `metrics`, `error` (the JSON error body).
 //!
 //! Architecture invariant: a `2xx` answer to a request that carries records means
@@ -27,6 +28,7 @@ mod ops;
 pub mod producer;
 pub mod rest_proxy;
 pub mod schema;
+mod shared;
 pub mod spool;
 mod stream;
 
@@ -53,7 +55,8 @@ pub struct Gateway {
     pub metrics: metrics::Metrics,
     streams: stream::Streams,
     consumers: consumers::Instances,
-    idempotency: ingest::IdempotencyCache,
+    idempotency: Arc<ingest::IdempotencyCache>,
+    idempotency_topic: Arc<shared::SharedTopic>,
     requests: Arc<Semaphore>,
     /// Becomes `true` when the gateway starts shutting down; long-lived responses
     /// (streams) end when they see it.
@@ -83,6 +86,7 @@ impl Running {
         self.gateway.consumers.close_all().await;
         self.gateway.streams.stop_all();
         self.gateway.schemas.stop();
+        self.gateway.idempotency_topic.stop();
         self.gateway.producer.shutdown(timeout).await;
     }
 
@@ -103,15 +107,50 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
     let producer =
         tokio::task::spawn_blocking(move || DurableProducer::open(&producer_config)).await??;
     let schema_config = config.clone();
-    let schemas =
-        tokio::task::spawn_blocking(move || schema::Schemas::open(&schema_config)).await??;
+    let schemas = tokio::task::spawn_blocking(move || {
+        schema::Schemas::open(&schema_config, &schema_config.client())
+    })
+    .await??;
+    let idempotency = Arc::new(ingest::IdempotencyCache::new(config.idempotency_keys));
+    let learner = idempotency.clone();
+    let idempotency_topic = shared::SharedTopic::follow(
+        &config.client(),
+        &config.idempotency_topic,
+        config.idempotency_retention_ms,
+        shared::Start::Last(config.idempotency_keys as i64),
+        "gateway-idempotency",
+        move |event| {
+            if let shared::Event::Record {
+                key,
+                value: Some(value),
+            } = event
+            {
+                if let Ok(id) = std::str::from_utf8(key) {
+                    learner.learn(id, value);
+                }
+            }
+        },
+    )?;
+    // Created in the background: a cluster away at start must not delay it.
+    let creator = idempotency_topic.clone();
+    let mut stopped = shutting_down.clone();
+    tokio::spawn(async move {
+        while let Err(err) = creator.ensure().await {
+            tracing::debug!(error = %err, "the idempotency topic cannot be created yet");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    });
     let gateway = Arc::new(Gateway {
         producer: Arc::new(producer),
         schemas,
         metrics: metrics::Metrics::default(),
         streams: stream::Streams::new(&config),
         consumers: consumers::Instances::new(&config),
-        idempotency: ingest::IdempotencyCache::new(config.idempotency_keys),
+        idempotency,
+        idempotency_topic,
         requests: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         shutting_down: shutting_down.clone(),
         config,

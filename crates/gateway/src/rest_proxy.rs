@@ -267,14 +267,19 @@ pub fn v2_json(status: StatusCode, body: &Value) -> Response {
     response
 }
 
-/// The cluster's topics (internal ones, named `__...`, and the schema topic left out).
+/// The cluster's topics (internal ones, named `__...`, and the gateway's own shared
+/// topics left out).
 async fn list_topics(State(gateway): State<Arc<Gateway>>) -> Response {
     match metadata(&gateway, None).await {
         Ok(topics) => {
             let names: Vec<&str> = topics
                 .iter()
                 .map(|t| t.name.as_str())
-                .filter(|n| !n.starts_with("__") && *n != gateway.config.schema_topic)
+                .filter(|n| {
+                    !n.starts_with("__")
+                        && *n != gateway.config.schema_topic
+                        && *n != gateway.config.idempotency_topic
+                })
                 .collect();
             v2_json(StatusCode::OK, &json!(names))
         }

@@ -66,9 +66,8 @@ pub struct Streams {
 
 impl Streams {
     pub fn new(config: &GatewayConfig) -> Streams {
-        let mut client = ClientConfig::new();
+        let mut client = config.client();
         client
-            .set("bootstrap.servers", &config.brokers)
             // librdkafka needs a group id to assign partitions; nothing is committed.
             .set("group.id", "freshet-gateway-stream")
             .set("enable.auto.commit", "false")
@@ -78,9 +77,6 @@ impl Streams {
             .set("fetch.wait.max.ms", "100")
             .set("fetch.queue.backoff.ms", "10")
             .set("reconnect.backoff.max.ms", "1000");
-        for (key, value) in &config.kafka {
-            client.set(key, value);
-        }
         Streams {
             hubs: Mutex::new(HashMap::new()),
             subscribers: Arc::new(AtomicUsize::new(0)),

@@ -310,7 +310,12 @@ fn run_spooled(args: &ProduceArgs, dir: std::path::PathBuf) -> anyhow::Result<()
         Ok(())
     });
     result?;
-    let left = producer.spool_depth().records;
+    // Dropping the producer lets librdkafka finish what is in flight; then the spool
+    // itself says what is left.
+    drop(producer);
+    let (_, _, recovery) =
+        gateway::spool::Spool::open(&dir, 16 << 20).context("cannot read the spool")?;
+    let left = recovery.pending;
     if spooled > 0 || left > 0 {
         eprintln!(
             "{delivered} records acknowledged, {spooled} spooled; {left} still in {} (sent first by the next `freshet produce --spool {}`)",
