@@ -51,6 +51,17 @@ async fn ingest(
                     .into_response();
             };
             let fingerprint = fingerprint(&topic, query.key.as_deref(), query.partition, &body);
+            if !gateway.idempotency.knows(&topic, key) {
+                // Another gateway may have answered this key: it recorded the answer in
+                // the cluster before its client got it, so reading to the end finds it.
+                if !gateway
+                    .idempotency_topic
+                    .sync_to_end(IDEMPOTENCY_SYNC)
+                    .await
+                {
+                    tracing::debug!("the idempotency topic could not be read to its end; answering from what is known");
+                }
+            }
             gateway
                 .idempotency
                 .once(&topic, key, fingerprint, || async {
@@ -90,6 +101,10 @@ async fn ingest(
         Err(err) => err.into_response(),
     }
 }
+
+/// How long a request with an unknown `Idempotency-Key` waits to read the
+/// idempotency topic to its end.
+const IDEMPOTENCY_SYNC: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The first answer to a request, kept for its retries.
 #[derive(Clone, serde::Serialize, Deserialize)]
@@ -424,6 +439,12 @@ impl IdempotencyCache {
         map.insert(id.to_string(), entry.clone());
         order.push_back(id.to_string());
         entry
+    }
+
+    /// Whether an answer for the key is known (or being made) here.
+    pub(crate) fn knows(&self, topic: &str, key: &str) -> bool {
+        let guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.contains_key(&format!("{topic}\0{key}"))
     }
 
     /// An answer recorded in the idempotency topic (by any gateway).

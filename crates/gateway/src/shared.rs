@@ -8,9 +8,9 @@
 //! [`Event::CaughtUp`] once it has read what the topic held when it started (at once
 //! if the topic does not exist yet), then every later record as it arrives.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -43,6 +43,8 @@ pub struct SharedTopic {
     admin: AdminClient<DefaultClientContext>,
     ready: AtomicBool,
     stop: Arc<AtomicBool>,
+    /// The follower's next offset (-1 until it reads the topic).
+    position: Arc<AtomicI64>,
 }
 
 impl SharedTopic {
@@ -66,17 +68,19 @@ impl SharedTopic {
             .set("reconnect.backoff.max.ms", "1000")
             .create()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let position = Arc::new(AtomicI64::new(-1));
         let shared = Arc::new(SharedTopic {
             name: name.to_string(),
             retention_ms,
             admin,
             ready: AtomicBool::new(false),
             stop: stop.clone(),
+            position: position.clone(),
         });
         let topic = name.to_string();
         std::thread::Builder::new()
             .name(thread.to_string())
-            .spawn(move || follow(consumer, &topic, start, &stop, &mut on_event))?;
+            .spawn(move || follow(consumer, &topic, start, &stop, &position, &mut on_event))?;
         Ok(shared)
     }
 
@@ -108,18 +112,46 @@ impl SharedTopic {
         Ok(())
     }
 
+    /// Waits (up to `timeout`) until the follower has handed over every record the
+    /// topic holds now: whatever another gateway wrote before answering its client
+    /// is then known here. Returns whether it got there.
+    pub async fn sync_to_end(self: &Arc<Self>, timeout: Duration) -> bool {
+        let this = self.clone();
+        let end = tokio::task::spawn_blocking(move || {
+            this.admin
+                .inner()
+                .fetch_watermarks(&this.name, 0, timeout)
+                .map(|(_, high)| high)
+        })
+        .await;
+        let end = match end {
+            Ok(Ok(end)) => end,
+            // No such topic (nothing written yet), or no answer: nothing to wait for.
+            _ => return matches!(end, Ok(Err(_))),
+        };
+        let deadline = Instant::now() + timeout;
+        while self.position.load(Ordering::Acquire) < end {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-/// Reads the topic for as long as the gateway runs. Until it exists it looks for it
-/// every few seconds.
+/// Reads the topic for as long as the gateway runs, keeping `position` at the next
+/// offset it will hand over. Until the topic exists it looks for it twice a second.
 fn follow(
     consumer: BaseConsumer,
     topic: &str,
     start: Start,
     stop: &AtomicBool,
+    position: &AtomicI64,
     on_event: &mut dyn FnMut(Event<'_>),
 ) {
     let mut caught_up = false;
@@ -156,7 +188,7 @@ fn follow(
                 }
                 Err(err) => tracing::debug!(topic, error = %err, "cluster metadata"),
             }
-            sleep_unless_stopped(stop, Duration::from_secs(3));
+            sleep_unless_stopped(stop, Duration::from_millis(500));
             continue;
         }
         match consumer.poll(Duration::from_millis(200)) {
@@ -168,8 +200,16 @@ fn follow(
                         value: message.payload(),
                     });
                 }
+                position.store(message.offset() + 1, Ordering::Release);
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                let end = consumer.position().ok().and_then(|tpl| {
+                    tpl.find_partition(topic, 0)
+                        .and_then(|e| e.offset().to_raw())
+                });
+                if let Some(end) = end {
+                    position.fetch_max(end, Ordering::AcqRel);
+                }
                 if !caught_up {
                     caught_up = true;
                     on_event(Event::CaughtUp);
