@@ -163,18 +163,9 @@ fn send_lines(
     let mut line = Vec::new();
     let mut sent = 0u64;
     loop {
-        line.clear();
-        let read = std::io::Read::take(&mut input, LINE_BYTES_MAX as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .context("cannot read stdin")?;
-        if read == 0 {
-            return Ok(sent);
-        }
         let line_number = sent + 1;
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        } else if line.len() > LINE_BYTES_MAX {
-            bail!("line {line_number} is longer than {LINE_BYTES_MAX} bytes");
+        if !read_line(&mut input, &mut line, line_number)? {
+            return Ok(sent);
         }
         let (key, value) = split_key(&line, separator);
         let mut record =
@@ -256,19 +247,10 @@ fn run_spooled(args: &ProduceArgs, dir: std::path::PathBuf) -> anyhow::Result<()
         let mut line = Vec::new();
         let mut number = 0u64;
         loop {
-            line.clear();
-            let read = std::io::Read::take(&mut input, LINE_BYTES_MAX as u64 + 1)
-                .read_until(b'\n', &mut line)
-                .context("cannot read stdin")?;
-            if read == 0 {
+            if !read_line(&mut input, &mut line, number + 1)? {
                 break;
             }
             number += 1;
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            } else if line.len() > LINE_BYTES_MAX {
-                bail!("line {number} is longer than {LINE_BYTES_MAX} bytes");
-            }
             let (key, value) = split_key(&line, separator);
             let record = Record {
                 topic: args.topic.clone(),
@@ -339,6 +321,23 @@ fn count(
         Err(err) => bail!("produce failed: {err} (line {line})"),
     }
     Ok(())
+}
+
+/// Reads the next stdin line (without its newline) into `line`; `false` at the end.
+fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>, number: u64) -> anyhow::Result<bool> {
+    line.clear();
+    let read = std::io::Read::take(&mut *input, LINE_BYTES_MAX as u64 + 1)
+        .read_until(b'\n', line)
+        .context("cannot read stdin")?;
+    if read == 0 {
+        return Ok(false);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > LINE_BYTES_MAX {
+        bail!("line {number} is longer than {LINE_BYTES_MAX} bytes");
+    }
+    Ok(true)
 }
 
 /// Splits a line at the first separator: `(Some(key), value)`, or `(None, line)` when
