@@ -3,14 +3,15 @@
 //! member-id-required round, session expiry, static membership, leave, committed
 //! offsets across a restart, delete/list/describe, and groups rebalancing at once.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use broker::group::GroupConfig;
-use broker::{Broker, BrokerConfig, SystemClock};
+use broker::BrokerConfig;
 use bytes::{BufMut, Bytes, BytesMut};
-use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
+use common::*;
 use protocol::kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
 use protocol::kafka_protocol::messages::leave_group_request::MemberIdentity;
 use protocol::kafka_protocol::messages::offset_commit_request::{
@@ -24,21 +25,10 @@ use protocol::kafka_protocol::messages::offset_fetch_request::{
 };
 use protocol::kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use protocol::kafka_protocol::messages::*;
-use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use protocol::kafka_protocol::protocol::{Encodable, StrBytes};
 use protocol::ResponseError;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
-// ---- harness (as in tests/server.rs) --------------------------------------------
-
-struct TestBroker {
-    addr: SocketAddr,
-    broker: Arc<Broker>,
-    dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+// ---- harness (tests/common, with group settings for fast tests) -----------------
 
 /// Session timeouts down to 100 ms and no initial rebalance delay, so that tests
 /// run in fractions of a second.
@@ -50,95 +40,16 @@ fn fast_groups() -> GroupConfig {
     }
 }
 
-impl TestBroker {
-    async fn start() -> TestBroker {
-        Self::start_in(tempfile::tempdir().unwrap(), fast_groups()).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, groups: GroupConfig) -> TestBroker {
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let broker = Broker::open(
-            config,
-            "127.0.0.1".into(),
-            addr.port() as i32,
-            Arc::new(SystemClock),
-        )
-        .unwrap();
-        broker.groups.set_config(groups);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = broker.clone();
-        let task = tokio::spawn(async move {
-            broker::server::run(serving.clone(), listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-            serving.shutdown();
-        });
-        TestBroker {
-            addr,
-            broker,
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        drop(self.broker);
-        self.dir
-    }
+async fn start_broker() -> TestBroker {
+    start_broker_in(tempfile::tempdir().unwrap(), fast_groups()).await
 }
 
-struct Client {
-    stream: TcpStream,
-    correlation_id: i32,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        Client {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            correlation_id: 0,
-        }
-    }
-
-    async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
-        self.correlation_id += 1;
-        let mut buf = BytesMut::new();
-        let api_key = ApiKey::try_from(R::KEY).unwrap();
-        RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("test")))
-            .encode(&mut buf, R::header_version(version))
-            .unwrap();
-        request.encode(&mut buf, version).unwrap();
-        self.stream
-            .write_all(&(buf.len() as i32).to_be_bytes())
-            .await
-            .unwrap();
-        self.stream.write_all(&buf).await.unwrap();
-        let mut size = [0u8; 4];
-        self.stream
-            .read_exact(&mut size)
-            .await
-            .expect("a response, not a closed connection");
-        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-        self.stream.read_exact(&mut body).await.unwrap();
-        let mut frame = Bytes::from(body);
-        let header =
-            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
-        assert_eq!(header.correlation_id, self.correlation_id);
-        R::Response::decode(&mut frame, version).unwrap()
-    }
+async fn start_broker_in(dir: tempfile::TempDir, groups: GroupConfig) -> TestBroker {
+    let setup = Setup {
+        groups: Some(groups),
+        ..Setup::default()
+    };
+    TestBroker::start_with(dir, BrokerConfig::default(), setup).await
 }
 
 fn s(v: &str) -> StrBytes {
@@ -147,19 +58,6 @@ fn s(v: &str) -> StrBytes {
 
 fn code(e: ResponseError) -> i16 {
     e.code()
-}
-
-async fn create_topic(client: &mut Client, name: &str, partitions: i32) {
-    let request = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
-        .with_name(TopicName(s(name)))
-        .with_num_partitions(partitions)
-        .with_replication_factor(1)]);
-    let response = client.call(request, 7).await;
-    assert_eq!(
-        response.topics[0].error_code, 0,
-        "{:?}",
-        response.topics[0].error_message
-    );
 }
 
 /// ConsumerProtocol subscription metadata (version 1) for `topics`.
@@ -449,7 +347,7 @@ async fn form_group(addr: SocketAddr, spec: &JoinSpec, n: usize) -> Vec<Member> 
 
 #[tokio::test]
 async fn find_coordinator_answers_this_broker_in_every_version() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let mut client = Client::connect(broker.addr).await;
     for version in 0..=3 {
         let r = client
@@ -494,7 +392,7 @@ async fn find_coordinator_answers_this_broker_in_every_version() {
 
 #[tokio::test]
 async fn three_members_join_sync_and_heartbeat_through_generations() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     let spec = JoinSpec::consumer("g3", &["t"]);
 
@@ -604,7 +502,7 @@ async fn three_members_join_sync_and_heartbeat_through_generations() {
 
 #[tokio::test]
 async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     let spec = JoinSpec {
         session_ms: 400,
@@ -670,7 +568,7 @@ async fn a_member_that_stops_heartbeating_is_expired_and_the_others_rebalance() 
 
 #[tokio::test]
 async fn static_member_rejoining_replaces_its_old_id_without_a_rebalance() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     let spec_a = JoinSpec {
         instance: Some("host-a".into()),
@@ -754,7 +652,7 @@ async fn static_member_rejoining_replaces_its_old_id_without_a_rebalance() {
 
 #[tokio::test]
 async fn leaving_members_trigger_a_rebalance_and_an_empty_group_remains_with_its_offsets() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     let mut admin = Client::connect(addr).await;
     create_topic(&mut admin, "lt", 2).await;
@@ -833,7 +731,7 @@ async fn leaving_members_trigger_a_rebalance_and_an_empty_group_remains_with_its
 
 #[tokio::test]
 async fn offsets_are_committed_with_metadata_and_survive_a_restart() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let mut client = Client::connect(broker.addr).await;
     create_topic(&mut client, "ot", 3).await;
     // Outside group management (generation -1, no member): the group is created Empty.
@@ -901,7 +799,7 @@ async fn offsets_are_committed_with_metadata_and_survive_a_restart() {
 
     drop(client);
     let dir = broker.stop().await;
-    let broker = TestBroker::start_in(dir, fast_groups()).await;
+    let broker = start_broker_in(dir, fast_groups()).await;
     let mut client = Client::connect(broker.addr).await;
     assert_eq!(
         fetch_offsets(&mut client, "go", "ot", &[0, 1, 2]).await,
@@ -938,7 +836,7 @@ async fn offsets_are_committed_with_metadata_and_survive_a_restart() {
 
 #[tokio::test]
 async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unless_subscribed() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     let mut admin = Client::connect(addr).await;
     create_topic(&mut admin, "dt", 1).await;
@@ -1059,7 +957,7 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
     drop(admin);
     drop(active);
     let dir = broker.stop().await;
-    let broker = TestBroker::start_in(dir, fast_groups()).await;
+    let broker = start_broker_in(dir, fast_groups()).await;
     let mut admin = Client::connect(broker.addr).await;
     assert_eq!(
         fetch_offsets(&mut admin, "empty-one", "dt", &[0]).await[0].1,
@@ -1078,7 +976,7 @@ async fn groups_are_listed_by_state_deleted_when_empty_and_offsets_deleted_unles
 
 #[tokio::test]
 async fn join_errors_member_id_required_and_protocol_checks() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let mut c = Client::connect(broker.addr).await;
     let spec = JoinSpec::consumer("gp", &["t"]);
     // Empty group id, session timeout out of bounds.
@@ -1168,7 +1066,7 @@ async fn join_errors_member_id_required_and_protocol_checks() {
 
 #[tokio::test]
 async fn two_groups_rebalance_at_once_without_waiting_on_each_other() {
-    let broker = TestBroker::start().await;
+    let broker = start_broker().await;
     let addr = broker.addr;
     // Group "slow": two members, then one stops responding: its rebalance waits the
     // full 3 s rebalance timeout for it.
@@ -1227,7 +1125,7 @@ async fn the_initial_rebalance_delay_gathers_members_starting_together() {
         initial_rebalance_delay_ms: 300,
         ..fast_groups()
     };
-    let broker = TestBroker::start_in(tempfile::tempdir().unwrap(), config).await;
+    let broker = start_broker_in(tempfile::tempdir().unwrap(), config).await;
     let spec = JoinSpec::consumer("gi", &["t"]);
     let joins: Vec<_> = (0..3)
         .map(|_| tokio::spawn(Member::join_new(broker.addr, spec.clone())))

@@ -3,26 +3,20 @@
 //! the last five batches, producers without state, and producer-id expiry (with a
 //! clock the test moves).
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{Broker, BrokerConfig, Clock};
-use bytes::{Bytes, BytesMut};
-use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
-use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use broker::{BrokerConfig, Clock};
+use common::*;
 use protocol::kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use protocol::kafka_protocol::messages::*;
-use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
 use protocol::record_batch::{build_simple_batch, set_producer};
 use protocol::ResponseError;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
-// ---- harness (as in tests/server.rs, plus a clock and the background tasks) ----
+// ---- harness (tests/common, plus a clock and the background tasks) -------------
 
 /// Starts at the real time; tests move it forward (or back) by hand.
 struct TestClock(AtomicI64);
@@ -46,118 +40,25 @@ impl Clock for TestClock {
     }
 }
 
-struct TestBroker {
-    addr: SocketAddr,
-    broker: Arc<Broker>,
+/// A broker on `clock` with its background jobs running: producer-id expiry is one.
+async fn start_broker(config: BrokerConfig, clock: Arc<TestClock>) -> TestBroker {
+    start_broker_in(tempfile::tempdir().unwrap(), config, clock).await
+}
+
+async fn start_broker_in(
     dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    background: tokio::task::JoinHandle<()>,
-}
-
-impl TestBroker {
-    async fn start(config: BrokerConfig, clock: Arc<TestClock>) -> TestBroker {
-        Self::start_in(tempfile::tempdir().unwrap(), config, clock).await
-    }
-
-    async fn start_in(
-        dir: tempfile::TempDir,
-        mut config: BrokerConfig,
-        clock: Arc<TestClock>,
-    ) -> TestBroker {
-        config.data_dir = dir.path().to_path_buf();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let broker = Broker::open(config, "127.0.0.1".into(), addr.port() as i32, clock).unwrap();
-        let background = tokio::spawn(broker.clone().run_background());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = broker.clone();
-        let task = tokio::spawn(async move {
-            broker::server::run(serving.clone(), listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-            serving.shutdown();
-        });
-        TestBroker {
-            addr,
-            broker,
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-            background,
-        }
-    }
-
-    /// Stops serving and the background tasks, flushes, and hands back the data
-    /// directory once nothing holds the broker (and its data-dir lock) any more.
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        self.background.abort();
-        let _ = (&mut self.background).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Arc::strong_count(&self.broker) > 1 {
-            assert!(
-                Instant::now() < deadline,
-                "a background job kept the broker"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.dir
-    }
-}
-
-struct Client {
-    stream: TcpStream,
-    correlation_id: i32,
+    config: BrokerConfig,
+    clock: Arc<TestClock>,
+) -> TestBroker {
+    let setup = Setup {
+        clock,
+        background: true,
+        ..Setup::default()
+    };
+    TestBroker::start_with(dir, config, setup).await
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        Client {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            correlation_id: 0,
-        }
-    }
-
-    async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
-        self.correlation_id += 1;
-        let mut buf = BytesMut::new();
-        let api_key = ApiKey::try_from(R::KEY).unwrap();
-        RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("test")))
-            .encode(&mut buf, R::header_version(version))
-            .unwrap();
-        request.encode(&mut buf, version).unwrap();
-        self.stream
-            .write_all(&(buf.len() as i32).to_be_bytes())
-            .await
-            .unwrap();
-        self.stream.write_all(&buf).await.unwrap();
-        let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size).await.unwrap();
-        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-        self.stream.read_exact(&mut body).await.unwrap();
-        let mut frame = Bytes::from(body);
-        let header =
-            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
-        assert_eq!(header.correlation_id, self.correlation_id);
-        R::Response::decode(&mut frame, version).unwrap()
-    }
-
-    async fn create_topic(&mut self, name: &str) {
-        let request = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
-            .with_name(TopicName(StrBytes::from_string(name.into())))
-            .with_num_partitions(1)
-            .with_replication_factor(1)]);
-        let response = self.call(request, 7).await;
-        assert_eq!(response.topics[0].error_code, 0);
-    }
-
     async fn init_producer_id(&mut self, id: i64, epoch: i16, version: i16) -> (i16, i64, i16) {
         let r = self
             .call(
@@ -173,16 +74,7 @@ impl Client {
     }
 
     async fn produce(&mut self, topic: &str, batch: Vec<u8>) -> PartitionProduceResponse {
-        let request = ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(5000)
-            .with_topic_data(vec![TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.into())))
-                .with_partition_data(vec![PartitionProduceData::default()
-                    .with_index(0)
-                    .with_records(Some(Bytes::from(batch)))])]);
-        let mut response = self.call(request, 9).await;
-        response.responses.remove(0).partition_responses.remove(0)
+        common::produce(self, topic, 0, batch, -1).await
     }
 
     /// (error code, base offset) of an idempotent batch of `records` records.
@@ -199,21 +91,9 @@ impl Client {
     }
 
     async fn log_end(&mut self, topic: &str) -> i64 {
-        let request = FetchRequest::default()
-            .with_replica_id(BrokerId(-1))
-            .with_max_wait_ms(0)
-            .with_max_bytes(1 << 20)
-            .with_session_epoch(-1)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(topic.into())))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_partition(0)
-                    .with_fetch_offset(0)
-                    .with_partition_max_bytes(1 << 20)])]);
-        let response = self.call(request, 12).await;
-        let p = &response.responses[0].partitions[0];
-        assert_eq!(p.error_code, 0);
-        p.high_watermark
+        let (err, high_watermark, _) = fetch_now(self, topic, 0, 0).await;
+        assert_eq!(err, 0);
+        high_watermark
     }
 }
 
@@ -237,7 +117,7 @@ fn idempotent(pid: i64, epoch: i16, seq: i32, records: usize, timestamp_ms: i64)
 
 #[tokio::test]
 async fn init_producer_id_always_hands_out_a_new_id_at_epoch_0() {
-    let broker = TestBroker::start(BrokerConfig::default(), TestClock::new()).await;
+    let broker = start_broker(BrokerConfig::default(), TestClock::new()).await;
     let mut client = Client::connect(broker.addr).await;
     let mut seen = std::collections::HashSet::new();
     for version in 0..=4 {
@@ -272,9 +152,9 @@ async fn init_producer_id_always_hands_out_a_new_id_at_epoch_0() {
 async fn a_stale_epoch_is_fenced_and_a_new_epoch_restarts_at_zero() {
     let clock = TestClock::new();
     let now = clock.now_ms();
-    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let broker = start_broker(BrokerConfig::default(), clock).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("fence").await;
+    create_topic(&mut c, "fence", 1).await;
     assert_eq!(c.send("fence", (7, 1, 0, 2, now)).await, (NONE, 0));
     assert_eq!(
         c.send("fence", (7, 0, 2, 1, now)).await.0,
@@ -305,9 +185,9 @@ async fn a_stale_epoch_is_fenced_and_a_new_epoch_restarts_at_zero() {
 async fn a_sequence_gap_is_out_of_order_and_writes_nothing() {
     let clock = TestClock::new();
     let now = clock.now_ms();
-    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let broker = start_broker(BrokerConfig::default(), clock).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("gap").await;
+    create_topic(&mut c, "gap", 1).await;
     assert_eq!(c.send("gap", (3, 0, 0, 3, now)).await, (NONE, 0));
     for seq in [4, 100, 1] {
         assert_eq!(
@@ -326,9 +206,9 @@ async fn a_sequence_gap_is_out_of_order_and_writes_nothing() {
 async fn retries_of_the_last_five_batches_get_their_offsets_and_older_ones_are_refused() {
     let clock = TestClock::new();
     let now = clock.now_ms();
-    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let broker = start_broker(BrokerConfig::default(), clock).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("dups").await;
+    create_topic(&mut c, "dups", 1).await;
     // Six batches of 1..=6 records: (sequence, records, base offset).
     let mut sent = Vec::new();
     let (mut seq, mut offset) = (0, 0);
@@ -371,9 +251,9 @@ async fn retries_of_the_last_five_batches_get_their_offsets_and_older_ones_are_r
 async fn a_producer_without_state_may_start_at_any_sequence() {
     let clock = TestClock::new();
     let now = clock.now_ms();
-    let broker = TestBroker::start(BrokerConfig::default(), clock).await;
+    let broker = start_broker(BrokerConfig::default(), clock).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("lost").await;
+    create_topic(&mut c, "lost", 1).await;
     // As after its state expired or its batches were removed: Kafka 3.x accepts it.
     assert_eq!(c.send("lost", (55, 3, 42, 2, now)).await, (NONE, 0));
     assert_eq!(
@@ -411,9 +291,9 @@ async fn idle_producers_expire_in_the_background_and_leave_the_snapshot() {
     };
     let clock = TestClock::new();
     let start = clock.now_ms();
-    let broker = TestBroker::start(config.clone(), clock.clone()).await;
+    let broker = start_broker(config.clone(), clock.clone()).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("idle").await;
+    create_topic(&mut c, "idle", 1).await;
     // Producer 1 goes idle; producer 2 writes again just before the clock moves.
     assert_eq!(c.send("idle", (1, 0, 0, 1, start)).await, (NONE, 0));
     assert_eq!(c.send("idle", (2, 0, 0, 1, start)).await, (NONE, 1));
@@ -468,7 +348,7 @@ async fn idle_producers_expire_in_the_background_and_leave_the_snapshot() {
     // it would not be idle then and its gap would be refused.
     let dir = broker.stop().await;
     clock.set(start);
-    let broker = TestBroker::start_in(dir, config, clock.clone()).await;
+    let broker = start_broker_in(dir, config, clock.clone()).await;
     let mut c = Client::connect(broker.addr).await;
     assert_eq!(
         c.send("idle", (1, 0, 40, 1, start)).await,
@@ -492,16 +372,16 @@ async fn producers_replayed_from_the_log_expire_at_start_up() {
     };
     let clock = TestClock::new();
     let start = clock.now_ms();
-    let broker = TestBroker::start(config.clone(), clock.clone()).await;
+    let broker = start_broker(config.clone(), clock.clone()).await;
     let mut c = Client::connect(broker.addr).await;
-    c.create_topic("replay").await;
+    create_topic(&mut c, "replay", 1).await;
     assert_eq!(c.send("replay", (1, 0, 0, 1, start)).await, (NONE, 0));
     drop(c);
     let dir = broker.stop().await;
     // Without a snapshot the state is rebuilt from the log, old batch included.
     std::fs::remove_file(dir.path().join("replay-0").join("producer-state.json")).unwrap();
     clock.set(start + 60_000);
-    let broker = TestBroker::start_in(dir, config, clock).await;
+    let broker = start_broker_in(dir, config, clock).await;
     let mut c = Client::connect(broker.addr).await;
     assert_eq!(
         c.send("replay", (1, 0, 9, 1, start)).await,

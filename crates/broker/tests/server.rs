@@ -2,233 +2,36 @@
 //! raw Kafka requests: behaviour that third-party clients do not let us pin down
 //! precisely (long-poll timing, acks=all, bad bytes, limits, restart).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use broker::{Broker, BrokerConfig, Clock, SystemClock};
-use bytes::{Buf, Bytes, BytesMut};
+use broker::{BrokerConfig, Clock, SystemClock};
+use bytes::Buf;
+use common::*;
 use protocol::kafka_protocol::messages::create_topics_request::CreatableTopic;
-use protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use protocol::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use protocol::kafka_protocol::messages::produce_response::PartitionProduceResponse;
 use protocol::kafka_protocol::messages::*;
-use protocol::kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use protocol::kafka_protocol::protocol::Decodable;
 use protocol::record_batch::{build_simple_batch, BatchHeader};
 use protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
-struct TestBroker {
-    addr: SocketAddr,
-    broker: Arc<Broker>,
-    dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl TestBroker {
-    async fn start(config: BrokerConfig) -> TestBroker {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, config).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, mut config: BrokerConfig) -> TestBroker {
-        config.data_dir = dir.path().to_path_buf();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let broker = Broker::open(
-            config,
-            "127.0.0.1".into(),
-            addr.port() as i32,
-            Arc::new(SystemClock),
-        )
-        .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = broker.clone();
-        let task = tokio::spawn(async move {
-            broker::server::run(broker.clone(), listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-            broker.shutdown();
-        });
-        TestBroker {
-            addr,
-            broker: handle,
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// Stops serving, flushes, and hands back the data directory.
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        self.dir
-    }
-}
-
-/// Polls `condition` until it holds; fails with `what` after 20 s.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-struct Client {
-    stream: TcpStream,
-    /// Of the last request sent, and of the last answer received.
-    correlation_id: i32,
-    answered: i32,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        Client {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            correlation_id: 0,
-            answered: 0,
-        }
-    }
-
-    /// A client whose socket takes in only a few KiB before the broker's writes
-    /// block: a peer that reads slowly, or not at all.
-    async fn connect_slow_reader(addr: SocketAddr) -> Client {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        Client {
-            stream: socket.connect(addr).await.unwrap(),
-            correlation_id: 0,
-            answered: 0,
-        }
-    }
-
-    async fn send_raw(&mut self, frame: &[u8]) {
-        self.stream
-            .write_all(&(frame.len() as i32).to_be_bytes())
-            .await
-            .unwrap();
-        self.stream.write_all(frame).await.unwrap();
-    }
-
-    /// Reads one response frame; `None` if the broker closed the connection.
-    async fn read_frame(&mut self) -> Option<Bytes> {
-        let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size).await.ok()?;
-        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-        self.stream.read_exact(&mut body).await.ok()?;
-        Some(Bytes::from(body))
-    }
-
-    async fn call<R: Request>(&mut self, request: R, version: i16) -> R::Response {
-        self.send(request, version).await;
-        self.receive::<R>(version).await
-    }
-
-    /// Sends a request without waiting for its answer.
-    async fn send<R: Request>(&mut self, request: R, version: i16) {
-        self.correlation_id += 1;
-        let mut buf = BytesMut::new();
-        RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("test")))
-            .encode(&mut buf, R::header_version(version))
-            .unwrap();
-        request.encode(&mut buf, version).unwrap();
-        self.send_raw(&buf).await;
-    }
-
-    /// The answer to the oldest request not yet answered (answers come in
-    /// request order).
-    async fn receive<R: Request>(&mut self, version: i16) -> R::Response {
-        let api_key = ApiKey::try_from(R::KEY).unwrap();
-        let mut frame = self.read_frame().await.expect("response");
-        let header =
-            ResponseHeader::decode(&mut frame, api_key.response_header_version(version)).unwrap();
-        self.answered += 1;
-        assert_eq!(header.correlation_id, self.answered);
-        R::Response::decode(&mut frame, version).unwrap()
-    }
-}
-
-fn topic_name(name: &str) -> TopicName {
-    TopicName(StrBytes::from_string(name.to_string()))
-}
-
-async fn create_topic(client: &mut Client, name: &str, partitions: i32) {
-    let request = CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
-        .with_name(topic_name(name))
-        .with_num_partitions(partitions)
-        .with_replication_factor(1)]);
-    let response = client.call(request, 7).await;
-    assert_eq!(
-        response.topics[0].error_code, 0,
-        "{:?}",
-        response.topics[0].error_message
-    );
-}
-
-async fn produce(
-    client: &mut Client,
+/// A broker with `config`, a client connected to it, and `topic` created through it.
+async fn start_with_topic(
+    config: BrokerConfig,
     topic: &str,
-    partition: i32,
-    batch: Vec<u8>,
-    acks: i16,
-) -> PartitionProduceResponse {
-    let request = ProduceRequest::default()
-        .with_acks(acks)
-        .with_timeout_ms(5000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(topic_name(topic))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(partition)
-                .with_records(Some(Bytes::from(batch)))])]);
-    let mut response = client.call(request, 9).await;
-    response.responses.remove(0).partition_responses.remove(0)
-}
-
-fn fetch_request(
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    max_wait_ms: i32,
-    min_bytes: i32,
-) -> FetchRequest {
-    FetchRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(max_wait_ms)
-        .with_min_bytes(min_bytes)
-        .with_max_bytes(1 << 20)
-        .with_session_epoch(-1)
-        .with_topics(vec![FetchTopic::default()
-            .with_topic(topic_name(topic))
-            .with_partitions(vec![FetchPartition::default()
-                .with_partition(partition)
-                .with_fetch_offset(offset)
-                .with_partition_max_bytes(1 << 20)])])
-}
-
-fn records_of(response: &FetchResponse) -> (i16, i64, Bytes) {
-    let p = &response.responses[0].partitions[0];
-    (
-        p.error_code,
-        p.high_watermark,
-        p.records.clone().unwrap_or_default(),
-    )
+    partitions: i32,
+) -> (TestBroker, Client) {
+    let broker = TestBroker::start(config).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, topic, partitions).await;
+    (broker, client)
 }
 
 #[tokio::test]
 async fn produce_then_fetch_returns_the_producers_bytes() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
-    let mut client = Client::connect(broker.addr).await;
-    create_topic(&mut client, "t", 2).await;
+    let (broker, mut client) = start_with_topic(BrokerConfig::default(), "t", 2).await;
     let first = build_simple_batch(1_000, &[b"a", b"b"]);
     let second = build_simple_batch(2_000, &[b"c"]);
     let r = produce(&mut client, "t", 1, first.clone(), -1).await;
@@ -236,7 +39,7 @@ async fn produce_then_fetch_returns_the_producers_bytes() {
     let r = produce(&mut client, "t", 1, second.clone(), 1).await;
     assert_eq!((r.error_code, r.base_offset), (0, 2));
 
-    let (err, hw, records) = records_of(&client.call(fetch_request("t", 1, 0, 0, 0), 12).await);
+    let (err, hw, records) = fetch_now(&mut client, "t", 1, 0).await;
     assert_eq!((err, hw), (0, 3));
     // Stored byte-for-byte; only the base offset (bytes 0..8) was rewritten.
     let mut expected_second = second.clone();
@@ -244,19 +47,17 @@ async fn produce_then_fetch_returns_the_producers_bytes() {
     assert_eq!(&records[..], &[first, expected_second].concat()[..]);
 
     // Fetching from inside the second batch, and past the end.
-    let (_, _, records) = records_of(&client.call(fetch_request("t", 1, 2, 0, 0), 12).await);
+    let (_, _, records) = fetch_now(&mut client, "t", 1, 2).await;
     assert_eq!(BatchHeader::parse(&records).unwrap().base_offset, 2);
-    let (err, _, _) = records_of(&client.call(fetch_request("t", 1, 4, 0, 0), 12).await);
+    let (err, _, _) = fetch_now(&mut client, "t", 1, 4).await;
     assert_eq!(err, ResponseError::OffsetOutOfRange.code());
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let (broker, mut producer) = start_with_topic(BrokerConfig::default(), "lp", 1).await;
     let mut consumer = Client::connect(broker.addr).await;
-    let mut producer = Client::connect(broker.addr).await;
-    create_topic(&mut producer, "lp", 1).await;
 
     let started = Instant::now();
     let (_, _, records) = records_of(&consumer.call(fetch_request("lp", 0, 0, 300, 1), 12).await);
@@ -288,10 +89,8 @@ async fn long_poll_returns_when_data_arrives_and_times_out_otherwise() {
 
 #[tokio::test]
 async fn min_bytes_zero_answers_at_once_and_larger_min_bytes_waits_for_them() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let (broker, mut producer) = start_with_topic(BrokerConfig::default(), "mb", 1).await;
     let mut consumer = Client::connect(broker.addr).await;
-    let mut producer = Client::connect(broker.addr).await;
-    create_topic(&mut producer, "mb", 1).await;
 
     // min_bytes 0: Kafka answers at once, even with nothing to return.
     let started = Instant::now();
@@ -364,6 +163,15 @@ async fn fill_megabytes(client: &mut Client, topic: &str, batches: u8) -> usize 
     bytes
 }
 
+/// Fetch memory, and the most one fetch may answer, both `budget` bytes.
+fn fetch_budget(budget: usize) -> BrokerConfig {
+    BrokerConfig {
+        fetch_memory_bytes: budget,
+        fetch_max_bytes: budget,
+        ..BrokerConfig::default()
+    }
+}
+
 /// A fetch of everything from offset 0, up to 16 MiB.
 fn fetch_all(topic: &str) -> FetchRequest {
     let mut request = fetch_request(topic, 0, 0, 0, 1).with_max_bytes(16 << 20);
@@ -374,14 +182,8 @@ fn fetch_all(topic: &str) -> FetchRequest {
 #[tokio::test]
 async fn fetch_memory_is_held_until_answers_are_written() {
     const BUDGET: usize = 8 << 20;
-    let config = BrokerConfig {
-        fetch_memory_bytes: BUDGET,
-        fetch_max_bytes: BUDGET,
-        ..BrokerConfig::default()
-    };
-    let broker = TestBroker::start(config).await;
-    let mut producer = Client::connect(broker.addr).await;
-    create_topic(&mut producer, "mem", 1).await;
+    let config = fetch_budget(BUDGET);
+    let (broker, mut producer) = start_with_topic(config, "mem", 1).await;
     // 6 MB per answer: more than the kernel's largest send buffer (4 MiB), so an
     // answer to a peer that is not reading stays in the broker; two do not fit the
     // budget together.
@@ -391,7 +193,7 @@ async fn fetch_memory_is_held_until_answers_are_written() {
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let mut client = Client::connect_slow_reader(broker.addr).await;
-        client.send(fetch_all("mem"), 12).await;
+        client.send_request(fetch_all("mem"), 12).await;
         clients.push(client);
     }
     // Nobody reads yet: one answer is out (stuck in its socket), the others wait
@@ -434,14 +236,8 @@ async fn fetch_memory_is_held_until_answers_are_written() {
 #[tokio::test]
 async fn pipelined_fetches_on_one_connection_cannot_deadlock_on_fetch_memory() {
     const BUDGET: usize = 8 << 20;
-    let config = BrokerConfig {
-        fetch_memory_bytes: BUDGET,
-        fetch_max_bytes: BUDGET,
-        ..BrokerConfig::default()
-    };
-    let broker = TestBroker::start(config).await;
-    let mut producer = Client::connect(broker.addr).await;
-    create_topic(&mut producer, "ready", 1).await;
+    let config = fetch_budget(BUDGET);
+    let (broker, mut producer) = start_with_topic(config, "ready", 1).await;
     create_topic(&mut producer, "later", 1).await;
     let ready_bytes = fill_megabytes(&mut producer, "ready", 6).await;
 
@@ -451,8 +247,8 @@ async fn pipelined_fetches_on_one_connection_cannot_deadlock_on_fetch_memory() {
     let mut long_poll = fetch_all("later");
     long_poll.max_wait_ms = 20_000;
     long_poll.min_bytes = ready_bytes as i32; // all 6 MB, once they are there
-    client.send(long_poll, 12).await;
-    client.send(fetch_all("ready"), 12).await;
+    client.send_request(long_poll, 12).await;
+    client.send_request(fetch_all("ready"), 12).await;
     let b = broker.broker.clone();
     // Either the second fetch took its memory ahead of the first (the deadlock to
     // avoid), or it waits for its turn.
@@ -480,12 +276,10 @@ async fn shutdown_does_not_wait_for_ever_on_a_peer_that_stopped_reading() {
         shutdown_timeout_ms: 300,
         ..BrokerConfig::default()
     };
-    let broker = TestBroker::start(config).await;
-    let mut producer = Client::connect(broker.addr).await;
-    create_topic(&mut producer, "stuck", 1).await;
+    let (broker, mut producer) = start_with_topic(config, "stuck", 1).await;
     fill_megabytes(&mut producer, "stuck", 6).await;
     let mut stuck = Client::connect_slow_reader(broker.addr).await;
-    stuck.send(fetch_all("stuck"), 12).await;
+    stuck.send_request(fetch_all("stuck"), 12).await;
     let b = broker.broker.clone();
     wait_until("the answer is being written", || {
         b.fetch_answer_bytes.value() > 0
@@ -501,7 +295,7 @@ async fn shutdown_does_not_wait_for_ever_on_a_peer_that_stopped_reading() {
     // The stop still flushed: everything is there after a restart.
     let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
     let mut client = Client::connect(broker.addr).await;
-    let (err, hw, _) = records_of(&client.call(fetch_request("stuck", 0, 0, 0, 0), 12).await);
+    let (err, hw, _) = fetch_now(&mut client, "stuck", 0, 0).await;
     assert_eq!((err, hw), (0, 6));
     broker.stop().await;
 }
@@ -707,9 +501,7 @@ async fn concurrent_acks_all_producers_share_fsyncs() {
         flush_interval_ms: 0, // only acks=all produces fsync
         ..BrokerConfig::default()
     };
-    let broker = TestBroker::start(config).await;
-    let mut admin = Client::connect(broker.addr).await;
-    create_topic(&mut admin, "gc", 1).await;
+    let (broker, mut admin) = start_with_topic(config, "gc", 1).await;
     const PRODUCERS: usize = 8;
     const EACH: usize = 30;
     let syncs_before = broker.broker.flusher.sync_count();
@@ -738,7 +530,7 @@ async fn concurrent_acks_all_producers_share_fsyncs() {
         syncs * 2 <= requests,
         "{syncs} fsyncs for {requests} acks=all produce requests: not shared"
     );
-    let (_, hw, _) = records_of(&admin.call(fetch_request("gc", 0, 0, 0, 0), 12).await);
+    let (_, hw, _) = fetch_now(&mut admin, "gc", 0, 0).await;
     assert_eq!(hw, requests as i64);
     broker.stop().await;
 }
@@ -749,9 +541,7 @@ async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
         max_message_bytes: 200,
         ..BrokerConfig::default()
     };
-    let broker = TestBroker::start(config).await;
-    let mut client = Client::connect(broker.addr).await;
-    create_topic(&mut client, "c", 1).await;
+    let (broker, mut client) = start_with_topic(config, "c", 1).await;
     assert_eq!(
         produce(&mut client, "c", 0, build_simple_batch(1, &[b"good"]), -1)
             .await
@@ -772,7 +562,7 @@ async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
     let r = produce(&mut client, "nope", 0, build_simple_batch(1, &[b"x"]), -1).await;
     assert_eq!(r.error_code, ResponseError::UnknownTopicOrPartition.code());
 
-    let (err, hw, records) = records_of(&client.call(fetch_request("c", 0, 0, 0, 0), 12).await);
+    let (err, hw, records) = fetch_now(&mut client, "c", 0, 0).await;
     assert_eq!((err, hw), (0, 1), "only the good batch is in the log");
     assert_eq!(BatchHeader::parse(&records).unwrap().records_count, 1);
     broker.stop().await;
@@ -784,9 +574,7 @@ async fn bad_bytes_close_the_connection_and_harm_nothing() {
         max_request_bytes: 4096,
         ..BrokerConfig::default()
     };
-    let broker = TestBroker::start(config).await;
-    let mut client = Client::connect(broker.addr).await;
-    create_topic(&mut client, "b", 1).await;
+    let (broker, mut client) = start_with_topic(config, "b", 1).await;
     assert_eq!(
         produce(&mut client, "b", 0, build_simple_batch(1, &[b"kept"]), -1)
             .await
@@ -834,7 +622,7 @@ async fn bad_bytes_close_the_connection_and_harm_nothing() {
         .iter()
         .any(|k| k.api_key == ApiKey::Fetch as i16));
 
-    let (err, hw, _) = records_of(&client.call(fetch_request("b", 0, 0, 0, 0), 12).await);
+    let (err, hw, _) = fetch_now(&mut client, "b", 0, 0).await;
     assert_eq!((err, hw), (0, 1));
     broker.stop().await;
 }
@@ -877,9 +665,7 @@ async fn connections_beyond_the_limit_are_closed() {
 
 #[tokio::test]
 async fn data_and_topics_survive_a_restart() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
-    let mut client = Client::connect(broker.addr).await;
-    create_topic(&mut client, "keep", 3).await;
+    let (broker, mut client) = start_with_topic(BrokerConfig::default(), "keep", 3).await;
     for i in 0..10u8 {
         let r = produce(
             &mut client,
@@ -909,87 +695,57 @@ async fn data_and_topics_survive_a_restart() {
         .await;
     assert_eq!(metadata.topics.len(), 1);
     assert_eq!(metadata.topics[0].partitions.len(), 3);
-    let (_, hw, _) = records_of(&client.call(fetch_request("keep", 0, 0, 0, 0), 12).await);
+    let (_, hw, _) = fetch_now(&mut client, "keep", 0, 0).await;
     assert_eq!(hw, 4); // i = 0, 3, 6, 9
     broker.stop().await;
 }
 
-fn idempotent_batch(producer_id: i64, sequence: i32, values: &[&[u8]]) -> Vec<u8> {
+/// Produces `values` to partition 0 of `topic` as producer `producer_id` (epoch 0)
+/// from `sequence` on, with acks=all.
+async fn produce_idempotent(
+    client: &mut Client,
+    topic: &str,
+    producer_id: i64,
+    sequence: i32,
+    values: &[&[u8]],
+) -> PartitionProduceResponse {
     // A current timestamp: producer-id expiry measures idleness from it.
     let now_ms = SystemClock.now_ms();
     let mut batch = build_simple_batch(now_ms, values);
     protocol::record_batch::set_producer(&mut batch, producer_id, 0, sequence);
-    batch
+    produce(client, topic, 0, batch, -1).await
+}
+
+/// InitProducerId for a new idempotent producer (no transactional id).
+fn new_producer_id() -> InitProducerIdRequest {
+    InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1)
 }
 
 #[tokio::test]
 async fn idempotent_retries_are_written_once_even_across_restarts() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
-    let mut client = Client::connect(broker.addr).await;
-    create_topic(&mut client, "idem", 1).await;
-    let init = client
-        .call(
-            InitProducerIdRequest::default()
-                .with_transactional_id(None)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-            4,
-        )
-        .await;
+    let (broker, mut client) = start_with_topic(BrokerConfig::default(), "idem", 1).await;
+    let init = client.call(new_producer_id(), 4).await;
     assert_eq!((init.error_code, init.producer_epoch), (0, 0));
     let pid = init.producer_id.0;
-    let second = client
-        .call(
-            InitProducerIdRequest::default()
-                .with_transactional_id(None)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-            4,
-        )
-        .await;
+    let second = client.call(new_producer_id(), 4).await;
     assert_ne!(second.producer_id.0, pid, "producer ids are unique");
 
-    let r = produce(
-        &mut client,
-        "idem",
-        0,
-        idempotent_batch(pid, 0, &[b"a", b"b"]),
-        -1,
-    )
-    .await;
+    let r = produce_idempotent(&mut client, "idem", pid, 0, &[b"a", b"b"]).await;
     assert_eq!((r.error_code, r.base_offset), (0, 0));
-    let r = produce(
-        &mut client,
-        "idem",
-        0,
-        idempotent_batch(pid, 0, &[b"a", b"b"]),
-        -1,
-    )
-    .await;
+    let r = produce_idempotent(&mut client, "idem", pid, 0, &[b"a", b"b"]).await;
     assert_eq!(
         (r.error_code, r.base_offset),
         (0, 0),
         "a retry is acknowledged with its first offset"
     );
-    let r = produce(
-        &mut client,
-        "idem",
-        0,
-        idempotent_batch(pid, 5, &[b"gap"]),
-        -1,
-    )
-    .await;
+    let r = produce_idempotent(&mut client, "idem", pid, 5, &[b"gap"]).await;
     assert_eq!(r.error_code, ResponseError::OutOfOrderSequenceNumber.code());
-    let r = produce(
-        &mut client,
-        "idem",
-        0,
-        idempotent_batch(pid, 2, &[b"c"]),
-        -1,
-    )
-    .await;
+    let r = produce_idempotent(&mut client, "idem", pid, 2, &[b"c"]).await;
     assert_eq!((r.error_code, r.base_offset), (0, 2));
-    let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+    let (_, hw, _) = fetch_now(&mut client, "idem", 0, 0).await;
     assert_eq!(hw, 3, "the retry was not written");
     drop(client);
 
@@ -1001,20 +757,13 @@ async fn idempotent_retries_are_written_once_even_across_restarts() {
         }
         let broker = TestBroker::start_in(dir, BrokerConfig::default()).await;
         let mut client = Client::connect(broker.addr).await;
-        let r = produce(
-            &mut client,
-            "idem",
-            0,
-            idempotent_batch(pid, 2, &[b"c"]),
-            -1,
-        )
-        .await;
+        let r = produce_idempotent(&mut client, "idem", pid, 2, &[b"c"]).await;
         assert_eq!(
             (r.error_code, r.base_offset),
             (0, 2),
             "retry after restart (snapshot removed: {remove_snapshot})"
         );
-        let (_, hw, _) = records_of(&client.call(fetch_request("idem", 0, 0, 0, 0), 12).await);
+        let (_, hw, _) = fetch_now(&mut client, "idem", 0, 0).await;
         assert_eq!(hw, 3);
         drop(client);
         dir = broker.stop().await;

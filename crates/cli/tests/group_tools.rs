@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::{run_tool, wait_for, Broker, ToolOutput, CONDITION_TIMEOUT};
+use common::{create_topic, wait_for, Broker, ToolOutput, CONDITION_TIMEOUT};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -25,11 +25,9 @@ fn start_broker() -> Broker {
     Broker::start_with_env(&[("FRESHET_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")])
 }
 
-/// `freshet ARGS --brokers ADDR`
+/// `freshet ARGS --brokers ADDR`, with nothing on stdin.
 fn tool(broker: &Broker, args: &[&str]) -> ToolOutput {
-    let mut full: Vec<&str> = args.to_vec();
-    full.extend(["--brokers", broker.address.as_str()]);
-    run_tool(&full, b"")
+    common::tool(broker, args, b"")
 }
 
 /// `group describe` output, each line's `Key: value` fields in a map.
@@ -178,18 +176,12 @@ fn join_consume_and_commit(broker: &Broker) -> BaseConsumer {
 #[test]
 fn list_describe_and_reset_a_consumer_group() {
     let broker = start_broker();
-    tool(&broker, &["topic", "create", TOPIC, "--partitions", "3"]).assert_success("topic create");
+    create_topic(&broker, TOPIC, 3);
     for (partition, count) in LOG_END.iter().enumerate() {
         let input: String = (0..*count).map(|i| format!("p{partition}-{i}\n")).collect();
-        let out = run_tool(
-            &[
-                "produce",
-                TOPIC,
-                "--partition",
-                &partition.to_string(),
-                "--brokers",
-                &broker.address,
-            ],
+        let out = common::tool(
+            &broker,
+            &["produce", TOPIC, "--partition", &partition.to_string()],
             input.as_bytes(),
         );
         out.assert_success("produce");
@@ -235,19 +227,14 @@ fn list_describe_and_reset_a_consumer_group() {
     assert_eq!(described.offsets.len(), 3, "only orders has offsets");
 
     let refused = reset(&broker, &["--to-earliest"]);
-    assert!(
-        !refused.status.success(),
-        "reset while the group has a member must fail: {refused:?}"
-    );
+    let line = refused.assert_one_error_line("reset while the group has a member");
     assert_eq!(refused.stdout_text(), "");
-    let lines: Vec<&str> = refused.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line: {:?}", refused.stderr);
     assert!(
-        lines[0].starts_with("freshet: group reset-offsets failed: group 'g1' is active"),
+        line.starts_with("freshet: group reset-offsets failed: group 'g1' is active"),
         "{:?}",
-        lines[0]
+        line
     );
-    assert!(lines[0].contains("Stable"), "{:?}", lines[0]);
+    assert!(line.contains("Stable"), "{:?}", line);
     assert_eq!(
         describe(&broker, GROUP).lags()[0].0,
         COMMITTED,
@@ -347,7 +334,7 @@ fn list_describe_and_reset_a_consumer_group() {
 #[test]
 fn unknown_groups_and_cluster_errors() {
     let broker = start_broker();
-    tool(&broker, &["topic", "create", TOPIC, "--partitions", "1"]).assert_success("create");
+    create_topic(&broker, TOPIC, 1);
 
     let listed = tool(&broker, &["group", "list"]);
     listed.assert_success("group list");
@@ -373,14 +360,12 @@ fn unknown_groups_and_cluster_errors() {
             "--to-latest",
         ],
     );
-    assert!(!missing.status.success(), "{missing:?}");
+    let line = missing.assert_one_error_line("reset-offsets of a missing topic");
     assert_eq!(missing.stdout_text(), "");
-    let lines: Vec<&str> = missing.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line: {:?}", missing.stderr);
     assert!(
-        lines[0].starts_with("freshet: group reset-offsets failed: UNKNOWN_TOPIC_OR_PARTITION: "),
+        line.starts_with("freshet: group reset-offsets failed: UNKNOWN_TOPIC_OR_PARTITION: "),
         "{:?}",
-        lines[0]
+        line
     );
     let no_partition = tool(
         &broker,
@@ -431,18 +416,8 @@ fn assigned_partitions_without_a_commit_are_shown_with_dashes() {
     const TOPIC: &str = "uncommitted";
     const GROUP: &str = "g-dash";
     let broker = start_broker();
-    tool(&broker, &["topic", "create", TOPIC, "--partitions", "3"]).assert_success("topic create");
-    let out = run_tool(
-        &[
-            "produce",
-            TOPIC,
-            "--partition",
-            "1",
-            "--brokers",
-            &broker.address,
-        ],
-        b"a\nb\n",
-    );
+    create_topic(&broker, TOPIC, 3);
+    let out = common::tool(&broker, &["produce", TOPIC, "--partition", "1"], b"a\nb\n");
     out.assert_success("produce");
 
     let consumer: BaseConsumer = ClientConfig::new()

@@ -2,13 +2,15 @@
 
 mod common;
 
-use common::{run_tool, wait_for, Broker, CONDITION_TIMEOUT};
+use common::{create_topic, tool, wait_for, Broker, CONDITION_TIMEOUT};
 
-/// `freshet ARGS --brokers ADDR`
-fn tool(broker: &Broker, args: &[&str], stdin: &[u8]) -> common::ToolOutput {
-    let mut full: Vec<&str> = args.to_vec();
-    full.extend(["--brokers", broker.address.as_str()]);
-    run_tool(&full, stdin)
+/// `freshet consume TOPIC ARGS`, which must succeed: what it printed.
+fn consume(broker: &Broker, topic: &str, args: &[&str]) -> String {
+    let mut full = vec!["consume", topic];
+    full.extend(args);
+    let out = tool(broker, &full, b"");
+    out.assert_success(&format!("consume {topic} {args:?}"));
+    out.stdout_text()
 }
 
 #[test]
@@ -65,11 +67,10 @@ fn create_produce_consume_with_the_tools() {
         "produce prints nothing on success"
     );
 
-    let consumed = tool(
+    let consumed = consume(
         &broker,
+        "tools",
         &[
-            "consume",
-            "tools",
             "--from-beginning",
             "-n",
             "5",
@@ -78,51 +79,31 @@ fn create_produce_consume_with_the_tools() {
             "--timeout-ms",
             "20000",
         ],
-        b"",
     );
-    consumed.assert_success("consume");
     assert_eq!(
-        consumed.stdout_text(),
+        consumed,
         "k1=v1 src=cli\nk2=v2:with:colons src=cli\n=no separator src=cli\n=empty key src=cli\nk5= src=cli\n"
     );
 
     // Offsets, partition and escapes; --exit stops at the end without -n.
-    let offsets = tool(
+    let offsets = consume(
         &broker,
-        &[
-            "consume",
-            "tools",
-            "--offset",
-            "3",
-            "--exit",
-            "--format",
-            "%p/%o\\t%v|",
-        ],
-        b"",
+        "tools",
+        &["--offset", "3", "--exit", "--format", "%p/%o\\t%v|"],
     );
-    offsets.assert_success("consume --offset 3 --exit");
-    assert_eq!(offsets.stdout_text(), "0/3\tempty key|0/4\t|");
+    assert_eq!(offsets, "0/3\tempty key|0/4\t|");
 
     // Timestamps are the producer's create time: recent, in milliseconds.
-    let stamped = tool(
+    let stamped = consume(
         &broker,
-        &[
-            "consume",
-            "tools",
-            "--from-beginning",
-            "-e",
-            "--format",
-            "%t\\n",
-        ],
-        b"",
+        "tools",
+        &["--from-beginning", "-e", "--format", "%t\\n"],
     );
-    stamped.assert_success("consume %t");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as i64;
     let stamps: Vec<i64> = stamped
-        .stdout_text()
         .lines()
         .map(|line| line.parse().expect("a number"))
         .collect();
@@ -138,33 +119,23 @@ fn create_produce_consume_with_the_tools() {
 #[test]
 fn creating_an_existing_topic_fails_with_the_kafka_error_name() {
     let broker = Broker::start();
-    tool(
-        &broker,
-        &["topic", "create", "twice", "--partitions", "2"],
-        b"",
-    )
-    .assert_success("first create");
+    create_topic(&broker, "twice", 2);
     let again = tool(
         &broker,
         &["topic", "create", "twice", "--partitions", "2"],
         b"",
     );
-    assert!(
-        !again.status.success(),
-        "second create must fail: {again:?}"
-    );
+    let line = again.assert_one_error_line("second create");
     assert_eq!(again.stdout_text(), "");
-    let lines: Vec<&str> = again.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "exactly one error line: {:?}", again.stderr);
     assert!(
-        lines[0].starts_with("freshet: topic create failed: TOPIC_ALREADY_EXISTS: "),
+        line.starts_with("freshet: topic create failed: TOPIC_ALREADY_EXISTS: "),
         "error line: {:?}",
-        lines[0]
+        line
     );
     assert!(
-        lines[0].contains("'twice'"),
+        line.contains("'twice'"),
         "error names the topic: {:?}",
-        lines[0]
+        line
     );
 
     let missing = tool(
@@ -172,19 +143,10 @@ fn creating_an_existing_topic_fails_with_the_kafka_error_name() {
         &["consume", "no-such-topic", "--from-beginning", "-e"],
         b"",
     );
-    assert!(
-        !missing.status.success(),
-        "consuming a missing topic must fail: {missing:?}"
-    );
+    missing.assert_one_error_line("consuming a missing topic");
     assert!(
         missing.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
         "stderr: {:?}",
-        missing.stderr
-    );
-    assert_eq!(
-        missing.stderr.lines().count(),
-        1,
-        "one error line: {:?}",
         missing.stderr
     );
 
@@ -200,13 +162,7 @@ fn creating_an_existing_topic_fails_with_the_kafka_error_name() {
         ][..],
     ] {
         let out = tool(&broker, args, b"");
-        assert!(!out.status.success(), "{args:?} must fail: {out:?}");
-        assert_eq!(
-            out.stderr.lines().count(),
-            1,
-            "one error line: {:?}",
-            out.stderr
-        );
+        out.assert_one_error_line(&format!("{args:?}"));
         assert!(
             out.stderr.contains("UNKNOWN_TOPIC_OR_PARTITION"),
             "{args:?}: {:?}",
@@ -266,12 +222,7 @@ fn every_compression_codec_through_the_tools() {
     let broker = Broker::start();
     for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
         let topic = format!("tools-{codec}");
-        tool(
-            &broker,
-            &["topic", "create", &topic, "--partitions", "1"],
-            b"",
-        )
-        .assert_success("create");
+        create_topic(&broker, &topic, 1);
         // Repetitive lines so the batch really compresses.
         let input: String = (0..200)
             .map(|i| format!("key-{i}|{codec} value {i} {}\n", "abc".repeat(i % 13)))
@@ -291,24 +242,12 @@ fn every_compression_codec_through_the_tools() {
             input.as_bytes(),
         )
         .assert_success("produce");
-        let consumed = tool(
+        let consumed = consume(
             &broker,
-            &[
-                "consume",
-                &topic,
-                "--from-beginning",
-                "-e",
-                "--format",
-                "%k|%v\\n",
-            ],
-            b"",
+            &topic,
+            &["--from-beginning", "-e", "--format", "%k|%v\\n"],
         );
-        consumed.assert_success("consume");
-        assert_eq!(
-            consumed.stdout_text(),
-            input,
-            "{codec}: every line back, in order"
-        );
+        assert_eq!(consumed, input, "{codec}: every line back, in order");
     }
 }
 
@@ -473,12 +412,7 @@ fn describe_alter_config_and_delete_with_the_tools() {
 fn produce_reports_failure_with_one_line() {
     let broker = Broker::start();
     // A record for a partition the topic does not have cannot be delivered.
-    tool(
-        &broker,
-        &["topic", "create", "one-partition", "--partitions", "1"],
-        b"",
-    )
-    .assert_success("create");
+    create_topic(&broker, "one-partition", 1);
     let out = tool(
         &broker,
         &[
@@ -491,29 +425,19 @@ fn produce_reports_failure_with_one_line() {
         ],
         b"x\n",
     );
+    let line = out.assert_one_error_line("producing to a missing partition");
     assert!(
-        !out.status.success(),
-        "producing to a missing partition must fail: {out:?}"
-    );
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line: {:?}", out.stderr);
-    assert!(
-        lines[0].starts_with("freshet: produce failed: 1 of 1 records not delivered"),
+        line.starts_with("freshet: produce failed: 1 of 1 records not delivered"),
         "{:?}",
-        lines[0]
+        line
     );
-    assert!(lines[0].contains("_UNKNOWN_PARTITION"), "{:?}", lines[0]);
+    assert!(line.contains("_UNKNOWN_PARTITION"), "{:?}", line);
 }
 
 #[test]
 fn produce_with_acks_0_delivers() {
     let broker = Broker::start();
-    tool(
-        &broker,
-        &["topic", "create", "fire-and-forget", "--partitions", "1"],
-        b"",
-    )
-    .assert_success("create");
+    create_topic(&broker, "fire-and-forget", 1);
     let input: String = (0..300)
         .map(|i| format!("k{i}|acks-0 value {i}\n"))
         .collect();
@@ -532,11 +456,10 @@ fn produce_with_acks_0_delivers() {
     produced.assert_success("produce --acks 0");
     assert_eq!(produced.stdout_text(), "");
     // Nothing acknowledges acks=0 records: wait until the broker has stored them all.
-    let consumed = tool(
+    let consumed = consume(
         &broker,
+        "fire-and-forget",
         &[
-            "consume",
-            "fire-and-forget",
             "--from-beginning",
             "-n",
             "300",
@@ -545,13 +468,11 @@ fn produce_with_acks_0_delivers() {
             "--format",
             "%o %k|%v\\n",
         ],
-        b"",
     );
-    consumed.assert_success("consume the acks=0 records");
     let want: String = (0..300)
         .map(|i| format!("{i} k{i}|acks-0 value {i}\n"))
         .collect();
-    assert_eq!(consumed.stdout_text(), want, "every record, once, in order");
+    assert_eq!(consumed, want, "every record, once, in order");
 }
 
 #[test]
@@ -574,38 +495,25 @@ fn produce_refused_by_the_cluster_prints_one_line_with_the_kafka_error() {
     // Far below librdkafka's own message.max.bytes, so only the broker can refuse it.
     let big = format!("{}\n", "x".repeat(5000));
     let refused = tool(&broker, &["produce", "small-records"], big.as_bytes());
-    assert!(
-        !refused.status.success(),
-        "a record above the topic's max.message.bytes must fail: {refused:?}"
-    );
+    let line = refused.assert_one_error_line("a record above the topic's max.message.bytes");
     assert_eq!(refused.stdout_text(), "");
-    let lines: Vec<&str> = refused.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line: {:?}", refused.stderr);
     assert!(
-        lines[0].starts_with(
+        line.starts_with(
             "freshet: produce failed: 1 of 1 records not delivered, first: MESSAGE_TOO_LARGE: "
         ),
         "{:?}",
-        lines[0]
+        line
     );
-    assert!(lines[0].contains("(line 1)"), "{:?}", lines[0]);
+    assert!(line.contains("(line 1)"), "{:?}", line);
 
     // Nothing was stored, and a record within the limit still goes through.
     tool(&broker, &["produce", "small-records"], b"fits\n").assert_success("small produce");
-    let consumed = tool(
+    let consumed = consume(
         &broker,
-        &[
-            "consume",
-            "small-records",
-            "--from-beginning",
-            "-e",
-            "--format",
-            "%o:%v\\n",
-        ],
-        b"",
+        "small-records",
+        &["--from-beginning", "-e", "--format", "%o:%v\\n"],
     );
-    consumed.assert_success("consume");
-    assert_eq!(consumed.stdout_text(), "0:fits\n");
+    assert_eq!(consumed, "0:fits\n");
 }
 
 /// A record to produce with everything `--format` can show set to a known value.
@@ -684,12 +592,7 @@ fn produce_known(broker: &Broker, topic: &str, records: &[Known]) {
 #[test]
 fn consume_from_an_offset_with_every_format_field() {
     let broker = Broker::start();
-    tool(
-        &broker,
-        &["topic", "create", "known", "--partitions", "2"],
-        b"",
-    )
-    .assert_success("create");
+    create_topic(&broker, "known", 2);
     let t0 = 1_600_000_000_000i64;
     let records: Vec<Known> = (0..4)
         .flat_map(|i| {
@@ -719,11 +622,10 @@ fn consume_from_an_offset_with_every_format_field() {
     produce_known(&broker, "known", &records);
 
     let format = "%p/%o@%t %k=%v [%h] 100%%\\n";
-    let partition0 = tool(
+    let partition0 = consume(
         &broker,
+        "known",
         &[
-            "consume",
-            "known",
             "--partition",
             "0",
             "--offset",
@@ -732,26 +634,21 @@ fn consume_from_an_offset_with_every_format_field() {
             "--format",
             format,
         ],
-        b"",
     );
-    partition0.assert_success("consume --partition 0 --offset 1");
     assert_eq!(
-        partition0.stdout_text(),
+        partition0,
         "0/1@1600000000001 b=one [] 100%\n\
          0/2@1600000000002 c=two [x=y,h=2] 100%\n\
          0/3@1600000000003 d=three [h=] 100%\n"
     );
 
     // --offset N applies to every partition; their records interleave in any order.
-    let both = tool(
+    let both = consume(
         &broker,
-        &[
-            "consume", "known", "--offset", "2", "-n", "4", "--format", format,
-        ],
-        b"",
+        "known",
+        &["--offset", "2", "-n", "4", "--format", format],
     );
-    both.assert_success("consume --offset 2 -n 4");
-    let mut lines: Vec<String> = both.stdout_text().lines().map(str::to_owned).collect();
+    let mut lines: Vec<String> = both.lines().map(str::to_owned).collect();
     lines.sort();
     assert_eq!(
         lines,
@@ -764,11 +661,10 @@ fn consume_from_an_offset_with_every_format_field() {
     );
 
     // A negative offset counts back from the end of each partition.
-    let tail = tool(
+    let tail = consume(
         &broker,
+        "known",
         &[
-            "consume",
-            "known",
             "--partition",
             "1",
             "--offset",
@@ -777,11 +673,9 @@ fn consume_from_an_offset_with_every_format_field() {
             "--format",
             format,
         ],
-        b"",
     );
-    tail.assert_success("consume --offset -2");
     assert_eq!(
-        tail.stdout_text(),
+        tail,
         "1/2@1600000001002 =p1-2 [p=1] 100%\n1/3@1600000001003 k3=p1-3 [p=1] 100%\n"
     );
 
@@ -799,17 +693,8 @@ fn consume_from_an_offset_with_every_format_field() {
         ],
         b"",
     );
-    assert!(
-        !beyond.status.success(),
-        "--offset past the end must fail: {beyond:?}"
-    );
+    beyond.assert_one_error_line("--offset past the end");
     assert_eq!(beyond.stdout_text(), "");
-    assert_eq!(
-        beyond.stderr.lines().count(),
-        1,
-        "one error line: {:?}",
-        beyond.stderr
-    );
     assert!(
         beyond
             .stderr

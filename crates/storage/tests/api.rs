@@ -10,6 +10,30 @@ fn open(dir: &std::path::Path, config: LogConfig) -> PartitionLog {
     PartitionLog::open(dir, config, 0).unwrap().0
 }
 
+/// A timestamp lookup's answer: the first offset at or after the target, and the
+/// timestamp it has.
+fn found(offset: i64, timestamp: i64) -> Option<TimestampOffset> {
+    Some(TimestampOffset { offset, timestamp })
+}
+
+/// Takes a flush handle, syncs it, and marks the log flushed up to it: what the
+/// broker's flusher does, off the log's lock.
+fn sync_and_mark_flushed(log: &mut PartitionLog) {
+    let handle = log.flush_handle();
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+}
+
+/// Batches whose records are out of timestamp order, inside and across batches.
+const UNORDERED_TIMESTAMPS: [&[i64]; 6] = [
+    &[10, 30, 20],
+    &[25, 40],
+    &[35, 35, 50, 45],
+    &[60],
+    &[55, 70],
+    &[72, 65, 71],
+];
+
 #[test]
 fn open_creates_directory_and_starts_empty() {
     let tmp = tempfile::tempdir().unwrap();
@@ -389,14 +413,8 @@ fn retention_by_size() {
 fn offset_for_timestamp_finds_exact_record() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(300, 1));
-    let timestamps: Vec<Vec<i64>> = vec![
-        vec![10, 30, 20],
-        vec![25, 40],
-        vec![35, 35, 50, 45],
-        vec![60],
-        vec![55, 70],
-    ];
-    for ts in &timestamps {
+    let timestamps = &UNORDERED_TIMESTAMPS[..5];
+    for ts in timestamps {
         log.append(&mut batch_with_timestamps(ts[0], ts), 0, 0)
             .unwrap();
     }
@@ -419,32 +437,16 @@ fn offset_for_timestamp_finds_exact_record() {
     }
     log.set_high_watermark(log.log_end_offset());
     log.delete_records_before(4).unwrap();
-    assert_eq!(
-        log.offset_for_timestamp(0, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 4,
-            timestamp: 40
-        })
-    );
+    assert_eq!(log.offset_for_timestamp(0, NO_LIMIT).unwrap(), found(4, 40));
     assert_eq!(
         log.offset_for_timestamp(41, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 7,
-            timestamp: 50
-        })
+        found(7, 50)
     );
 }
 
 #[test]
 fn offset_for_timestamp_is_exact_inside_compressed_batches() {
-    let timestamps: Vec<Vec<i64>> = vec![
-        vec![10, 30, 20],
-        vec![25, 40],
-        vec![35, 35, 50, 45],
-        vec![60],
-        vec![55, 70],
-        vec![72, 65, 71],
-    ];
+    let timestamps = &UNORDERED_TIMESTAMPS;
     let flat: Vec<i64> = timestamps.concat();
     for codec in CODECS {
         let tmp = tempfile::tempdir().unwrap();
@@ -496,13 +498,7 @@ fn raw_snappy_as_librdkafka_writes_it_is_walked_too() {
     let raw = snap::raw::Encoder::new().compress_vec(&records).unwrap();
     log.append(&mut raw_batch(SNAPPY, 5, 9, 3, &raw), 0, 0)
         .unwrap();
-    assert_eq!(
-        log.offset_for_timestamp(6, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 1,
-            timestamp: 9
-        })
-    );
+    assert_eq!(log.offset_for_timestamp(6, NO_LIMIT).unwrap(), found(1, 9));
 }
 
 #[test]
@@ -525,10 +521,7 @@ fn a_batch_whose_header_promises_too_much_is_passed_over() {
     .unwrap();
     assert_eq!(
         log.offset_for_timestamp(100, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 3,
-            timestamp: 150
-        })
+        found(3, 150)
     );
 }
 
@@ -543,19 +536,10 @@ fn timestamp_lookup_decompresses_no_more_than_its_limit() {
     log.append(&mut bomb, 0, 0).unwrap();
     assert_eq!(
         log.offset_for_timestamp(25, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 2,
-            timestamp: 30
-        })
+        found(2, 30)
     );
     // Over the limit: answered from the header, as well as it can be.
-    assert_eq!(
-        log.offset_for_timestamp(25, 100_000).unwrap(),
-        Some(TimestampOffset {
-            offset: 0,
-            timestamp: 30
-        })
-    );
+    assert_eq!(log.offset_for_timestamp(25, 100_000).unwrap(), found(0, 30));
 }
 
 #[test]
@@ -576,13 +560,7 @@ fn a_located_batch_is_searched_without_the_log() {
         log.append(&mut batch_of(2, 100 + i), 0, 0).unwrap();
     }
     drop(log);
-    assert_eq!(
-        batch.search(NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 1,
-            timestamp: 30
-        })
-    );
+    assert_eq!(batch.search(NO_LIMIT).unwrap(), found(1, 30));
     assert_eq!(batch.next_offset(), 3);
 }
 
@@ -596,24 +574,15 @@ fn offset_for_timestamp_answers_unwalkable_batches_from_their_header() {
         .unwrap();
     assert_eq!(
         log.offset_for_timestamp(50, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 0,
-            timestamp: 100
-        })
+        found(0, 100)
     );
     assert_eq!(
         log.offset_for_timestamp(150, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 0,
-            timestamp: 200
-        })
+        found(0, 200)
     );
     assert_eq!(
         log.offset_for_timestamp(201, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 3,
-            timestamp: 300
-        })
+        found(3, 300)
     );
     assert_eq!(log.offset_for_timestamp(401, NO_LIMIT).unwrap(), None);
     // Malformed records in an "uncompressed" batch are treated the same way.
@@ -621,10 +590,7 @@ fn offset_for_timestamp_answers_unwalkable_batches_from_their_header() {
     log.append(&mut bad, 0, 0).unwrap();
     assert_eq!(
         log.offset_for_timestamp(450, NO_LIMIT).unwrap(),
-        Some(TimestampOffset {
-            offset: 5,
-            timestamp: 500
-        })
+        found(5, 500)
     );
 }
 
@@ -700,9 +666,7 @@ fn the_recovery_point_file_is_written_only_when_asked() {
     log.append(&mut batch_of(3, 0), 0, 0).unwrap();
     log.flush().unwrap();
     log.append(&mut batch_of(4, 0), 0, 0).unwrap();
-    let handle = log.flush_handle();
-    handle.sync().unwrap();
-    log.mark_flushed(handle.up_to_offset);
+    sync_and_mark_flushed(&mut log);
     assert_eq!(log.recovery_point(), 7);
     drop(log);
     // The file still says 3: the next open validates the 4 records after it.
@@ -711,9 +675,7 @@ fn the_recovery_point_file_is_written_only_when_asked() {
     assert_eq!(log.log_end_offset(), 7);
     let mut log = log;
     log.append(&mut batch_of(1, 0), 0, 0).unwrap();
-    let handle = log.flush_handle();
-    handle.sync().unwrap();
-    log.mark_flushed(handle.up_to_offset);
+    sync_and_mark_flushed(&mut log);
     log.write_recovery_point().unwrap();
     drop(log);
     let (_, report) = PartitionLog::open(tmp.path(), config(1 << 20, 4096), 0).unwrap();

@@ -161,6 +161,33 @@ impl ToolOutput {
         );
         self
     }
+
+    /// Panics unless the tool failed and said why on exactly one line of stderr, as
+    /// every tool reports an error; returns that line.
+    pub fn assert_one_error_line(&self, what: &str) -> &str {
+        assert!(!self.status.success(), "{what} must fail: {self:?}");
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one error line: {:?}", self.stderr);
+        lines[0]
+    }
+}
+
+/// `freshet ARGS --brokers ADDR` with `stdin` as its standard input.
+pub fn tool(broker: &Broker, args: &[&str], stdin: &[u8]) -> ToolOutput {
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend(["--brokers", broker.address.as_str()]);
+    run_tool(&full, stdin)
+}
+
+/// `freshet topic create TOPIC --partitions N`; fails the test unless it succeeds.
+pub fn create_topic(broker: &Broker, topic: &str, partitions: u32) {
+    let partitions = partitions.to_string();
+    tool(
+        broker,
+        &["topic", "create", topic, "--partitions", &partitions],
+        b"",
+    )
+    .assert_success(&format!("topic create {topic}"));
 }
 
 /// Runs `freshet ARGS` with `stdin` as its standard input; fails the test if it runs

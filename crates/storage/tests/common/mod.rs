@@ -140,18 +140,7 @@ pub fn compressed_batch_with_timestamps(
 
 /// An uncompressed batch whose records have the given timestamps (any order).
 pub fn batch_with_timestamps(base_timestamp: i64, timestamps: &[i64]) -> Vec<u8> {
-    let mut records = Vec::new();
-    for (i, ts) in timestamps.iter().enumerate() {
-        let mut body = vec![0u8];
-        put_varint(&mut body, ts - base_timestamp);
-        put_varint(&mut body, i as i64);
-        put_varint(&mut body, -1);
-        put_varint(&mut body, 1);
-        body.push(b'v');
-        put_varint(&mut body, 0);
-        put_varint(&mut records, body.len() as i64);
-        records.extend_from_slice(&body);
-    }
+    let records = records_with_timestamps(base_timestamp, timestamps, b"v");
     let max = *timestamps.iter().max().expect("at least one record");
     raw_batch(0, base_timestamp, max, timestamps.len() as i32, &records)
 }
