@@ -399,8 +399,10 @@ fn fingerprint(topic: &str, key: Option<&str>, partition: Option<i32>, body: &[u
 /// Answers remembered by `Idempotency-Key` (per topic), the oldest forgotten first.
 /// Concurrent requests with one key wait for the first; a failed attempt is not
 /// remembered, so a retry runs again.
+#[allow(clippy::type_complexity)] // a map and its insertion order, under one lock
 pub struct IdempotencyCache {
     capacity: usize,
+    /// The entries by `topic\0key`, and their ids oldest first.
     entries: Mutex<(HashMap<String, Arc<Entry>>, VecDeque<String>)>,
 }
 

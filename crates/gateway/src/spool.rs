@@ -597,12 +597,12 @@ mod tests {
     fn record(i: u64) -> Record {
         Record {
             topic: format!("t{}", i % 3),
-            partition: if i % 2 == 0 {
+            partition: if i.is_multiple_of(2) {
                 Some((i % 5) as i32)
             } else {
                 None
             },
-            key: if i % 4 == 0 {
+            key: if i.is_multiple_of(4) {
                 None
             } else {
                 Some(format!("k{i}").into_bytes())
