@@ -40,7 +40,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::request_id();
     let answer = match headers.get("idempotency-key") {
         None => accept(&gateway, &topic, &query, &headers, &body, &request_id, None)
             .await

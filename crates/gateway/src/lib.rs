@@ -268,6 +268,18 @@ async fn observe(State(gateway): State<Arc<Gateway>>, request: Request, next: Ne
     response
 }
 
+/// A request id unique across gateways and restarts: a random 64-bit prefix drawn
+/// once per process and a counter, in UUID form. One `getrandom` per request (a v4
+/// UUID) was 1% of the gateway's CPU.
+pub(crate) fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    uuid::Uuid::from_u64_pair(prefix, COUNTER.fetch_add(1, Ordering::Relaxed)).to_string()
+}
+
 /// Milliseconds since the Unix epoch, for record timestamps and the
 /// `freshet-received-at` header.
 pub(crate) fn now_ms() -> i64 {
@@ -275,4 +287,15 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_differ_and_look_like_uuids() {
+        let (a, b) = (super::request_id(), super::request_id());
+        assert_ne!(a, b);
+        assert!(uuid::Uuid::parse_str(&a).is_ok(), "{a}");
+        assert_eq!(a[..18], b[..18], "one process prefix");
+    }
 }

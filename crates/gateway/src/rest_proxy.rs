@@ -163,7 +163,7 @@ async fn produce(
             "records is empty",
         ));
     }
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::request_id();
     let timestamp_ms = crate::now_ms();
     let received_at = timestamp_ms.to_string();
     // Decode and validate everything first: a bad record means nothing is written.
