@@ -2,10 +2,6 @@
 //! subcommands are Kafka-protocol tools that work against any Kafka-compatible
 //! cluster (they go through librdkafka, never through broker internals).
 
-/// See the Cargo.toml comment: allocation-heavy paths (HTTP, JSON) are cheaper on it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod gateway;
 mod perf;
 mod serve;
