@@ -96,22 +96,9 @@ class Broker:
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
         cmd += self.args
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
-        env.setdefault("RUST_BACKTRACE", "1")
-        env.setdefault("NO_COLOR", "1")  # plain stderr in failure reports
         # The embedded HTTP gateway only where a test asks for it (its own Kafka clients
         # would otherwise add connections to every broker under test).
-        env["FRESHET_HTTP_LISTEN"] = "off"
-        env.update(self.env)
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts}: {' '.join(cmd)} env={self.env}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=log, env=env)
-        self._stdout_lines = queue.Queue()
-        threading.Thread(target=self._pump_stdout, args=(self.proc, self._stdout_lines),
-                         daemon=True).start()
+        self._spawn(cmd, {"FRESHET_HTTP_LISTEN": "off"})
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             remaining = deadline - time.monotonic()
@@ -139,6 +126,24 @@ class Broker:
             assert Path(self.reported_data_dir) == self.data_dir.resolve(), \
                 f"broker reports data dir {self.reported_data_dir!r}, started with {self.data_dir}"
             return self
+
+    def _spawn(self, cmd: list[str], defaults: dict[str, str]) -> None:
+        """Starts `cmd` with a clean FRESHET_* environment (`defaults`, then the test's
+        `env`), stderr appended to the log, stdout lines pumped to `_stdout_lines`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
+        env.setdefault("RUST_BACKTRACE", "1")
+        env.setdefault("NO_COLOR", "1")  # plain stderr in failure reports
+        env.update(defaults)
+        env.update(self.env)
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== start #{self.starts}: {' '.join(cmd)} env={self.env}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=log, env=env)
+        self._stdout_lines = queue.Queue()
+        threading.Thread(target=self._pump_stdout, args=(self.proc, self._stdout_lines),
+                         daemon=True).start()
 
     def _pump_stdout(self, proc: subprocess.Popen, lines: queue.Queue) -> None:
         first = True

@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import queue
 import re
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -410,19 +408,7 @@ class Gateway(Broker):
                "--http-listen", f"127.0.0.1:{port}", "--spool-dir", str(self.data_dir)]
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_") or k == "FRESHET_BIN"}
-        env.setdefault("RUST_BACKTRACE", "1")
-        env.setdefault("NO_COLOR", "1")
-        env.update(self.env)
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts}: {' '.join(cmd)} env={self.env}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=log, env=env)
-        self._stdout_lines = queue.Queue()
-        threading.Thread(target=self._pump_stdout, args=(self.proc, self._stdout_lines),
-                         daemon=True).start()
+        self._spawn(cmd, {})
         try:
             line = self._stdout_lines.get(timeout=START_TIMEOUT_S)
         except queue.Empty:
