@@ -8,6 +8,12 @@
 //! the old file) cost about half as much as the fsync itself, on the latency path of
 //! every acks=all produce. A file that lags only makes a restart validate a little
 //! more of the log.
+//!
+//! A failed fsync is final: every request waiting on it gets the error, and the
+//! partition goes offline (`PartitionLog::fail`: cut back to its last good fsync;
+//! produce, fetch and flush answer `KAFKA_STORAGE_ERROR`) until the broker is
+//! restarted, so no later fsync, which the kernel would report as a success, can
+//! vouch for the bytes the failed one covered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,13 +135,25 @@ fn write_recovery_point(p: &Partition) {
 }
 
 fn flush_partition(p: &Partition, syncs: &AtomicU64) -> Result<(), String> {
-    let handle = p.lock().flush_handle();
+    let handle = p
+        .lock()
+        .flush_handle()
+        .map_err(|e| format!("{}-{}: {e}", p.topic, p.index))?;
     if !handle.files.is_empty() {
         syncs.fetch_add(1, Ordering::Relaxed);
     }
-    handle
-        .sync()
-        .map_err(|e| format!("fsync of {}-{} failed: {e}", p.topic, p.index))?;
+    if let Err(e) = handle.sync() {
+        let reason = format!("fsync of {}-{} failed: {e}", p.topic, p.index);
+        // Final for the bytes it covered: the log cuts back to its last good fsync
+        // and goes offline, and the producers' sequences of the batches cut are
+        // forgotten with them, so a retry is never answered as a duplicate of a
+        // batch that may not be on disk. Lock order: producers, then log.
+        let mut producers = p.lock_producers();
+        let mut log = p.lock();
+        log.fail(&reason);
+        producers.truncate(log.log_end_offset());
+        return Err(reason);
+    }
     p.lock().mark_flushed(handle.up_to_offset);
     Ok(())
 }

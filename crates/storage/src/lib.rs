@@ -39,6 +39,11 @@
 //!   batch by batch and the log is cut at the first bad one.
 //! - `log_start_offset <= high_watermark <= log_end_offset`, and the last segment (the
 //!   active one, which takes appends) always exists.
+//! - A failed fsync is final for the bytes it covered (PostgreSQL's "fsyncgate" rule:
+//!   the kernel may have dropped the dirty pages and will report the next fsync as a
+//!   success). The log cuts itself back to its recovery point, the last offset an
+//!   fsync did vouch for, and goes offline: no append, read or flush until it is
+//!   opened again, so no later fsync can vouch for bytes the failed one covered.
 
 use std::io;
 
@@ -101,6 +106,10 @@ pub enum StorageError {
     },
     #[error("invalid record batch: {0}")]
     InvalidBatch(#[from] BatchError),
+    /// An fsync of this log failed: it takes no appends, serves no reads and vouches
+    /// for nothing until it is opened again (see [`PartitionLog::fail`]).
+    #[error("log {path} is offline after a failed fsync: {reason}")]
+    Offline { path: String, reason: String },
 }
 
 impl StorageError {

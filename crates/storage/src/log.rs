@@ -228,6 +228,8 @@ pub struct PartitionLog {
     /// taken before the truncation synced files whose bytes at and above it have
     /// since been replaced, so it cannot vouch for them.
     pub(crate) truncated_since_mark: Option<i64>,
+    /// Why the log is offline (a failed fsync), if it is: see [`PartitionLog::fail`].
+    pub(crate) offline: Option<String>,
 }
 
 impl PartitionLog {
@@ -273,6 +275,7 @@ impl PartitionLog {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo> {
+        self.check_online()?;
         let header = record_batch::validate(batch)?;
         let base_offset = self.log_end_offset();
         let last_offset = base_offset + i64::from(header.last_offset_delta);
@@ -331,6 +334,7 @@ impl PartitionLog {
     /// `max_offset`; in practice `max_offset` (high watermark, last stable offset)
     /// is a batch boundary.
     pub fn read(&self, offset: i64, max_bytes: usize, max_offset: i64) -> Result<ReadSlice> {
+        self.check_online()?;
         let log_end = self.log_end_offset();
         if offset < self.log_start_offset || offset > log_end {
             return Err(StorageError::OffsetOutOfRange {
@@ -403,11 +407,24 @@ impl PartitionLog {
     /// segment, the log is emptied and restarts at `offset`. Crash-safe: the target
     /// is recorded durably first and a later `open` finishes the job.
     pub fn truncate_to(&mut self, offset: i64) -> Result<()> {
+        self.cut_to(offset, Durability::Durable)
+    }
+
+    /// [`Self::truncate_to`]; with [`Durability::Lazy`] nothing is fsync'd and the
+    /// `truncate-to` marker stays, so the next open cuts there again (for
+    /// [`Self::fail`], when fsync cannot be trusted).
+    fn cut_to(&mut self, offset: i64, durability: Durability) -> Result<()> {
         let offset = offset.max(0);
         if offset >= self.log_end_offset() {
             return Ok(());
         }
         if offset < self.first_base_offset() {
+            if durability == Durability::Lazy {
+                return Err(StorageError::corrupt(
+                    &self.dir,
+                    format!("cannot cut below the first segment to {offset} without fsync"),
+                ));
+            }
             return self.truncate_fully_and_start_at(offset);
         }
         let floor_base = *self
@@ -426,7 +443,7 @@ impl PartitionLog {
             &self.dir_handle,
             TRUNCATE_TO_FILE,
             new_end,
-            Durability::Durable,
+            durability,
         )?;
         // Newest first, so that a crash midway leaves a log that is still a prefix.
         let later: Vec<i64> = self
@@ -444,6 +461,11 @@ impl PartitionLog {
             .get_mut(&floor_base)
             .expect("the floor segment stays");
         floor.truncate_at(position, new_end)?;
+        if durability == Durability::Lazy {
+            assert_eq!(self.log_end_offset(), new_end);
+            self.high_watermark = self.high_watermark.min(new_end);
+            return Ok(());
+        }
         floor
             .log_file()
             .sync_data()
@@ -604,14 +626,16 @@ impl PartitionLog {
         }
     }
 
-    /// What to fsync to make everything appended so far durable.
-    pub fn flush_handle(&self) -> FlushHandle {
+    /// What to fsync to make everything appended so far durable; an error once the
+    /// log is offline, so that nothing is acknowledged as durable after a failed fsync.
+    pub fn flush_handle(&self) -> Result<FlushHandle> {
+        self.check_online()?;
         let up_to_offset = self.log_end_offset();
         if self.recovery_point >= up_to_offset {
-            return FlushHandle {
+            return Ok(FlushHandle {
                 files: Vec::new(),
                 up_to_offset,
-            };
+            });
         }
         let floor_base = self
             .segments
@@ -627,16 +651,19 @@ impl PartitionLog {
         if created_since {
             files.push(Arc::clone(&self.dir_handle));
         }
-        FlushHandle {
+        Ok(FlushHandle {
             files,
             up_to_offset,
-        }
+        })
     }
 
     /// Records that a [`FlushHandle`] up to `up_to_offset` was synced: raises the
     /// recovery point (in memory; [`PartitionLog::write_recovery_point`] writes it
     /// down). One flush at a time per log.
     pub fn mark_flushed(&mut self, up_to_offset: i64) {
+        if self.offline.is_some() {
+            return; // a handle synced after the failure cannot vouch for anything
+        }
         let mut up_to_offset = up_to_offset.min(self.log_end_offset());
         if let Some(truncated) = self.truncated_since_mark.take() {
             up_to_offset = up_to_offset.min(truncated);
@@ -650,7 +677,7 @@ impl PartitionLog {
     /// write. No fsync: it names only data already synced, and a lost or torn file
     /// just makes the next open validate more.
     pub fn write_recovery_point(&mut self) -> Result<()> {
-        if self.recovery_point <= self.recovery_point_on_disk {
+        if self.offline.is_some() || self.recovery_point <= self.recovery_point_on_disk {
             return Ok(());
         }
         checkpoint::write(
@@ -667,12 +694,54 @@ impl PartitionLog {
     /// `flush_handle`, `sync`, `mark_flushed` and `write_recovery_point` in one go,
     /// under the caller's lock.
     pub fn flush(&mut self) -> Result<()> {
-        let handle = self.flush_handle();
-        handle.sync().map_err(io_error(&self.dir))?;
+        let handle = self.flush_handle()?;
+        if let Err(e) = handle.sync() {
+            let reason = format!("fsync failed: {e}");
+            self.fail(&reason);
+            return Err(io_error(&self.dir)(e));
+        }
         // The handle was taken after any truncation, so it vouches for everything.
         self.truncated_since_mark = None;
         self.mark_flushed(handle.up_to_offset);
         self.write_recovery_point()
+    }
+
+    /// An fsync of this log's files failed (of a [`FlushHandle`] synced without the
+    /// lock, or inside [`Self::flush`]). The page cache cannot be trusted for what it
+    /// covered: the kernel may have dropped the dirty pages and will call the next
+    /// fsync a success. So the log is cut back to its recovery point (what the last
+    /// successful fsync covered: everything acknowledged as durable stays) and goes
+    /// offline: appends, reads and flush handles fail with
+    /// [`StorageError::Offline`] until the log is opened again, which validates it
+    /// from the recovery point on. A cut that fails too (the disk is gone) is
+    /// logged; the next open then validates those bytes like any torn tail.
+    pub fn fail(&mut self, reason: &str) {
+        if self.offline.is_some() {
+            return;
+        }
+        let keep = self.recovery_point;
+        let cut = self.log_end_offset() - keep;
+        tracing::error!(dir = %self.dir.display(), reason, recovery_point = keep,
+            offsets_cut = cut, "fsync failed: the log is cut back to its recovery point and offline until reopened");
+        if let Err(e) = self.cut_to(keep, Durability::Lazy) {
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot cut the log back to its recovery point");
+        }
+        self.offline = Some(reason.to_string());
+    }
+
+    /// `Some(reason)` once an fsync failed (see [`Self::fail`]).
+    pub fn offline_reason(&self) -> Option<&str> {
+        self.offline.as_deref()
+    }
+
+    fn check_online(&self) -> Result<()> {
+        match &self.offline {
+            None => Ok(()),
+            Some(reason) => Err(StorageError::Offline {
+                path: self.dir.display().to_string(),
+                reason: reason.clone(),
+            }),
+        }
     }
 
     pub fn config(&self) -> &LogConfig {

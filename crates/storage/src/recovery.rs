@@ -125,6 +125,7 @@ pub(crate) fn open(
         recovery_point: recovery_point_checkpoint.map_or(first_base, |rp| rp.min(log_end)),
         recovery_point_on_disk: recovery_point_checkpoint.map_or(i64::MIN, |rp| rp.min(log_end)),
         truncated_since_mark: None,
+        offline: None,
     };
     if log_start > log_end {
         // Recovery cut below a log start that was moved up before the crash; keep

@@ -19,7 +19,7 @@ fn found(offset: i64, timestamp: i64) -> Option<TimestampOffset> {
 /// Takes a flush handle, syncs it, and marks the log flushed up to it: what the
 /// broker's flusher does, off the log's lock.
 fn sync_and_mark_flushed(log: &mut PartitionLog) {
-    let handle = log.flush_handle();
+    let handle = log.flush_handle().unwrap();
     handle.sync().unwrap();
     log.mark_flushed(handle.up_to_offset);
 }
@@ -622,14 +622,17 @@ fn crash_validates_exactly_the_unflushed_tail() {
     }
     log.flush().unwrap();
     assert_eq!(log.recovery_point(), 60);
-    assert!(log.flush_handle().files.is_empty(), "nothing left to sync");
+    assert!(
+        log.flush_handle().unwrap().files.is_empty(),
+        "nothing left to sync"
+    );
     let mut unflushed = 0;
     for i in 0..5 {
         let mut b = batch_of(2, i);
         unflushed += b.len() as u64;
         log.append(&mut b, 0, 0).unwrap();
     }
-    assert!(!log.flush_handle().files.is_empty());
+    assert!(!log.flush_handle().unwrap().files.is_empty());
     let expected = read_all(&log);
     drop(log); // a crash: no close
     let (log, report) = PartitionLog::open(tmp.path(), config(400, 64), 0).unwrap();
@@ -647,7 +650,7 @@ fn flush_handle_and_mark_flushed() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
     log.append(&mut batch_of(2, 0), 0, 0).unwrap();
-    let handle = log.flush_handle();
+    let handle = log.flush_handle().unwrap();
     assert_eq!(handle.up_to_offset, 2);
     log.append(&mut batch_of(2, 0), 0, 0).unwrap();
     handle.sync().unwrap();
@@ -689,7 +692,7 @@ fn stale_flush_handle_cannot_vouch_for_rewritten_offsets() {
     log.append(&mut batch_of(10, 0), 0, 0).unwrap();
     log.flush().unwrap();
     log.append(&mut batch_of(10, 0), 0, 0).unwrap();
-    let stale = log.flush_handle();
+    let stale = log.flush_handle().unwrap();
     log.truncate_to(10).unwrap();
     log.append(&mut batch_of(15, 0), 1, 0).unwrap();
     stale.sync().unwrap();
@@ -867,4 +870,58 @@ fn delete_removes_the_directory() {
     log.append(&mut batch_of(1, 0), 0, 0).unwrap();
     log.delete().unwrap();
     assert!(!dir.exists());
+}
+
+#[test]
+fn a_failed_fsync_cuts_back_to_the_recovery_point_and_takes_the_log_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Small segments, so that the cut spans a roll.
+    let mut log = open(tmp.path(), config(400, 64));
+    log.append(&mut batch_of(3, 0), 0, 0).unwrap();
+    log.flush().unwrap();
+    let handle = log.flush_handle().unwrap();
+    for _ in 0..6 {
+        log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+    }
+    assert!(log.segment_count() > 1);
+    log.set_high_watermark(log.log_end_offset());
+    // The handle's fsync "failed": what it covered cannot be trusted.
+    log.fail("injected");
+    assert_eq!(log.offline_reason(), Some("injected"));
+    assert_eq!(log.log_end_offset(), 3, "cut back to the last good fsync");
+    assert_eq!(log.high_watermark(), 3);
+    assert!(
+        tmp.path().join("truncate-to").exists(),
+        "the cut is not fsync'd: its marker stays so that the next open cuts there again"
+    );
+    assert!(matches!(
+        log.append(&mut batch_of(1, 0), 0, 0),
+        Err(StorageError::Offline { .. })
+    ));
+    assert!(matches!(
+        log.read(0, 1 << 20, 3),
+        Err(StorageError::Offline { .. })
+    ));
+    assert!(matches!(
+        log.flush_handle(),
+        Err(StorageError::Offline { .. })
+    ));
+    assert!(log.flush().is_err());
+    // A later sync of the old handle succeeds, as Linux reports it; it vouches for nothing.
+    handle.sync().unwrap();
+    log.mark_flushed(handle.up_to_offset);
+    assert_eq!(log.recovery_point(), 3);
+    drop(log);
+
+    let (mut log, _) = PartitionLog::open(tmp.path(), config(400, 64), 0).unwrap();
+    assert_eq!(log.offline_reason(), None, "reopening brings it back");
+    assert!(!tmp.path().join("truncate-to").exists());
+    assert_eq!(log.log_end_offset(), 3);
+    assert_eq!(
+        log.read(0, 1 << 20, 3).unwrap().load().unwrap().len(),
+        batch_of(3, 0).len()
+    );
+    log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+    log.flush().unwrap();
+    assert_eq!(log.recovery_point(), 5);
 }

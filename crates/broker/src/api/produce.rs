@@ -121,7 +121,12 @@ fn append(
         match states.check(&header) {
             Check::Append => {}
             Check::Duplicate { base_offset } => {
-                let start = partition.lock().log_start_offset();
+                let log = partition.lock();
+                if let Some(reason) = log.offline_reason() {
+                    return Err((ResponseError::KafkaStorageError, Some(reason.to_string())));
+                }
+                let start = log.log_start_offset();
+                drop(log);
                 drop(producers);
                 return Ok((partition, base_offset, start));
             }
