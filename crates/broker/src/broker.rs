@@ -343,7 +343,6 @@ impl ProducerIds {
 }
 
 fn lock_data_dir(dir: &Path) -> Result<fs::File, OpenError> {
-    use std::os::unix::io::AsRawFd;
     let path = dir.join(".lock");
     let file = fs::OpenOptions::new()
         .create(true)
@@ -354,12 +353,15 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, OpenError> {
             path: path.display().to_string(),
             source,
         })?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(OpenError::Locked(dir.display().to_string()));
+    // An exclusive flock, released when the process exits however it exits.
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked(dir.display().to_string())),
+        Err(fs::TryLockError::Error(source)) => Err(OpenError::DataDir {
+            path: path.display().to_string(),
+            source,
+        }),
     }
-    Ok(file)
 }
 
 fn load_or_create_cluster_id(dir: &Path) -> Result<String, OpenError> {
@@ -389,18 +391,8 @@ fn load_or_create_cluster_id(dir: &Path) -> Result<String, OpenError> {
 }
 
 fn base64_url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Each partition keeps a few files open; lift the soft descriptor limit to the

@@ -245,8 +245,10 @@ pub fn load(
     Ok(states)
 }
 
-/// Writes the snapshot (temp file + rename; no fsync: a lost snapshot only costs a
-/// longer replay) when it changed since the last save.
+/// Writes the snapshot when it changed since the last save, without fsync: a lost
+/// snapshot only costs a longer replay, and one that is ahead of the log (it names
+/// batches a crash or a failed fsync cut off) is trimmed to the log end by [`load`],
+/// so it never vouches for a batch the log does not hold.
 pub fn save_if_changed(
     dir: &std::path::Path,
     states: &mut ProducerStates,
@@ -256,12 +258,8 @@ pub fn save_if_changed(
     }
     let json = serde_json::to_vec(&*states)
         .map_err(|e| crate::topics::TopicError::Storage(e.to_string()))?;
-    let path = dir.join(SNAPSHOT_FILE);
-    let tmp = path.with_extension("json.tmp");
-    let io =
-        |e: std::io::Error| crate::topics::TopicError::Storage(format!("{}: {e}", path.display()));
-    std::fs::write(&tmp, json).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    common::write_file_atomically(&dir.join(SNAPSHOT_FILE), &json, common::Durability::Lazy)
+        .map_err(|e| crate::topics::TopicError::Storage(e.to_string()))?;
     states.saved_end_offset = states.end_offset;
     states.expired_since_save = false;
     Ok(())

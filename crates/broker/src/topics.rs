@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -33,6 +32,19 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// A log that belongs to no topic (the committed-offsets log), as a partition
+    /// so that the flusher's group commit fsyncs it like any other. No producer
+    /// writes there: its producer state stays empty.
+    pub fn private_log(name: &str, dir: PathBuf, log: PartitionLog) -> Partition {
+        Partition {
+            topic: name.to_string(),
+            index: 0,
+            dir,
+            log: Mutex::new(log),
+            producers: Mutex::new(ProducerStates::default()),
+        }
+    }
+
     /// Opens (creating or recovering) the partition's log and its producer state.
     pub fn open(
         data_dir: &Path,
@@ -390,7 +402,7 @@ impl TopicRegistry {
         let topic = self.get(name).ok_or(TopicError::Unknown)?;
         let meta = self.meta_path(name);
         fs::remove_file(&meta).map_err(|e| io_err(&meta, e))?;
-        sync_dir(&self.data_dir.join(META_DIR))?;
+        common::sync_parent_dir(&meta).map_err(|e| TopicError::Storage(e.to_string()))?;
         self.topics
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -477,20 +489,10 @@ pub fn partition_dir(data_dir: &Path, topic: &str, index: i32) -> PathBuf {
 }
 
 /// Writes `bytes` so that after a crash the file holds either the old or the new
-/// contents: temp file, fsync, rename, fsync of the directory.
+/// contents, durably ([`common::write_file_atomically`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TopicError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
-    file.sync_all().map_err(|e| io_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-    sync_dir(path.parent().expect("file has a parent directory"))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), TopicError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+    common::write_file_atomically(path, bytes, common::Durability::Durable)
+        .map_err(|e| TopicError::Storage(e.to_string()))
 }
 
 /// Removes `<topic>-<n>` directories that no topic owns (a crash mid-create or

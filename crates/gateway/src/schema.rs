@@ -290,14 +290,10 @@ impl FromTopic {
     }
 }
 
-/// Write-then-rename, so a crash leaves the old copy or the new one.
+/// Through the one durable write, so a crash leaves the old copy or the new one.
 fn write_cache(path: &Path, snapshot: &BTreeMap<String, Value>) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let json = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+    common::write_file_atomically(path, &json, common::Durability::Durable)
 }
 
 #[cfg(test)]

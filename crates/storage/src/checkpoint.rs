@@ -6,10 +6,10 @@
 //! Layout (16 bytes): magic `FCP1` | offset i64 BE | CRC-32C of the first 12 bytes.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
-use crate::fsutil::{io_error, sync_dir, TEMP_SUFFIX};
+use crate::fsutil::{io_error, sync_dir};
 use crate::Result;
 
 pub(crate) const LOG_START_OFFSET_FILE: &str = "log-start-offset";
@@ -31,14 +31,7 @@ pub(crate) enum Checkpoint {
     Offset(i64),
 }
 
-/// Whether a write must be durable before it returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Durability {
-    /// fsync the file and the directory: the value must survive a crash.
-    Durable,
-    /// No fsync: losing the write only makes the next open more conservative.
-    Lazy,
-}
+pub(crate) use common::Durability;
 
 fn encode(offset: i64) -> [u8; FILE_BYTES] {
     let mut out = [0u8; FILE_BYTES];
@@ -78,27 +71,12 @@ pub(crate) fn read(dir: &Path, name: &str) -> Result<Checkpoint> {
     Ok(decode(&bytes))
 }
 
-pub(crate) fn write(
-    dir: &Path,
-    dir_handle: &File,
-    name: &str,
-    offset: i64,
-    durability: Durability,
-) -> Result<()> {
+/// Replaces the checkpoint `name` in `dir` through the one durable write
+/// ([`common::write_file_atomically`]).
+pub(crate) fn write(dir: &Path, name: &str, offset: i64, durability: Durability) -> Result<()> {
     assert!(offset >= 0, "checkpointed offsets are never negative");
     let path = dir.join(name);
-    let temp = dir.join(format!("{name}.{TEMP_SUFFIX}"));
-    let mut file = File::create(&temp).map_err(io_error(&temp))?;
-    file.write_all(&encode(offset)).map_err(io_error(&temp))?;
-    if durability == Durability::Durable {
-        file.sync_data().map_err(io_error(&temp))?;
-    }
-    drop(file);
-    std::fs::rename(&temp, &path).map_err(io_error(&path))?;
-    if durability == Durability::Durable {
-        sync_dir(dir_handle, dir)?;
-    }
-    Ok(())
+    common::write_file_atomically(&path, &encode(offset), durability).map_err(io_error(&path))
 }
 
 /// Removes a checkpoint file durably (a missing one is fine).
@@ -114,31 +92,16 @@ mod tests {
     #[test]
     fn round_trips_and_detects_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let handle = File::open(dir.path()).unwrap();
         assert_eq!(
             read(dir.path(), RECOVERY_POINT_FILE).unwrap(),
             Checkpoint::Missing
         );
-        write(
-            dir.path(),
-            &handle,
-            RECOVERY_POINT_FILE,
-            1234,
-            Durability::Lazy,
-        )
-        .unwrap();
+        write(dir.path(), RECOVERY_POINT_FILE, 1234, Durability::Lazy).unwrap();
         assert_eq!(
             read(dir.path(), RECOVERY_POINT_FILE).unwrap(),
             Checkpoint::Offset(1234)
         );
-        write(
-            dir.path(),
-            &handle,
-            RECOVERY_POINT_FILE,
-            99,
-            Durability::Durable,
-        )
-        .unwrap();
+        write(dir.path(), RECOVERY_POINT_FILE, 99, Durability::Durable).unwrap();
         assert_eq!(
             read(dir.path(), RECOVERY_POINT_FILE).unwrap(),
             Checkpoint::Offset(99)

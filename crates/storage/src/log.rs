@@ -317,7 +317,14 @@ impl PartitionLog {
         too_old || !active.can_hold(batch_bytes, last_offset, self.config.segment_bytes)
     }
 
-    fn roll(&mut self) -> Result<()> {
+    /// Starts a new active segment at the log end, so that every segment before it
+    /// holds only what was appended so far (and can be deleted whole once the log
+    /// start passes it). Nothing happens while the active segment is empty.
+    pub fn roll(&mut self) -> Result<()> {
+        self.check_online()?;
+        if self.active().is_empty() {
+            return Ok(());
+        }
         let base_offset = self.log_end_offset();
         self.active_mut().seal()?;
         let segment = Segment::create(&self.dir, base_offset)?;
@@ -438,13 +445,7 @@ impl PartitionLog {
             Some((position, header)) => (position, header.base_offset.min(offset)),
             None => (floor.size_bytes(), offset),
         };
-        checkpoint::write(
-            &self.dir,
-            &self.dir_handle,
-            TRUNCATE_TO_FILE,
-            new_end,
-            durability,
-        )?;
+        checkpoint::write(&self.dir, TRUNCATE_TO_FILE, new_end, durability)?;
         // Newest first, so that a crash midway leaves a log that is still a prefix.
         let later: Vec<i64> = self
             .segments
@@ -480,16 +481,9 @@ impl PartitionLog {
     /// follower whose log is entirely behind or beside the leader's.
     pub fn truncate_fully_and_start_at(&mut self, offset: i64) -> Result<()> {
         assert!(offset >= 0);
+        checkpoint::write(&self.dir, TRUNCATE_TO_FILE, offset, Durability::Durable)?;
         checkpoint::write(
             &self.dir,
-            &self.dir_handle,
-            TRUNCATE_TO_FILE,
-            offset,
-            Durability::Durable,
-        )?;
-        checkpoint::write(
-            &self.dir,
-            &self.dir_handle,
             LOG_START_OFFSET_FILE,
             offset,
             Durability::Durable,
@@ -514,7 +508,6 @@ impl PartitionLog {
         if self.log_start_offset > new_end {
             checkpoint::write(
                 &self.dir,
-                &self.dir_handle,
                 LOG_START_OFFSET_FILE,
                 new_end,
                 Durability::Durable,
@@ -524,13 +517,7 @@ impl PartitionLog {
         // Durably: new batches will reuse these offsets, and a stale higher
         // recovery point would let recovery trust them unchecked.
         if self.recovery_point > new_end {
-            checkpoint::write(
-                &self.dir,
-                &self.dir_handle,
-                RECOVERY_POINT_FILE,
-                new_end,
-                Durability::Durable,
-            )?;
+            checkpoint::write(&self.dir, RECOVERY_POINT_FILE, new_end, Durability::Durable)?;
             self.recovery_point = new_end;
             self.recovery_point_on_disk = new_end;
         }
@@ -551,7 +538,6 @@ impl PartitionLog {
         }
         checkpoint::write(
             &self.dir,
-            &self.dir_handle,
             LOG_START_OFFSET_FILE,
             target,
             Durability::Durable,
@@ -682,7 +668,6 @@ impl PartitionLog {
         }
         checkpoint::write(
             &self.dir,
-            &self.dir_handle,
             RECOVERY_POINT_FILE,
             self.recovery_point,
             Durability::Lazy,

@@ -145,7 +145,6 @@ pub(crate) fn open(
     } else if recovery_point_checkpoint != Some(log.recovery_point) {
         checkpoint::write(
             dir,
-            &log.dir_handle,
             RECOVERY_POINT_FILE,
             log.recovery_point,
             Durability::Lazy,
@@ -235,15 +234,7 @@ mod tests {
         }
         log.close().unwrap();
         // As if truncate_to(7) crashed right after recording its target.
-        let handle = File::open(dir.path()).unwrap();
-        checkpoint::write(
-            dir.path(),
-            &handle,
-            TRUNCATE_TO_FILE,
-            7,
-            Durability::Durable,
-        )
-        .unwrap();
+        checkpoint::write(dir.path(), TRUNCATE_TO_FILE, 7, Durability::Durable).unwrap();
         let (log, _) = PartitionLog::open(dir.path(), config.clone(), 0).unwrap();
         assert_eq!(
             log.log_end_offset(),

@@ -15,7 +15,9 @@
 //! that no topic owns. It is not a topic: clients cannot see, fetch or produce it,
 //! and retention never applies to it.
 //!
-//! **Record format.** Each batch is an uncompressed v2 batch built with
+//! **Record format.** This is the one place the broker builds record batches (every
+//! other batch it stores is a producer's, byte for byte). Each batch is an
+//! uncompressed v2 batch built with
 //! [`protocol::record_batch::build_simple_batch`] (no keys, no headers); each record
 //! value is one change, big-endian:
 //!
@@ -81,7 +83,6 @@ use protocol::record_batch::{batches, build_simple_batch};
 use storage::{LogConfig, PartitionLog, StorageError};
 
 use crate::flusher::Flusher;
-use crate::idempotence::ProducerStates;
 use crate::topics::Partition;
 
 /// The directory under the data directory.
@@ -275,14 +276,7 @@ impl OffsetsStore {
             groups = state.committed.len(),
             "replayed committed offsets"
         );
-        let partition = Arc::new(Partition {
-            topic: DIR_NAME.to_string(),
-            index: 0,
-            dir,
-            log: Mutex::new(log),
-            // No producer writes here: the state stays empty.
-            producers: Mutex::new(ProducerStates::default()),
-        });
+        let partition = Arc::new(Partition::private_log(DIR_NAME, dir, log));
         let store = OffsetsStore {
             partition,
             state: Mutex::new(state),
@@ -460,7 +454,6 @@ fn compact(
         });
     }
     let snapshot_start = log.log_end_offset();
-    let config = log.config().clone();
     for (i, chunk) in changes.chunks(SNAPSHOT_CHANGES_PER_BATCH).enumerate() {
         if stop == Stop::AfterSnapshotBatches(i) {
             return Ok(());
@@ -471,16 +464,9 @@ fn compact(
         if i == 0 {
             // Start the restated set in a new segment: every segment before it then
             // holds only superseded changes and can be deleted whole.
-            log.set_config(LogConfig {
-                segment_bytes: 1,
-                ..config.clone()
-            });
-            let appended = log.append(&mut batch, 0, now_ms);
-            log.set_config(config.clone());
-            appended?;
-        } else {
-            log.append(&mut batch, 0, now_ms)?;
+            log.roll()?;
         }
+        log.append(&mut batch, 0, now_ms)?;
     }
     let end = log.log_end_offset();
     log.set_high_watermark(end);
