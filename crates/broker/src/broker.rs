@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::config::BrokerConfig;
 use crate::flusher::Flusher;
@@ -53,8 +53,6 @@ pub struct Broker {
     pub flusher: Flusher,
     /// Consumer groups and their committed offsets.
     pub groups: GroupCoordinator,
-    /// Bumped after every append; long-polling fetches wait for it to change.
-    appended: watch::Sender<u64>,
     /// Bytes of record data all fetch responses being built or sent may hold
     /// together; a fetch holds its share until its answer is written.
     pub fetch_memory: Arc<Semaphore>,
@@ -108,7 +106,6 @@ impl Broker {
             topics,
             flusher: Flusher::start(),
             groups,
-            appended: watch::channel(0).0,
             fetch_memory,
             fetch_answer_bytes: Gauge::default(),
             fetch_memory_waiting: Gauge::default(),
@@ -124,15 +121,6 @@ impl Broker {
 
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
-    }
-
-    pub fn notify_appended(&self) {
-        self.appended
-            .send_modify(|generation| *generation = generation.wrapping_add(1));
-    }
-
-    pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
-        self.appended.subscribe()
     }
 
     /// Flushes every partition and records its recovery point, so that the next

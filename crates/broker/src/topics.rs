@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use tokio::sync::Notify;
 
 use storage::{PartitionLog, StorageError, TimestampLookup, TimestampOffset};
 
@@ -29,6 +31,10 @@ pub struct Partition {
     pub log: Mutex<PartitionLog>,
     /// Idempotent producers' sequences. Lock order: `producers` before `log`.
     pub producers: Mutex<ProducerStates>,
+    /// Long-polling fetches waiting for an append here (Kafka's delayed-fetch
+    /// purgatory, keyed by partition): an append wakes only these. Dropped fetches
+    /// leave dead entries, pruned whenever the list is touched.
+    fetch_waiters: Mutex<Vec<Weak<Notify>>>,
 }
 
 impl Partition {
@@ -42,6 +48,7 @@ impl Partition {
             dir,
             log: Mutex::new(log),
             producers: Mutex::new(ProducerStates::default()),
+            fetch_waiters: Mutex::default(),
         }
     }
 
@@ -71,7 +78,34 @@ impl Partition {
             dir,
             log: Mutex::new(log),
             producers: Mutex::new(producers),
+            fetch_waiters: Mutex::default(),
         })
+    }
+
+    /// Has `waiter` notified (`notify_one`, which keeps a permit if it is not
+    /// waiting yet) after every append from now on, for as long as it lives.
+    pub fn watch_appends(&self, waiter: &Arc<Notify>) {
+        let mut waiters = self.fetch_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|w| w.strong_count() > 0);
+        waiters.push(Arc::downgrade(waiter));
+    }
+
+    /// Wakes the fetches waiting on this partition (after an append).
+    pub fn appended(&self) {
+        let mut waiters = self.fetch_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|w| match w.upgrade() {
+            Some(waiter) => {
+                waiter.notify_one();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Fetches registered and still alive (for tests and metrics).
+    pub fn fetch_waiter_count(&self) -> usize {
+        let waiters = self.fetch_waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.iter().filter(|w| w.strong_count() > 0).count()
     }
 
     pub fn lock_producers(&self) -> std::sync::MutexGuard<'_, ProducerStates> {
@@ -538,5 +572,50 @@ mod tests {
         assert!(validate_name("a/b").is_err());
         assert!(validate_name(&"a".repeat(250)).is_err());
         assert!(validate_name(&"a".repeat(249)).is_ok());
+    }
+
+    /// Whether `waiter` holds a notification: `timeout` polls the future once
+    /// before it looks at the (zero) deadline.
+    async fn notified(waiter: &Notify) -> bool {
+        tokio::time::timeout(std::time::Duration::ZERO, waiter.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_append_wakes_only_the_fetches_waiting_on_its_partition() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let dir = tmp.path().join(name);
+            let (log, _) = PartitionLog::open(&dir, storage::LogConfig::default(), 0).unwrap();
+            Partition::private_log(name, dir, log)
+        };
+        let (a, b) = (open("a-0"), open("b-0"));
+        let on_a = Arc::new(Notify::new());
+        let on_both = Arc::new(Notify::new());
+        a.watch_appends(&on_a);
+        a.watch_appends(&on_both);
+        b.watch_appends(&on_both);
+
+        b.appended();
+        assert!(
+            !notified(&on_a).await,
+            "an append to b does not wake a fetch on a"
+        );
+        assert!(notified(&on_both).await);
+        a.appended();
+        assert!(notified(&on_a).await, "kept until awaited");
+        assert!(!notified(&on_a).await, "one notification per wake");
+
+        drop(on_both);
+        assert_eq!((a.fetch_waiter_count(), b.fetch_waiter_count()), (1, 0));
+        a.appended();
+        b.appended();
+        assert_eq!(
+            a.fetch_waiters.lock().unwrap().len(),
+            1,
+            "dead waiters are pruned"
+        );
+        assert_eq!(b.fetch_waiters.lock().unwrap().len(), 0);
     }
 }

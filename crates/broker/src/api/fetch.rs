@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use bytes::Bytes;
 use protocol::kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use protocol::kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
@@ -64,19 +66,31 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
     let min_bytes = request.min_bytes.max(0) as usize;
     let max_wait = Duration::from_millis(request.max_wait_ms.max(0) as u64);
     let read_committed = request.isolation_level == READ_COMMITTED;
-    // Subscribe before the first look so an append in between is not missed.
-    let mut appends = broker.subscribe_appends();
-    appends.borrow_and_update();
     let broker = broker.clone();
     Reply::Holding(Box::pin(async move {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut located = locate(&topics, max_bytes);
-        while !satisfied(&located, min_bytes) {
-            tokio::select! {
-                changed = appends.changed() => if changed.is_err() { break },
-                _ = tokio::time::sleep_until(deadline) => break,
+        if !satisfied(&located, min_bytes) {
+            // Wait on this fetch's partitions only, as Kafka's delayed-fetch
+            // purgatory does: an append elsewhere costs this fetch nothing. Watch
+            // first, then look again, so that an append in between is not missed
+            // (the notification keeps a permit until it is awaited).
+            let appended = Arc::new(Notify::new());
+            for partition in topics
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .filter_map(|w| w.target.as_ref().ok())
+            {
+                partition.watch_appends(&appended);
             }
             located = locate(&topics, max_bytes);
+            while !satisfied(&located, min_bytes) {
+                tokio::select! {
+                    _ = appended.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+                located = locate(&topics, max_bytes);
+            }
         }
         let (response, hold) = load(&broker, &topics, located, read_committed).await;
         Some((response.into(), hold))

@@ -60,8 +60,8 @@ pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
         }
         response.responses.push(topic_response);
     }
-    if !appended.is_empty() {
-        broker.notify_appended();
+    for partition in &appended {
+        partition.appended();
     }
     match acks {
         0 => Reply::Now(None),
