@@ -227,14 +227,30 @@ async fn load(
         .await
         .ok();
     drop(waiting);
+    // The positioned reads run on the blocking pool, all of one fetch in one go: a
+    // read that misses the page cache waits for the disk, which must not stall the
+    // runtime worker and every connection it serves.
+    let loaded = if total == 0 {
+        read_all(located, false)
+    } else {
+        match tokio::task::spawn_blocking(move || read_all(located, true)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "fetch reads did not complete");
+                let response = FetchResponse::default()
+                    .with_error_code(code(ResponseError::KafkaStorageError));
+                return (response, hold);
+            }
+        }
+    };
     let mut response = FetchResponse::default();
-    for (topic, partitions) in topics.iter().zip(located) {
+    for (topic, partitions) in topics.iter().zip(loaded) {
         let mut topic_response = FetchableTopicResponse::default()
             .with_topic(topic.name.clone())
             .with_topic_id(topic.id);
-        for (wanted, l) in topic.partitions.iter().zip(partitions) {
+        for (wanted, (l, read)) in topic.partitions.iter().zip(partitions) {
             let mut error = l.error;
-            let records = match l.slice.map(|s| s.load()) {
+            let records = match read {
                 None => Bytes::new(),
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => {
@@ -257,4 +273,23 @@ async fn load(
         response.responses.push(topic_response);
     }
     (response, hold)
+}
+
+/// A located partition with its bytes read (`None`: nothing to read).
+type Read = (Located, Option<std::io::Result<Bytes>>);
+
+/// Reads every located slice (when `read`; else there is nothing to read).
+fn read_all(located: Vec<Vec<Located>>, read: bool) -> Vec<Vec<Read>> {
+    located
+        .into_iter()
+        .map(|partitions| {
+            partitions
+                .into_iter()
+                .map(|l| {
+                    let bytes = l.slice.as_ref().filter(|_| read).map(ReadSlice::load);
+                    (l, bytes)
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -151,6 +151,8 @@ struct State {
     pending: BTreeMap<i64, Vec<OffsetChange>>,
     /// Compact once the log reaches this size.
     compact_at_bytes: u64,
+    /// A compaction waits for its fsync (without the locks): no second one starts.
+    compacting: bool,
 }
 
 impl State {
@@ -299,9 +301,10 @@ impl OffsetsStore {
             .max(self.compaction_min_bytes)
     }
 
-    /// Compacts the log if it reached the threshold. A failure is logged and
-    /// retried only after `offsets_compaction_min_bytes` more: every commit is
-    /// already durable without it.
+    /// Compacts the log if it reached the threshold, at open (before any request,
+    /// so the fsync may run under the locks). A failure is logged and retried only
+    /// after `offsets_compaction_min_bytes` more: every commit is already durable
+    /// without it.
     fn maybe_compact(&self, now_ms: i64) {
         let mut state = self.state();
         let mut log = self.partition.lock();
@@ -309,7 +312,57 @@ impl OffsetsStore {
         if before < state.compact_at_bytes {
             return;
         }
-        match compact(&mut state, &mut log, now_ms, Stop::Never) {
+        let result = compact(&mut state, &mut log, now_ms, Stop::Never);
+        self.compacted(&mut state, &log, before, result);
+    }
+
+    /// [`Self::maybe_compact`] while requests are served: the live set is restated
+    /// under the locks, then fsync'd by the flusher with no lock held (commits go
+    /// on meanwhile; they land after the restated set, which a replay reads first,
+    /// so they stay in force), and only then are the superseded segments dropped.
+    async fn maybe_compact_serving(&self, flusher: &Flusher, now_ms: i64) {
+        let (before, snapshot_start) = {
+            let mut state = self.state();
+            let mut log = self.partition.lock();
+            let before = log.size_bytes();
+            if state.compacting || before < state.compact_at_bytes {
+                return;
+            }
+            match restate(&mut state, &mut log, now_ms, Stop::Never) {
+                Ok(snapshot_start) => {
+                    let snapshot_start = snapshot_start.expect("Stop::Never runs to the end");
+                    state.compacting = true;
+                    (before, snapshot_start)
+                }
+                Err(e) => {
+                    self.compacted(&mut state, &log, before, Err(e));
+                    return;
+                }
+            }
+        };
+        let flushed = flusher.flush(vec![self.partition.clone()]).await;
+        let mut state = self.state();
+        let mut log = self.partition.lock();
+        state.compacting = false;
+        let result = match flushed {
+            Ok(()) => drop_superseded(&mut log, snapshot_start),
+            Err(e) => Err(StorageError::Io {
+                path: log.dir().display().to_string(),
+                source: std::io::Error::other(e),
+            }),
+        };
+        self.compacted(&mut state, &log, before, result);
+    }
+
+    /// Sets the next threshold after a compaction that left the log as it is.
+    fn compacted(
+        &self,
+        state: &mut State,
+        log: &PartitionLog,
+        before: u64,
+        result: Result<(), StorageError>,
+    ) {
+        match result {
             Ok(()) => {
                 let after = log.size_bytes();
                 state.compact_at_bytes = self.threshold(after);
@@ -353,7 +406,7 @@ impl OffsetsStore {
         let result = flusher.flush(vec![self.partition.clone()]).await;
         self.settle(ticket, result.is_ok());
         if result.is_ok() {
-            self.maybe_compact(now_ms);
+            self.maybe_compact_serving(flusher, now_ms).await;
         }
         result
     }
@@ -429,8 +482,12 @@ impl OffsetsStore {
     }
 }
 
-/// Rewrites the log down to its live set. Called with the state and log locks held
-/// (in that order, as `append` takes them), so no commit lands in between.
+/// Rewrites the log down to its live set, with the state and log locks held (in
+/// that order, as `append` takes them) throughout: at open, and in tests. While
+/// requests are served, [`OffsetsStore::maybe_compact_serving`] runs the same two
+/// halves ([`restate`], [`drop_superseded`]) with the fsync between them outside
+/// the locks: a commit landing then follows the restated set in the log, so a
+/// replay applies it after the set, as it should.
 ///
 /// The live set, what a replay yields now, is appended again as ordinary commit
 /// records from offset S, starting a fresh segment; once that is fsync'd the log
@@ -445,6 +502,25 @@ fn compact(
     now_ms: i64,
     stop: Stop,
 ) -> Result<(), StorageError> {
+    let Some(snapshot_start) = restate(state, log, now_ms, stop)? else {
+        return Ok(());
+    };
+    log.flush()?;
+    if stop == Stop::BeforeDroppingOld {
+        return Ok(());
+    }
+    drop_superseded(log, snapshot_start)
+}
+
+/// The first half of [`compact`]: appends the live set from a new segment on and
+/// returns where it starts (not yet fsync'd); `None` when a test's `stop` cut it
+/// short. Under the state and log locks.
+fn restate(
+    state: &mut State,
+    log: &mut PartitionLog,
+    now_ms: i64,
+    stop: Stop,
+) -> Result<Option<i64>, StorageError> {
     let mut changes = live_changes(state);
     if changes.is_empty() {
         // Nothing is live. One change that removes nothing stands in for the
@@ -456,7 +532,7 @@ fn compact(
     let snapshot_start = log.log_end_offset();
     for (i, chunk) in changes.chunks(SNAPSHOT_CHANGES_PER_BATCH).enumerate() {
         if stop == Stop::AfterSnapshotBatches(i) {
-            return Ok(());
+            return Ok(None);
         }
         let values: Vec<Vec<u8>> = chunk.iter().map(encode_change).collect();
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
@@ -470,10 +546,12 @@ fn compact(
     }
     let end = log.log_end_offset();
     log.set_high_watermark(end);
-    log.flush()?;
-    if stop == Stop::BeforeDroppingOld {
-        return Ok(());
-    }
+    Ok(Some(snapshot_start))
+}
+
+/// The second half of [`compact`], once the restated set is durable: the log start
+/// moves to it, durably, and the segments below are deleted.
+fn drop_superseded(log: &mut PartitionLog, snapshot_start: i64) -> Result<(), StorageError> {
     log.delete_records_before(snapshot_start)?;
     debug_assert_eq!(log.log_start_offset(), snapshot_start);
     Ok(())
