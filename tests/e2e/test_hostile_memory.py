@@ -9,13 +9,18 @@ and the per-connection read buffer are what bound it.
 
 from __future__ import annotations
 
+import os
 import resource
 import select
 import socket
 import struct
+import subprocess
 import threading
 import time
 
+import pytest
+
+from conftest import freshet_bin
 from helpers import Rec, consume, create_topic, produce, topic_name, wait_until
 
 ANNOUNCERS = 800
@@ -186,3 +191,22 @@ def test_hostile_connections_keep_memory_bounded(broker_factory, report):
     # Once the hostile peers are gone the broker serves as before.
     wait_until(lambda: client_round(b.bootstrap, topic, 10_000) < CLIENT_ROUND_TIMEOUT_S,
                timeout=60, what="a normal client round after the hostile peers closed")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FRESHET_MAX_REQUEST_BYTES": "1048576"},
+     "max_message_bytes (1048588) must be at most max_request_bytes (1048576)"),
+    ({"FRESHET_QUEUED_MAX_REQUEST_BYTES": "1048576"},
+     "max_request_bytes (104857600) must be at most queued_max_request_bytes (1048576)"),
+    ({"FRESHET_FETCH_MEMORY_BYTES": "1048576"},
+     "fetch_max_bytes (57671680) must be at most fetch_memory_bytes (1048576)"),
+])
+def test_limits_that_contradict_each_other_stop_serve_with_a_clear_error(tmp_path, env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FRESHET_")}
+    proc = subprocess.run([str(freshet_bin()), "serve", "--data-dir", str(tmp_path / "data"),
+                           "--listen", "127.0.0.1:0"],
+                          env={**clean, "FRESHET_HTTP_LISTEN": "off", **env},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0, f"serve started with {env}: {proc.stdout}"
+    assert message in proc.stderr, proc.stderr
+    assert not proc.stdout, "nothing may listen"
