@@ -14,7 +14,8 @@ from helpers import (API_METADATA, API_PRODUCE, API_VERSIONS, UNSUPPORTED_VERSIO
                      produce, produce_request, record_batch, recv_frame, request_header, topic_name, wait_until)
 
 MAX_REQUEST_BYTES = 65536
-BROKER_ENV = {"FRESHET_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+BROKER_ENV = {"FRESHET_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+              "FRESHET_MAX_MESSAGE_BYTES": str(MAX_REQUEST_BYTES)}
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,13 @@ pub struct BrokerConfig {
     pub flush_interval_ms: u64,
     /// Largest request frame accepted; a larger one closes the connection.
     pub max_request_bytes: usize,
+    /// Bytes of request frames larger than the 64 KiB read buffer that all
+    /// connections may be reading or have awaiting an answer, together (Kafka's
+    /// `queued.max.request.bytes`). Such a frame reserves its whole size from this
+    /// budget before more than 64 KiB of it is read, and keeps it until it is
+    /// answered; a connection waiting for its reservation is not read. At least
+    /// `max_request_bytes`, so that any one frame fits.
+    pub queued_max_request_bytes: usize,
     /// Connections served at once; further ones are closed on accept.
     pub max_connections: usize,
     /// Requests read from one connection before earlier ones are answered.
@@ -68,11 +75,21 @@ pub struct BrokerConfig {
     pub group_initial_rebalance_delay_ms: u64,
     pub group_max_size: usize,
     pub offset_metadata_max_bytes: usize,
+    /// Consumer groups this broker coordinates at most; a JoinGroup or a simple
+    /// OffsetCommit that would create one more gets `COORDINATOR_NOT_AVAILABLE`
+    /// (retriable: the client retries, and gets in once a group is deleted or has
+    /// emptied out).
+    pub max_groups: usize,
     /// Kafka's `producer.id.expiration.ms`: an idempotent producer whose last batch
     /// on a partition is this old is forgotten there (its state and snapshot entry).
     pub producer_id_expiration_ms: i64,
     /// Kafka's `producer.id.expiration.check.interval.ms`: how often expiry runs.
     pub producer_id_expiration_check_interval_ms: u64,
+    /// Idempotent producer ids whose state one partition keeps at most; a batch
+    /// from a new producer id past it gets `THROTTLING_QUOTA_EXCEEDED` (retriable, as
+    /// KIP-936 proposes for unseen producer ids beyond a quota) until idle producers
+    /// expire (`producer_id_expiration_ms`). Known producers are never refused.
+    pub max_producer_ids_per_partition: usize,
     /// The committed-offsets log is compacted (the live offsets rewritten, the rest
     /// dropped) once it is twice the size it had after the last compaction and at
     /// least this big.
@@ -96,6 +113,10 @@ impl Default for BrokerConfig {
             retention_check_interval_ms: 300_000,
             flush_interval_ms: 1_000,
             max_request_bytes: 100 * 1024 * 1024,
+            // Kafka's default is 500 MB; 128 MiB still fits one largest frame, and
+            // keeps what hostile peers can make the broker hold in the same range
+            // as the other budgets.
+            queued_max_request_bytes: 128 * 1024 * 1024,
             max_connections: 1_000,
             max_in_flight_per_connection: 16,
             fetch_memory_bytes: 512 * 1024 * 1024,
@@ -110,12 +131,18 @@ impl Default for BrokerConfig {
             group_initial_rebalance_delay_ms: 3_000,
             group_max_size: 10_000,
             offset_metadata_max_bytes: 4_096,
+            max_groups: 100_000,
             producer_id_expiration_ms: 86_400_000,
             producer_id_expiration_check_interval_ms: 600_000,
+            max_producer_ids_per_partition: 10_000,
             offsets_compaction_min_bytes: 16 * 1024 * 1024,
         }
     }
 }
+
+/// The largest byte budget (`fetch_memory_bytes`, `queued_max_request_bytes`): they
+/// are tokio semaphores, whose permits are taken in `u32` steps.
+pub const MAX_BUDGET_BYTES: usize = u32::MAX as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -181,6 +208,7 @@ impl BrokerConfig {
             "retention_check_interval_ms",
             "flush_interval_ms",
             "max_request_bytes",
+            "queued_max_request_bytes",
             "max_connections",
             "max_in_flight_per_connection",
             "fetch_memory_bytes",
@@ -195,8 +223,10 @@ impl BrokerConfig {
             "group_initial_rebalance_delay_ms",
             "group_max_size",
             "offset_metadata_max_bytes",
+            "max_groups",
             "producer_id_expiration_ms",
             "producer_id_expiration_check_interval_ms",
+            "max_producer_ids_per_partition",
             "offsets_compaction_min_bytes",
         ];
         KEYS.contains(&key)
@@ -219,8 +249,65 @@ impl BrokerConfig {
         if self.connections_max_idle_ms < 1 {
             return bad("connections_max_idle_ms must be at least 1");
         }
-        if self.fetch_memory_bytes < self.fetch_max_bytes.min(1 << 20) {
-            return bad("fetch_memory_bytes must be at least 1 MiB (or fetch_max_bytes)");
+        // The limits against each other: each of these pairs, the other way round,
+        // describes a request or an answer that could never be served.
+        let at_most = |small: (&str, u64), large: (&str, u64), why: &str| {
+            if small.1 > large.1 {
+                Err(ConfigError::Invalid(format!(
+                    "{} ({}) must be at most {} ({}): {why}",
+                    small.0, small.1, large.0, large.1
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        at_most(
+            ("max_message_bytes", self.max_message_bytes.max(0) as u64),
+            ("max_request_bytes", self.max_request_bytes as u64),
+            "a batch that large could never arrive in a request",
+        )?;
+        at_most(
+            ("max_request_bytes", self.max_request_bytes as u64),
+            (
+                "queued_max_request_bytes",
+                self.queued_max_request_bytes as u64,
+            ),
+            "a request that large could never be read",
+        )?;
+        at_most(
+            (
+                "queued_max_request_bytes",
+                self.queued_max_request_bytes as u64,
+            ),
+            ("the largest budget", MAX_BUDGET_BYTES as u64),
+            "budgets are counted in a semaphore of u32 permits",
+        )?;
+        at_most(
+            ("fetch_max_bytes", self.fetch_max_bytes as u64),
+            ("fetch_memory_bytes", self.fetch_memory_bytes as u64),
+            "a fetch answer that large could never be held",
+        )?;
+        at_most(
+            ("fetch_memory_bytes", self.fetch_memory_bytes as u64),
+            ("the largest budget", MAX_BUDGET_BYTES as u64),
+            "budgets are counted in a semaphore of u32 permits",
+        )?;
+        at_most(
+            (
+                "offset_metadata_max_bytes",
+                self.offset_metadata_max_bytes as u64,
+            ),
+            ("max_request_bytes", self.max_request_bytes as u64),
+            "commit metadata that large could never arrive in a request",
+        )?;
+        if self.fetch_max_bytes < 1 {
+            return bad("fetch_max_bytes must be at least 1");
+        }
+        if self.group_max_size < 1 || self.max_groups < 1 || self.max_producer_ids_per_partition < 1
+        {
+            return bad(
+                "group_max_size, max_groups and max_producer_ids_per_partition must be at least 1",
+            );
         }
         if self.group_min_session_timeout_ms < 1
             || self.group_max_session_timeout_ms < self.group_min_session_timeout_ms
@@ -319,5 +406,46 @@ mod tests {
             ),
             (5, 1024, 7)
         );
+    }
+
+    #[test]
+    fn limits_are_checked_against_each_other_with_a_clear_error() {
+        assert_eq!(BrokerConfig::default().validate().ok(), Some(()));
+        let error = |env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            match BrokerConfig::load(None, env) {
+                Ok(_) => panic!("accepted"),
+                Err(e) => e.to_string(),
+            }
+        };
+        assert_eq!(
+            error(&[("FRESHET_MAX_REQUEST_BYTES", "1048576")]),
+            "invalid configuration: max_message_bytes (1048588) must be at most \
+             max_request_bytes (1048576): a batch that large could never arrive in a request"
+        );
+        assert!(
+            error(&[("FRESHET_QUEUED_MAX_REQUEST_BYTES", "1000000")]).contains(
+                "max_request_bytes (104857600) must be at most queued_max_request_bytes (1000000)"
+            )
+        );
+        assert!(error(&[("FRESHET_FETCH_MEMORY_BYTES", "1048576")])
+            .contains("fetch_max_bytes (57671680) must be at most fetch_memory_bytes (1048576)"));
+        assert!(error(&[("FRESHET_QUEUED_MAX_REQUEST_BYTES", "8589934592")])
+            .contains("must be at most the largest budget"));
+        for key in [
+            "FRESHET_MAX_GROUPS",
+            "FRESHET_MAX_PRODUCER_IDS_PER_PARTITION",
+        ] {
+            assert!(error(&[(key, "0")]).contains("must be at least 1"), "{key}");
+        }
+        // Equal is fine: exactly one largest frame fits the budget.
+        let env = [
+            ("FRESHET_MAX_REQUEST_BYTES", "2000000"),
+            ("FRESHET_MAX_MESSAGE_BYTES", "2000000"),
+            ("FRESHET_QUEUED_MAX_REQUEST_BYTES", "2000000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = BrokerConfig::load(None, env).unwrap();
+        assert_eq!(config.queued_max_request_bytes, 2_000_000);
     }
 }

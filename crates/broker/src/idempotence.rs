@@ -9,6 +9,15 @@
 //! a batch older than the last five included); a producer with no state here, new
 //! or forgotten, is accepted at any sequence (UNKNOWN_PRODUCER_ID is never sent).
 //!
+//! Limit: a partition keeps the state of at most `max_producer_ids_per_partition`
+//! producer ids. A batch from a producer id it has no state for, once it is full,
+//! is refused with THROTTLING_QUOTA_EXCEEDED: retriable, as KIP-936 proposes for
+//! unseen producer ids beyond a quota, so the producer retries and gets in once idle
+//! producers expire. Kafka itself has no such limit (its state grows until expiry,
+//! the OOM KIP-936 describes); refusing the new id keeps the state of producers
+//! already writing, which evicting one would lose (its retries could then be
+//! written twice).
+//!
 //! Expiry: a producer whose last batch's max timestamp is `producer_id_expiration_ms`
 //! old is forgotten (Kafka's `producer.id.expiration.ms`, measured the same way),
 //! when the broker opens and every `producer_id_expiration_check_interval_ms`; the
@@ -97,7 +106,9 @@ fn last_seq(header: &BatchHeader) -> i32 {
 }
 
 impl ProducerStates {
-    pub fn check(&self, header: &BatchHeader) -> Check {
+    /// What to do with `header`'s batch; a producer id without state is refused
+    /// once `max_producers` ids have state here.
+    pub fn check(&self, header: &BatchHeader, max_producers: usize) -> Check {
         debug_assert!(header.has_producer_id());
         let first = header.base_sequence;
         if first < 0 {
@@ -109,6 +120,9 @@ impl ProducerStates {
         // producer whose state went away can go on; it no longer answers
         // UNKNOWN_PRODUCER_ID here, and neither do we.
         let Some(entry) = self.producers.get(&header.producer_id) else {
+            if self.producers.len() >= max_producers {
+                return Check::Reject(ResponseError::ThrottlingQuotaExceeded);
+            }
             return Check::Append;
         };
         if header.producer_epoch < entry.epoch {
@@ -270,6 +284,8 @@ mod tests {
     use super::*;
     use protocol::record_batch::{build_simple_batch, BatchHeader};
 
+    const NO_LIMIT: usize = usize::MAX;
+
     fn header(pid: i64, epoch: i16, seq: i32, records: usize, base_offset: i64) -> BatchHeader {
         let values: Vec<&[u8]> = vec![b"v"; records];
         let batch = build_simple_batch(0, &values);
@@ -285,24 +301,24 @@ mod tests {
     fn in_order_batches_append_and_retries_are_duplicates() {
         let mut s = ProducerStates::default();
         let a = header(7, 0, 0, 3, 0);
-        assert_eq!(s.check(&a), Check::Append);
+        assert_eq!(s.check(&a, NO_LIMIT), Check::Append);
         s.record(&a);
         let b = header(7, 0, 3, 2, 3);
-        assert_eq!(s.check(&b), Check::Append);
+        assert_eq!(s.check(&b, NO_LIMIT), Check::Append);
         s.record(&b);
         assert_eq!(
-            s.check(&header(7, 0, 0, 3, 99)),
+            s.check(&header(7, 0, 0, 3, 99), NO_LIMIT),
             Check::Duplicate { base_offset: 0 }
         );
         assert_eq!(
-            s.check(&header(7, 0, 3, 2, 99)),
+            s.check(&header(7, 0, 3, 2, 99), NO_LIMIT),
             Check::Duplicate { base_offset: 3 }
         );
         assert_eq!(
-            s.check(&header(7, 0, 6, 1, 99)),
+            s.check(&header(7, 0, 6, 1, 99), NO_LIMIT),
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
-        assert_eq!(s.check(&header(7, 0, 5, 1, 99)), Check::Append);
+        assert_eq!(s.check(&header(7, 0, 5, 1, 99), NO_LIMIT), Check::Append);
     }
 
     #[test]
@@ -310,16 +326,16 @@ mod tests {
         let mut s = ProducerStates::default();
         for i in 0..6 {
             let h = header(1, 0, i, 1, i as i64);
-            assert_eq!(s.check(&h), Check::Append);
+            assert_eq!(s.check(&h, NO_LIMIT), Check::Append);
             s.record(&h);
         }
         // The first batch has been forgotten: a retry of it is now out of order.
         assert_eq!(
-            s.check(&header(1, 0, 0, 1, 0)),
+            s.check(&header(1, 0, 0, 1, 0), NO_LIMIT),
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
         assert_eq!(
-            s.check(&header(1, 0, 1, 1, 0)),
+            s.check(&header(1, 0, 1, 1, 0), NO_LIMIT),
             Check::Duplicate { base_offset: 1 }
         );
     }
@@ -329,18 +345,18 @@ mod tests {
         let mut s = ProducerStates::default();
         s.record(&header(1, 2, 0, 1, 0));
         assert_eq!(
-            s.check(&header(1, 1, 1, 1, 0)),
+            s.check(&header(1, 1, 1, 1, 0), NO_LIMIT),
             Check::Reject(ResponseError::InvalidProducerEpoch)
         );
         assert_eq!(
-            s.check(&header(1, 3, 5, 1, 0)),
+            s.check(&header(1, 3, 5, 1, 0), NO_LIMIT),
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
-        assert_eq!(s.check(&header(1, 3, 0, 1, 0)), Check::Append);
+        assert_eq!(s.check(&header(1, 3, 0, 1, 0), NO_LIMIT), Check::Append);
         // A producer without state may start anywhere (its state may have expired).
-        assert_eq!(s.check(&header(2, 0, 4, 1, 0)), Check::Append);
+        assert_eq!(s.check(&header(2, 0, 4, 1, 0), NO_LIMIT), Check::Append);
         assert_eq!(
-            s.check(&header(2, 0, -1, 1, 0)),
+            s.check(&header(2, 0, -1, 1, 0), NO_LIMIT),
             Check::Reject(ResponseError::InvalidRecord)
         );
     }
@@ -358,9 +374,9 @@ mod tests {
         assert_eq!(s.expire(11_000, 10_000), 1, "idle for exactly the limit");
         assert_eq!(s.producer_count(), 1);
         // Producer 1 is forgotten: a gap is no longer detectable, as in Kafka.
-        assert_eq!(s.check(&header(1, 0, 7, 1, 2)), Check::Append);
+        assert_eq!(s.check(&header(1, 0, 7, 1, 2), NO_LIMIT), Check::Append);
         assert_eq!(
-            s.check(&header(2, 0, 7, 1, 2)),
+            s.check(&header(2, 0, 7, 1, 2), NO_LIMIT),
             Check::Reject(ResponseError::OutOfOrderSequenceNumber)
         );
     }
@@ -402,11 +418,42 @@ mod tests {
         assert_eq!(add_seq(i32::MAX, 1), 0);
         s.truncate(1);
         assert_eq!(
-            s.check(&header(1, 0, 1, 1, 1)),
+            s.check(&header(1, 0, 1, 1, 1), NO_LIMIT),
             Check::Append,
             "batch at offset 1 was cut off"
         );
         s.truncate(0);
         assert_eq!(s.producer_count(), 0);
+    }
+
+    #[test]
+    fn new_producer_ids_past_the_limit_are_refused_known_ones_go_on() {
+        let mut s = ProducerStates::default();
+        for pid in 0..3 {
+            let h = header(pid, 0, 0, 1, pid);
+            assert_eq!(s.check(&h, 3), Check::Append);
+            s.record(&h);
+        }
+        assert_eq!(
+            s.check(&header(9, 0, 0, 1, 3), 3),
+            Check::Reject(ResponseError::ThrottlingQuotaExceeded)
+        );
+        // Producers with state are checked as before, retries included.
+        assert_eq!(s.check(&header(1, 0, 1, 1, 3), 3), Check::Append);
+        assert_eq!(
+            s.check(&header(1, 0, 0, 1, 3), 3),
+            Check::Duplicate { base_offset: 1 }
+        );
+        // Once one expires, a new id gets its place.
+        let mut old = header(0, 0, 1, 1, 3);
+        old.max_timestamp = 0;
+        s.record(&old);
+        for pid in 1..3 {
+            let mut recent = header(pid, 0, 1, 1, 3 + pid);
+            recent.max_timestamp = 1_000;
+            s.record(&recent);
+        }
+        assert_eq!(s.expire(1_000, 1_000), 1);
+        assert_eq!(s.check(&header(9, 0, 0, 1, 6), 3), Check::Append);
     }
 }

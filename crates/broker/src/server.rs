@@ -2,7 +2,8 @@
 //! (so appends from one connection happen in the order they were sent), and
 //! answers in request order, as Kafka requires, while later requests are already
 //! being served. Limits: connections, frame size, requests in flight per
-//! connection, idle time (a silent peer, a frame left half-sent, a peer that
+//! connection, the bytes of requests being read or awaiting answers (see
+//! [`ReadBudget`]), idle time (a silent peer, a frame left half-sent, a peer that
 //! stops reading), and how long shutdown waits for connections to finish.
 
 use std::future::Future;
@@ -11,9 +12,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Buf, BufMut};
 use bytes::{Bytes, BytesMut};
 use protocol::codec::{decode_request, encode_response, peek_preamble};
-use protocol::frame::decode_frame;
+use protocol::frame::{peek_frame_size, SIZE_PREFIX_BYTES};
 use protocol::{ApiKey, ResponseKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -25,13 +27,60 @@ use tokio::time::Instant;
 use crate::api::{self, MemoryHold, Reply};
 use crate::Broker;
 
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// What a connection may buffer of a frame before the frame holds any of the read
+/// budget, and the largest frame that is "small" (see [`ReadBudget`]).
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The bytes of requests the broker reads or holds, bounded whatever the peers
+/// send (Kafka's `queued.max.request.bytes` memory pool, with a lane for small
+/// requests). Three parts, each bounded:
+///
+/// - The read buffer of a connection holds at most [`READ_BUFFER_BYTES`] of
+///   frames that hold no budget yet: nothing is reserved from a size prefix, so a
+///   peer announcing a 100 MiB frame and sending nothing costs at most that.
+/// - A large frame (more than [`READ_BUFFER_BYTES`] with its prefix) reserves its
+///   whole size from `large` (`queued_max_request_bytes`) before the connection
+///   reads past the read buffer, and keeps it until its answer is written (or the
+///   connection closes). A connection waiting for its reservation is not read.
+///   Whole-frame reservation, as Kafka's memory pool does, rather than taking the
+///   budget piece by piece as bytes arrive: with pieces, connections each holding
+///   part of a frame could spend the whole budget between them and all wait for
+///   more, for ever. A waiting connection holds none of `large`, and one holding a
+///   reservation needs nothing more to finish its frame; a peer that stops
+///   sending is closed by the idle timeout, which gives its reservation back.
+/// - A small frame is copied out of the read buffer once whole (so it does not
+///   keep the connection's buffer alive while it waits for an answer) and takes
+///   its size from `small` (one read buffer per allowed connection) until its
+///   answer is written. Small requests have their own lane so that large frames
+///   left unfinished by slow or hostile peers, which may hold all of `large` until
+///   they are closed as idle, never stop the small requests of other clients
+///   (metadata, heartbeats, fetches, most produces). A small frame waits for
+///   `small` only once it is whole, holding nothing of it, and what holds `small`
+///   is requests being answered, so the wait ends.
+///
+/// The tokio semaphores are fair: a waiter is served before later ones.
+struct ReadBudget {
+    large: Arc<Semaphore>,
+    small: Arc<Semaphore>,
+}
+
+impl ReadBudget {
+    fn new(config: &crate::BrokerConfig) -> ReadBudget {
+        ReadBudget {
+            large: Arc::new(Semaphore::new(config.queued_max_request_bytes)),
+            small: Arc::new(Semaphore::new(
+                config.max_connections.saturating_mul(READ_BUFFER_BYTES),
+            )),
+        }
+    }
+}
 
 /// Serves `listener` until `shutdown` resolves, then stops reading requests,
 /// answers the ones in flight and returns once every connection is closed.
 pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(broker.config.max_connections));
+    let budget = Arc::new(ReadBudget::new(&broker.config));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -45,7 +94,7 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Futu
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    tasks.spawn(serve_connection(broker.clone(), stream, peer, stop_rx.clone(), permit));
+                    tasks.spawn(serve_connection(broker.clone(), budget.clone(), stream, peer, stop_rx.clone(), permit));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -70,6 +119,13 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Futu
         );
         tasks.shutdown().await;
     }
+}
+
+/// A response in the connection's answer queue, with the read budget its request
+/// holds until the answer is written.
+struct Queued {
+    slot: Slot,
+    _budget: OwnedSemaphorePermit,
 }
 
 /// A response in the connection's answer queue.
@@ -157,12 +213,14 @@ impl<T> Drop for AbortOnDrop<T> {
 
 async fn serve_connection(
     broker: Arc<Broker>,
+    budget: Arc<ReadBudget>,
     stream: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
     let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
+    let max_frame = broker.config.max_request_bytes;
     let (mut reader, writer) = stream.into_split();
     let (slots, queue) = mpsc::channel(broker.config.max_in_flight_per_connection);
     let activity = Arc::new(Activity {
@@ -177,37 +235,97 @@ async fn serve_connection(
         activity.clone(),
         idle,
     )));
-    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    // Grows as bytes arrive: READ_BUFFER_BYTES at most until the frame at its front
+    // holds a reservation (`reserved`), then up to that frame's size.
+    let mut buf = BytesMut::new();
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
     // Only a whole request counts as activity: a peer trickling the bytes of one
     // frame, or stopping halfway, is idle.
     let mut last_request = Instant::now();
     let mut writer_done = false;
     let mut fetch_turn = FetchTurn::default();
     'conn: loop {
-        loop {
-            match decode_frame(&mut buf, broker.config.max_request_bytes) {
-                Ok(Some(frame)) => {
-                    last_request = Instant::now();
-                    match handle_frame(&broker, frame.freeze(), peer, &mut fetch_turn) {
-                        Some(slot) => {
-                            activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                            if slots.send(slot).await.is_err() {
-                                break 'conn; // the writer has stopped
-                            }
-                        }
-                        None => break 'conn,
-                    }
-                }
-                Ok(None) => break,
+        // Serve every whole frame in the buffer; learn how much more to read.
+        let read_limit = loop {
+            let size = match peek_frame_size(&buf, max_frame) {
+                Ok(Some(size)) => size,
+                Ok(None) => break READ_BUFFER_BYTES - buf.len(),
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "closing connection: bad frame");
                     break 'conn;
                 }
+            };
+            let frame_bytes = SIZE_PREFIX_BYTES + size;
+            if buf.len() < frame_bytes {
+                if frame_bytes <= READ_BUFFER_BYTES {
+                    break READ_BUFFER_BYTES - buf.len();
+                }
+                if reserved.is_none() && buf.len() < READ_BUFFER_BYTES {
+                    // The first read buffer's worth of a large frame costs no
+                    // budget: a peer that announces a frame and stops holds none.
+                    break READ_BUFFER_BYTES - buf.len();
+                }
+                if reserved.is_none() {
+                    // The body's size: at most max_request_bytes, which the config
+                    // checks fits queued_max_request_bytes (and a u32), so the
+                    // reservation can always be granted.
+                    let wait = budget.large.clone().acquire_many_owned(size as u32);
+                    match wait_for_budget(wait, &mut stop, &mut writer.0, &mut writer_done).await {
+                        Some(permit) => reserved = Some(permit),
+                        None => break 'conn,
+                    }
+                    last_request = Instant::now(); // muted by us, not idle
+                                                   // The reservation covers the whole frame: its buffer may have
+                                                   // the frame's capacity (pages are touched only as bytes arrive).
+                    buf.reserve(frame_bytes - buf.len());
+                }
+                // Read up to the frame's end, not into the next frame, whose
+                // bytes would have no budget.
+                break frame_bytes - buf.len();
             }
-        }
+            // A whole frame.
+            let (frame, held) = match reserved.take() {
+                Some(permit) => {
+                    buf.advance(SIZE_PREFIX_BYTES);
+                    (buf.split_to(size).freeze(), permit)
+                }
+                None => {
+                    debug_assert!(frame_bytes <= READ_BUFFER_BYTES);
+                    let wait = budget.small.clone().acquire_many_owned(frame_bytes as u32);
+                    let Some(permit) =
+                        wait_for_budget(wait, &mut stop, &mut writer.0, &mut writer_done).await
+                    else {
+                        break 'conn;
+                    };
+                    // Copied out, so that the read buffer is not kept alive (and
+                    // reallocated) for as long as the request waits for its answer.
+                    let frame = Bytes::copy_from_slice(&buf[SIZE_PREFIX_BYTES..frame_bytes]);
+                    buf.advance(frame_bytes);
+                    (frame, permit)
+                }
+            };
+            last_request = Instant::now();
+            match handle_frame(&broker, frame, peer, &mut fetch_turn) {
+                Some(slot) => {
+                    activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let queued = Queued {
+                        slot,
+                        _budget: held,
+                    };
+                    if slots.send(queued).await.is_err() {
+                        break 'conn; // the writer has stopped
+                    }
+                }
+                None => break 'conn,
+            }
+        };
+        debug_assert!(read_limit > 0);
+        buf.reserve(read_limit);
         let idle_since = last_request.max(activity.last_write());
+        let buffered = buf.len();
+        let mut limited = (&mut buf).limit(read_limit);
         tokio::select! {
-            read = reader.read_buf(&mut buf) => match read {
+            read = reader.read_buf(&mut limited) => match read {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -226,10 +344,10 @@ async fn serve_connection(
                     // Waiting for our own answers (a long poll, an fsync) is not idle.
                     last_request = Instant::now();
                 } else if last_request.max(activity.last_write()) + idle <= Instant::now() {
-                    if buf.is_empty() {
+                    if buffered == 0 {
                         tracing::info!(%peer, idle_ms = idle.as_millis() as u64, "closing idle connection");
                     } else {
-                        tracing::warn!(%peer, idle_ms = idle.as_millis() as u64, buffered_bytes = buf.len(),
+                        tracing::warn!(%peer, idle_ms = idle.as_millis() as u64, buffered_bytes = buffered,
                             "closing connection: request frame left unfinished");
                     }
                     break;
@@ -238,8 +356,30 @@ async fn serve_connection(
         }
     }
     drop(slots);
+    drop(reserved);
     if !writer_done {
         let _ = (&mut writer.0).await;
+    }
+}
+
+/// Waits for a share of the read budget without reading the connection (the peer's
+/// bytes stay in its socket: TCP pushes back). `None` if the broker is stopping or
+/// the writer gave up on the peer meanwhile. No idle timeout here: the wait is the
+/// broker's doing, and what holds the budget gives it back (answers are written,
+/// stalled frames are closed as idle).
+async fn wait_for_budget(
+    wait: impl Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>>,
+    stop: &mut watch::Receiver<bool>,
+    writer: &mut JoinHandle<()>,
+    writer_done: &mut bool,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        permit = wait => permit.ok(),
+        _ = stop.changed() => None,
+        _ = writer => {
+            *writer_done = true;
+            None
+        }
     }
 }
 
@@ -356,13 +496,15 @@ fn encode(
 
 async fn write_responses(
     writer: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Slot>,
+    mut queue: mpsc::Receiver<Queued>,
     peer: SocketAddr,
     activity: Arc<Activity>,
     idle: Duration,
 ) {
     let mut writer = BufWriter::with_capacity(READ_BUFFER_BYTES, writer);
-    while let Some(slot) = queue.recv().await {
+    // Each request's read budget (`_budget`) goes when the loop body ends: after its
+    // answer is written, or when the connection closes without writing it.
+    while let Some(Queued { slot, _budget }) = queue.recv().await {
         let answer = match slot {
             Slot::Ready(bytes) => Encoded {
                 bytes,

@@ -1148,3 +1148,40 @@ async fn the_initial_rebalance_delay_gathers_members_starting_together() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_group_past_max_groups_is_refused_with_coordinator_not_available() {
+    let groups = GroupConfig {
+        max_groups: 2,
+        ..fast_groups()
+    };
+    let broker = start_broker_in(tempfile::tempdir().unwrap(), groups).await;
+    let mut client = Client::connect(broker.addr).await;
+    create_topic(&mut client, "t", 1).await;
+    let mut a = Member::join_new(broker.addr, JoinSpec::consumer("a", &["t"])).await;
+    // A simple commit (no generation, no member) creates group "b".
+    let committed = commit(&mut client, "b", "", -1, &[("t", 0, 5, None)]).await;
+    assert_eq!(committed, vec![("t".to_string(), 0, 0)]);
+
+    // A third group, by JoinGroup or by commit: refused, retriable.
+    let third = JoinSpec::consumer("c", &["t"]);
+    let refused = client.call(third.request(""), 9).await;
+    assert_eq!(
+        refused.error_code,
+        code(ResponseError::CoordinatorNotAvailable)
+    );
+    let committed = commit(&mut client, "d", "", -1, &[("t", 0, 1, None)]).await;
+    assert_eq!(
+        committed,
+        vec![(
+            "t".to_string(),
+            0,
+            code(ResponseError::CoordinatorNotAvailable)
+        )]
+    );
+    // Existing groups go on.
+    let committed = commit(&mut client, "b", "", -1, &[("t", 0, 6, None)]).await;
+    assert_eq!(committed, vec![("t".to_string(), 0, 0)]);
+    assert_eq!(a.heartbeat().await, 0);
+    broker.stop().await;
+}

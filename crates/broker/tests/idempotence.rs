@@ -391,3 +391,52 @@ async fn producers_replayed_from_the_log_expire_at_start_up() {
     drop(c);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_producer_id_past_the_partitions_limit_is_throttled_until_one_expires() {
+    let clock = TestClock::new();
+    let now = clock.now_ms();
+    let config = BrokerConfig {
+        max_producer_ids_per_partition: 2,
+        producer_id_expiration_ms: 60_000,
+        producer_id_expiration_check_interval_ms: 10,
+        ..BrokerConfig::default()
+    };
+    let broker = start_broker(config, clock.clone()).await;
+    let mut c = Client::connect(broker.addr).await;
+    create_topic(&mut c, "few", 1).await;
+    assert_eq!(c.send("few", (1, 0, 0, 1, now - 50_000)).await, (NONE, 0));
+    assert_eq!(c.send("few", (2, 0, 0, 1, now)).await, (NONE, 1));
+    let refused = c.produce("few", idempotent(3, 0, 0, 1, now)).await;
+    assert_eq!(
+        error(refused.error_code),
+        Some(ResponseError::ThrottlingQuotaExceeded)
+    );
+    assert!(refused
+        .error_message
+        .as_deref()
+        .is_some_and(|m| m.contains("max_producer_ids_per_partition=2")));
+    // The producers already known go on, retries included.
+    assert_eq!(c.send("few", (1, 0, 1, 1, now)).await, (NONE, 2));
+    assert_eq!(c.send("few", (1, 0, 1, 1, now)).await, (NONE, 2), "retry");
+    assert_eq!(
+        c.log_end("few").await,
+        3,
+        "nothing of the refused batch was written"
+    );
+    // Both producers go idle past the expiration: the new id gets a place.
+    clock.set(now + 60_000);
+    let mut attempts = 0;
+    loop {
+        let (err, _) = c.send("few", (3, 0, 0, 1, now + 60_000)).await;
+        if err.is_none() {
+            break;
+        }
+        assert_eq!(err, Some(ResponseError::ThrottlingQuotaExceeded));
+        attempts += 1;
+        assert!(attempts < 2_000, "producer 2 never expired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(c);
+    broker.stop().await;
+}

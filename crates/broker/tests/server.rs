@@ -572,6 +572,7 @@ async fn corrupt_and_oversized_batches_are_refused_and_nothing_is_written() {
 async fn bad_bytes_close_the_connection_and_harm_nothing() {
     let config = BrokerConfig {
         max_request_bytes: 4096,
+        max_message_bytes: 4096,
         ..BrokerConfig::default()
     };
     let (broker, mut client) = start_with_topic(config, "b", 1).await;
@@ -768,4 +769,92 @@ async fn idempotent_retries_are_written_once_even_across_restarts() {
         drop(client);
         dir = broker.stop().await;
     }
+}
+
+/// An ApiVersions v0 request (which ignores its body) padded to `body_bytes`.
+fn padded_api_versions(correlation_id: i32, body_bytes: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + body_bytes);
+    frame.extend_from_slice(&(body_bytes as i32).to_be_bytes());
+    frame.extend_from_slice(&[0, 18, 0, 0]); // ApiVersions v0
+    frame.extend_from_slice(&correlation_id.to_be_bytes());
+    frame.extend_from_slice(&[0, 0]); // client id ""
+    frame.resize(4 + body_bytes, 0);
+    frame
+}
+
+#[tokio::test]
+async fn large_frames_share_the_read_budget_and_small_ones_pass_them() {
+    const FRAME: usize = 1 << 20;
+    let config = BrokerConfig {
+        max_request_bytes: FRAME,
+        max_message_bytes: FRAME as i32,
+        // One large frame at a time.
+        queued_max_request_bytes: FRAME + FRAME / 2,
+        connections_max_idle_ms: 1_000,
+        ..BrokerConfig::default()
+    };
+    let broker = TestBroker::start(config).await;
+    let started = Instant::now();
+
+    // Takes the budget (more than one read buffer of its frame) and stalls.
+    let mut hog = Client::connect(broker.addr).await;
+    hog.stream
+        .write_all(&padded_api_versions(1, FRAME)[..200 << 10])
+        .await
+        .unwrap();
+    let hog_closed = tokio::spawn(async move {
+        assert!(
+            hog.read_frame().await.is_none(),
+            "an unfinished frame was answered"
+        );
+        Instant::now()
+    });
+
+    // A whole large frame: it cannot be read past its first 64 KiB until the hog
+    // is closed as idle and gives its reservation back.
+    let waiter = tokio::spawn({
+        let addr = broker.addr;
+        async move {
+            let mut client = Client::connect(addr).await;
+            client
+                .stream
+                .write_all(&padded_api_versions(2, FRAME))
+                .await
+                .unwrap();
+            let mut answer = client
+                .read_frame()
+                .await
+                .expect("the large frame is answered");
+            assert_eq!(answer.get_i32(), 2);
+            Instant::now()
+        }
+    });
+
+    // Small requests have their own lane: served while the large ones wait.
+    let mut small = Client::connect(broker.addr).await;
+    small.send_raw(&padded_api_versions(3, 1_000)[4..]).await;
+    let mut answer = small
+        .read_frame()
+        .await
+        .expect("a small request is answered");
+    assert_eq!(answer.get_i32(), 3);
+    let small_answered = Instant::now();
+
+    let hog_closed = hog_closed.await.unwrap();
+    let waiter_answered = waiter.await.unwrap();
+    assert!(
+        small_answered < hog_closed,
+        "the small request waited for the hog ({:?} vs {:?})",
+        small_answered - started,
+        hog_closed - started
+    );
+    assert!(
+        hog_closed >= started + Duration::from_millis(900),
+        "the hog was closed before its idle time"
+    );
+    assert!(
+        waiter_answered >= hog_closed,
+        "the second large frame was read while the first held the budget"
+    );
+    broker.stop().await;
 }

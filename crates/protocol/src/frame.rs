@@ -14,19 +14,15 @@ pub enum FrameError {
     NegativeSize(i32),
 }
 
-/// Takes one whole frame (without its size prefix) off the front of `buf`.
-///
-/// Returns `Ok(None)` when `buf` does not yet hold a whole frame: that is not an error,
-/// the caller reads more bytes. A size above `max_frame_bytes` is rejected before any
-/// of the body is buffered.
-pub fn decode_frame(
-    buf: &mut BytesMut,
-    max_frame_bytes: usize,
-) -> Result<Option<BytesMut>, FrameError> {
-    if buf.len() < SIZE_PREFIX_BYTES {
+/// The size of the frame at the front of `buf` (without its prefix), once its prefix
+/// is there: `Ok(None)` means fewer than [`SIZE_PREFIX_BYTES`] bytes are buffered. A
+/// size above `max_frame_bytes` is an error, so the caller refuses it before buffering
+/// any of its body.
+pub fn peek_frame_size(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = buf.get(..SIZE_PREFIX_BYTES) else {
         return Ok(None);
-    }
-    let size = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    };
+    let size = i32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
     if size < 0 {
         return Err(FrameError::NegativeSize(size));
     }
@@ -37,8 +33,24 @@ pub fn decode_frame(
             max: max_frame_bytes,
         });
     }
+    Ok(Some(size))
+}
+
+/// Takes one whole frame (without its size prefix) off the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame: that is not an error,
+/// the caller reads more bytes. A size above `max_frame_bytes` is rejected before any
+/// of the body is buffered. Nothing is reserved in `buf` from the size prefix: a
+/// frame's buffer grows only as its bytes arrive (the caller decides how much it reads
+/// at a time), so peers announcing large frames and sending nothing cost nothing.
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    max_frame_bytes: usize,
+) -> Result<Option<BytesMut>, FrameError> {
+    let Some(size) = peek_frame_size(buf, max_frame_bytes)? else {
+        return Ok(None);
+    };
     if buf.len() < SIZE_PREFIX_BYTES + size {
-        buf.reserve(SIZE_PREFIX_BYTES + size - buf.len());
         return Ok(None);
     }
     buf.advance(SIZE_PREFIX_BYTES);
@@ -58,6 +70,21 @@ mod tests {
         assert_eq!(&frame[..], &[1, 2, 3]);
         assert_eq!(&buf[..], &[0, 0]);
         assert_eq!(decode_frame(&mut buf, 100), Ok(None));
+    }
+
+    #[test]
+    fn a_size_prefix_alone_reserves_nothing() {
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(&(100i32 << 20).to_be_bytes());
+        let capacity = buf.capacity();
+        assert_eq!(decode_frame(&mut buf, 200 << 20), Ok(None));
+        assert_eq!(
+            buf.capacity(),
+            capacity,
+            "the buffer grew from the prefix alone"
+        );
+        assert_eq!(peek_frame_size(&buf, 200 << 20), Ok(Some(100 << 20)));
+        assert_eq!(peek_frame_size(&buf[..3], 200 << 20), Ok(None));
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
                 Err((ResponseError::InvalidRequiredAcks, None))
             } else {
                 match (&topic, max_batch_bytes) {
-                    (Some(topic), Some(max)) => append(topic, data, max, now_ms),
+                    (Some(topic), Some(max)) => append(broker, topic, data, max, now_ms),
                     _ => Err((ResponseError::UnknownTopicOrPartition, None)),
                 }
             };
@@ -89,6 +89,7 @@ pub fn handle(broker: &Arc<Broker>, request: ProduceRequest) -> Reply {
 type AppendResult = Result<(Arc<Partition>, i64, i64), (ResponseError, Option<String>)>;
 
 fn append(
+    broker: &Broker,
     topic: &Topic,
     data: PartitionProduceData,
     max_batch_bytes: usize,
@@ -118,7 +119,7 @@ fn append(
     // and the record of a batch are one step for its producer.
     let mut producers = header.has_producer_id().then(|| partition.lock_producers());
     if let Some(states) = &producers {
-        match states.check(&header) {
+        match states.check(&header, broker.config.max_producer_ids_per_partition) {
             Check::Append => {}
             Check::Duplicate { base_offset } => {
                 let log = partition.lock();
@@ -129,6 +130,14 @@ fn append(
                 drop(log);
                 drop(producers);
                 return Ok((partition, base_offset, start));
+            }
+            Check::Reject(ResponseError::ThrottlingQuotaExceeded) => {
+                let message = format!(
+                    "partition {} of {} keeps the state of max_producer_ids_per_partition={} \
+                     producer ids: a new one gets in once idle ones expire",
+                    data.index, topic.name, broker.config.max_producer_ids_per_partition
+                );
+                return Err((ResponseError::ThrottlingQuotaExceeded, Some(message)));
             }
             Check::Reject(err) => {
                 let message = format!(

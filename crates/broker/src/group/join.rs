@@ -71,7 +71,10 @@ pub fn handle(
     let step = loop {
         attempt += 1;
         let cell = if member_id.is_empty() {
-            broker.groups.get_or_create(&group_id)
+            match broker.groups.get_or_create(&group_id) {
+                Ok(cell) => cell,
+                Err(e) => return now(JoinOutcome::error(&member_id, e)),
+            }
         } else {
             match broker.groups.get(&group_id) {
                 Some(cell) => cell,

@@ -50,6 +50,8 @@ pub mod offset_delete;
 pub mod offset_fetch;
 pub mod offsets_store;
 pub mod sync;
+#[cfg(test)]
+mod tests;
 
 pub use offsets_store::{CommittedOffset, OffsetChange, OffsetsStore};
 
@@ -69,6 +71,9 @@ pub struct GroupConfig {
     pub initial_rebalance_delay_ms: u64,
     /// `group.max.size`.
     pub max_group_size: usize,
+    /// `max_groups`: groups coordinated at once; a new one past it is refused with
+    /// COORDINATOR_NOT_AVAILABLE (see [`GroupCoordinator::get_or_create`]).
+    pub max_groups: usize,
     /// `offset.metadata.max.bytes`.
     pub max_offset_metadata_bytes: usize,
     /// How long a new member's first JoinGroup may wait (Kafka's 5 minutes).
@@ -86,6 +91,7 @@ impl GroupConfig {
             max_session_timeout_ms: c.group_max_session_timeout_ms,
             initial_rebalance_delay_ms: c.group_initial_rebalance_delay_ms,
             max_group_size: c.group_max_size,
+            max_groups: c.max_groups,
             max_offset_metadata_bytes: c.offset_metadata_max_bytes,
             new_member_join_timeout_ms: NEW_MEMBER_JOIN_TIMEOUT_MS,
             offsets_compaction_min_bytes: c.offsets_compaction_min_bytes,
@@ -1165,12 +1171,27 @@ impl GroupCoordinator {
         self.registry().get(id).cloned()
     }
 
-    pub fn get_or_create(&self, id: &str) -> Arc<GroupCell> {
+    /// The group `id`, created Empty if it does not exist and fewer than
+    /// `max_groups` do. Past the limit the answer is COORDINATOR_NOT_AVAILABLE: Kafka
+    /// has no code for "too many groups", and this one is what its coordinator
+    /// answers when it cannot take a group on now. It is retriable, so a consumer
+    /// backs off and retries (librdkafka and the Java client both do), and gets in
+    /// once a group is deleted or drops out (Empty, no offsets), instead of failing
+    /// for good as GROUP_MAX_SIZE_REACHED (a member limit) would make it.
+    pub fn get_or_create(&self, id: &str) -> Result<Arc<GroupCell>, ResponseError> {
         let config = self.config();
-        self.registry()
-            .entry(id.to_string())
-            .or_insert_with(|| new_cell(id, &config))
-            .clone()
+        let mut registry = self.registry();
+        if let Some(cell) = registry.get(id) {
+            return Ok(cell.clone());
+        }
+        if registry.len() >= config.max_groups {
+            tracing::warn!(group = %id, max_groups = config.max_groups,
+                "group limit reached: refusing a new group with COORDINATOR_NOT_AVAILABLE");
+            return Err(ResponseError::CoordinatorNotAvailable);
+        }
+        let cell = new_cell(id, &config);
+        registry.insert(id.to_string(), cell.clone());
+        Ok(cell)
     }
 
     /// Every group, in id order.
@@ -1220,9 +1241,14 @@ impl GroupCoordinator {
         remove_if_idle(&self.shared, cell);
     }
 
-    /// Makes sure a group exists (after offsets were committed for it).
+    /// Makes sure a group exists (after offsets were committed for it). Not
+    /// limited by `max_groups`: a group with durable offsets exists, as one
+    /// replayed at start-up does (a commit to a new group was refused before).
     pub fn ensure_group(&self, id: &str) {
-        self.get_or_create(id);
+        let config = self.config();
+        self.registry()
+            .entry(id.to_string())
+            .or_insert_with(|| new_cell(id, &config));
     }
 
     /// DeleteGroups for one group: only an Empty group may go. Its offsets are the

@@ -120,7 +120,7 @@ fn validate_group(
 ) -> Result<(), ResponseError> {
     let cell = match broker.groups.get(group_id) {
         Some(cell) => cell,
-        None if generation_id < 0 => broker.groups.get_or_create(group_id),
+        None if generation_id < 0 => broker.groups.get_or_create(group_id)?,
         None => return Err(ResponseError::IllegalGeneration),
     };
     broker.groups.with_group(&cell, |g, at, _| {
