@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Every limit and default the broker has. Field names are the TOML keys; the
 /// environment variable is `FRESHET_` + the key in upper case.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     pub node_id: i32,
@@ -146,90 +146,29 @@ pub const MAX_BUDGET_BYTES: usize = u32::MAX as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
 impl BrokerConfig {
-    /// Defaults, then `file` if given, then every `FRESHET_<KEY>` variable in `env`.
+    /// Defaults, then `file` if given (its `[http]` table is the gateway's), then
+    /// every `FRESHET_<KEY>` variable in `env` whose key is a field here, through
+    /// the one settings loader (`common::settings`).
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                let mut table = text
-                    .parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
-                table.remove("http"); // the HTTP gateway's table (gateway::GatewayConfig)
-                table
+                common::settings::read_toml(path).map_err(|e| ConfigError::Invalid(e.0))?
             }
             None => toml::Table::new(),
         };
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("FRESHET_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if !Self::is_key(&key) {
-                continue; // FRESHET_BROKERS and friends belong to the tools
-            }
-            table.insert(key, env_value(&value));
-        }
-        let config: BrokerConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        table.remove("http"); // the HTTP gateway's table (gateway::GatewayConfig)
+        let config: BrokerConfig = common::settings::load(table, "FRESHET_", env)
+            .map_err(|e| ConfigError::Invalid(e.0))?;
         config.validate()?;
         Ok(config)
-    }
-
-    fn is_key(key: &str) -> bool {
-        const KEYS: &[&str] = &[
-            "node_id",
-            "listen",
-            "advertised_listener",
-            "data_dir",
-            "num_partitions",
-            "auto_create_topics",
-            "segment_bytes",
-            "segment_ms",
-            "retention_ms",
-            "retention_bytes",
-            "max_message_bytes",
-            "retention_check_interval_ms",
-            "flush_interval_ms",
-            "max_request_bytes",
-            "queued_max_request_bytes",
-            "max_connections",
-            "max_in_flight_per_connection",
-            "fetch_memory_bytes",
-            "fetch_max_bytes",
-            "max_partitions_per_request",
-            "max_partitions",
-            "connections_max_idle_ms",
-            "shutdown_timeout_ms",
-            "timestamp_lookup_max_bytes",
-            "group_min_session_timeout_ms",
-            "group_max_session_timeout_ms",
-            "group_initial_rebalance_delay_ms",
-            "group_max_size",
-            "offset_metadata_max_bytes",
-            "max_groups",
-            "producer_id_expiration_ms",
-            "producer_id_expiration_check_interval_ms",
-            "max_producer_ids_per_partition",
-            "offsets_compaction_min_bytes",
-        ];
-        KEYS.contains(&key)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -330,19 +269,6 @@ impl BrokerConfig {
     }
 }
 
-/// An environment value as TOML would read it: number or boolean if it parses as
-/// one, otherwise a string.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    match raw {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(raw.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,8 +286,13 @@ mod tests {
             ),
             ("FRESHET_BROKERS".to_string(), "ignored:9092".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
+            // Read as the field's type: a path that looks like a number is a path.
+            ("FRESHET_DATA_DIR".to_string(), "123".to_string()),
+            ("FRESHET_ADVERTISED_LISTENER".to_string(), "h:1".to_string()),
         ];
         let config = BrokerConfig::load(Some(&path), env).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("123"));
+        assert_eq!(config.advertised_listener.as_deref(), Some("h:1"));
         assert_eq!(config.num_partitions, 3);
         assert_eq!(config.retention_ms, 2000);
         assert!(!config.auto_create_topics);

@@ -1,11 +1,15 @@
 //! What every layer shares that is about neither Kafka nor the network, so that there
 //! is one way to do it: [`write_file_atomically`], the one durable write (temp file,
 //! fsync, rename, fsync of the directory) behind every checkpoint and metadata file
-//! of the storage, the broker and the gateway.
+//! of the storage, the broker and the gateway; and [`settings`], the one loader of
+//! layered settings (defaults, config file, environment) of the broker and the
+//! gateway.
 //!
 //! It may not depend on any other crate of the workspace, use the network or an async
 //! runtime: the storage crate and the gateway (which must never link the broker or
 //! storage) both build on it.
+
+pub mod settings;
 
 use std::fs::File;
 use std::io::{self, Write};
