@@ -143,6 +143,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             }
         }
     });
+    producer.set_reconciler(Arc::new(ingest::Reconciler {
+        cache: idempotency.clone(),
+        topic: idempotency_topic.clone(),
+    }));
     let gateway = Arc::new(Gateway {
         producer: Arc::new(producer),
         schemas,
