@@ -103,9 +103,6 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, shutting_down) = watch::channel(false);
-    let producer_config = config.producer();
-    let producer =
-        tokio::task::spawn_blocking(move || DurableProducer::open(&producer_config)).await??;
     let schema_config = config.clone();
     let schemas = tokio::task::spawn_blocking(move || {
         schema::Schemas::open(&schema_config, &schema_config.client())
@@ -143,10 +140,17 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             }
         }
     });
-    producer.set_reconciler(Arc::new(ingest::Reconciler {
+    // After the follower: what an earlier run spooled is checked against the
+    // idempotency topic before it is sent.
+    let reconciler: Arc<dyn producer::Reconcile> = Arc::new(ingest::Reconciler {
         cache: idempotency.clone(),
         topic: idempotency_topic.clone(),
-    }));
+    });
+    let producer_config = config.producer();
+    let producer = tokio::task::spawn_blocking(move || {
+        DurableProducer::open_with(&producer_config, Some(reconciler))
+    })
+    .await??;
     let gateway = Arc::new(Gateway {
         producer: Arc::new(producer),
         schemas,
