@@ -103,11 +103,6 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, shutting_down) = watch::channel(false);
-    let schema_config = config.clone();
-    let schemas = tokio::task::spawn_blocking(move || {
-        schema::Schemas::open(&schema_config, &schema_config.client())
-    })
-    .await??;
     let idempotency = Arc::new(ingest::IdempotencyCache::new(config.idempotency_keys));
     let learner = idempotency.clone();
     let idempotency_topic = shared::SharedTopic::follow(
@@ -149,6 +144,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
     let producer_config = config.producer();
     let producer = tokio::task::spawn_blocking(move || {
         DurableProducer::open_with(&producer_config, Some(reconciler))
+    })
+    .await??;
+    // After the producer, which connects and gets its producer id meanwhile.
+    let schema_config = config.clone();
+    let schemas = tokio::task::spawn_blocking(move || {
+        schema::Schemas::open(&schema_config, &schema_config.client())
     })
     .await??;
     let gateway = Arc::new(Gateway {

@@ -390,36 +390,43 @@ impl Shared {
                     topic = %entry.record.topic, seq, error = %name,
                     "{message}: the producer gave up on a record; it is held in the spool and sent again"
                 );
-                let spooled = entry.spooled
-                    || self
-                        .spool
-                        .append(&Entry {
-                            seq,
-                            record: (*entry.record).clone(),
-                        })
-                        .and_then(|_| self.spool.sync_blocking())
-                        .is_ok();
-                if spooled {
-                    if !entry.spooled {
-                        entry.spooled = true;
-                        state.spooled_in_flight += 1;
-                        self.stats.spooled.fetch_add(1, Ordering::Relaxed);
+                // Spooled with every earlier record not spooled yet (the spool's seqs
+                // increase), and fsync'd before its request, if any, is answered.
+                entry.queued = false;
+                let waiter = entry.waiter.take();
+                let needs_sync = waiter.is_some() || !entry.spooled;
+                state.in_flight.insert(seq, entry);
+                let spooled = self.spool_unspooled(&mut state).and_then(|_| {
+                    if needs_sync {
+                        self.spool.sync_blocking()
+                    } else {
+                        Ok(())
                     }
-                    entry.queued = false;
-                    let waiter = entry.waiter.take();
-                    state.in_flight.insert(seq, entry);
-                    if !state.fatal {
-                        // A purge or an error librdkafka does not retry: the probe
-                        // decides when to send it again.
-                        self.enter_outage_locked(&mut state, "the producer gave up on a record");
+                });
+                if let Err(err) = spooled {
+                    let entry = state.in_flight.remove(&seq).expect("inserted above");
+                    state.held_bytes -= entry.record.size();
+                    if entry.spooled {
+                        state.spooled_in_flight -= 1;
                     }
                     drop(state);
                     if let Some(waiter) = waiter {
-                        let _ = waiter.send(Answer::Spooled);
+                        let _ = waiter.send(Answer::Failed(format!(
+                            "the producer gave up on the record and the spool failed: {err}"
+                        )));
                     }
                     return;
                 }
-                Answer::Failed("the producer gave up on the record and the spool failed".into())
+                if !state.fatal {
+                    // A purge or an error librdkafka does not retry: the probe decides
+                    // when to send it again.
+                    self.enter_outage_locked(&mut state, "the producer gave up on a record");
+                }
+                drop(state);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Answer::Spooled);
+                }
+                return;
             }
             other => other,
         };
@@ -439,31 +446,44 @@ impl Shared {
         }
     }
 
+    /// Appends every in-flight record not spooled yet, in seq order, so the spool's
+    /// seqs increase whoever spools first (a spill, a held record, a gave-up one).
+    /// Their waiters stay: whoever fsyncs answers them. Returns the ticket covering
+    /// everything appended so far.
+    fn spool_unspooled(&self, state: &mut State) -> Result<u64, SpoolError> {
+        let mut result = Ok(self.spool.written());
+        let mut newly = 0;
+        for (seq, entry) in state.in_flight.iter_mut() {
+            if entry.spooled {
+                continue;
+            }
+            result = self.spool.append(&Entry {
+                seq: *seq,
+                record: (*entry.record).clone(),
+            });
+            if result.is_err() {
+                break;
+            }
+            entry.spooled = true;
+            newly += 1;
+        }
+        state.spooled_in_flight += newly;
+        self.stats.spooled.fetch_add(newly, Ordering::Relaxed);
+        result
+    }
+
     /// Spools every queued record that is not spooled yet, in queue order, fsyncs,
-    /// and answers their waiting requests.
+    /// and answers every request still waiting on a spooled record.
     async fn spill(&self) {
         let (ticket, waiters) = {
             let mut state = self.lock();
-            let mut ticket = Ok(0);
-            let mut waiters = Vec::new();
-            let mut newly = 0;
-            for (seq, entry) in state.in_flight.iter_mut() {
-                if entry.spooled {
-                    continue;
-                }
-                ticket = self.spool.append(&Entry {
-                    seq: *seq,
-                    record: (*entry.record).clone(),
-                });
-                if ticket.is_err() {
-                    break;
-                }
-                entry.spooled = true;
-                newly += 1;
-                waiters.extend(entry.waiter.take());
-            }
-            state.spooled_in_flight += newly;
-            self.stats.spooled.fetch_add(newly, Ordering::Relaxed);
+            let ticket = self.spool_unspooled(&mut state);
+            let waiters: Vec<_> = state
+                .in_flight
+                .values_mut()
+                .filter(|e| e.spooled)
+                .filter_map(|e| e.waiter.take())
+                .collect();
             (ticket, waiters)
         };
         let synced = match ticket {
@@ -817,7 +837,9 @@ impl DurableProducer {
         }
         if state.holding() {
             // Spool and hold: the supervisor queues it once the cluster answers (and,
-            // after an outage, other gateways' answers are read).
+            // after an outage, other gateways' answers are read). Records queued
+            // before it and not spooled yet go to the spool first.
+            shared.spool_unspooled(&mut state)?;
             let ticket = shared.spool.append(&Entry {
                 seq,
                 record: (*record).clone(),
@@ -854,15 +876,11 @@ impl DurableProducer {
             },
         );
         let ticket = if spool_now {
-            let ticket = shared.spool.append(&Entry {
-                seq,
-                record: (*record).clone(),
-            })?;
+            // With every earlier record not spooled yet: the spool's seqs increase.
+            let ticket = shared.spool_unspooled(&mut state)?;
             let entry = state.in_flight.get_mut(&seq).expect("inserted above");
-            entry.spooled = true;
+            debug_assert!(entry.spooled);
             entry.waiter = None;
-            state.spooled_in_flight += 1;
-            shared.stats.spooled.fetch_add(1, Ordering::Relaxed);
             Some(ticket)
         } else {
             None
@@ -1327,6 +1345,32 @@ mod tests {
             Outcome::Delivered { offset: 4, .. }
         ));
         assert_eq!(stored(&brokers), ["0", "1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn records_queued_when_an_outage_begins_are_spooled_before_the_held_ones() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic(TOPIC, 1, 1).unwrap();
+        let brokers = mock.bootstrap_servers();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let p = open(&brokers, dir.path());
+        rt.block_on(p.send(record("0"))).unwrap();
+        // "a" is queued and unacknowledged when the cluster goes away.
+        mock.broker_round_trip_time(1, Duration::from_millis(1000))
+            .unwrap();
+        let a = p.submit(record("a")).unwrap();
+        mock.broker_down(-1).unwrap();
+        wait_until("outage mode", || p.in_outage());
+        // Held: "a" goes to the spool first, so the spool's seqs still increase.
+        let b = p.submit(record("b")).unwrap();
+        assert_eq!(rt.block_on(b.outcome()).unwrap(), Outcome::Spooled);
+        assert_eq!(rt.block_on(a.outcome()).unwrap(), Outcome::Spooled);
+        assert_eq!(p.spool_depth().records, 2);
+        mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        mock.broker_up(-1).unwrap();
+        wait_until("the spool to drain", || drained(&p));
+        assert_eq!(stored(&brokers), ["0", "a", "b"]);
     }
 
     struct DropValue {

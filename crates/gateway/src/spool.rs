@@ -257,6 +257,11 @@ impl Spool {
         Ok(self.written.fetch_add(bytes, Ordering::SeqCst) + bytes)
     }
 
+    /// The ticket covering everything appended so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
     /// Returns once everything appended up to `ticket` is fsync'd. Concurrent callers
     /// share one fsync (group commit).
     pub async fn sync(&self, ticket: u64) -> Result<(), SpoolError> {
