@@ -988,8 +988,15 @@ impl DurableProducer {
     /// spools whatever is still not acknowledged, so nothing queued is lost when the
     /// process exits.
     pub async fn shutdown(self: &Arc<Self>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        // Held records are not in librdkafka yet: give the supervisor the time to
+        // queue them (the cluster may answer within it).
+        while self.shared().lock().holding() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let producer = self.core.producer();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
         self.shared().spill().await;
         let depth = self.shared().spool.depth();
         if depth.records > 0 {
