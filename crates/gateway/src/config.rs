@@ -24,6 +24,13 @@ pub struct GatewayConfig {
     /// How long a request waits for the cluster's acks=all answer before its record
     /// is spooled instead (and answered `202` with `"spooled": true`).
     pub spool_after_ms: u64,
+    /// In outage mode (the cluster unreachable: records are spooled and held), how
+    /// often the cluster is probed; each probe waits this long for an answer.
+    pub outage_probe_interval_ms: u64,
+    /// When the cluster answers again, how long the gateway tries to read the
+    /// idempotency topic to its end (to drop held records another gateway already
+    /// stored) before it sends the held records without that check.
+    pub outage_reconcile_timeout_ms: u64,
     /// Largest request body; larger gets `413`.
     pub max_body_bytes: usize,
     /// Largest single record value (after encoding); larger gets `413`.
@@ -77,6 +84,8 @@ impl Default for GatewayConfig {
             spool_max_bytes: 256 << 20,
             spool_segment_bytes: 16 << 20,
             spool_after_ms: 1000,
+            outage_probe_interval_ms: 200,
+            outage_reconcile_timeout_ms: 10_000,
             max_body_bytes: 1 << 20,
             max_record_bytes: 1_000_000,
             max_concurrent_requests: 4096,
@@ -175,6 +184,9 @@ impl GatewayConfig {
         if self.spool_after_ms < 10 {
             return bad("spool_after_ms must be at least 10");
         }
+        if self.outage_probe_interval_ms < 100 || self.outage_reconcile_timeout_ms < 1000 {
+            return bad("outage_probe_interval_ms must be at least 100 and outage_reconcile_timeout_ms at least 1000");
+        }
         if self.spool_max_bytes < 1 << 20 || self.spool_segment_bytes < 4096 {
             return bad(
                 "spool_max_bytes must be at least 1 MiB and spool_segment_bytes at least 4096",
@@ -206,7 +218,12 @@ impl GatewayConfig {
     /// librdkafka settings every client of the gateway starts from.
     pub fn client(&self) -> rdkafka::ClientConfig {
         let mut client = rdkafka::ClientConfig::new();
-        client.set("bootstrap.servers", &self.brokers);
+        client
+            .set("bootstrap.servers", &self.brokers)
+            // See the producer's: a returning cluster is noticed within 250 ms, not
+            // after librdkafka's backoff of up to 10 s.
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "250");
         for (key, value) in &self.kafka {
             client.set(key, value);
         }
@@ -222,6 +239,8 @@ impl GatewayConfig {
             spool_segment_bytes: self.spool_segment_bytes,
             spool_after_ms: self.spool_after_ms,
             max_record_bytes: self.max_record_bytes,
+            outage_probe_interval_ms: self.outage_probe_interval_ms,
+            outage_reconcile_timeout_ms: self.outage_reconcile_timeout_ms,
             kafka: self
                 .kafka
                 .iter()

@@ -51,7 +51,10 @@ async fn ingest(
                     .into_response();
             };
             let fingerprint = fingerprint(&topic, query.key.as_deref(), query.partition, &body);
-            if !gateway.idempotency.knows(&topic, key) {
+            // In outage mode the topic cannot be read: an unknown key is decided from
+            // what this gateway knows (its own keys and those it has read), and the
+            // record is held in the spool until reconciliation (see `Reconciler`).
+            if !gateway.idempotency.knows(&topic, key) && !gateway.producer.in_outage() {
                 // Another gateway may have answered this key: it recorded the answer in
                 // the cluster before its client got it, so reading to the end finds it.
                 if !gateway
@@ -409,6 +412,9 @@ pub struct IdempotencyCache {
 struct Entry {
     fingerprint: u64,
     answer: OnceCell<Answer>,
+    /// The first answer for this key (and fingerprint) read from the idempotency
+    /// topic: the one that counts when two gateways answered it.
+    stored: std::sync::OnceLock<Answer>,
 }
 
 impl IdempotencyCache {
@@ -437,6 +443,7 @@ impl IdempotencyCache {
         let entry = Arc::new(Entry {
             fingerprint,
             answer: OnceCell::new(),
+            stored: std::sync::OnceLock::new(),
         });
         map.insert(id.to_string(), entry.clone());
         order.push_back(id.to_string());
@@ -457,8 +464,35 @@ impl IdempotencyCache {
         };
         let entry = self.entry(id, remembered.fingerprint);
         if entry.fingerprint == remembered.fingerprint {
+            let _ = entry.stored.set(remembered.answer.clone());
             let _ = entry.answer.set(remembered.answer);
         }
+    }
+
+    /// The answer the idempotency topic holds for `id` if it is another request's
+    /// than `request_id` (another gateway answered the key first). For a data
+    /// record, the local answer is replaced by it, so a retry here gets the same
+    /// answer as through that gateway.
+    fn stored_elsewhere(&self, id: &str, request_id: &str, adopt: bool) -> bool {
+        let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = guard.0.get(id) else {
+            return false;
+        };
+        let Some(stored) = entry.stored.get() else {
+            return false;
+        };
+        if stored.request_id == request_id {
+            return false;
+        }
+        if adopt {
+            let replaced = Arc::new(Entry {
+                fingerprint: entry.fingerprint,
+                answer: OnceCell::new_with(Some(stored.clone())),
+                stored: std::sync::OnceLock::from(stored.clone()),
+            });
+            guard.0.insert(id.to_string(), replaced);
+        }
+        true
     }
 
     async fn once<F, Fut>(
@@ -490,6 +524,65 @@ impl IdempotencyCache {
             })
             .await?;
         Ok((answer.clone(), !ran))
+    }
+}
+
+/// Reconciliation after an outage, for the durable producer: before held records are
+/// sent, the idempotency topic is read to its end; a held record whose
+/// `Idempotency-Key` another gateway answered meanwhile (an answer for the same key
+/// and request fingerprint with another request id) is a duplicate, and so is this
+/// gateway's own held answer record for it. Both are dropped from the spool.
+///
+/// What it cannot catch: two gateways both cut off, both accepting the same key, and
+/// reconciling at the same moment; each reads the topic before the other's answer is
+/// in it, so both records are stored. A retry that reaches a gateway which can read
+/// the topic is always decided from it.
+pub(crate) struct Reconciler {
+    pub cache: Arc<IdempotencyCache>,
+    pub topic: Arc<crate::shared::SharedTopic>,
+}
+
+impl crate::producer::Reconcile for Reconciler {
+    fn catch_up(&self, timeout: std::time::Duration) -> bool {
+        self.topic.sync_to_end_blocking(timeout)
+    }
+
+    fn is_duplicate(&self, record: &Record) -> bool {
+        if record.topic == self.topic.name {
+            // This gateway's answer record: key `topic\0key`, value `Remembered`.
+            let id = record
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok());
+            let remembered = record
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<Remembered>(v).ok());
+            return match (id, remembered) {
+                (Some(id), Some(remembered)) => {
+                    self.cache
+                        .stored_elsewhere(id, &remembered.answer.request_id, false)
+                }
+                _ => false,
+            };
+        }
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
+        match (
+            header("freshet-idempotency-key"),
+            header("freshet-request-id"),
+        ) {
+            (Some(key), Some(request_id)) => {
+                self.cache
+                    .stored_elsewhere(&format!("{}\0{key}", record.topic), request_id, true)
+            }
+            _ => false,
+        }
     }
 }
 

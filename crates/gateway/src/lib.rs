@@ -103,14 +103,6 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop, shutting_down) = watch::channel(false);
-    let producer_config = config.producer();
-    let producer =
-        tokio::task::spawn_blocking(move || DurableProducer::open(&producer_config)).await??;
-    let schema_config = config.clone();
-    let schemas = tokio::task::spawn_blocking(move || {
-        schema::Schemas::open(&schema_config, &schema_config.client())
-    })
-    .await??;
     let idempotency = Arc::new(ingest::IdempotencyCache::new(config.idempotency_keys));
     let learner = idempotency.clone();
     let idempotency_topic = shared::SharedTopic::follow(
@@ -143,6 +135,23 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             }
         }
     });
+    // After the follower: what an earlier run spooled is checked against the
+    // idempotency topic before it is sent.
+    let reconciler: Arc<dyn producer::Reconcile> = Arc::new(ingest::Reconciler {
+        cache: idempotency.clone(),
+        topic: idempotency_topic.clone(),
+    });
+    let producer_config = config.producer();
+    let producer = tokio::task::spawn_blocking(move || {
+        DurableProducer::open_with(&producer_config, Some(reconciler))
+    })
+    .await??;
+    // After the producer, which connects and gets its producer id meanwhile.
+    let schema_config = config.clone();
+    let schemas = tokio::task::spawn_blocking(move || {
+        schema::Schemas::open(&schema_config, &schema_config.client())
+    })
+    .await??;
     let gateway = Arc::new(Gateway {
         producer: Arc::new(producer),
         schemas,

@@ -58,6 +58,12 @@ pub struct Gauges {
     pub records_rejected: u64,
     pub records_dropped: u64,
     pub records_replayed: u64,
+    /// Held records dropped at reconciliation (another gateway stored the request).
+    pub records_reconciled: u64,
+    /// 1 while in outage mode (records spooled and held).
+    pub outage: u64,
+    pub outages: u64,
+    pub producer_recoveries: u64,
 }
 
 impl Metrics {
@@ -135,6 +141,16 @@ impl Metrics {
                 "Requests answered from the Idempotency-Key cache.",
                 self.idempotent_replays.load(Ordering::Relaxed),
             ),
+            (
+                "freshet_gateway_outages_total",
+                "Times the gateway entered outage mode (the cluster unreachable).",
+                gauges.outages,
+            ),
+            (
+                "freshet_gateway_producer_recoveries_total",
+                "Times a new producer took over after a fatal producer error (fencing, epoch exhaustion).",
+                gauges.producer_recoveries,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -142,7 +158,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        out.push_str("# HELP freshet_gateway_records_total Records by outcome: delivered (acknowledged by the cluster), spooled, rejected (refused by the cluster), dropped (spooled, then refused), replayed (spooled by an earlier run, sent again at start).\n");
+        out.push_str("# HELP freshet_gateway_records_total Records by outcome: delivered (acknowledged by the cluster), spooled, rejected (refused by the cluster), dropped (spooled, then refused), replayed (spooled by an earlier run, sent again at start), reconciled (held during an outage, dropped because another gateway stored the request).\n");
         out.push_str("# TYPE freshet_gateway_records_total counter\n");
         for (outcome, value) in [
             ("delivered", gauges.records_delivered),
@@ -150,6 +166,7 @@ impl Metrics {
             ("rejected", gauges.records_rejected),
             ("dropped", gauges.records_dropped),
             ("replayed", gauges.records_replayed),
+            ("reconciled", gauges.records_reconciled),
         ] {
             let _ = writeln!(
                 out,
@@ -160,6 +177,7 @@ impl Metrics {
             ("freshet_gateway_spool_records", "Records in the spool not yet acknowledged by the cluster.", gauges.spool_records as f64),
             ("freshet_gateway_spool_bytes", "Bytes of the spool's undelivered records.", gauges.spool_bytes as f64),
             ("freshet_gateway_spool_oldest_age_seconds", "Age of the oldest undelivered spooled record (0 when empty).", gauges.spool_oldest_age_s),
+            ("freshet_gateway_outage", "1 while the gateway holds records because the cluster is unreachable (outage mode).", gauges.outage as f64),
             ("freshet_gateway_held_bytes", "Bytes of records accepted and not yet acknowledged (counted against spool_max_bytes).", gauges.held_bytes as f64),
             ("freshet_gateway_stream_subscribers", "Live-stream (SSE) subscribers connected.", gauges.stream_subscribers as f64),
             ("freshet_gateway_stream_readers", "Shared per-topic readers serving the live streams.", gauges.stream_readers as f64),
@@ -205,6 +223,10 @@ mod tests {
             records_rejected: 0,
             records_dropped: 0,
             records_replayed: 0,
+            records_reconciled: 0,
+            outage: 0,
+            outages: 0,
+            producer_recoveries: 0,
         };
         let text = m.render(&gauges);
         assert!(

@@ -39,12 +39,14 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
     Json(json!({
         "status": "ok",
         "cluster": if cluster { "reachable" } else { "unreachable" },
+        "outage_mode": gateway.producer.in_outage(),
         "spool": {
             "records": depth.records,
             "bytes": depth.bytes,
             "oldest_age_ms": depth.oldest_timestamp_ms.map(|ts| (crate::now_ms() - ts).max(0)),
             "max_bytes": gateway.config.spool_max_bytes,
             "held_bytes": gateway.producer.held_bytes(),
+            "failure": gateway.producer.spool_failure(),
         },
         "streams": {"subscribers": gateway.streams.subscribers(), "readers": gateway.streams.readers()},
         "consumer_instances": gateway.consumers.count(),
@@ -89,6 +91,10 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         records_rejected: stats.rejected.load(Ordering::Relaxed),
         records_dropped: stats.dropped.load(Ordering::Relaxed),
         records_replayed: stats.replayed.load(Ordering::Relaxed),
+        records_reconciled: stats.reconciled.load(Ordering::Relaxed),
+        outage: u64::from(gateway.producer.in_outage()),
+        outages: stats.outages.load(Ordering::Relaxed),
+        producer_recoveries: stats.recoveries.load(Ordering::Relaxed),
     };
     let mut response = gateway.metrics.render(&gauges).into_response();
     response.headers_mut().insert(

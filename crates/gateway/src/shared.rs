@@ -65,7 +65,6 @@ impl SharedTopic {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "100")
-            .set("reconnect.backoff.max.ms", "1000")
             .create()?;
         let stop = Arc::new(AtomicBool::new(false));
         let position = Arc::new(AtomicI64::new(-1));
@@ -114,29 +113,46 @@ impl SharedTopic {
 
     /// Waits (up to `timeout`) until the follower has handed over every record the
     /// topic holds now: whatever another gateway wrote before answering its client
-    /// is then known here. Returns whether it got there.
+    /// is then known here. Returns whether it got there (a topic that does not exist
+    /// yet holds nothing: `true`; a cluster that does not answer: `false`).
     pub async fn sync_to_end(self: &Arc<Self>, timeout: Duration) -> bool {
         let this = self.clone();
-        let end = tokio::task::spawn_blocking(move || {
-            this.admin
-                .inner()
-                .fetch_watermarks(&this.name, 0, timeout)
-                .map(|(_, high)| high)
-        })
-        .await;
-        let end = match end {
-            Ok(Ok(end)) => end,
-            // No such topic (nothing written yet), or no answer: nothing to wait for.
-            _ => return matches!(end, Ok(Err(_))),
-        };
+        tokio::task::spawn_blocking(move || this.sync_to_end_blocking(timeout))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// [`SharedTopic::sync_to_end`] for threads outside the runtime.
+    pub fn sync_to_end_blocking(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
+        let end = match self.end_offset(timeout) {
+            Ok(Some(end)) => end,
+            Ok(None) => return true,
+            Err(()) => return false,
+        };
         while self.position.load(Ordering::Acquire) < end {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Polling the follower's position: it advances as records are handed over.
+            std::thread::sleep(Duration::from_millis(2));
         }
         true
+    }
+
+    /// The topic's end offset now; `Ok(None)` if the cluster says it does not exist.
+    fn end_offset(&self, timeout: Duration) -> Result<Option<i64>, ()> {
+        let client = self.admin.inner();
+        match client.fetch_watermarks(&self.name, 0, timeout) {
+            Ok((_, high)) => Ok(Some(high)),
+            // All topics, not the one: a request naming it could create it.
+            Err(_) => match client.fetch_metadata(None, timeout) {
+                Ok(metadata) if !metadata.topics().iter().any(|t| t.name() == self.name) => {
+                    Ok(None)
+                }
+                _ => Err(()),
+            },
+        }
     }
 
     pub fn stop(&self) {

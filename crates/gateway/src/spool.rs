@@ -23,6 +23,17 @@
 //! Invariants: seqs increase through the files; a segment is fsync'd before the next
 //! one is started, so only the last segment can have a torn tail; an entry is only
 //! reported durable after an fsync that covers it.
+//!
+//! **A failed fsync is final** (PostgreSQL's "fsyncgate" rule): after one, the page
+//! cache cannot be trusted for the bytes it covered (Linux marks the pages clean and a
+//! later fsync reports success without writing them). So the first failed fsync
+//! poisons the spool: every entry it covered, and every entry not yet covered by an
+//! earlier successful fsync, is answered with an error (`503`), never as durable; no
+//! later fsync is attempted, so none can vouch for them; and every later append is
+//! refused until the process restarts. Records handed to librdkafka before the
+//! failure may still reach the cluster (a `503` means "fate unknown"; an
+//! `Idempotency-Key` retry is answered once). At restart the files are read back and
+//! CRC-checked as after a crash: whatever is read back whole is sent (at least once).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -45,7 +56,13 @@ const BODY_BYTES_MAX: usize = 256 << 20;
 pub enum SpoolError {
     #[error("spool I/O error on {path}: {source}")]
     Io { path: String, source: io::Error },
+    /// An fsync failed earlier: the spool takes nothing more until a restart.
+    #[error("the spool is out of service after a failed fsync ({0}); restart the gateway")]
+    Poisoned(String),
 }
+
+/// How a segment's bytes are made durable: `File::sync_data`, or a test's stand-in.
+pub type SyncFile = Arc<dyn Fn(&File) -> io::Result<()> + Send + Sync>;
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
@@ -91,6 +108,9 @@ pub struct Spool {
     /// Logical bytes appended since open, and how many of them are known durable.
     written: AtomicU64,
     synced: AtomicU64,
+    sync_file: SyncFile,
+    /// Set by the first failed fsync of a segment, for good.
+    poisoned: Mutex<Option<String>>,
 }
 
 struct Inner {
@@ -119,6 +139,15 @@ impl Spool {
     pub fn open(
         dir: &Path,
         segment_bytes: u64,
+    ) -> Result<(Spool, Vec<Entry>, Recovery), SpoolError> {
+        Spool::open_with_sync(dir, segment_bytes, Arc::new(File::sync_data))
+    }
+
+    /// [`Spool::open`] with segments fsync'd by `sync_file` (tests inject failures).
+    pub fn open_with_sync(
+        dir: &Path,
+        segment_bytes: u64,
+        sync_file: SyncFile,
     ) -> Result<(Spool, Vec<Entry>, Recovery), SpoolError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let mut recovery = Recovery::default();
@@ -180,6 +209,8 @@ impl Spool {
             sync_lock: tokio::sync::Mutex::new(()),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            sync_file,
+            poisoned: Mutex::new(None),
         };
         Ok((spool, pending_entries, recovery))
     }
@@ -199,6 +230,7 @@ impl Spool {
         frame.extend_from_slice(&body);
         let bytes = frame.len() as u64;
         let mut inner = self.lock();
+        self.check_poisoned()?;
         assert!(entry.seq >= inner.next_seq, "spool seqs increase");
         let roll = match &inner.active {
             None => true,
@@ -225,6 +257,11 @@ impl Spool {
         Ok(self.written.fetch_add(bytes, Ordering::SeqCst) + bytes)
     }
 
+    /// The ticket covering everything appended so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
     /// Returns once everything appended up to `ticket` is fsync'd. Concurrent callers
     /// share one fsync (group commit).
     pub async fn sync(&self, ticket: u64) -> Result<(), SpoolError> {
@@ -235,6 +272,7 @@ impl Spool {
         if self.synced.load(Ordering::SeqCst) >= ticket {
             return Ok(());
         }
+        self.check_poisoned()?;
         // Everything written before this point is in the active file: a roll fsyncs
         // the segment it leaves.
         let (target, file) = {
@@ -247,24 +285,55 @@ impl Spool {
         };
         if let Some((file, first_seq)) = file {
             let path = segment_path(&self.dir, first_seq, SEGMENT_SUFFIX);
-            tokio::task::spawn_blocking(move || file.sync_data().map_err(io_error(&path)))
+            let sync_file = self.sync_file.clone();
+            let synced = tokio::task::spawn_blocking(move || sync_file(&file))
                 .await
-                .map_err(|e| SpoolError::Io {
-                    path: self.dir.display().to_string(),
-                    source: io::Error::other(e),
-                })??;
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+            self.after_fsync(&path, synced)?;
         }
         self.synced.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
 
+    /// Poisons the spool if the fsync failed (see the module doc).
+    fn after_fsync(&self, path: &Path, synced: io::Result<()>) -> Result<(), SpoolError> {
+        let Err(source) = synced else {
+            return Ok(());
+        };
+        let why = format!("{}: {source}", path.display());
+        tracing::error!(
+            "spool: fsync failed ({why}): the spool takes no more records until a restart"
+        );
+        self.poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        Err(io_error(path)(source))
+    }
+
+    fn check_poisoned(&self) -> Result<(), SpoolError> {
+        match &*self.poisoned.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(SpoolError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the spool is out of service, if it is (a failed fsync).
+    pub fn failure(&self) -> Option<String> {
+        self.poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Blocking form of [`Spool::sync`] for threads outside the runtime.
     pub fn sync_blocking(&self) -> Result<(), SpoolError> {
         let inner = self.lock();
+        self.check_poisoned()?;
         let target = self.written.load(Ordering::SeqCst);
         if let Some(active) = &inner.active {
             let path = segment_path(&self.dir, active.first_seq, SEGMENT_SUFFIX);
-            active.file.sync_data().map_err(io_error(&path))?;
+            self.after_fsync(&path, (self.sync_file)(&active.file))?;
         }
         self.synced.fetch_max(target, Ordering::SeqCst);
         Ok(())
@@ -310,7 +379,11 @@ impl Spool {
     fn roll(&self, inner: &mut Inner, first_seq: u64) -> Result<(), SpoolError> {
         if let Some(old) = inner.active.take() {
             let path = segment_path(&self.dir, old.first_seq, SEGMENT_SUFFIX);
-            old.file.sync_data().map_err(io_error(&path))?;
+            if let Err(err) = self.after_fsync(&path, (self.sync_file)(&old.file)) {
+                // Keep it active: nothing more is appended anyway (poisoned).
+                inner.active = Some(old);
+                return Err(err);
+            }
             if inner
                 .segments
                 .get(&old.first_seq)
@@ -701,6 +774,85 @@ mod tests {
         let (_, pending, recovery) = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(pending.len(), 5);
         assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_final() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let failing = Arc::new(AtomicBool::new(false));
+        let fail = failing.clone();
+        let sync_file: SyncFile = Arc::new(move |file: &File| {
+            if fail.load(Ordering::SeqCst) {
+                Err(io::Error::from_raw_os_error(5)) // EIO
+            } else {
+                file.sync_data()
+            }
+        });
+        let (spool, _, _) = Spool::open_with_sync(dir.path(), 1 << 20, sync_file).unwrap();
+        let before = spool.append(&entry(0)).unwrap();
+        rt.block_on(spool.sync(before)).unwrap();
+        failing.store(true, Ordering::SeqCst);
+        let covered = spool.append(&entry(1)).unwrap();
+        assert!(
+            rt.block_on(spool.sync(covered)).is_err(),
+            "the failed fsync is reported"
+        );
+        assert!(spool.failure().is_some());
+        // The disk works again: still nothing written before the failure is vouched
+        // for, and nothing new is taken.
+        failing.store(false, Ordering::SeqCst);
+        assert!(rt.block_on(spool.sync(covered)).is_err());
+        assert!(spool.sync_blocking().is_err());
+        assert!(matches!(
+            spool.append(&entry(2)),
+            Err(SpoolError::Poisoned(_))
+        ));
+        // What an earlier fsync covered stays durable.
+        rt.block_on(spool.sync(before)).unwrap();
+        drop(spool);
+        // A restart reads back what is whole, as after a crash.
+        let (spool, pending, _) = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            pending.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert!(spool.failure().is_none());
+        spool.append(&entry(2)).unwrap();
+        spool.sync_blocking().unwrap();
+    }
+
+    #[test]
+    fn a_failed_fsync_at_a_roll_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        // Every fsync fails; the first one happens when the first segment is left.
+        let sync_file: SyncFile = Arc::new(move |_: &File| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Err(io::Error::from_raw_os_error(5))
+        });
+        let (spool, _, _) = Spool::open_with_sync(dir.path(), 200, sync_file).unwrap();
+        let mut seq = 0;
+        let err = loop {
+            match spool.append(&entry(seq)) {
+                Ok(_) => seq += 1,
+                Err(err) => break err,
+            }
+            assert!(seq < 100, "a roll must have happened");
+        };
+        assert!(matches!(err, SpoolError::Io { .. }), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            spool.append(&entry(seq + 1)),
+            Err(SpoolError::Poisoned(_))
+        ));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no fsync after the failed one"
+        );
     }
 
     proptest! {

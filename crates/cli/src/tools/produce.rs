@@ -226,6 +226,8 @@ fn run_spooled(args: &ProduceArgs, dir: std::path::PathBuf) -> anyhow::Result<()
         spool_segment_bytes: 16 << 20,
         spool_after_ms: args.spool_after_ms,
         max_record_bytes: LINE_BYTES_MAX,
+        outage_probe_interval_ms: 200,
+        outage_reconcile_timeout_ms: 10_000,
         kafka,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
