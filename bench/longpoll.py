@@ -132,7 +132,7 @@ def main():
     alone = statistics.median(r["alone_records_per_s"] for r in rows)
     polled = statistics.median(r["with_pollers_records_per_s"] for r in rows)
     summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "host": platform.node(), "records": args.records, "pollers": POLLERS,
+               "host": platform.node(), "freshet": args.freshet, "records": args.records, "pollers": POLLERS,
                "median_alone_records_per_s": alone, "median_with_pollers_records_per_s": polled,
                "ratio": round(polled / alone, 3), "rounds": rows}
     print(f"median: alone {alone:,.0f} rec/s, with pollers {polled:,.0f} rec/s: ratio {polled / alone:.3f} "

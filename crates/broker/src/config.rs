@@ -165,8 +165,9 @@ impl BrokerConfig {
             None => toml::Table::new(),
         };
         table.remove("http"); // the HTTP gateway's table (gateway::GatewayConfig)
-        let config: BrokerConfig = common::settings::load(table, "FRESHET_", env)
-            .map_err(|e| ConfigError::Invalid(e.0))?;
+        let config: BrokerConfig =
+            common::settings::load(table, "FRESHET_", common::settings::UnknownEnv::Ignore, env)
+                .map_err(|e| ConfigError::Invalid(e.0))?;
         config.validate()?;
         Ok(config)
     }

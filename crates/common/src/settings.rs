@@ -33,13 +33,23 @@ pub fn read_toml(path: &std::path::Path) -> Result<toml::Table, SettingsError> {
         .map_err(|e| SettingsError(format!("{}: {e}", path.display())))
 }
 
+/// What to do with a `{env_prefix}{KEY}` variable whose key is no field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownEnv {
+    /// Leave it alone: the prefix is shared with other components or tools
+    /// (`FRESHET_BROKERS` is the tools', `FRESHET_HTTP_*` the gateway's).
+    Ignore,
+    /// Refuse it, naming it: the prefix is this component's alone, so it is a typo.
+    Refuse,
+}
+
 /// `T::default()`, overlaid by `file` (a TOML table, unknown keys refused if `T`
 /// denies them), overlaid by every `{env_prefix}{KEY}` variable of `env` whose key
-/// (lower-cased) is a field of `T`; other variables are left alone (they belong to
-/// other components or tools).
+/// (lower-cased) is a field of `T`; the others as `unknown` says.
 pub fn load<T>(
     file: toml::Table,
     env_prefix: &str,
+    unknown: UnknownEnv,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, SettingsError>
 where
@@ -55,6 +65,9 @@ where
         };
         let key = key.to_ascii_lowercase();
         if !fields.contains(&key.as_str()) {
+            if unknown == UnknownEnv::Refuse {
+                return Err(SettingsError(format!("{name}: no setting `{key}`")));
+            }
             continue;
         }
         let value = match defaults.get(&key) {
@@ -175,6 +188,7 @@ mod tests {
         let loaded: Example = load(
             file,
             "X_",
+            UnknownEnv::Ignore,
             env(&[
                 ("X_DATA_DIR", "123"),
                 ("X_VERBOSE", "false"),
@@ -198,20 +212,54 @@ mod tests {
 
     #[test]
     fn bad_values_and_unknown_file_keys_are_errors_that_name_them() {
-        let err =
-            load::<Example>(toml::Table::new(), "X_", env(&[("X_PORT", "eighty")])).unwrap_err();
+        let err = load::<Example>(
+            toml::Table::new(),
+            "X_",
+            UnknownEnv::Ignore,
+            env(&[("X_PORT", "eighty")]),
+        )
+        .unwrap_err();
         assert!(err.0.contains("X_PORT"), "{err}");
-        let err =
-            load::<Example>(toml::Table::new(), "X_", env(&[("X_VERBOSE", "yes")])).unwrap_err();
+        let err = load::<Example>(
+            toml::Table::new(),
+            "X_",
+            UnknownEnv::Ignore,
+            env(&[("X_VERBOSE", "yes")]),
+        )
+        .unwrap_err();
         assert!(err.0.contains("X_VERBOSE"), "{err}");
-        let err =
-            load::<Example>(toml::Table::new(), "X_", env(&[("X_EXTRA", "a=b")])).unwrap_err();
+        let err = load::<Example>(
+            toml::Table::new(),
+            "X_",
+            UnknownEnv::Ignore,
+            env(&[("X_EXTRA", "a=b")]),
+        )
+        .unwrap_err();
         assert!(err.0.contains("config file"), "{err}");
-        let err = load::<Example>("colour = 1".parse().unwrap(), "X_", env(&[])).unwrap_err();
+        let err = load::<Example>(
+            "colour = 1".parse().unwrap(),
+            "X_",
+            UnknownEnv::Ignore,
+            env(&[]),
+        )
+        .unwrap_err();
         assert!(err.0.contains("colour"), "{err}");
-        let err =
-            load::<Example>(toml::Table::new(), "X_", env(&[("X_PORT", "70000")])).unwrap_err();
+        let err = load::<Example>(
+            toml::Table::new(),
+            "X_",
+            UnknownEnv::Ignore,
+            env(&[("X_PORT", "70000")]),
+        )
+        .unwrap_err();
         assert!(err.0.contains("70000") || err.0.contains("port"), "{err}");
+        let err = load::<Example>(
+            toml::Table::new(),
+            "X_",
+            UnknownEnv::Refuse,
+            env(&[("X_PROT", "1")]),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("X_PROT"), "{err}");
     }
 
     #[test]

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Address the HTTP server binds, `host:port` (port 0 picks one).
@@ -109,31 +109,22 @@ impl Default for GatewayConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("invalid http configuration: {0}")]
     Invalid(String),
 }
 
 impl GatewayConfig {
     /// Defaults, then the `[http]` table of `file` if given, then every
-    /// `FRESHET_HTTP_<KEY>` variable in `env` (scalar keys only).
+    /// `FRESHET_HTTP_<KEY>` variable in `env` whose key is a field here (tables only
+    /// in the file), through the one settings loader (`common::settings`).
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match file {
+        let table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                let mut whole = text
-                    .parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+                let mut whole =
+                    common::settings::read_toml(path).map_err(|e| ConfigError::Invalid(e.0))?;
                 match whole.remove("http") {
                     Some(toml::Value::Table(http)) => http,
                     Some(_) => return Err(ConfigError::Invalid("[http] must be a table".into())),
@@ -142,30 +133,13 @@ impl GatewayConfig {
             }
             None => toml::Table::new(),
         };
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("FRESHET_HTTP_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if key == "schemas" || key == "kafka" {
-                continue; // tables: only in the file
-            }
-            let value = match value.parse::<i64>() {
-                Ok(n)
-                    if !matches!(
-                        key.as_str(),
-                        "listen" | "brokers" | "schema_topic" | "idempotency_topic"
-                    ) =>
-                {
-                    toml::Value::Integer(n)
-                }
-                _ => toml::Value::String(value),
-            };
-            table.insert(key, value);
-        }
-        let config: GatewayConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let config: GatewayConfig = common::settings::load(
+            table,
+            "FRESHET_HTTP_",
+            common::settings::UnknownEnv::Refuse,
+            env,
+        )
+        .map_err(|e| ConfigError::Invalid(e.0))?;
         config.validate()?;
         Ok(config)
     }
