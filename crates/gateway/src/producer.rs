@@ -1248,6 +1248,20 @@ mod tests {
         }
     }
 
+    /// A one-broker mock cluster with the test topic, its bootstrap address, a spool
+    /// directory and a runtime: what every test here starts from.
+    fn cluster() -> (
+        MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        String,
+        tempfile::TempDir,
+        tokio::runtime::Runtime,
+    ) {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic(TOPIC, 1, 1).unwrap();
+        let brokers = mock.bootstrap_servers();
+        (mock, brokers, tempfile::tempdir().unwrap(), runtime())
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -1302,11 +1316,7 @@ mod tests {
 
     #[test]
     fn delivered_then_spooled_and_held_in_an_outage_then_delivered_once() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic(TOPIC, 1, 1).unwrap();
-        let brokers = mock.bootstrap_servers();
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
+        let (mock, brokers, dir, rt) = cluster();
         let p = open(&brokers, dir.path());
         let first = rt.block_on(p.send(record("0"))).unwrap();
         assert_eq!(
@@ -1356,11 +1366,7 @@ mod tests {
 
     #[test]
     fn records_queued_when_an_outage_begins_are_spooled_before_the_held_ones() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic(TOPIC, 1, 1).unwrap();
-        let brokers = mock.bootstrap_servers();
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
+        let (mock, brokers, dir, rt) = cluster();
         let p = open(&brokers, dir.path());
         rt.block_on(p.send(record("0"))).unwrap();
         // "a" is queued and unacknowledged when the cluster goes away.
@@ -1396,11 +1402,7 @@ mod tests {
 
     #[test]
     fn held_records_a_reconciler_names_duplicates_are_dropped_from_the_spool() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic(TOPIC, 1, 1).unwrap();
-        let brokers = mock.bootstrap_servers();
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
+        let (mock, brokers, dir, rt) = cluster();
         let reconciler = Arc::new(DropValue {
             catch_ups: AtomicU64::new(0),
         });
@@ -1429,11 +1431,7 @@ mod tests {
 
     #[test]
     fn what_a_dead_process_spooled_is_replayed_first_by_the_next() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic(TOPIC, 1, 1).unwrap();
-        let brokers = mock.bootstrap_servers();
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
+        let (mock, brokers, dir, rt) = cluster();
         mock.broker_down(-1).unwrap();
         {
             let p = open(&brokers, dir.path());
@@ -1460,11 +1458,7 @@ mod tests {
 
     #[test]
     fn a_fatal_producer_error_is_recovered_in_process() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic(TOPIC, 1, 1).unwrap();
-        let brokers = mock.bootstrap_servers();
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
+        let (_mock, brokers, dir, rt) = cluster();
         let p = open(&brokers, dir.path());
         rt.block_on(p.send(record("0"))).unwrap();
         // As if another producer had fenced this one.
