@@ -1,5 +1,6 @@
 //! The TCP server. Each connection reads frames, dispatches each request at once
-//! (so appends from one connection happen in the order they were sent), and
+//! (a produce's append, on the blocking pool, is awaited before the next request
+//! is dispatched, so appends from one connection happen in the order sent), and
 //! answers in request order, as Kafka requires, while later requests are already
 //! being served. Limits: connections, frame size, requests in flight per
 //! connection, the bytes of requests being read or awaiting answers (see
@@ -14,10 +15,10 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut};
 use bytes::{Bytes, BytesMut};
-use protocol::codec::{decode_request, encode_response, peek_preamble};
+use protocol::codec::{decode_request, encode_fetch_response, encode_response, peek_preamble};
 use protocol::frame::{peek_frame_size, SIZE_PREFIX_BYTES};
 use protocol::{ApiKey, ResponseKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -130,15 +131,17 @@ struct Queued {
 
 /// A response in the connection's answer queue.
 enum Slot {
-    Ready(BytesMut),
+    Ready(Bytes),
     Pending(JoinHandle<Option<Encoded>>),
     /// acks=0 produce: nothing is sent back.
     Silent,
 }
 
-/// An encoded answer and the memory budget it holds until it is written.
+/// An encoded answer, as chunks to be written in order (a fetch answer's record
+/// data is the buffer it was read into: see `encode_fetch_response`), and the
+/// memory budget it holds until it is written.
 struct Encoded {
-    bytes: BytesMut,
+    chunks: Vec<Bytes>,
     _hold: Held,
 }
 
@@ -305,7 +308,7 @@ async fn serve_connection(
                 }
             };
             last_request = Instant::now();
-            match handle_frame(&broker, frame, peer, &mut fetch_turn) {
+            match handle_frame(&broker, frame, peer, &mut fetch_turn).await {
                 Some(slot) => {
                     activity.in_flight.fetch_add(1, Ordering::Relaxed);
                     let queued = Queued {
@@ -384,8 +387,9 @@ async fn wait_for_budget(
 }
 
 /// Turns one frame into a queued answer, or `None` to close the connection (what
-/// Kafka does for requests it cannot parse or does not serve).
-fn handle_frame(
+/// Kafka does for requests it cannot parse or does not serve). Returns once the
+/// request's in-order work (an append) is done, so the next frame's comes after.
+async fn handle_frame(
     broker: &Arc<Broker>,
     frame: Bytes,
     peer: SocketAddr,
@@ -438,7 +442,21 @@ fn handle_frame(
             return None;
         }
     };
-    match api::dispatch(broker, request, peer) {
+    let mut reply = api::dispatch(broker, request, peer);
+    if let Reply::InOrder(work) = reply {
+        reply = match tokio::task::spawn_blocking(work).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::error!(%peer, ?api_key, error = %e, "request handler failed; closing connection");
+                return None;
+            }
+        };
+    }
+    match reply {
+        Reply::InOrder(_) => {
+            tracing::error!(%peer, ?api_key, "in-order work gave more in-order work; closing connection");
+            None
+        }
         Reply::Now(Some(body)) => {
             encode(correlation_id, api_key, version, &body, peer).map(Slot::Ready)
         }
@@ -447,7 +465,7 @@ fn handle_frame(
             let body = future.await?;
             let bytes = encode(correlation_id, api_key, version, &body, peer)?;
             Some(Encoded {
-                bytes,
+                chunks: vec![bytes],
                 _hold: Held::default(),
             })
         }))),
@@ -460,12 +478,24 @@ fn handle_frame(
                     let _ = previous.await;
                 }
                 let (body, permit) = future.await?;
-                let bytes = encode(correlation_id, api_key, version, &body, peer)?;
-                drop(body); // the encoded copy is what waits for the socket
-                broker.fetch_answer_bytes.add(bytes.len());
-                let counted = Some((broker, bytes.len()));
+                let chunks = match &body {
+                    ResponseKind::Fetch(fetch) => {
+                        match encode_fetch_response(correlation_id, version, fetch) {
+                            Ok(chunks) => chunks,
+                            Err(e) => {
+                                tracing::error!(%peer, error = %e, "cannot encode response; closing connection");
+                                return None;
+                            }
+                        }
+                    }
+                    _ => vec![encode(correlation_id, api_key, version, &body, peer)?],
+                };
+                drop(body); // the chunks keep what they share with it
+                let bytes = chunks.iter().map(Bytes::len).sum();
+                broker.fetch_answer_bytes.add(bytes);
+                let counted = Some((broker, bytes));
                 Some(Encoded {
-                    bytes,
+                    chunks,
                     _hold: Held {
                         _permit: permit,
                         counted,
@@ -483,10 +513,10 @@ fn encode(
     version: i16,
     body: &ResponseKind,
     peer: SocketAddr,
-) -> Option<BytesMut> {
+) -> Option<Bytes> {
     let mut out = BytesMut::new();
     match encode_response(correlation_id, api_key, version, body, &mut out) {
-        Ok(()) => Some(out),
+        Ok(()) => Some(out.freeze()),
         Err(e) => {
             tracing::error!(%peer, error = %e, "cannot encode response; closing connection");
             None
@@ -507,7 +537,7 @@ async fn write_responses(
     while let Some(Queued { slot, _budget }) = queue.recv().await {
         let answer = match slot {
             Slot::Ready(bytes) => Encoded {
-                bytes,
+                chunks: vec![bytes],
                 _hold: Held::default(),
             },
             Slot::Silent => {
@@ -526,7 +556,7 @@ async fn write_responses(
         // A peer that stops reading must not hold the answer (and its share of
         // fetch memory) for ever: an answer not written within `idle` closes
         // the connection.
-        if !write_within(idle, writer.write_all(&answer.bytes), peer).await {
+        if !write_within(idle, write_chunks(&mut writer, &answer.chunks), peer).await {
             break;
         }
         drop(answer); // the bytes are in the socket (or the 64 KiB buffer): release the hold
@@ -541,6 +571,40 @@ async fn write_responses(
         let _ = writer.shutdown().await;
     })
     .await;
+}
+
+/// Writes `chunks` in order with vectored writes. Through the `BufWriter`, an
+/// answer smaller than its buffer is copied into it (several small answers go out
+/// in one write), a larger one goes to the socket straight from its chunks.
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    chunks: &[Bytes],
+) -> std::io::Result<()> {
+    let mut chunks = chunks;
+    let mut skip = 0; // bytes of chunks[0] already written
+    while !chunks.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks
+            .iter()
+            .take(64)
+            .enumerate()
+            .map(|(i, c)| std::io::IoSlice::new(if i == 0 { &c[skip..] } else { c }))
+            .collect();
+        let mut n = writer.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while let Some(first) = chunks.first() {
+            let left = first.len() - skip;
+            if n < left {
+                skip += n;
+                break;
+            }
+            n -= left;
+            skip = 0;
+            chunks = &chunks[1..];
+        }
+    }
+    Ok(())
 }
 
 /// Runs one write; false (with a log line) if it failed or did not finish in `idle`.

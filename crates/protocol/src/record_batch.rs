@@ -19,6 +19,10 @@ pub const BATCH_HEADER_BYTES: usize = 61;
 pub const MAGIC_V2: i8 = 2;
 
 const PARTITION_LEADER_EPOCH_AT: usize = 12;
+/// The leading bytes of a batch that hold everything a broker rewrites when it
+/// appends (base offset, length, partition leader epoch), none of them covered by
+/// the CRC: a log writes a rewritten copy of these and the rest as sent.
+pub const REWRITTEN_PREFIX_BYTES: usize = 16;
 const MAGIC_AT: usize = 16;
 const CRC_AT: usize = 17;
 const CRC_COVERS_FROM: usize = 21;

@@ -267,27 +267,28 @@ impl PartitionLog {
             .expect("a log always has an active segment")
     }
 
-    /// Appends exactly one v2 batch at the log end offset: validates it (CRC), rewrites
-    /// base offset and leader epoch, rolls the segment if needed, updates indexes.
-    pub fn append(
-        &mut self,
-        batch: &mut [u8],
-        leader_epoch: i32,
-        now_ms: i64,
-    ) -> Result<AppendInfo> {
+    /// Appends exactly one v2 batch at the log end offset: validates it (CRC), rolls
+    /// the segment if needed, writes it with its base offset and leader epoch
+    /// rewritten, updates indexes. The batch is written as it lies in the request
+    /// buffer: the rewritten fields (which the CRC does not cover) go in a 16-byte
+    /// prefix of their own, so appending costs no copy of the batch.
+    pub fn append(&mut self, batch: &[u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo> {
         self.check_online()?;
         let header = record_batch::validate(batch)?;
         let base_offset = self.log_end_offset();
         let last_offset = base_offset + i64::from(header.last_offset_delta);
-        record_batch::set_base_offset(batch, base_offset);
-        record_batch::set_partition_leader_epoch(batch, leader_epoch);
+        let mut prefix = [0u8; record_batch::REWRITTEN_PREFIX_BYTES];
+        prefix.copy_from_slice(&batch[..record_batch::REWRITTEN_PREFIX_BYTES]);
+        record_batch::set_base_offset(&mut prefix, base_offset);
+        record_batch::set_partition_leader_epoch(&mut prefix, leader_epoch);
+        let rest = &batch[record_batch::REWRITTEN_PREFIX_BYTES..];
         let header = BatchHeader {
             base_offset,
             partition_leader_epoch: leader_epoch,
             ..header
         };
         debug_assert_eq!(
-            record_batch::validate(batch).ok(),
+            record_batch::validate(&[&prefix[..], rest].concat()).ok(),
             Some(header),
             "the CRC must not cover offset and epoch"
         );
@@ -297,7 +298,7 @@ impl PartitionLog {
         }
         let index_interval_bytes = self.config.index_interval_bytes;
         self.active_mut()
-            .append(batch, &header, now_ms, index_interval_bytes)?;
+            .append(&[&prefix, rest], &header, now_ms, index_interval_bytes)?;
         debug_assert_eq!(self.log_end_offset(), last_offset + 1);
         Ok(AppendInfo {
             base_offset,

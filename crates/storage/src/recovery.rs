@@ -229,7 +229,7 @@ mod tests {
         };
         let (mut log, _) = PartitionLog::open(dir.path(), config.clone(), 0).unwrap();
         for i in 0..10 {
-            log.append(&mut build_simple_batch(i, &[b"x", b"y"]), 0, 0)
+            log.append(&build_simple_batch(i, &[b"x", b"y"]), 0, 0)
                 .unwrap();
         }
         log.close().unwrap();

@@ -3,7 +3,6 @@
 //! memory; only the active (last) segment of a log takes appends.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,7 +10,8 @@ use protocol::record_batch::BatchHeader;
 use tracing::warn;
 
 use crate::fsutil::{
-    delete_file, io_error, segment_path, LOG_SUFFIX, OFFSET_INDEX_SUFFIX, TIME_INDEX_SUFFIX,
+    delete_file, io_error, segment_path, write_all_vectored_at, LOG_SUFFIX, OFFSET_INDEX_SUFFIX,
+    TIME_INDEX_SUFFIX,
 };
 use crate::index::{
     check_offset_index, check_time_index, floor_offset_entry, last_time_entry_below, IndexFile,
@@ -282,28 +282,30 @@ impl Segment {
             && last_offset - self.base_offset < MAX_RELATIVE_OFFSET
     }
 
-    /// Appends one batch (already validated and rewritten) with one positioned
-    /// write, then the index entries it is due. On error nothing changes in memory
-    /// and the written bytes are cut off again where possible.
+    /// Appends one batch (already validated and rewritten), given as consecutive
+    /// parts, with one positioned vectored write, then the index entries it is
+    /// due. On error nothing changes in memory and the written bytes are cut off
+    /// again where possible.
     pub fn append(
         &mut self,
-        batch: &[u8],
+        parts: &[&[u8]],
         header: &BatchHeader,
         now_ms: i64,
         index_interval_bytes: u32,
     ) -> Result<()> {
-        assert_eq!(header.total_bytes(), batch.len());
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        assert_eq!(header.total_bytes(), len);
         assert!(
             header.base_offset >= self.next_offset,
             "offsets must increase: {} < {}",
             header.base_offset,
             self.next_offset
         );
-        assert!(self.size_bytes + batch.len() as u64 <= MAX_SEGMENT_BYTES);
+        assert!(self.size_bytes + len as u64 <= MAX_SEGMENT_BYTES);
         assert!(header.last_offset() - self.base_offset < MAX_RELATIVE_OFFSET);
         let position = self.size_bytes;
         let due = self.entries_due(position, header.base_offset, index_interval_bytes);
-        if let Err(e) = self.log.write_all_at(batch, position) {
+        if let Err(e) = write_all_vectored_at(&self.log, parts, position) {
             self.undo_append(position);
             return Err(io_error(&self.log_path)(e));
         }
@@ -324,7 +326,7 @@ impl Segment {
             }
             self.bytes_since_index_entry = 0;
         }
-        self.size_bytes += batch.len() as u64;
+        self.size_bytes += len as u64;
         self.account(header);
         self.first_append_ms.get_or_insert(now_ms);
         Ok(())
@@ -691,7 +693,7 @@ mod tests {
             set_base_offset(&mut batch, segment.next_offset());
             let header = validate(&batch).unwrap();
             starts.push((segment.size_bytes(), header.base_offset));
-            segment.append(&batch, &header, 0, interval).unwrap();
+            segment.append(&[&batch], &header, 0, interval).unwrap();
         }
         starts
     }

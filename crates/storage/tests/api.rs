@@ -12,6 +12,14 @@ fn open(dir: &std::path::Path, config: LogConfig) -> PartitionLog {
 
 /// A timestamp lookup's answer: the first offset at or after the target, and the
 /// timestamp it has.
+/// `batch` as the log stores it: base offset and leader epoch rewritten.
+fn as_stored(batch: &[u8], base_offset: i64, epoch: i32) -> Vec<u8> {
+    let mut stored = batch.to_vec();
+    protocol::record_batch::set_base_offset(&mut stored, base_offset);
+    protocol::record_batch::set_partition_leader_epoch(&mut stored, epoch);
+    stored
+}
+
 fn found(offset: i64, timestamp: i64) -> Option<TimestampOffset> {
     Some(TimestampOffset { offset, timestamp })
 }
@@ -67,20 +75,26 @@ fn open_creates_directory_and_starts_empty() {
 fn append_rewrites_offset_and_epoch_and_reads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    let mut first = batch(1_000, &[b"a", b"b", b"c"]);
-    let info = log.append(&mut first, 7, 0).unwrap();
+    let first = batch(1_000, &[b"a", b"b", b"c"]);
+    let info = log.append(&first, 7, 0).unwrap();
     assert_eq!(
         (info.base_offset, info.last_offset, info.max_timestamp),
         (0, 2, 1_000)
     );
-    let mut second = batch(2_000, &[b"d"]);
-    let info = log.append(&mut second, 8, 0).unwrap();
+    let second = batch(2_000, &[b"d"]);
+    let info = log.append(&second, 8, 0).unwrap();
     assert_eq!((info.base_offset, info.last_offset), (3, 3));
     assert_eq!(log.log_end_offset(), 4);
-    // The caller's buffer was rewritten in place and still validates.
-    let h = validate(&second).unwrap();
+    // The caller's buffer is left as it was; the stored copy is rewritten and
+    // still validates.
+    assert_eq!(validate(&second).unwrap().base_offset, 0);
+    let stored = read_all(&log);
+    let h = validate(&stored[1]).unwrap();
     assert_eq!((h.base_offset, h.partition_leader_epoch), (3, 8));
-    assert_eq!(read_all(&log), vec![first.clone(), second.clone()]);
+    assert_eq!(
+        stored,
+        vec![as_stored(&first, 0, 7), as_stored(&second, 3, 8)]
+    );
     assert_eq!(log.size_bytes(), (first.len() + second.len()) as u64);
 }
 
@@ -88,24 +102,24 @@ fn append_rewrites_offset_and_epoch_and_reads_back() {
 fn invalid_batches_write_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch(1, &[b"ok"]), 0, 0).unwrap();
+    log.append(&batch(1, &[b"ok"]), 0, 0).unwrap();
     let size = log.size_bytes();
 
     let mut corrupt = batch(1, &[b"payload"]);
     let last = corrupt.len() - 2;
     corrupt[last] ^= 1;
     assert!(matches!(
-        log.append(&mut corrupt, 0, 0),
+        log.append(&corrupt, 0, 0),
         Err(StorageError::InvalidBatch(BatchError::CrcMismatch { .. }))
     ));
-    let mut two = [batch(1, &[b"x"]), batch(2, &[b"y"])].concat();
+    let two = [batch(1, &[b"x"]), batch(2, &[b"y"])].concat();
     assert!(matches!(
-        log.append(&mut two, 0, 0),
+        log.append(&two, 0, 0),
         Err(StorageError::InvalidBatch(BatchError::TrailingBytes(_)))
     ));
-    let mut short = batch(1, &[b"x"])[..40].to_vec();
+    let short = batch(1, &[b"x"])[..40].to_vec();
     assert!(matches!(
-        log.append(&mut short, 0, 0),
+        log.append(&short, 0, 0),
         Err(StorageError::InvalidBatch(_))
     ));
 
@@ -123,9 +137,9 @@ fn read_returns_at_least_one_batch_and_honours_limits() {
     let mut log = open(tmp.path(), config(1 << 20, 1));
     let mut stored = Vec::new();
     for i in 0..5 {
-        let mut b = batch_of(3, i);
-        log.append(&mut b, 0, 0).unwrap();
-        stored.push(b);
+        let b = batch_of(3, i);
+        let info = log.append(&b, 0, 0).unwrap();
+        stored.push(as_stored(&b, info.base_offset, 0));
     }
     let size = stored[0].len();
     // Offset inside the second batch: the slice starts at that batch.
@@ -174,7 +188,7 @@ fn reads_stay_within_one_segment() {
     let one = batch_of(2, 0).len() as u64;
     let mut log = open(tmp.path(), config(2 * one, 4096));
     for _ in 0..5 {
-        log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+        log.append(&batch_of(2, 0), 0, 0).unwrap();
     }
     assert_eq!(segment_bases(tmp.path()), vec![0, 4, 8]);
     assert_eq!(log.segment_count(), 3);
@@ -198,20 +212,20 @@ fn rolls_by_time() {
             ..config(1 << 20, 4096)
         },
     );
-    log.append(&mut batch_of(1, 0), 0, 1_000).unwrap();
-    log.append(&mut batch_of(1, 0), 0, 1_099).unwrap();
+    log.append(&batch_of(1, 0), 0, 1_000).unwrap();
+    log.append(&batch_of(1, 0), 0, 1_099).unwrap();
     assert_eq!(log.segment_count(), 1);
-    log.append(&mut batch_of(1, 0), 0, 1_100).unwrap();
+    log.append(&batch_of(1, 0), 0, 1_100).unwrap();
     assert_eq!(segment_bases(tmp.path()), vec![0, 2]);
     // The new segment's clock starts at its own first append.
-    log.append(&mut batch_of(1, 0), 0, 1_150).unwrap();
+    log.append(&batch_of(1, 0), 0, 1_150).unwrap();
     assert_eq!(log.segment_count(), 2);
     // set_config applies to the next roll decision.
     log.set_config(LogConfig {
         segment_ms: 10,
         ..log.config().clone()
     });
-    log.append(&mut batch_of(1, 0), 0, 1_150).unwrap();
+    log.append(&batch_of(1, 0), 0, 1_150).unwrap();
     assert_eq!(segment_bases(tmp.path()), vec![0, 2, 4]);
 }
 
@@ -219,7 +233,7 @@ fn rolls_by_time() {
 fn high_watermark_is_clamped() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(5, 0), 0, 0).unwrap();
+    log.append(&batch_of(5, 0), 0, 0).unwrap();
     assert_eq!(log.high_watermark(), 0, "starts at the log end of open");
     log.set_high_watermark(3);
     assert_eq!(log.high_watermark(), 3);
@@ -238,9 +252,9 @@ fn truncate_mid_batch_then_append() {
     let mut log = open(tmp.path(), config(3 * one, 1));
     let mut stored = Vec::new();
     for i in 0..7 {
-        let mut b = batch_of(3, i);
-        log.append(&mut b, 1, 0).unwrap();
-        stored.push(b);
+        let b = batch_of(3, i);
+        let info = log.append(&b, 1, 0).unwrap();
+        stored.push(as_stored(&b, info.base_offset, 1));
     }
     log.set_high_watermark(21);
     log.flush().unwrap();
@@ -252,7 +266,7 @@ fn truncate_mid_batch_then_append() {
     assert_eq!(log.recovery_point(), 9);
     assert_eq!(segment_bases(tmp.path()), vec![0, 9]);
     assert_eq!(read_all(&log), stored[..3].to_vec());
-    let info = log.append(&mut batch_of(2, 50), 2, 0).unwrap();
+    let info = log.append(&batch_of(2, 50), 2, 0).unwrap();
     assert_eq!((info.base_offset, info.last_offset), (9, 10));
     // Truncating at the log end is a no-op; at a batch boundary keeps that batch out.
     log.truncate_to(11).unwrap();
@@ -273,7 +287,7 @@ fn truncate_below_first_segment_restarts_the_log() {
     let one = batch_of(1, 0).len() as u64;
     let mut log = open(tmp.path(), config(one, 4096));
     for _ in 0..4 {
-        log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+        log.append(&batch_of(1, 0), 0, 0).unwrap();
     }
     log.set_high_watermark(4);
     assert_eq!(log.delete_records_before(2).unwrap(), 2);
@@ -288,7 +302,7 @@ fn truncate_below_first_segment_restarts_the_log() {
         (1, 1, 1)
     );
     assert_eq!(segment_bases(tmp.path()), vec![1]);
-    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    log.append(&batch_of(1, 0), 0, 0).unwrap();
     drop(log);
     let log = open(tmp.path(), config(one, 4096));
     assert_eq!((log.log_start_offset(), log.log_end_offset()), (1, 2));
@@ -300,7 +314,7 @@ fn delete_records_before_clamps_persists_and_deletes_segments() {
     let one = batch_of(2, 0).len() as u64;
     let mut log = open(tmp.path(), config(one, 4096));
     for _ in 0..4 {
-        log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+        log.append(&batch_of(2, 0), 0, 0).unwrap();
     }
     log.set_high_watermark(6);
     assert_eq!(
@@ -320,7 +334,7 @@ fn delete_records_before_clamps_persists_and_deletes_segments() {
 
     // Inside a segment: the segment stays, reads below the log start do not.
     let mut log = log;
-    log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+    log.append(&batch_of(4, 0), 0, 0).unwrap();
     log.set_high_watermark(12);
     assert_eq!(log.delete_records_before(9).unwrap(), 9);
     assert!(matches!(
@@ -348,7 +362,7 @@ fn retention_by_time_never_deletes_active_or_unreplicated() {
         },
     );
     for ts in [100, 200, 300, 5_000] {
-        log.append(&mut batch_of(1, ts), 0, 0).unwrap();
+        log.append(&batch_of(1, ts), 0, 0).unwrap();
     }
     log.set_high_watermark(1);
     let report = log.apply_retention(1_250).unwrap();
@@ -383,7 +397,7 @@ fn retention_by_size() {
         },
     );
     for _ in 0..5 {
-        log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+        log.append(&batch_of(1, 0), 0, 0).unwrap();
     }
     log.set_high_watermark(5);
     let report = log.apply_retention(0).unwrap();
@@ -415,8 +429,7 @@ fn offset_for_timestamp_finds_exact_record() {
     let mut log = open(tmp.path(), config(300, 1));
     let timestamps = &UNORDERED_TIMESTAMPS[..5];
     for ts in timestamps {
-        log.append(&mut batch_with_timestamps(ts[0], ts), 0, 0)
-            .unwrap();
+        log.append(&batch_with_timestamps(ts[0], ts), 0, 0).unwrap();
     }
     assert!(log.segment_count() > 1);
     let flat: Vec<i64> = timestamps.concat();
@@ -453,12 +466,12 @@ fn offset_for_timestamp_is_exact_inside_compressed_batches() {
         let mut log = open(tmp.path(), config(400, 1));
         for (i, ts) in timestamps.iter().enumerate() {
             // Mixed with uncompressed batches, as a producer switching codecs would.
-            let mut batch = if i % 3 == 1 {
+            let batch = if i % 3 == 1 {
                 batch_with_timestamps(ts[0], ts)
             } else {
                 compressed_batch_with_timestamps(codec, ts[0], ts, b"some value")
             };
-            log.append(&mut batch, 0, 0).unwrap();
+            log.append(&batch, 0, 0).unwrap();
         }
         assert!(log.segment_count() > 1);
         let model = |from: usize, target: i64| {
@@ -496,8 +509,7 @@ fn raw_snappy_as_librdkafka_writes_it_is_walked_too() {
     // librdkafka sends snappy without the Java framing: one raw block.
     let records = records_with_timestamps(5, &[5, 9, 7], b"value");
     let raw = snap::raw::Encoder::new().compress_vec(&records).unwrap();
-    log.append(&mut raw_batch(SNAPPY, 5, 9, 3, &raw), 0, 0)
-        .unwrap();
+    log.append(&raw_batch(SNAPPY, 5, 9, 3, &raw), 0, 0).unwrap();
     assert_eq!(log.offset_for_timestamp(6, NO_LIMIT).unwrap(), found(1, 9));
 }
 
@@ -507,14 +519,10 @@ fn a_batch_whose_header_promises_too_much_is_passed_over() {
     let mut log = open(tmp.path(), config(1 << 20, 4096));
     // The header says a record reaches 100; none does (Kafka moves on too).
     let records = records_with_timestamps(1, &[1, 2], b"v");
+    log.append(&raw_batch(ZSTD, 1, 100, 2, &compress(ZSTD, &records)), 0, 0)
+        .unwrap();
     log.append(
-        &mut raw_batch(ZSTD, 1, 100, 2, &compress(ZSTD, &records)),
-        0,
-        0,
-    )
-    .unwrap();
-    log.append(
-        &mut compressed_batch_with_timestamps(ZSTD, 50, &[50, 150], b"v"),
+        &compressed_batch_with_timestamps(ZSTD, 50, &[50, 150], b"v"),
         0,
         0,
     )
@@ -531,9 +539,9 @@ fn timestamp_lookup_decompresses_no_more_than_its_limit() {
     let mut log = open(tmp.path(), config(1 << 20, 4096));
     // 3 MB of records that zstd squeezes into a few hundred bytes.
     let big = vec![0u8; 1 << 20];
-    let mut bomb = compressed_batch_with_timestamps(ZSTD, 10, &[10, 20, 30], &big);
+    let bomb = compressed_batch_with_timestamps(ZSTD, 10, &[10, 20, 30], &big);
     assert!(bomb.len() < 4096, "{} bytes", bomb.len());
-    log.append(&mut bomb, 0, 0).unwrap();
+    log.append(&bomb, 0, 0).unwrap();
     assert_eq!(
         log.offset_for_timestamp(25, NO_LIMIT).unwrap(),
         found(2, 30)
@@ -547,7 +555,7 @@ fn a_located_batch_is_searched_without_the_log() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
     log.append(
-        &mut compressed_batch_with_timestamps(LZ4, 10, &[10, 30, 20], b"v"),
+        &compressed_batch_with_timestamps(LZ4, 10, &[10, 30, 20], b"v"),
         0,
         0,
     )
@@ -557,7 +565,7 @@ fn a_located_batch_is_searched_without_the_log() {
     };
     // Appends go on meanwhile; the located batch is not disturbed by them.
     for i in 0..5 {
-        log.append(&mut batch_of(2, 100 + i), 0, 0).unwrap();
+        log.append(&batch_of(2, 100 + i), 0, 0).unwrap();
     }
     drop(log);
     assert_eq!(batch.search(NO_LIMIT).unwrap(), found(1, 30));
@@ -568,10 +576,8 @@ fn a_located_batch_is_searched_without_the_log() {
 fn offset_for_timestamp_answers_unwalkable_batches_from_their_header() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut compressed_batch(100, 200, 3), 0, 0)
-        .unwrap();
-    log.append(&mut compressed_batch(300, 400, 2), 0, 0)
-        .unwrap();
+    log.append(&compressed_batch(100, 200, 3), 0, 0).unwrap();
+    log.append(&compressed_batch(300, 400, 2), 0, 0).unwrap();
     assert_eq!(
         log.offset_for_timestamp(50, NO_LIMIT).unwrap(),
         found(0, 100)
@@ -586,8 +592,8 @@ fn offset_for_timestamp_answers_unwalkable_batches_from_their_header() {
     );
     assert_eq!(log.offset_for_timestamp(401, NO_LIMIT).unwrap(), None);
     // Malformed records in an "uncompressed" batch are treated the same way.
-    let mut bad = raw_batch_uncompressed_garbage();
-    log.append(&mut bad, 0, 0).unwrap();
+    let bad = raw_batch_uncompressed_garbage();
+    log.append(&bad, 0, 0).unwrap();
     assert_eq!(
         log.offset_for_timestamp(450, NO_LIMIT).unwrap(),
         found(5, 500)
@@ -603,7 +609,7 @@ fn close_then_open_validates_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(500, 64));
     for i in 0..20 {
-        log.append(&mut batch_of(3, i), 0, 0).unwrap();
+        log.append(&batch_of(3, i), 0, 0).unwrap();
     }
     let expected = read_all(&log);
     log.close().unwrap();
@@ -618,7 +624,7 @@ fn crash_validates_exactly_the_unflushed_tail() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(400, 64));
     for i in 0..30 {
-        log.append(&mut batch_of(2, i), 0, 0).unwrap();
+        log.append(&batch_of(2, i), 0, 0).unwrap();
     }
     log.flush().unwrap();
     assert_eq!(log.recovery_point(), 60);
@@ -628,9 +634,9 @@ fn crash_validates_exactly_the_unflushed_tail() {
     );
     let mut unflushed = 0;
     for i in 0..5 {
-        let mut b = batch_of(2, i);
+        let b = batch_of(2, i);
         unflushed += b.len() as u64;
-        log.append(&mut b, 0, 0).unwrap();
+        log.append(&b, 0, 0).unwrap();
     }
     assert!(!log.flush_handle().unwrap().files.is_empty());
     let expected = read_all(&log);
@@ -649,10 +655,10 @@ fn crash_validates_exactly_the_unflushed_tail() {
 fn flush_handle_and_mark_flushed() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+    log.append(&batch_of(2, 0), 0, 0).unwrap();
     let handle = log.flush_handle().unwrap();
     assert_eq!(handle.up_to_offset, 2);
-    log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+    log.append(&batch_of(2, 0), 0, 0).unwrap();
     handle.sync().unwrap();
     log.mark_flushed(handle.up_to_offset);
     assert_eq!(log.recovery_point(), 2);
@@ -666,9 +672,9 @@ fn flush_handle_and_mark_flushed() {
 fn the_recovery_point_file_is_written_only_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(3, 0), 0, 0).unwrap();
+    log.append(&batch_of(3, 0), 0, 0).unwrap();
     log.flush().unwrap();
-    log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+    log.append(&batch_of(4, 0), 0, 0).unwrap();
     sync_and_mark_flushed(&mut log);
     assert_eq!(log.recovery_point(), 7);
     drop(log);
@@ -677,7 +683,7 @@ fn the_recovery_point_file_is_written_only_when_asked() {
     assert!(report.validated_bytes > 0, "{report:?}");
     assert_eq!(log.log_end_offset(), 7);
     let mut log = log;
-    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    log.append(&batch_of(1, 0), 0, 0).unwrap();
     sync_and_mark_flushed(&mut log);
     log.write_recovery_point().unwrap();
     drop(log);
@@ -689,12 +695,12 @@ fn the_recovery_point_file_is_written_only_when_asked() {
 fn stale_flush_handle_cannot_vouch_for_rewritten_offsets() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(10, 0), 0, 0).unwrap();
+    log.append(&batch_of(10, 0), 0, 0).unwrap();
     log.flush().unwrap();
-    log.append(&mut batch_of(10, 0), 0, 0).unwrap();
+    log.append(&batch_of(10, 0), 0, 0).unwrap();
     let stale = log.flush_handle().unwrap();
     log.truncate_to(10).unwrap();
-    log.append(&mut batch_of(15, 0), 1, 0).unwrap();
+    log.append(&batch_of(15, 0), 1, 0).unwrap();
     stale.sync().unwrap();
     log.mark_flushed(stale.up_to_offset);
     assert_eq!(
@@ -711,7 +717,7 @@ fn missing_recovery_point_validates_everything() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(300, 64));
     for _ in 0..10 {
-        log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+        log.append(&batch_of(2, 0), 0, 0).unwrap();
     }
     let total = log.size_bytes();
     log.close().unwrap();
@@ -730,11 +736,11 @@ fn torn_tail_is_cut_and_later_segments_deleted() {
     let one = batch_of(1, 0).len() as u64;
     let mut log = open(tmp.path(), config(2 * one, 4096));
     for _ in 0..3 {
-        log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+        log.append(&batch_of(1, 0), 0, 0).unwrap();
     }
     log.flush().unwrap();
     for _ in 0..3 {
-        log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+        log.append(&batch_of(1, 0), 0, 0).unwrap();
     }
     assert_eq!(segment_bases(tmp.path()), vec![0, 2, 4]);
     drop(log);
@@ -748,7 +754,7 @@ fn torn_tail_is_cut_and_later_segments_deleted() {
     assert_eq!(report.truncated_bytes, 3 * one);
     assert_eq!(log.log_end_offset(), 3);
     assert_eq!(segment_bases(tmp.path()), vec![0, 2]);
-    let info = log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    let info = log.append(&batch_of(1, 0), 0, 0).unwrap();
     assert_eq!(info.base_offset, 3);
 
     // Half a batch at the end of the active segment.
@@ -772,7 +778,7 @@ fn damaged_indexes_are_rebuilt() {
     let cfg = config(2_000, 100);
     let mut log = open(tmp.path(), cfg.clone());
     for i in 0..60 {
-        log.append(&mut batch_of(2, i), 0, 0).unwrap();
+        log.append(&batch_of(2, i), 0, 0).unwrap();
     }
     let expected = read_all(&log);
     let segments = segment_bases(tmp.path());
@@ -805,7 +811,7 @@ fn damaged_indexes_are_rebuilt() {
 fn open_removes_debris() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    log.append(&batch_of(1, 0), 0, 0).unwrap();
     log.close().unwrap();
     let debris = [
         "recovery-point.tmp",
@@ -832,9 +838,9 @@ fn open_removes_debris() {
 fn log_start_beyond_recovered_end_restarts_there() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = open(tmp.path(), config(1 << 20, 4096));
-    log.append(&mut batch_of(5, 0), 0, 0).unwrap();
+    log.append(&batch_of(5, 0), 0, 0).unwrap();
     log.flush().unwrap();
-    log.append(&mut batch_of(5, 0), 0, 0).unwrap();
+    log.append(&batch_of(5, 0), 0, 0).unwrap();
     log.set_high_watermark(10);
     log.delete_records_before(8).unwrap();
     drop(log);
@@ -856,10 +862,7 @@ fn log_start_beyond_recovered_end_restarts_there() {
         ),
         (8, 8, 8)
     );
-    assert_eq!(
-        log.append(&mut batch_of(1, 0), 0, 0).unwrap().base_offset,
-        8
-    );
+    assert_eq!(log.append(&batch_of(1, 0), 0, 0).unwrap().base_offset, 8);
 }
 
 #[test]
@@ -867,7 +870,7 @@ fn delete_removes_the_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("p");
     let mut log = open(&dir, config(1 << 20, 4096));
-    log.append(&mut batch_of(1, 0), 0, 0).unwrap();
+    log.append(&batch_of(1, 0), 0, 0).unwrap();
     log.delete().unwrap();
     assert!(!dir.exists());
 }
@@ -877,11 +880,11 @@ fn a_failed_fsync_cuts_back_to_the_recovery_point_and_takes_the_log_offline() {
     let tmp = tempfile::tempdir().unwrap();
     // Small segments, so that the cut spans a roll.
     let mut log = open(tmp.path(), config(400, 64));
-    log.append(&mut batch_of(3, 0), 0, 0).unwrap();
+    log.append(&batch_of(3, 0), 0, 0).unwrap();
     log.flush().unwrap();
     let handle = log.flush_handle().unwrap();
     for _ in 0..6 {
-        log.append(&mut batch_of(4, 0), 0, 0).unwrap();
+        log.append(&batch_of(4, 0), 0, 0).unwrap();
     }
     assert!(log.segment_count() > 1);
     log.set_high_watermark(log.log_end_offset());
@@ -895,7 +898,7 @@ fn a_failed_fsync_cuts_back_to_the_recovery_point_and_takes_the_log_offline() {
         "the cut is not fsync'd: its marker stays so that the next open cuts there again"
     );
     assert!(matches!(
-        log.append(&mut batch_of(1, 0), 0, 0),
+        log.append(&batch_of(1, 0), 0, 0),
         Err(StorageError::Offline { .. })
     ));
     assert!(matches!(
@@ -921,7 +924,7 @@ fn a_failed_fsync_cuts_back_to_the_recovery_point_and_takes_the_log_offline() {
         log.read(0, 1 << 20, 3).unwrap().load().unwrap().len(),
         batch_of(3, 0).len()
     );
-    log.append(&mut batch_of(2, 0), 0, 0).unwrap();
+    log.append(&batch_of(2, 0), 0, 0).unwrap();
     log.flush().unwrap();
     assert_eq!(log.recovery_point(), 5);
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 use common::*;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use protocol::record_batch::{batches, build_simple_batch, BatchHeader};
+use protocol::record_batch::{
+    batches, build_simple_batch, set_base_offset, set_partition_leader_epoch, BatchHeader,
+};
 use storage::{LogConfig, PartitionLog, TimestampOffset};
 
 #[derive(Debug, Clone)]
@@ -44,14 +46,18 @@ fn append_all(log: &mut PartitionLog, specs: &[BatchSpec]) -> Vec<Vec<u8>> {
     specs
         .iter()
         .map(|spec| {
-            let mut batch = spec.build();
+            let batch = spec.build();
             let expected_base = log.log_end_offset();
-            let info = log.append(&mut batch, spec.leader_epoch, 0).unwrap();
+            let info = log.append(&batch, spec.leader_epoch, 0).unwrap();
             assert_eq!(info.base_offset, expected_base);
             assert_eq!(
                 info.last_offset,
                 expected_base + spec.values.len() as i64 - 1
             );
+            // As stored: base offset and leader epoch rewritten.
+            let mut batch = batch;
+            set_base_offset(&mut batch, info.base_offset);
+            set_partition_leader_epoch(&mut batch, spec.leader_epoch);
             batch
         })
         .collect()
@@ -277,8 +283,10 @@ proptest! {
         check_reads(&log, dir, &recovered, 150, read_pick);
 
         let mut more = stored[0].clone();
-        let info = log.append(&mut more, 9, 0).unwrap();
+        let info = log.append(&more, 9, 0).unwrap();
         prop_assert_eq!(info.base_offset, log_end);
+        set_base_offset(&mut more, info.base_offset);
+        set_partition_leader_epoch(&mut more, 9);
         log.close().unwrap();
         let (log, report) = PartitionLog::open(dir, cfg, 0).unwrap();
         prop_assert_eq!(report, Default::default());
@@ -447,11 +455,11 @@ proptest! {
         let tmp = tempfile::tempdir().unwrap();
         let mut log = PartitionLog::open(tmp.path(), config(400, 1), 0).unwrap().0;
         for (codec, timestamps) in &specs {
-            let mut batch = match codec {
+            let batch = match codec {
                 0 => batch_with_timestamps(timestamps[0], timestamps),
                 c => compressed_batch_with_timestamps(CODECS[c - 1], timestamps[0], timestamps, b"value"),
             };
-            log.append(&mut batch, 0, 0).unwrap();
+            log.append(&batch, 0, 0).unwrap();
         }
         let flat: Vec<i64> = specs.iter().flat_map(|(_, ts)| ts.iter().copied()).collect();
         let log_start = start.index(flat.len());

@@ -71,6 +71,12 @@ pub enum Reply {
     /// record bytes): the server keeps the hold until the encoded answer has been
     /// written to the socket, so the budget bounds what answers really occupy.
     Holding(Pin<Box<dyn Future<Output = Option<HeldAnswer>> + Send>>),
+    /// Work that writes to the log, to run on the blocking pool before the
+    /// connection dispatches its next request, so that one connection's appends
+    /// keep the order they were sent in (idempotent producers rely on it) while
+    /// a `pwrite` held up by the disk (dirty-page throttling, a segment roll)
+    /// stalls no runtime worker. Gives the reply to answer with.
+    InOrder(Box<dyn FnOnce() -> Reply + Send>),
 }
 
 /// An answer and the part of a memory budget it holds.
@@ -110,7 +116,10 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
     match request.body {
         RequestKind::ApiVersions(r) => Reply::now(api_versions::handle(&r, v)),
         RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
-        RequestKind::Produce(r) => produce::handle(broker, r),
+        RequestKind::Produce(r) => {
+            let broker = broker.clone();
+            Reply::InOrder(Box::new(move || produce::handle(&broker, r)))
+        }
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
         RequestKind::ListOffsets(r) => {
             Reply::blocking(broker, move |b| list_offsets::handle(b, r, v))

@@ -1,7 +1,9 @@
 //! Produce: validate the one v2 batch each partition carries, append it as sent,
 //! and answer by acks — 0: no answer, 1: once in the page cache, -1 (all): once
 //! fsync'd by the flusher's group commit. Batches from idempotent producers are
-//! checked against their producer's sequence first (`idempotence.rs`).
+//! checked against their producer's sequence first (`idempotence.rs`). Runs on the
+//! blocking pool, in order per connection (`Reply::InOrder`), and appends each
+//! batch from the request's own buffer, without a copy.
 
 use std::sync::Arc;
 
@@ -148,9 +150,8 @@ fn append(
             }
         }
     }
-    let mut batch = records.to_vec();
     let mut log = partition.lock();
-    match log.append(&mut batch, 0, now_ms) {
+    match log.append(&records, 0, now_ms) {
         Ok(info) => {
             let end = log.log_end_offset();
             log.set_high_watermark(end);

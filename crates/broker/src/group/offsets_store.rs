@@ -414,10 +414,10 @@ impl OffsetsStore {
     fn append(&self, changes: Vec<OffsetChange>, now_ms: i64) -> Result<i64, StorageError> {
         let values: Vec<Vec<u8>> = changes.iter().map(encode_change).collect();
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        let mut batch = build_simple_batch(now_ms, &refs);
+        let batch = build_simple_batch(now_ms, &refs);
         let mut state = self.state();
         let mut log = self.partition.lock();
-        let info = log.append(&mut batch, 0, now_ms)?;
+        let info = log.append(&batch, 0, now_ms)?;
         let end = log.log_end_offset();
         log.set_high_watermark(end);
         drop(log);
@@ -536,13 +536,13 @@ fn restate(
         }
         let values: Vec<Vec<u8>> = chunk.iter().map(encode_change).collect();
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        let mut batch = build_simple_batch(now_ms, &refs);
+        let batch = build_simple_batch(now_ms, &refs);
         if i == 0 {
             // Start the restated set in a new segment: every segment before it then
             // holds only superseded changes and can be deleted whole.
             log.roll()?;
         }
-        log.append(&mut batch, 0, now_ms)?;
+        log.append(&batch, 0, now_ms)?;
     }
     let end = log.log_end_offset();
     log.set_high_watermark(end);
