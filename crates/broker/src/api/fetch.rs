@@ -3,6 +3,8 @@
 //! `max_bytes` and per-partition `partition_max_bytes` (the first batch is always
 //! returned whole, KIP-74), the broker's `fetch_max_bytes`, and the broker-wide
 //! `fetch_memory_bytes` budget for record data being assembled into responses.
+//! Every look at the log (header scans, reads) runs on the blocking pool; the wait
+//! between looks holds no thread.
 //!
 //! Incremental fetch sessions (KIP-227) are declined the way the protocol allows:
 //! session id 0 in every answer, so clients keep sending full fetches.
@@ -69,13 +71,14 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
     let broker = broker.clone();
     Reply::Holding(Box::pin(async move {
         let deadline = tokio::time::Instant::now() + max_wait;
-        let mut located = locate(&topics, max_bytes);
-        if !satisfied(&located, min_bytes) {
-            // Wait on this fetch's partitions only, as Kafka's delayed-fetch
-            // purgatory does: an append elsewhere costs this fetch nothing. Watch
-            // first, then look again, so that an append in between is not missed
-            // (the notification keeps a permit until it is awaited).
-            let appended = Arc::new(Notify::new());
+        let topics = Arc::new(topics);
+        // Wait on this fetch's partitions only, as Kafka's delayed-fetch purgatory
+        // does: an append elsewhere costs this fetch nothing. Watch before the
+        // first look, so that an append after a look is not missed (the
+        // notification keeps a permit until it is awaited).
+        let appended = Arc::new(Notify::new());
+        let may_wait = !max_wait.is_zero() && min_bytes > 0;
+        if may_wait {
             for partition in topics
                 .iter()
                 .flat_map(|t| &t.partitions)
@@ -83,16 +86,43 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
             {
                 partition.watch_appends(&appended);
             }
-            located = locate(&topics, max_bytes);
-            while !satisfied(&located, min_bytes) {
-                tokio::select! {
-                    _ = appended.notified() => {}
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
-                located = locate(&topics, max_bytes);
-            }
         }
-        let (response, hold) = load(&broker, &topics, located, read_committed).await;
+        let mut must_answer = !may_wait;
+        let (reads, hold) = loop {
+            let look = {
+                let (broker, topics) = (broker.clone(), topics.clone());
+                tokio::task::spawn_blocking(move || {
+                    look(&broker, &topics, max_bytes, min_bytes, must_answer)
+                })
+                .await
+            };
+            let storage_error = || {
+                let response = FetchResponse::default()
+                    .with_error_code(code(ResponseError::KafkaStorageError));
+                Some((response.into(), None))
+            };
+            match look {
+                Err(e) => {
+                    tracing::error!(error = %e, "fetch look did not complete");
+                    return storage_error();
+                }
+                Ok(Look::Read(reads, hold)) => break (reads, hold),
+                Ok(Look::Unread(located)) => match read_later(&broker, located).await {
+                    Some(read) => break read,
+                    None => return storage_error(),
+                },
+                Ok(Look::Wait(located)) => tokio::select! {
+                    _ = appended.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if total_bytes(&located) == 0 {
+                            break (read_all(located, false), None);
+                        }
+                        must_answer = true; // look once more, and read
+                    }
+                },
+            }
+        };
+        let response = respond(&topics, reads, read_committed);
         Some((response.into(), hold))
     }))
 }
@@ -203,48 +233,95 @@ fn satisfied(located: &[Vec<Located>], min_bytes: usize) -> bool {
     bytes >= min_bytes
 }
 
-async fn load(
-    broker: &Broker,
-    topics: &[WantedTopic],
-    located: Vec<Vec<Located>>,
-    read_committed: bool,
-) -> (FetchResponse, MemoryHold) {
-    let total: usize = located
+fn total_bytes(located: &[Vec<Located>]) -> usize {
+    located
         .iter()
         .flatten()
         .filter_map(|l| l.slice.as_ref())
         .map(|s| s.len)
-        .sum();
+        .sum()
+}
+
+/// What one look at the partitions found.
+enum Look {
+    /// Not `min_bytes` yet: wait for an append or the deadline.
+    Wait(Vec<Vec<Located>>),
+    /// To answer with, once the fetch memory for it is free.
+    Unread(Vec<Vec<Located>>),
+    /// Read already: the fetch memory was free at once.
+    Read(Vec<Vec<Read>>, MemoryHold),
+}
+
+/// One look, on the blocking pool: locating a range scans batch headers in the
+/// segment file from the nearest index entry, and the reads are `pread`s, so both
+/// may wait for the disk. When the answer is due and its share of
+/// `fetch_memory_bytes` is free, the ranges are read in the same task.
+fn look(
+    broker: &Broker,
+    topics: &[WantedTopic],
+    max_bytes: usize,
+    min_bytes: usize,
+    must_answer: bool,
+) -> Look {
+    let located = locate(topics, max_bytes);
+    if !must_answer && !satisfied(&located, min_bytes) {
+        return Look::Wait(located);
+    }
+    let total = total_bytes(&located);
+    if total == 0 {
+        return Look::Read(read_all(located, false), None);
+    }
+    // The semaphore hands freed memory to waiting fetches first, so taking it
+    // here never overtakes a fetch already waiting in `read_later`.
+    match broker
+        .fetch_memory
+        .clone()
+        .try_acquire_many_owned(memory_share(broker, total))
+    {
+        Ok(permit) => Look::Read(read_all(located, true), Some(permit)),
+        Err(tokio::sync::TryAcquireError::NoPermits) => Look::Unread(located),
+        // Closed: shutting down; answer anyway.
+        Err(tokio::sync::TryAcquireError::Closed) => Look::Read(read_all(located, true), None),
+    }
+}
+
+/// What a fetch of `total` record bytes holds of `fetch_memory_bytes` until its
+/// answer is written: one fetch larger than the whole budget takes all of it
+/// rather than never running.
+fn memory_share(broker: &Broker, total: usize) -> u32 {
     let budget = broker.config.fetch_memory_bytes.min(u32::MAX as usize);
-    // Held until the encoded answer is written (see `Reply::Holding`). One fetch
-    // larger than the whole budget takes all of it rather than never running. An
-    // error means the semaphore was closed: shutting down; answer anyway.
+    total.min(budget) as u32
+}
+
+/// Waits for the fetch's share of the memory budget, then reads on the blocking
+/// pool. The hold is kept until the encoded answer is written (see
+/// `Reply::Holding`). An error from the semaphore means it was closed: shutting
+/// down; answer anyway.
+async fn read_later(
+    broker: &Broker,
+    located: Vec<Vec<Located>>,
+) -> Option<(Vec<Vec<Read>>, MemoryHold)> {
+    let share = memory_share(broker, total_bytes(&located));
     let waiting = broker.fetch_memory_waiting.count(1);
     let hold = broker
         .fetch_memory
         .clone()
-        .acquire_many_owned(total.min(budget) as u32)
+        .acquire_many_owned(share)
         .await
         .ok();
     drop(waiting);
-    // The positioned reads run on the blocking pool, all of one fetch in one go: a
-    // read that misses the page cache waits for the disk, which must not stall the
-    // runtime worker and every connection it serves.
-    let loaded = if total == 0 {
-        read_all(located, false)
-    } else {
-        match tokio::task::spawn_blocking(move || read_all(located, true)).await {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                tracing::error!(error = %e, "fetch reads did not complete");
-                let response = FetchResponse::default()
-                    .with_error_code(code(ResponseError::KafkaStorageError));
-                return (response, hold);
-            }
+    match tokio::task::spawn_blocking(move || read_all(located, true)).await {
+        Ok(reads) => Some((reads, hold)),
+        Err(e) => {
+            tracing::error!(error = %e, "fetch reads did not complete");
+            None
         }
-    };
+    }
+}
+
+fn respond(topics: &[WantedTopic], reads: Vec<Vec<Read>>, read_committed: bool) -> FetchResponse {
     let mut response = FetchResponse::default();
-    for (topic, partitions) in topics.iter().zip(loaded) {
+    for (topic, partitions) in topics.iter().zip(reads) {
         let mut topic_response = FetchableTopicResponse::default()
             .with_topic(topic.name.clone())
             .with_topic_id(topic.id);
@@ -272,7 +349,7 @@ async fn load(
         }
         response.responses.push(topic_response);
     }
-    (response, hold)
+    response
 }
 
 /// A located partition with its bytes read (`None`: nothing to read).
