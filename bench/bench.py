@@ -106,7 +106,7 @@ def loopback_tcp_limit(seconds=3.0):
 class Broker:
     """`freshet serve` on a free port; with `http`, its embedded HTTP gateway too."""
 
-    def __init__(self, freshet, data_dir, log_path, http=False):
+    def __init__(self, freshet, data_dir, log_path, http=False, start_timeout_s=60):
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [freshet, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
@@ -114,7 +114,12 @@ class Broker:
             env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1",
                  "FRESHET_HTTP_LISTEN": "127.0.0.1:0" if http else "off"},
         )
+        # The first line says where it listens; a broker that hangs before printing it is
+        # killed at the deadline, so readline returns and the start fails loudly.
+        watchdog = threading.Timer(start_timeout_s, self.process.kill)
+        watchdog.start()
         line = self.process.stdout.readline().decode()
+        watchdog.cancel()
         match = re.match(r"freshet listening on ([^\s,]+)(?:, http on ([^\s,]+))?, data in ", line)
         if not match:
             self.process.kill()
