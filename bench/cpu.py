@@ -140,8 +140,10 @@ def summarise(rounds):
             entry[f"{label}_median_cpu_s_per_million"] = round(
                 statistics.median(entry[f"{label}_cpu_s_per_million"]), 4)
             entry[f"{label}_median_records_per_s"] = round(statistics.median(entry[f"{label}_records_per_s"]))
-        entry["ratio_after_before_cpu"] = round(
-            entry["after_median_cpu_s_per_million"] / entry["before_median_cpu_s_per_million"], 3)
+        before = entry["before_median_cpu_s_per_million"]
+        # Zero only when a tiny --records run stays under one 10 ms tick.
+        entry["ratio_after_before_cpu"] = (
+            round(entry["after_median_cpu_s_per_million"] / before, 3) if before else None)
         summary[key] = entry
     return summary
 
@@ -165,9 +167,10 @@ def table(result):
             target = f"<= {TARGET_CPU_S_PER_MILLION}: {met}"
         else:
             target = ""
+        ratio = "-" if s["ratio_after_before_cpu"] is None else f"{s['ratio_after_before_cpu']:.2f}"
         lines.append(
             f"| {text} | {s['before_median_cpu_s_per_million']:.3f} [{each['before']}] | "
-            f"{s['after_median_cpu_s_per_million']:.3f} [{each['after']}] | {s['ratio_after_before_cpu']:.2f} | "
+            f"{s['after_median_cpu_s_per_million']:.3f} [{each['after']}] | {ratio} | "
             f"{fmt_rate(s['before_median_records_per_s'])} | {fmt_rate(s['after_median_records_per_s'])} | {target} |")
     return "\n".join(lines)
 
