@@ -7,9 +7,10 @@ then a second 1-partition topic gets the same produce with acks=-1. The broker's
 (user+sys from /proc/PID/stat, all threads) before and after each client run gives
 CPU-s per million records; rdkafka_performance's own timing gives records/s.
 
-The machine's speed drifts (bench/README.md's caveat), so the binaries alternate within
-every round, before then after in odd rounds and after then before in even ones, and
-the comparison is of the medians over rounds.
+The machine's speed drifts (bench/README.md's caveat), so both brokers of a round run
+side by side and the binaries alternate per measurement: each produce or consume on
+one broker is followed at once by the same on the other, before first in odd rounds
+and after first in even ones. The comparison is of the medians over rounds.
 
 Prints the table and appends the figures, dated, to bench/results/DATE-HOST-cpu.json
 (one JSON object per line). Target (issue 9): the broker uses at most 0.05 CPU-s per
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,7 +33,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import RESULTS, Broker, fmt_rate, rdkafka_consume, rdkafka_produce  # noqa: E402
+from bench import CLOCK_TICKS, RESULTS, Broker, fmt_rate, rdkafka_consume, rdkafka_produce  # noqa: E402
 
 RECORD_BYTES = 100
 RECORDS = 5_000_000
@@ -42,11 +44,16 @@ MEASUREMENTS = [
     ("consume", "consume", True),
     ("produce_acks_all", "produce acks=-1", False),
 ]
-# Before each client run the broker must have been idle (at most one 10 ms clock tick of
-# CPU) for QUIET_S, so that the previous run's tail (the background flush of what was
-# just produced, idle-connection reaping) is not billed to the next one.
+# Before each client run the brokers must have been idle (at most one 10 ms clock tick of
+# CPU each) for QUIET_S, so that the previous run's tail (the background flush of what
+# was just produced, idle-connection reaping) is not billed to the next one; and the
+# whole machine nearly idle (at most MACHINE_QUIET_CPUS of CPU in use over that window),
+# since other people's builds on the 2 cores change the broker's CPU per record. After
+# QUIET_DEADLINE_S it measures anyway; the CPU others used meanwhile is recorded with
+# every figure (`others_cpu_s`), so a reader can tell a disturbed round.
 QUIET_S = 0.5
-QUIET_DEADLINE_S = 20.0
+MACHINE_QUIET_CPUS = 0.15
+QUIET_DEADLINE_S = 30.0
 POLL_INTERVAL_S = 0.05
 
 
@@ -62,30 +69,59 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def settle(broker):
-    """Writes back the page cache (so the broker's next fsync has nothing left to do from
-    earlier runs), then waits until the broker is idle. Returns the seconds waited, or
-    None when it was still busy at the deadline (recorded with the figures, not fatal:
-    the noise then shows in the rounds)."""
+def machine_busy_s():
+    """CPU seconds the whole machine has been busy since boot, all CPUs (/proc/stat:
+    user, nice, system, irq, softirq and steal; guest time is already in user)."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def settle(brokers):
+    """Writes back the page cache (so no broker's next fsync has anything left to do from
+    earlier runs), then waits until every broker and the machine are idle (see QUIET_S).
+    Returns the seconds waited, or None when still busy at the deadline (recorded with
+    the figures, not fatal: the noise then shows in the rounds and in others_cpu_s)."""
     os.sync()
     start = time.monotonic()
-    window_start, window_cpu = start, broker.cpu_seconds()
+
+    def sample():
+        return time.monotonic(), [b.cpu_seconds() for b in brokers], machine_busy_s()
+
+    window = sample()
     while True:
-        now = time.monotonic()
-        cpu = broker.cpu_seconds()
-        if cpu - window_cpu > 0.011:
-            window_start, window_cpu = now, cpu
-        elif now - window_start >= QUIET_S:
-            return round(now - start, 2)
+        now, cpu, busy = sample()
+        if any(c - w > 0.011 for c, w in zip(cpu, window[1])):
+            window = (now, cpu, busy)
+        elif now - window[0] >= QUIET_S:
+            if busy - window[2] <= MACHINE_QUIET_CPUS * (now - window[0]):
+                return round(now - start, 2)
+            window = (now, cpu, busy)
         if now - start > QUIET_DEADLINE_S:
-            log(f"warning: broker still busy after {QUIET_DEADLINE_S} s; measuring anyway")
+            log(f"warning: the brokers or the machine still busy after {QUIET_DEADLINE_S} s; measuring anyway")
             return None
         time.sleep(POLL_INTERVAL_S)
 
 
-def figures(row, settled_s):
+def own_and_children_cpu_s():
+    """CPU seconds of this script and of the clients it has waited for."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def minor_faults(broker):
+    """Minor page faults of the broker process so far (/proc/PID/stat field 10): memory
+    the allocator got fresh from the kernel, zero-filled, which costs CPU."""
+    with open(f"/proc/{broker.process.pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+def figures(row, settled_s, faults, others_cpu_s):
     return {
         "cpu_s": row["broker_cpu_s"],
+        "others_cpu_s": round(others_cpu_s, 2),
+        "minor_faults": faults,
         "cpu_s_per_million": row["broker_cpu_s_per_million_records"],
         "records_per_s": row["records_per_s"],
         "settled_s": settled_s,
@@ -93,40 +129,58 @@ def figures(row, settled_s):
     }
 
 
-def one_binary(args, label, freshet, round_no):
-    """A fresh broker of `freshet`; the three measurements; the broker stopped and its
-    data removed. Raises on any client failure or short count."""
-    client = types.SimpleNamespace(freshet=freshet, rdkafka_performance=args.rdkafka_performance)
-    name = f"{label}-r{round_no}"
-    data = os.path.join(args.work, f"{name}-data")
-    shutil.rmtree(data, ignore_errors=True)
-    broker = Broker(freshet, data, os.path.join(args.work, f"{name}.log"))
-    result = {}
-    try:
-        settled = settle(broker)
-        row = rdkafka_produce(client, broker, "cpu-acks1", RECORD_BYTES, "1", 1, args.records)
-        if row["records"] != args.records:
-            raise RuntimeError(f"{name}: {row['records']} of {args.records} records delivered (acks=1)")
-        result["produce_acks1"] = figures(row, settled)
-
-        settled = settle(broker)
+def measure(args, key, client, broker, name):
+    """One client run on `broker`; raises on a client failure or a short count."""
+    if key == "consume":
         row = rdkafka_consume(client, broker, "cpu-acks1", 1, args.records)
         if row["records"] != args.records or row["bytes"] != args.records * RECORD_BYTES:
             raise RuntimeError(f"{name}: consumed {row['records']} records ({row['bytes']} B), "
                                f"expected {args.records} ({args.records * RECORD_BYTES} B)")
-        result["consume"] = figures(row, settled)
+        return row
+    topic, acks = ("cpu-acks1", "1") if key == "produce_acks1" else ("cpu-acksall", "-1")
+    row = rdkafka_produce(client, broker, topic, RECORD_BYTES, acks, 1, args.records)
+    if row["records"] != args.records:
+        raise RuntimeError(f"{name}: {row['records']} of {args.records} records delivered (acks={acks})")
+    return row
 
-        settled = settle(broker)
-        row = rdkafka_produce(client, broker, "cpu-acksall", RECORD_BYTES, "-1", 1, args.records)
-        if row["records"] != args.records:
-            raise RuntimeError(f"{name}: {row['records']} of {args.records} records delivered (acks=-1)")
-        result["produce_acks_all"] = figures(row, settled)
+
+def one_round(args, binaries, order, round_no):
+    """A fresh broker of each binary, each with a fresh data directory, both running for
+    the round; every measurement is taken on one and then at once on the other (in
+    `order`), so the pair is seconds apart and sees the same machine. The brokers are
+    stopped and their data removed at the end."""
+    brokers = {}
+    data_dirs = []
+    result = {"order": order}
+    try:
+        for label in order:
+            data = os.path.join(args.work, f"{label}-r{round_no}-data")
+            shutil.rmtree(data, ignore_errors=True)
+            data_dirs.append(data)
+            brokers[label] = Broker(binaries[label], data, os.path.join(args.work, f"{label}-r{round_no}.log"))
+            result[label] = {}
+        for key, text, _ in MEASUREMENTS:
+            for label in order:
+                client = types.SimpleNamespace(freshet=binaries[label],
+                                               rdkafka_performance=args.rdkafka_performance)
+                settled = settle(list(brokers.values()))
+                faults = minor_faults(brokers[label])
+                busy, ours = machine_busy_s(), own_and_children_cpu_s()
+                row = measure(args, key, client, brokers[label], f"{label}-r{round_no}")
+                # What neither the broker, the client nor this script used: other
+                # processes on the machine, which make the broker's figure noisier.
+                others = (machine_busy_s() - busy) - (own_and_children_cpu_s() - ours) - row["broker_cpu_s"]
+                result[label][key] = figures(row, settled, minor_faults(brokers[label]) - faults, others)
+                log(f"  {label + '-r' + str(round_no):10} {text:16} "
+                    f"{row['broker_cpu_s_per_million_records']:.4f} CPU-s/M  "
+                    f"{fmt_rate(row['records_per_s']):>6} rec/s  "
+                    f"{result[label][key]['minor_faults']:>7} page faults  "
+                    f"others {result[label][key]['others_cpu_s']:.2f} CPU-s")
     finally:
-        broker.stop()
-        shutil.rmtree(data, ignore_errors=True)
-    for key, text, _ in MEASUREMENTS:
-        log(f"  {name:10} {text:16} {result[key]['cpu_s_per_million']:.4f} CPU-s/M  "
-            f"{fmt_rate(result[key]['records_per_s']):>6} rec/s")
+        for broker in brokers.values():
+            broker.stop()
+        for data in data_dirs:
+            shutil.rmtree(data, ignore_errors=True)
     return result
 
 
@@ -140,10 +194,17 @@ def summarise(rounds):
             entry[f"{label}_median_cpu_s_per_million"] = round(
                 statistics.median(entry[f"{label}_cpu_s_per_million"]), 4)
             entry[f"{label}_median_records_per_s"] = round(statistics.median(entry[f"{label}_records_per_s"]))
+        # A zero is only a tiny --records run staying under one 10 ms tick.
         before = entry["before_median_cpu_s_per_million"]
-        # Zero only when a tiny --records run stays under one 10 ms tick.
         entry["ratio_after_before_cpu"] = (
             round(entry["after_median_cpu_s_per_million"] / before, 3) if before else None)
+        # The two runs of a pair are seconds apart: their ratio cancels the machine's
+        # drift between rounds, which the ratio of the medians does not.
+        paired = [a / b if b else None for a, b in
+                  zip(entry["after_cpu_s_per_million"], entry["before_cpu_s_per_million"])]
+        entry["paired_ratios"] = [None if x is None else round(x, 3) for x in paired]
+        entry["median_paired_ratio"] = (
+            None if None in paired else round(statistics.median(paired), 3))
         summary[key] = entry
     return summary
 
@@ -155,8 +216,9 @@ def table(result):
         f"[each round]; records/s median"
         + (" (A/A: the same binary twice)" if result["same_binary"] else "") + ".",
         "",
-        "| measurement | before | after | after / before | before rec/s | after rec/s | target |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | before | after | after / before | paired after / before, median [each round] "
+        "| before rec/s | after rec/s | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, text, has_target in MEASUREMENTS:
         s = result["summary"][key]
@@ -168,10 +230,18 @@ def table(result):
         else:
             target = ""
         ratio = "-" if s["ratio_after_before_cpu"] is None else f"{s['ratio_after_before_cpu']:.2f}"
+        paired = "-" if s["median_paired_ratio"] is None else (
+            f"{s['median_paired_ratio']:.2f} [" + ", ".join(f"{x:.2f}" for x in s["paired_ratios"]) + "]")
         lines.append(
             f"| {text} | {s['before_median_cpu_s_per_million']:.3f} [{each['before']}] | "
-            f"{s['after_median_cpu_s_per_million']:.3f} [{each['after']}] | {ratio} | "
+            f"{s['after_median_cpu_s_per_million']:.3f} [{each['after']}] | {ratio} | {paired} | "
             f"{fmt_rate(s['before_median_records_per_s'])} | {fmt_rate(s['after_median_records_per_s'])} | {target} |")
+    runs = [r[label][key] for r in result["rounds"] for label in r["order"] for key, _, _ in MEASUREMENTS]
+    others = sorted(run["others_cpu_s"] for run in runs)
+    busy_starts = sum(run["settled_s"] is None for run in runs)
+    lines += ["", f"Other processes used {statistics.median(others):.2f} CPU-s during a client run "
+              f"(median; at most {others[-1]:.2f}); {busy_starts} of {len(runs)} runs started on a busy "
+              "machine after the wait for quiet ran out."]
     return "\n".join(lines)
 
 
@@ -199,11 +269,11 @@ def main():
 
     rounds = []
     for r in range(1, args.rounds + 1):
-        # Odd rounds run before first, even rounds after first: a steady drift of the
-        # machine's speed then favours neither binary over a pair of rounds.
+        # Odd rounds measure before first, even rounds after first: a steady drift of
+        # the machine's speed then favours neither binary over a pair of rounds.
         order = ["before", "after"] if r % 2 else ["after", "before"]
         log(f"==> round {r}/{args.rounds}: {order[0]} then {order[1]}")
-        rounds.append({"order": order, **{label: one_binary(args, label, binaries[label], r) for label in order}})
+        rounds.append(one_round(args, binaries, order, r))
 
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
