@@ -217,10 +217,11 @@ def all_delivered(out, records):
     also counts requests in flight that are not records: seen on 2026-12-03 as "4999999
     messages produced (500000000 bytes), 5000000 delivered (offset 4999999, 0 failed)".
     Its final report showing every record delivered, none failed and none queued means
-    that false failure, not a lost record."""
+    that false failure, not a lost record. ("produce failures" are its local queue being
+    full, which it retries: "28 backpressures for 5000000 produce calls".)"""
     match = last_match(PRODUCE_REPORT, out)
     return bool(match) and int(match["delivered"]) == records and int(match["failed"]) == 0 \
-        and int(match["produce_failures"]) == 0 and int(match["in_queue"]) == 0
+        and int(match["in_queue"]) == 0
 
 
 def rdkafka_produce(args, broker, topic, size, acks, partitions, records):
