@@ -22,7 +22,7 @@
 //! in an answer is counted and that partition is polled again after `max_wait_ms`.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -488,19 +488,22 @@ async fn poll_all(args: PollersArgs, targets: Vec<Target>) -> anyhow::Result<()>
     // stdin is read on a plain thread: a line asks for a snapshot, its end stops the run.
     let stdin_control = control.clone();
     std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        let mut lines = stdin.lock();
-        let mut line = String::new();
+        // Newlines are counted in fixed-size reads rather than lines being collected,
+        // so a stdin that never sends one (e.g. /dev/zero) costs no memory.
+        let mut stdin = std::io::stdin().lock();
+        let mut chunk = [0u8; 256];
         loop {
-            line.clear();
-            match lines.read_line(&mut line) {
+            match stdin.read(&mut chunk) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok(0) | Err(_) => {
                     let _ = stdin_control.send(Control::Stop("stdin closed"));
                     return;
                 }
-                Ok(_) => {
-                    if stdin_control.send(Control::Snapshot).is_err() {
-                        return;
+                Ok(n) => {
+                    for _ in chunk[..n].iter().filter(|b| **b == b'\n') {
+                        if stdin_control.send(Control::Snapshot).is_err() {
+                            return;
+                        }
                     }
                 }
             }
