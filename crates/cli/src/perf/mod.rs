@@ -4,13 +4,17 @@
 //!
 //! Architecture invariant: like `tools`, nothing in here touches broker internals. The
 //! tools are plain librdkafka clients (sharing `tools`' `--brokers`/`-X` flags, client
-//! context and error names), so they measure any Kafka-compatible cluster.
+//! context and error names), so they measure any Kafka-compatible cluster. The one
+//! exception to "librdkafka" is `pollers`, which needs a thousand connections to one
+//! broker: it speaks the wire protocol itself with the `kafka-protocol` types (through
+//! `protocol`'s re-export, the codec only, never broker code).
 //!
 //! Units in every report: records and bytes of record values; MB is 10^6 bytes;
 //! latencies are recorded in microseconds and reported in milliseconds.
 
 pub mod consume;
 pub mod e2e;
+pub mod pollers;
 pub mod produce;
 pub mod report;
 
@@ -41,6 +45,9 @@ enum PerfCommand {
     /// End-to-end latency at a fixed rate, with a check for lost, duplicated and
     /// out-of-order records (exit code 1 if there is any).
     E2e(e2e::E2eArgs),
+    /// Many idle long-polling fetch connections at little CPU (raw Kafka frames, not
+    /// librdkafka), for benchmarking what waiting fetches cost a broker.
+    Pollers(pollers::PollersArgs),
 }
 
 pub fn run(args: PerfArgs) -> anyhow::Result<()> {
@@ -48,6 +55,7 @@ pub fn run(args: PerfArgs) -> anyhow::Result<()> {
         PerfCommand::Produce(args) => produce::run(args),
         PerfCommand::Consume(args) => consume::run(args),
         PerfCommand::E2e(args) => e2e::run(args),
+        PerfCommand::Pollers(args) => pollers::run(args),
     }
 }
 
