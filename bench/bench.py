@@ -103,6 +103,23 @@ def loopback_tcp_limit(seconds=3.0):
 # ---- the broker ------------------------------------------------------------------------
 
 
+def process_cpu_seconds(pid):
+    """user + sys CPU seconds of process `pid` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name (field 2) may hold spaces: split after its ')'.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def append_result(date, host, kind, result):
+    """Appends `result` as one JSON line to results/DATE-HOST-KIND.json; returns the path."""
+    os.makedirs(RESULTS, exist_ok=True)
+    out = os.path.join(RESULTS, f"{date}-{host}-{kind}.json")
+    with open(out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return out
+
+
 class Broker:
     """`freshet serve` on a free port; with `http`, its embedded HTTP gateway too."""
 
@@ -131,10 +148,7 @@ class Broker:
 
     def cpu_seconds(self):
         """user + sys CPU seconds of the broker process so far (all its threads)."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            # The command name (field 2) may hold spaces: split after its ')'.
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return process_cpu_seconds(self.process.pid)
 
     def stop(self):
         self.process.terminate()

@@ -33,7 +33,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CLOCK_TICKS, RESULTS, Broker, fmt_rate, rdkafka_consume, rdkafka_produce  # noqa: E402
+from bench import CLOCK_TICKS, Broker, append_result, fmt_rate, rdkafka_consume, rdkafka_produce  # noqa: E402
 
 RECORD_BYTES = 100
 RECORDS = 5_000_000
@@ -293,10 +293,7 @@ def main():
         "rounds": rounds,
     }
     print(table(result))
-    os.makedirs(RESULTS, exist_ok=True)
-    out = os.path.join(RESULTS, f"{now.strftime('%Y-%m-%d')}-{result['host']}-cpu.json")
-    with open(out, "a") as f:
-        f.write(json.dumps(result) + "\n")
+    out = append_result(now.strftime('%Y-%m-%d'), result["host"], "cpu", result)
     log(f"==> {result['duration_s']} s; appended to {out}")
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import CLOCK_TICKS, RESULTS, Broker, freshet_produce  # noqa: E402
+from bench import Broker, append_result, freshet_produce, process_cpu_seconds  # noqa: E402
 
 POLLERS = 1_000
 IDLE_TOPICS = 10            # x 100 partitions: one partition per poller
@@ -36,14 +36,6 @@ RECORDS = 3_000_000
 READY_TIMEOUT_S = 60        # every poller connected and answered once
 SNAPSHOT_TIMEOUT_S = 10
 IDLE_WINDOW_S = 3           # pollers alone: the broker's CPU per expired poll
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + sys CPU seconds of process `pid` so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name (field 2) may hold spaces: split after its ')'.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 class Pollers:
@@ -80,7 +72,7 @@ class Pollers:
         return line
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
+        return process_cpu_seconds(self.process.pid)
 
     def snapshot(self) -> dict:
         """The pollers' counters now, with their CPU seconds so far."""
@@ -180,10 +172,7 @@ def main():
                "rounds": rows}
     print(f"median: alone {alone:,.0f} rec/s, with pollers {polled:,.0f} rec/s: ratio {polled / alone:.3f} "
           f"(target >= 0.90)")
-    os.makedirs(RESULTS, exist_ok=True)
-    out = os.path.join(RESULTS, f"{summary['date'][:10]}-{summary['host']}-longpoll.json")
-    with open(out, "a") as f:
-        f.write(json.dumps(summary) + "\n")
+    out = append_result(summary["date"][:10], summary["host"], "longpoll", summary)
     print(f"==> {out}")
 
 
