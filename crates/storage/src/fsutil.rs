@@ -37,23 +37,25 @@ pub(crate) fn write_all_vectored_at(file: &File, parts: &[&[u8]], position: u64)
                 position as libc::off_t,
             )
         };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
-        }
+        let n = match transferred(n, io::ErrorKind::WriteZero, "pwritev wrote nothing") {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => result?,
+        };
         position += n as u64;
         io::IoSlice::advance_slices(&mut slices, n as usize);
     }
     Ok(())
+}
+
+/// What a positioned read or write syscall's return value `n` says: the bytes it
+/// moved, the OS error (`Interrupted` for the caller to retry), or, for 0, an
+/// error of `zero` (the file ended, or nothing could be written).
+pub(crate) fn transferred(n: isize, zero: io::ErrorKind, what: &str) -> io::Result<usize> {
+    match n {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        0 => Err(io::Error::new(zero, what.to_string())),
+        n => Ok(n as usize),
+    }
 }
 
 /// Maps an I/O error to [`StorageError::Io`] naming `path`.

@@ -80,21 +80,14 @@ impl ReadSlice {
                     (self.position + filled as u64) as libc::off_t,
                 )
             };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "segment shorter than the read slice",
-                ));
-            }
+            let eof = io::ErrorKind::UnexpectedEof;
+            let n = match crate::fsutil::transferred(n, eof, "segment shorter than the read slice")
+            {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                result => result?,
+            };
             // SAFETY: pread initialised `n` more bytes (n <= self.len - filled).
-            unsafe { buf.set_len(filled + n as usize) };
+            unsafe { buf.set_len(filled + n) };
         }
         Ok(Bytes::from(buf))
     }
