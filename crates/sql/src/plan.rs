@@ -1,0 +1,169 @@
+//! What a compiled pipeline file is: the settings and one [`Query`] per `INSERT`
+//! statement. The runtime (crate `pipeline`) executes it; nothing here does I/O.
+
+use serde::{Deserialize, Serialize};
+
+use crate::expr::Expr;
+
+/// A compiled pipeline file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    pub settings: Settings,
+    /// One per `INSERT INTO`, in file order. Several may read the same source
+    /// (one input, several outputs).
+    pub queries: Vec<Query>,
+}
+
+/// The pipeline's settings: defaults, overridden by `SET 'key' = 'value';`
+/// statements in the file (keys and value syntax in `docs/sql.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// `allowed-lateness`: watermark = highest event time seen minus this.
+    pub allowed_lateness_ms: i64,
+    /// `idle-timeout`: a source partition that delivers nothing for this long (wall
+    /// clock) stops holding the watermark back.
+    pub idle_timeout_ms: i64,
+    /// `emit-interval`: `EMIT CHANGES` emits a changed row at most this often.
+    pub emit_interval_ms: i64,
+    /// `checkpoint-interval`: how often state and source offsets are checkpointed.
+    pub checkpoint_interval_ms: i64,
+    /// `late-topic`: where records too late for their window go. `None`: the
+    /// runtime's default name for the pipeline.
+    pub late_topic: Option<String>,
+    /// `dead-letter-topic`: where records that fail to parse or evaluate go.
+    pub dead_letter_topic: Option<String>,
+    /// `max-state-bytes`: past this the pipeline stops with an error.
+    pub max_state_bytes: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            allowed_lateness_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            emit_interval_ms: 1_000,
+            checkpoint_interval_ms: 1_000,
+            late_topic: None,
+            dead_letter_topic: None,
+            max_state_bytes: 256 << 20,
+        }
+    }
+}
+
+/// One `INSERT INTO output SELECT ... FROM source ...`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Query {
+    /// The topic written to.
+    pub output: String,
+    pub source: Source,
+    /// `WHERE`, over the input record (`Expr` in input context).
+    pub filter: Option<Expr>,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub topic: String,
+    /// Whether any expression reads the value as JSON (a field, `->`, `*`). When
+    /// false the value is only ever read raw (`_value`) and need not parse.
+    pub json: bool,
+    /// Where event time comes from.
+    pub event_time: EventTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EventTime {
+    /// The record's timestamp (`_timestamp`): the default without a window, and for
+    /// a window whose time column is `_timestamp`.
+    RecordTimestamp,
+    /// A column (the window function's time column) in input context; its value is
+    /// epoch milliseconds (a number) or an ISO-8601 string. A record whose value is
+    /// neither (or NULL) goes to the dead-letter topic.
+    Column(Expr),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Body {
+    /// A stateless query: filter, project, route. One output record per input
+    /// record that passes the filter.
+    Map(Projection),
+    /// `GROUP BY` (with or without a window) and aggregates.
+    Aggregate(Aggregate),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Projection {
+    /// `SELECT *`: the input value as it is.
+    Star,
+    /// Named columns, in select-list order, in input context.
+    Columns(Vec<(String, Expr)>),
+}
+
+/// A grouped query. Output columns and `HAVING` are expressions in *row* context,
+/// over slots: `0..keys.len()` are the group keys' values, then one slot per entry
+/// of `aggregates`, then `window_start` and `window_end` (both `Value::Timestamp`,
+/// present only with a window).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    pub window: Option<Window>,
+    /// `GROUP BY` expressions in input context, without `window_start` and
+    /// `window_end` (which a windowed query must group by).
+    pub keys: Vec<Expr>,
+    pub aggregates: Vec<AggCall>,
+    pub having: Option<Expr>,
+    /// The select list, in order, in row context.
+    pub columns: Vec<(String, Expr)>,
+    pub emit: Emit,
+}
+
+impl Aggregate {
+    /// The slot of `window_start` (and `+ 1` of `window_end`).
+    pub fn window_slot(&self) -> usize {
+        self.keys.len() + self.aggregates.len()
+    }
+}
+
+/// Windows on event time. Bounds are epoch milliseconds, start inclusive, end
+/// exclusive; tumbling and hopping windows are aligned to the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Window {
+    Tumble { size_ms: i64 },
+    Hop { slide_ms: i64, size_ms: i64 },
+    Session { gap_ms: i64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Emit {
+    /// Updated rows at most every `emit_interval_ms`, and a final row when a window
+    /// closes. The default.
+    Changes,
+    /// One row per window, when it closes. Only with a window.
+    Final,
+}
+
+/// One aggregate call of the select list or `HAVING`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AggCall {
+    pub func: AggFunc,
+    /// The argument in input context; `None` for `COUNT(*)`.
+    pub arg: Option<Expr>,
+    /// `FILTER (WHERE ...)` in input context.
+    pub filter: Option<Expr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggFunc {
+    /// `COUNT(*)` (arg `None`) or `COUNT(x)`: rows where x is not NULL. `Int`.
+    Count,
+    /// Exact `COUNT(DISTINCT x)` of non-NULL values. `Int`.
+    CountDistinct,
+    /// `APPROX_COUNT_DISTINCT(x)`: HyperLogLog, bounded memory per group. `Int`.
+    ApproxCountDistinct,
+    /// `SUM(x)`: `Int` while every input is an integer, else `Float`; NULL when
+    /// there was no non-NULL input.
+    Sum,
+    Min,
+    Max,
+    /// `AVG(x)`: `Float`, NULL without non-NULL input.
+    Avg,
+}
