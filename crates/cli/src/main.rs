@@ -4,6 +4,7 @@
 
 mod gateway;
 mod perf;
+mod pipeline;
 mod serve;
 mod tools;
 
@@ -36,6 +37,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Benchmarks: producer and consumer throughput, end-to-end latency.
     Perf(perf::PerfArgs),
+    /// Continuous SQL pipelines: run one here, or manage a server's.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// Logs go to stderr; `FRESHET_LOG` (or `RUST_LOG`) sets the filter, default `info`.
@@ -60,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Group(args) => tools::group::run(args),
         Command::Gateway(args) => gateway::run(args),
         Command::Perf(args) => perf::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -52,6 +52,15 @@ pub struct GatewayConfig {
     /// The topic (in the cluster) where schemas set over HTTP are kept, so every
     /// gateway in front of the cluster sees them.
     pub schema_topic: String,
+    /// The topic (in the cluster) where pipeline definitions (`PUT /pipelines/{name}`)
+    /// are kept: every gateway in front of the cluster runs them, and a restart
+    /// resumes them.
+    pub pipeline_topic: String,
+    /// Whether this gateway runs the pipelines defined in `pipeline_topic` (the HTTP
+    /// API answers either way).
+    pub run_pipelines: bool,
+    /// Pipelines defined at once; more get `409`.
+    pub max_pipelines: usize,
     /// Live-stream subscribers served at once; more get `503`.
     pub stream_max_subscribers: usize,
     /// Records per partition a topic's shared live reader keeps for subscribers that
@@ -94,6 +103,9 @@ impl Default for GatewayConfig {
             idempotency_retention_ms: 24 * 3600 * 1000,
             schemas: BTreeMap::new(),
             schema_topic: "_freshet_schemas".into(),
+            pipeline_topic: "_freshet_pipelines".into(),
+            run_pipelines: true,
+            max_pipelines: 100,
             stream_max_subscribers: 10_000,
             stream_buffer_records: 10_000,
             stream_keepalive_ms: 15_000,
@@ -177,11 +189,22 @@ impl GatewayConfig {
         if self.consumer_request_max_bytes < 1024 || self.consumer_instance_timeout_ms < 1000 {
             return bad("consumer_request_max_bytes must be at least 1024 and consumer_instance_timeout_ms at least 1000");
         }
-        if self.schema_topic.is_empty()
-            || self.idempotency_topic.is_empty()
-            || self.schema_topic == self.idempotency_topic
+        let shared = [
+            &self.schema_topic,
+            &self.idempotency_topic,
+            &self.pipeline_topic,
+        ];
+        if shared.iter().any(|t| t.is_empty())
+            || shared[0] == shared[1]
+            || shared[0] == shared[2]
+            || shared[1] == shared[2]
         {
-            return bad("schema_topic and idempotency_topic must be set and differ");
+            return bad(
+                "schema_topic, idempotency_topic and pipeline_topic must be set and differ",
+            );
+        }
+        if self.max_pipelines == 0 {
+            return bad("max_pipelines must be at least 1");
         }
         if self.idempotency_retention_ms < 1000 {
             return bad("idempotency_retention_ms must be at least 1000");

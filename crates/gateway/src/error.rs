@@ -17,6 +17,11 @@ pub struct ApiError {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub violations: Option<Vec<Violation>>,
+    /// Where a refused pipeline file is wrong (1-based line and column).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<u64>,
 }
 
 impl ApiError {
@@ -26,6 +31,8 @@ impl ApiError {
             error_code: status.as_u16() as u32 * 100 + detail,
             message: message.into(),
             violations: None,
+            line: None,
+            column: None,
         }
     }
 

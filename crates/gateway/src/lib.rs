@@ -12,7 +12,8 @@
 //! `rest_proxy` (REST Proxy v2 produce and topics), `consumers` (REST Proxy v2
 //! consumer instances), `stream` (`GET /topics/{topic}/stream`, shared readers),
 //! `schema` (per-topic JSON Schemas), `shared` (topics in the cluster that every
-//! gateway follows: schemas, `Idempotency-Key` answers), `ops` (`/health`, `/ready`, `/metrics`,
+//! gateway follows: schemas, `Idempotency-Key` answers, pipeline definitions),
+//! `pipelines` (`/pipelines`: definitions in the cluster, runs in threads), `ops` (`/health`, `/ready`, `/metrics`,
 //! `/openapi.json`), `metrics`, `error` (the JSON error body).
 //!
 //! Architecture invariant: a `2xx` answer to a request that carries records means
@@ -25,6 +26,7 @@ mod error;
 mod ingest;
 pub mod metrics;
 mod ops;
+pub mod pipelines;
 pub mod producer;
 pub mod rest_proxy;
 pub mod schema;
@@ -53,6 +55,7 @@ pub struct Gateway {
     pub producer: Arc<DurableProducer>,
     pub schemas: Arc<schema::Schemas>,
     pub metrics: metrics::Metrics,
+    pub pipelines: Arc<pipelines::Pipelines>,
     streams: stream::Streams,
     consumers: consumers::Instances,
     idempotency: Arc<ingest::IdempotencyCache>,
@@ -87,6 +90,8 @@ impl Running {
         self.gateway.streams.stop_all();
         self.gateway.schemas.stop();
         self.gateway.idempotency_topic.stop();
+        let pipelines = self.gateway.pipelines.clone();
+        let _ = tokio::task::spawn_blocking(move || pipelines.stop_all()).await;
         self.gateway.producer.shutdown(timeout).await;
     }
 
@@ -152,7 +157,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         schema::Schemas::open(&schema_config, &schema_config.client())
     })
     .await??;
+    let pipeline_config = config.clone();
+    let pipelines =
+        tokio::task::spawn_blocking(move || pipelines::Pipelines::open(&pipeline_config)).await??;
     let gateway = Arc::new(Gateway {
+        pipelines,
         producer: Arc::new(producer),
         schemas,
         metrics: metrics::Metrics::default(),
@@ -200,6 +209,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .merge(limited)
         .merge(stream::routes())
+        .merge(pipelines::routes())
         .merge(ops::routes())
         .fallback(|| async { ApiError::not_found(0, "no such route (see /openapi.json)") })
         .layer(middleware::from_fn(json_errors))

@@ -8,3 +8,4 @@
 //! unchanged against Apache Kafka or Redpanda.
 
 pub mod ops;
+pub mod runtime;

@@ -30,9 +30,11 @@ pub enum Fate {
 
 /// A record that cannot be processed (bad event time, an expression's type error):
 /// the runtime sends it to the dead-letter topic with this message in a header.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejected(pub String);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    Rejected(String),
+    StateLimit { used: u64, limit: u64 },
+}
 
 /// Runs one query.
 pub struct QueryOperator {
@@ -46,5 +48,26 @@ impl QueryOperator {
             _query: query.clone(),
             _settings: settings.clone(),
         }
+    }
+}
+
+use sql::expr::Input;
+impl QueryOperator {
+    pub fn assign(&mut self, _p: &[i32], _now: i64) {}
+    pub fn process(&mut self, _i: &Input, _now: i64, _out: &mut Vec<Row>) -> Result<Fate, Error> {
+        Ok(Fate::Done)
+    }
+    pub fn tick(&mut self, _now: i64, _out: &mut Vec<Row>) {}
+    pub fn watermark(&self) -> Option<i64> {
+        None
+    }
+    pub fn state_bytes(&self) -> u64 {
+        0
+    }
+    pub fn snapshot(&self) -> Vec<u8> {
+        vec![]
+    }
+    pub fn restore(&mut self, _b: &[u8]) -> Result<(), String> {
+        Ok(())
     }
 }

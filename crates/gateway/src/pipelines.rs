@@ -1,0 +1,336 @@
+//! Pipelines managed over HTTP: `PUT/GET/DELETE /pipelines/{name}`, `GET /pipelines`.
+//!
+//! Definitions (name → SQL text; a null value deletes) live in the cluster, in the
+//! `pipeline_topic` shared topic, so every gateway in front of the cluster knows them
+//! and a restart resumes them. A gateway with `run_pipelines` runs every defined
+//! pipeline in a thread of its own (the `pipeline` crate's runtime, a Kafka client of
+//! the cluster like the rest of the gateway): several gateways running the same
+//! pipeline are the same pipeline. A run that fails for a reason worth retrying (the
+//! cluster away) is retried every second; one that cannot succeed (the SQL no longer
+//! compiles, the state limit) stays failed with its error until redefined.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use pipeline::runtime::{self, Stats, Status};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::shared::{Event, SharedTopic, Start};
+use crate::{ApiError, Gateway, GatewayConfig};
+
+/// The defined pipelines, and the runs of this gateway.
+pub struct Pipelines {
+    client: ClientConfig,
+    run: bool,
+    max: usize,
+    topic: Arc<SharedTopic>,
+    producer: FutureProducer,
+    defined: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+struct Entry {
+    sql: String,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipelines {
+    pub fn open(config: &GatewayConfig) -> anyhow::Result<Arc<Pipelines>> {
+        let client = config.client();
+        let defined: Arc<Mutex<HashMap<String, Entry>>> = Arc::default();
+        let producer: FutureProducer = client
+            .clone()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "10000")
+            .create()?;
+        let follower = defined.clone();
+        let (run, run_client) = (config.run_pipelines, client.clone());
+        let topic = SharedTopic::follow(
+            &client,
+            &config.pipeline_topic,
+            -1,
+            Start::Beginning,
+            "gateway-pipelines",
+            move |event| {
+                if let Event::Record { key, value } = event {
+                    let Ok(name) = std::str::from_utf8(key) else {
+                        return;
+                    };
+                    let sql = value.map(|v| String::from_utf8_lossy(v).into_owned());
+                    apply(&follower, &run_client, run, name, sql);
+                }
+            },
+        )?;
+        Ok(Arc::new(Pipelines {
+            client,
+            run: config.run_pipelines,
+            max: config.max_pipelines,
+            topic,
+            producer,
+            defined,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.defined.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every run (each writes a last checkpoint) and the follower.
+    pub fn stop_all(&self) {
+        self.topic.stop();
+        let threads: Vec<_> = self
+            .lock()
+            .values_mut()
+            .filter_map(|e| {
+                e.stop.store(true, Ordering::Relaxed);
+                e.thread.take()
+            })
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    fn describe(&self, name: &str) -> Option<serde_json::Value> {
+        self.lock().get(name).map(|e| describe(name, e))
+    }
+}
+
+fn describe(name: &str, entry: &Entry) -> serde_json::Value {
+    let mut out = serde_json::json!({ "name": name, "sql": entry.sql });
+    if let (Some(out), serde_json::Value::Object(stats)) =
+        (out.as_object_mut(), entry.stats.describe())
+    {
+        out.extend(stats);
+    }
+    out
+}
+
+/// Makes this gateway's runs follow a definition (`None`: deleted).
+fn apply(
+    defined: &Mutex<HashMap<String, Entry>>,
+    client: &ClientConfig,
+    run: bool,
+    name: &str,
+    sql: Option<String>,
+) {
+    let old = {
+        let mut defined = defined.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(old), Some(sql)) = (defined.get(name), &sql) {
+            if old.sql == *sql {
+                return;
+            }
+        }
+        defined.remove(name)
+    };
+    if let Some(mut old) = old {
+        old.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = old.thread.take() {
+            // Outside the lock: the run writes its last checkpoint first.
+            let _ = thread.join();
+        }
+    }
+    let Some(sql) = sql else {
+        return;
+    };
+    let stats = Stats::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = if run {
+        let (name, sql, client, stats, stop) = (
+            name.to_string(),
+            sql.clone(),
+            client.clone(),
+            stats.clone(),
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("pipeline-{name}"))
+            .spawn(move || supervise(&name, &sql, &client, &stats, &stop))
+            .ok()
+    } else {
+        None
+    };
+    defined.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        name.to_string(),
+        Entry {
+            sql,
+            stats,
+            stop,
+            thread,
+        },
+    );
+}
+
+/// Runs a pipeline until stopped, retrying transient failures every second.
+pub fn supervise(name: &str, sql: &str, client: &ClientConfig, stats: &Stats, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let result =
+            runtime::prepare(name, sql, client).and_then(|p| runtime::run(&p, stats, stop));
+        match result {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::warn!(pipeline = name, error = %err, "pipeline stopped");
+                stats.set_error(&err.to_string());
+                stats.set_status(Status::Failed);
+                if !err.is_transient() {
+                    return;
+                }
+            }
+        }
+        for _ in 0..10 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    stats.set_status(Status::Stopped);
+}
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/pipelines", get(list))
+        .route("/pipelines/{name}", get(get_one).put(put).delete(delete))
+}
+
+async fn list(State(gateway): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    let pipelines = &gateway.pipelines;
+    let defined = pipelines.lock();
+    let mut names: Vec<&String> = defined.keys().collect();
+    names.sort();
+    Json(serde_json::Value::Array(
+        names
+            .into_iter()
+            .map(|n| describe(n, &defined[n]))
+            .collect(),
+    ))
+}
+
+async fn get_one(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    gateway
+        .pipelines
+        .describe(&name)
+        .map(Json)
+        .ok_or_else(|| not_found(&name))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found(3, format!("Pipeline '{name}' not found."))
+}
+
+/// Compiles the definition against the cluster (the errors a user must see now),
+/// stores it, and starts it here at once.
+async fn put(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let pipelines = gateway.pipelines.clone();
+    let sql = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("the pipeline definition must be UTF-8 SQL text"))?;
+    let existed = {
+        let defined = pipelines.lock();
+        if !defined.contains_key(&name) && defined.len() >= pipelines.max {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                0,
+                format!(
+                    "{} pipelines are defined, the limit (max_pipelines)",
+                    pipelines.max
+                ),
+            ));
+        }
+        defined.contains_key(&name)
+    };
+    let (check_name, check_sql, client) = (name.clone(), sql.clone(), pipelines.client.clone());
+    let checked =
+        tokio::task::spawn_blocking(move || runtime::prepare(&check_name, &check_sql, &client))
+            .await
+            .map_err(|e| ApiError::busy(e.to_string()))?;
+    if let Err(err) = checked {
+        return Err(match err {
+            runtime::Error::Sql(e) => {
+                let mut answer = ApiError::bad_request(e.message.clone());
+                answer.line = Some(e.line);
+                answer.column = Some(e.column);
+                answer
+            }
+            runtime::Error::Cluster(e) => ApiError::busy(e),
+            other => ApiError::bad_request(other.to_string()),
+        });
+    }
+    pipelines.topic.ensure().await.map_err(ApiError::busy)?;
+    pipelines
+        .producer
+        .send(
+            FutureRecord::<str, str>::to(&pipelines.topic.name)
+                .key(&name)
+                .payload(&sql)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(err, _)| ApiError::busy(err.to_string()))?;
+    let (apply_name, apply_sql) = (name.clone(), sql);
+    let applier = pipelines.clone();
+    tokio::task::spawn_blocking(move || {
+        apply(
+            &applier.defined,
+            &applier.client,
+            applier.run,
+            &apply_name,
+            Some(apply_sql),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::busy(e.to_string()))?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(pipelines.describe(&name).unwrap_or_default())))
+}
+
+/// Deletes the definition everywhere; this gateway's run stops (with a last
+/// checkpoint) before the answer.
+async fn delete(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let pipelines = gateway.pipelines.clone();
+    if !pipelines.lock().contains_key(&name) {
+        return Err(not_found(&name));
+    }
+    pipelines
+        .producer
+        .send(
+            FutureRecord::<str, str>::to(&pipelines.topic.name)
+                .key(&name)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(err, _)| ApiError::busy(err.to_string()))?;
+    let applier = pipelines.clone();
+    tokio::task::spawn_blocking(move || {
+        apply(&applier.defined, &applier.client, applier.run, &name, None)
+    })
+    .await
+    .map_err(|e| ApiError::busy(e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}

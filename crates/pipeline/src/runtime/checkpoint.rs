@@ -1,0 +1,350 @@
+//! Checkpoints: the operators' state and the source offsets it reflects, written
+//! together to the pipeline's state topic (one partition), so that a restart anywhere
+//! resumes exactly where the last checkpoint left off.
+//!
+//! A checkpoint is one blob ([`Checkpoint::encode`]) cut into chunk records of at
+//! most [`CHUNK_BYTES`] (key `chunk`), followed by a commit record (key `commit`)
+//! whose value names the first chunk's offset, the chunk count, the blob's length and
+//! its CRC-32C. Each record is written with acks=all by an idempotent producer, one
+//! after the other; a checkpoint exists only once its commit record is acknowledged,
+//! so a crash halfway leaves chunks that no commit names, and the previous
+//! checkpoint stands. After a commit, the records before its first chunk are deleted
+//! (DeleteRecords): the topic holds about one checkpoint.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// The largest chunk record (below the default 1 MiB record limit of Kafka).
+pub const CHUNK_BYTES: usize = 900 * 1024;
+
+const MAGIC: &[u8; 4] = b"FPC1";
+
+/// What a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Checkpoint {
+    /// The plan the state belongs to ([`super::plan_hash`]); a checkpoint of another
+    /// plan is not restored.
+    pub plan_hash: u64,
+    /// Per source partition, the next offset to read.
+    pub offsets: Vec<(String, i32, i64)>,
+    pub counters: Counters,
+    /// Each query's operator snapshot, in query order.
+    pub operators: Vec<Vec<u8>>,
+}
+
+/// The pipeline's counts, checkpointed so that they are exact across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub late: u64,
+    pub dead_lettered: u64,
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(64 + self.operators.iter().map(|o| o.len() + 4).sum::<usize>());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.plan_hash.to_be_bytes());
+        for c in [
+            self.counters.records_in,
+            self.counters.records_out,
+            self.counters.late,
+            self.counters.dead_lettered,
+        ] {
+            out.extend_from_slice(&c.to_be_bytes());
+        }
+        out.extend_from_slice(&(self.offsets.len() as u32).to_be_bytes());
+        for (topic, partition, offset) in &self.offsets {
+            out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
+            out.extend_from_slice(topic.as_bytes());
+            out.extend_from_slice(&partition.to_be_bytes());
+            out.extend_from_slice(&offset.to_be_bytes());
+        }
+        out.extend_from_slice(&(self.operators.len() as u32).to_be_bytes());
+        for op in &self.operators {
+            out.extend_from_slice(&(op.len() as u32).to_be_bytes());
+            out.extend_from_slice(op);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(4)? != MAGIC {
+            return Err("not a pipeline checkpoint (bad magic)".into());
+        }
+        let plan_hash = r.u64()?;
+        let counters = Counters {
+            records_in: r.u64()?,
+            records_out: r.u64()?,
+            late: r.u64()?,
+            dead_lettered: r.u64()?,
+        };
+        let n = r.u32()? as usize;
+        let mut offsets = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let len = r.u32()? as usize;
+            let topic = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| "checkpoint: topic name is not UTF-8")?
+                .to_string();
+            let partition = r.u32()? as i32;
+            let offset = r.u64()? as i64;
+            offsets.push((topic, partition, offset));
+        }
+        let n = r.u32()? as usize;
+        let mut operators = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let len = r.u32()? as usize;
+            operators.push(r.take(len)?.to_vec());
+        }
+        if r.at != bytes.len() {
+            return Err("checkpoint: trailing bytes".into());
+        }
+        Ok(Checkpoint {
+            plan_hash,
+            offsets,
+            counters,
+            operators,
+        })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or("checkpoint: truncated")?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().unwrap_or([0; 4]),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().unwrap_or([0; 8]),
+        ))
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Commit {
+    first: i64,
+    chunks: i64,
+    bytes: usize,
+    crc: u32,
+}
+
+/// The state topic of one pipeline.
+pub struct StateTopic {
+    pub name: String,
+    producer: FutureProducer,
+    consumer: BaseConsumer,
+    admin: AdminClient<DefaultClientContext>,
+    timeout: Duration,
+}
+
+impl StateTopic {
+    pub fn open(client: &ClientConfig, name: &str, timeout: Duration) -> Result<Self, String> {
+        let producer: FutureProducer = client
+            .clone()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.max.bytes", "1048576")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", &timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| e.to_string())?;
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("group.id", "freshet-pipeline-state")
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "8388608")
+            .set("max.partition.fetch.bytes", "2097152")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let admin = client.create().map_err(|e| e.to_string())?;
+        Ok(StateTopic {
+            name: name.to_string(),
+            producer,
+            consumer,
+            admin,
+            timeout,
+        })
+    }
+
+    /// Writes `checkpoint` and returns once its commit record is acknowledged.
+    pub fn write(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), String> {
+        let blob = checkpoint.encode();
+        let mut first = None;
+        let mut chunks = 0i64;
+        for chunk in blob.chunks(CHUNK_BYTES) {
+            let offset = self.send(rt, "chunk", chunk)?;
+            first.get_or_insert(offset);
+            chunks += 1;
+        }
+        let commit = Commit {
+            first: first.unwrap_or(-1),
+            chunks,
+            bytes: blob.len(),
+            crc: crc32c::crc32c(&blob),
+        };
+        let value = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
+        self.send(rt, "commit", &value)?;
+        if commit.first > 0 {
+            // What came before this checkpoint is never read again; a failure here
+            // costs only space.
+            let mut before = TopicPartitionList::new();
+            if before
+                .add_partition_offset(&self.name, 0, Offset::Offset(commit.first))
+                .is_ok()
+            {
+                let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+                if let Err(err) = rt.block_on(self.admin.delete_records(&before, &opts)) {
+                    tracing::debug!(topic = %self.name, error = %err, "pipeline: trimming the state topic");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, rt: &tokio::runtime::Runtime, key: &str, value: &[u8]) -> Result<i64, String> {
+        let record = FutureRecord::<str, [u8]>::to(&self.name)
+            .key(key)
+            .payload(value)
+            .partition(0);
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(err, _)| format!("cannot write a checkpoint: {err}"))?;
+        match rt.block_on(delivery) {
+            Ok(Ok(delivered)) => Ok(delivered.offset),
+            Ok(Err((err, _))) => Err(format!("cannot write a checkpoint: {err}")),
+            Err(_) => Err("cannot write a checkpoint: the producer went away".into()),
+        }
+    }
+
+    /// The last committed checkpoint, if any.
+    pub fn read_last(&self) -> Result<Option<Checkpoint>, String> {
+        let (low, high) = match self.consumer.fetch_watermarks(&self.name, 0, self.timeout) {
+            Ok(w) => w,
+            Err(err) => {
+                return Err(format!(
+                    "cannot read the state topic '{}': {err}",
+                    self.name
+                ))
+            }
+        };
+        // Look for the last commit, from the end backwards in pages.
+        const PAGE: i64 = 64;
+        let mut end = high;
+        while end > low {
+            let start = (end - PAGE).max(low);
+            let page = self.read_range(start, end)?;
+            if let Some((_, value)) = page.iter().rev().find(|(key, _)| key == b"commit") {
+                let commit: Commit = serde_json::from_slice(value)
+                    .map_err(|e| format!("state topic '{}': bad commit record: {e}", self.name))?;
+                let chunks = self.read_range(commit.first, commit.first + commit.chunks)?;
+                let blob: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
+                if blob.len() != commit.bytes || crc32c::crc32c(&blob) != commit.crc {
+                    return Err(format!(
+                        "state topic '{}': the last checkpoint does not match its commit record",
+                        self.name
+                    ));
+                }
+                return Checkpoint::decode(&blob).map(Some);
+            }
+            end = start;
+        }
+        Ok(None)
+    }
+
+    /// Keys and values of the records at offsets `[from, to)`.
+    fn read_range(&self, from: i64, to: i64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&self.name, 0, Offset::Offset(from))
+            .map_err(|e| e.to_string())?;
+        self.consumer
+            .assign(&assignment)
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut next = from;
+        while next < to {
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "cannot read the state topic '{}' (offsets {from}..{to}): timed out",
+                    self.name
+                ));
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    if message.offset() < next {
+                        continue;
+                    }
+                    next = message.offset() + 1;
+                    if message.offset() < to {
+                        out.push((
+                            message.key().unwrap_or_default().to_vec(),
+                            message.payload().unwrap_or_default().to_vec(),
+                        ));
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(topic = %self.name, error = %err, "reading the state topic")
+                }
+                None => {}
+            }
+        }
+        let _ = self.consumer.unassign();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn encode_decode(hash: u64, offsets in proptest::collection::vec(("[a-z._-]{1,20}", 0i32..100, 0i64..i64::MAX), 0..10),
+                         ops in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..5),
+                         counts: (u64, u64, u64, u64)) {
+            let c = Checkpoint { plan_hash: hash, offsets, operators: ops,
+                counters: Counters { records_in: counts.0, records_out: counts.1, late: counts.2, dead_lettered: counts.3 } };
+            prop_assert_eq!(Checkpoint::decode(&c.encode()).unwrap(), c);
+        }
+
+        #[test]
+        fn garbage_is_refused_not_panicked_on(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Checkpoint::decode(&bytes);
+            let mut valid = Checkpoint::default().encode();
+            valid.extend_from_slice(&bytes);
+            prop_assert_eq!(Checkpoint::decode(&valid).is_ok(), bytes.is_empty());
+        }
+    }
+}
