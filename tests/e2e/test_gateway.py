@@ -1076,7 +1076,8 @@ ROUTES = ["/ingest/{}", "/topics", "/topics/{}", "/topics/{}/partitions", "/topi
           "/consumers/{}/instances/{}/subscription", "/consumers/{}/instances/{}/assignments",
           "/consumers/{}/instances/{}/positions", "/consumers/{}/instances/{}/positions/beginning",
           "/consumers/{}/instances/{}/positions/end", "/consumers/{}/instances/{}/records",
-          "/consumers/{}/instances/{}/offsets", "/health", "/ready", "/metrics", "/openapi.json"]
+          "/consumers/{}/instances/{}/offsets", "/pipelines", "/pipelines/{}", "/health", "/ready", "/metrics",
+          "/openapi.json"]
 
 
 def test_openapi_document_lists_the_routes(broker):
