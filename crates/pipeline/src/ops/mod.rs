@@ -1,8 +1,29 @@
 //! Operators: one [`QueryOperator`] per query of a pipeline. Pure: the runtime passes
 //! records and the wall-clock time in and takes rows out; state is snapshot to bytes
 //! and restored from them.
+//!
+//! The semantics (docs/sql.md): the watermark is the lowest, over the active source
+//! partitions, of the highest event time each has delivered, minus the allowed
+//! lateness, and never goes back; a partition silent for the idle timeout stops
+//! holding it back. A window `[start, end)` closes when the watermark reaches `end`.
+//! A record is late when a window it belongs to has closed (the earliest one
+//! containing it; for sessions, when `t + gap <= watermark`): it is counted nowhere
+//! and the runtime sends it to the late topic. A record is evaluated in full before
+//! any state changes, so a rejected one changes nothing.
 
-use sql::plan::{Query, Settings};
+mod accumulate;
+mod encode;
+mod watermark;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use sql::expr::{Context, Input};
+use sql::plan::{AggCall, Aggregate, Body, Emit, EventTime, Projection, Query, Settings, Window};
+use sql::Value;
+
+use accumulate::Acc;
+use encode::Reader;
+use watermark::Watermark;
 
 /// One output record of a query, for its output topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,46 +49,729 @@ pub enum Fate {
     Late,
 }
 
-/// A record that cannot be processed (bad event time, an expression's type error):
-/// the runtime sends it to the dead-letter topic with this message in a header.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a record was not processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    /// The record cannot be processed (bad event time, an expression's type error):
+    /// it goes to the dead-letter topic with this message; no state changed.
+    #[error("{0}")]
     Rejected(String),
+    /// The state grew past `max-state-bytes`: the pipeline must stop.
+    #[error("state of {used} bytes is over the limit of {limit}")]
     StateLimit { used: u64, limit: u64 },
 }
 
 /// Runs one query.
 pub struct QueryOperator {
-    _query: Query,
-    _settings: Settings,
+    query: Query,
+    settings: Settings,
+    agg: Option<Grouped>,
 }
+
+/// The state of a grouped query.
+struct Grouped {
+    plan: Aggregate,
+    /// Open groups by id (key bytes, then the window start for windows).
+    groups: HashMap<Vec<u8>, Group>,
+    /// Windowed: (end, start, key bytes) of every open window, to close in order.
+    closing: BTreeSet<(i64, i64, Vec<u8>)>,
+    /// Sessions: the starts of each key's open sessions.
+    sessions: HashMap<Vec<u8>, Vec<i64>>,
+    /// Ids changed since the last EMIT CHANGES.
+    dirty: HashSet<Vec<u8>>,
+    last_emit: Option<i64>,
+    watermark: Watermark,
+    bytes: i64,
+    scratch: Vec<u8>,
+    id: Vec<u8>,
+}
+
+struct Group {
+    keys: Vec<Value>,
+    start: i64,
+    end: i64,
+    accs: Vec<Acc>,
+}
+
+const GROUP_OVERHEAD: i64 = 96;
 
 impl QueryOperator {
     pub fn new(query: &Query, settings: &Settings) -> Self {
+        let agg = match &query.body {
+            Body::Aggregate(plan) => Some(Grouped {
+                plan: plan.clone(),
+                groups: HashMap::new(),
+                closing: BTreeSet::new(),
+                sessions: HashMap::new(),
+                dirty: HashSet::new(),
+                last_emit: None,
+                watermark: Watermark::new(settings.allowed_lateness_ms, settings.idle_timeout_ms),
+                bytes: 0,
+                scratch: Vec::new(),
+                id: Vec::new(),
+            }),
+            Body::Map(_) => None,
+        };
         QueryOperator {
-            _query: query.clone(),
-            _settings: settings.clone(),
+            query: query.clone(),
+            settings: settings.clone(),
+            agg,
+        }
+    }
+
+    /// The source partitions this operator is fed; (re)sets their idle clocks to now.
+    pub fn assign(&mut self, partitions: &[i32], now_ms: i64) {
+        if let Some(g) = &mut self.agg {
+            g.watermark.assign(partitions, now_ms);
+        }
+    }
+
+    pub fn watermark(&self) -> Option<i64> {
+        self.agg.as_ref().and_then(|g| g.watermark.current())
+    }
+
+    /// Approximate bytes of state held.
+    pub fn state_bytes(&self) -> u64 {
+        self.agg.as_ref().map_or(0, |g| g.bytes.max(0) as u64)
+    }
+
+    /// One input record. Appends output rows to `out`.
+    pub fn process(
+        &mut self,
+        input: &Input<'_>,
+        now_ms: i64,
+        out: &mut Vec<Row>,
+    ) -> Result<Fate, Error> {
+        let ctx = Context::Input(input);
+        let Some(g) = &mut self.agg else {
+            return self.map(input, out).map(|()| Fate::Done);
+        };
+        let t = event_time(&self.query.source.event_time, input)?;
+        let passes = match &self.query.filter {
+            Some(f) => f
+                .eval(&ctx)
+                .map_err(|e| Error::Rejected(format!("WHERE: {e}")))?
+                .is_true(),
+            None => true,
+        };
+        if !passes {
+            g.observe(input.partition, t, now_ms, out);
+            return Ok(Fate::Done);
+        }
+        // Everything evaluated before anything changes.
+        let keys = g
+            .plan
+            .keys
+            .iter()
+            .map(|k| k.eval(&ctx))
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|e| Error::Rejected(format!("GROUP BY: {e}")))?;
+        let mut args: Vec<Option<Option<Value>>> = Vec::with_capacity(g.plan.aggregates.len());
+        for call in &g.plan.aggregates {
+            args.push(eval_call(call, &ctx)?);
+        }
+        let key_bytes = {
+            g.scratch.clear();
+            for k in &keys {
+                encode::value(&mut g.scratch, k);
+            }
+            g.scratch.clone()
+        };
+        let late = match g.plan.window {
+            None => false,
+            Some(w) => match g.watermark.current() {
+                None => false,
+                Some(wm) => match w {
+                    Window::Tumble { size_ms } => t - t.rem_euclid(size_ms) + size_ms <= wm,
+                    Window::Hop { slide_ms, size_ms } => {
+                        first_hop_start(t, slide_ms, size_ms) + size_ms <= wm
+                    }
+                    Window::Session { gap_ms } => t.saturating_add(gap_ms) <= wm,
+                },
+            },
+        };
+        if late {
+            g.watermark.touch(input.partition, now_ms);
+            return Ok(Fate::Late);
+        }
+        g.add(&keys, key_bytes, t, &args)?;
+        g.observe(input.partition, t, now_ms, out);
+        let used = g.bytes.max(0) as u64;
+        if used > self.settings.max_state_bytes {
+            return Err(Error::StateLimit {
+                used,
+                limit: self.settings.max_state_bytes,
+            });
+        }
+        Ok(Fate::Done)
+    }
+
+    /// Marks idle partitions, advances the watermark, closes windows, emits due
+    /// EMIT CHANGES rows.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Row>) {
+        let interval = self.settings.emit_interval_ms;
+        if let Some(g) = &mut self.agg {
+            g.watermark.recompute(now_ms);
+            g.close(out);
+            if g.plan.emit == Emit::Changes
+                && !g.dirty.is_empty()
+                && g.last_emit.is_none_or(|last| now_ms - last >= interval)
+            {
+                g.last_emit = Some(now_ms);
+                let mut ids: Vec<Vec<u8>> = g.dirty.drain().collect();
+                ids.sort();
+                for id in ids {
+                    if let Some(group) = g.groups.get(&id) {
+                        if let Some(row) = g.row(group, false) {
+                            out.push(row);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn map(&self, input: &Input<'_>, out: &mut Vec<Row>) -> Result<(), Error> {
+        let ctx = Context::Input(input);
+        if let Some(f) = &self.query.filter {
+            if !f
+                .eval(&ctx)
+                .map_err(|e| Error::Rejected(format!("WHERE: {e}")))?
+                .is_true()
+            {
+                return Ok(());
+            }
+        }
+        let value = match &self.query.body {
+            Body::Map(Projection::Columns(columns)) => {
+                let mut values = Vec::with_capacity(columns.len());
+                for (name, expr) in columns {
+                    let v = expr
+                        .eval(&ctx)
+                        .map_err(|e| Error::Rejected(format!("{name}: {e}")))?;
+                    values.push(v);
+                }
+                json_object(columns.iter().map(|(n, _)| n.as_str()).zip(values.iter()))
+            }
+            _ => input.raw.to_vec(),
+        };
+        out.push(Row {
+            key: input.key.map(<[u8]>::to_vec),
+            value,
+            window: None,
+            is_final: false,
+        });
+        Ok(())
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = vec![1u8];
+        let Some(g) = &self.agg else {
+            return out;
+        };
+        g.watermark.encode(&mut out);
+        let mut ids: Vec<&Vec<u8>> = g.groups.keys().collect();
+        ids.sort();
+        out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+        for id in ids {
+            let group = &g.groups[id];
+            encode::bytes(&mut out, id);
+            out.extend_from_slice(&(group.keys.len() as u32).to_be_bytes());
+            for k in &group.keys {
+                encode::value(&mut out, k);
+            }
+            encode::i64(&mut out, group.start);
+            encode::i64(&mut out, group.end);
+            out.extend_from_slice(&(group.accs.len() as u32).to_be_bytes());
+            for acc in &group.accs {
+                acc.encode(&mut out);
+            }
+        }
+        out
+    }
+
+    /// Replaces the state with a snapshot's; never panics on garbage.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != 1 {
+            return Err("snapshot: unknown version".into());
+        }
+        let Some(g) = &mut self.agg else {
+            return if r.done() {
+                Ok(())
+            } else {
+                Err("snapshot: trailing bytes".into())
+            };
+        };
+        let watermark = Watermark::decode(&mut r, g.watermark.lateness, g.watermark.idle)?;
+        let n = r.count()?;
+        let mut groups = HashMap::with_capacity(n);
+        let mut closing = BTreeSet::new();
+        let mut sessions: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+        let mut bytes_used = 0i64;
+        let windowed = g.plan.window.is_some();
+        for _ in 0..n {
+            let id = r.bytes()?.to_vec();
+            let nk = r.count()?;
+            if nk != g.plan.keys.len() {
+                return Err("snapshot: group keys do not match the query".into());
+            }
+            let keys = (0..nk).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
+            let start = r.i64()?;
+            let end = r.i64()?;
+            let na = r.count()?;
+            if na != g.plan.aggregates.len() {
+                return Err("snapshot: aggregates do not match the query".into());
+            }
+            let accs = (0..na)
+                .map(|_| Acc::decode(&mut r))
+                .collect::<Result<Vec<_>, _>>()?;
+            bytes_used +=
+                GROUP_OVERHEAD + 2 * id.len() as i64 + accs.iter().map(Acc::size).sum::<i64>();
+            if windowed {
+                if id.len() < 8 {
+                    return Err("snapshot: bad window id".into());
+                }
+                let key_bytes = id[..id.len() - 8].to_vec();
+                closing.insert((end, start, key_bytes.clone()));
+                if matches!(g.plan.window, Some(Window::Session { .. })) {
+                    sessions.entry(key_bytes).or_default().push(start);
+                }
+            }
+            groups.insert(
+                id,
+                Group {
+                    keys,
+                    start,
+                    end,
+                    accs,
+                },
+            );
+        }
+        if !r.done() {
+            return Err("snapshot: trailing bytes".into());
+        }
+        g.watermark = watermark;
+        g.groups = groups;
+        g.closing = closing;
+        g.sessions = sessions;
+        g.dirty.clear();
+        g.bytes = bytes_used;
+        Ok(())
+    }
+}
+
+/// Evaluates one aggregate call's FILTER and argument: `None` when the FILTER drops
+/// the row, `Some(None)` for COUNT(*).
+fn eval_call(call: &AggCall, ctx: &Context<'_>) -> Result<Option<Option<Value>>, Error> {
+    if let Some(f) = &call.filter {
+        if !f
+            .eval(ctx)
+            .map_err(|e| Error::Rejected(format!("FILTER: {e}")))?
+            .is_true()
+        {
+            return Ok(None);
+        }
+    }
+    match &call.arg {
+        None => Ok(Some(None)),
+        Some(arg) => {
+            let v = arg.eval(ctx).map_err(|e| Error::Rejected(e.to_string()))?;
+            Acc::check(call.func, &v).map_err(Error::Rejected)?;
+            Ok(Some(Some(v)))
         }
     }
 }
 
-use sql::expr::Input;
-impl QueryOperator {
-    pub fn assign(&mut self, _p: &[i32], _now: i64) {}
-    pub fn process(&mut self, _i: &Input, _now: i64, _out: &mut Vec<Row>) -> Result<Fate, Error> {
-        Ok(Fate::Done)
-    }
-    pub fn tick(&mut self, _now: i64, _out: &mut Vec<Row>) {}
-    pub fn watermark(&self) -> Option<i64> {
-        None
-    }
-    pub fn state_bytes(&self) -> u64 {
-        0
-    }
-    pub fn snapshot(&self) -> Vec<u8> {
-        vec![]
-    }
-    pub fn restore(&mut self, _b: &[u8]) -> Result<(), String> {
-        Ok(())
+/// The earliest hop window start containing `t` (epoch-aligned): the first multiple
+/// of `slide` above `t - size`.
+fn first_hop_start(t: i64, slide: i64, size: i64) -> i64 {
+    (t - size).div_euclid(slide) * slide + slide
+}
+
+/// Every hop window start containing `t`, ascending.
+fn hop_starts(t: i64, slide: i64, size: i64) -> impl Iterator<Item = i64> {
+    let first = first_hop_start(t, slide, size);
+    let last = t - t.rem_euclid(slide);
+    (0..)
+        .map(move |i| first + i * slide)
+        .take_while(move |s| *s <= last)
+}
+
+/// The record's event time, epoch ms.
+fn event_time(source: &EventTime, input: &Input<'_>) -> Result<i64, Error> {
+    let expr = match source {
+        EventTime::RecordTimestamp => return Ok(input.timestamp),
+        EventTime::Column(expr) => expr,
+    };
+    let bad = |what: String| {
+        Error::Rejected(format!(
+            "event time column: expected epoch milliseconds or an ISO-8601 string, got {what}"
+        ))
+    };
+    match expr
+        .eval(&Context::Input(input))
+        .map_err(|e| bad(e.to_string()))?
+    {
+        Value::Int(ms) | Value::Timestamp(ms) => Ok(ms),
+        Value::Float(f) if f.is_finite() && f.abs() < 9.0e15 => Ok(f as i64),
+        Value::Str(s) => parse_iso8601(&s).ok_or_else(|| bad(format!("{s:?}"))),
+        other => Err(bad(accumulate::describe(&other))),
     }
 }
+
+/// `YYYY-MM-DD[T ]hh:mm[:ss[.fff]][Z|±hh:mm|±hhmm]` (no zone: UTC), or a date alone.
+pub fn parse_iso8601(s: &str) -> Option<i64> {
+    let b = s.trim().as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let part = b.get(from..from + len)?;
+        part.iter().all(u8::is_ascii_digit).then(|| {
+            part.iter()
+                .fold(0i64, |acc, d| acc * 10 + (d - b'0') as i64)
+        })
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    if b.get(4) != Some(&b'-')
+        || b.get(7) != Some(&b'-')
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+    {
+        return None;
+    }
+    let mut ms = days_from_civil(year, month, day) * 86_400_000;
+    let mut at = 10;
+    if at == b.len() {
+        return Some(ms);
+    }
+    if !matches!(b.get(at), Some(b'T' | b't' | b' ')) {
+        return None;
+    }
+    let (hour, minute) = (num(at + 1, 2)?, num(at + 4, 2)?);
+    if b.get(at + 3) != Some(&b':') || hour > 23 || minute > 59 {
+        return None;
+    }
+    ms += hour * 3_600_000 + minute * 60_000;
+    at += 6;
+    if b.get(at) == Some(&b':') {
+        let second = num(at + 1, 2)?;
+        if second > 60 {
+            return None;
+        }
+        ms += second * 1000;
+        at += 3;
+        if matches!(b.get(at), Some(b'.' | b',')) {
+            at += 1;
+            let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if digits == 0 {
+                return None;
+            }
+            let frac = &b[at..at + digits];
+            let mut v = 0i64;
+            for (i, d) in frac.iter().take(3).enumerate() {
+                v += (d - b'0') as i64 * [100, 10, 1][i];
+            }
+            ms += v;
+            at += digits;
+        }
+    }
+    match b.get(at) {
+        None => Some(ms),
+        Some(b'Z' | b'z') if at + 1 == b.len() => Some(ms),
+        Some(sign @ (b'+' | b'-')) => {
+            let oh = num(at + 1, 2)?;
+            let om = match b.len() - at {
+                3 => 0,
+                5 => num(at + 3, 2)?,
+                6 if b[at + 3] == b':' => num(at + 4, 2)?,
+                _ => return None,
+            };
+            let offset = (oh * 60 + om) * 60_000;
+            Some(if *sign == b'+' {
+                ms - offset
+            } else {
+                ms + offset
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A JSON object with the fields in the given order.
+fn json_object<'a>(fields: impl Iterator<Item = (&'a str, &'a Value)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(b'{');
+    for (i, (name, value)) in fields.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, name);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, &value.to_json());
+    }
+    out.push(b'}');
+    out
+}
+
+impl Grouped {
+    /// Adds an evaluated record to its groups (windows).
+    fn add(
+        &mut self,
+        keys: &[Value],
+        key_bytes: Vec<u8>,
+        t: i64,
+        args: &[Option<Option<Value>>],
+    ) -> Result<(), Error> {
+        let funcs: Vec<_> = self.plan.aggregates.iter().map(|c| c.func).collect();
+        match self.plan.window {
+            None => {
+                let id = key_bytes;
+                self.check(&id, args)?;
+                self.upsert(id, keys, i64::MIN, i64::MAX, &funcs, args, false);
+            }
+            Some(Window::Tumble { size_ms }) => {
+                let start = t - t.rem_euclid(size_ms);
+                self.set_id(&key_bytes, start);
+                let id = self.id.clone();
+                self.check(&id, args)?;
+                self.upsert(id, keys, start, start + size_ms, &funcs, args, true);
+            }
+            Some(Window::Hop { slide_ms, size_ms }) => {
+                let starts: Vec<i64> = hop_starts(t, slide_ms, size_ms).collect();
+                for &start in &starts {
+                    self.set_id(&key_bytes, start);
+                    let id = self.id.clone();
+                    self.check(&id, args)?;
+                }
+                for start in starts {
+                    self.set_id(&key_bytes, start);
+                    let id = self.id.clone();
+                    self.upsert(id, keys, start, start + size_ms, &funcs, args, true);
+                }
+            }
+            Some(Window::Session { gap_ms }) => {
+                let end = t.saturating_add(gap_ms);
+                let overlapping: Vec<i64> = self
+                    .sessions
+                    .get(&key_bytes)
+                    .map(|starts| {
+                        starts
+                            .iter()
+                            .copied()
+                            .filter(|&s| {
+                                let id = window_id(&key_bytes, s);
+                                self.groups
+                                    .get(&id)
+                                    .is_some_and(|g| t < g.end && end > g.start)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for &s in &overlapping {
+                    self.check(&window_id(&key_bytes, s), args)?;
+                }
+                // Merge the overlapping sessions into one.
+                let (mut start, mut stop) = (t, end);
+                let mut accs: Vec<Acc> = funcs.iter().map(|f| Acc::new(*f)).collect();
+                for s in overlapping {
+                    let id = window_id(&key_bytes, s);
+                    if let Some(old) = self.remove(&id) {
+                        start = start.min(old.start);
+                        stop = stop.max(old.end);
+                        for (a, o) in accs.iter_mut().zip(old.accs) {
+                            self.bytes += a.merge(o);
+                        }
+                    }
+                }
+                let id = window_id(&key_bytes, start);
+                self.bytes += GROUP_OVERHEAD + 2 * id.len() as i64;
+                self.sessions
+                    .entry(key_bytes.clone())
+                    .or_default()
+                    .push(start);
+                self.closing.insert((stop, start, key_bytes));
+                self.groups.insert(
+                    id.clone(),
+                    Group {
+                        keys: keys.to_vec(),
+                        start,
+                        end: stop,
+                        accs,
+                    },
+                );
+                let group = self.groups.get_mut(&id).expect("just inserted");
+                for (acc, arg) in group.accs.iter_mut().zip(args) {
+                    if let Some(v) = arg {
+                        self.bytes += acc.add(v.as_ref(), &mut self.scratch);
+                    }
+                }
+                if self.plan.emit == Emit::Changes {
+                    self.dirty.insert(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_id(&mut self, key_bytes: &[u8], start: i64) {
+        self.id.clear();
+        self.id.extend_from_slice(key_bytes);
+        self.id.extend_from_slice(&start.to_be_bytes());
+    }
+
+    /// MIN/MAX type checks against an existing group.
+    fn check(&self, id: &[u8], args: &[Option<Option<Value>>]) -> Result<(), Error> {
+        if let Some(group) = self.groups.get(id) {
+            for (acc, arg) in group.accs.iter().zip(args) {
+                if let Some(Some(v)) = arg {
+                    acc.check_against(v).map_err(Error::Rejected)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upsert(
+        &mut self,
+        id: Vec<u8>,
+        keys: &[Value],
+        start: i64,
+        end: i64,
+        funcs: &[sql::plan::AggFunc],
+        args: &[Option<Option<Value>>],
+        windowed: bool,
+    ) {
+        if !self.groups.contains_key(&id) {
+            self.bytes += GROUP_OVERHEAD + 2 * id.len() as i64;
+            if windowed {
+                self.closing
+                    .insert((end, start, id[..id.len() - 8].to_vec()));
+            }
+            let accs = funcs.iter().map(|f| Acc::new(*f)).collect();
+            self.groups.insert(
+                id.clone(),
+                Group {
+                    keys: keys.to_vec(),
+                    start,
+                    end,
+                    accs,
+                },
+            );
+        }
+        let group = self.groups.get_mut(&id).expect("present");
+        for (acc, arg) in group.accs.iter_mut().zip(args) {
+            if let Some(v) = arg {
+                self.bytes += acc.add(v.as_ref(), &mut self.scratch);
+            }
+        }
+        if self.plan.emit == Emit::Changes && !self.dirty.contains(&id) {
+            self.dirty.insert(id);
+        }
+    }
+
+    fn remove(&mut self, id: &[u8]) -> Option<Group> {
+        let group = self.groups.remove(id)?;
+        let key_bytes = &id[..id.len().saturating_sub(8)];
+        self.closing
+            .remove(&(group.end, group.start, key_bytes.to_vec()));
+        if let Some(starts) = self.sessions.get_mut(key_bytes) {
+            starts.retain(|s| *s != group.start);
+            if starts.is_empty() {
+                self.sessions.remove(key_bytes);
+            }
+        }
+        self.dirty.remove(id);
+        self.bytes -=
+            GROUP_OVERHEAD + 2 * id.len() as i64 + group.accs.iter().map(Acc::size).sum::<i64>();
+        Some(group)
+    }
+
+    /// Notes an event time from `partition`, then closes what the watermark passed.
+    fn observe(&mut self, partition: i32, t: i64, now_ms: i64, out: &mut Vec<Row>) {
+        self.watermark.observe(partition, t, now_ms);
+        self.close(out);
+    }
+
+    /// Emits and drops every window whose end the watermark reached, in order of
+    /// (end, start, key).
+    fn close(&mut self, out: &mut Vec<Row>) {
+        let Some(wm) = self.watermark.current() else {
+            return;
+        };
+        while let Some((end, start, key_bytes)) = self.closing.first().cloned() {
+            if end > wm {
+                break;
+            }
+            let id = window_id(&key_bytes, start);
+            if let Some(group) = self.remove(&id) {
+                if let Some(row) = self.row(&group, true) {
+                    out.push(row);
+                }
+            } else {
+                self.closing.pop_first();
+            }
+        }
+    }
+
+    /// The output row of a group, if HAVING keeps it.
+    fn row(&self, group: &Group, is_final: bool) -> Option<Row> {
+        let windowed = self.plan.window.is_some();
+        let mut slots: Vec<Value> = Vec::with_capacity(group.keys.len() + group.accs.len() + 2);
+        slots.extend(group.keys.iter().cloned());
+        slots.extend(group.accs.iter().map(Acc::result));
+        if windowed {
+            slots.push(Value::Timestamp(group.start));
+            slots.push(Value::Timestamp(group.end));
+        }
+        let ctx = Context::Row(&slots);
+        if let Some(h) = &self.plan.having {
+            if !h.eval(&ctx).is_ok_and(|v| v.is_true()) {
+                return None;
+            }
+        }
+        let values: Vec<Value> = self
+            .plan
+            .columns
+            .iter()
+            .map(|(_, e)| e.eval(&ctx).unwrap_or(Value::Null))
+            .collect();
+        let value = json_object(
+            self.plan
+                .columns
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .zip(values.iter()),
+        );
+        let mut key: Vec<serde_json::Value> = group.keys.iter().map(Value::to_json).collect();
+        if windowed {
+            key.push(serde_json::Value::from(group.start));
+        }
+        Some(Row {
+            key: Some(serde_json::to_vec(&key).unwrap_or_default()),
+            value,
+            window: windowed.then_some((group.start, group.end)),
+            is_final: is_final && windowed,
+        })
+    }
+}
+
+fn window_id(key_bytes: &[u8], start: i64) -> Vec<u8> {
+    let mut id = Vec::with_capacity(key_bytes.len() + 8);
+    id.extend_from_slice(key_bytes);
+    id.extend_from_slice(&start.to_be_bytes());
+    id
+}
+
+#[cfg(test)]
+mod tests;

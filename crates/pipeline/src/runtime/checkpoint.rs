@@ -153,6 +153,9 @@ struct Commit {
     crc: u32,
 }
 
+/// A record's key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// The state topic of one pipeline.
 pub struct StateTopic {
     pub name: String,
@@ -170,7 +173,7 @@ impl StateTopic {
             .set("enable.idempotence", "true")
             .set("message.max.bytes", "1048576")
             .set("linger.ms", "0")
-            .set("message.timeout.ms", &timeout.as_millis().to_string())
+            .set("message.timeout.ms", timeout.as_millis().to_string())
             .create()
             .map_err(|e| e.to_string())?;
         let consumer: BaseConsumer = client
@@ -282,7 +285,7 @@ impl StateTopic {
     }
 
     /// Keys and values of the records at offsets `[from, to)`.
-    fn read_range(&self, from: i64, to: i64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    fn read_range(&self, from: i64, to: i64) -> Result<Vec<KeyValue>, String> {
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(&self.name, 0, Offset::Offset(from))

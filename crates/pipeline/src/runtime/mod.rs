@@ -406,7 +406,7 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
         .set("queue.buffering.max.messages", "1000000")
         .set(
             "message.timeout.ms",
-            &CLUSTER_TIMEOUT.as_millis().to_string(),
+            CLUSTER_TIMEOUT.as_millis().to_string(),
         )
         .create_with_context(DeliveryContext(delivery.clone()))
         .map_err(|e| Error::Cluster(e.to_string()))?;

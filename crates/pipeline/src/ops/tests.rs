@@ -1,0 +1,664 @@
+//! Operator tests. Queries are built by hand (plan types), and every computed result
+//! is compared with a naive recomputation in the test.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use sql::expr::{Expr, Input};
+use sql::plan::*;
+use sql::Value;
+
+use super::*;
+
+fn field(name: &str) -> Expr {
+    Expr::Field(vec![name.to_string()])
+}
+
+/// `SELECT k, window_start, window_end, COUNT(*), COUNT(v), COUNT(DISTINCT v), SUM(v),
+/// MIN(v), MAX(v), AVG(v), APPROX_COUNT_DISTINCT(v) FROM <window>(src, ts) GROUP BY k, ...`
+fn windowed_query(window: Option<Window>, emit: Emit) -> Query {
+    let funcs = [
+        (AggFunc::Count, false),
+        (AggFunc::Count, true),
+        (AggFunc::CountDistinct, true),
+        (AggFunc::Sum, true),
+        (AggFunc::Min, true),
+        (AggFunc::Max, true),
+        (AggFunc::Avg, true),
+        (AggFunc::ApproxCountDistinct, true),
+    ];
+    let aggregates: Vec<AggCall> = funcs
+        .iter()
+        .map(|(func, arg)| AggCall {
+            func: *func,
+            arg: arg.then(|| field("v")),
+            filter: None,
+        })
+        .collect();
+    let mut columns = vec![("k".to_string(), Expr::Slot(0))];
+    for (i, _) in funcs.iter().enumerate() {
+        columns.push((format!("a{i}"), Expr::Slot(1 + i)));
+    }
+    if window.is_some() {
+        columns.push(("window_start".into(), Expr::Slot(1 + funcs.len())));
+        columns.push(("window_end".into(), Expr::Slot(2 + funcs.len())));
+    }
+    Query {
+        output: "out".into(),
+        source: Source {
+            topic: "src".into(),
+            json: true,
+            event_time: EventTime::Column(field("ts")),
+        },
+        filter: None,
+        body: Body::Aggregate(Aggregate {
+            window,
+            keys: vec![field("k")],
+            aggregates,
+            having: None,
+            columns,
+            emit,
+        }),
+    }
+}
+
+fn settings(lateness: i64) -> Settings {
+    Settings {
+        allowed_lateness_ms: lateness,
+        idle_timeout_ms: 1_000_000,
+        emit_interval_ms: 100,
+        ..Settings::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rec {
+    partition: i32,
+    k: i64,
+    v: Option<i64>,
+    ts: i64,
+}
+
+fn feed(op: &mut QueryOperator, recs: &[Rec], now: i64, out: &mut Vec<Row>) -> Vec<Fate> {
+    recs.iter()
+        .map(|r| {
+            let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
+            let input = Input {
+                json: &json,
+                raw: b"",
+                key: None,
+                timestamp: 0,
+                partition: r.partition,
+                offset: 0,
+                headers: &[],
+            };
+            op.process(&input, now, out).expect("valid record")
+        })
+        .collect()
+}
+
+/// start, end, records of an open session.
+type Session<'a> = (i64, i64, Vec<&'a Rec>);
+
+type Expected = BTreeMap<(i64, i64, i64), Vec<Option<i64>>>;
+
+/// The naive model: replay with a running watermark over the partitions (all active),
+/// decide lateness, then brute-force each closed window.
+fn naive(recs: &[Rec], window: Window, lateness: i64, partitions: &[i32]) -> (Expected, Vec<bool>) {
+    let mut highest: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut wm: Option<i64> = None;
+    let mut late = Vec::new();
+    let mut accepted: Vec<&Rec> = Vec::new();
+    let mut sessions: BTreeMap<i64, Vec<Session>> = BTreeMap::new();
+    let mut closed: Expected = BTreeMap::new();
+    let mut closed_rows: Vec<(i64, i64, i64, Vec<&Rec>)> = Vec::new();
+    for r in recs {
+        let is_late = match (window, wm) {
+            (_, None) => false,
+            (Window::Tumble { size_ms }, Some(w)) => {
+                r.ts.div_euclid(size_ms) * size_ms + size_ms <= w
+            }
+            (Window::Hop { slide_ms, size_ms }, Some(w)) => {
+                (r.ts - size_ms).div_euclid(slide_ms) * slide_ms + slide_ms + size_ms <= w
+            }
+            (Window::Session { gap_ms }, Some(w)) => r.ts + gap_ms <= w,
+        };
+        late.push(is_late);
+        if !is_late {
+            if let Window::Session { gap_ms } = window {
+                let list = sessions.entry(r.k).or_default();
+                let mut merged = (r.ts, r.ts + gap_ms, vec![r]);
+                list.retain(|s| {
+                    if r.ts < s.1 && r.ts + gap_ms > s.0 {
+                        merged.0 = merged.0.min(s.0);
+                        merged.1 = merged.1.max(s.1);
+                        merged.2.extend(s.2.iter().copied());
+                        false
+                    } else {
+                        true
+                    }
+                });
+                list.push(merged);
+            } else {
+                accepted.push(r);
+            }
+        }
+        let h = highest.entry(r.partition).or_insert(r.ts);
+        *h = (*h).max(r.ts);
+        if partitions.iter().all(|p| highest.contains_key(p)) {
+            let low = partitions.iter().map(|p| highest[p]).min().unwrap() - lateness;
+            wm = Some(wm.map_or(low, |w| w.max(low)));
+        }
+        if let (Window::Session { .. }, Some(w)) = (window, wm) {
+            for (k, list) in sessions.iter_mut() {
+                list.retain(|s| {
+                    if s.1 <= w {
+                        closed_rows.push((*k, s.0, s.1, s.2.clone()));
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+    }
+    let w = wm.unwrap_or(i64::MIN);
+    match window {
+        Window::Session { .. } => {}
+        Window::Tumble { size_ms } | Window::Hop { size_ms, .. } => {
+            let slide = match window {
+                Window::Hop { slide_ms, .. } => slide_ms,
+                _ => size_ms,
+            };
+            let mut wins: BTreeMap<(i64, i64, i64), Vec<&Rec>> = BTreeMap::new();
+            for r in &accepted {
+                let mut s = (r.ts - size_ms).div_euclid(slide) * slide + slide;
+                while s <= r.ts {
+                    if s + size_ms <= w {
+                        wins.entry((r.k, s, s + size_ms)).or_default().push(r);
+                    }
+                    s += slide;
+                }
+            }
+            closed_rows.extend(wins.into_iter().map(|((k, s, e), rs)| (k, s, e, rs)));
+        }
+    }
+    for (k, s, e, rs) in closed_rows {
+        let vs: Vec<i64> = rs.iter().filter_map(|r| r.v).collect();
+        let distinct = vs.iter().collect::<std::collections::BTreeSet<_>>().len() as i64;
+        closed.insert(
+            (k, s, e),
+            vec![
+                Some(rs.len() as i64),
+                Some(vs.len() as i64),
+                Some(distinct),
+                (!vs.is_empty()).then(|| vs.iter().sum()),
+                vs.iter().min().copied(),
+                vs.iter().max().copied(),
+            ],
+        );
+    }
+    (closed, late)
+}
+
+type Averages = BTreeMap<(i64, i64, i64), Option<f64>>;
+
+fn finals(rows: &[Row]) -> (Expected, Averages) {
+    let mut out = BTreeMap::new();
+    let mut avgs = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.is_final) {
+        let v: serde_json::Value = serde_json::from_slice(&row.value).unwrap();
+        let id = (
+            v["k"].as_i64().unwrap(),
+            v["window_start"].as_i64().unwrap(),
+            v["window_end"].as_i64().unwrap(),
+        );
+        assert_eq!(row.window, Some((id.1, id.2)));
+        let cols: Vec<Option<i64>> = (0..6).map(|i| v[format!("a{i}")].as_i64()).collect();
+        assert!(out.insert(id, cols).is_none(), "one final row per window");
+        avgs.insert(id, v["a6"].as_f64());
+        // APPROX_COUNT_DISTINCT is exact while a group is small.
+        assert_eq!(v["a7"].as_i64(), v["a2"].as_i64());
+    }
+    (out, avgs)
+}
+
+fn windows() -> impl Strategy<Value = Window> {
+    prop_oneof![
+        (1i64..5).prop_map(|n| Window::Tumble { size_ms: n * 100 }),
+        (1i64..4, 1i64..4).prop_map(|(s, m)| Window::Hop {
+            slide_ms: s * 100,
+            size_ms: s * m * 100
+        }),
+        (1i64..4).prop_map(|g| Window::Session { gap_ms: g * 100 }),
+    ]
+}
+
+fn records(partitions: i32) -> impl Strategy<Value = Vec<Rec>> {
+    proptest::collection::vec(
+        (
+            0..partitions,
+            0i64..4,
+            proptest::option::of(-5i64..5),
+            0i64..200,
+            0i64..40,
+        ),
+        1..120,
+    )
+    .prop_map(|raw| {
+        let mut clock = -1_000;
+        raw.into_iter()
+            .map(|(partition, k, v, step, behind)| {
+                clock += step;
+                Rec {
+                    partition,
+                    k,
+                    v,
+                    ts: clock - behind * 10,
+                }
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn final_rows_match_the_naive_model(window in windows(), recs in records(2), lateness in (0i64..30).prop_map(|l| l * 10)) {
+        let partitions = [0, 1];
+        let mut op = QueryOperator::new(&windowed_query(Some(window), Emit::Final), &settings(lateness));
+        op.assign(&partitions, 0);
+        let mut out = Vec::new();
+        let fates = feed(&mut op, &recs, 0, &mut out);
+        let (want, late) = naive(&recs, window, lateness, &partitions);
+        prop_assert_eq!(fates.iter().map(|f| *f == Fate::Late).collect::<Vec<_>>(), late);
+        let (got, avgs) = finals(&out);
+        prop_assert_eq!(&got, &want);
+        for (id, avg) in avgs {
+            let cols = &want[&id];
+            match (avg, cols[3], cols[1]) {
+                (None, None, _) => {}
+                (Some(a), Some(sum), Some(n)) => prop_assert!((a - sum as f64 / n as f64).abs() < 1e-9),
+                other => prop_assert!(false, "avg {:?}", other),
+            }
+        }
+        prop_assert!(out.iter().all(|r| r.is_final));
+    }
+
+    #[test]
+    fn a_restored_snapshot_continues_exactly(window in windows(), recs in records(2), cut in 0usize..120) {
+        let partitions = [0, 1];
+        let query = windowed_query(Some(window), Emit::Final);
+        let cut = cut.min(recs.len());
+        let mut a = QueryOperator::new(&query, &settings(50));
+        a.assign(&partitions, 0);
+        let mut out_a = Vec::new();
+        feed(&mut a, &recs[..cut], 0, &mut out_a);
+        let mut b = QueryOperator::new(&query, &settings(50));
+        b.restore(&a.snapshot()).unwrap();
+        b.assign(&partitions, 0);
+        prop_assert_eq!(b.snapshot(), a.snapshot());
+        let mut rest_a = Vec::new();
+        let mut rest_b = Vec::new();
+        let fa = feed(&mut a, &recs[cut..], 0, &mut rest_a);
+        let fb = feed(&mut b, &recs[cut..], 0, &mut rest_b);
+        prop_assert_eq!(fa, fb);
+        prop_assert_eq!(rest_a, rest_b);
+        prop_assert_eq!(a.state_bytes(), b.state_bytes());
+    }
+
+    #[test]
+    fn restore_refuses_garbage_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let mut op = QueryOperator::new(&windowed_query(Some(Window::Session { gap_ms: 10 }), Emit::Final), &settings(0));
+        let _ = op.restore(&bytes);
+        let mut valid = op.snapshot();
+        valid.extend_from_slice(&bytes);
+        prop_assert_eq!(op.restore(&valid).is_ok(), bytes.is_empty());
+    }
+
+    #[test]
+    fn iso8601_matches_a_civil_calendar(days in -800_000i64..800_000, ms in 0i64..86_400_000, off in -14i64 * 60..14 * 60) {
+        let t = days * 86_400_000 + ms;
+        let (y, m, d) = civil_from_days(days);
+        prop_assume!((0..=9999).contains(&y));
+        let (hh, mm, ss, fff) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+        let s = format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{fff:03}Z");
+        prop_assert_eq!(parse_iso8601(&s), Some(t));
+        let local = t + off * 60_000;
+        let (ly, lm, ld) = civil_from_days(local.div_euclid(86_400_000));
+        let lms = local.rem_euclid(86_400_000);
+        let sign = if off < 0 { '-' } else { '+' };
+        let s = format!("{ly:04}-{lm:02}-{ld:02}T{:02}:{:02}:{:02}.{:03}{sign}{:02}:{:02}",
+            lms / 3_600_000, lms / 60_000 % 60, lms / 1000 % 60, lms % 1000, off.abs() / 60, off.abs() % 60);
+        prop_assume!((0..=9999).contains(&ly));
+        prop_assert_eq!(parse_iso8601(&s), Some(t));
+    }
+}
+
+/// The inverse of days_from_civil, written independently (the test's own calendar).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[test]
+fn iso8601_refuses_what_is_not_a_time() {
+    for bad in [
+        "",
+        "2026",
+        "2026-13-01",
+        "2026-12-03T25:00",
+        "2026-12-03T10:00:00Zjunk",
+        "x026-12-03",
+        "2026-12-03T10:00:00+5",
+    ] {
+        assert_eq!(parse_iso8601(bad), None, "{bad}");
+    }
+    assert_eq!(parse_iso8601("1970-01-01"), Some(0));
+    assert_eq!(parse_iso8601("1970-01-01 00:00:01"), Some(1000));
+}
+
+fn one(
+    op: &mut QueryOperator,
+    json: serde_json::Value,
+    partition: i32,
+    now: i64,
+    out: &mut Vec<Row>,
+) -> Result<Fate, Error> {
+    let input = Input {
+        json: &json,
+        raw: b"",
+        key: None,
+        timestamp: 0,
+        partition,
+        offset: 0,
+        headers: &[],
+    };
+    op.process(&input, now, out)
+}
+
+#[test]
+fn a_rejected_record_changes_nothing() {
+    let mut op = QueryOperator::new(
+        &windowed_query(
+            Some(Window::Hop {
+                slide_ms: 10,
+                size_ms: 30,
+            }),
+            Emit::Final,
+        ),
+        &settings(0),
+    );
+    op.assign(&[0], 0);
+    let mut out = Vec::new();
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 5, "ts": 100}),
+        0,
+        0,
+        &mut out,
+    )
+    .unwrap();
+    let before = (op.snapshot(), op.state_bytes());
+    for bad in [
+        serde_json::json!({"k": 1, "v": "five", "ts": 101}),
+        serde_json::json!({"k": 1, "v": 5, "ts": "yesterday"}),
+        serde_json::json!({"k": 1, "v": 5}),
+    ] {
+        assert!(matches!(
+            one(&mut op, bad, 0, 0, &mut out),
+            Err(Error::Rejected(_))
+        ));
+        assert_eq!((op.snapshot(), op.state_bytes()), before);
+    }
+    // An ISO-8601 event time is accepted.
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 5, "ts": "1970-01-01T00:00:00.102Z"}),
+        0,
+        0,
+        &mut out,
+    )
+    .unwrap();
+    assert_ne!(op.snapshot(), before.0);
+}
+
+#[test]
+fn min_max_refuse_values_they_cannot_compare() {
+    let query = Query {
+        output: "o".into(),
+        source: Source {
+            topic: "s".into(),
+            json: true,
+            event_time: EventTime::RecordTimestamp,
+        },
+        filter: None,
+        body: Body::Aggregate(Aggregate {
+            window: None,
+            keys: vec![],
+            aggregates: vec![AggCall {
+                func: AggFunc::Max,
+                arg: Some(field("v")),
+                filter: None,
+            }],
+            having: None,
+            columns: vec![("m".into(), Expr::Slot(0))],
+            emit: Emit::Changes,
+        }),
+    };
+    let mut op = QueryOperator::new(&query, &settings(0));
+    op.assign(&[0], 0);
+    let mut out = Vec::new();
+    one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+    let before = op.snapshot();
+    assert!(matches!(
+        one(&mut op, serde_json::json!({"v": "x"}), 0, 0, &mut out),
+        Err(Error::Rejected(_))
+    ));
+    assert_eq!(op.snapshot(), before);
+    one(&mut op, serde_json::json!({"v": 4.5}), 0, 0, &mut out).unwrap();
+    op.tick(0, &mut out);
+    assert_eq!(out.last().unwrap().value, br#"{"m":4.5}"#.to_vec());
+}
+
+#[test]
+fn an_idle_partition_stops_holding_the_watermark_back() {
+    let mut s = settings(0);
+    s.idle_timeout_ms = 1_000;
+    let mut op = QueryOperator::new(
+        &windowed_query(Some(Window::Tumble { size_ms: 100 }), Emit::Final),
+        &s,
+    );
+    op.assign(&[0, 1], 0);
+    let mut out = Vec::new();
+    for ts in [10, 120, 250] {
+        one(
+            &mut op,
+            serde_json::json!({"k": 1, "v": 1, "ts": ts}),
+            0,
+            500,
+            &mut out,
+        )
+        .unwrap();
+    }
+    op.tick(999, &mut out);
+    assert!(
+        out.is_empty() && op.watermark().is_none(),
+        "partition 1 holds it back before its idle timeout"
+    );
+    op.tick(1_000, &mut out);
+    assert_eq!(op.watermark(), Some(250));
+    let closed: Vec<_> = out.iter().map(|r| r.window.unwrap()).collect();
+    assert_eq!(closed, vec![(0, 100), (100, 200)]);
+    // Partition 1 speaks again: it counts again, and the watermark does not go back.
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 1, "ts": 5}),
+        1,
+        1_100,
+        &mut out,
+    )
+    .unwrap_err_or_late();
+    assert_eq!(op.watermark(), Some(250));
+}
+
+trait LateOrErr {
+    fn unwrap_err_or_late(self);
+}
+
+impl LateOrErr for Result<Fate, Error> {
+    fn unwrap_err_or_late(self) {
+        assert_eq!(self, Ok(Fate::Late));
+    }
+}
+
+#[test]
+fn emit_changes_emits_changed_groups_at_most_once_per_interval() {
+    let mut op = QueryOperator::new(&windowed_query(None, Emit::Changes), &settings(0));
+    op.assign(&[0], 0);
+    let mut out = Vec::new();
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 1, "ts": 1}),
+        0,
+        0,
+        &mut out,
+    )
+    .unwrap();
+    one(
+        &mut op,
+        serde_json::json!({"k": 2, "v": 1, "ts": 1}),
+        0,
+        0,
+        &mut out,
+    )
+    .unwrap();
+    op.tick(0, &mut out);
+    assert_eq!(out.len(), 2);
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 1, "ts": 2}),
+        0,
+        10,
+        &mut out,
+    )
+    .unwrap();
+    op.tick(50, &mut out);
+    assert_eq!(out.len(), 2, "not before the interval");
+    op.tick(100, &mut out);
+    assert_eq!(out.len(), 3, "only the changed group");
+    let last: serde_json::Value = serde_json::from_slice(&out[2].value).unwrap();
+    assert_eq!(
+        (last["k"].as_i64(), last["a0"].as_i64()),
+        (Some(1), Some(2))
+    );
+    assert!(out.iter().all(|r| !r.is_final && r.window.is_none()));
+    assert_eq!(out[2].key.as_deref(), Some(&b"[1]"[..]));
+    op.tick(300, &mut out);
+    assert_eq!(out.len(), 3, "nothing changed");
+}
+
+#[test]
+fn approx_count_distinct_is_close_and_merges() {
+    let mut a = accumulate::Acc::new(AggFunc::ApproxCountDistinct);
+    let mut b = accumulate::Acc::new(AggFunc::ApproxCountDistinct);
+    let mut scratch = Vec::new();
+    for i in 0..100_000i64 {
+        a.add(Some(&Value::Int(i)), &mut scratch);
+        b.add(Some(&Value::Int(i + 50_000)), &mut scratch);
+    }
+    let est = |acc: &accumulate::Acc| match acc.result() {
+        Value::Int(n) => n as f64,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        (est(&a) - 100_000.0).abs() / 100_000.0 < 0.05,
+        "{}",
+        est(&a)
+    );
+    a.merge(b);
+    assert!(
+        (est(&a) - 150_000.0).abs() / 150_000.0 < 0.05,
+        "{}",
+        est(&a)
+    );
+    assert!(a.size() <= 4096, "bounded memory");
+}
+
+#[test]
+fn the_state_limit_stops_the_query() {
+    let mut s = settings(0);
+    s.max_state_bytes = 10_000;
+    let mut op = QueryOperator::new(&windowed_query(None, Emit::Changes), &s);
+    op.assign(&[0], 0);
+    let mut out = Vec::new();
+    let mut hit = None;
+    for i in 0..10_000 {
+        if let Err(e) = one(
+            &mut op,
+            serde_json::json!({"k": i, "v": i, "ts": 1}),
+            0,
+            0,
+            &mut out,
+        ) {
+            hit = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = hit.expect("limit reached");
+    assert!(
+        matches!(e, Error::StateLimit { used, limit: 10_000 } if used > 10_000),
+        "{e:?}"
+    );
+    assert!(i > 10, "{i}");
+}
+
+#[test]
+fn stateless_queries_filter_and_project_in_select_order() {
+    let query = Query {
+        output: "o".into(),
+        source: Source {
+            topic: "s".into(),
+            json: true,
+            event_time: EventTime::RecordTimestamp,
+        },
+        filter: Some(field("keep")),
+        body: Body::Map(Projection::Columns(vec![
+            ("z".into(), field("b")),
+            ("a".into(), Expr::Meta(sql::expr::Meta::Offset)),
+        ])),
+    };
+    let mut op = QueryOperator::new(&query, &Settings::default());
+    let mut out = Vec::new();
+    for (keep, offset) in [(true, 7), (false, 8)] {
+        let json = serde_json::json!({"keep": keep, "b": "x"});
+        let input = Input {
+            json: &json,
+            raw: b"",
+            key: Some(b"key"),
+            timestamp: 0,
+            partition: 0,
+            offset,
+            headers: &[],
+        };
+        assert_eq!(op.process(&input, 0, &mut out), Ok(Fate::Done));
+    }
+    assert_eq!(
+        out,
+        vec![Row {
+            key: Some(b"key".to_vec()),
+            value: br#"{"z":"x","a":7}"#.to_vec(),
+            window: None,
+            is_final: false
+        }]
+    );
+}
