@@ -63,35 +63,474 @@ pub enum Expr {
     Meta(Meta),
     /// A slot of the aggregated row.
     Slot(usize),
+    /// `header('name')`: the first header of that name, as a string.
+    Header(String),
+    /// `x -> 'k'` (JSON) or `x ->> 'k'` (text); an integer key indexes an array.
+    JsonGet {
+        base: Box<Expr>,
+        key: Box<Expr>,
+        text: bool,
+    },
+    Binary(Box<Expr>, BinOp, Box<Expr>),
+    Not(Box<Expr>),
+    Neg(Box<Expr>),
+    IsNull {
+        expr: Box<Expr>,
+        negated: bool,
+    },
+    /// `LIKE` / `ILIKE` with `%` and `_`.
+    Like {
+        expr: Box<Expr>,
+        pattern: Box<Expr>,
+        negated: bool,
+        case_insensitive: bool,
+    },
+    InList {
+        expr: Box<Expr>,
+        list: Vec<Expr>,
+        negated: bool,
+    },
+    Between {
+        expr: Box<Expr>,
+        low: Box<Expr>,
+        high: Box<Expr>,
+        negated: bool,
+    },
+    Case {
+        operand: Option<Box<Expr>>,
+        whens: Vec<(Expr, Expr)>,
+        otherwise: Option<Box<Expr>>,
+    },
+    Cast(Box<Expr>, CastType),
+    Call(Func, Vec<Expr>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Mod,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+    Concat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CastType {
+    Int,
+    Float,
+    Text,
+    Bool,
+    Timestamp,
+}
+
+/// Scalar functions (docs/sql.md lists them with examples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Func {
+    Lower,
+    Upper,
+    Length,
+    Substring,
+    Concat,
+    Coalesce,
+    NullIf,
+    Trim,
+    Replace,
+    Abs,
+    Round,
+    Floor,
+    Ceil,
+    ToTimestamp,
+    EpochMs,
+    DateTrunc,
+    Extract,
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, EvalError> {
+    Err(EvalError(msg.into()))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "NULL",
+        Value::Bool(_) => "boolean",
+        Value::Int(_) => "integer",
+        Value::Float(_) => "number",
+        Value::Str(_) => "string",
+        Value::Timestamp(_) => "timestamp",
+        Value::Json(_) => "JSON",
+    }
+}
+
+/// SQL comparison of two non-NULL values; `Err` when they cannot be compared.
+pub fn compare(a: &Value, b: &Value) -> Result<std::cmp::Ordering, EvalError> {
+    use Value::*;
+    let o = match (a, b) {
+        (Int(x), Int(y))
+        | (Timestamp(x), Timestamp(y))
+        | (Timestamp(x), Int(y))
+        | (Int(x), Timestamp(y)) => Some(x.cmp(y)),
+        (Int(x), Float(y)) => (*x as f64).partial_cmp(y),
+        (Float(x), Int(y)) => x.partial_cmp(&(*y as f64)),
+        (Float(x), Float(y)) => x.partial_cmp(y),
+        (Str(x), Str(y)) => Some(x.cmp(y)),
+        (Bool(x), Bool(y)) => Some(x.cmp(y)),
+        (Json(x), Json(y)) => (x == y).then_some(std::cmp::Ordering::Equal),
+        _ => None,
+    };
+    o.ok_or_else(|| {
+        EvalError(format!(
+            "cannot compare {} with {}",
+            type_name(a),
+            type_name(b)
+        ))
+    })
+}
+
+/// `%` any run, `_` one character.
+pub fn like(text: &str, pattern: &str) -> bool {
+    let t: Vec<char> = text.chars().collect();
+    let p: Vec<char> = pattern.chars().collect();
+    let (mut ti, mut pi) = (0usize, 0usize);
+    let (mut star, mut mark) = (None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '_' || p[pi] == t[ti]) {
+            ti += 1;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == '%' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '%' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::Str(s) => s.clone(),
+        Value::Json(j) => j.to_string(),
+        other => other.to_json().to_string(),
+    }
+}
+
+fn arith(op: BinOp, a: Value, b: Value) -> Result<Value, EvalError> {
+    use Value::*;
+    let (a, b) = match (a, b) {
+        (Timestamp(x), y) => (Int(x), y),
+        (x, Timestamp(y)) => (x, Int(y)),
+        other => other,
+    };
+    match (&a, &b) {
+        (Int(x), Int(y)) => {
+            let r = match op {
+                BinOp::Add => x.checked_add(*y),
+                BinOp::Sub => x.checked_sub(*y),
+                BinOp::Mul => x.checked_mul(*y),
+                BinOp::Div if *y == 0 => return err("division by zero"),
+                BinOp::Div => x.checked_div(*y),
+                BinOp::Mod if *y == 0 => return err("division by zero"),
+                BinOp::Mod => x.checked_rem(*y),
+                _ => None,
+            };
+            r.map(Int)
+                .ok_or_else(|| EvalError("integer overflow".into()))
+        }
+        (Int(_) | Float(_), Int(_) | Float(_)) => {
+            let f = |v: &Value| match v {
+                Int(i) => *i as f64,
+                Float(f) => *f,
+                _ => 0.0,
+            };
+            let (x, y) = (f(&a), f(&b));
+            Ok(Float(match op {
+                BinOp::Add => x + y,
+                BinOp::Sub => x - y,
+                BinOp::Mul => x * y,
+                BinOp::Div if y == 0.0 => return err("division by zero"),
+                BinOp::Div => x / y,
+                BinOp::Mod if y == 0.0 => return err("division by zero"),
+                _ => x % y,
+            }))
+        }
+        _ => err(format!(
+            "cannot apply {op:?} to {} and {}",
+            type_name(&a),
+            type_name(&b)
+        )),
+    }
+}
+
+fn cast(v: Value, to: CastType) -> Result<Value, EvalError> {
+    use Value::*;
+    let fail = |v: &Value| {
+        EvalError(format!(
+            "cannot cast {} {} to {to:?}",
+            type_name(v),
+            as_text(v)
+        ))
+    };
+    Ok(match (to, v) {
+        (_, Null) => Null,
+        (CastType::Int, Int(i)) | (CastType::Int, Timestamp(i)) => Int(i),
+        (CastType::Int, Float(f)) if f.is_finite() && f.abs() < 9.2e18 => Int(f.trunc() as i64),
+        (CastType::Int, Bool(b)) => Int(b as i64),
+        (CastType::Int, Str(s)) => Int(s.trim().parse().map_err(|_| fail(&Str(s.clone())))?),
+        (CastType::Float, Int(i)) | (CastType::Float, Timestamp(i)) => Float(i as f64),
+        (CastType::Float, Float(f)) => Float(f),
+        (CastType::Float, Str(s)) => Float(s.trim().parse().map_err(|_| fail(&Str(s.clone())))?),
+        (CastType::Text, v) => Str(as_text(&v)),
+        (CastType::Bool, Bool(b)) => Bool(b),
+        (CastType::Bool, Int(i)) => Bool(i != 0),
+        (CastType::Bool, Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "t" | "1" | "yes" => Bool(true),
+            "false" | "f" | "0" | "no" => Bool(false),
+            _ => return Err(fail(&Str(s))),
+        },
+        (CastType::Timestamp, Int(i)) | (CastType::Timestamp, Timestamp(i)) => Timestamp(i),
+        (CastType::Timestamp, Float(f)) if f.is_finite() => Timestamp(f as i64),
+        (CastType::Timestamp, Str(s)) => {
+            Timestamp(crate::time::parse_iso8601(&s).ok_or_else(|| fail(&Str(s.clone())))?)
+        }
+        (_, v) => return Err(fail(&v)),
+    })
 }
 
 impl Expr {
     pub fn eval(&self, ctx: &Context<'_>) -> Result<Value, EvalError> {
+        use Value::*;
         match (self, ctx) {
             (Expr::Literal(v), _) => Ok(v.clone()),
-            (Expr::Slot(i), Context::Row(row)) => Ok(row.get(*i).cloned().unwrap_or(Value::Null)),
+            (Expr::Slot(i), Context::Row(row)) => Ok(row.get(*i).cloned().unwrap_or(Null)),
             (Expr::Field(path), Context::Input(input)) => {
                 let mut at = input.json;
                 for part in path {
                     match at.get(part) {
                         Some(next) => at = next,
-                        None => return Ok(Value::Null),
+                        None => return Ok(Null),
                     }
                 }
                 Ok(Value::from_json(at))
             }
             (Expr::Meta(meta), Context::Input(input)) => Ok(match meta {
-                Meta::Key => input.key.map_or(Value::Null, |k| {
-                    Value::Str(String::from_utf8_lossy(k).into_owned())
-                }),
-                Meta::Value => Value::Str(String::from_utf8_lossy(input.raw).into_owned()),
-                Meta::Timestamp => Value::Timestamp(input.timestamp),
-                Meta::Partition => Value::Int(input.partition as i64),
-                Meta::Offset => Value::Int(input.offset),
+                Meta::Key => input
+                    .key
+                    .map_or(Null, |k| Str(String::from_utf8_lossy(k).into_owned())),
+                Meta::Value => Str(String::from_utf8_lossy(input.raw).into_owned()),
+                Meta::Timestamp => Timestamp(input.timestamp),
+                Meta::Partition => Int(input.partition as i64),
+                Meta::Offset => Int(input.offset),
             }),
+            (Expr::Header(name), Context::Input(input)) => Ok(input
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.as_ref())
+                .map_or(Null, |v| Str(String::from_utf8_lossy(v).into_owned()))),
+            (Expr::JsonGet { base, key, text }, _) => {
+                let base = base.eval(ctx)?;
+                let key = key.eval(ctx)?;
+                let json = match base {
+                    Json(j) => j,
+                    Str(s) => match serde_json::from_str(&s) {
+                        Ok(j) => j,
+                        Err(_) => return Ok(Null),
+                    },
+                    _ => return Ok(Null),
+                };
+                let got = match key {
+                    Str(k) => json.get(&k).cloned(),
+                    Int(i) => usize::try_from(i).ok().and_then(|i| json.get(i).cloned()),
+                    _ => None,
+                };
+                Ok(match got {
+                    None | Some(serde_json::Value::Null) => Null,
+                    Some(serde_json::Value::String(s)) if *text => Str(s),
+                    Some(j) if *text => Str(j.to_string()),
+                    Some(j) => match Value::from_json(&j) {
+                        Json(j) => Json(j),
+                        Str(s) => Str(s),
+                        other => other,
+                    },
+                })
+            }
+            (Expr::Binary(l, BinOp::And, r), _) => {
+                let (a, b) = (truth(l.eval(ctx)?)?, truth(r.eval(ctx)?)?);
+                Ok(match (a, b) {
+                    (Some(false), _) | (_, Some(false)) => Bool(false),
+                    (Some(true), Some(true)) => Bool(true),
+                    _ => Null,
+                })
+            }
+            (Expr::Binary(l, BinOp::Or, r), _) => {
+                let (a, b) = (truth(l.eval(ctx)?)?, truth(r.eval(ctx)?)?);
+                Ok(match (a, b) {
+                    (Some(true), _) | (_, Some(true)) => Bool(true),
+                    (Some(false), Some(false)) => Bool(false),
+                    _ => Null,
+                })
+            }
+            (Expr::Binary(l, op, r), _) => {
+                let (a, b) = (l.eval(ctx)?, r.eval(ctx)?);
+                if a.is_null() || b.is_null() {
+                    return Ok(Null);
+                }
+                use std::cmp::Ordering::*;
+                Ok(match op {
+                    BinOp::Concat => Str(as_text(&a) + &as_text(&b)),
+                    BinOp::Eq => Bool(compare(&a, &b)? == Equal),
+                    BinOp::Ne => Bool(compare(&a, &b)? != Equal),
+                    BinOp::Lt => Bool(compare(&a, &b)? == Less),
+                    BinOp::Le => Bool(compare(&a, &b)? != Greater),
+                    BinOp::Gt => Bool(compare(&a, &b)? == Greater),
+                    BinOp::Ge => Bool(compare(&a, &b)? != Less),
+                    _ => arith(*op, a, b)?,
+                })
+            }
+            (Expr::Not(e), _) => Ok(match truth(e.eval(ctx)?)? {
+                Some(b) => Bool(!b),
+                None => Null,
+            }),
+            (Expr::Neg(e), _) => match e.eval(ctx)? {
+                Null => Ok(Null),
+                Int(i) => i
+                    .checked_neg()
+                    .map(Int)
+                    .ok_or_else(|| EvalError("integer overflow".into())),
+                Float(f) => Ok(Float(-f)),
+                other => err(format!("cannot negate {}", type_name(&other))),
+            },
+            (Expr::IsNull { expr, negated }, _) => Ok(Bool(expr.eval(ctx)?.is_null() != *negated)),
+            (
+                Expr::Like {
+                    expr,
+                    pattern,
+                    negated,
+                    case_insensitive,
+                },
+                _,
+            ) => {
+                let (v, p) = (expr.eval(ctx)?, pattern.eval(ctx)?);
+                if v.is_null() || p.is_null() {
+                    return Ok(Null);
+                }
+                let (mut t, mut p) = (as_text(&v), as_text(&p));
+                if *case_insensitive {
+                    t = t.to_lowercase();
+                    p = p.to_lowercase();
+                }
+                Ok(Bool(like(&t, &p) != *negated))
+            }
+            (
+                Expr::InList {
+                    expr,
+                    list,
+                    negated,
+                },
+                _,
+            ) => {
+                let v = expr.eval(ctx)?;
+                if v.is_null() {
+                    return Ok(Null);
+                }
+                let mut saw_null = false;
+                for item in list {
+                    let i = item.eval(ctx)?;
+                    if i.is_null() {
+                        saw_null = true;
+                    } else if compare(&v, &i)? == std::cmp::Ordering::Equal {
+                        return Ok(Bool(!negated));
+                    }
+                }
+                Ok(if saw_null { Null } else { Bool(*negated) })
+            }
+            (
+                Expr::Between {
+                    expr,
+                    low,
+                    high,
+                    negated,
+                },
+                _,
+            ) => {
+                let (v, lo, hi) = (expr.eval(ctx)?, low.eval(ctx)?, high.eval(ctx)?);
+                if v.is_null() || lo.is_null() || hi.is_null() {
+                    return Ok(Null);
+                }
+                let inside = compare(&v, &lo)? != std::cmp::Ordering::Less
+                    && compare(&v, &hi)? != std::cmp::Ordering::Greater;
+                Ok(Bool(inside != *negated))
+            }
+            (
+                Expr::Case {
+                    operand,
+                    whens,
+                    otherwise,
+                },
+                _,
+            ) => {
+                let subject = operand.as_ref().map(|o| o.eval(ctx)).transpose()?;
+                for (when, then) in whens {
+                    let w = when.eval(ctx)?;
+                    let hit = match &subject {
+                        Some(s) => {
+                            !s.is_null()
+                                && !w.is_null()
+                                && compare(s, &w)? == std::cmp::Ordering::Equal
+                        }
+                        None => w.is_true(),
+                    };
+                    if hit {
+                        return then.eval(ctx);
+                    }
+                }
+                otherwise.as_ref().map_or(Ok(Null), |o| o.eval(ctx))
+            }
+            (Expr::Cast(e, to), _) => cast(e.eval(ctx)?, *to),
+            (Expr::Call(func, args), _) => {
+                let vals = args
+                    .iter()
+                    .map(|a| a.eval(ctx))
+                    .collect::<Result<Vec<_>, _>>()?;
+                crate::functions::call(*func, vals)
+            }
             (expr, _) => Err(EvalError(format!(
                 "{expr:?} evaluated in the wrong context"
             ))),
         }
     }
+}
+
+/// A boolean operand: `Some(b)`, or `None` for NULL.
+fn truth(v: Value) -> Result<Option<bool>, EvalError> {
+    match v {
+        Value::Bool(b) => Ok(Some(b)),
+        Value::Null => Ok(None),
+        other => err(format!("expected a boolean, got {}", type_name(&other))),
+    }
+}
+
+pub(crate) fn type_of(v: &Value) -> &'static str {
+    type_name(v)
+}
+
+pub(crate) fn text_of(v: &Value) -> String {
+    as_text(v)
 }

@@ -12,7 +12,9 @@
 
 pub mod error;
 pub mod expr;
+mod functions;
 pub mod plan;
+pub mod time;
 pub mod value;
 
 mod parse;
@@ -43,3 +45,6 @@ pub struct TopicInfo {
 pub fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline, SqlError> {
     parse::compile(text, catalog)
 }
+
+#[cfg(test)]
+mod tests;

@@ -415,96 +415,9 @@ fn event_time(source: &EventTime, input: &Input<'_>) -> Result<i64, Error> {
     {
         Value::Int(ms) | Value::Timestamp(ms) => Ok(ms),
         Value::Float(f) if f.is_finite() && f.abs() < 9.0e15 => Ok(f as i64),
-        Value::Str(s) => parse_iso8601(&s).ok_or_else(|| bad(format!("{s:?}"))),
+        Value::Str(s) => sql::time::parse_iso8601(&s).ok_or_else(|| bad(format!("{s:?}"))),
         other => Err(bad(accumulate::describe(&other))),
     }
-}
-
-/// `YYYY-MM-DD[T ]hh:mm[:ss[.fff]][Z|±hh:mm|±hhmm]` (no zone: UTC), or a date alone.
-pub fn parse_iso8601(s: &str) -> Option<i64> {
-    let b = s.trim().as_bytes();
-    let num = |from: usize, len: usize| -> Option<i64> {
-        let part = b.get(from..from + len)?;
-        part.iter().all(u8::is_ascii_digit).then(|| {
-            part.iter()
-                .fold(0i64, |acc, d| acc * 10 + (d - b'0') as i64)
-        })
-    };
-    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
-    if b.get(4) != Some(&b'-')
-        || b.get(7) != Some(&b'-')
-        || !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-    {
-        return None;
-    }
-    let mut ms = days_from_civil(year, month, day) * 86_400_000;
-    let mut at = 10;
-    if at == b.len() {
-        return Some(ms);
-    }
-    if !matches!(b.get(at), Some(b'T' | b't' | b' ')) {
-        return None;
-    }
-    let (hour, minute) = (num(at + 1, 2)?, num(at + 4, 2)?);
-    if b.get(at + 3) != Some(&b':') || hour > 23 || minute > 59 {
-        return None;
-    }
-    ms += hour * 3_600_000 + minute * 60_000;
-    at += 6;
-    if b.get(at) == Some(&b':') {
-        let second = num(at + 1, 2)?;
-        if second > 60 {
-            return None;
-        }
-        ms += second * 1000;
-        at += 3;
-        if matches!(b.get(at), Some(b'.' | b',')) {
-            at += 1;
-            let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
-            if digits == 0 {
-                return None;
-            }
-            let frac = &b[at..at + digits];
-            let mut v = 0i64;
-            for (i, d) in frac.iter().take(3).enumerate() {
-                v += (d - b'0') as i64 * [100, 10, 1][i];
-            }
-            ms += v;
-            at += digits;
-        }
-    }
-    match b.get(at) {
-        None => Some(ms),
-        Some(b'Z' | b'z') if at + 1 == b.len() => Some(ms),
-        Some(sign @ (b'+' | b'-')) => {
-            let oh = num(at + 1, 2)?;
-            let om = match b.len() - at {
-                3 => 0,
-                5 => num(at + 3, 2)?,
-                6 if b[at + 3] == b':' => num(at + 4, 2)?,
-                _ => return None,
-            };
-            let offset = (oh * 60 + om) * 60_000;
-            Some(if *sign == b'+' {
-                ms - offset
-            } else {
-                ms + offset
-            })
-        }
-        _ => None,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A JSON object with the fields in the given order.

@@ -9,6 +9,7 @@ use sql::plan::*;
 use sql::Value;
 
 use super::*;
+use sql::time::parse_iso8601;
 
 fn field(name: &str) -> Expr {
     Expr::Field(vec![name.to_string()])

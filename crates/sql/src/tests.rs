@@ -1,0 +1,259 @@
+//! Compile tests: plans of the documented statements, evaluation, and errors with
+//! their positions.
+
+use proptest::prelude::*;
+
+use crate::expr::{Context, Input};
+use crate::plan::*;
+use crate::{compile, Catalog, TopicInfo, Value};
+
+struct Topics;
+
+impl Catalog for Topics {
+    fn topic(&self, name: &str) -> Option<TopicInfo> {
+        match name {
+            "tweets" => Some(TopicInfo {
+                columns: Some(
+                    [
+                        "city",
+                        "user_id",
+                        "retweet",
+                        "created_at",
+                        "user",
+                        "payload",
+                        "amount",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+            }),
+            "raw" => Some(TopicInfo { columns: None }),
+            _ => None,
+        }
+    }
+}
+
+const CITY_WINDOWS: &str = "INSERT INTO city_counts
+SELECT city, window_start, window_end,
+       COUNT(*) AS tweets,
+       COUNT(*) FILTER (WHERE retweet) AS retweets,
+       COUNT(DISTINCT user_id) AS users
+FROM HOP(tweets, created_at, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)
+GROUP BY city, window_start, window_end
+EMIT FINAL;";
+
+#[test]
+fn the_issue_example_compiles_as_written() {
+    let p = compile(CITY_WINDOWS, &Topics).unwrap();
+    let q = &p.queries[0];
+    assert_eq!(q.output, "city_counts");
+    assert_eq!(q.source.topic, "tweets");
+    let Body::Aggregate(a) = &q.body else {
+        panic!("{q:?}")
+    };
+    assert_eq!(
+        a.window,
+        Some(Window::Hop {
+            slide_ms: 60_000,
+            size_ms: 300_000
+        })
+    );
+    assert_eq!(a.emit, Emit::Final);
+    assert_eq!(a.keys.len(), 1);
+    let funcs: Vec<_> = a.aggregates.iter().map(|c| c.func).collect();
+    assert_eq!(
+        funcs,
+        vec![AggFunc::Count, AggFunc::Count, AggFunc::CountDistinct]
+    );
+    assert!(a.aggregates[1].filter.is_some() && a.aggregates[0].filter.is_none());
+    let names: Vec<_> = a.columns.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "city",
+            "window_start",
+            "window_end",
+            "tweets",
+            "retweets",
+            "users"
+        ]
+    );
+    // window_start is the slot after the aggregates.
+    assert_eq!(a.columns[1].1, crate::expr::Expr::Slot(a.window_slot()));
+    assert!(matches!(q.source.event_time, EventTime::Column(_)));
+}
+
+fn eval_where(sql_where: &str, json: serde_json::Value) -> Result<Value, crate::expr::EvalError> {
+    let p = compile(
+        &format!("INSERT INTO o SELECT * FROM raw WHERE {sql_where};"),
+        &Topics,
+    )
+    .unwrap();
+    let input = Input {
+        json: &json,
+        raw: b"raw!",
+        key: Some(b"k"),
+        timestamp: 7,
+        partition: 2,
+        offset: 9,
+        headers: &[("h".into(), Some(b"hv".to_vec()))],
+    };
+    p.queries[0]
+        .filter
+        .as_ref()
+        .unwrap()
+        .eval(&Context::Input(&input))
+}
+
+#[test]
+fn expressions_evaluate_with_sql_semantics() {
+    let j = serde_json::json!({"a": 3, "b": 2.5, "s": "Hello", "n": null, "user": {"id": 42}, "payload": "{\"id\": \"x\"}"});
+    let t = |w: &str| eval_where(w, j.clone()).unwrap();
+    assert_eq!(t("a + 1 = 4"), Value::Bool(true));
+    assert_eq!(t("a / 2 = 1"), Value::Bool(true));
+    assert_eq!(t("a * b = 7.5"), Value::Bool(true));
+    assert_eq!(t("n = 1"), Value::Null);
+    assert_eq!(t("n IS NULL AND a IS NOT NULL"), Value::Bool(true));
+    assert_eq!(t("n = 1 OR a = 3"), Value::Bool(true));
+    assert_eq!(t("n = 1 AND a = 4"), Value::Bool(false));
+    assert_eq!(
+        t("lower(s) LIKE 'h%o' AND s ILIKE 'HEL_O'"),
+        Value::Bool(true)
+    );
+    assert_eq!(t("s NOT LIKE '%z%'"), Value::Bool(true));
+    assert_eq!(t("a IN (1, 2, 3) AND a BETWEEN 1 AND 3"), Value::Bool(true));
+    assert_eq!(
+        t("CASE WHEN a > 2 THEN 'big' ELSE 'small' END = 'big'"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        t("CAST('12' AS BIGINT) = 12 AND CAST(a AS VARCHAR) = '3'"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        t("COALESCE(n, a) = 3 AND upper(s) || '!' = 'HELLO!'"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        t("length(s) = 5 AND substring(s, 2, 3) = 'ell'"),
+        Value::Bool(true)
+    );
+    assert_eq!(t("user.id = 42 AND raw.user.id = 42"), Value::Bool(true));
+    assert_eq!(t("payload->>'id' = 'x'"), Value::Bool(true));
+    assert_eq!(t("_key = 'k' AND _value = 'raw!' AND _partition = 2 AND _offset = 9 AND header('h') = 'hv'"), Value::Bool(true));
+    assert_eq!(
+        t("extract(hour FROM to_timestamp('2026-12-03T10:30:00Z')) = 10"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        t("date_trunc('minute', 125000) = to_timestamp(120000)"),
+        Value::Bool(true)
+    );
+    assert!(eval_where("s + 1 = 2", j.clone()).is_err(), "a type error");
+    assert!(
+        eval_where("a / 0 = 1", j.clone()).is_err(),
+        "division by zero"
+    );
+    assert!(
+        eval_where("CAST(s AS BIGINT) = 1", j).is_err(),
+        "a failed cast"
+    );
+}
+
+fn error(sql: &str) -> crate::SqlError {
+    compile(sql, &Topics).expect_err(sql)
+}
+
+#[test]
+fn errors_say_where_and_what_to_write() {
+    let e = error("INSERT INTO o SELECT city FROM tweets\nWHERE city = = 'x';");
+    assert_eq!(e.line, 2, "{e}");
+    let e = error("INSERT INTO o SELECT citty FROM tweets;");
+    assert_eq!((e.line, e.column), (1, 22), "{e}");
+    assert!(e.message.contains("did you mean `city`"), "{e}");
+    let e = error("INSERT INTO o SELECT city FROM nowhere;");
+    assert!(e.message.contains("unknown topic 'nowhere'"), "{e}");
+    let e = error("INSERT INTO o SELECT city, COUNT(*) FROM tweets GROUP BY city EMIT FINAL;");
+    assert!(e.message.contains("EMIT FINAL needs a window"), "{e}");
+    assert_eq!((e.line, e.column), (1, 63), "{e}");
+    let e = error("INSERT INTO o SELECT city, user_id, COUNT(*) FROM tweets GROUP BY city;");
+    assert!(e.message.contains("must appear in GROUP BY"), "{e}");
+    let e = error("INSERT INTO o SELECT city, COUNT(*) FROM TUMBLE(tweets, created_at, INTERVAL '1' MINUTE) GROUP BY city;");
+    assert!(e.message.contains("window_start, window_end"), "{e}");
+    let e = error("INSERT INTO o SELECT * FROM HOP(tweets, created_at, INTERVAL '2' MINUTE, INTERVAL '5' MINUTE) GROUP BY window_start, window_end;");
+    assert!(e.message.contains("multiple"), "{e}");
+    let e = error("SET 'allowed-lateness' = 'soon';\nINSERT INTO o SELECT * FROM tweets;");
+    assert_eq!(e.line, 1, "{e}");
+    let e = error("INSERT INTO o SELECT nosuch(city) FROM tweets;");
+    assert!(e.message.contains("unknown function"), "{e}");
+    assert!(error("").message.contains("INSERT INTO"));
+}
+
+#[test]
+fn settings_stateless_and_several_outputs() {
+    let p = compile(
+        "SET 'allowed-lateness' = '2s';\nSET 'emit-interval' = '250ms';\nSET 'max-state-bytes' = '64MB';\n\
+         INSERT INTO flagged SELECT * FROM raw WHERE lower(comment) LIKE '%rizz%';\n\
+         INSERT INTO names SELECT upper(name) AS who, name FROM raw;\n\
+         INSERT INTO totals SELECT city, SUM(amount) / COUNT(*) AS mean FROM tweets GROUP BY city HAVING COUNT(*) > 1;",
+        &Topics,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            p.settings.allowed_lateness_ms,
+            p.settings.emit_interval_ms,
+            p.settings.max_state_bytes
+        ),
+        (2000, 250, 64_000_000)
+    );
+    assert_eq!(p.queries.len(), 3);
+    assert!(matches!(p.queries[0].body, Body::Map(Projection::Star)));
+    let Body::Map(Projection::Columns(c)) = &p.queries[1].body else {
+        panic!()
+    };
+    assert_eq!(
+        c.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["who", "name"]
+    );
+    let Body::Aggregate(a) = &p.queries[2].body else {
+        panic!()
+    };
+    assert_eq!(
+        a.aggregates.len(),
+        2,
+        "COUNT(*) shared by the select list and HAVING"
+    );
+    assert!(a.having.is_some() && a.emit == Emit::Changes && a.window.is_none());
+    let p = compile("INSERT INTO s SELECT city, window_start, window_end, AVG(amount) FROM SESSION(tweets, _timestamp, INTERVAL '30' SECOND) GROUP BY city, window_start, window_end;", &Topics).unwrap();
+    assert_eq!(p.queries[0].source.event_time, EventTime::RecordTimestamp);
+}
+
+proptest! {
+    #[test]
+    fn compile_never_panics(text in "\\PC{0,200}") {
+        let _ = compile(&text, &Topics);
+    }
+
+    #[test]
+    fn compile_never_panics_on_cut_or_spliced_files(cut in 0usize..400, at in 0usize..400, junk in "[ (),;'*=a-z0-9]{0,12}") {
+        let mut s: String = CITY_WINDOWS.chars().take(cut).collect();
+        let at = at.min(s.chars().count());
+        let idx = s.char_indices().nth(at).map_or(s.len(), |(i, _)| i);
+        s.insert_str(idx, &junk);
+        let _ = compile(&s, &Topics);
+    }
+
+    #[test]
+    fn arithmetic_matches_a_reference(a in -1000i64..1000, b in -1000i64..1000, fa in -100.0f64..100.0) {
+        let j = serde_json::json!({"a": a, "b": b, "f": fa});
+        prop_assert_eq!(eval_where(&format!("a + b = {}", a + b), j.clone()).unwrap(), Value::Bool(true));
+        prop_assert_eq!(eval_where(&format!("a * b - a = {}", a * b - a), j.clone()).unwrap(), Value::Bool(true));
+        prop_assert_eq!(eval_where("a < b", j.clone()).unwrap(), Value::Bool(a < b));
+        prop_assert_eq!(eval_where("f > a", j.clone()).unwrap(), Value::Bool(fa > a as f64));
+        if b != 0 {
+            prop_assert_eq!(eval_where(&format!("a / b = {}", a / b), j.clone()).unwrap(), Value::Bool(true));
+            prop_assert_eq!(eval_where(&format!("a % b = {}", a % b), j).unwrap(), Value::Bool(true));
+        }
+    }
+}
