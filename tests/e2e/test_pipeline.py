@@ -1,0 +1,457 @@
+"""Continuous SQL pipelines (issue 10): results checked against an independent model
+(pipeline_oracle.py) computed in the test, through real Kafka clients.
+
+- every window kind and aggregate against the oracle, late records in the late topic;
+- `kill -9` of a standalone `freshet pipeline run` 20 times while input flows: final rows
+  equal to the oracle's and to an uninterrupted run's;
+- idle partitions, EMIT CHANGES intervals, stateless routing, bad SQL and bad records;
+- the HTTP API and the `freshet pipeline` CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import freshet_bin
+from gateway_fixtures import assert_error, request
+from helpers import consume, create_topic, producer, wait_until, watermarks
+from pipeline_oracle import Event, aggregates, windowed
+
+BROKER_ENV = {"FRESHET_HTTP_LISTEN": "127.0.0.1:0"}
+BASE = 1_700_000_000_000  # a multiple of every window size used here
+CITIES = ["paris", "lyon", "nice", "lille", "nantes", "brest"]
+
+SELECT_AGGS = """city, window_start, window_end,
+       COUNT(*) AS n, COUNT(v) AS nv, COUNT(DISTINCT user_id) AS users,
+       COUNT(*) FILTER (WHERE retweet) AS flagged,
+       SUM(v) AS total, MIN(v) AS lo, MAX(v) AS hi, AVG(v) AS mean"""
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def put_pipeline(broker, pipeline: str, sql: str):
+    return request("PUT", f"{broker.http}/pipelines/{pipeline}", body=sql,
+                   headers={"Content-Type": "text/plain"}, timeout=60)
+
+
+def describe(broker, pipeline: str) -> dict:
+    r = request("GET", f"{broker.http}/pipelines/{pipeline}")
+    assert r.status == 200, r
+    return r.json()
+
+
+def generate(n: int, seed: int, late_share: float = 0.05) -> list[dict]:
+    """Records with out-of-order event times: most within 1.5 s of the running clock
+    (inside a 2 s lateness), `late_share` of them 2.5 to 8 s behind it."""
+    rnd = random.Random(seed)
+    clock = BASE + 1_000
+    out = []
+    for i in range(n):
+        clock += rnd.randint(0, 40)
+        behind = rnd.randint(2_500, 8_000) if rnd.random() < late_share else rnd.randint(0, 1_500)
+        out.append({
+            "id": i,
+            "city": rnd.choice(CITIES),
+            "user_id": rnd.randint(0, 40),
+            "v": None if rnd.random() < 0.1 else rnd.randint(-50, 100),
+            "retweet": rnd.random() < 0.3,
+            "ts": clock - behind,
+        })
+    # Closes every window of the data above (its own stay open).
+    out.append({"id": n, "city": "zz", "user_id": 0, "v": 0, "retweet": False, "ts": clock + 120_000})
+    return out
+
+
+def produce_json(bootstrap: str, topic: str, docs: list[dict], partition: int = 0) -> None:
+    p = producer(bootstrap, **{"enable.idempotence": True, "linger.ms": 20})
+    for d in docs:
+        p.produce(topic, json.dumps(d).encode(), partition=partition)
+        if len(p) > 50_000:
+            p.poll(0.1)
+    assert p.flush(30) == 0
+
+
+def final_rows(bootstrap: str, topic: str, partitions=(0,)) -> dict:
+    """Final rows by (city, window_start, window_end); a repeated final row must be identical."""
+    out = {}
+    for rec in consume(bootstrap, topic, partitions=partitions):
+        headers = dict(rec.headers)
+        if headers.get("freshet.final") != b"true":
+            continue
+        row = json.loads(rec.value)
+        k = (row["city"], row["window_start"], row["window_end"])
+        assert json.loads(rec.key) == [row["city"], row["window_start"]], rec
+        assert headers["freshet.window_start"] == str(row["window_start"]).encode()
+        assert headers["freshet.window_end"] == str(row["window_end"]).encode()
+        if k in out:
+            assert out[k] == row, f"two different final rows for {k}: {out[k]} and {row}"
+        out[k] = row
+    return out
+
+
+def expected_rows(closed: dict) -> dict:
+    out = {}
+    for (city, start, end), rows in closed.items():
+        out[(city, start, end)] = {"city": city, "window_start": start, "window_end": end, **aggregates(rows)}
+    return out
+
+
+def assert_same(got: dict, want: dict, what: str):
+    assert set(got) == set(want), (f"{what}: windows differ; missing {sorted(set(want) - set(got))[:5]}, "
+                                   f"unexpected {sorted(set(got) - set(want))[:5]}")
+    for k, w in want.items():
+        g = got[k]
+        for field, value in w.items():
+            if field == "mean" and value is not None and g[field] is not None:
+                assert math.isclose(g[field], value, rel_tol=1e-9), (what, k, field, g, w)
+            else:
+                assert g[field] == value, (what, k, field, g, w)
+        assert list(g) == list(w), f"{what}: columns in select-list order: {list(g)}"
+
+
+def oracle_for(docs: list[dict], kind: str, **window) -> tuple[dict, list]:
+    events = [Event(d["city"], d["ts"], d) for d in docs]
+    closed, late, _ = windowed(events, kind, lateness=2_000, **window)
+    return expected_rows(closed), late
+
+
+def windows_sql(src: str, outs: dict) -> str:
+    return f"""
+SET 'allowed-lateness' = '2s';
+SET 'checkpoint-interval' = '200ms';
+INSERT INTO {outs['tumble']}
+SELECT {SELECT_AGGS}
+FROM TUMBLE({src}, ts, INTERVAL '10' SECOND)
+GROUP BY city, window_start, window_end
+EMIT FINAL;
+INSERT INTO {outs['hop']}
+SELECT {SELECT_AGGS}
+FROM HOP({src}, ts, INTERVAL '5' SECOND, INTERVAL '15' SECOND)
+GROUP BY city, window_start, window_end
+EMIT FINAL;
+INSERT INTO {outs['session']}
+SELECT {SELECT_AGGS}
+FROM SESSION({src}, ts, INTERVAL '200 milliseconds')
+GROUP BY city, window_start, window_end
+EMIT FINAL;
+"""
+
+
+WINDOWS = {"tumble": {"size": 10_000}, "hop": {"size": 15_000, "slide": 5_000}, "session": {"gap": 200}}
+
+
+def test_windows_and_aggregates_match_the_oracle(broker, report):
+    src = name("tweets")
+    create_topic(broker.bootstrap, src)
+    docs = generate(4_000, seed=10)
+    # Some records first, so that column names are known (and checked) at creation.
+    produce_json(broker.bootstrap, src, docs[:100])
+    pipeline = name("oracle")
+    outs = {kind: f"{pipeline}_{kind}" for kind in WINDOWS}
+    r = put_pipeline(broker, pipeline, windows_sql(src, outs))
+    assert r.status == 201, r
+    produce_json(broker.bootstrap, src, docs[100:])
+    total_late = set()
+    for kind, window in WINDOWS.items():
+        want, late = oracle_for(docs, kind, **window)
+        assert len(want) > 20 and late, f"the data must exercise {kind}: {len(want)} windows, {len(late)} late"
+        wait_until(lambda: len(final_rows(broker.bootstrap, outs[kind])) >= len(want), timeout=60,
+                   what=lambda: f"{len(want)} final {kind} rows, got {len(final_rows(broker.bootstrap, outs[kind]))}")
+        assert_same(final_rows(broker.bootstrap, outs[kind]), want, kind)
+        total_late |= {e.row["id"] for e in late}
+        report("pipeline", f"{kind}: {len(want)} final windows equal to the oracle's, {len(late)} late records")
+    # A record late for any query goes once to the late topic, counted.
+    late_topic = f"{pipeline}.late"
+    wait_until(lambda: len(consume(broker.bootstrap, late_topic)) >= len(total_late), timeout=30,
+               what="late records in the late topic")
+    got_late = [json.loads(r.value)["id"] for r in consume(broker.bootstrap, late_topic)]
+    assert sorted(got_late) == sorted(total_late)
+    d = wait_until(lambda: (lambda d: d if d["records_in"] == len(docs) else None)(describe(broker, pipeline)),
+                   what="describe counts every input record")
+    assert d["status"] == "running" and d["late"] == len(total_late) and d["dead_lettered"] == 0, d
+    assert d["watermark"] == docs[-1]["ts"] - 2_000, d
+
+
+def test_kill_9_twenty_times_changes_no_final_value(broker, tmp_path, report):
+    src = name("stream")
+    create_topic(broker.bootstrap, src)
+    docs = generate(30_000, seed=11, late_share=0.02)
+    produce_json(broker.bootstrap, src, docs[:50])
+    pipeline = name("crashy")
+    outs = {kind: f"{pipeline}_{kind}" for kind in WINDOWS}
+    sql_file = tmp_path / "windows.sql"
+    sql_file.write_text(windows_sql(src, outs))
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+
+    def start():
+        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
+                                 "--brokers", broker.bootstrap],
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+    proc = start()
+    def feed():
+        # About 1,500 records a second, so that the kills fall while input flows.
+        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(50, len(docs), 100):
+            for d in docs[i:i + 100]:
+                p.produce(src, json.dumps(d).encode())
+            p.poll(0)
+            time.sleep(0.06)  # pacing, not synchronisation
+        assert p.flush(30) == 0
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    rnd = random.Random(12)
+    # Twenty kills at random points of the input's flow.
+    marks = sorted(rnd.sample(range(100, len(docs) - 100), 20))
+    try:
+        for mark in marks:
+            wait_until(lambda: watermarks(broker.bootstrap, src)[1] >= mark, timeout=60,
+                       what=f"input offset {mark}")
+            proc.kill()
+            proc.wait(10)
+            proc = start()
+        feeder.join(120)
+        for kind, window in WINDOWS.items():
+            want, _ = oracle_for(docs, kind, **window)
+            wait_until(lambda: len(final_rows(broker.bootstrap, outs[kind])) >= len(want), timeout=120,
+                       what=lambda: f"{len(want)} final {kind} rows after the kills")
+            assert_same(final_rows(broker.bootstrap, outs[kind]), want, f"{kind} after 20 kills")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+    # An uninterrupted run of the same query over the same input agrees too.
+    reference = name("calm")
+    ref_outs = {kind: f"{reference}_{kind}" for kind in WINDOWS}
+    assert put_pipeline(broker, reference, windows_sql(src, ref_outs)).status == 201
+    for kind, window in WINDOWS.items():
+        crashed = final_rows(broker.bootstrap, outs[kind])
+        wait_until(lambda: len(final_rows(broker.bootstrap, ref_outs[kind])) >= len(crashed), timeout=120,
+                   what=f"the uninterrupted run's {kind} rows")
+        assert final_rows(broker.bootstrap, ref_outs[kind]) == crashed
+    report("pipeline", f"kill -9 x{len(marks)} of a standalone pipeline over {len(docs)} records: "
+                       "final rows equal to the oracle's and to an uninterrupted run's")
+
+
+def test_idle_partition_does_not_stall_windows(broker):
+    src = name("idle")
+    create_topic(broker.bootstrap, src, partitions=2)
+    pipeline = name("idle")
+    out = f"{pipeline}_out"
+    sql = f"""
+SET 'allowed-lateness' = '0s';
+SET 'idle-timeout' = '1s';
+INSERT INTO {out}
+SELECT city, window_start, window_end, COUNT(*) AS n
+FROM TUMBLE({src}, ts, INTERVAL '1' SECOND)
+GROUP BY city, window_start, window_end
+EMIT FINAL;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    # Only partition 0 gets records; partition 1 stays silent.
+    docs = [{"city": "paris", "ts": BASE + i * 100} for i in range(25)]
+    produce_json(broker.bootstrap, src, docs, partition=0)
+    # Windows [BASE, BASE+1s) and [BASE+1s, BASE+2s) close once partition 1 counts as idle.
+    rows = wait_until(lambda: (lambda rows: rows if len(rows) >= 2 else None)(
+        final_rows(broker.bootstrap, out, partitions=(0, 1))), timeout=30,
+        what="final rows while partition 1 is idle")
+    assert rows[("paris", BASE, BASE + 1_000)]["n"] == 10
+    assert rows[("paris", BASE + 1_000, BASE + 2_000)]["n"] == 10
+    assert ("paris", BASE + 2_000, BASE + 3_000) not in rows  # the watermark is at its start
+
+
+def test_emit_changes_rows_come_within_the_interval(broker):
+    src = name("votes")
+    create_topic(broker.bootstrap, src)
+    pipeline = name("tally")
+    out = f"{pipeline}_out"
+    sql = f"""
+SET 'emit-interval' = '300ms';
+INSERT INTO {out}
+SELECT option, COUNT(*) AS votes FROM {src} GROUP BY option EMIT CHANGES;
+"""
+    produce_json(broker.bootstrap, src, [{"option": "a"}])
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    p = producer(broker.bootstrap)
+    sent = {"a": 1, "b": 0}
+    for i in range(20):
+        option = "ab"[i % 2]
+        sent[option] += 1
+        p.produce(src, json.dumps({"option": option}).encode())
+        assert p.flush(10) == 0
+
+        def seen():
+            rows = [json.loads(r.value) for r in consume(broker.bootstrap, out)]
+            return any(r == {"option": option, "votes": sent[option]} for r in rows)
+        wait_until(seen, timeout=10, what=f"the tally of {option} at {sent[option]}")
+    recs = consume(broker.bootstrap, out)
+    assert all(dict(r.headers)["freshet.final"] == b"false" for r in recs)
+    assert json.loads(recs[-1].key) in (["a"], ["b"])
+    # At most one row per group per interval: consecutive rows of a group are >= 300 ms apart.
+    by_key: dict = {}
+    for r in recs:
+        by_key.setdefault(r.key, []).append(r.timestamp)
+    for key, stamps in by_key.items():
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        assert all(g >= 290 for g in gaps), (key, gaps)
+    # Each vote's new tally left the pipeline within the interval (plus the tick and
+    # the producer's linger), by the records' own timestamps.
+    votes = consume(broker.bootstrap, src)
+    count = {"a": 0, "b": 0}
+    latencies = []
+    for i, v in enumerate(votes):
+        option = json.loads(v.value)["option"]
+        count[option] += 1
+        if i == 0:
+            continue  # read together with the second vote when the pipeline started
+        row = next((r for r in recs if json.loads(r.value) == {"option": option, "votes": count[option]}), None)
+        assert row is not None, f"no row for vote {i} ({option} at {count[option]})"
+        latencies.append(row.timestamp - v.timestamp)
+    assert max(latencies) <= 300 + 700, latencies
+
+
+def test_stateless_route_and_one_input_to_two_outputs(broker):
+    src = name("forms")
+    create_topic(broker.bootstrap, src)
+    forms = [{"name": f"n{i}", "comment": c} for i, c in
+             enumerate(["That is RIZZ", "fine", "no cap fr", "meh", "rizz again", None])]
+    produce_json(broker.bootstrap, src, forms[:1])
+    pipeline = name("slang")
+    flagged, names = f"{pipeline}_flagged", f"{pipeline}_names"
+    sql = f"""
+INSERT INTO {flagged} SELECT * FROM {src} WHERE lower(comment) LIKE '%rizz%' OR comment LIKE '%no cap%';
+INSERT INTO {names} SELECT upper(name) AS who, length(comment) AS len FROM {src};
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    produce_json(broker.bootstrap, src, forms[1:])
+    want_flagged = [json.dumps(f).encode() for f in forms
+                    if f["comment"] and ("rizz" in f["comment"].lower() or "no cap" in f["comment"])]
+    wait_until(lambda: len(consume(broker.bootstrap, flagged)) >= len(want_flagged), what="flagged forms")
+    assert [r.value for r in consume(broker.bootstrap, flagged)] == want_flagged
+    wait_until(lambda: len(consume(broker.bootstrap, names)) >= len(forms), what="projected forms")
+    got = [json.loads(r.value) for r in consume(broker.bootstrap, names)]
+    assert got == [{"who": f["name"].upper(), "len": len(f["comment"]) if f["comment"] else None} for f in forms]
+
+
+def test_bad_sql_is_refused_with_line_and_column(broker):
+    src = name("known")
+    create_topic(broker.bootstrap, src)
+    produce_json(broker.bootstrap, src, [{"city": "paris", "ts": BASE}])
+    cases = [
+        (f"INSERT INTO o SELECT city FROM {src}\nWHERE city = = 'x';", 2),
+        (f"INSERT INTO o SELECT citty FROM {src};", 1),
+        ("INSERT INTO o SELECT city FROM no_such_topic_here;", 1),
+        (f"INSERT INTO o SELECT city, COUNT(*) FROM {src} GROUP BY city EMIT FINAL;", 1),
+    ]
+    for sql, line in cases:
+        r = put_pipeline(broker, name("bad"), sql)
+        body = assert_error(r, 400)
+        assert body["line"] == line and body["column"] >= 1, (sql, body)
+    body = put_pipeline(broker, name("bad"), f"INSERT INTO o SELECT citty FROM {src};").json()
+    assert "city" in body["message"], body  # the suggestion
+    assert "no_such_topic_here" in put_pipeline(
+        broker, name("bad"), "INSERT INTO o SELECT city FROM no_such_topic_here;").json()["message"]
+    assert request("GET", f"{broker.http}/pipelines").json() == [] or all(
+        not p["name"].startswith("bad_") for p in request("GET", f"{broker.http}/pipelines").json())
+
+
+def test_bad_records_go_to_the_dead_letter_topic(broker):
+    src = name("dirty")
+    create_topic(broker.bootstrap, src)
+    produce_json(broker.bootstrap, src, [{"city": "paris", "amount": 1}])
+    pipeline = name("sums")
+    out = f"{pipeline}_out"
+    sql = f"""
+SET 'emit-interval' = '100ms';
+INSERT INTO {out} SELECT city, SUM(amount) AS total FROM {src} GROUP BY city;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    p = producer(broker.bootstrap)
+    for v in [b"not json", json.dumps({"city": "paris", "amount": "lots"}).encode(),
+              json.dumps({"city": "paris", "amount": 2}).encode()]:
+        p.produce(src, v)
+    assert p.flush(10) == 0
+    dead = f"{pipeline}.dead-letter"
+    wait_until(lambda: len(consume(broker.bootstrap, dead)) >= 2, what="two dead letters")
+    letters = consume(broker.bootstrap, dead)
+    assert [r.value for r in letters] == [b"not json", json.dumps({"city": "paris", "amount": "lots"}).encode()]
+    assert all(dict(r.headers).get("freshet.error") for r in letters)
+    # The pipeline went on: the good record after them is counted.
+    wait_until(lambda: any(json.loads(r.value) == {"city": "paris", "total": 3}
+                           for r in consume(broker.bootstrap, out)), what="the sum after the bad records")
+    d = describe(broker, pipeline)
+    assert d["dead_lettered"] == 2 and d["records_in"] == 4, d
+
+
+def test_cli_create_list_describe_delete(broker, tmp_path):
+    src = name("cli")
+    create_topic(broker.bootstrap, src)
+    produce_json(broker.bootstrap, src, [{"k": "x"}])
+    pipeline = name("clip")
+    f = tmp_path / "p.sql"
+    f.write_text(f"INSERT INTO {pipeline}_out SELECT k, COUNT(*) AS n FROM {src} GROUP BY k;")
+    http = f"127.0.0.1:{broker.http_port}"
+
+    def cli(*args):
+        return subprocess.run([str(freshet_bin()), "pipeline", *args, "--http", http],
+                              capture_output=True, text=True, timeout=60)
+
+    r = cli("create", pipeline, str(f))
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == pipeline, r
+    r = cli("list")
+    assert r.returncode == 0 and pipeline in r.stdout, r
+    wait_until(lambda: json.loads(cli("describe", pipeline).stdout)["records_in"] == 1,
+               what="describe shows the record read")
+    bad = tmp_path / "bad.sql"
+    bad.write_text(f"INSERT INTO x SELECT k FROM {src} WHERE;")
+    r = cli("create", name("clibad"), str(bad))
+    assert r.returncode != 0 and "line 1, column" in r.stderr, r
+    r = cli("delete", pipeline)
+    assert r.returncode == 0, r
+    assert request("GET", f"{broker.http}/pipelines/{pipeline}").status == 404
+    r = cli("describe", pipeline)
+    assert r.returncode != 0 and "404" in r.stderr, r
+
+
+def test_pipelines_resume_after_a_server_restart(broker_factory):
+    b = broker_factory(env=BROKER_ENV)
+    src = name("restart")
+    create_topic(b.bootstrap, src)
+    produce_json(b.bootstrap, src, [{"k": "x"}] * 3)
+    pipeline = name("durable")
+    out = f"{pipeline}_out"
+    sql = f"SET 'emit-interval' = '100ms';\nINSERT INTO {out} SELECT k, COUNT(*) AS n FROM {src} GROUP BY k;"
+    assert put_pipeline(b, pipeline, sql).status == 201
+    wait_until(lambda: any(json.loads(r.value)["n"] == 3 for r in consume(b.bootstrap, out)), what="n = 3")
+    b.restart()
+    produce_json(b.bootstrap, src, [{"k": "x"}] * 2)
+    wait_until(lambda: any(json.loads(r.value)["n"] == 5 for r in consume(b.bootstrap, out)),
+               what="n = 5 after the restart: the definition and its state resumed")
+    assert describe(b, pipeline)["sql"] == sql
+
+
+def test_state_limit_stops_the_pipeline_with_a_clear_error(broker):
+    src = name("wide")
+    create_topic(broker.bootstrap, src)
+    produce_json(broker.bootstrap, src, [{"k": "x", "u": 0}])
+    pipeline = name("bounded")
+    sql = f"""
+SET 'max-state-bytes' = '20KB';
+INSERT INTO {pipeline}_out SELECT k, COUNT(DISTINCT u) AS users FROM {src} GROUP BY k;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    produce_json(broker.bootstrap, src, [{"k": "x", "u": i} for i in range(20_000)])
+    d = wait_until(lambda: (lambda d: d if d["status"] == "failed" else None)(describe(broker, pipeline)),
+                   what="the pipeline stopped at its state limit")
+    assert "max-state-bytes" in d["last_error"], d
+    assert d["records_in"] < 20_001, d
