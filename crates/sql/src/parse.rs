@@ -1011,7 +1011,9 @@ impl Leaves for InputContext<'_, '_> {
                     SqlExpr::Identifier(i) => vec![i.value.clone()],
                     SqlExpr::CompoundIdentifier(ps) => ps.iter().map(|p| p.value.clone()).collect(),
                     // A keyword such as `user` parses as a call without parentheses.
-                    SqlExpr::Function(f) if matches!(f.args, FunctionArguments::None) => vec![object_name(&f.name)],
+                    SqlExpr::Function(f) if matches!(f.args, FunctionArguments::None) => {
+                        vec![object_name(&f.name)]
+                    }
                     _ => return Ok(None),
                 };
                 for access in access_chain {

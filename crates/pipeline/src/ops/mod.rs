@@ -622,17 +622,15 @@ impl Grouped {
         let Some(wm) = self.watermark.current() else {
             return;
         };
-        while let Some((end, start, key_bytes)) = self.closing.first().cloned() {
-            if end > wm {
+        while self.closing.first().is_some_and(|(end, _, _)| *end <= wm) {
+            let Some((_, start, key_bytes)) = self.closing.pop_first() else {
                 break;
-            }
+            };
             let id = window_id(&key_bytes, start);
             if let Some(group) = self.remove(&id) {
                 if let Some(row) = self.row(&group, true) {
                     out.push(row);
                 }
-            } else {
-                self.closing.pop_first();
             }
         }
     }
