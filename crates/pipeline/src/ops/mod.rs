@@ -12,7 +12,7 @@
 //! any state changes, so a rejected one changes nothing.
 
 mod accumulate;
-mod encode;
+pub(crate) mod encode;
 mod watermark;
 
 use std::collections::{BTreeSet, HashMap, HashSet};

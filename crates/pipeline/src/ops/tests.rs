@@ -9,7 +9,7 @@ use sql::plan::*;
 use sql::Value;
 
 use super::*;
-use sql::time::parse_iso8601;
+use sql::time::{civil_from_days, parse_iso8601};
 
 fn field(name: &str) -> Expr {
     Expr::Field(vec![name.to_string()])
@@ -335,20 +335,6 @@ proptest! {
         prop_assume!((0..=9999).contains(&ly));
         prop_assert_eq!(parse_iso8601(&s), Some(t));
     }
-}
-
-/// The inverse of days_from_civil, written independently (the test's own calendar).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[test]

@@ -20,6 +20,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::ops::encode::Reader;
+
 /// The largest chunk record (below the default 1 MiB record limit of Kafka).
 pub const CHUNK_BYTES: usize = 900 * 1024;
 
@@ -77,16 +79,16 @@ impl Checkpoint {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         if r.take(4)? != MAGIC {
             return Err("not a pipeline checkpoint (bad magic)".into());
         }
-        let plan_hash = r.u64()?;
+        let plan_hash = r.i64()? as u64;
         let counters = Counters {
-            records_in: r.u64()?,
-            records_out: r.u64()?,
-            late: r.u64()?,
-            dead_lettered: r.u64()?,
+            records_in: r.i64()? as u64,
+            records_out: r.i64()? as u64,
+            late: r.i64()? as u64,
+            dead_lettered: r.i64()? as u64,
         };
         let n = r.u32()? as usize;
         let mut offsets = Vec::with_capacity(n.min(4096));
@@ -96,7 +98,7 @@ impl Checkpoint {
                 .map_err(|_| "checkpoint: topic name is not UTF-8")?
                 .to_string();
             let partition = r.u32()? as i32;
-            let offset = r.u64()? as i64;
+            let offset = r.i64()?;
             offsets.push((topic, partition, offset));
         }
         let n = r.u32()? as usize;
@@ -105,7 +107,7 @@ impl Checkpoint {
             let len = r.u32()? as usize;
             operators.push(r.take(len)?.to_vec());
         }
-        if r.at != bytes.len() {
+        if !r.done() {
             return Err("checkpoint: trailing bytes".into());
         }
         Ok(Checkpoint {
@@ -114,34 +116,6 @@ impl Checkpoint {
             counters,
             operators,
         })
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or("checkpoint: truncated")?;
-        let out = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(out)
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().unwrap_or([0; 4]),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().unwrap_or([0; 8]),
-        ))
     }
 }
 
