@@ -615,22 +615,25 @@ fn projection(items: &[SelectItem], scope: &mut Scope<'_>) -> Result<Projection>
         return Ok(Projection::Star);
     }
     let mut columns = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let (e, alias) = match item {
-            SelectItem::UnnamedExpr(e) => (e, None),
-            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
-            other => {
-                return Err(error_on(
-                    other,
-                    "SELECT * must be alone; otherwise list the columns",
-                ))
-            }
-        };
-        let name = alias.unwrap_or_else(|| output_name(e, i));
+    for (name, e) in named_items(items, "SELECT * must be alone; otherwise list the columns")? {
         columns.push((name, input_expr(e, scope)?));
     }
     dedupe_names(&mut columns);
     Ok(Projection::Columns(columns))
+}
+
+/// The select list's expressions with their output names; `refusal` for a wildcard.
+fn named_items<'e>(items: &'e [SelectItem], refusal: &str) -> Result<Vec<(String, &'e SqlExpr)>> {
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let (e, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e, None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
+            other => return Err(error_on(other, refusal)),
+        };
+        out.push((alias.unwrap_or_else(|| output_name(e, i)), e));
+    }
+    Ok(out)
 }
 
 fn output_name(e: &SqlExpr, i: usize) -> String {
@@ -725,21 +728,10 @@ fn aggregate(
         select,
     };
     let mut columns = Vec::new();
-    let mut pending = Vec::new();
-    for (i, item) in select.projection.iter().enumerate() {
-        let (e, alias) = match item {
-            SelectItem::UnnamedExpr(e) => (e, None),
-            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
-            other => {
-                return Err(error_on(
-                    other,
-                    "SELECT * cannot be used with GROUP BY: list the keys and aggregates",
-                ))
-            }
-        };
-        let name = alias.unwrap_or_else(|| output_name(e, i));
-        pending.push((name, e));
-    }
+    let pending = named_items(
+        &select.projection,
+        "SELECT * cannot be used with GROUP BY: list the keys and aggregates",
+    )?;
     for (name, e) in pending {
         columns.push((name, planner.row_expr(e, scope)?));
     }
