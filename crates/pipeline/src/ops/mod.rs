@@ -49,6 +49,17 @@ pub enum Fate {
     Late,
 }
 
+/// How a grouped query's first stage routes a record ([`QueryOperator::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routing {
+    /// Its event time, if it has one the query can read.
+    pub time: Option<i64>,
+    /// False when the filter is false for it: it changes no group.
+    pub passes: bool,
+    /// A stable hash of its group key (None when a key expression fails).
+    pub key_hash: Option<u64>,
+}
+
 /// Why a record was not processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -204,6 +215,41 @@ impl QueryOperator {
             });
         }
         Ok(Fate::Done)
+    }
+
+    /// What the first stage of a grouped query needs to route `input` to the task
+    /// that holds its group's state, without changing anything.
+    pub fn route(&self, input: &Input<'_>) -> Routing {
+        let ctx = Context::Input(input);
+        let time = event_time(&self.query.source.event_time, input).ok();
+        // An error passes: the task evaluates it again and rejects the record.
+        let passes = match &self.query.filter {
+            Some(f) => f.eval(&ctx).map_or(true, |v| v.is_true()),
+            None => true,
+        };
+        let mut key = Vec::new();
+        let mut ok = true;
+        if let Some(g) = &self.agg {
+            for k in &g.plan.keys {
+                match k.eval(&ctx) {
+                    Ok(v) => encode::value(&mut key, &v),
+                    Err(_) => ok = false,
+                }
+            }
+        }
+        Routing {
+            time,
+            passes,
+            key_hash: ok.then(|| encode::hash(&key)),
+        }
+    }
+
+    /// Another record of source `partition` had event time `t`: the watermark moves
+    /// as if this operator had read it (windows it closes are appended to `out`).
+    pub fn observe(&mut self, partition: i32, t: i64, now_ms: i64, out: &mut Vec<Row>) {
+        if let Some(g) = &mut self.agg {
+            g.observe(partition, t, now_ms, out);
+        }
     }
 
     /// Marks idle partitions, advances the watermark, closes windows, emits due

@@ -287,6 +287,45 @@ proptest! {
         prop_assert!(out.iter().all(|r| r.is_final));
     }
 
+    /// Stage 2 of a run: records split by the hash of their group key among `tasks`
+    /// operators, each record preceded by its partition's highest event time before
+    /// it, and a marker of that partition's highest to every task after it, give the
+    /// same fates and the same final rows as one operator that reads everything.
+    #[test]
+    fn tasks_split_by_key_match_one_operator(window in windows(), recs in records(2), tasks in 1u64..4) {
+        let partitions = [0, 1];
+        let query = windowed_query(Some(window), Emit::Final);
+        let mut one = QueryOperator::new(&query, &settings(50));
+        one.assign(&partitions, 0);
+        let mut split: Vec<QueryOperator> = (0..tasks).map(|_| {
+            let mut op = QueryOperator::new(&query, &settings(50));
+            op.assign(&partitions, 0);
+            op
+        }).collect();
+        let (mut out_one, mut out_split) = (Vec::new(), Vec::new());
+        let mut high: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in &recs {
+            let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
+            let input = Input { json: &json, raw: b"", key: None, timestamp: 0,
+                                partition: r.partition, offset: 0, headers: &[] };
+            let want = one.process(&input, 0, &mut out_one).unwrap();
+            let routing = one.route(&input);
+            prop_assert_eq!(routing.time, Some(r.ts));
+            prop_assert!(routing.passes);
+            let task = &mut split[(routing.key_hash.unwrap() % tasks) as usize];
+            if let Some(&h) = high.get(&r.partition) {
+                task.observe(r.partition, h, 0, &mut out_split);
+            }
+            prop_assert_eq!(task.process(&input, 0, &mut out_split).unwrap(), want);
+            let h = high.entry(r.partition).or_insert(r.ts);
+            *h = (*h).max(r.ts);
+            for op in &mut split {
+                op.observe(r.partition, *h, 0, &mut out_split);
+            }
+        }
+        prop_assert_eq!(finals(&out_split).0, finals(&out_one).0);
+    }
+
     #[test]
     fn a_restored_snapshot_continues_exactly(window in windows(), recs in records(2), cut in 0usize..120) {
         let partitions = [0, 1];

@@ -1,6 +1,7 @@
-//! Checkpoints: the operators' state and the source offsets it reflects, written
-//! together to the pipeline's state topic (one partition), so that a restart anywhere
-//! resumes exactly where the last checkpoint left off.
+//! Checkpoints: a task's operator state and the input offsets it reflects, written
+//! together to the pipeline's state topic (partition N holds task N's checkpoints),
+//! so that whichever instance runs the task next resumes exactly where the last
+//! checkpoint left off.
 //!
 //! A checkpoint is one blob ([`Checkpoint::encode`]) cut into chunk records of at
 //! most [`CHUNK_BYTES`] (key `chunk`), followed by a commit record (key `commit`)
@@ -25,7 +26,7 @@ use crate::ops::encode::Reader;
 /// The largest chunk record (below the default 1 MiB record limit of Kafka).
 pub const CHUNK_BYTES: usize = 900 * 1024;
 
-const MAGIC: &[u8; 4] = b"FPC1";
+const MAGIC: &[u8; 4] = b"FPC2";
 
 /// What a checkpoint holds.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -33,20 +34,11 @@ pub struct Checkpoint {
     /// The plan the state belongs to ([`super::plan_hash`]); a checkpoint of another
     /// plan is not restored.
     pub plan_hash: u64,
-    /// Per source partition, the next offset to read.
+    /// Per input partition, the next offset to read.
     pub offsets: Vec<(String, i32, i64)>,
-    pub counters: Counters,
-    /// Each query's operator snapshot, in query order.
+    /// Opaque blobs, in an order the task defines (its operators' snapshots, then
+    /// what it needs to drop duplicates).
     pub operators: Vec<Vec<u8>>,
-}
-
-/// The pipeline's counts, checkpointed so that they are exact across restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Counters {
-    pub records_in: u64,
-    pub records_out: u64,
-    pub late: u64,
-    pub dead_lettered: u64,
 }
 
 impl Checkpoint {
@@ -55,14 +47,6 @@ impl Checkpoint {
             Vec::with_capacity(64 + self.operators.iter().map(|o| o.len() + 4).sum::<usize>());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.plan_hash.to_be_bytes());
-        for c in [
-            self.counters.records_in,
-            self.counters.records_out,
-            self.counters.late,
-            self.counters.dead_lettered,
-        ] {
-            out.extend_from_slice(&c.to_be_bytes());
-        }
         out.extend_from_slice(&(self.offsets.len() as u32).to_be_bytes());
         for (topic, partition, offset) in &self.offsets {
             out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
@@ -84,12 +68,6 @@ impl Checkpoint {
             return Err("not a pipeline checkpoint (bad magic)".into());
         }
         let plan_hash = r.i64()? as u64;
-        let counters = Counters {
-            records_in: r.i64()? as u64,
-            records_out: r.i64()? as u64,
-            late: r.i64()? as u64,
-            dead_lettered: r.i64()? as u64,
-        };
         let n = r.u32()? as usize;
         let mut offsets = Vec::with_capacity(n.min(4096));
         for _ in 0..n {
@@ -113,7 +91,6 @@ impl Checkpoint {
         Ok(Checkpoint {
             plan_hash,
             offsets,
-            counters,
             operators,
         })
     }
@@ -168,17 +145,19 @@ impl StateTopic {
         })
     }
 
-    /// Writes `checkpoint` and returns once its commit record is acknowledged.
+    /// Writes `checkpoint` to `partition` and returns once its commit record is
+    /// acknowledged.
     pub fn write(
         &self,
         rt: &tokio::runtime::Runtime,
+        partition: i32,
         checkpoint: &Checkpoint,
     ) -> Result<(), String> {
         let blob = checkpoint.encode();
         let mut first = None;
         let mut chunks = 0i64;
         for chunk in blob.chunks(CHUNK_BYTES) {
-            let offset = self.send(rt, "chunk", chunk)?;
+            let offset = self.send(rt, partition, "chunk", chunk)?;
             first.get_or_insert(offset);
             chunks += 1;
         }
@@ -189,29 +168,43 @@ impl StateTopic {
             crc: crc32c::crc32c(&blob),
         };
         let value = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
-        self.send(rt, "commit", &value)?;
+        self.send(rt, partition, "commit", &value)?;
         if commit.first > 0 {
-            // What came before this checkpoint is never read again; a failure here
-            // costs only space.
-            let mut before = TopicPartitionList::new();
-            if before
-                .add_partition_offset(&self.name, 0, Offset::Offset(commit.first))
-                .is_ok()
-            {
-                let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
-                if let Err(err) = rt.block_on(self.admin.delete_records(&before, &opts)) {
-                    tracing::debug!(topic = %self.name, error = %err, "pipeline: trimming the state topic");
-                }
-            }
+            // What came before this checkpoint is never read again.
+            self.trim(rt, &self.name, &[(partition, commit.first)]);
         }
         Ok(())
     }
 
-    fn send(&self, rt: &tokio::runtime::Runtime, key: &str, value: &[u8]) -> Result<i64, String> {
+    /// Deletes the records of `topic` before each (partition, offset): they are never
+    /// read again. A failure costs only space.
+    pub fn trim(&self, rt: &tokio::runtime::Runtime, topic: &str, before: &[(i32, i64)]) {
+        let mut list = TopicPartitionList::new();
+        for &(partition, offset) in before {
+            if list
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        if let Err(err) = rt.block_on(self.admin.delete_records(&list, &opts)) {
+            tracing::debug!(topic, error = %err, "pipeline: trimming a topic");
+        }
+    }
+
+    fn send(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        partition: i32,
+        key: &str,
+        value: &[u8],
+    ) -> Result<i64, String> {
         let record = FutureRecord::<str, [u8]>::to(&self.name)
             .key(key)
             .payload(value)
-            .partition(0);
+            .partition(partition);
         let delivery = self
             .producer
             .send_result(record)
@@ -223,9 +216,12 @@ impl StateTopic {
         }
     }
 
-    /// The last committed checkpoint, if any.
-    pub fn read_last(&self) -> Result<Option<Checkpoint>, String> {
-        let (low, high) = match self.consumer.fetch_watermarks(&self.name, 0, self.timeout) {
+    /// The last committed checkpoint of `partition`, if any.
+    pub fn read_last(&self, partition: i32) -> Result<Option<Checkpoint>, String> {
+        let (low, high) = match self
+            .consumer
+            .fetch_watermarks(&self.name, partition, self.timeout)
+        {
             Ok(w) => w,
             Err(err) => {
                 return Err(format!(
@@ -239,11 +235,12 @@ impl StateTopic {
         let mut end = high;
         while end > low {
             let start = (end - PAGE).max(low);
-            let page = self.read_range(start, end)?;
+            let page = self.read_range(partition, start, end)?;
             if let Some((_, value)) = page.iter().rev().find(|(key, _)| key == b"commit") {
                 let commit: Commit = serde_json::from_slice(value)
                     .map_err(|e| format!("state topic '{}': bad commit record: {e}", self.name))?;
-                let chunks = self.read_range(commit.first, commit.first + commit.chunks)?;
+                let chunks =
+                    self.read_range(partition, commit.first, commit.first + commit.chunks)?;
                 let blob: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
                 if blob.len() != commit.bytes || crc32c::crc32c(&blob) != commit.crc {
                     return Err(format!(
@@ -258,11 +255,11 @@ impl StateTopic {
         Ok(None)
     }
 
-    /// Keys and values of the records at offsets `[from, to)`.
-    fn read_range(&self, from: i64, to: i64) -> Result<Vec<KeyValue>, String> {
+    /// Keys and values of the records of `partition` at offsets `[from, to)`.
+    fn read_range(&self, partition: i32, from: i64, to: i64) -> Result<Vec<KeyValue>, String> {
         let mut assignment = TopicPartitionList::new();
         assignment
-            .add_partition_offset(&self.name, 0, Offset::Offset(from))
+            .add_partition_offset(&self.name, partition, Offset::Offset(from))
             .map_err(|e| e.to_string())?;
         self.consumer
             .assign(&assignment)
@@ -309,10 +306,8 @@ mod tests {
     proptest! {
         #[test]
         fn encode_decode(hash: u64, offsets in proptest::collection::vec(("[a-z._-]{1,20}", 0i32..100, 0i64..i64::MAX), 0..10),
-                         ops in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..5),
-                         counts: (u64, u64, u64, u64)) {
-            let c = Checkpoint { plan_hash: hash, offsets, operators: ops,
-                counters: Counters { records_in: counts.0, records_out: counts.1, late: counts.2, dead_lettered: counts.3 } };
+                         ops in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..5)) {
+            let c = Checkpoint { plan_hash: hash, offsets, operators: ops };
             prop_assert_eq!(Checkpoint::decode(&c.encode()).unwrap(), c);
         }
 

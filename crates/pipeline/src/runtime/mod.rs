@@ -1,38 +1,42 @@
 //! Runs one pipeline as a Kafka client: reads its sources, feeds each record to the
 //! operators of the queries that read it, writes their rows to the output topics (and
 //! late and bad records to the late and dead-letter topics), and checkpoints the
-//! operators' state with the source offsets it reflects.
+//! operators' state with the offsets it reflects.
+//!
+//! Two stages ([`route`] and [`tasks`]), so that several instances of one pipeline
+//! split the work through consumer groups and each group key's state lives in one
+//! task, wherever the source put the record.
 //!
 //! Exactly-once results, at-least-once rows: a checkpoint is written only after every
-//! row emitted before it is acknowledged (acks=all), and a restart resumes from the
-//! last checkpoint's state *and* offsets, so every input record is counted exactly
-//! once in the state. Rows emitted after the last checkpoint are emitted again after a
-//! crash, with the same values for final rows.
+//! row emitted before it is acknowledged (acks=all), and a task resumes from its last
+//! checkpoint's state *and* offsets, dropping records the first stage sent twice, so
+//! every input record is counted exactly once in the state. Rows emitted after the
+//! last checkpoint are emitted again after a crash or a move, with the same values
+//! for final rows.
 //!
-//! One thread per pipeline: [`run`] blocks until `stop` is set or an error ends it.
+//! [`run`] blocks until `stop` is set or an error ends it.
 
 pub mod catalog;
 pub mod checkpoint;
+mod route;
+mod tasks;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use serde::Serialize;
-use sql::expr::Input;
 use sql::plan::Body;
 
-use crate::ops::{self, Fate, QueryOperator, Row};
-use checkpoint::{Checkpoint, Counters, StateTopic};
+use crate::ops::Row;
 
 /// How long a request to the cluster may take before the run gives up.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,12 +85,6 @@ pub fn dead_letter_topic(name: &str, plan: &sql::Pipeline) -> String {
 
 pub fn state_topic(name: &str) -> String {
     format!("_freshet.pipeline.{name}.state")
-}
-
-/// The consumer group a pipeline commits its checkpointed offsets under (for lag
-/// tools; restarts use the checkpoint's own offsets).
-pub fn group_id(name: &str) -> String {
-    format!("freshet-pipeline-{name}")
 }
 
 /// A pipeline name: what a topic name allows (it names the pipeline's own topics).
@@ -166,22 +164,6 @@ impl Stats {
             "watermark": (watermark != i64::MIN).then_some(watermark),
             "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
         })
-    }
-
-    fn counters(&self) -> Counters {
-        Counters {
-            records_in: self.records_in.load(Ordering::Relaxed),
-            records_out: self.records_out.load(Ordering::Relaxed),
-            late: self.late.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
-        }
-    }
-
-    fn restore(&self, c: &Counters) {
-        self.records_in.store(c.records_in, Ordering::Relaxed);
-        self.records_out.store(c.records_out, Ordering::Relaxed);
-        self.late.store(c.late, Ordering::Relaxed);
-        self.dead_lettered.store(c.dead_lettered, Ordering::Relaxed);
     }
 }
 
@@ -263,29 +245,195 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
-/// One query being run.
-struct Running {
-    operator: QueryOperator,
-    output: String,
-    windowed: bool,
+/// The consumer group of a pipeline's first stage (its source offsets, for lag tools
+/// and for the instances to split the source partitions). The plan's hash is part of
+/// it: a changed definition starts afresh, as ksqlDB does with a new query id.
+pub fn group_id(name: &str, plan: &sql::Pipeline) -> String {
+    format!("freshet-pipeline-{name}-{:08x}", plan_hash(plan) as u32)
+}
+
+/// The consumer group of a pipeline's second stage (the tasks).
+pub fn tasks_group_id(name: &str, plan: &sql::Pipeline) -> String {
+    format!("{}-tasks", group_id(name, plan))
+}
+
+pub fn repartition_topic(name: &str) -> String {
+    format!("_freshet.pipeline.{name}.repartition")
+}
+
+/// How many tasks (repartition and state partitions) a pipeline has: as many as the
+/// largest source of a grouped query has partitions (Kafka Streams' rule).
+fn task_count(prepared: &Prepared) -> i32 {
+    prepared
+        .plan
+        .queries
+        .iter()
+        .filter(|q| matches!(q.body, Body::Aggregate(_)))
+        .filter_map(|q| prepared.sources.iter().find(|(t, _)| *t == q.source.topic))
+        .map(|(_, p)| *p)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The header that a record or a watermark marker carries on the repartition topic:
+/// where it came from, so that the task drops copies and keeps each source
+/// partition's watermark.
+const ROUTE_HEADER: &str = "freshet.route";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    /// A marker carries only `high`: the highest event time its source partition
+    /// has delivered.
+    marker: bool,
+    plan: u64,
+    query: u32,
+    source: u32,
+    partition: i32,
+    offset: i64,
+    /// Records: the highest event time of the source partition before this record.
+    high: Option<i64>,
+}
+
+impl Route {
+    const LEN: usize = 37;
+
+    fn encode(&self) -> [u8; Route::LEN] {
+        let mut out = [0u8; Route::LEN];
+        out[0] = self.marker as u8;
+        out[1..9].copy_from_slice(&self.plan.to_be_bytes());
+        out[9..13].copy_from_slice(&self.query.to_be_bytes());
+        out[13..17].copy_from_slice(&self.source.to_be_bytes());
+        out[17..21].copy_from_slice(&self.partition.to_be_bytes());
+        out[21..29].copy_from_slice(&self.offset.to_be_bytes());
+        out[29..37].copy_from_slice(&self.high.unwrap_or(i64::MIN).to_be_bytes());
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Route> {
+        if b.len() != Route::LEN || b[0] > 1 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let i64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            i64::from_be_bytes(a)
+        };
+        let high = i64_at(29);
+        Some(Route {
+            marker: b[0] == 1,
+            plan: i64_at(1) as u64,
+            query: u32_at(9),
+            source: u32_at(13),
+            partition: u32_at(17) as i32,
+            offset: i64_at(21),
+            high: (high != i64::MIN).then_some(high),
+        })
+    }
+}
+
+/// What both stages of a run share.
+struct Shared<'a> {
+    prepared: &'a Prepared,
+    stats: &'a Stats,
+    hash: u64,
+    late: String,
+    dead: String,
+    repartition: String,
+    tasks: i32,
+    producer: ThreadedProducer<DeliveryContext>,
+    delivery: Arc<Delivery>,
+}
+
+impl Shared<'_> {
+    /// Waits until every record queued so far is acknowledged; fails if any was not.
+    fn flush(&self) -> Result<(), Error> {
+        self.producer
+            .flush(CLUSTER_TIMEOUT)
+            .map_err(|e| Error::Cluster(format!("cannot deliver the pipeline's rows: {e}")))?;
+        if self.delivery.failed.load(Ordering::Relaxed) > 0 {
+            let first = self
+                .delivery
+                .first_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(Error::Cluster(
+                first.unwrap_or_else(|| "a row could not be delivered".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A consumer of one of the two stages' groups.
+    fn consumer<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        group: String,
+        context: C,
+    ) -> Result<BaseConsumer<C>, Error> {
+        self.prepared
+            .client
+            .clone()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            // The rebalance callbacks assume the eager protocol (all revoked, then
+            // all assigned).
+            .set("partition.assignment.strategy", "range")
+            .create_with_context(context)
+            .map_err(|e| Error::Cluster(e.to_string()))
+    }
 }
 
 /// Runs `prepared` until `stop` is set (then a last checkpoint is written) or an
 /// error ends the run.
+///
+/// Two stages, each on its own thread, as Kafka Streams does with a repartition: the
+/// router reads the sources in the pipeline's consumer group (instances of the same
+/// pipeline split the source partitions), runs the stateless queries and sends each
+/// record a grouped query counts to the repartition partition of its group key; the
+/// tasks (one per repartition partition, split among the instances by a second
+/// group) hold the groups' state and checkpoint it with their repartition offsets.
 pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), Error> {
-    let cluster = |e: String| Error::Cluster(e);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Cluster(e.to_string()))?;
     let name = &prepared.name;
     let plan = &prepared.plan;
-    let late = late_topic(name, plan);
-    let dead = dead_letter_topic(name, plan);
-    let state_name = state_topic(name);
+    let tasks = task_count(prepared);
+    let shared = {
+        let delivery = Arc::new(Delivery::default());
+        let producer: ThreadedProducer<DeliveryContext> = prepared
+            .client
+            .clone()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .set(
+                "message.timeout.ms",
+                CLUSTER_TIMEOUT.as_millis().to_string(),
+            )
+            .create_with_context(DeliveryContext(delivery.clone()))
+            .map_err(|e| Error::Cluster(e.to_string()))?;
+        Shared {
+            prepared,
+            stats,
+            hash: plan_hash(plan),
+            late: late_topic(name, plan),
+            dead: dead_letter_topic(name, plan),
+            repartition: repartition_topic(name),
+            tasks,
+            producer,
+            delivery,
+        }
+    };
 
     // The topics it writes, created if missing: outputs with the partition count of
-    // their query's source, the others with one.
+    // their query's source, the late and dead-letter topics with one, the
+    // repartition and state topics with one partition per task.
     let mut topics: Vec<(String, i32)> = Vec::new();
     for query in &plan.queries {
         let partitions = prepared
@@ -295,315 +443,53 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
             .map_or(1, |(_, p)| *p);
         topics.push((query.output.clone(), partitions));
     }
-    topics.push((late.clone(), 1));
-    topics.push((dead.clone(), 1));
-    create_topics(&rt, &prepared.client, &topics, &state_name).map_err(cluster)?;
-
-    let state =
-        StateTopic::open(&prepared.client, &state_name, CLUSTER_TIMEOUT).map_err(cluster)?;
-    let hash = plan_hash(plan);
-    let mut queries: Vec<Running> = plan
-        .queries
-        .iter()
-        .map(|q| Running {
-            operator: QueryOperator::new(q, &plan.settings),
-            output: q.output.clone(),
-            windowed: matches!(&q.body, Body::Aggregate(a) if a.window.is_some()),
-        })
-        .collect();
-    // Next offset to read per (source index, partition).
-    let mut positions: Vec<Vec<i64>> = prepared
-        .sources
-        .iter()
-        .map(|(_, p)| vec![-1; *p as usize])
-        .collect();
-    match state.read_last().map_err(cluster)? {
-        Some(checkpoint)
-            if checkpoint.plan_hash == hash && checkpoint.operators.len() == queries.len() =>
-        {
-            for (query, bytes) in queries.iter_mut().zip(&checkpoint.operators) {
-                query
-                    .operator
-                    .restore(bytes)
-                    .map_err(|e| Error::Cluster(format!("cannot restore the checkpoint: {e}")))?;
-            }
-            for (topic, partition, offset) in &checkpoint.offsets {
-                if let Some(s) = prepared.sources.iter().position(|(t, _)| t == topic) {
-                    if let Some(p) = positions[s].get_mut(*partition as usize) {
-                        *p = *offset;
-                    }
-                }
-            }
-            stats.restore(&checkpoint.counters);
-            tracing::info!(pipeline = %name, "resuming from the last checkpoint");
-        }
-        Some(_) => {
-            tracing::warn!(pipeline = %name, "the last checkpoint is of another definition: starting afresh")
-        }
-        None => {}
-    }
-
-    // Which queries read each source.
-    let readers: Vec<Vec<usize>> = prepared
-        .sources
-        .iter()
-        .map(|(topic, _)| {
-            (0..queries.len())
-                .filter(|&i| plan.queries[i].source.topic == *topic)
-                .collect()
-        })
-        .collect();
-    let needs_json: Vec<bool> = readers
-        .iter()
-        .map(|qs| qs.iter().any(|&i| plan.queries[i].source.json))
-        .collect();
-    let source_index: HashMap<&str, usize> = prepared
-        .sources
-        .iter()
-        .enumerate()
-        .map(|(i, (t, _))| (t.as_str(), i))
-        .collect();
-
-    let consumer: BaseConsumer = prepared
-        .client
-        .clone()
-        .set("group.id", group_id(name))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(|e| Error::Cluster(e.to_string()))?;
-    let mut assignment = TopicPartitionList::new();
-    for (s, (topic, partitions)) in prepared.sources.iter().enumerate() {
-        for p in 0..*partitions {
-            let offset = match positions[s][p as usize] {
-                o if o >= 0 => Offset::Offset(o),
-                _ => Offset::Beginning,
-            };
-            assignment
-                .add_partition_offset(topic, p, offset)
-                .map_err(|e| Error::Cluster(e.to_string()))?;
-        }
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| Error::Cluster(e.to_string()))?;
-    let now = now_ms();
-    for (s, (_, partitions)) in prepared.sources.iter().enumerate() {
-        let parts: Vec<i32> = (0..*partitions).collect();
-        for &q in &readers[s] {
-            queries[q].operator.assign(&parts, now);
-        }
-    }
-
-    let delivery = Arc::new(Delivery::default());
-    let producer: ThreadedProducer<DeliveryContext> = prepared
-        .client
-        .clone()
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .set(
-            "message.timeout.ms",
-            CLUSTER_TIMEOUT.as_millis().to_string(),
-        )
-        .create_with_context(DeliveryContext(delivery.clone()))
-        .map_err(|e| Error::Cluster(e.to_string()))?;
+    topics.push((shared.late.clone(), 1));
+    topics.push((shared.dead.clone(), 1));
+    let internal = if tasks > 0 {
+        vec![
+            (shared.repartition.clone(), tasks),
+            (state_topic(name), tasks),
+        ]
+    } else {
+        Vec::new()
+    };
+    create_topics(&rt, &prepared.client, &topics, &internal).map_err(Error::Cluster)?;
 
     stats.set_status(Status::Running);
-    let checkpoint_every =
-        Duration::from_millis(plan.settings.checkpoint_interval_ms.max(10) as u64);
-    let mut last_tick = Instant::now();
-    let mut last_checkpoint = Instant::now();
-    let mut rows: Vec<Row> = Vec::new();
-    let mut out_count = 0u64;
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let polled = consumer.poll(TICK);
-        let now = now_ms();
-        match polled {
-            Some(Ok(message)) => {
-                let Some(&s) = source_index.get(message.topic()) else {
-                    continue;
-                };
-                let partition = message.partition();
-                if let Some(p) = positions[s].get_mut(partition as usize) {
-                    *p = message.offset() + 1;
-                }
-                stats.records_in.fetch_add(1, Ordering::Relaxed);
-                let json = if needs_json[s] {
-                    match serde_json::from_slice::<serde_json::Value>(
-                        message.payload().unwrap_or_default(),
-                    ) {
-                        Ok(json) => json,
-                        Err(err) => {
-                            send_copy(
-                                &producer,
-                                &dead,
-                                &message,
-                                &[("freshet.error", &format!("the value is not JSON: {err}"))],
-                            )?;
-                            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
+    // Either stage failing stops the other.
+    let halt = AtomicBool::new(false);
+    let stopping = || stop.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
+    let (routed, counted) = std::thread::scope(|scope| {
+        let task_thread = (tasks > 0).then(|| {
+            let shared = &shared;
+            let stopping = &stopping;
+            let halt = &halt;
+            std::thread::Builder::new()
+                .name(format!("pipeline-{name}-tasks"))
+                .spawn_scoped(scope, move || {
+                    let r = tasks::run(shared, stopping);
+                    if r.is_err() {
+                        halt.store(true, Ordering::Relaxed);
                     }
-                } else {
-                    serde_json::Value::Null
-                };
-                let headers: Vec<(String, Option<Vec<u8>>)> = message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let input = Input {
-                    json: &json,
-                    raw: message.payload().unwrap_or_default(),
-                    key: message.key(),
-                    timestamp: message.timestamp().to_millis().unwrap_or(0),
-                    partition,
-                    offset: message.offset(),
-                    headers: &headers,
-                };
-                let mut late_sent = false;
-                let mut dead_sent = false;
-                for &q in &readers[s] {
-                    let query = &mut queries[q];
-                    match query.operator.process(&input, now, &mut rows) {
-                        Ok(Fate::Done) => {}
-                        Ok(Fate::Late) => {
-                            if !late_sent {
-                                send_copy(&producer, &late, &message, &[])?;
-                                stats.late.fetch_add(1, Ordering::Relaxed);
-                                late_sent = true;
-                            }
-                        }
-                        Err(ops::Error::Rejected(reason)) => {
-                            if !dead_sent {
-                                send_copy(
-                                    &producer,
-                                    &dead,
-                                    &message,
-                                    &[("freshet.error", &reason)],
-                                )?;
-                                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                                dead_sent = true;
-                            }
-                        }
-                        Err(ops::Error::StateLimit { used, limit }) => {
-                            stats.state_bytes.store(used, Ordering::Relaxed);
-                            return Err(Error::StateLimit { used, limit });
-                        }
-                    }
-                    out_count += send_rows(&producer, &query.output, &mut rows)?;
-                }
-            }
-            Some(Err(err)) => {
-                tracing::debug!(pipeline = %name, error = %err, "pipeline: consumer");
-            }
-            None => {}
+                    r
+                })
+        });
+        let routed = route::run(&shared, &stopping);
+        if routed.is_err() {
+            halt.store(true, Ordering::Relaxed);
         }
-        if last_tick.elapsed() >= TICK {
-            last_tick = Instant::now();
-            let mut watermark: Option<i64> = None;
-            for query in &mut queries {
-                query.operator.tick(now, &mut rows);
-                out_count += send_rows(&producer, &query.output, &mut rows)?;
-                if query.windowed {
-                    if let Some(w) = query.operator.watermark() {
-                        watermark = Some(watermark.map_or(w, |m: i64| m.min(w)));
-                    }
-                }
-            }
-            if let Some(w) = watermark {
-                stats.watermark.store(w, Ordering::Relaxed);
-            }
-            stats
-                .records_out
-                .fetch_add(std::mem::take(&mut out_count), Ordering::Relaxed);
-        }
-        if last_checkpoint.elapsed() >= checkpoint_every {
-            take_checkpoint(
-                &rt, prepared, &state, &producer, &delivery, &consumer, &queries, &positions,
-                stats, hash,
-            )?;
-            last_checkpoint = Instant::now();
-        }
-    }
-    stats.records_out.fetch_add(out_count, Ordering::Relaxed);
-    take_checkpoint(
-        &rt, prepared, &state, &producer, &delivery, &consumer, &queries, &positions, stats, hash,
-    )?;
+        let counted = match task_thread {
+            None => Ok(()),
+            Some(Err(e)) => Err(Error::Cluster(format!("cannot start a thread: {e}"))),
+            Some(Ok(handle)) => handle
+                .join()
+                .unwrap_or_else(|_| Err(Error::Cluster("the tasks' thread panicked".into()))),
+        };
+        (routed, counted)
+    });
+    routed?;
+    counted?;
     stats.set_status(Status::Stopped);
-    Ok(())
-}
-
-/// Flushes the rows emitted so far (every one acknowledged, or the run fails), then
-/// writes the state and the offsets it reflects, then commits those offsets to the
-/// pipeline's group for lag tools.
-#[allow(clippy::too_many_arguments)]
-fn take_checkpoint(
-    rt: &tokio::runtime::Runtime,
-    prepared: &Prepared,
-    state: &StateTopic,
-    producer: &ThreadedProducer<DeliveryContext>,
-    delivery: &Delivery,
-    consumer: &BaseConsumer,
-    queries: &[Running],
-    positions: &[Vec<i64>],
-    stats: &Stats,
-    hash: u64,
-) -> Result<(), Error> {
-    producer
-        .flush(CLUSTER_TIMEOUT)
-        .map_err(|e| Error::Cluster(format!("cannot deliver the pipeline's rows: {e}")))?;
-    if delivery.failed.load(Ordering::Relaxed) > 0 {
-        let first = delivery
-            .first_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        return Err(Error::Cluster(
-            first.unwrap_or_else(|| "a row could not be delivered".into()),
-        ));
-    }
-    let mut offsets = Vec::new();
-    let mut commit = TopicPartitionList::new();
-    let mut lag = 0i64;
-    for (s, (topic, _)) in prepared.sources.iter().enumerate() {
-        for (p, &next) in positions[s].iter().enumerate() {
-            if next >= 0 {
-                offsets.push((topic.clone(), p as i32, next));
-                let _ = commit.add_partition_offset(topic, p as i32, Offset::Offset(next));
-            }
-            if let Ok((low, high)) =
-                consumer.fetch_watermarks(topic, p as i32, Duration::from_millis(500))
-            {
-                lag += (high - next.max(low)).max(0);
-            }
-        }
-    }
-    let checkpoint = Checkpoint {
-        plan_hash: hash,
-        offsets,
-        counters: stats.counters(),
-        operators: queries.iter().map(|q| q.operator.snapshot()).collect(),
-    };
-    state.write(rt, &checkpoint).map_err(Error::Cluster)?;
-    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-    stats.state_bytes.store(
-        queries.iter().map(|q| q.operator.state_bytes()).sum(),
-        Ordering::Relaxed,
-    );
-    stats.lag.store(lag, Ordering::Relaxed);
-    if commit.count() > 0 {
-        let _ = consumer.commit(&commit, CommitMode::Async);
-    }
     Ok(())
 }
 
@@ -648,29 +534,39 @@ fn send_rows(
     Ok(n)
 }
 
+/// The headers of a record as a query reads them (`header('x')`): the route header
+/// of the repartition topic is not one of them.
+fn input_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter(|h| h.key != ROUTE_HEADER)
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Queues a copy of an input record (for the late and dead-letter topics), with its
-/// key, timestamp and headers, plus `extra` headers.
+/// key, timestamp and headers (not the route header), plus `freshet.source` (topic /
+/// partition / offset of the source record) and `extra` headers.
 fn send_copy(
     producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
     message: &BorrowedMessage<'_>,
+    source: &str,
     extra: &[(&str, &str)],
 ) -> Result<(), Error> {
     let mut headers = OwnedHeaders::new();
     if let Some(h) = message.headers() {
-        for h in h.iter() {
+        for h in h.iter().filter(|h| h.key != ROUTE_HEADER) {
             headers = headers.insert(Header {
                 key: h.key,
                 value: h.value,
             });
         }
     }
-    let source = format!(
-        "{}/{}/{}",
-        message.topic(),
-        message.partition(),
-        message.offset()
-    );
     headers = headers.insert(Header {
         key: "freshet.source",
         value: Some(source.as_bytes()),
@@ -711,18 +607,24 @@ fn send<'a>(
     }
 }
 
+/// Creates `topics` and the `internal` ones (kept forever) if missing; an internal
+/// topic that exists must have the partition count asked for.
 fn create_topics(
     rt: &tokio::runtime::Runtime,
     client: &ClientConfig,
     topics: &[(String, i32)],
-    state: &str,
+    internal: &[(String, i32)],
 ) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| e.to_string())?;
     let mut new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(-1)))
         .collect();
-    new.push(NewTopic::new(state, 1, TopicReplication::Fixed(-1)).set("retention.ms", "-1"));
+    for (name, partitions) in internal {
+        new.push(
+            NewTopic::new(name, *partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1"),
+        );
+    }
     let opts = AdminOptions::new().operation_timeout(Some(CLUSTER_TIMEOUT));
     let results = rt
         .block_on(admin.create_topics(&new, &opts))
@@ -733,5 +635,41 @@ fn create_topics(
             Err((topic, code)) => return Err(format!("cannot create topic '{topic}': {code}")),
         }
     }
+    for (name, partitions) in internal {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), CLUSTER_TIMEOUT)
+            .map_err(|e| format!("cannot read the metadata of '{name}': {e}"))?;
+        let have = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len() as i32);
+        if have != *partitions {
+            return Err(format!(
+                "topic '{name}' has {have} partitions, the pipeline needs {partitions} (one per task, as many as its largest source has): delete the topic, and with it the pipeline's state, to start afresh"
+            ));
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_route_header_reads_back(marker: bool, plan: u64, query: u32, source: u32, partition: i32,
+                                     offset: i64, high in proptest::option::of(i64::MIN + 1..i64::MAX)) {
+            let r = Route { marker, plan, query, source, partition, offset, high };
+            prop_assert_eq!(Route::decode(&r.encode()), Some(r));
+        }
+
+        #[test]
+        fn a_bad_route_header_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..60)) {
+            let decoded = Route::decode(&bytes);
+            prop_assert_eq!(decoded.is_some(), bytes.len() == Route::LEN && bytes[0] <= 1);
+        }
+    }
 }

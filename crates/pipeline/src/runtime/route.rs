@@ -1,0 +1,358 @@
+//! The first stage of a run: reads the source partitions this instance holds in the
+//! pipeline's consumer group, runs the stateless queries, and sends each record that
+//! a grouped query counts to the repartition partition of its group key, with a
+//! route header (source partition and offset, and the partition's highest event time
+//! before it). Every tick it also sends a watermark marker per source partition that
+//! delivered, to every repartition partition, so that a task whose keys a partition
+//! rarely carries still sees that partition's event time move.
+//!
+//! At least once: the source offsets are committed only after everything sent for
+//! the records before them is acknowledged; a record sent twice (after a crash or a
+//! rebalance) is dropped by its task, which keeps the highest source offset it
+//! applied per source partition.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sql::expr::Input;
+use sql::plan::Body;
+
+use super::{
+    group_id, input_headers, now_ms, send, send_copy, send_rows, Error, Route, Shared,
+    ROUTE_HEADER, TICK,
+};
+use crate::ops::{self, Fate, QueryOperator, Row};
+
+/// What stage 1 does for one query.
+enum Stage {
+    /// A stateless query, run here.
+    Map(QueryOperator),
+    /// A grouped query: routing only; its state lives in the tasks.
+    Route(QueryOperator),
+}
+
+/// Per (query, source partition): the highest event time delivered, and whether a
+/// record came since the last marker.
+#[derive(Default, Clone, Copy)]
+struct Progress {
+    high: Option<i64>,
+    delivered: bool,
+    offset: i64,
+}
+
+pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<(), Error> {
+    let prepared = shared.prepared;
+    let plan = &prepared.plan;
+    let stats = shared.stats;
+    let name = &prepared.name;
+    let mut stages: Vec<(Stage, &str, usize)> = plan
+        .queries
+        .iter()
+        .map(|q| {
+            let op = QueryOperator::new(q, &plan.settings);
+            let s = prepared
+                .sources
+                .iter()
+                .position(|(t, _)| *t == q.source.topic)
+                .unwrap_or(0);
+            let stage = match q.body {
+                Body::Aggregate(_) => Stage::Route(op),
+                Body::Map(_) => Stage::Map(op),
+            };
+            (stage, q.output.as_str(), s)
+        })
+        .collect();
+    // Which queries read each source, and whether any of them reads JSON.
+    let readers: Vec<Vec<usize>> = (0..prepared.sources.len())
+        .map(|s| (0..stages.len()).filter(|&i| stages[i].2 == s).collect())
+        .collect();
+    let needs_json: Vec<bool> = readers
+        .iter()
+        .map(|qs| qs.iter().any(|&i| plan.queries[i].source.json))
+        .collect();
+    let source_index: HashMap<&str, usize> = prepared
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, (t, _))| (t.as_str(), i))
+        .collect();
+
+    let consumer: BaseConsumer<DefaultConsumerContext> =
+        shared.consumer(group_id(name, plan), DefaultConsumerContext)?;
+    let topics: Vec<&str> = prepared.sources.iter().map(|(t, _)| t.as_str()).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| Error::Cluster(e.to_string()))?;
+
+    // Next offset to read per (source, partition) of what this instance read.
+    let mut positions: HashMap<(usize, i32), i64> = HashMap::new();
+    let mut progress: HashMap<(usize, i32), Progress> = HashMap::new();
+    let checkpoint_every =
+        Duration::from_millis(plan.settings.checkpoint_interval_ms.max(10) as u64);
+    let mut last_tick = Instant::now();
+    let mut last_commit = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut out_count = 0u64;
+    while !stopping() {
+        let polled = consumer.poll(TICK);
+        let now = now_ms();
+        match polled {
+            Some(Ok(message)) => {
+                if let Some(&s) = source_index.get(message.topic()) {
+                    positions.insert((s, message.partition()), message.offset() + 1);
+                    stats.records_in.fetch_add(1, Ordering::Relaxed);
+                    out_count += one(
+                        shared,
+                        &mut stages,
+                        &readers[s],
+                        needs_json[s],
+                        s,
+                        &message,
+                        &mut progress,
+                        now,
+                        &mut rows,
+                    )?;
+                }
+            }
+            Some(Err(err)) => {
+                tracing::debug!(pipeline = %name, error = %err, "pipeline: source consumer");
+            }
+            None => {}
+        }
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            send_markers(shared, &stages, &mut progress)?;
+            stats
+                .records_out
+                .fetch_add(std::mem::take(&mut out_count), Ordering::Relaxed);
+        }
+        if last_commit.elapsed() >= checkpoint_every {
+            commit(shared, &consumer, &positions, CommitMode::Async)?;
+            last_commit = Instant::now();
+        }
+    }
+    stats.records_out.fetch_add(out_count, Ordering::Relaxed);
+    send_markers(shared, &stages, &mut progress)?;
+    commit(shared, &consumer, &positions, CommitMode::Sync)
+}
+
+/// Runs one source record through the queries that read it; returns how many rows
+/// it sent to outputs.
+#[allow(clippy::too_many_arguments)]
+fn one(
+    shared: &Shared<'_>,
+    stages: &mut [(Stage, &str, usize)],
+    readers: &[usize],
+    needs_json: bool,
+    s: usize,
+    message: &BorrowedMessage<'_>,
+    progress: &mut HashMap<(usize, i32), Progress>,
+    now: i64,
+    rows: &mut Vec<Row>,
+) -> Result<u64, Error> {
+    let stats = shared.stats;
+    let source = format!(
+        "{}/{}/{}",
+        message.topic(),
+        message.partition(),
+        message.offset()
+    );
+    let json = if needs_json {
+        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
+            Ok(json) => json,
+            Err(err) => {
+                send_copy(
+                    &shared.producer,
+                    &shared.dead,
+                    message,
+                    &source,
+                    &[("freshet.error", &format!("the value is not JSON: {err}"))],
+                )?;
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Ok(0);
+            }
+        }
+    } else {
+        serde_json::Value::Null
+    };
+    let headers = input_headers(message);
+    let partition = message.partition();
+    let input = Input {
+        json: &json,
+        raw: message.payload().unwrap_or_default(),
+        key: message.key(),
+        timestamp: message.timestamp().to_millis().unwrap_or(0),
+        partition,
+        offset: message.offset(),
+        headers: &headers,
+    };
+    let mut out = 0;
+    let mut dead_sent = false;
+    for &q in readers {
+        let (stage, output, _) = &mut stages[q];
+        match stage {
+            Stage::Map(op) => match op.process(&input, now, rows) {
+                Ok(Fate::Done | Fate::Late) => out += send_rows(&shared.producer, output, rows)?,
+                Err(ops::Error::Rejected(reason)) => {
+                    if !dead_sent {
+                        send_copy(
+                            &shared.producer,
+                            &shared.dead,
+                            message,
+                            &source,
+                            &[("freshet.error", &reason), ("freshet.query", output)],
+                        )?;
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        dead_sent = true;
+                    }
+                }
+                Err(ops::Error::StateLimit { used, limit }) => {
+                    return Err(Error::StateLimit { used, limit })
+                }
+            },
+            Stage::Route(op) => {
+                let routing = op.route(&input);
+                let p = progress.entry((q, partition)).or_default();
+                let high = p.high;
+                if let Some(t) = routing.time {
+                    p.high = Some(high.map_or(t, |h| h.max(t)));
+                }
+                p.delivered = true;
+                p.offset = message.offset();
+                if !routing.passes {
+                    continue;
+                }
+                let route = Route {
+                    marker: false,
+                    plan: shared.hash,
+                    query: q as u32,
+                    source: s as u32,
+                    partition,
+                    offset: message.offset(),
+                    high,
+                };
+                let task = match routing.key_hash {
+                    Some(h) => (h % shared.tasks as u64) as i32,
+                    // The task rejects it again: any one will do.
+                    None => partition.rem_euclid(shared.tasks),
+                };
+                forward(shared, message, task, &route)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends a copy of `message` with `route` to repartition partition `task`.
+fn forward(
+    shared: &Shared<'_>,
+    message: &BorrowedMessage<'_>,
+    task: i32,
+    route: &Route,
+) -> Result<(), Error> {
+    let encoded = route.encode();
+    let mut headers = OwnedHeaders::new();
+    if let Some(h) = message.headers() {
+        for h in h.iter().filter(|h| h.key != ROUTE_HEADER) {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    headers = headers.insert(Header {
+        key: ROUTE_HEADER,
+        value: Some(&encoded[..]),
+    });
+    let mut record = BaseRecord::to(&shared.repartition)
+        .partition(task)
+        .payload(message.payload().unwrap_or_default())
+        .headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(ts) = message.timestamp().to_millis() {
+        record = record.timestamp(ts);
+    }
+    send(&shared.producer, record)
+}
+
+/// For every (grouped query, source partition) that delivered since the last tick: a
+/// marker with its highest event time to every task.
+fn send_markers(
+    shared: &Shared<'_>,
+    stages: &[(Stage, &str, usize)],
+    progress: &mut HashMap<(usize, i32), Progress>,
+) -> Result<(), Error> {
+    for (&(q, partition), p) in progress.iter_mut() {
+        if !std::mem::take(&mut p.delivered) {
+            continue;
+        }
+        let Some(high) = p.high else { continue };
+        let route = Route {
+            marker: true,
+            plan: shared.hash,
+            query: q as u32,
+            source: stages[q].2 as u32,
+            partition,
+            offset: p.offset,
+            high: Some(high),
+        };
+        let encoded = route.encode();
+        for task in 0..shared.tasks {
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: ROUTE_HEADER,
+                value: Some(&encoded[..]),
+            });
+            let record = BaseRecord::<[u8], [u8]>::to(&shared.repartition)
+                .partition(task)
+                .payload(&[][..])
+                .headers(headers);
+            send(&shared.producer, record)?;
+        }
+    }
+    Ok(())
+}
+
+/// Commits the source offsets read, once everything sent for the records before them
+/// is acknowledged; updates the source lag.
+fn commit(
+    shared: &Shared<'_>,
+    consumer: &BaseConsumer<DefaultConsumerContext>,
+    positions: &HashMap<(usize, i32), i64>,
+    mode: CommitMode,
+) -> Result<(), Error> {
+    shared.flush()?;
+    let sources = &shared.prepared.sources;
+    let mut offsets = TopicPartitionList::new();
+    let mut lag = 0i64;
+    let assigned = consumer.assignment().unwrap_or_default();
+    for e in assigned.elements() {
+        let Some(s) = sources.iter().position(|(t, _)| t == e.topic()) else {
+            continue;
+        };
+        let next = positions.get(&(s, e.partition())).copied();
+        if let Some(next) = next {
+            let _ = offsets.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+        }
+        if let Ok((low, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        {
+            lag += (high - next.unwrap_or(low).max(low)).max(0);
+        }
+    }
+    shared.stats.lag.store(lag, Ordering::Relaxed);
+    if offsets.count() > 0 {
+        if let Err(err) = consumer.commit(&offsets, mode) {
+            // Not fatal: a rebalance may have moved the partitions; what was sent is
+            // read again by their new owner and dropped as a copy.
+            tracing::debug!(error = %err, "pipeline: committing source offsets");
+        }
+    }
+    Ok(())
+}
