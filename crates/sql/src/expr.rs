@@ -85,6 +85,13 @@ pub enum Expr {
         negated: bool,
         case_insensitive: bool,
     },
+    /// `x ~ 'pattern'`, `regexp_like(x, 'pattern')`: whether the pattern matches
+    /// somewhere in the text.
+    Regex {
+        expr: Box<Expr>,
+        pattern: Pattern,
+        negated: bool,
+    },
     InList {
         expr: Box<Expr>,
         list: Vec<Expr>,
@@ -103,6 +110,56 @@ pub enum Expr {
     },
     Cast(Box<Expr>, CastType),
     Call(Func, Vec<Expr>),
+}
+
+/// A regular expression compiled at planning (the `regex` crate's syntax; `(?i)`
+/// for case-insensitive), kept in a plan as its text.
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    /// The largest compiled pattern accepted.
+    pub const SIZE_LIMIT: usize = 1 << 20;
+
+    pub fn new(pattern: &str) -> Result<Pattern, String> {
+        regex::RegexBuilder::new(pattern)
+            .size_limit(Self::SIZE_LIMIT)
+            .build()
+            .map(Pattern)
+            .map_err(|e| match e {
+                regex::Error::CompiledTooBig(limit) => {
+                    format!("the regular expression is too large (over {limit} bytes compiled)")
+                }
+                other => format!("invalid regular expression: {other}"),
+            })
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn is_match(&self, text: &str) -> bool {
+        self.0.is_match(text)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Pattern, D::Error> {
+        let text = String::deserialize(d)?;
+        Pattern::new(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -437,6 +494,20 @@ impl Expr {
                     p = p.to_lowercase();
                 }
                 Ok(Bool(like(&t, &p) != *negated))
+            }
+            (
+                Expr::Regex {
+                    expr,
+                    pattern,
+                    negated,
+                },
+                _,
+            ) => {
+                let v = expr.eval(ctx)?;
+                if v.is_null() {
+                    return Ok(Null);
+                }
+                Ok(Bool(pattern.is_match(&as_text(&v)) != *negated))
             }
             (
                 Expr::InList {

@@ -788,6 +788,15 @@ fn relocate(e: Expr, window_slot: usize) -> Expr {
             negated,
             case_insensitive,
         },
+        Expr::Regex {
+            expr,
+            pattern,
+            negated,
+        } => Expr::Regex {
+            expr: r(expr),
+            pattern,
+            negated,
+        },
         Expr::InList {
             expr,
             list,
@@ -1113,6 +1122,14 @@ fn plan_expr(e: &SqlExpr, ctx: &mut dyn Leaves) -> Result<Expr> {
                 BinaryOperator::And => BinOp::And,
                 BinaryOperator::Or => BinOp::Or,
                 BinaryOperator::StringConcat => BinOp::Concat,
+                BinaryOperator::PGRegexMatch
+                | BinaryOperator::PGRegexIMatch
+                | BinaryOperator::PGRegexNotMatch
+                | BinaryOperator::PGRegexNotIMatch => {
+                    let insensitive = matches!(op, BinaryOperator::PGRegexIMatch | BinaryOperator::PGRegexNotIMatch);
+                    let negated = matches!(op, BinaryOperator::PGRegexNotMatch | BinaryOperator::PGRegexNotIMatch);
+                    return Ok(Expr::Regex { expr: b(left, ctx)?, pattern: pattern(right, insensitive)?, negated });
+                }
                 BinaryOperator::Arrow | BinaryOperator::LongArrow => {
                     return Ok(Expr::JsonGet { base: b(left, ctx)?, key: b(right, ctx)?, text: matches!(op, BinaryOperator::LongArrow) })
                 }
@@ -1209,6 +1226,31 @@ fn scalar_function(f: &ast::Function, e: &SqlExpr, ctx: &mut dyn Leaves) -> Resu
             _ => Err(error_on(e, "header('name') takes a string literal")),
         };
     }
+    if name == "regexp_like" {
+        let insensitive =
+            match args.as_slice() {
+                [_, _] => false,
+                [_, _, flags] => match string_literal(flags).as_deref() {
+                    Some("i") => true,
+                    Some("c") => false,
+                    _ => return Err(error_on(
+                        *flags,
+                        "regexp_like flags: write 'i' (case-insensitive) or 'c' (case-sensitive)",
+                    )),
+                },
+                _ => {
+                    return Err(error_on(
+                        e,
+                        "regexp_like takes (text, 'pattern') or (text, 'pattern', 'i')",
+                    ))
+                }
+            };
+        return Ok(Expr::Regex {
+            expr: Box::new(plan_expr(args[0], ctx)?),
+            pattern: pattern(args[1], insensitive)?,
+            negated: false,
+        });
+    }
     let (func, arity): (Func, std::ops::RangeInclusive<usize>) = match name.as_str() {
         "lower" => (Func::Lower, 1..=1),
         "upper" => (Func::Upper, 1..=1),
@@ -1250,6 +1292,32 @@ fn scalar_function(f: &ast::Function, e: &SqlExpr, ctx: &mut dyn Leaves) -> Resu
             .map(|a| plan_expr(a, ctx))
             .collect::<Result<_>>()?,
     ))
+}
+
+fn string_literal(e: &SqlExpr) -> Option<String> {
+    match e {
+        SqlExpr::Value(v) => match &v.value {
+            ast::Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The pattern of a regular-expression match: a string literal, compiled now.
+fn pattern(e: &SqlExpr, insensitive: bool) -> Result<crate::expr::Pattern> {
+    let text = string_literal(e).ok_or_else(|| {
+        error_on(
+            e,
+            "a regular expression must be a string literal, e.g. '^rizz'",
+        )
+    })?;
+    let text = if insensitive {
+        format!("(?i){text}")
+    } else {
+        text
+    };
+    crate::expr::Pattern::new(&text).map_err(|m| error_on(e, m))
 }
 
 fn literal(v: &ast::Value) -> Option<Value> {

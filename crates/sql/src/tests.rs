@@ -160,6 +160,61 @@ fn expressions_evaluate_with_sql_semantics() {
     );
 }
 
+#[test]
+fn regular_expressions_match_as_the_regex_syntax_says() {
+    let j = serde_json::json!({"s": "That is RIZZ, no cap", "n": null, "a": 3});
+    let t = |w: &str| eval_where(w, j.clone()).unwrap();
+    assert_eq!(
+        t("s ~ 'RIZZ' AND s ~ '^That' AND s ~ 'cap$'"),
+        Value::Bool(true)
+    );
+    assert_eq!(t("s ~ 'rizz'"), Value::Bool(false));
+    assert_eq!(
+        t("s ~* 'rizz' AND s !~ 'rizz' AND NOT (s !~* 'rizz')"),
+        Value::Bool(true)
+    );
+    assert_eq!(
+        t("regexp_like(s, 'r[i1]zz', 'i') AND NOT regexp_like(s, 'r[i1]zz')"),
+        Value::Bool(true)
+    );
+    assert_eq!(t("regexp_like(s, '\\bno\\s+cap\\b')"), Value::Bool(true));
+    assert_eq!(
+        t("a ~ '^[0-9]+$'"),
+        Value::Bool(true),
+        "a number is matched as its text"
+    );
+    assert_eq!(t("n ~ 'x'"), Value::Null);
+    // Refused at creation, with where and why.
+    let e = error("INSERT INTO o SELECT * FROM raw\nWHERE s ~ '(unclosed';");
+    assert_eq!((e.line, e.column), (2, 11), "{e}");
+    assert!(e.message.contains("invalid regular expression"), "{e}");
+    let e = error("INSERT INTO o SELECT * FROM raw WHERE s ~ s;");
+    assert!(e.message.contains("string literal"), "{e}");
+    let e = error("INSERT INTO o SELECT * FROM raw WHERE regexp_like(s, 'x', 'q');");
+    assert!(e.message.contains("'i'"), "{e}");
+    let e = error("INSERT INTO o SELECT * FROM raw WHERE s ~ 'a{1000}{1000}';");
+    assert!(e.message.contains("too large"), "{e}");
+}
+
+proptest! {
+    /// A pattern of escaped literal text matches exactly where the text contains it.
+    #[test]
+    fn a_literal_pattern_matches_where_the_text_contains_it(s in "[a-cA-C .*+?()]{0,12}", needle in "[a-cA-C .*+?()]{1,3}") {
+        let mut escaped = String::new();
+        for c in needle.chars() {
+            if !c.is_ascii_alphanumeric() && c != ' ' {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        let j = serde_json::json!({"s": s});
+        let got = eval_where(&format!("s ~ '{escaped}'"), j.clone()).unwrap();
+        prop_assert_eq!(got, Value::Bool(s.contains(&needle)));
+        let got = eval_where(&format!("s ~* '{escaped}'"), j).unwrap();
+        prop_assert_eq!(got, Value::Bool(s.to_lowercase().contains(&needle.to_lowercase())));
+    }
+}
+
 fn error(sql: &str) -> crate::SqlError {
     compile(sql, &Topics).expect_err(sql)
 }
