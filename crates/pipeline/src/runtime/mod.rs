@@ -112,9 +112,11 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     pub checkpoints: AtomicU64,
     pub state_bytes: AtomicU64,
-    /// Sum over source partitions of (end offset - next offset to read), at the last
-    /// checkpoint; -1 before the first.
+    /// Sum over the source partitions stage 1 holds of (end offset - next offset to
+    /// read), at its last commit; -1 before the first.
     pub lag: AtomicI64,
+    /// The same over the sources tasks here read directly.
+    pub task_lag: AtomicI64,
     /// The lowest watermark over the windowed queries, epoch ms (`i64::MIN`: none).
     pub watermark: AtomicI64,
     pub status: Mutex<Status>,
@@ -136,6 +138,7 @@ impl Stats {
     pub fn new() -> Arc<Stats> {
         let stats = Stats::default();
         stats.lag.store(-1, Ordering::Relaxed);
+        stats.task_lag.store(-1, Ordering::Relaxed);
         stats.watermark.store(i64::MIN, Ordering::Relaxed);
         Arc::new(stats)
     }
@@ -151,7 +154,13 @@ impl Stats {
     /// The JSON `describe` shows.
     pub fn describe(&self) -> serde_json::Value {
         let watermark = self.watermark.load(Ordering::Relaxed);
-        let lag = self.lag.load(Ordering::Relaxed);
+        let lag = match (
+            self.lag.load(Ordering::Relaxed),
+            self.task_lag.load(Ordering::Relaxed),
+        ) {
+            (-1, -1) => -1,
+            (a, b) => a.max(0) + b.max(0),
+        };
         serde_json::json!({
             "status": *self.status.lock().unwrap_or_else(|e| e.into_inner()),
             "records_in": self.records_in.load(Ordering::Relaxed),
@@ -261,18 +270,81 @@ pub fn repartition_topic(name: &str) -> String {
     format!("_freshet.pipeline.{name}.repartition")
 }
 
-/// How many tasks (repartition and state partitions) a pipeline has: as many as the
-/// largest source of a grouped query has partitions (Kafka Streams' rule).
-fn task_count(prepared: &Prepared) -> i32 {
-    prepared
-        .plan
-        .queries
-        .iter()
-        .filter(|q| matches!(q.body, Body::Aggregate(_)))
-        .filter_map(|q| prepared.sources.iter().find(|(t, _)| *t == q.source.topic))
-        .map(|(_, p)| *p)
-        .max()
-        .unwrap_or(0)
+/// Where the records of each query go, and which topics the tasks read.
+///
+/// A grouped query whose source has one partition reads it directly in its one task
+/// (its records are already in one place, so a repartition would only copy them);
+/// the others are routed through the repartition topic, which has as many partitions
+/// as the largest of their sources (Kafka Streams' rule).
+struct Layout {
+    /// Per query: run or routed by stage 1 (stateless, or grouped over several
+    /// partitions).
+    in_stage1: Vec<bool>,
+    /// Per query: a grouped query read directly by its task.
+    direct: Vec<bool>,
+    /// Per source: whether stage 1 reads it.
+    stage1_reads: Vec<bool>,
+    /// Partitions of the repartition topic (0: nothing is routed).
+    routed_tasks: i32,
+    /// What the tasks read: (topic, first state partition), the repartition topic
+    /// first if any, then each directly read source (one partition each).
+    inputs: Vec<(String, i32)>,
+    /// Partitions of the state topic: one per task.
+    state_partitions: i32,
+}
+
+impl Layout {
+    fn new(prepared: &Prepared, repartition: &str) -> Layout {
+        let partitions = |topic: &str| {
+            prepared
+                .sources
+                .iter()
+                .find(|(t, _)| t == topic)
+                .map_or(1, |(_, p)| *p)
+        };
+        let queries = &prepared.plan.queries;
+        let grouped: Vec<bool> = queries
+            .iter()
+            .map(|q| matches!(q.body, Body::Aggregate(_)))
+            .collect();
+        let direct: Vec<bool> = queries
+            .iter()
+            .zip(&grouped)
+            .map(|(q, &g)| g && partitions(&q.source.topic) == 1)
+            .collect();
+        let in_stage1: Vec<bool> = direct.iter().map(|d| !d).collect();
+        let routed_tasks = queries
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| grouped[i] && !direct[i])
+            .map(|(_, q)| partitions(&q.source.topic))
+            .max()
+            .unwrap_or(0);
+        let mut inputs = Vec::new();
+        if routed_tasks > 0 {
+            inputs.push((repartition.to_string(), 0));
+        }
+        let mut next = routed_tasks;
+        for (i, q) in queries.iter().enumerate() {
+            if direct[i] && !inputs.iter().any(|(t, _)| *t == q.source.topic) {
+                inputs.push((q.source.topic.clone(), next));
+                next += 1;
+            }
+        }
+        let stage1_reads = prepared
+            .sources
+            .iter()
+            .map(|(t, _)| (0..queries.len()).any(|i| in_stage1[i] && queries[i].source.topic == *t))
+            .collect();
+        Layout {
+            in_stage1,
+            direct,
+            stage1_reads,
+            routed_tasks,
+            inputs,
+            state_partitions: next,
+        }
+    }
 }
 
 /// The header that a record or a watermark marker carries on the repartition topic:
@@ -340,7 +412,7 @@ struct Shared<'a> {
     late: String,
     dead: String,
     repartition: String,
-    tasks: i32,
+    layout: Layout,
     producer: ThreadedProducer<DeliveryContext>,
     delivery: Arc<Delivery>,
 }
@@ -393,8 +465,10 @@ impl Shared<'_> {
 /// router reads the sources in the pipeline's consumer group (instances of the same
 /// pipeline split the source partitions), runs the stateless queries and sends each
 /// record a grouped query counts to the repartition partition of its group key; the
-/// tasks (one per repartition partition, split among the instances by a second
-/// group) hold the groups' state and checkpoint it with their repartition offsets.
+/// tasks (one per repartition partition, and one per source of a single partition
+/// that a grouped query reads directly; split among the instances by a second group)
+/// hold the groups' state and checkpoint it with the offsets it reflects. A stage
+/// with nothing to do does not run.
 pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -402,7 +476,6 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
         .map_err(|e| Error::Cluster(e.to_string()))?;
     let name = &prepared.name;
     let plan = &prepared.plan;
-    let tasks = task_count(prepared);
     let shared = {
         let delivery = Arc::new(Delivery::default());
         let producer: ThreadedProducer<DeliveryContext> = prepared
@@ -425,7 +498,7 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
             late: late_topic(name, plan),
             dead: dead_letter_topic(name, plan),
             repartition: repartition_topic(name),
-            tasks,
+            layout: Layout::new(prepared, &repartition_topic(name)),
             producer,
             delivery,
         }
@@ -433,7 +506,8 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
 
     // The topics it writes, created if missing: outputs with the partition count of
     // their query's source, the late and dead-letter topics with one, the
-    // repartition and state topics with one partition per task.
+    // repartition topic with one partition per routed task, the state topic with one
+    // per task.
     let mut topics: Vec<(String, i32)> = Vec::new();
     for query in &plan.queries {
         let partitions = prepared
@@ -445,22 +519,29 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
     }
     topics.push((shared.late.clone(), 1));
     topics.push((shared.dead.clone(), 1));
-    let internal = if tasks > 0 {
-        vec![
-            (shared.repartition.clone(), tasks),
-            (state_topic(name), tasks),
-        ]
-    } else {
-        Vec::new()
-    };
+    let layout = &shared.layout;
+    let mut internal = Vec::new();
+    if layout.routed_tasks > 0 {
+        internal.push((shared.repartition.clone(), layout.routed_tasks));
+    }
+    if layout.state_partitions > 0 {
+        internal.push((state_topic(name), layout.state_partitions));
+    }
     create_topics(&rt, &prepared.client, &topics, &internal).map_err(Error::Cluster)?;
 
     stats.set_status(Status::Running);
     // Either stage failing stops the other.
     let halt = AtomicBool::new(false);
     let stopping = || stop.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
+    let stage1 = layout.stage1_reads.iter().any(|r| *r);
+    let stage2 = !layout.inputs.is_empty();
+    if !stage1 {
+        tasks::run(&shared, &stopping)?;
+        stats.set_status(Status::Stopped);
+        return Ok(());
+    }
     let (routed, counted) = std::thread::scope(|scope| {
-        let task_thread = (tasks > 0).then(|| {
+        let task_thread = stage2.then(|| {
             let shared = &shared;
             let stopping = &stopping;
             let halt = &halt;

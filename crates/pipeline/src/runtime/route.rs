@@ -34,6 +34,8 @@ enum Stage {
     Map(QueryOperator),
     /// A grouped query: routing only; its state lives in the tasks.
     Route(QueryOperator),
+    /// A grouped query its task reads directly.
+    None,
 }
 
 /// Per (query, source partition): the highest event time delivered, and whether a
@@ -50,10 +52,12 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let plan = &prepared.plan;
     let stats = shared.stats;
     let name = &prepared.name;
+    let layout = &shared.layout;
     let mut stages: Vec<(Stage, &str, usize)> = plan
         .queries
         .iter()
-        .map(|q| {
+        .enumerate()
+        .map(|(i, q)| {
             let op = QueryOperator::new(q, &plan.settings);
             let s = prepared
                 .sources
@@ -61,6 +65,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                 .position(|(t, _)| *t == q.source.topic)
                 .unwrap_or(0);
             let stage = match q.body {
+                _ if !layout.in_stage1[i] => Stage::None,
                 Body::Aggregate(_) => Stage::Route(op),
                 Body::Map(_) => Stage::Map(op),
             };
@@ -69,7 +74,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         .collect();
     // Which queries read each source, and whether any of them reads JSON.
     let readers: Vec<Vec<usize>> = (0..prepared.sources.len())
-        .map(|s| (0..stages.len()).filter(|&i| stages[i].2 == s).collect())
+        .map(|s| {
+            (0..stages.len())
+                .filter(|&i| stages[i].2 == s && layout.in_stage1[i])
+                .collect()
+        })
         .collect();
     let needs_json: Vec<bool> = readers
         .iter()
@@ -84,7 +93,13 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
 
     let consumer: BaseConsumer<DefaultConsumerContext> =
         shared.consumer(group_id(name, plan), DefaultConsumerContext)?;
-    let topics: Vec<&str> = prepared.sources.iter().map(|(t, _)| t.as_str()).collect();
+    let topics: Vec<&str> = prepared
+        .sources
+        .iter()
+        .zip(&layout.stage1_reads)
+        .filter(|(_, reads)| **reads)
+        .map(|((t, _), _)| t.as_str())
+        .collect();
     consumer
         .subscribe(&topics)
         .map_err(|e| Error::Cluster(e.to_string()))?;
@@ -196,6 +211,7 @@ fn one(
     for &q in readers {
         let (stage, output, _) = &mut stages[q];
         match stage {
+            Stage::None => {}
             Stage::Map(op) => match op.process(&input, now, rows) {
                 Ok(Fate::Done | Fate::Late) => out += send_rows(&shared.producer, output, rows)?,
                 Err(ops::Error::Rejected(reason)) => {
@@ -237,9 +253,9 @@ fn one(
                     high,
                 };
                 let task = match routing.key_hash {
-                    Some(h) => (h % shared.tasks as u64) as i32,
+                    Some(h) => (h % shared.layout.routed_tasks as u64) as i32,
                     // The task rejects it again: any one will do.
-                    None => partition.rem_euclid(shared.tasks),
+                    None => partition.rem_euclid(shared.layout.routed_tasks),
                 };
                 forward(shared, message, task, &route)?;
             }
@@ -304,7 +320,7 @@ fn send_markers(
             high: Some(high),
         };
         let encoded = route.encode();
-        for task in 0..shared.tasks {
+        for task in 0..shared.layout.routed_tasks {
             let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
                 key: ROUTE_HEADER,
                 value: Some(&encoded[..]),

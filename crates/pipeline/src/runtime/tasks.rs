@@ -32,10 +32,13 @@ use super::{
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
 
+/// A task: (index of its input in `Layout::inputs`, partition of that input).
+type TaskId = (usize, i32);
+
 /// What the rebalance callback tells the loop.
 enum Event {
-    /// Task N is ours, with its last checkpoint of this plan, if any.
-    Assigned(i32, Option<Checkpoint>),
+    /// The task is ours, with its last checkpoint of this plan, if any.
+    Assigned(TaskId, Option<Checkpoint>),
     /// Every task went away (the eager protocol revokes all).
     Revoked,
     Failed(String),
@@ -43,7 +46,8 @@ enum Event {
 
 struct TaskContext {
     state: Arc<StateTopic>,
-    repartition: String,
+    /// `Layout::inputs`: (topic, first state partition).
+    inputs: Vec<(String, i32)>,
     hash: u64,
     events: Mutex<Vec<Event>>,
 }
@@ -63,29 +67,31 @@ impl ConsumerContext for TaskContext {
             let _ = consumer.unassign();
             return;
         }
-        let partitions: Vec<i32> = tpl
+        let assigned: Vec<(String, i32)> = tpl
             .elements()
             .iter()
-            .filter(|e| e.topic() == self.repartition)
-            .map(|e| e.partition())
+            .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
-        for task in partitions {
+        for (topic, partition) in assigned {
+            let Some(input) = self.inputs.iter().position(|(t, _)| *t == topic) else {
+                continue;
+            };
             let mut offset = Offset::Beginning;
-            match self.state.read_last(task) {
+            match self.state.read_last(self.inputs[input].1 + partition) {
                 Ok(Some(c)) if c.plan_hash == self.hash => {
                     if let Some((_, _, next)) = c
                         .offsets
                         .iter()
-                        .find(|(t, p, _)| *t == self.repartition && *p == task)
+                        .find(|(t, p, _)| *t == topic && *p == partition)
                     {
                         offset = Offset::Offset(*next);
                     }
-                    events.push(Event::Assigned(task, Some(c)));
+                    events.push(Event::Assigned((input, partition), Some(c)));
                 }
-                Ok(_) => events.push(Event::Assigned(task, None)),
+                Ok(_) => events.push(Event::Assigned((input, partition), None)),
                 Err(e) => events.push(Event::Failed(e)),
             }
-            let _ = tpl.set_partition_offset(&self.repartition, task, offset);
+            let _ = tpl.set_partition_offset(&topic, partition, offset);
         }
         if let Err(e) = consumer.assign(tpl) {
             events.push(Event::Failed(format!(
@@ -95,8 +101,13 @@ impl ConsumerContext for TaskContext {
     }
 }
 
-/// One task: the operators of every grouped query, for the keys that hash to it.
+/// One task: the operators of the grouped queries that read its input (for the
+/// repartition topic, for the keys that hash to its partition).
 struct Task {
+    /// Whether its input is the repartition topic (or a source, read directly).
+    routed: bool,
+    /// Its partition of the state topic.
+    state_partition: i32,
     ops: Vec<(usize, QueryOperator)>,
     /// Per (query, source, source partition): the highest source offset applied.
     applied: HashMap<(u32, u32, i32), i64>,
@@ -107,14 +118,31 @@ struct Task {
 }
 
 impl Task {
-    fn new(shared: &Shared<'_>, checkpoint: Option<Checkpoint>, now: i64) -> Result<Task, Error> {
+    fn new(
+        shared: &Shared<'_>,
+        (input, partition): TaskId,
+        checkpoint: Option<Checkpoint>,
+        now: i64,
+    ) -> Result<Task, Error> {
         let plan = &shared.prepared.plan;
+        let layout = &shared.layout;
+        let (topic, first) = &layout.inputs[input];
+        let routed = *topic == shared.repartition;
         let mut task = Task {
+            routed,
+            state_partition: first + partition,
             ops: plan
                 .queries
                 .iter()
                 .enumerate()
-                .filter(|(_, q)| matches!(q.body, Body::Aggregate(_)))
+                .filter(|(i, q)| {
+                    matches!(q.body, Body::Aggregate(_))
+                        && if routed {
+                            !layout.direct[*i]
+                        } else {
+                            layout.direct[*i] && q.source.topic == *topic
+                        }
+                })
                 .map(|(i, q)| (i, QueryOperator::new(q, &plan.settings)))
                 .collect(),
             applied: HashMap::new(),
@@ -145,12 +173,12 @@ impl Task {
         Ok(task)
     }
 
-    fn checkpoint(&self, shared: &Shared<'_>, partition: i32) -> Checkpoint {
+    fn checkpoint(&self, shared: &Shared<'_>, (input, partition): TaskId) -> Checkpoint {
         let mut operators: Vec<Vec<u8>> = self.ops.iter().map(|(_, op)| op.snapshot()).collect();
         operators.push(encode_applied(&self.applied));
         Checkpoint {
             plan_hash: shared.hash,
-            offsets: vec![(shared.repartition.clone(), partition, self.next)],
+            offsets: vec![(shared.layout.inputs[input].0.clone(), partition, self.next)],
             operators,
         }
     }
@@ -199,16 +227,22 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     );
     let context = TaskContext {
         state: state.clone(),
-        repartition: shared.repartition.clone(),
+        inputs: shared.layout.inputs.clone(),
         hash: shared.hash,
         events: Mutex::new(Vec::new()),
     };
     let consumer = shared.consumer(tasks_group_id(name, plan), context)?;
+    let inputs: Vec<&str> = shared
+        .layout
+        .inputs
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .collect();
     consumer
-        .subscribe(&[&shared.repartition])
+        .subscribe(&inputs)
         .map_err(|e| Error::Cluster(e.to_string()))?;
 
-    let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    let mut tasks: BTreeMap<TaskId, Task> = BTreeMap::new();
     let checkpoint_every =
         Duration::from_millis(plan.settings.checkpoint_interval_ms.max(10) as u64);
     let mut last_tick = Instant::now();
@@ -221,8 +255,15 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         take_events(shared, &consumer, &mut tasks, now)?;
         match polled {
             Some(Ok(message)) => {
-                if let Some(task) = tasks.get_mut(&message.partition()) {
-                    out_count += one(shared, task, &message, now, &mut rows)?;
+                let input = inputs.iter().position(|t| *t == message.topic());
+                if let Some(task) = input.and_then(|i| tasks.get_mut(&(i, message.partition()))) {
+                    task.next = message.offset() + 1;
+                    task.dirty = true;
+                    out_count += if task.routed {
+                        routed(shared, task, &message, now, &mut rows)?
+                    } else {
+                        direct(shared, task, &message, now, &mut rows)?
+                    };
                 }
             }
             Some(Err(err)) => {
@@ -250,7 +291,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
 fn take_events(
     shared: &Shared<'_>,
     consumer: &BaseConsumer<TaskContext>,
-    tasks: &mut BTreeMap<i32, Task>,
+    tasks: &mut BTreeMap<TaskId, Task>,
     now: i64,
 ) -> Result<(), Error> {
     let events = std::mem::take(
@@ -263,8 +304,8 @@ fn take_events(
     for event in events {
         match event {
             Event::Revoked => tasks.clear(),
-            Event::Assigned(partition, checkpoint) => {
-                tasks.insert(partition, Task::new(shared, checkpoint, now)?);
+            Event::Assigned(id, checkpoint) => {
+                tasks.insert(id, Task::new(shared, id, checkpoint, now)?);
             }
             Event::Failed(e) => return Err(Error::Cluster(e)),
         }
@@ -274,17 +315,14 @@ fn take_events(
 
 /// One record or marker of a task's repartition partition; returns how many rows it
 /// sent.
-fn one(
+fn routed(
     shared: &Shared<'_>,
     task: &mut Task,
     message: &BorrowedMessage<'_>,
     now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
-    let stats = shared.stats;
     let plan = &shared.prepared.plan;
-    task.next = message.offset() + 1;
-    task.dirty = true;
     let route = message
         .headers()
         .and_then(|h| h.iter().find(|h| h.key == ROUTE_HEADER))
@@ -321,23 +359,11 @@ fn one(
         .get(route.source as usize)
         .map_or("?", |(t, _)| t.as_str());
     let source = format!("{source_topic}/{}/{}", route.partition, route.offset);
-    let json = if query.source.json {
-        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
-            Ok(json) => json,
-            Err(err) => {
-                send_copy(
-                    &shared.producer,
-                    &shared.dead,
-                    message,
-                    &source,
-                    &[("freshet.error", &format!("the value is not JSON: {err}"))],
-                )?;
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                return send_rows(&shared.producer, &query.output, rows);
-            }
-        }
-    } else {
-        serde_json::Value::Null
+    // Stage 1 read it as JSON already (and dead-lettered it if it was not).
+    let json = match query.source.json {
+        true => serde_json::from_slice(message.payload().unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null),
+        false => serde_json::Value::Null,
     };
     let headers = input_headers(message);
     let input = Input {
@@ -349,11 +375,93 @@ fn one(
         offset: route.offset,
         headers: &headers,
     };
-    let extra = ("freshet.query", query.output.as_str());
-    match op.process(&input, now, rows) {
+    let out = send_rows(&shared.producer, &query.output, rows)?;
+    Ok(out + apply(shared, *q, op, &input, message, &source, now, rows)?)
+}
+
+/// One record of a source a task reads directly; returns how many rows it sent.
+fn direct(
+    shared: &Shared<'_>,
+    task: &mut Task,
+    message: &BorrowedMessage<'_>,
+    now: i64,
+    rows: &mut Vec<Row>,
+) -> Result<u64, Error> {
+    let plan = &shared.prepared.plan;
+    let stats = shared.stats;
+    let source = format!(
+        "{}/{}/{}",
+        message.topic(),
+        message.partition(),
+        message.offset()
+    );
+    let s = shared
+        .prepared
+        .sources
+        .iter()
+        .position(|(t, _)| t == message.topic())
+        .unwrap_or(0);
+    if !shared.layout.stage1_reads[s] {
+        stats.records_in.fetch_add(1, Ordering::Relaxed);
+    }
+    let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
+    let json = if needs_json {
+        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
+            Ok(json) => json,
+            // Stage 1 dead-letters it when it reads this source too.
+            Err(_) if shared.layout.stage1_reads[s] => return Ok(0),
+            Err(err) => {
+                send_copy(
+                    &shared.producer,
+                    &shared.dead,
+                    message,
+                    &source,
+                    &[("freshet.error", &format!("the value is not JSON: {err}"))],
+                )?;
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Ok(0);
+            }
+        }
+    } else {
+        serde_json::Value::Null
+    };
+    let headers = input_headers(message);
+    let input = Input {
+        json: &json,
+        raw: message.payload().unwrap_or_default(),
+        key: message.key(),
+        timestamp: message.timestamp().to_millis().unwrap_or(0),
+        partition: message.partition(),
+        offset: message.offset(),
+        headers: &headers,
+    };
+    let mut out = 0;
+    for (q, op) in &mut task.ops {
+        out += apply(shared, *q, op, &input, message, &source, now, rows)?;
+    }
+    Ok(out)
+}
+
+/// Runs one record through query `q`'s operator: late and rejected records are
+/// copied to their topics; returns how many rows it sent.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    shared: &Shared<'_>,
+    q: usize,
+    op: &mut QueryOperator,
+    input: &Input<'_>,
+    message: &BorrowedMessage<'_>,
+    source: &str,
+    now: i64,
+    rows: &mut Vec<Row>,
+) -> Result<u64, Error> {
+    let stats = shared.stats;
+    let output = shared.prepared.plan.queries[q].output.as_str();
+    let extra = ("freshet.query", output);
+    match op.process(input, now, rows) {
         Ok(Fate::Done) => {}
         Ok(Fate::Late) => {
-            send_copy(&shared.producer, &shared.late, message, &source, &[extra])?;
+            send_copy(&shared.producer, &shared.late, message, source, &[extra])?;
             stats.late.fetch_add(1, Ordering::Relaxed);
         }
         Err(ops::Error::Rejected(reason)) => {
@@ -361,7 +469,7 @@ fn one(
                 &shared.producer,
                 &shared.dead,
                 message,
-                &source,
+                source,
                 &[("freshet.error", &reason), extra],
             )?;
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -371,13 +479,13 @@ fn one(
             return Err(Error::StateLimit { used, limit });
         }
     }
-    send_rows(&shared.producer, &query.output, rows)
+    send_rows(&shared.producer, output, rows)
 }
 
 /// Ticks every operator; checks the state limit over all the tasks held here.
 fn tick(
     shared: &Shared<'_>,
-    tasks: &mut BTreeMap<i32, Task>,
+    tasks: &mut BTreeMap<TaskId, Task>,
     now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
@@ -417,31 +525,45 @@ fn checkpoint(
     rt: &tokio::runtime::Runtime,
     state: &StateTopic,
     consumer: &BaseConsumer<TaskContext>,
-    tasks: &mut BTreeMap<i32, Task>,
+    tasks: &mut BTreeMap<TaskId, Task>,
 ) -> Result<(), Error> {
     shared.flush()?;
-    let mut done = Vec::new();
-    for (&partition, task) in tasks.iter_mut() {
+    let mut offsets = TopicPartitionList::new();
+    let mut trim = Vec::new();
+    let mut lag = None;
+    for (&id, task) in tasks.iter_mut() {
+        if !task.routed {
+            let topic = &shared.layout.inputs[id.0].0;
+            if let Ok((low, high)) =
+                consumer.fetch_watermarks(topic, id.1, Duration::from_millis(500))
+            {
+                *lag.get_or_insert(0) += (high - task.next.max(low)).max(0);
+            }
+        }
         if !task.dirty {
             continue;
         }
         state
-            .write(rt, partition, &task.checkpoint(shared, partition))
+            .write(rt, task.state_partition, &task.checkpoint(shared, id))
             .map_err(Error::Cluster)?;
         task.dirty = false;
         shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        done.push((partition, task.next));
+        let topic = &shared.layout.inputs[id.0].0;
+        let _ = offsets.add_partition_offset(topic, id.1, Offset::Offset(task.next));
+        if task.routed {
+            trim.push((id.1, task.next));
+        }
     }
-    if done.is_empty() {
-        return Ok(());
+    if let Some(lag) = lag {
+        shared.stats.task_lag.store(lag, Ordering::Relaxed);
     }
-    state.trim(rt, &shared.repartition, &done);
-    let mut offsets = TopicPartitionList::new();
-    for (partition, next) in done {
-        let _ = offsets.add_partition_offset(&shared.repartition, partition, Offset::Offset(next));
+    if !trim.is_empty() {
+        state.trim(rt, &shared.repartition, &trim);
     }
-    if let Err(err) = consumer.commit(&offsets, CommitMode::Async) {
-        tracing::debug!(error = %err, "pipeline: committing task offsets");
+    if offsets.count() > 0 {
+        if let Err(err) = consumer.commit(&offsets, CommitMode::Async) {
+            tracing::debug!(error = %err, "pipeline: committing task offsets");
+        }
     }
     Ok(())
 }
