@@ -123,13 +123,13 @@ def append_result(date, host, kind, result):
 class Broker:
     """`freshet serve` on a free port; with `http`, its embedded HTTP gateway too."""
 
-    def __init__(self, freshet, data_dir, log_path, http=False, start_timeout_s=60):
+    def __init__(self, freshet, data_dir, log_path, http=False, start_timeout_s=60, env=None):
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [freshet, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1",
-                 "FRESHET_HTTP_LISTEN": "127.0.0.1:0" if http else "off"},
+                 "FRESHET_HTTP_LISTEN": "127.0.0.1:0" if http else "off", **(env or {})},
         )
         # The first line says where it listens; a broker that hangs before printing it is
         # killed at the deadline, so readline returns and the start fails loudly.

@@ -112,6 +112,47 @@ pub enum Expr {
     Call(Func, Vec<Expr>),
 }
 
+impl Expr {
+    /// Adds the top-level JSON fields this expression reads (`user.id` reads `user`),
+    /// so that the runtime can parse only those.
+    pub fn top_level_fields(&self, out: &mut std::collections::BTreeSet<String>) {
+        let mut all = |es: &[&Expr]| es.iter().for_each(|e| e.top_level_fields(out));
+        match self {
+            Expr::Field(path) => {
+                if let Some(first) = path.first() {
+                    out.insert(first.clone());
+                }
+            }
+            Expr::Literal(_) | Expr::Meta(_) | Expr::Slot(_) | Expr::Header(_) => {}
+            Expr::JsonGet { base, key, .. } => all(&[base, key]),
+            Expr::Binary(a, _, b) => all(&[a, b]),
+            Expr::Not(e) | Expr::Neg(e) | Expr::Cast(e, _) => all(&[e]),
+            Expr::IsNull { expr, .. } | Expr::Regex { expr, .. } => all(&[expr]),
+            Expr::Like { expr, pattern, .. } => all(&[expr, pattern]),
+            Expr::InList { expr, list, .. } => {
+                all(&[expr]);
+                list.iter().for_each(|e| e.top_level_fields(out));
+            }
+            Expr::Between {
+                expr, low, high, ..
+            } => all(&[expr, low, high]),
+            Expr::Case {
+                operand,
+                whens,
+                otherwise,
+            } => {
+                operand.iter().for_each(|e| e.top_level_fields(out));
+                for (w, t) in whens {
+                    w.top_level_fields(out);
+                    t.top_level_fields(out);
+                }
+                otherwise.iter().for_each(|e| e.top_level_fields(out));
+            }
+            Expr::Call(_, args) => args.iter().for_each(|e| e.top_level_fields(out)),
+        }
+    }
+}
+
 /// A regular expression compiled at planning (the `regex` crate's syntax; `(?i)`
 /// for case-insensitive), kept in a plan as its text.
 #[derive(Debug, Clone)]

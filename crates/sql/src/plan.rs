@@ -61,6 +61,31 @@ pub struct Query {
     pub body: Body,
 }
 
+impl Query {
+    /// The top-level JSON fields of the source value that this query reads.
+    pub fn json_fields(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut add = |e: &Expr| e.top_level_fields(&mut out);
+        if let Some(f) = &self.filter {
+            add(f);
+        }
+        if let EventTime::Column(e) = &self.source.event_time {
+            add(e);
+        }
+        match &self.body {
+            Body::Map(Projection::Star) => {}
+            Body::Map(Projection::Columns(columns)) => columns.iter().for_each(|(_, e)| add(e)),
+            Body::Aggregate(a) => {
+                a.keys.iter().for_each(&mut add);
+                for call in &a.aggregates {
+                    call.arg.iter().chain(&call.filter).for_each(&mut add);
+                }
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Source {
     pub topic: String,

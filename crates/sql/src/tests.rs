@@ -83,6 +83,20 @@ fn the_issue_example_compiles_as_written() {
     assert!(matches!(q.source.event_time, EventTime::Column(_)));
 }
 
+#[test]
+fn a_query_names_the_json_fields_it_reads() {
+    let p = compile(CITY_WINDOWS, &Topics).unwrap();
+    let fields: Vec<String> = p.queries[0].json_fields().into_iter().collect();
+    assert_eq!(fields, ["city", "created_at", "retweet", "user_id"]);
+    let p = compile(
+        "INSERT INTO o SELECT upper(user.id) AS u, payload->>'id' AS i FROM tweets WHERE amount > 1 AND _key = 'k';",
+        &Topics,
+    )
+    .unwrap();
+    let fields: Vec<String> = p.queries[0].json_fields().into_iter().collect();
+    assert_eq!(fields, ["amount", "payload", "user"]);
+}
+
 fn eval_where(sql_where: &str, json: serde_json::Value) -> Result<Value, crate::expr::EvalError> {
     let p = compile(
         &format!("INSERT INTO o SELECT * FROM raw WHERE {sql_where};"),

@@ -491,19 +491,22 @@ impl Grouped {
         t: i64,
         args: &[Option<Option<Value>>],
     ) -> Result<(), Error> {
-        let funcs: Vec<_> = self.plan.aggregates.iter().map(|c| c.func).collect();
         match self.plan.window {
             None => {
                 let id = key_bytes;
                 self.check(&id, args)?;
-                self.upsert(id, keys, i64::MIN, i64::MAX, &funcs, args, false);
+                self.upsert(&id, keys, i64::MIN, i64::MAX, args, false);
             }
             Some(Window::Tumble { size_ms }) => {
                 let start = t - t.rem_euclid(size_ms);
                 self.set_id(&key_bytes, start);
-                let id = self.id.clone();
-                self.check(&id, args)?;
-                self.upsert(id, keys, start, start + size_ms, &funcs, args, true);
+                let id = std::mem::take(&mut self.id);
+                let checked = self.check(&id, args);
+                if checked.is_ok() {
+                    self.upsert(&id, keys, start, start + size_ms, args, true);
+                }
+                self.id = id;
+                checked?;
             }
             Some(Window::Hop { slide_ms, size_ms }) => {
                 let starts: Vec<i64> = hop_starts(t, slide_ms, size_ms).collect();
@@ -514,8 +517,9 @@ impl Grouped {
                 }
                 for start in starts {
                     self.set_id(&key_bytes, start);
-                    let id = self.id.clone();
-                    self.upsert(id, keys, start, start + size_ms, &funcs, args, true);
+                    let id = std::mem::take(&mut self.id);
+                    self.upsert(&id, keys, start, start + size_ms, args, true);
+                    self.id = id;
                 }
             }
             Some(Window::Session { gap_ms }) => {
@@ -541,7 +545,12 @@ impl Grouped {
                 }
                 // Merge the overlapping sessions into one.
                 let (mut start, mut stop) = (t, end);
-                let mut accs: Vec<Acc> = funcs.iter().map(|f| Acc::new(*f)).collect();
+                let mut accs: Vec<Acc> = self
+                    .plan
+                    .aggregates
+                    .iter()
+                    .map(|c| Acc::new(c.func))
+                    .collect();
                 for s in overlapping {
                     let id = window_id(&key_bytes, s);
                     if let Some(old) = self.remove(&id) {
@@ -600,26 +609,29 @@ impl Grouped {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn upsert(
         &mut self,
-        id: Vec<u8>,
+        id: &[u8],
         keys: &[Value],
         start: i64,
         end: i64,
-        funcs: &[sql::plan::AggFunc],
         args: &[Option<Option<Value>>],
         windowed: bool,
     ) {
-        if !self.groups.contains_key(&id) {
+        if !self.groups.contains_key(id) {
             self.bytes += GROUP_OVERHEAD + 2 * id.len() as i64;
             if windowed {
                 self.closing
                     .insert((end, start, id[..id.len() - 8].to_vec()));
             }
-            let accs = funcs.iter().map(|f| Acc::new(*f)).collect();
+            let accs = self
+                .plan
+                .aggregates
+                .iter()
+                .map(|c| Acc::new(c.func))
+                .collect();
             self.groups.insert(
-                id.clone(),
+                id.to_vec(),
                 Group {
                     keys: keys.to_vec(),
                     start,
@@ -628,14 +640,14 @@ impl Grouped {
                 },
             );
         }
-        let group = self.groups.get_mut(&id).expect("present");
+        let group = self.groups.get_mut(id).expect("present");
         for (acc, arg) in group.accs.iter_mut().zip(args) {
             if let Some(v) = arg {
                 self.bytes += acc.add(v.as_ref(), &mut self.scratch);
             }
         }
-        if self.plan.emit == Emit::Changes && !self.dirty.contains(&id) {
-            self.dirty.insert(id);
+        if self.plan.emit == Emit::Changes && !self.dirty.contains(id) {
+            self.dirty.insert(id.to_vec());
         }
     }
 

@@ -18,6 +18,7 @@
 
 pub mod catalog;
 pub mod checkpoint;
+mod json;
 mod route;
 mod tasks;
 
@@ -222,6 +223,36 @@ pub fn plan_hash(plan: &sql::Pipeline) -> u64 {
     hash
 }
 
+/// A run loop's wall clock, read once per [`Clock::EVERY`] records and whenever the
+/// input pauses: reading it for each record costs more than some records do.
+struct Clock {
+    now: i64,
+    unread: u32,
+}
+
+impl Clock {
+    const EVERY: u32 = 64;
+
+    fn new() -> Clock {
+        Clock {
+            now: now_ms(),
+            unread: 0,
+        }
+    }
+
+    /// After a poll: whether the clock was read now (time to look at the intervals
+    /// and at `stop`).
+    fn after_poll(&mut self, got_record: bool) -> bool {
+        self.unread += 1;
+        if got_record && self.unread < Clock::EVERY {
+            return false;
+        }
+        self.unread = 0;
+        self.now = now_ms();
+        true
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -413,6 +444,8 @@ struct Shared<'a> {
     dead: String,
     repartition: String,
     layout: Layout,
+    /// Per source: the top-level JSON fields its queries read.
+    json_fields: Vec<std::collections::BTreeSet<String>>,
     producer: ThreadedProducer<DeliveryContext>,
     delivery: Arc<Delivery>,
 }
@@ -499,6 +532,17 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
             dead: dead_letter_topic(name, plan),
             repartition: repartition_topic(name),
             layout: Layout::new(prepared, &repartition_topic(name)),
+            json_fields: prepared
+                .sources
+                .iter()
+                .map(|(topic, _)| {
+                    plan.queries
+                        .iter()
+                        .filter(|q| q.source.topic == *topic)
+                        .flat_map(|q| q.json_fields())
+                        .collect()
+                })
+                .collect(),
             producer,
             delivery,
         }
@@ -636,9 +680,10 @@ fn send_copy(
     producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
     message: &BorrowedMessage<'_>,
-    source: &str,
+    source: &Origin<'_>,
     extra: &[(&str, &str)],
 ) -> Result<(), Error> {
+    let source = source.to_string();
     let mut headers = OwnedHeaders::new();
     if let Some(h) = message.headers() {
         for h in h.iter().filter(|h| h.key != ROUTE_HEADER) {
@@ -668,6 +713,20 @@ fn send_copy(
         record = record.timestamp(ts);
     }
     send(producer, record)
+}
+
+/// Where a source record came from (`topic/partition/offset` in `freshet.source`):
+/// formatted only for the records that are copied.
+struct Origin<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+    }
 }
 
 /// Queues one record, waiting while librdkafka's queue is full.

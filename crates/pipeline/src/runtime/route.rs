@@ -23,7 +23,7 @@ use sql::expr::Input;
 use sql::plan::Body;
 
 use super::{
-    group_id, input_headers, now_ms, send, send_copy, send_rows, Error, Route, Shared,
+    group_id, input_headers, send, send_copy, send_rows, Clock, Error, Origin, Route, Shared,
     ROUTE_HEADER, TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -113,9 +113,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut last_commit = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut out_count = 0u64;
-    while !stopping() {
+    let mut clock = Clock::new();
+    loop {
         let polled = consumer.poll(TICK);
-        let now = now_ms();
+        let read = clock.after_poll(matches!(polled, Some(Ok(_))));
+        let now = clock.now;
         match polled {
             Some(Ok(message)) => {
                 if let Some(&s) = source_index.get(message.topic()) {
@@ -138,6 +140,12 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                 tracing::debug!(pipeline = %name, error = %err, "pipeline: source consumer");
             }
             None => {}
+        }
+        if !read {
+            continue;
+        }
+        if stopping() {
+            break;
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
@@ -171,14 +179,16 @@ fn one(
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let stats = shared.stats;
-    let source = format!(
-        "{}/{}/{}",
-        message.topic(),
-        message.partition(),
-        message.offset()
-    );
+    let source = Origin {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+    };
     let json = if needs_json {
-        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
+        match super::json::parse(
+            message.payload().unwrap_or_default(),
+            &shared.json_fields[s],
+        ) {
             Ok(json) => json,
             Err(err) => {
                 send_copy(

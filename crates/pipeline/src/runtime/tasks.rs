@@ -25,9 +25,10 @@ use sql::expr::Input;
 use sql::plan::Body;
 
 use super::checkpoint::{Checkpoint, StateTopic};
+use super::json;
 use super::{
-    input_headers, now_ms, send_copy, send_rows, state_topic, tasks_group_id, Error, Route, Shared,
-    CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
+    input_headers, send_copy, send_rows, state_topic, tasks_group_id, Clock, Error, Origin, Route,
+    Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
 };
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -249,9 +250,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut last_checkpoint = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let mut out_count = 0u64;
-    while !stopping() {
+    let mut clock = Clock::new();
+    loop {
         let polled = consumer.poll(TICK);
-        let now = now_ms();
+        let read = clock.after_poll(matches!(polled, Some(Ok(_))));
+        let now = clock.now;
         take_events(shared, &consumer, &mut tasks, now)?;
         match polled {
             Some(Ok(message)) => {
@@ -270,6 +273,12 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                 tracing::debug!(pipeline = %name, error = %err, "pipeline: tasks consumer");
             }
             None => {}
+        }
+        if !read {
+            continue;
+        }
+        if stopping() {
+            break;
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
@@ -358,12 +367,19 @@ fn routed(
         .sources
         .get(route.source as usize)
         .map_or("?", |(t, _)| t.as_str());
-    let source = format!("{source_topic}/{}/{}", route.partition, route.offset);
+    let source = Origin {
+        topic: source_topic,
+        partition: route.partition,
+        offset: route.offset,
+    };
     // Stage 1 read it as JSON already (and dead-lettered it if it was not).
-    let json = match query.source.json {
-        true => serde_json::from_slice(message.payload().unwrap_or_default())
+    let json = match (
+        query.source.json,
+        shared.json_fields.get(route.source as usize),
+    ) {
+        (true, Some(fields)) => json::parse(message.payload().unwrap_or_default(), fields)
             .unwrap_or(serde_json::Value::Null),
-        false => serde_json::Value::Null,
+        _ => serde_json::Value::Null,
     };
     let headers = input_headers(message);
     let input = Input {
@@ -389,12 +405,11 @@ fn direct(
 ) -> Result<u64, Error> {
     let plan = &shared.prepared.plan;
     let stats = shared.stats;
-    let source = format!(
-        "{}/{}/{}",
-        message.topic(),
-        message.partition(),
-        message.offset()
-    );
+    let source = Origin {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+    };
     let s = shared
         .prepared
         .sources
@@ -406,7 +421,10 @@ fn direct(
     }
     let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
     let json = if needs_json {
-        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
+        match json::parse(
+            message.payload().unwrap_or_default(),
+            &shared.json_fields[s],
+        ) {
             Ok(json) => json,
             // Stage 1 dead-letters it when it reads this source too.
             Err(_) if shared.layout.stage1_reads[s] => return Ok(0),
@@ -451,7 +469,7 @@ fn apply(
     op: &mut QueryOperator,
     input: &Input<'_>,
     message: &BorrowedMessage<'_>,
-    source: &str,
+    source: &Origin<'_>,
     now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
