@@ -18,7 +18,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::ops::encode::Reader;
@@ -154,12 +154,23 @@ impl StateTopic {
         checkpoint: &Checkpoint,
     ) -> Result<(), String> {
         let blob = checkpoint.encode();
-        let mut first = None;
-        let mut chunks = 0i64;
+        // Every chunk in flight at once (the idempotent producer keeps their order),
+        // then each acknowledgement.
+        let mut pending = Vec::new();
         for chunk in blob.chunks(CHUNK_BYTES) {
-            let offset = self.send(rt, partition, "chunk", chunk)?;
-            first.get_or_insert(offset);
-            chunks += 1;
+            pending.push(self.queue(partition, "chunk", chunk)?);
+        }
+        let mut offsets = Vec::with_capacity(pending.len());
+        for delivery in pending {
+            offsets.push(Self::delivered(rt, delivery)?);
+        }
+        let chunks = offsets.len() as i64;
+        let first = offsets.first().copied();
+        if first.is_some_and(|f| offsets.last() != Some(&(f + chunks - 1))) {
+            return Err(format!(
+                "cannot write a checkpoint: another writer is on partition {partition} of '{}'",
+                self.name
+            ));
         }
         let commit = Commit {
             first: first.unwrap_or(-1),
@@ -201,14 +212,21 @@ impl StateTopic {
         key: &str,
         value: &[u8],
     ) -> Result<i64, String> {
+        let delivery = self.queue(partition, key, value)?;
+        Self::delivered(rt, delivery)
+    }
+
+    fn queue(&self, partition: i32, key: &str, value: &[u8]) -> Result<DeliveryFuture, String> {
         let record = FutureRecord::<str, [u8]>::to(&self.name)
             .key(key)
             .payload(value)
             .partition(partition);
-        let delivery = self
-            .producer
+        self.producer
             .send_result(record)
-            .map_err(|(err, _)| format!("cannot write a checkpoint: {err}"))?;
+            .map_err(|(err, _)| format!("cannot write a checkpoint: {err}"))
+    }
+
+    fn delivered(rt: &tokio::runtime::Runtime, delivery: DeliveryFuture) -> Result<i64, String> {
         match rt.block_on(delivery) {
             Ok(Ok(delivered)) => Ok(delivered.offset),
             Ok(Err((err, _))) => Err(format!("cannot write a checkpoint: {err}")),
