@@ -684,6 +684,21 @@ fn send_copy(
     extra: &[(&str, &str)],
 ) -> Result<(), Error> {
     let source = source.to_string();
+    let mut headers: Vec<(&str, &[u8])> = vec![("freshet.source", source.as_bytes())];
+    headers.extend(extra.iter().map(|(k, v)| (*k, v.as_bytes())));
+    copy(producer, topic, None, message, &headers)
+}
+
+/// Queues `message` (key, value, timestamp, headers but the route header) to `topic`
+/// (to `partition`, or where the partitioner puts it), with `extra` headers after its
+/// own.
+fn copy(
+    producer: &ThreadedProducer<DeliveryContext>,
+    topic: &str,
+    partition: Option<i32>,
+    message: &BorrowedMessage<'_>,
+    extra: &[(&str, &[u8])],
+) -> Result<(), Error> {
     let mut headers = OwnedHeaders::new();
     if let Some(h) = message.headers() {
         for h in h.iter().filter(|h| h.key != ROUTE_HEADER) {
@@ -693,19 +708,18 @@ fn send_copy(
             });
         }
     }
-    headers = headers.insert(Header {
-        key: "freshet.source",
-        value: Some(source.as_bytes()),
-    });
     for (key, value) in extra {
         headers = headers.insert(Header {
             key,
-            value: Some(value.as_bytes()),
+            value: Some(*value),
         });
     }
     let mut record = BaseRecord::to(topic)
         .payload(message.payload().unwrap_or_default())
         .headers(headers);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     if let Some(key) = message.key() {
         record = record.key(key);
     }
@@ -713,6 +727,37 @@ fn send_copy(
         record = record.timestamp(ts);
     }
     send(producer, record)
+}
+
+/// A source record's value as JSON, with the fields of source `s` that the queries
+/// read. One that is not JSON is sent to the dead-letter topic (when `dead_letter`;
+/// otherwise the other stage does) and counted: `None`.
+fn read_json(
+    shared: &Shared<'_>,
+    message: &BorrowedMessage<'_>,
+    source: &Origin<'_>,
+    s: usize,
+    dead_letter: bool,
+) -> Result<Option<serde_json::Value>, Error> {
+    match json::parse(
+        message.payload().unwrap_or_default(),
+        &shared.json_fields[s],
+    ) {
+        Ok(json) => Ok(Some(json)),
+        Err(_) if !dead_letter => Ok(None),
+        Err(err) => {
+            let reason = format!("the value is not JSON: {err}");
+            send_copy(
+                &shared.producer,
+                &shared.dead,
+                message,
+                source,
+                &[("freshet.error", &reason)],
+            )?;
+            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            Ok(None)
+        }
+    }
 }
 
 /// Where a source record came from (`topic/partition/offset` in `freshet.source`):

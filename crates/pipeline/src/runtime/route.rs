@@ -16,15 +16,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::Input;
 use sql::plan::Body;
 
 use super::{
-    group_id, input_headers, send, send_copy, send_rows, Clock, Error, Origin, Route, Shared,
-    ROUTE_HEADER, TICK,
+    copy, group_id, input_headers, read_json, send, send_copy, send_rows, Clock, Error, Origin,
+    Route, Shared, ROUTE_HEADER, TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
 
@@ -185,22 +185,9 @@ fn one(
         offset: message.offset(),
     };
     let json = if needs_json {
-        match super::json::parse(
-            message.payload().unwrap_or_default(),
-            &shared.json_fields[s],
-        ) {
-            Ok(json) => json,
-            Err(err) => {
-                send_copy(
-                    &shared.producer,
-                    &shared.dead,
-                    message,
-                    &source,
-                    &[("freshet.error", &format!("the value is not JSON: {err}"))],
-                )?;
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                return Ok(0);
-            }
+        match read_json(shared, message, &source, s, true)? {
+            Some(json) => json,
+            None => return Ok(0),
         }
     } else {
         serde_json::Value::Null
@@ -282,30 +269,13 @@ fn forward(
     route: &Route,
 ) -> Result<(), Error> {
     let encoded = route.encode();
-    let mut headers = OwnedHeaders::new();
-    if let Some(h) = message.headers() {
-        for h in h.iter().filter(|h| h.key != ROUTE_HEADER) {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
-    headers = headers.insert(Header {
-        key: ROUTE_HEADER,
-        value: Some(&encoded[..]),
-    });
-    let mut record = BaseRecord::to(&shared.repartition)
-        .partition(task)
-        .payload(message.payload().unwrap_or_default())
-        .headers(headers);
-    if let Some(key) = message.key() {
-        record = record.key(key);
-    }
-    if let Some(ts) = message.timestamp().to_millis() {
-        record = record.timestamp(ts);
-    }
-    send(&shared.producer, record)
+    copy(
+        &shared.producer,
+        &shared.repartition,
+        Some(task),
+        message,
+        &[(ROUTE_HEADER, &encoded[..])],
+    )
 }
 
 /// For every (grouped query, source partition) that delivered since the last tick: a

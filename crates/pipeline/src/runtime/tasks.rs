@@ -27,8 +27,8 @@ use sql::plan::Body;
 use super::checkpoint::{Checkpoint, StateTopic};
 use super::json;
 use super::{
-    input_headers, send_copy, send_rows, state_topic, tasks_group_id, Clock, Error, Origin, Route,
-    Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
+    input_headers, read_json, send_copy, send_rows, state_topic, tasks_group_id, Clock, Error,
+    Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
 };
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -427,24 +427,10 @@ fn direct(
     }
     let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
     let json = if needs_json {
-        match json::parse(
-            message.payload().unwrap_or_default(),
-            &shared.json_fields[s],
-        ) {
-            Ok(json) => json,
-            // Stage 1 dead-letters it when it reads this source too.
-            Err(_) if shared.layout.stage1_reads[s] => return Ok(0),
-            Err(err) => {
-                send_copy(
-                    &shared.producer,
-                    &shared.dead,
-                    message,
-                    &source,
-                    &[("freshet.error", &format!("the value is not JSON: {err}"))],
-                )?;
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                return Ok(0);
-            }
+        // Stage 1 dead-letters what is not JSON when it reads this source too.
+        match read_json(shared, message, &source, s, !shared.layout.stage1_reads[s])? {
+            Some(json) => json,
+            None => return Ok(0),
         }
     } else {
         serde_json::Value::Null
