@@ -483,6 +483,7 @@ impl Shared<'_> {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
+            .set("max.partition.fetch.bytes", "8388608")
             // The rebalance callbacks assume the eager protocol (all revoked, then
             // all assigned).
             .set("partition.assignment.strategy", "range")
