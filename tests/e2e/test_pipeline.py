@@ -356,6 +356,50 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
         log.close()
 
 
+def test_grouped_by_key_reads_each_partition_in_place(broker):
+    """GROUP BY _key: each key is in one partition already, so the tasks read the
+    source partitions themselves, with no repartition topic, and the totals are exact."""
+    partitions = 3
+    src = name("keyed")
+    create_topic(broker.bootstrap, src, partitions=partitions)
+    docs = generate(6_000, seed=14, late_share=0.0)[:-1]
+    p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+    for d in docs[:100]:
+        p.produce(src, json.dumps(d).encode(), key=d["city"].encode())
+    assert p.flush(30) == 0
+    pipeline = name("keyed")
+    out = f"{pipeline}_out"
+    sql = f"""
+SET 'allowed-lateness' = '2s';
+INSERT INTO {out}
+SELECT _key AS city, window_start, window_end, COUNT(*) AS n, SUM(v) AS total
+FROM TUMBLE({src}, ts, INTERVAL '10' SECOND)
+GROUP BY _key, window_start, window_end
+EMIT FINAL;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    for d in docs[100:]:
+        p.produce(src, json.dumps(d).encode(), key=d["city"].encode())
+    # A record far in the future closes every window, in each partition.
+    for part in range(partitions):
+        p.produce(src, json.dumps({"city": "zz", "v": 0, "ts": docs[-1]["ts"] + 120_000}).encode(),
+                  key=b"zz", partition=part)
+    assert p.flush(30) == 0
+    want = {}
+    for d in docs:
+        start = d["ts"] - d["ts"] % 10_000
+        row = want.setdefault((d["city"], start, start + 10_000), {"n": 0, "total": None})
+        row["n"] += 1
+        if d["v"] is not None:
+            row["total"] = (row["total"] or 0) + d["v"]
+    got = lambda: {k: v for k, v in final_rows(broker.bootstrap, out, range(partitions)).items() if k[0] != "zz"}
+    wait_until(lambda: len(got()) >= len(want), timeout=60, what=lambda: f"{len(want)} final rows, got {len(got())}")
+    assert {k: {"n": r["n"], "total": r["total"]} for k, r in got().items()} == want
+    topics = admin(broker.bootstrap).list_topics(timeout=10).topics
+    assert f"_freshet.pipeline.{pipeline}.repartition" not in topics
+    assert len(topics[f"_freshet.pipeline.{pipeline}.state"].partitions) == partitions
+
+
 def test_idle_partition_does_not_stall_windows(broker):
     src = name("idle")
     create_topic(broker.bootstrap, src, partitions=2)

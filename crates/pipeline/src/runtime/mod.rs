@@ -303,10 +303,11 @@ pub fn repartition_topic(name: &str) -> String {
 
 /// Where the records of each query go, and which topics the tasks read.
 ///
-/// A grouped query whose source has one partition reads it directly in its one task
-/// (its records are already in one place, so a repartition would only copy them);
-/// the others are routed through the repartition topic, which has as many partitions
-/// as the largest of their sources (Kafka Streams' rule).
+/// A grouped query whose records are already where their group's state is reads its
+/// source directly, one task per source partition: a source of one partition, or a
+/// query grouped by `_key` alone (a repartition would only copy the records). The
+/// others are routed through the repartition topic, which has as many partitions as
+/// the largest of their sources (Kafka Streams' rules).
 struct Layout {
     /// Per query: run or routed by stage 1 (stateless, or grouped over several
     /// partitions).
@@ -318,7 +319,7 @@ struct Layout {
     /// Partitions of the repartition topic (0: nothing is routed).
     routed_tasks: i32,
     /// What the tasks read: (topic, first state partition), the repartition topic
-    /// first if any, then each directly read source (one partition each).
+    /// first if any, then each directly read source (a task per partition).
     inputs: Vec<(String, i32)>,
     /// Partitions of the state topic: one per task.
     state_partitions: i32,
@@ -338,10 +339,16 @@ impl Layout {
             .iter()
             .map(|q| matches!(q.body, Body::Aggregate(_)))
             .collect();
+        // Grouped by the record key alone: the producers put each key in one
+        // partition already (Kafka Streams' co-partitioning assumption).
+        let by_key = |q: &sql::plan::Query| match &q.body {
+            Body::Aggregate(a) => a.keys == [sql::expr::Expr::Meta(sql::expr::Meta::Key)],
+            Body::Map(_) => false,
+        };
         let direct: Vec<bool> = queries
             .iter()
             .zip(&grouped)
-            .map(|(q, &g)| g && partitions(&q.source.topic) == 1)
+            .map(|(q, &g)| g && (partitions(&q.source.topic) == 1 || by_key(q)))
             .collect();
         let in_stage1: Vec<bool> = direct.iter().map(|d| !d).collect();
         let routed_tasks = queries
@@ -359,7 +366,7 @@ impl Layout {
         for (i, q) in queries.iter().enumerate() {
             if direct[i] && !inputs.iter().any(|(t, _)| *t == q.source.topic) {
                 inputs.push((q.source.topic.clone(), next));
-                next += 1;
+                next += partitions(&q.source.topic);
             }
         }
         let stage1_reads = prepared

@@ -169,7 +169,14 @@ impl Task {
                 .iter()
                 .find(|(t, _)| t == source)
                 .map_or(1, |(_, p)| *p);
-            op.assign(&(0..partitions).collect::<Vec<i32>>(), now);
+            // A task reading a source partition directly sees only that one: its
+            // watermark follows it alone.
+            let fed: Vec<i32> = if routed {
+                (0..partitions).collect()
+            } else {
+                vec![partition]
+            };
+            op.assign(&fed, now);
         }
         Ok(task)
     }
