@@ -13,7 +13,6 @@ import os
 import random
 import socket
 import threading
-import time
 
 from confluent_kafka import Producer
 
@@ -91,10 +90,15 @@ class CuttingProxy:
         self.cut()
 
 
-def produce_through(proxy: CuttingProxy, topic: str, disrupt, tag: str) -> dict[int, list[int]]:
-    """Produces RECORDS records (value = sequence number, partition = seq % PARTITIONS)
-    while `disrupt(progress)` runs in a thread; returns sequences per partition in
-    production order, after every delivery succeeded."""
+def produce_through(proxy: CuttingProxy, topic: str, disruptions: dict[int, object],
+                    tag: str) -> dict[int, list[int]]:
+    """Produces RECORDS records (value = sequence number, partition = seq % PARTITIONS),
+    calling `disruptions[seq]()` just before producing record `seq`: from the producing
+    thread, with the records produced since the last poll not yet acknowledged, so each
+    disruption hits a client with records in flight, by construction (a disruption run
+    from another thread on a progress count can fire after the last delivery, or
+    several at once against a client that has not reconnected yet). Returns sequences
+    per partition in production order, after every delivery succeeded."""
     p = Producer({
         "bootstrap.servers": f"127.0.0.1:{proxy.port}",
         "enable.idempotence": True,
@@ -106,34 +110,26 @@ def produce_through(proxy: CuttingProxy, topic: str, disrupt, tag: str) -> dict[
         "reconnect.backoff.max.ms": 200,
     })
     errors: list[str] = []
-    delivered = [0]
 
     def on_delivery(err, msg):
         if err is not None:
             errors.append(f"{err} (value {msg.value()!r})")
-        else:
-            delivered[0] += 1
 
     expected: dict[int, list[int]] = {p_: [] for p_ in range(PARTITIONS)}
-    stop = threading.Event()
-    disruptor = threading.Thread(target=disrupt, args=(stop, lambda: delivered[0]), daemon=True)
-    disruptor.start()
-    try:
-        for seq in range(RECORDS):
-            part = seq % PARTITIONS
-            while True:
-                try:
-                    p.produce(topic, value=str(seq).encode(), partition=part, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    p.poll(0.05)
-            expected[part].append(seq)
-            if seq % 500 == 0:
-                p.poll(0)
-        remaining = p.flush(120)
-    finally:
-        stop.set()
-        disruptor.join(timeout=30)
+    for seq in range(RECORDS):
+        if seq in disruptions:
+            disruptions[seq]()
+        part = seq % PARTITIONS
+        while True:
+            try:
+                p.produce(topic, value=str(seq).encode(), partition=part, on_delivery=on_delivery)
+                break
+            except BufferError:
+                p.poll(0.05)
+        expected[part].append(seq)
+        if seq % 500 == 0:
+            p.poll(0)
+    remaining = p.flush(120)
     assert remaining == 0, f"{tag} {remaining} records never delivered"
     assert not errors, f"{tag} {len(errors)} delivery errors, first: {errors[0]}"
     return expected
@@ -158,28 +154,27 @@ def test_connections_cut_repeatedly_store_every_record_once(broker_factory):
     b = broker_factory(env={"FRESHET_ADVERTISED_LISTENER": f"127.0.0.1:{proxy.port}"})
     holder["broker"] = b
     topic = create_topic(b.bootstrap, topic_name("idem-cut"), partitions=PARTITIONS)
+    cuts = 14
+    reconnected_at_cut = [0]
 
-    def disrupt(stop, progress):
-        # 14 cuts spread over the run, each once the client has delivered past a random
-        # point in its stretch: every cut hits a client with records flowing, and none
-        # comes before it recovered from the previous one. (Cutting on a timer whatever
-        # the progress can livelock librdkafka >= 2.10, which re-bootstraps when its only
-        # connection drops: with seed 4281766319 nothing was delivered in 120 s while the
-        # broker answered every request in under a millisecond.)
-        cuts = 14
-        step = RECORDS // (cuts + 2)
-        for i in range(1, cuts + 1):
-            threshold = i * step + rng.randrange(step // 2)
-            wait_until(lambda: progress() >= threshold or stop.is_set(), timeout=120,
-                       what=f"{threshold} deliveries")
-            if stop.is_set():
-                return
-            proxy.cut()
+    def cut():
+        # Only once the client has come back since the previous cut (a cut of nothing
+        # tests nothing), then at once, with the records produced since in flight.
+        wait_until(lambda: proxy.accepted > reconnected_at_cut[0], timeout=60,
+                   what=lambda: f"{tag} the client to reconnect after cut {proxy.cuts} "
+                                f"({proxy.accepted} connections)")
+        reconnected_at_cut[0] = proxy.accepted
+        proxy.cut()
 
+    # One cut at a random point of each of `cuts` stretches (none in the first and
+    # last: the client has started, and records still follow the last cut).
+    step = RECORDS // (cuts + 2)
+    at = {i * step + rng.randrange(step): cut for i in range(1, cuts + 1)}
     try:
-        expected = produce_through(proxy, topic, disrupt, tag)
-        assert proxy.cuts >= 10, f"{tag} only {proxy.cuts} cuts"
-        assert proxy.accepted > 10, f"{tag} the client reconnected only {proxy.accepted} times"
+        expected = produce_through(proxy, topic, at, tag)
+        assert proxy.cuts == cuts, f"{tag} {proxy.cuts} cuts, expected {cuts}"
+        # Every cut found a connection the client made after the previous one.
+        assert proxy.accepted > cuts, f"{tag} the client reconnected only {proxy.accepted} times"
         # The broker advertises the proxy, so reading back goes through it too.
         check_exactly_once(f"127.0.0.1:{proxy.port}", topic, expected, tag)
     finally:
@@ -197,20 +192,16 @@ def test_producer_state_survives_sigkill_of_the_broker(broker_factory):
     topic = create_topic(b.bootstrap, topic_name("idem-kill"), partitions=PARTITIONS)
     kills = []
 
-    def disrupt(stop, progress):
-        # Two SIGKILLs while records are in flight; the broker comes back on its port.
-        for threshold in sorted(rng.sample(range(RECORDS // 10, RECORDS * 8 // 10), 2)):
-            wait_until(lambda: progress() >= threshold or stop.is_set(), timeout=120,
-                       what=f"{threshold} deliveries")
-            if stop.is_set():
-                return
-            b.restart(kill=True, same_port=True)
-            kills.append(progress())
+    def kill():
+        b.restart(kill=True, same_port=True)
+        kills.append(len(kills))
 
+    # Two SIGKILLs while records are in flight; the broker comes back on its port.
+    at = {seq: kill for seq in rng.sample(range(RECORDS // 10, RECORDS * 8 // 10), 2)}
     try:
-        expected = produce_through(proxy, topic, disrupt, tag)
+        expected = produce_through(proxy, topic, at, tag)
         assert len(kills) == 2, f"{tag} the broker was killed {len(kills)} times, not twice"
         check_exactly_once(f"127.0.0.1:{proxy.port}", topic, expected, tag)
     finally:
         proxy.close()
-    print(f"idempotence: seed={SEED} sigkill at deliveries {kills}")
+    print(f"idempotence: seed={SEED} sigkill before records {sorted(at)}")

@@ -234,26 +234,13 @@ pub fn load(
             ..Default::default()
         },
     };
-    let mut offset = states.end_offset.max(log.log_start_offset());
-    while offset < log_end {
-        let slice = log
-            .read(offset, REPLAY_READ_BYTES, log_end)
-            .map_err(TopicError::from)?;
-        let bytes = slice
-            .load()
-            .map_err(|e| TopicError::Storage(format!("{}: {e}", dir.display())))?;
-        let before = offset;
-        for item in protocol::record_batch::batches(&bytes) {
-            let Ok((header, _)) = item else { break }; // a partial batch ends the slice
-            if header.last_offset() >= offset && header.has_producer_id() {
-                states.record(&header);
-            }
-            offset = offset.max(header.last_offset() + 1);
+    let from = states.end_offset;
+    log.for_each_batch(from, log_end, REPLAY_READ_BYTES, |header, _| {
+        if header.last_offset() >= from && header.has_producer_id() {
+            states.record(header);
         }
-        if offset == before {
-            break; // nothing readable: recovery guarantees this does not happen
-        }
-    }
+    })
+    .map_err(TopicError::from)?;
     states.end_offset = log_end;
     states.saved_end_offset = states.end_offset;
     Ok(states)

@@ -1,6 +1,7 @@
 //! The TCP server. Each connection reads frames, dispatches each request at once
-//! (a produce's append, on the blocking pool, is awaited before the next request
-//! is dispatched, so appends from one connection happen in the order sent), and
+//! (a request's state change, `Reply::InOrder` work on the blocking pool, is
+//! awaited before the next request is dispatched, so one connection's requests
+//! take effect in the order sent: ARCHITECTURE.md), and
 //! answers in request order, as Kafka requires, while later requests are already
 //! being served. Limits: connections, frame size, requests in flight per
 //! connection, the bytes of requests being read or awaiting answers (see

@@ -386,6 +386,43 @@ impl PartitionLog {
         ))
     }
 
+    /// Calls `f` with every whole batch from the one holding `from` up to `end`
+    /// (exclusive), in order, reading `read_bytes` at a time: for replaying a log
+    /// into memory at start-up. A read of `read_bytes` may end inside a batch (as a
+    /// fetch does); that batch is read again whole with the next read, never
+    /// passed on cut. The first batch may start below `from`.
+    pub fn for_each_batch(
+        &self,
+        from: i64,
+        end: i64,
+        read_bytes: usize,
+        mut f: impl FnMut(&BatchHeader, &[u8]),
+    ) -> Result<()> {
+        let mut offset = from.max(self.log_start_offset);
+        while offset < end {
+            let slice = self.read(offset, read_bytes, end)?;
+            if slice.len == 0 {
+                break;
+            }
+            let bytes = slice.load().map_err(io_error(&self.dir))?;
+            let before = offset;
+            for item in record_batch::batches(&bytes) {
+                // A read holds at least its first batch whole: an error is the
+                // partial batch at its end.
+                let Ok((header, batch)) = item else { break };
+                f(&header, batch);
+                offset = offset.max(header.last_offset() + 1);
+            }
+            if offset == before {
+                return Err(StorageError::corrupt(
+                    &self.dir,
+                    format!("no whole batch at offset {offset} below {end}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn log_start_offset(&self) -> i64 {
         self.log_start_offset
     }

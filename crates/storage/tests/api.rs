@@ -182,6 +182,49 @@ fn read_returns_at_least_one_batch_and_honours_limits() {
     ));
 }
 
+/// A replay reading a few bytes at a time sees every batch whole, once, in order,
+/// whatever the read size: reads that end inside a batch, segments that end
+/// inside a read.
+#[test]
+fn for_each_batch_passes_whole_batches_whatever_the_read_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = batch_of(2, 0).len() as u64;
+    let mut log = open(tmp.path(), config(3 * one, 4096));
+    for i in 0..12 {
+        log.append(&batch_of(1 + i % 3, i as i64), 0, 0).unwrap();
+    }
+    assert!(log.segment_count() > 2);
+    let all = read_all(&log);
+    let end = log.log_end_offset();
+    for read_bytes in [
+        1,
+        10,
+        one as usize - 1,
+        one as usize + 7,
+        5 * one as usize,
+        1 << 20,
+    ] {
+        let mut seen = Vec::new();
+        log.for_each_batch(0, end, read_bytes, |header, batch| {
+            assert_eq!(header.total_bytes(), batch.len());
+            seen.push(batch.to_vec());
+        })
+        .unwrap();
+        assert_eq!(seen, all, "read {read_bytes} bytes at a time");
+        // From inside a batch: that batch first; up to an earlier end: fewer.
+        let third = header(&all[2]);
+        let mut from_inside = Vec::new();
+        log.for_each_batch(
+            third.base_offset + 1,
+            third.last_offset() + 1,
+            read_bytes,
+            |h, _| from_inside.push(h.base_offset),
+        )
+        .unwrap();
+        assert_eq!(from_inside, vec![third.base_offset], "read {read_bytes}");
+    }
+}
+
 #[test]
 fn reads_stay_within_one_segment() {
     let tmp = tempfile::tempdir().unwrap();

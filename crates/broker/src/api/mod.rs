@@ -61,7 +61,15 @@ pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
 }
 
 /// What a handler gives back: an answer now, or a future one (a long-polling fetch,
-/// an acks=all produce waiting for fsync, admin work that touches the disk).
+/// an acks=all produce waiting for fsync, a read that touches the disk), or work
+/// that changes broker state to run in the request's turn.
+///
+/// Architecture invariant: a request's effect on broker state happens in the
+/// order the connection sent it. A handler that changes state does so either
+/// synchronously in [`dispatch`] (group membership, heartbeats) or in
+/// [`Reply::InOrder`] work; a `Later` future only waits (for an fsync, a
+/// rebalance, new data) and reads. Never put a state change in a `Later` future:
+/// it runs when first polled, after later requests' changes may have run.
 /// `None` means no response is sent (acks=0).
 #[allow(clippy::large_enum_variant)] // one per request; boxing buys nothing
 pub enum Reply {
@@ -71,9 +79,10 @@ pub enum Reply {
     /// record bytes): the server keeps the hold until the encoded answer has been
     /// written to the socket, so the budget bounds what answers really occupy.
     Holding(Pin<Box<dyn Future<Output = Option<HeldAnswer>> + Send>>),
-    /// Work that writes to the log, to run on the blocking pool before the
-    /// connection dispatches its next request, so that one connection's appends
-    /// keep the order they were sent in (idempotent producers rely on it) while
+    /// Work that changes broker state (appends to a log, creates a topic), to run
+    /// on the blocking pool before the connection dispatches its next request, so
+    /// that one connection's changes keep the order they were sent in (idempotent
+    /// producers and pipelined offset commits rely on it) while
     /// a `pwrite` held up by the disk (dirty-page throttling, a segment roll)
     /// stalls no runtime worker. Gives the reply to answer with.
     InOrder(Box<dyn FnOnce() -> Reply + Send>),
@@ -91,7 +100,20 @@ impl Reply {
         Reply::Now(Some(body.into()))
     }
 
-    /// Runs `work` on the blocking pool: it does file I/O.
+    /// Runs `work` on the blocking pool in the request's turn: it changes broker
+    /// state (and may do file I/O), so it must take effect before the next
+    /// request of the connection does. Anything that only waits (an fsync) goes
+    /// in the `Reply` it gives back.
+    fn in_order(
+        broker: &Arc<Broker>,
+        work: impl FnOnce(&Arc<Broker>) -> Reply + Send + 'static,
+    ) -> Reply {
+        let broker = broker.clone();
+        Reply::InOrder(Box::new(move || work(&broker)))
+    }
+
+    /// Runs `work`, which only reads broker state, on the blocking pool: it does
+    /// file I/O. Later requests of the connection may be served meanwhile.
     fn blocking<R: Into<ResponseKind>>(
         broker: &Arc<Broker>,
         work: impl FnOnce(&Broker) -> R + Send + 'static,
@@ -115,32 +137,34 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
     let v = request.header.request_api_version;
     match request.body {
         RequestKind::ApiVersions(r) => Reply::now(api_versions::handle(&r, v)),
-        RequestKind::Metadata(r) => Reply::blocking(broker, move |b| metadata::handle(b, r, v)),
-        RequestKind::Produce(r) => {
-            let broker = broker.clone();
-            Reply::InOrder(Box::new(move || produce::handle(&broker, r)))
+        // Metadata may create topics (auto-create): in order.
+        RequestKind::Metadata(r) => {
+            Reply::in_order(broker, move |b| Reply::now(metadata::handle(b, r, v)))
         }
+        RequestKind::Produce(r) => Reply::in_order(broker, move |b| produce::handle(b, r)),
         RequestKind::Fetch(r) => fetch::handle(broker, r, v),
         RequestKind::ListOffsets(r) => {
             Reply::blocking(broker, move |b| list_offsets::handle(b, r, v))
         }
         RequestKind::CreateTopics(r) => {
-            Reply::blocking(broker, move |b| create_topics::handle(b, r, v))
+            Reply::in_order(broker, move |b| Reply::now(create_topics::handle(b, r, v)))
         }
         RequestKind::DeleteTopics(r) => {
-            Reply::blocking(broker, move |b| delete_topics::handle(b, r, v))
+            Reply::in_order(broker, move |b| Reply::now(delete_topics::handle(b, r, v)))
         }
         RequestKind::CreatePartitions(r) => {
-            Reply::blocking(broker, move |b| create_partitions::handle(b, r))
+            Reply::in_order(broker, move |b| Reply::now(create_partitions::handle(b, r)))
         }
         RequestKind::DeleteRecords(r) => {
-            Reply::blocking(broker, move |b| delete_records::handle(b, r))
+            Reply::in_order(broker, move |b| Reply::now(delete_records::handle(b, r)))
         }
         RequestKind::DescribeConfigs(r) => Reply::now(configs::describe(broker, r, v)),
-        RequestKind::AlterConfigs(r) => Reply::blocking(broker, move |b| configs::alter(b, r)),
-        RequestKind::IncrementalAlterConfigs(r) => {
-            Reply::blocking(broker, move |b| configs::incremental_alter(b, r))
+        RequestKind::AlterConfigs(r) => {
+            Reply::in_order(broker, move |b| Reply::now(configs::alter(b, r)))
         }
+        RequestKind::IncrementalAlterConfigs(r) => Reply::in_order(broker, move |b| {
+            Reply::now(configs::incremental_alter(b, r))
+        }),
         RequestKind::DescribeCluster(r) => Reply::now(describe_cluster::handle(broker, r)),
         RequestKind::FindCoordinator(r) => {
             Reply::now(group::find_coordinator::handle(broker, r, v))
@@ -158,14 +182,20 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
         RequestKind::SyncGroup(r) => group::sync::handle(broker, r, v),
         RequestKind::Heartbeat(r) => Reply::now(group::heartbeat::handle(broker, r, v)),
         RequestKind::LeaveGroup(r) => Reply::now(group::leave::handle(broker, r, v)),
-        RequestKind::OffsetCommit(r) => group::offset_commit::handle(broker, r, v),
+        RequestKind::OffsetCommit(r) => {
+            Reply::in_order(broker, move |b| group::offset_commit::handle(b, r, v))
+        }
         RequestKind::OffsetFetch(r) => Reply::now(group::offset_fetch::handle(broker, r, v)),
         RequestKind::ListGroups(r) => Reply::now(group::list_groups::handle(broker, r, v)),
         RequestKind::DescribeGroups(r) => Reply::now(group::describe_groups::handle(broker, r, v)),
-        RequestKind::DeleteGroups(r) => group::delete_groups::handle(broker, r),
-        RequestKind::OffsetDelete(r) => group::offset_delete::handle(broker, r),
+        RequestKind::DeleteGroups(r) => {
+            Reply::in_order(broker, move |b| group::delete_groups::handle(b, r))
+        }
+        RequestKind::OffsetDelete(r) => {
+            Reply::in_order(broker, move |b| group::offset_delete::handle(b, r))
+        }
         RequestKind::InitProducerId(r) => {
-            Reply::blocking(broker, move |b| init_producer_id::handle(b, r))
+            Reply::in_order(broker, move |b| Reply::now(init_producer_id::handle(b, r)))
         }
         other => {
             // is_supported() admitted it, so SUPPORTED and this match disagree.

@@ -32,21 +32,21 @@ pub fn handle(broker: &Arc<Broker>, request: DeleteGroupsRequest) -> Reply {
     if tombstones.is_empty() {
         return Reply::Now(Some(response.into()));
     }
+    let deleted: Vec<String> = tombstones
+        .iter()
+        .map(|t| match t {
+            OffsetChange::DeleteGroup { group } => group.clone(),
+            _ => unreachable!("only group tombstones here"),
+        })
+        .collect();
+    // In the request's turn (dispatched as Reply::InOrder); only the fsync waits.
+    let now_ms = broker.now_ms();
+    let appended = broker.groups.offsets().append(tombstones, now_ms);
     let broker = broker.clone();
     Reply::Later(Box::pin(async move {
-        let deleted: Vec<String> = tombstones
-            .iter()
-            .map(|t| match t {
-                OffsetChange::DeleteGroup { group } => group.clone(),
-                _ => unreachable!("only group tombstones here"),
-            })
-            .collect();
-        if let Err(e) = broker
-            .groups
-            .offsets()
-            .commit(&broker.flusher, tombstones, broker.now_ms())
-            .await
-        {
+        let offsets = broker.groups.offsets();
+        let durable = offsets.durable(&broker.flusher, appended, now_ms).await;
+        if let Err(e) = durable {
             tracing::error!(groups = ?deleted, error = %e, "group deletion could not be made durable");
             for r in &mut response.results {
                 if r.error_code == 0 && deleted.iter().any(|g| **g == *r.group_id.0) {

@@ -1,5 +1,8 @@
 //! OffsetCommit v2-v8: validate against the group (generation, member), then
-//! append one batch to the offsets log and answer once it is fsync'd.
+//! append one batch to the offsets log and answer once it is fsync'd. The
+//! validation and the append run in the request's turn (dispatched as
+//! [`Reply::InOrder`]): a connection's pipelined commits take effect in the order
+//! sent, and only the wait for the fsync overlaps with later requests.
 
 use std::sync::Arc;
 
@@ -83,24 +86,23 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) 
     if changes.is_empty() {
         return Reply::Now(Some(response.into()));
     }
+    let appended = broker.groups.offsets().append(changes, now_ms);
+    // The group exists from now on, for the requests that follow this one (its
+    // offsets are on their way: `has_offsets` counts them), not only once they
+    // are durable.
+    broker.groups.ensure_group(&group_id);
     let broker = broker.clone();
     Reply::Later(Box::pin(async move {
-        match broker
-            .groups
-            .offsets()
-            .commit(&broker.flusher, changes, now_ms)
-            .await
-        {
-            Ok(()) => broker.groups.ensure_group(&group_id),
-            Err(e) => {
-                tracing::error!(group = %group_id, error = %e, "offset commit could not be made durable");
-                // Kafka's answer to a storage failure here: retriable, find the
-                // coordinator again.
-                for topic in &mut response.topics {
-                    for p in &mut topic.partitions {
-                        if p.error_code == 0 {
-                            p.error_code = code(ResponseError::NotCoordinator);
-                        }
+        let offsets = broker.groups.offsets();
+        let durable = offsets.durable(&broker.flusher, appended, now_ms).await;
+        if let Err(e) = durable {
+            tracing::error!(group = %group_id, error = %e, "offset commit could not be made durable");
+            // Kafka's answer to a storage failure here: retriable, find the
+            // coordinator again.
+            for topic in &mut response.topics {
+                for p in &mut topic.partitions {
+                    if p.error_code == 0 {
+                        p.error_code = code(ResponseError::NotCoordinator);
                     }
                 }
             }

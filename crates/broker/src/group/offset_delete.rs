@@ -72,12 +72,9 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
                 } else if subscribed {
                     Some(ResponseError::GroupSubscribedToTopic)
                 } else {
-                    if broker
-                        .groups
-                        .offsets()
-                        .fetch(&group_id, &name, index)
-                        .is_some()
-                    {
+                    // Counting commits still waiting for their fsync: a
+                    // deletion pipelined right after a commit deletes it.
+                    if broker.groups.offsets().has_offset(&group_id, &name, index) {
                         tombstones.push(OffsetChange::DeleteOffset {
                             group: group_id.clone(),
                             topic: name.clone(),
@@ -100,14 +97,14 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetDeleteRequest) -> Reply {
     if tombstones.is_empty() {
         return Reply::Now(Some(response.into()));
     }
+    // In the request's turn (dispatched as Reply::InOrder); only the fsync waits.
+    let now_ms = broker.now_ms();
+    let appended = broker.groups.offsets().append(tombstones, now_ms);
     let broker = broker.clone();
     Reply::Later(Box::pin(async move {
-        if let Err(e) = broker
-            .groups
-            .offsets()
-            .commit(&broker.flusher, tombstones, broker.now_ms())
-            .await
-        {
+        let offsets = broker.groups.offsets();
+        let durable = offsets.durable(&broker.flusher, appended, now_ms).await;
+        if let Err(e) = durable {
             tracing::error!(group = %group_id, error = %e, "offset deletion could not be made durable");
             return Some(
                 OffsetDeleteResponse::default()

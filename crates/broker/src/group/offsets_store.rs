@@ -79,7 +79,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use protocol::kafka_protocol::records::RecordBatchDecoder;
-use protocol::record_batch::{batches, build_simple_batch};
+use protocol::record_batch::build_simple_batch;
 use storage::{LogConfig, PartitionLog, StorageError};
 
 use crate::flusher::Flusher;
@@ -188,6 +188,17 @@ impl State {
     }
 }
 
+/// Changes appended by [`OffsetsStore::append`], not yet durable: give it to
+/// [`OffsetsStore::durable`]. Dropped unawaited, the changes stay pending until a
+/// later fsync covers them.
+#[must_use = "the changes become visible only through OffsetsStore::durable"]
+#[derive(Debug)]
+pub struct Appended {
+    /// The last offset of the batch (`None`: there was nothing to append), or why
+    /// the append failed.
+    last_offset: Result<Option<i64>, String>,
+}
+
 pub struct OffsetsStore {
     /// The log, wrapped as a partition so that the broker's flusher can fsync it.
     partition: Arc<Partition>,
@@ -232,47 +243,34 @@ impl OffsetsStore {
         let end = log.log_end_offset();
         log.set_high_watermark(end);
         let mut state = State::default();
-        let mut offset = log.log_start_offset();
         let mut records = 0u64;
-        while offset < end {
-            let slice = log.read(offset, REPLAY_READ_BYTES, end)?;
-            if slice.len == 0 {
-                break;
-            }
-            let bytes = slice.load().map_err(|source| StorageError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
-            for item in batches(&bytes) {
-                let (header, batch) = item?;
-                offset = header.last_offset() + 1;
-                let mut buf = Bytes::copy_from_slice(batch);
-                let set = match RecordBatchDecoder::decode(&mut buf) {
-                    Ok(set) => set,
-                    Err(e) => {
-                        tracing::warn!(offset = header.base_offset, error = %e, "skipping undecodable group offsets batch");
-                        continue;
+        log.for_each_batch(log.log_start_offset(), end, REPLAY_READ_BYTES, |header, batch| {
+            let mut buf = Bytes::copy_from_slice(batch);
+            let set = match RecordBatchDecoder::decode(&mut buf) {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::warn!(offset = header.base_offset, error = %e, "skipping undecodable group offsets batch");
+                    return;
+                }
+            };
+            for record in set.records {
+                match record.value.as_deref().map(decode_change) {
+                    Some(Ok(change)) => {
+                        state.apply(change);
+                        records += 1;
                     }
-                };
-                for record in set.records {
-                    match record.value.as_deref().map(decode_change) {
-                        Some(Ok(change)) => {
-                            state.apply(change);
-                            records += 1;
-                        }
-                        Some(Err(why)) => tracing::warn!(
-                            offset = record.offset,
-                            why,
-                            "skipping group offsets record"
-                        ),
-                        None => tracing::warn!(
-                            offset = record.offset,
-                            "skipping group offsets record without a value"
-                        ),
-                    }
+                    Some(Err(why)) => tracing::warn!(
+                        offset = record.offset,
+                        why,
+                        "skipping group offsets record"
+                    ),
+                    None => tracing::warn!(
+                        offset = record.offset,
+                        "skipping group offsets record without a value"
+                    ),
                 }
             }
-        }
+        })?;
         tracing::info!(
             records,
             groups = state.committed.len(),
@@ -393,16 +391,50 @@ impl OffsetsStore {
 
     /// Appends `changes` as one batch and applies them once they are durable. An
     /// error means the change is not visible (it may still survive in the log).
+    /// For callers that need nothing else in between; a request handler calls
+    /// [`OffsetsStore::append`] in the request's turn and awaits
+    /// [`OffsetsStore::durable`] after.
     pub async fn commit(
         &self,
         flusher: &Flusher,
         changes: Vec<OffsetChange>,
         now_ms: i64,
     ) -> Result<(), String> {
-        if changes.is_empty() {
+        let appended = self.append(changes, now_ms);
+        self.durable(flusher, appended, now_ms).await
+    }
+
+    /// Appends `changes` as one batch to the log, now: the order of `append` calls
+    /// is the order in which the changes take effect (a replay applies the log in
+    /// order, and [`OffsetsStore::durable`] makes changes visible in log order).
+    /// So a request handler calls it in its connection's turn, never from a
+    /// future that may first be polled after a later request's (ARCHITECTURE.md,
+    /// "requests take effect in the order they arrive"). Does file I/O: call it
+    /// from the blocking pool.
+    /// A failed append is reported by `durable`, so that a handler has one
+    /// outcome to answer from.
+    pub fn append(&self, changes: Vec<OffsetChange>, now_ms: i64) -> Appended {
+        let last_offset = if changes.is_empty() {
+            Ok(None)
+        } else {
+            self.append_batch(changes, now_ms)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        };
+        Appended { last_offset }
+    }
+
+    /// Waits until the appended changes are durable, then makes them visible. An
+    /// error means they are not visible (they may still survive in the log).
+    pub async fn durable(
+        &self,
+        flusher: &Flusher,
+        appended: Appended,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let Some(ticket) = appended.last_offset? else {
             return Ok(());
-        }
-        let ticket = self.append(changes, now_ms).map_err(|e| e.to_string())?;
+        };
         let result = flusher.flush(vec![self.partition.clone()]).await;
         self.settle(ticket, result.is_ok());
         if result.is_ok() {
@@ -411,7 +443,7 @@ impl OffsetsStore {
         result
     }
 
-    fn append(&self, changes: Vec<OffsetChange>, now_ms: i64) -> Result<i64, StorageError> {
+    fn append_batch(&self, changes: Vec<OffsetChange>, now_ms: i64) -> Result<i64, StorageError> {
         let values: Vec<Vec<u8>> = changes.iter().map(encode_change).collect();
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         let batch = build_simple_batch(now_ms, &refs);
@@ -463,6 +495,35 @@ impl OffsetsStore {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Will `group` have an offset for the partition once everything appended is
+    /// durable? What a request deciding from earlier requests' effects must ask
+    /// (they may still be waiting for their fsync): [`OffsetsStore::fetch`] answers
+    /// only what is durable.
+    pub fn has_offset(&self, group: &str, topic: &str, partition: i32) -> bool {
+        let state = self.state();
+        for change in state.pending.values().rev().flat_map(|c| c.iter().rev()) {
+            match change {
+                OffsetChange::Commit {
+                    group: g,
+                    topic: t,
+                    partition: p,
+                    ..
+                } if g == group && t == topic && *p == partition => return true,
+                OffsetChange::DeleteOffset {
+                    group: g,
+                    topic: t,
+                    partition: p,
+                } if g == group && t == topic && *p == partition => return false,
+                OffsetChange::DeleteGroup { group: g } if g == group => return false,
+                _ => {}
+            }
+        }
+        state
+            .committed
+            .get(group)
+            .is_some_and(|o| o.contains_key(&(topic.to_string(), partition)))
     }
 
     /// Does `group` have offsets, committed or on their way?
