@@ -326,3 +326,25 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// A plan goes through JSON (stored, hashed, read back at restart) unchanged,
+    /// float literals included: the fuzzer found 9999999990999999999999999999999999
+    /// read back one unit in the last place off before serde_json's `float_roundtrip`.
+    #[test]
+    fn a_plan_reads_back_from_json_unchanged(x in proptest::num::f64::POSITIVE | proptest::num::f64::NORMAL) {
+        let text = format!("INSERT INTO o SELECT {x:e} AS v, {x:e} = 1 AS w FROM tweets;");
+        let plan = compile(&text, &Topics).unwrap();
+        let encoded = serde_json::to_string(&plan).unwrap();
+        let decoded: crate::Pipeline = serde_json::from_str(&encoded).unwrap();
+        prop_assert_eq!(serde_json::to_string(&decoded).unwrap(), encoded);
+    }
+}
+
+#[test]
+fn the_fuzzers_float_literal_reads_back_exactly() {
+    let plan = compile("INSERT INTO o SELECT 999999999099999999999999999999999 = 9999 AS v FROM tweets;", &Topics).unwrap();
+    let encoded = serde_json::to_string(&plan).unwrap();
+    let decoded: crate::Pipeline = serde_json::from_str(&encoded).unwrap();
+    assert_eq!(serde_json::to_string(&decoded).unwrap(), encoded);
+}
