@@ -108,7 +108,9 @@ impl Pipelines {
 }
 
 fn describe(name: &str, entry: &Entry) -> serde_json::Value {
-    let mut out = serde_json::json!({ "name": name, "sql": entry.sql });
+    // Never the password of a sink's URL.
+    let sql = pipeline::runtime::sink::redact(&entry.sql);
+    let mut out = serde_json::json!({ "name": name, "sql": sql });
     if let (Some(out), serde_json::Value::Object(stats)) =
         (out.as_object_mut(), entry.stats.describe())
     {
@@ -180,8 +182,9 @@ pub fn supervise(name: &str, sql: &str, client: &ClientConfig, stats: &Stats, st
         match result {
             Ok(()) => return,
             Err(err) => {
-                tracing::warn!(pipeline = name, error = %err, "pipeline stopped");
-                stats.set_error(&err.to_string());
+                let error = pipeline::runtime::sink::redact(&err.to_string());
+                tracing::warn!(pipeline = name, %error, "pipeline stopped");
+                stats.set_error(&error);
                 stats.set_status(Status::Failed);
                 if !err.is_transient() {
                     return;

@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::ColumnType;
 use crate::value::Value;
 
 /// One source record, as expressions in input context see it.
@@ -113,6 +114,100 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// What is known of the type of this expression's values before any record is
+    /// seen (`slots`: the types of the row context's slots); `Json` when it depends on
+    /// the input.
+    pub fn static_type(&self, slots: &[ColumnType]) -> ColumnType {
+        use ColumnType as T;
+        match self {
+            Expr::Literal(v) => match v {
+                Value::Bool(_) => T::Bool,
+                Value::Int(_) => T::Int,
+                Value::Float(_) => T::Float,
+                Value::Str(_) => T::Text,
+                Value::Timestamp(_) => T::Timestamp,
+                Value::Null | Value::Json(_) => T::Json,
+            },
+            Expr::Field(_) => T::Json,
+            Expr::Meta(Meta::Key | Meta::Value) => T::Text,
+            Expr::Meta(Meta::Timestamp) => T::Timestamp,
+            Expr::Meta(Meta::Partition | Meta::Offset) => T::Int,
+            Expr::Slot(i) => slots.get(*i).copied().unwrap_or(T::Json),
+            Expr::Header(_) => T::Text,
+            Expr::JsonGet { text, .. } => {
+                if *text {
+                    T::Text
+                } else {
+                    T::Json
+                }
+            }
+            Expr::Binary(a, op, b) => match op {
+                BinOp::Eq
+                | BinOp::Ne
+                | BinOp::Lt
+                | BinOp::Le
+                | BinOp::Gt
+                | BinOp::Ge
+                | BinOp::And
+                | BinOp::Or => T::Bool,
+                BinOp::Concat => T::Text,
+                BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Mod => {
+                    match (a.static_type(slots), b.static_type(slots)) {
+                        (T::Int, T::Int) => T::Int,
+                        (T::Int | T::Float, T::Int | T::Float) => T::Float,
+                        _ => T::Json,
+                    }
+                }
+            },
+            Expr::Not(_)
+            | Expr::IsNull { .. }
+            | Expr::Like { .. }
+            | Expr::Regex { .. }
+            | Expr::InList { .. }
+            | Expr::Between { .. } => T::Bool,
+            Expr::Neg(e) => e.static_type(slots),
+            Expr::Case {
+                whens, otherwise, ..
+            } => {
+                let mut types = whens
+                    .iter()
+                    .map(|(_, e)| e)
+                    .chain(otherwise.as_deref())
+                    .map(|e| e.static_type(slots));
+                let first = types.next().unwrap_or(T::Json);
+                if types.all(|t| t == first) {
+                    first
+                } else {
+                    T::Json
+                }
+            }
+            Expr::Cast(_, to) => match to {
+                CastType::Int => T::Int,
+                CastType::Float => T::Float,
+                CastType::Text => T::Text,
+                CastType::Bool => T::Bool,
+                CastType::Timestamp => T::Timestamp,
+            },
+            Expr::Call(f, args) => match f {
+                Func::Lower
+                | Func::Upper
+                | Func::Substring
+                | Func::Concat
+                | Func::Trim
+                | Func::Replace => T::Text,
+                Func::Length | Func::EpochMs => T::Int,
+                Func::ToTimestamp | Func::DateTrunc => T::Timestamp,
+                Func::Extract => T::Float,
+                Func::Abs
+                | Func::Round
+                | Func::Floor
+                | Func::Ceil
+                | Func::Coalesce
+                | Func::NullIf => args.first().map_or(T::Json, |e| e.static_type(slots)),
+            },
+        }
+    }
+
     /// Adds the top-level JSON fields this expression reads (`user.id` reads `user`),
     /// so that the runtime can parse only those.
     pub fn top_level_fields(&self, out: &mut std::collections::BTreeSet<String>) {

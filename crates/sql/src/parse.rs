@@ -42,6 +42,8 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
         })?;
     let mut settings = Settings::default();
     let mut queries = Vec::new();
+    let mut sinks: Vec<(Sink, Location)> = Vec::new();
+    let mut kafka_sinks: Vec<(String, String)> = Vec::new();
     let mut statement: Vec<TokenWithSpan> = Vec::new();
     let mut all = tokens.into_iter().peekable();
     loop {
@@ -63,6 +65,21 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
         if let Some(first) = words.first() {
             if is_word(first, "SET") {
                 set(&words, &mut settings)?;
+            } else if is_word(first, "CREATE") && words.get(1).is_some_and(|w| is_word(w, "SINK")) {
+                let (sink, at) = create_sink(&words)?;
+                let name = match &sink {
+                    SinkDef::Database(s) => &s.name,
+                    SinkDef::Kafka { name, .. } => name,
+                };
+                if sinks.iter().any(|(s, _)| s.name == *name)
+                    || kafka_sinks.iter().any(|(n, _)| n == name)
+                {
+                    return Err(error_at(at, format!("sink '{name}' is created twice")));
+                }
+                match sink {
+                    SinkDef::Database(s) => sinks.push((s, at)),
+                    SinkDef::Kafka { name, topic } => kafka_sinks.push((name, topic)),
+                }
             } else {
                 let (body, emit) = strip_emit(&statement);
                 let mut parser = Parser::new(&dialect).with_tokens_with_locations(body);
@@ -87,12 +104,240 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
     }
     let mut planned = Vec::new();
     for (statement, emit, at) in queries {
-        planned.push(plan_statement(statement, emit, at, catalog)?);
+        let mut query = plan_statement(statement, emit, at, catalog)?;
+        if let Some(i) = sinks.iter().position(|(s, _)| s.name == query.output) {
+            check_sink_query(&sinks[i].0, &query, at)?;
+            query.sink = Some(i);
+        } else if let Some(topic) = kafka_sinks.iter().find(|(n, _)| *n == query.output) {
+            query.output = topic.1.clone();
+        }
+        planned.push(query);
     }
     Ok(Pipeline {
         settings,
         queries: planned,
+        sinks: sinks.into_iter().map(|(s, _)| s).collect(),
     })
+}
+
+/// Sink options users may write (`docs/sql.md`).
+const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'kafka', ...): postgres takes url and table, sqlite path and table, kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
+
+/// `CREATE SINK name WITH (key = value, ...)`.
+fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
+    let at = words[0].span.start;
+    let name = match words.get(2).map(|t| &t.token) {
+        Some(Token::Word(w)) => w.value.clone(),
+        _ => {
+            return Err(error_at(
+                words.get(2).map_or(at, |t| t.span.start),
+                format!("a sink needs a name: {SINK_USAGE}"),
+            ))
+        }
+    };
+    if !words.get(3).is_some_and(|t| is_word(t, "WITH"))
+        || !words.get(4).is_some_and(|t| t.token == Token::LParen)
+    {
+        return Err(error_at(
+            words.get(3).map_or(at, |t| t.span.start),
+            SINK_USAGE,
+        ));
+    }
+    if words.last().is_none_or(|t| t.token != Token::RParen) {
+        return Err(error_at(
+            words.last().map_or(at, |t| t.span.start),
+            format!("the options end with ')': {SINK_USAGE}"),
+        ));
+    }
+    let mut options: Vec<(String, String, Location)> = Vec::new();
+    for option in words[5..words.len() - 1].split(|t| t.token == Token::Comma) {
+        let key_at = option.first().map_or(words[4].span.end, |t| t.span.start);
+        let (key, value) = match option {
+            [k, eq, v] if eq.token == Token::Eq => {
+                let key = match &k.token {
+                    Token::Word(w) => w.value.to_ascii_lowercase(),
+                    Token::SingleQuotedString(s) => s.to_ascii_lowercase(),
+                    _ => return Err(error_at(key_at, SINK_USAGE)),
+                };
+                let value = match &v.token {
+                    Token::SingleQuotedString(s) => s.clone(),
+                    Token::Number(n, _) => n.clone(),
+                    Token::Word(w) if w.quote_style.is_none() => w.value.to_ascii_lowercase(),
+                    _ => {
+                        return Err(error_at(
+                            v.span.start,
+                            format!(
+                                "option '{key}' takes a value in quotes, a number, true or false"
+                            ),
+                        ))
+                    }
+                };
+                (key, value)
+            }
+            _ => {
+                return Err(error_at(
+                    key_at,
+                    format!("an option is key = 'value': {SINK_USAGE}"),
+                ))
+            }
+        };
+        if options.iter().any(|(k, _, _)| *k == key) {
+            return Err(error_at(key_at, format!("option '{key}' is given twice")));
+        }
+        options.push((key, value, key_at));
+    }
+    let take = |key: &str| {
+        options
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, v, at)| (v.clone(), *at))
+    };
+    let need = |key: &str, connector: &str| {
+        take(key)
+            .map(|(v, _)| v)
+            .ok_or_else(|| error_at(at, format!("a {connector} sink needs {key} = '...'")))
+    };
+    let known: &[&str] = &[
+        "connector",
+        "url",
+        "path",
+        "table",
+        "topic",
+        "primary_key",
+        "create_table",
+        "batch_rows",
+        "batch_interval",
+    ];
+    if let Some((k, _, kat)) = options
+        .iter()
+        .find(|(k, _, _)| !known.contains(&k.as_str()))
+    {
+        return Err(error_at(
+            *kat,
+            format!("unknown sink option '{k}': {SINK_USAGE}"),
+        ));
+    }
+    let connector = need("connector", "")?;
+    let connector = match connector.as_str() {
+        "kafka" => {
+            return Ok((
+                SinkDef::Kafka {
+                    name,
+                    topic: need("topic", "kafka")?,
+                },
+                at,
+            ))
+        }
+        "postgres" | "postgresql" => Connector::Postgres {
+            url: need("url", "postgres")?,
+        },
+        "sqlite" => Connector::Sqlite {
+            path: need("path", "sqlite")?,
+        },
+        "redis" | "http" | "file" => {
+            return Err(error_at(
+                take("connector").map_or(at, |(_, a)| a),
+                format!(
+                    "connector '{connector}' is not available yet: use postgres, sqlite or kafka"
+                ),
+            ))
+        }
+        other => {
+            return Err(error_at(
+                take("connector").map_or(at, |(_, a)| a),
+                format!("unknown connector '{other}': {SINK_USAGE}"),
+            ))
+        }
+    };
+    let table = need("table", connector.name())?;
+    let primary_key: Vec<String> = take("primary_key")
+        .map(|(v, _)| {
+            v.split(',')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let create_table = match take("create_table") {
+        None => false,
+        Some((v, vat)) => match v.to_ascii_lowercase().as_str() {
+            "true" => true,
+            "false" => false,
+            _ => return Err(error_at(vat, "create_table is true or false")),
+        },
+    };
+    let batch_rows = match take("batch_rows") {
+        None => 1000,
+        Some((v, vat)) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| error_at(vat, "batch_rows is a number from 1 to 1000000"))?,
+    };
+    let batch_interval_ms = match take("batch_interval") {
+        None => 100,
+        Some((v, vat)) => parse_duration(&v)
+            .ok_or_else(|| {
+                error_at(
+                    vat,
+                    format!("'{v}' is not a duration: write e.g. '100ms', '1s'"),
+                )
+            })?
+            .max(1),
+    };
+    Ok((
+        SinkDef::Database(Sink {
+            name,
+            connector,
+            table,
+            primary_key,
+            create_table,
+            batch_rows,
+            batch_interval_ms,
+        }),
+        at,
+    ))
+}
+
+/// What a `CREATE SINK` statement defines.
+enum SinkDef {
+    /// Rows go to a table.
+    Database(Sink),
+    /// `connector = 'kafka'`: rows go to `topic`, as `INSERT INTO topic` would.
+    Kafka { name: String, topic: String },
+}
+
+/// A query into a database sink: its columns hold the primary key, and a grouped
+/// query (whose rows update) has one.
+fn check_sink_query(sink: &Sink, query: &Query, at: Location) -> Result<()> {
+    let grouped = matches!(query.body, Body::Aggregate(_));
+    if grouped && sink.primary_key.is_empty() {
+        return Err(error_at(
+            at,
+            format!(
+                "sink '{}' receives the rows of a grouped query, which are updated as input arrives: declare the columns that identify a row, e.g. primary_key = '{}'",
+                sink.name,
+                query.columns().unwrap_or_default().iter().map(|(n, _)| n.as_str())
+                    .filter(|n| *n != "window_end").take(2).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    if let Some(columns) = query.columns() {
+        for k in &sink.primary_key {
+            if !columns.iter().any(|(n, _)| n == k) {
+                return Err(error_at(
+                    at,
+                    format!(
+                        "primary key column '{k}' of sink '{}' is not in the select list",
+                        sink.name
+                    ),
+                ));
+            }
+        }
+    } else if sink.create_table {
+        return Err(error_at(at, format!("sink '{}' creates its table from the select list: name the columns instead of SELECT *", sink.name)));
+    }
+    Ok(())
 }
 
 fn is_word(t: &TokenWithSpan, word: &str) -> bool {
@@ -405,6 +650,7 @@ fn plan_statement(
         },
         filter,
         body,
+        sink: None,
     })
 }
 

@@ -12,6 +12,60 @@ pub struct Pipeline {
     /// One per `INSERT INTO`, in file order. Several may read the same source
     /// (one input, several outputs).
     pub queries: Vec<Query>,
+    /// `CREATE SINK` statements into a database, in file order (a `kafka` sink is
+    /// resolved to its topic and not kept). Left out of the JSON when empty, so the
+    /// plans (and hashes) of files without sinks stay as they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<Sink>,
+}
+
+/// `CREATE SINK name WITH (connector = '...', ...)`: where the rows of the queries
+/// that `INSERT INTO name` go (`docs/sql.md`, "Sinks").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sink {
+    pub name: String,
+    pub connector: Connector,
+    /// The table written to.
+    pub table: String,
+    /// `primary_key = 'a, b'`: rows are upserts on these columns (required for a
+    /// grouped query, whose rows update). Empty: plain inserts.
+    pub primary_key: Vec<String>,
+    /// `create_table = true`: create the table if missing, with types from the query.
+    pub create_table: bool,
+    /// `batch_rows`: at most this many rows per transaction.
+    pub batch_rows: u32,
+    /// `batch_interval`: a batch is written at the latest this long after its first
+    /// row arrived.
+    pub batch_interval_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Connector {
+    /// `url = 'postgres://user:password@host:port/db'` (or a key=value string).
+    Postgres { url: String },
+    /// `path = 'file.db'`.
+    Sqlite { path: String },
+}
+
+impl Connector {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Connector::Postgres { .. } => "postgres",
+            Connector::Sqlite { .. } => "sqlite",
+        }
+    }
+}
+
+/// What is statically known of an output column's type (for `create_table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ColumnType {
+    Int,
+    Float,
+    Bool,
+    Text,
+    Timestamp,
+    /// A JSON value of unknown type (a field of the input, `->`).
+    Json,
 }
 
 /// The pipeline's settings: defaults, overridden by `SET 'key' = 'value';`
@@ -59,9 +113,49 @@ pub struct Query {
     /// `WHERE`, over the input record (`Expr` in input context).
     pub filter: Option<Expr>,
     pub body: Body,
+    /// The index in `Pipeline::sinks` of the sink `output` names, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<usize>,
 }
 
 impl Query {
+    /// The output columns' names and what is known of their types; `None` for
+    /// `SELECT *`.
+    pub fn columns(&self) -> Option<Vec<(String, ColumnType)>> {
+        match &self.body {
+            Body::Map(Projection::Star) => None,
+            Body::Map(Projection::Columns(columns)) => Some(
+                columns
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.static_type(&[])))
+                    .collect(),
+            ),
+            Body::Aggregate(a) => {
+                let mut slots: Vec<ColumnType> =
+                    a.keys.iter().map(|k| k.static_type(&[])).collect();
+                slots.extend(a.aggregates.iter().map(|c| {
+                    match c.func {
+                        AggFunc::Count | AggFunc::CountDistinct | AggFunc::ApproxCountDistinct => {
+                            ColumnType::Int
+                        }
+                        AggFunc::Sum | AggFunc::Avg => ColumnType::Float,
+                        AggFunc::Min | AggFunc::Max => c
+                            .arg
+                            .as_ref()
+                            .map_or(ColumnType::Json, |e| e.static_type(&[])),
+                    }
+                }));
+                slots.extend([ColumnType::Timestamp, ColumnType::Timestamp]);
+                Some(
+                    a.columns
+                        .iter()
+                        .map(|(n, e)| (n.clone(), e.static_type(&slots)))
+                        .collect(),
+                )
+            }
+        }
+    }
+
     /// The top-level JSON fields of the source value that this query reads.
     pub fn json_fields(&self) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();

@@ -343,8 +343,85 @@ proptest! {
 
 #[test]
 fn the_fuzzers_float_literal_reads_back_exactly() {
-    let plan = compile("INSERT INTO o SELECT 999999999099999999999999999999999 = 9999 AS v FROM tweets;", &Topics).unwrap();
+    let plan = compile(
+        "INSERT INTO o SELECT 999999999099999999999999999999999 = 9999 AS v FROM tweets;",
+        &Topics,
+    )
+    .unwrap();
     let encoded = serde_json::to_string(&plan).unwrap();
     let decoded: crate::Pipeline = serde_json::from_str(&encoded).unwrap();
     assert_eq!(serde_json::to_string(&decoded).unwrap(), encoded);
+}
+
+#[test]
+fn sinks_into_databases_and_topics() {
+    let text = "CREATE SINK counts_db WITH (connector = 'postgres', url = 'postgres://u:secret@127.0.0.1:5432/polls',
+       table = 'city_counts', primary_key = 'city, window_start', batch_rows = 500);
+CREATE SINK copy WITH (connector = 'kafka', topic = 'copied');
+CREATE SINK rows_db WITH (connector = 'sqlite', path = 'forms.db', table = 'submissions', create_table = true);
+INSERT INTO counts_db SELECT city, window_start, COUNT(*) AS n FROM TUMBLE(tweets, _timestamp, INTERVAL '10' SECOND) GROUP BY city, window_start, window_end;
+INSERT INTO copy SELECT city FROM tweets;
+INSERT INTO rows_db SELECT city, CAST(user_id AS BIGINT) AS uid, _timestamp AS at FROM tweets;";
+    let plan = compile(text, &Topics).unwrap();
+    assert_eq!(plan.sinks.len(), 2);
+    let pg = &plan.sinks[0];
+    assert_eq!(
+        pg.connector,
+        Connector::Postgres {
+            url: "postgres://u:secret@127.0.0.1:5432/polls".into()
+        }
+    );
+    assert_eq!(
+        (pg.table.as_str(), pg.batch_rows, pg.batch_interval_ms),
+        ("city_counts", 500, 100)
+    );
+    assert_eq!(pg.primary_key, ["city", "window_start"]);
+    assert_eq!(plan.queries[0].sink, Some(0));
+    assert_eq!(
+        (plan.queries[1].output.as_str(), plan.queries[1].sink),
+        ("copied", None)
+    );
+    assert_eq!(plan.queries[2].sink, Some(1));
+    assert!(plan.sinks[1].create_table);
+    assert_eq!(
+        plan.queries[2].columns().unwrap(),
+        [
+            ("city".to_string(), ColumnType::Json),
+            ("uid".into(), ColumnType::Int),
+            ("at".into(), ColumnType::Timestamp)
+        ]
+    );
+    assert_eq!(
+        plan.queries[0]
+            .columns()
+            .unwrap()
+            .iter()
+            .map(|c| c.1)
+            .collect::<Vec<_>>(),
+        [ColumnType::Json, ColumnType::Timestamp, ColumnType::Int]
+    );
+    // A file without sinks plans (and hashes) as before: no `sinks`, no `sink`.
+    let plain =
+        serde_json::to_string(&compile("INSERT INTO o SELECT city FROM tweets;", &Topics).unwrap())
+            .unwrap();
+    assert!(!plain.contains("sink"), "{plain}");
+}
+
+#[test]
+fn sink_errors_point_at_the_statement() {
+    let cases = [
+        ("CREATE SINK s WITH (connector = 'postgres', table = 't');\nINSERT INTO s SELECT city FROM tweets;", 1, "needs url"),
+        ("CREATE SINK s WITH (connector = 'mongo');\nINSERT INTO s SELECT city FROM tweets;", 1, "unknown connector 'mongo'"),
+        ("CREATE SINK s WITH (connector = 'redis', table = 't');", 1, "not available yet"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', colour = 'red');", 1, "unknown sink option 'colour'"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');\n\nINSERT INTO s SELECT city, COUNT(*) AS n FROM tweets GROUP BY city;", 3, "primary_key = 'city, n'"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', primary_key = 'town');\nINSERT INTO s SELECT city FROM tweets;", 2, "'town'"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', batch_rows = 0);", 1, "batch_rows"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');\nCREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');", 2, "twice"),
+    ];
+    for (text, line, message) in cases {
+        let e = compile(text, &Topics).unwrap_err();
+        assert_eq!(e.line, line, "{text}: {e}");
+        assert!(e.message.contains(message), "{text}: {e}");
+    }
 }

@@ -52,6 +52,7 @@ fn windowed_query(window: Option<Window>, emit: Emit) -> Query {
             event_time: EventTime::Column(field("ts")),
         },
         filter: None,
+        sink: None,
         body: Body::Aggregate(Aggregate {
             window,
             keys: vec![field("k")],
@@ -468,6 +469,7 @@ fn min_max_refuse_values_they_cannot_compare() {
             event_time: EventTime::RecordTimestamp,
         },
         filter: None,
+        sink: None,
         body: Body::Aggregate(Aggregate {
             window: None,
             keys: vec![],
@@ -658,6 +660,7 @@ fn stateless_queries_filter_and_project_in_select_order() {
             event_time: EventTime::RecordTimestamp,
         },
         filter: Some(field("keep")),
+        sink: None,
         body: Body::Map(Projection::Columns(vec![
             ("z".into(), field("b")),
             ("a".into(), Expr::Meta(sql::expr::Meta::Offset)),

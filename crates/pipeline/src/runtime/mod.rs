@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod checkpoint;
 mod json;
 mod route;
+pub mod sink;
 mod tasks;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -60,6 +61,10 @@ pub enum Error {
     /// The cluster did not answer or refused a request: worth a retry.
     #[error("{0}")]
     Cluster(String),
+    /// A sink's table does not fit its query (missing, a column missing or of the
+    /// wrong type): fix the table or the file.
+    #[error("{0}")]
+    Sink(String),
 }
 
 impl Error {
@@ -111,6 +116,8 @@ pub struct Stats {
     pub records_out: AtomicU64,
     pub late: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Records of the sinks' topics applied to their databases.
+    pub sink_rows: AtomicU64,
     pub checkpoints: AtomicU64,
     pub state_bytes: AtomicU64,
     /// Sum over the source partitions stage 1 holds of (end offset - next offset to
@@ -168,6 +175,7 @@ impl Stats {
             "records_out": self.records_out.load(Ordering::Relaxed),
             "late": self.late.load(Ordering::Relaxed),
             "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
+            "sink_rows": self.sink_rows.load(Ordering::Relaxed),
             "checkpoints": self.checkpoints.load(Ordering::Relaxed),
             "state_bytes": self.state_bytes.load(Ordering::Relaxed),
             "source_lag": (lag >= 0).then_some(lag),
@@ -191,7 +199,14 @@ pub struct Prepared {
 pub fn prepare(name: &str, sql_text: &str, client: &ClientConfig) -> Result<Prepared, Error> {
     check_name(name)?;
     let catalog = catalog::ClusterCatalog::load(client, CLUSTER_TIMEOUT).map_err(Error::Cluster)?;
-    let plan = sql::compile(sql_text, &catalog)?;
+    let mut plan = sql::compile(sql_text, &catalog)?;
+    // The rows for a sink go through a topic of its own (`sink` module).
+    let hash = plan_hash(&plan);
+    for query in &mut plan.queries {
+        if let Some(i) = query.sink {
+            query.output = sink::sink_topic(name, hash, &plan.sinks[i].name);
+        }
+    }
     let mut sources: Vec<(String, i32)> = Vec::new();
     for query in &plan.queries {
         if !sources.iter().any(|(t, _)| *t == query.source.topic) {
@@ -567,7 +582,11 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
             .iter()
             .find(|(t, _)| *t == query.source.topic)
             .map_or(1, |(_, p)| *p);
-        topics.push((query.output.clone(), partitions));
+        // A sink's topic has as many partitions as the largest source writing it.
+        match topics.iter_mut().find(|(t, _)| *t == query.output) {
+            Some((_, p)) => *p = (*p).max(partitions),
+            None => topics.push((query.output.clone(), partitions)),
+        }
     }
     topics.push((shared.late.clone(), 1));
     topics.push((shared.dead.clone(), 1));
@@ -582,15 +601,60 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
     create_topics(&rt, &prepared.client, &topics, &internal).map_err(Error::Cluster)?;
 
     stats.set_status(Status::Running);
-    // Either stage failing stops the other.
+    // Any stage failing stops the others.
     let halt = AtomicBool::new(false);
     let stopping = || stop.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
     let stage1 = layout.stage1_reads.iter().any(|r| *r);
     let stage2 = !layout.inputs.is_empty();
+    // One thread per sink, beside the stages.
+    std::thread::scope(|scope| {
+        let mut sinks = Vec::new();
+        for (i, s) in plan.sinks.iter().enumerate() {
+            let (shared, stopping, halt) = (&shared, &stopping, &halt);
+            let thread = std::thread::Builder::new()
+                .name(format!("pipeline-{name}-sink-{}", s.name))
+                .spawn_scoped(scope, move || {
+                    let r = sink::run(shared, i, stopping);
+                    if r.is_err() {
+                        halt.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+                .map_err(|e| Error::Cluster(format!("cannot start a thread: {e}")));
+            sinks.push(thread);
+        }
+        let stages = run_stages(&shared, stage1, stage2, &stopping, &halt);
+        halt.store(true, Ordering::Relaxed);
+        for thread in sinks {
+            thread?
+                .join()
+                .unwrap_or_else(|_| Err(Error::Cluster("a sink's thread panicked".into())))?;
+        }
+        stages
+    })?;
+    stats.set_status(Status::Stopped);
+    Ok(())
+}
+
+/// Runs stage 1 and stage 2 (each if it has work), on two threads when both do.
+fn run_stages(
+    shared: &Shared<'_>,
+    stage1: bool,
+    stage2: bool,
+    stopping: &(dyn Fn() -> bool + Sync),
+    halt: &AtomicBool,
+) -> Result<(), Error> {
+    let name = &shared.prepared.name;
     if !stage1 {
-        tasks::run(&shared, &stopping)?;
-        stats.set_status(Status::Stopped);
-        return Ok(());
+        return if stage2 {
+            tasks::run(shared, stopping)
+        } else {
+            // Only sinks (or nothing) to run: wait for the stop.
+            while !stopping() {
+                std::thread::sleep(TICK);
+            }
+            Ok(())
+        };
     }
     let (routed, counted) = std::thread::scope(|scope| {
         let task_thread = stage2.then(|| {
@@ -607,7 +671,7 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
                     r
                 })
         });
-        let routed = route::run(&shared, &stopping);
+        let routed = route::run(shared, stopping);
         if routed.is_err() {
             halt.store(true, Ordering::Relaxed);
         }
@@ -621,20 +685,29 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
         (routed, counted)
     });
     routed?;
-    counted?;
-    stats.set_status(Status::Stopped);
-    Ok(())
+    counted
 }
 
-/// Queues `rows` for `topic`, with the window headers; returns how many.
+/// Queues `rows` for `topic`, with the window headers; returns how many. Rows of
+/// stateless query `q` into a sink carry their `origin` (`sink::ORIGIN_HEADER`) and
+/// go to the partition of their source record.
 fn send_rows(
     producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
     rows: &mut Vec<Row>,
+    origin: Option<(usize, &Origin<'_>)>,
 ) -> Result<u64, Error> {
     let n = rows.len() as u64;
+    let origin_at = origin;
+    let origin = origin.map(|(q, o)| format!("{q}/{o}"));
     for row in rows.drain(..) {
-        let mut headers = OwnedHeaders::new_with_capacity(3);
+        let mut headers = OwnedHeaders::new_with_capacity(4);
+        if let Some(origin) = &origin {
+            headers = headers.insert(Header {
+                key: sink::ORIGIN_HEADER,
+                value: Some(origin.as_bytes()),
+            });
+        }
         let bounds;
         if let Some((start, end)) = row.window {
             bounds = (start.to_string(), end.to_string());
@@ -659,6 +732,11 @@ fn send_rows(
         let mut record = BaseRecord::to(topic)
             .payload(&row.value[..])
             .headers(headers);
+        if let Some((_, o)) = origin_at {
+            // A sink's copy check needs each source partition's rows in one
+            // partition, in order, wherever a resend puts them.
+            record = record.partition(o.partition);
+        }
         if let Some(key) = &row.key {
             record = record.key(&key[..]);
         }

@@ -210,7 +210,10 @@ fn one(
         match stage {
             Stage::None => {}
             Stage::Map(op) => match op.process(&input, now, rows) {
-                Ok(Fate::Done | Fate::Late) => out += send_rows(&shared.producer, output, rows)?,
+                Ok(Fate::Done | Fate::Late) => {
+                    let origin = shared.prepared.plan.queries[q].sink.map(|_| (q, &source));
+                    out += send_rows(&shared.producer, output, rows, origin)?
+                }
                 Err(ops::Error::Rejected(reason)) => {
                     if !dead_sent {
                         send_copy(

@@ -1,0 +1,562 @@
+//! Sinks into databases (`CREATE SINK ... WITH (connector = 'postgres' | 'sqlite')`).
+//!
+//! The queries that `INSERT INTO` a sink write their rows to the sink's topic
+//! ([`sink_topic`]); one thread per sink reads that topic in the sink's consumer group
+//! and writes batches of rows into the table. Exactly once: each transaction reads
+//! the sink's positions from the `freshet_offsets` table *in the same database*
+//! (locked), skips what they cover, writes the rows and the new positions, and
+//! commits; the Kafka group's offsets are committed after, only to split the work and
+//! show lag. So a crash at any instant, a rebalance, or two instances writing at once
+//! leave every record of the sink's topic applied once.
+//!
+//! The sink's topic itself may hold a row twice: the pipeline sends the rows emitted
+//! since its last checkpoint again after a crash. Rows of a grouped query are
+//! upserts on the sink's primary key, so a repeated row (same values) changes
+//! nothing. Rows of a stateless query carry `freshet.origin` (query, source topic,
+//! partition and offset) and go to the sink topic's partition of their source
+//! partition, in source order however often they are sent; for each sink partition
+//! the position keeps the highest origin offset applied per (query, source
+//! partition), and a row not above it is a copy and is skipped.
+//!
+//! A row the database refuses (a constraint, a type) is tried alone, then sent to the
+//! dead-letter topic with the database's message in `freshet.error`; the others are
+//! written. A database that is down or refuses the connection is retried with
+//! backoff, the batch kept: the sink's lag grows and nothing is lost.
+
+mod postgres;
+mod sqlite;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::message::{BorrowedMessage, Headers, OwnedMessage};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sql::plan::{ColumnType, Connector, Sink};
+
+use super::{group_id, Error, Shared};
+
+/// The header a stateless query's row carries into a sink's topic:
+/// `query/topic/partition/offset` of the source record.
+pub(super) const ORIGIN_HEADER: &str = "freshet.origin";
+
+/// The topic the rows for sink `sink` of pipeline `name` go through; `hash` is the
+/// compiled plan's: a changed definition starts a new topic and new positions (the
+/// topic's name is the sink's id in `freshet_offsets`).
+pub fn sink_topic(name: &str, hash: u64, sink: &str) -> String {
+    format!("_freshet.pipeline.{name}.{:08x}.sink.{sink}", hash as u32)
+}
+
+/// The text of a pipeline file with the passwords of its sinks' URLs hidden
+/// (`postgres://user:***@host/db`, `password=***`): what `describe` and logs show.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // user:password@ in URLs
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '\'' || c == '"' || c.is_whitespace() || c == '/')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon + 1]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    // password=... in key-value connection strings
+    let mut redacted = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.to_ascii_lowercase().find("password=") {
+        let (head, tail) = rest.split_at(i + "password=".len());
+        redacted.push_str(head);
+        redacted.push_str("***");
+        let end = tail
+            .find(|c: char| c == '\'' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    redacted.push_str(rest);
+    redacted
+}
+
+/// What a sink has applied of one partition of its topic, stored with the rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Position {
+    /// The next offset of the sink's topic to apply.
+    pub next: i64,
+    /// Per `query/topic/partition` of a stateless query's source: the highest source
+    /// offset applied.
+    pub origins: BTreeMap<String, i64>,
+}
+
+impl Position {
+    pub fn origins_json(&self) -> String {
+        serde_json::to_string(&self.origins).unwrap_or_else(|_| "{}".into())
+    }
+
+    pub fn from_stored(next: i64, origins: &str) -> Position {
+        Position {
+            next,
+            origins: serde_json::from_str(origins).unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a database call failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The connection or the server: retried with backoff, the batch kept.
+    Unavailable(String),
+    /// The rows: the database refused their values (a constraint, a type).
+    Rejected(String),
+    /// The definition: the table or its columns do not fit; the pipeline stops.
+    Config(String),
+}
+
+/// The columns a sink writes, and their static types where known.
+#[derive(Debug, Clone)]
+pub(crate) struct Columns {
+    /// `None`: `SELECT *`, the table's own columns are written.
+    pub query: Option<Vec<(String, ColumnType)>>,
+    pub primary_key: Vec<String>,
+}
+
+/// A database a sink writes to: one connection, used from the sink's thread.
+pub(crate) trait Target {
+    /// The sink's primary key (empty: plain inserts).
+    fn primary_key(&self) -> &[String];
+    /// Connects (again), creates the table and `freshet_offsets` if asked and
+    /// missing, and checks the query's columns against the table's. Returns the
+    /// columns rows are written to.
+    fn open(&mut self) -> Result<Vec<String>, Failure>;
+    fn begin(&mut self) -> Result<(), Failure>;
+    /// The stored positions of `partitions` of sink `id`, locked until commit.
+    fn positions(
+        &mut self,
+        id: &str,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, Position>, Failure>;
+    /// Writes rows (JSON objects; upserts when the sink has a primary key).
+    fn insert(
+        &mut self,
+        rows: &[&serde_json::Map<String, serde_json::Value>],
+    ) -> Result<(), Failure>;
+    fn savepoint(&mut self) -> Result<(), Failure>;
+    fn rollback_to_savepoint(&mut self) -> Result<(), Failure>;
+    fn store(&mut self, id: &str, positions: &[(i32, &Position)]) -> Result<(), Failure>;
+    fn commit(&mut self) -> Result<(), Failure>;
+    fn rollback(&mut self);
+}
+
+/// One record of the sink's topic, read.
+struct Record {
+    message: OwnedMessage,
+    /// `None`: not a JSON object (sent to the dead-letter topic).
+    row: Option<serde_json::Map<String, serde_json::Value>>,
+    origin: Option<(String, i64)>,
+}
+
+fn read(message: &BorrowedMessage<'_>) -> Record {
+    let row =
+        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
+            Ok(serde_json::Value::Object(map)) => Some(map),
+            _ => None,
+        };
+    let origin = message.headers().and_then(|h| {
+        let v = h.iter().find(|h| h.key == ORIGIN_HEADER)?.value?;
+        let v = std::str::from_utf8(v).ok()?;
+        let (source, offset) = v.rsplit_once('/')?;
+        Some((source.to_string(), offset.parse().ok()?))
+    });
+    Record {
+        message: message.detach(),
+        row,
+        origin,
+    }
+}
+
+/// The sink's consumer group.
+pub fn sink_group_id(name: &str, plan: &sql::Pipeline, sink: &str) -> String {
+    format!("{}-sink-{sink}", group_id(name, plan))
+}
+
+fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
+    match &sink.connector {
+        Connector::Postgres { url } => Box::new(postgres::Postgres::new(url, sink, columns)),
+        Connector::Sqlite { path } => Box::new(sqlite::Sqlite::new(path, sink, columns)),
+    }
+}
+
+/// Runs sink `index` of the plan until `stopping()`: reads its topic and writes each
+/// batch in one transaction with its positions.
+pub(super) fn run(
+    shared: &Shared<'_>,
+    index: usize,
+    stopping: &dyn Fn() -> bool,
+) -> Result<(), Error> {
+    let prepared = shared.prepared;
+    let plan = &prepared.plan;
+    let sink = &plan.sinks[index];
+    let name = &prepared.name;
+    // `prepare` pointed the queries into this sink at its topic.
+    let Some(topic) = plan
+        .queries
+        .iter()
+        .find(|q| q.sink == Some(index))
+        .map(|q| q.output.clone())
+    else {
+        return Ok(()); // created but written by no query
+    };
+    let id = topic.as_str();
+    let columns = {
+        let mut query = Some(Vec::new());
+        for q in plan.queries.iter().filter(|q| q.sink == Some(index)) {
+            match (q.columns(), &mut query) {
+                (Some(cs), Some(all)) => {
+                    for c in cs {
+                        if !all.iter().any(|(n, _)| *n == c.0) {
+                            all.push(c);
+                        }
+                    }
+                }
+                _ => query = None,
+            }
+        }
+        Columns {
+            query,
+            primary_key: sink.primary_key.clone(),
+        }
+    };
+    let mut target = target(sink, columns);
+    let mut backoff = Backoff::new();
+    // Open the table first: a definition that does not fit stops here.
+    loop {
+        match target.open() {
+            Ok(_) => break,
+            Err(Failure::Config(e)) => {
+                return Err(Error::Sink(format!("sink '{}': {e}", sink.name)))
+            }
+            Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
+                note_retry(shared, &sink.name, &e);
+                if backoff.wait(stopping) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let consumer: BaseConsumer<DefaultConsumerContext> = shared
+        .prepared
+        .client
+        .clone()
+        .set("group.id", sink_group_id(name, plan, &sink.name))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(|e| Error::Cluster(e.to_string()))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| Error::Cluster(e.to_string()))?;
+
+    let interval = Duration::from_millis(sink.batch_interval_ms.max(1) as u64);
+    let mut batch: Vec<Record> = Vec::new();
+    let mut first_at = Instant::now();
+    loop {
+        let wait = if batch.is_empty() {
+            super::TICK
+        } else {
+            interval.saturating_sub(first_at.elapsed())
+        };
+        match consumer.poll(wait) {
+            Some(Ok(message)) => {
+                if batch.is_empty() {
+                    first_at = Instant::now();
+                }
+                batch.push(read(&message));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer")
+            }
+            None => {}
+        }
+        let full = batch.len() >= sink.batch_rows as usize;
+        let due = !batch.is_empty() && (full || first_at.elapsed() >= interval);
+        if stopping() {
+            break;
+        }
+        if !due {
+            continue;
+        }
+        // Write, retrying while the database is away; nothing more is read meanwhile.
+        let assignment = consumer.assignment().ok();
+        if let Some(a) = &assignment {
+            let _ = consumer.pause(a);
+        }
+        let mut backoff = Backoff::new();
+        let written = loop {
+            match write(shared, target.as_mut(), id, &sink.name, &batch) {
+                Ok(positions) => break Some(positions),
+                Err(Failure::Config(e)) => {
+                    return Err(Error::Sink(format!("sink '{}': {e}", sink.name)))
+                }
+                Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
+                    note_retry(shared, &sink.name, &e);
+                    if backoff.wait(stopping) {
+                        break None;
+                    }
+                    // Reconnect before the next try.
+                    if let Err(Failure::Config(e)) = target.open() {
+                        return Err(Error::Sink(format!("sink '{}': {e}", sink.name)));
+                    }
+                }
+            }
+        };
+        if let Some(a) = &assignment {
+            let _ = consumer.resume(a);
+        }
+        let Some(next) = written else { break };
+        shared
+            .stats
+            .sink_rows
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // The group's offsets follow the database's (lag tools, and where a new
+        // owner starts reading before it skips what the positions cover).
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in next {
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+        }
+        let _ = consumer.commit(&tpl, CommitMode::Async);
+        batch.clear();
+    }
+    Ok(())
+}
+
+fn note_retry(shared: &Shared<'_>, sink: &str, error: &str) {
+    let message = redact(&format!("sink '{sink}': {error} (retrying)"));
+    tracing::warn!("{message}");
+    shared.stats.set_error(&message);
+}
+
+/// Exponential backoff from 100 ms to 5 s, waiting in steps so a stop is seen.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_millis(100))
+    }
+
+    /// Waits the next delay; true when the run is stopping.
+    fn wait(&mut self, stopping: &dyn Fn() -> bool) -> bool {
+        let until = Instant::now() + self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        while Instant::now() < until {
+            if stopping() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+        }
+        stopping()
+    }
+}
+
+/// One transaction: the batch's records not yet applied, written with their new
+/// positions. Returns the next offset per partition.
+fn write(
+    shared: &Shared<'_>,
+    target: &mut dyn Target,
+    id: &str,
+    sink: &str,
+    batch: &[Record],
+) -> Result<Vec<(i32, i64)>, Failure> {
+    target.begin()?;
+    let result = (|| {
+        let mut partitions: Vec<i32> = batch.iter().map(|r| r.message.partition()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let mut positions = target.positions(id, &partitions)?;
+        let mut fresh: Vec<&Record> = Vec::new();
+        for r in batch {
+            let p = positions.entry(r.message.partition()).or_default();
+            if r.message.offset() < p.next {
+                continue;
+            }
+            p.next = r.message.offset() + 1;
+            if let Some((source, offset)) = &r.origin {
+                let applied = p.origins.entry(source.clone()).or_insert(-1);
+                if *offset <= *applied {
+                    continue;
+                }
+                *applied = *offset;
+            }
+            fresh.push(r);
+        }
+        let rejected = insert_all(target, &fresh)?;
+        if !rejected.is_empty() {
+            for (r, error) in &rejected {
+                dead_letter(shared, sink, r, error)
+                    .map_err(|e| Failure::Unavailable(e.to_string()))?;
+            }
+            // The copies are in the dead-letter topic before the positions move past them.
+            shared
+                .flush()
+                .map_err(|e| Failure::Unavailable(e.to_string()))?;
+            shared
+                .stats
+                .dead_lettered
+                .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+        }
+        let stored: Vec<(i32, &Position)> =
+            partitions.iter().map(|p| (*p, &positions[p])).collect();
+        target.store(id, &stored)?;
+        target.commit()?;
+        Ok(partitions.iter().map(|p| (*p, positions[p].next)).collect())
+    })();
+    if result.is_err() {
+        target.rollback();
+    }
+    result
+}
+
+/// Writes `records` (compacted by primary key: the last row of a key wins). A batch
+/// the database refuses is written again row by row, each in a savepoint; returns the
+/// records refused, with the database's message.
+fn insert_all<'a>(
+    target: &mut dyn Target,
+    records: &[&'a Record],
+) -> Result<Vec<(&'a Record, String)>, Failure> {
+    let mut rejected: Vec<(&Record, String)> = Vec::new();
+    let mut rows: Vec<(&Record, &serde_json::Map<String, serde_json::Value>)> = Vec::new();
+    for r in records {
+        match &r.row {
+            Some(row) => rows.push((r, row)),
+            None => rejected.push((r, "the row is not a JSON object".into())),
+        }
+    }
+    let rows = compact(rows, target.primary_key());
+    if rows.is_empty() {
+        return Ok(rejected);
+    }
+    target.savepoint()?;
+    let values: Vec<_> = rows.iter().map(|(_, row)| *row).collect();
+    match target.insert(&values) {
+        Ok(()) => return Ok(rejected),
+        Err(Failure::Rejected(_)) => target.rollback_to_savepoint()?,
+        Err(other) => return Err(other),
+    }
+    for (r, row) in rows {
+        target.savepoint()?;
+        match target.insert(&[row]) {
+            Ok(()) => {}
+            Err(Failure::Rejected(e)) => {
+                target.rollback_to_savepoint()?;
+                rejected.push((r, e));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(rejected)
+}
+
+/// Keeps the last row of each primary key, in the order of those last rows (an
+/// `ON CONFLICT` statement may not touch one row twice).
+fn compact<'a, T>(
+    rows: Vec<(T, &'a serde_json::Map<String, serde_json::Value>)>,
+    key: &[String],
+) -> Vec<(T, &'a serde_json::Map<String, serde_json::Value>)> {
+    if key.is_empty() {
+        return rows;
+    }
+    let key_of = |row: &serde_json::Map<String, serde_json::Value>| {
+        key.iter()
+            .map(|k| row.get(k).cloned().unwrap_or(serde_json::Value::Null))
+            .collect::<Vec<_>>()
+    };
+    let mut last: HashMap<Vec<serde_json::Value>, usize> = HashMap::new();
+    for (i, (_, row)) in rows.iter().enumerate() {
+        last.insert(key_of(row), i);
+    }
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, (_, row))| last.get(&key_of(row)) == Some(i))
+        .map(|(_, r)| r)
+        .collect()
+}
+
+fn dead_letter(shared: &Shared<'_>, sink: &str, record: &Record, error: &str) -> Result<(), Error> {
+    let m = &record.message;
+    let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    if let Some(h) = m.headers() {
+        for h in h.iter() {
+            headers.push((h.key, h.value.unwrap_or_default()));
+        }
+    }
+    headers.push(("freshet.error", error.as_bytes()));
+    headers.push(("freshet.sink", sink.as_bytes()));
+    let mut owned = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut record = rdkafka::producer::BaseRecord::to(&shared.dead)
+        .payload(m.payload().unwrap_or_default())
+        .headers(owned);
+    if let Some(key) = m.key() {
+        record = record.key(key);
+    }
+    if let Some(ts) = m.timestamp().to_millis() {
+        record = record.timestamp(ts);
+    }
+    super::send(&shared.producer, record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("url = 'postgres://freshet:s3cret@127.0.0.1:5432/polls', table = 't'"),
+            "url = 'postgres://freshet:***@127.0.0.1:5432/polls', table = 't'"
+        );
+        assert_eq!(
+            redact("url = 'postgres://freshet@h/db'"),
+            "url = 'postgres://freshet@h/db'"
+        );
+        assert_eq!(
+            redact("url = 'host=h user=u password=p4ss dbname=d'"),
+            "url = 'host=h user=u password=*** dbname=d'"
+        );
+        assert_eq!(redact("no url here"), "no url here");
+    }
+
+    #[test]
+    fn compaction_keeps_the_last_row_of_a_key() {
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = [
+            serde_json::json!({"k": 1, "v": "a"}),
+            serde_json::json!({"k": 2, "v": "b"}),
+            serde_json::json!({"k": 1, "v": "c"}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().unwrap().clone())
+        .collect();
+        let input: Vec<(usize, _)> = rows.iter().enumerate().collect();
+        let kept: Vec<usize> = compact(input.clone(), &["k".to_string()])
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(kept, [1, 2]);
+        assert_eq!(compact(input, &[]).len(), 3);
+    }
+}

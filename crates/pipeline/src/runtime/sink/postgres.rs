@@ -1,0 +1,358 @@
+//! The `postgres` connector: tokio-postgres on the sink thread's own current-thread
+//! runtime. A batch is one statement: the rows go as one JSON array parameter,
+//! `json_to_recordset` turns it into rows and PostgreSQL casts each value to its
+//! column's type (epoch milliseconds to timestamps); with a primary key it is an
+//! `INSERT ... ON CONFLICT DO UPDATE`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sql::plan::{ColumnType, Sink};
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{Columns, Failure, Position, Target};
+
+pub(crate) struct Postgres {
+    url: String,
+    table: String,
+    create_table: bool,
+    columns: Columns,
+    rt: tokio::runtime::Runtime,
+    conn: Option<Conn>,
+}
+
+struct Conn {
+    client: Client,
+    insert: Statement,
+    lock: Statement,
+    positions: Statement,
+    store: Statement,
+}
+
+/// `a.b` as `"a"."b"`.
+fn quote_name(name: &str) -> String {
+    name.split('.').map(quote).collect::<Vec<_>>().join(".")
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// How a failed call is treated: refused values, a definition that does not fit,
+/// or a connection or server to retry.
+fn failure(e: tokio_postgres::Error) -> Failure {
+    let Some(db) = e.as_db_error() else {
+        return Failure::Unavailable(format!("PostgreSQL: {e}"));
+    };
+    let message = format!("PostgreSQL: {} ({})", db.message(), db.code().code());
+    match &db.code().code()[..2] {
+        "22" | "23" => Failure::Rejected(message),
+        "08" | "40" | "53" | "55" | "57" | "58" | "XX" => Failure::Unavailable(message),
+        _ => Failure::Config(message),
+    }
+}
+
+fn sql_type(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Int => "BIGINT",
+        ColumnType::Float => "DOUBLE PRECISION",
+        ColumnType::Bool => "BOOLEAN",
+        ColumnType::Timestamp => "TIMESTAMPTZ",
+        ColumnType::Text | ColumnType::Json => "TEXT",
+    }
+}
+
+/// Whether values of static type `from` can go into a column of PostgreSQL type `to`
+/// (`format_type`'s name); `Json` (unknown until a record arrives) always may.
+fn fits(from: ColumnType, to: &str) -> bool {
+    let numeric = [
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "real",
+        "double precision",
+    ]
+    .iter()
+    .any(|n| to.starts_with(n));
+    let time = to.starts_with("timestamp") || to == "date";
+    match from {
+        ColumnType::Bool => !numeric && !time,
+        ColumnType::Int | ColumnType::Float | ColumnType::Timestamp => to != "boolean",
+        ColumnType::Text | ColumnType::Json => true,
+    }
+}
+
+impl Postgres {
+    pub fn new(url: &str, sink: &Sink, columns: Columns) -> Postgres {
+        Postgres {
+            url: url.to_string(),
+            table: quote_name(&sink.table),
+            create_table: sink.create_table,
+            columns,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds"),
+            conn: None,
+        }
+    }
+
+    fn connect(&mut self) -> Result<Vec<String>, Failure> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| Failure::Config(format!("url: {e}")))?;
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name("freshet-sink");
+        let rt = &self.rt;
+        let (client, connection) = rt.block_on(config.connect(NoTls)).map_err(failure)?;
+        rt.spawn(async move {
+            let _ = connection.await;
+        });
+        rt.block_on(client.batch_execute(
+            "SET TIME ZONE 'UTC';
+             CREATE TABLE IF NOT EXISTS freshet_offsets (
+                 sink TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,
+                 origins TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (sink, partition))",
+        ))
+        .map_err(failure)?;
+        let describe = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+             FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0
+             AND NOT a.attisdropped ORDER BY a.attnum";
+        let mut table: Vec<(String, String)> = rt
+            .block_on(client.query(describe, &[&self.table]))
+            .map_err(failure)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if table.is_empty() {
+            let Some(query) = self.columns.query.as_ref().filter(|_| self.create_table) else {
+                return Err(Failure::Config(format!(
+                    "table {} does not exist: create it, or set create_table = true",
+                    self.table
+                )));
+            };
+            let mut ddl: Vec<String> = query
+                .iter()
+                .map(|(n, t)| format!("{} {}", quote(n), sql_type(*t)))
+                .collect();
+            if !self.columns.primary_key.is_empty() {
+                let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
+                ddl.push(format!("PRIMARY KEY ({})", key.join(", ")));
+            }
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {} ({})",
+                self.table,
+                ddl.join(", ")
+            );
+            rt.block_on(client.batch_execute(&create))
+                .map_err(failure)?;
+            table = rt
+                .block_on(client.query(describe, &[&self.table]))
+                .map_err(failure)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+        }
+        let written: Vec<(String, String)> = match &self.columns.query {
+            None => table.clone(),
+            Some(query) => {
+                let mut written = Vec::new();
+                for (name, t) in query {
+                    let Some((_, db_type)) = table.iter().find(|(n, _)| n == name) else {
+                        return Err(Failure::Config(format!(
+                            "table {} has no column '{name}' (it has {})",
+                            self.table,
+                            table
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    };
+                    if !fits(*t, db_type) {
+                        return Err(Failure::Config(format!(
+                            "column '{name}' of table {} is {db_type}, the query gives it {t:?} values",
+                            self.table
+                        )));
+                    }
+                    written.push((name.clone(), db_type.clone()));
+                }
+                written
+            }
+        };
+        let names: Vec<String> = written.iter().map(|(n, _)| quote(n)).collect();
+        let values: Vec<String> = written
+            .iter()
+            .map(|(n, t)| {
+                let v = format!("r.{}", quote(n));
+                if t.starts_with("timestamp") || t == "date" {
+                    format!(
+                        "(CASE json_typeof({v}) WHEN 'number' THEN to_timestamp(({v} #>> '{{}}')::float8 / 1000) ELSE ({v} #>> '{{}}')::timestamptz END)::{t}"
+                    )
+                } else if t == "json" || t == "jsonb" {
+                    format!("(CASE json_typeof({v}) WHEN 'null' THEN NULL ELSE {v} END)::{t}")
+                } else {
+                    format!("({v} #>> '{{}}')::{t}")
+                }
+            })
+            .collect();
+        let record: Vec<String> = names.iter().map(|n| format!("{n} json")).collect();
+        let mut insert = format!(
+            "INSERT INTO {} ({}) SELECT {} FROM json_to_recordset($1::text::json) AS r({})",
+            self.table,
+            names.join(", "),
+            values.join(", "),
+            record.join(", ")
+        );
+        if !self.columns.primary_key.is_empty() {
+            let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
+            let update: Vec<String> = written
+                .iter()
+                .filter(|(n, _)| !self.columns.primary_key.contains(n))
+                .map(|(n, _)| format!("{0} = EXCLUDED.{0}", quote(n)))
+                .collect();
+            insert.push_str(&format!(" ON CONFLICT ({}) ", key.join(", ")));
+            insert.push_str(&if update.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", update.join(", "))
+            });
+        }
+        let insert = rt.block_on(client.prepare(&insert)).map_err(failure)?;
+        let lock = rt
+            .block_on(client.prepare(
+                "INSERT INTO freshet_offsets (sink, partition, next_offset)
+                 SELECT $1, p, 0 FROM unnest($2::int4[]) AS p ON CONFLICT DO NOTHING",
+            ))
+            .map_err(failure)?;
+        let positions = rt
+            .block_on(client.prepare(
+                "SELECT partition, next_offset, origins FROM freshet_offsets
+                 WHERE sink = $1 AND partition = ANY($2::int4[]) FOR UPDATE",
+            ))
+            .map_err(failure)?;
+        let store = rt
+            .block_on(client.prepare(
+                "UPDATE freshet_offsets SET next_offset = x.n, origins = x.o
+                 FROM unnest($2::int4[], $3::int8[], $4::text[]) AS x(p, n, o)
+                 WHERE sink = $1 AND partition = x.p",
+            ))
+            .map_err(failure)?;
+        self.conn = Some(Conn {
+            client,
+            insert,
+            lock,
+            positions,
+            store,
+        });
+        Ok(written.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<(), Failure> {
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
+        self.rt
+            .block_on(conn.client.batch_execute(sql))
+            .map_err(failure)
+    }
+}
+
+impl Target for Postgres {
+    fn primary_key(&self) -> &[String] {
+        &self.columns.primary_key
+    }
+
+    fn open(&mut self) -> Result<Vec<String>, Failure> {
+        self.conn = None;
+        self.connect()
+    }
+
+    fn begin(&mut self) -> Result<(), Failure> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.open()?;
+        }
+        self.execute("BEGIN")
+    }
+
+    fn positions(
+        &mut self,
+        id: &str,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, Position>, Failure> {
+        let rt = &self.rt;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
+        let partitions = partitions.to_vec();
+        rt.block_on(conn.client.execute(&conn.lock, &[&id, &partitions]))
+            .map_err(failure)?;
+        let rows = rt
+            .block_on(conn.client.query(&conn.positions, &[&id, &partitions]))
+            .map_err(failure)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i32>(0),
+                    Position::from_stored(r.get(1), r.get(2)),
+                )
+            })
+            .collect())
+    }
+
+    fn insert(
+        &mut self,
+        rows: &[&serde_json::Map<String, serde_json::Value>],
+    ) -> Result<(), Failure> {
+        let json = serde_json::to_string(rows).map_err(|e| Failure::Rejected(e.to_string()))?;
+        let rt = &self.rt;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
+        rt.block_on(conn.client.execute(&conn.insert, &[&json]))
+            .map_err(failure)?;
+        Ok(())
+    }
+
+    fn savepoint(&mut self) -> Result<(), Failure> {
+        self.execute("SAVEPOINT freshet_rows")
+    }
+
+    fn rollback_to_savepoint(&mut self) -> Result<(), Failure> {
+        self.execute("ROLLBACK TO SAVEPOINT freshet_rows")
+    }
+
+    fn store(&mut self, id: &str, positions: &[(i32, &Position)]) -> Result<(), Failure> {
+        let partitions: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
+        let next: Vec<i64> = positions.iter().map(|(_, p)| p.next).collect();
+        let origins: Vec<String> = positions.iter().map(|(_, p)| p.origins_json()).collect();
+        let rt = &self.rt;
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
+        rt.block_on(
+            conn.client
+                .execute(&conn.store, &[&id, &partitions, &next, &origins]),
+        )
+        .map_err(failure)?;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), Failure> {
+        self.execute("COMMIT")
+    }
+
+    fn rollback(&mut self) {
+        if self.execute("ROLLBACK").is_err() {
+            // The connection is gone or confused: start a new one next time.
+            self.conn = None;
+        }
+    }
+}

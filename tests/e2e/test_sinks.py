@@ -1,0 +1,217 @@
+"""Sinks into databases (issue 11), against a real PostgreSQL (Debian's package, started
+here) and SQLite files:
+
+- a stateless query into PostgreSQL and SQLite at once, the pipeline process killed
+  (`kill -9`) again and again and PostgreSQL restarted while records flow: every record
+  is in each table exactly once;
+- a windowed query into PostgreSQL as upserts on its primary key: the table equals an
+  independent oracle's windows;
+- a row the database refuses goes to the dead-letter topic with the database's message,
+  the others are written; a missing table is a clear error; passwords never show.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import freshet_bin
+from databases import Postgres
+from helpers import admin, consume, create_topic, producer, wait_until, watermarks
+from test_pipeline import BROKER_ENV, describe, generate, name, oracle_for, produce_json, put_pipeline  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = Postgres().start()
+    yield server
+    server.close()
+
+
+def sink_topics(bootstrap: str, pipeline: str) -> list[str]:
+    md = admin(bootstrap).list_topics(timeout=10)
+    return [t for t in md.topics if t.startswith(f"_freshet.pipeline.{pipeline}.") and ".sink." in t]
+
+
+def sink_caught_up(pg: Postgres, db: str, bootstrap: str, topic: str, partitions: int) -> bool:
+    """Whether the positions stored with the rows cover the end of the sink's topic."""
+    stored = dict(pg.psql(f"SELECT partition, next_offset FROM freshet_offsets WHERE sink = '{topic}'", db))
+    return all(int(stored.get(str(p), 0)) >= watermarks(bootstrap, topic, p)[1] for p in range(partitions))
+
+
+def test_each_record_once_in_postgres_and_sqlite_through_kill_9_and_a_database_restart(broker, pg, tmp_path, report):
+    src = name("forms")
+    partitions = 2
+    create_topic(broker.bootstrap, src, partitions=partitions)
+    db = name("forms").lower()
+    pg.create_db(db)
+    lite = tmp_path / "forms.db"
+    pipeline = name("store")
+    sql_file = tmp_path / "store.sql"
+    sql_file.write_text(f"""
+SET 'checkpoint-interval' = '200ms';
+CREATE SINK pg WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'submissions',
+                     create_table = true, batch_rows = 300);
+CREATE SINK lite WITH (connector = 'sqlite', path = '{lite}', table = 'submissions', create_table = true);
+INSERT INTO pg SELECT CAST(id AS BIGINT) AS id, name, email, _timestamp AS received_at FROM {src};
+INSERT INTO lite SELECT CAST(id AS BIGINT) AS id, name FROM {src} WHERE id % 2 = 0;
+""")
+    n = 12_000
+    docs = [{"id": i, "name": f"user {i}", "email": f"u{i}@example.org"} for i in range(n)]
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+
+    def start():
+        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
+                                 "--brokers", broker.bootstrap, "-X", f"group.instance.id={pipeline}-1"],
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+    def sent():
+        return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))
+
+    def feed():
+        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, n, 100):
+            for d in docs[i:i + 100]:
+                p.produce(src, json.dumps(d).encode(), partition=d["id"] % partitions)
+            p.poll(0)
+            time.sleep(0.05)  # pacing, not synchronisation
+        assert p.flush(30) == 0
+
+    proc = start()
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    rnd = random.Random(5)
+    marks = sorted(rnd.sample(range(500, n - 500), 8))
+    try:
+        for i, mark in enumerate(marks):
+            wait_until(lambda: sent() >= mark, timeout=60, what=f"{mark} records sent")
+            if i == 4:
+                # PostgreSQL goes away under load, then comes back.
+                pg.stop("immediate")
+                time.sleep(1.0)  # the outage itself, not synchronisation
+                pg.start()
+                continue
+            proc.kill()
+            proc.wait(10)
+            proc = start()
+        feeder.join(120)
+        count = lambda: int(pg.psql("SELECT count(*) FROM submissions", db)[0][0])
+        wait_until(lambda: count() >= n, timeout=120, what=lambda: f"{n} rows in PostgreSQL (have {count()})")
+        topics = {t.rsplit(".", 1)[-1]: t for t in sink_topics(broker.bootstrap, pipeline)}
+        wait_until(lambda: sink_caught_up(pg, db, broker.bootstrap, topics["pg"], partitions), timeout=60,
+                   what="the PostgreSQL sink at the end of its topic")
+        rows = pg.psql("SELECT count(*), count(DISTINCT id), min(id), max(id), "
+                       "count(*) FILTER (WHERE email = 'u' || id || '@example.org' AND name = 'user ' || id), "
+                       "count(*) FILTER (WHERE received_at > now() - interval '1 hour') FROM submissions", db)[0]
+        assert [int(x) for x in rows] == [n, n, 0, n - 1, n, n], rows
+        lite_count = lambda: sqlite3.connect(lite).execute("SELECT count(*), count(DISTINCT id) FROM submissions").fetchone()
+        wait_until(lambda: lite_count()[0] >= n // 2, timeout=60, what=lambda: f"{n // 2} rows in SQLite ({lite_count()})")
+        # The SQLite sink's positions cover its whole topic: nothing more will come.
+        con = sqlite3.connect(lite)
+        wait_until(lambda: all(
+            (con.execute("SELECT next_offset FROM freshet_offsets WHERE sink = ? AND partition = ?",
+                         (topics["lite"], p)).fetchone() or [0])[0] >= watermarks(broker.bootstrap, topics["lite"], p)[1]
+            for p in range(partitions)), timeout=60, what="the SQLite sink at the end of its topic")
+        assert lite_count() == (n // 2, n // 2)
+        ids = {r[0] for r in con.execute("SELECT id FROM submissions")}
+        assert ids == {i for i in range(n) if i % 2 == 0}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+    report("sinks", f"{n} records into PostgreSQL and SQLite with {len(marks) - 1} kill -9 of the pipeline "
+                    f"and one PostgreSQL restart: each row once in each table")
+
+
+def test_window_upserts_equal_the_oracle(broker, pg):
+    src = name("tweets")
+    create_topic(broker.bootstrap, src)
+    docs = generate(3_000, seed=21)
+    produce_json(broker.bootstrap, src, docs)
+    db = name("polls").lower()
+    pg.create_db(db)
+    pg.psql("CREATE TABLE city_counts (city TEXT, window_start TIMESTAMPTZ, window_end TIMESTAMPTZ, "
+            "n BIGINT, users BIGINT, total DOUBLE PRECISION, extra TEXT DEFAULT 'kept', "
+            "PRIMARY KEY (city, window_start))", db)
+    pipeline = name("counts")
+    sql = f"""
+SET 'allowed-lateness' = '2s';
+SET 'emit-interval' = '50ms';
+CREATE SINK counts_db WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'city_counts',
+                            primary_key = 'city, window_start', batch_rows = 50);
+INSERT INTO counts_db
+SELECT city, window_start, window_end, COUNT(*) AS n, COUNT(DISTINCT user_id) AS users, SUM(v) AS total
+FROM TUMBLE({src}, ts, INTERVAL '10' SECOND)
+GROUP BY city, window_start, window_end;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    want, _ = oracle_for(docs, "tumble", size=10_000)
+
+    def table() -> dict:
+        rows = pg.psql("SELECT city, (extract(epoch FROM window_start) * 1000)::bigint, "
+                       "(extract(epoch FROM window_end) * 1000)::bigint, n, users, total, extra FROM city_counts", db)
+        return {(r[0], int(r[1]), int(r[2])): r[3:] for r in rows}
+
+    def expected() -> dict:
+        out = {}
+        for k, w in want.items():
+            total = w["total"]
+            out[k] = [str(w["n"]), str(w["users"]), "" if total is None else str(float(total)).removesuffix(".0"), "kept"]
+        return out
+
+    wait_until(lambda: {k: v for k, v in table().items() if k in want} == expected(), timeout=60,
+               what=lambda: f"the table equal to the oracle's {len(want)} windows")
+    # No window the oracle does not have but the still-open last one.
+    extra = set(table()) - set(want)
+    assert all(k[0] == "zz" for k in extra), extra
+    # The password never shows.
+    d = describe(broker, pipeline)
+    assert pg.PASSWORD not in json.dumps(d) and "freshet:***@" in d["sql"], d
+
+
+def test_a_refused_row_goes_to_the_dead_letter_topic_and_the_rest_is_written(broker, pg):
+    src = name("votes")
+    create_topic(broker.bootstrap, src)
+    db = name("votes").lower()
+    pg.create_db(db)
+    pg.psql("CREATE TABLE votes (id BIGINT PRIMARY KEY, choice TEXT NOT NULL, weight INT CHECK (weight > 0))", db)
+    docs = [{"id": i, "choice": None if i == 7 else "a", "weight": -1 if i == 13 else 1} for i in range(40)]
+    docs.append({"id": 41, "choice": "b", "weight": "heavy"})  # not an integer
+    produce_json(broker.bootstrap, src, docs)
+    pipeline = name("votes")
+    dead = f"{pipeline}.dead-letter"
+    sql = f"""
+CREATE SINK v WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'votes', primary_key = 'id');
+INSERT INTO v SELECT CAST(id AS BIGINT) AS id, choice, weight FROM {src};
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    ids = lambda: sorted(int(r[0]) for r in pg.psql("SELECT id FROM votes", db))
+    wait_until(lambda: len(ids()) >= 38, timeout=60, what=lambda: f"38 rows written (have {len(ids())})")
+    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 3, timeout=30, what="3 dead letters")
+    assert ids() == [i for i in range(40) if i not in (7, 13)]
+    letters = consume(broker.bootstrap, dead)
+    assert len(letters) == 3
+    errors = {json.loads(r.value)["id"]: dict(r.headers)["freshet.error"].decode() for r in letters}
+    assert "null value in column \"choice\"" in errors[7], errors
+    assert "check constraint" in errors[13], errors
+    assert "integer" in errors[41], errors
+    assert all(dict(r.headers)["freshet.sink"] == b"v" for r in letters)
+    assert describe(broker, pipeline)["dead_lettered"] == 3
+
+    # A table that is not there: a clear error, and the pipeline stops.
+    missing = name("missing")
+    sql = f"""
+CREATE SINK m WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'nowhere');
+INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
+"""
+    assert put_pipeline(broker, missing, sql).status == 201
+    wait_until(lambda: describe(broker, missing)["status"] == "failed", timeout=30, what="the pipeline failed")
+    d = describe(broker, missing)
+    assert "table \"nowhere\" does not exist" in d["last_error"], d
+    assert pg.PASSWORD not in json.dumps(d)
