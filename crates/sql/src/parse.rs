@@ -135,9 +135,9 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             ))
         }
     };
-    if !words.get(3).is_some_and(|t| is_word(t, "WITH"))
-        || !words.get(4).is_some_and(|t| t.token == Token::LParen)
-    {
+    let with = words.get(3).is_some_and(|t| is_word(t, "WITH"));
+    let paren = words.get(4).is_some_and(|t| t.token == Token::LParen);
+    if !(with && paren) {
         return Err(error_at(
             words.get(3).map_or(at, |t| t.span.start),
             SINK_USAGE,
