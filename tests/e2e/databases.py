@@ -76,3 +76,43 @@ class Postgres:
 
     def create_db(self, db: str) -> None:
         self.psql(f"CREATE DATABASE {db}")
+
+
+class Redis:
+    """One redis-server, durable at each write (appendfsync always), no password."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="freshet-redis-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Redis":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
+            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
+        from helpers import wait_until
+        wait_until(lambda: self._ping(), timeout=30, what="redis-server answering PING")
+        return self
+
+    def _ping(self) -> bool:
+        try:
+            return self.cli("PING") == ["PONG"]
+        except subprocess.CalledProcessError:
+            return False
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def cli(self, *args: str, db: int = 0) -> list[str]:
+        out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "-n", str(db), "--raw", *args],
+                             check=True, capture_output=True, text=True, timeout=30)
+        if out.stdout.startswith("ERR") or "Connection refused" in out.stderr:
+            raise subprocess.CalledProcessError(1, args, out.stdout, out.stderr)
+        return out.stdout.splitlines()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)

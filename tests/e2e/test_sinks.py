@@ -12,6 +12,8 @@ here) and SQLite files:
 
 from __future__ import annotations
 
+import glob
+import http.server
 import json
 import random
 import sqlite3
@@ -22,7 +24,7 @@ import time
 import pytest
 
 from conftest import freshet_bin
-from databases import Postgres
+from databases import Postgres, Redis
 from helpers import admin, consume, create_topic, producer, wait_until, watermarks
 from test_pipeline import BROKER_ENV, describe, generate, name, oracle_for, produce_json, put_pipeline  # noqa: F401
 
@@ -32,6 +34,54 @@ def pg():
     server = Postgres().start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def redis():
+    server = Redis().start()
+    yield server
+    server.close()
+
+
+class Webhook:
+    """A receiver that answers 503 to every third request: the sink must retry with
+    the same Idempotency-Key. Keeps the rows of each key it accepted."""
+
+    def __init__(self):
+        self.accepted: dict[str, list] = {}
+        self.requests = 0
+        self.refused = 0
+        self.lock = threading.Lock()
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                key = self.headers["Idempotency-Key"]
+                with hook.lock:
+                    hook.requests += 1
+                    fail = hook.requests % 3 == 0
+                    if fail:
+                        hook.refused += 1
+                    else:
+                        hook.accepted[key] = json.loads(body)
+                self.send_response(503 if fail else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/forms"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def rows(self) -> list:
+        with self.lock:
+            return [row for rows in self.accepted.values() for row in rows]
+
+    def close(self):
+        self.server.shutdown()
 
 
 def sink_topics(bootstrap: str, pipeline: str) -> list[str]:
@@ -215,3 +265,82 @@ INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
     d = describe(broker, missing)
     assert "table \"nowhere\" does not exist" in d["last_error"], d
     assert pg.PASSWORD not in json.dumps(d)
+
+
+def test_one_topic_into_five_sinks_at_once_each_row_once(broker, pg, redis, tmp_path, report):
+    """Seed 001's forms: stored in PostgreSQL, SQLite and Redis, confirmed by webhook and
+    written to JSON-lines files, by one pipeline; a second pipeline added later reads
+    the same topic without touching the first."""
+    src = name("forms")
+    create_topic(broker.bootstrap, src, partitions=2)
+    n = 3_000
+    docs = [{"id": i, "name": f"user {i}", "email": f"u{i}@example.org"} for i in range(n)]
+    for p in (0, 1):
+        produce_json(broker.bootstrap, src, [d for d in docs if d["id"] % 2 == p], partition=p)
+    db = name("forms").lower()
+    pg.create_db(db)
+    hook = Webhook()
+    files = tmp_path / "files"
+    pipeline = name("fanout")
+    select = f"SELECT CAST(id AS BIGINT) AS id, name, email FROM {src}"
+    sql = f"""
+CREATE SINK pg WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'submissions', create_table = true);
+CREATE SINK lite WITH (connector = 'sqlite', path = '{tmp_path / "forms.db"}', table = 'submissions', create_table = true);
+CREATE SINK kv WITH (connector = 'redis', url = '{redis.url(3)}', table = 'form', primary_key = 'id');
+CREATE SINK hook WITH (connector = 'http', url = '{hook.url}', timeout = '5s', batch_rows = 200);
+CREATE SINK jsonl WITH (connector = 'file', path = '{files}', roll_size = '64KB');
+INSERT INTO pg {select};
+INSERT INTO lite {select};
+INSERT INTO kv {select};
+INSERT INTO hook {select};
+INSERT INTO jsonl {select};
+"""
+    try:
+        assert put_pipeline(broker, pipeline, sql).status == 201
+        want = {d["id"]: d for d in docs}
+
+        def pg_ids():
+            return [int(r[0]) for r in pg.psql("SELECT id FROM submissions", db)]
+
+        def lite_ids():
+            return [r[0] for r in sqlite3.connect(tmp_path / "forms.db").execute("SELECT id FROM submissions")]
+
+        def redis_keys():
+            return redis.cli("KEYS", "form:*", db=3)
+
+        def file_rows():
+            out = []
+            for f in sorted(glob.glob(str(files / "jsonl-*.jsonl"))):
+                out += [json.loads(line) for line in open(f)]
+            return out
+
+        for what, get in [("PostgreSQL", pg_ids), ("SQLite", lite_ids), ("Redis", redis_keys),
+                          ("the webhook", hook.rows), ("the files", file_rows)]:
+            wait_until(lambda: len(get()) >= n, timeout=90, what=lambda: f"{n} rows in {what} (have {len(get())})")
+        assert sorted(pg_ids()) == sorted(want)
+        assert sorted(lite_ids()) == sorted(want)
+        assert sorted(redis_keys()) == sorted(f"form:{i}" for i in want)
+        fields = redis.cli("HGETALL", "form:42", db=3)
+        assert dict(zip(fields[::2], fields[1::2])) == {"id": "42", "name": "user 42", "email": "u42@example.org"}
+        assert hook.refused > 0
+        got = hook.rows()
+        assert sorted(r["id"] for r in got) == sorted(want), "each row once at the webhook (by Idempotency-Key)"
+        assert all(r == want[r["id"]] for r in got)
+        rows = file_rows()
+        assert sorted(r["id"] for r in rows) == sorted(want) and all(r == want[r["id"]] for r in rows)
+        assert len(glob.glob(str(files / "jsonl-*.jsonl"))) > 1, "rolled at 64 KB"
+
+        # Plug and play: another pipeline over the same topic, added while the first runs.
+        second = name("count")
+        assert put_pipeline(broker, second, f"""
+CREATE SINK c WITH (connector = 'sqlite', path = '{tmp_path / "counts.db"}', table = 'by_parity',
+                    primary_key = 'parity', create_table = true);
+INSERT INTO c SELECT CAST(id AS BIGINT) % 2 AS parity, COUNT(*) AS n FROM {src} GROUP BY CAST(id AS BIGINT) % 2;
+""").status == 201
+        counts = lambda: dict(sqlite3.connect(tmp_path / "counts.db").execute("SELECT parity, n FROM by_parity").fetchall())
+        wait_until(lambda: counts() == {0: n // 2, 1: n // 2}, timeout=60, what=lambda: f"counts by parity ({counts()})")
+        assert describe(broker, pipeline)["status"] == "running"
+    finally:
+        hook.close()
+    report("sinks", f"{n} records into PostgreSQL, SQLite, Redis, a webhook failing 1 request in 3 and "
+                    f"JSON-lines files at once: each row once in each")

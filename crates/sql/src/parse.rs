@@ -121,7 +121,7 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
 }
 
 /// Sink options users may write (`docs/sql.md`).
-const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'kafka', ...): postgres takes url and table, sqlite path and table, kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
+const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' | 'file' | 'kafka', ...): postgres and redis take url and table, sqlite path and table, http url (and timeout), file path (and roll_size, roll_interval), kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
 
 /// `CREATE SINK name WITH (key = value, ...)`.
 fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
@@ -198,6 +198,9 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             .ok_or_else(|| error_at(at, format!("a {connector} sink needs {key} = '...'")))
     };
     let known: &[&str] = &[
+        "timeout",
+        "roll_size",
+        "roll_interval",
         "connector",
         "url",
         "path",
@@ -234,14 +237,23 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
         "sqlite" => Connector::Sqlite {
             path: need("path", "sqlite")?,
         },
-        "redis" | "http" | "file" => {
-            return Err(error_at(
-                take("connector").map_or(at, |(_, a)| a),
-                format!(
-                    "connector '{connector}' is not available yet: use postgres, sqlite or kafka"
-                ),
-            ))
-        }
+        "redis" => Connector::Redis {
+            url: need("url", "redis")?,
+        },
+        "http" => Connector::Http {
+            url: need("url", "http")?,
+            timeout_ms: duration_option(&take, "timeout", 10_000)?,
+        },
+        "file" => Connector::File {
+            path: need("path", "file")?,
+            roll_bytes: match take("roll_size") {
+                None => 64 << 20,
+                Some((v, vat)) => parse_size(&v).filter(|n| *n > 0).ok_or_else(|| {
+                    error_at(vat, format!("'{v}' is not a size: write e.g. '64MB'"))
+                })?,
+            },
+            roll_interval_ms: duration_option(&take, "roll_interval", 3_600_000)?,
+        },
         other => {
             return Err(error_at(
                 take("connector").map_or(at, |(_, a)| a),
@@ -249,7 +261,11 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             ))
         }
     };
-    let table = need("table", connector.name())?;
+    // Where rows go in the target: a table, or a key prefix for redis.
+    let table = match connector {
+        Connector::Http { .. } | Connector::File { .. } => String::new(),
+        _ => need("table", connector.name())?,
+    };
     let primary_key: Vec<String> = take("primary_key")
         .map(|(v, _)| {
             v.split(',')
@@ -274,17 +290,13 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             .filter(|n| (1..=1_000_000).contains(n))
             .ok_or_else(|| error_at(vat, "batch_rows is a number from 1 to 1000000"))?,
     };
-    let batch_interval_ms = match take("batch_interval") {
-        None => 100,
-        Some((v, vat)) => parse_duration(&v)
-            .ok_or_else(|| {
-                error_at(
-                    vat,
-                    format!("'{v}' is not a duration: write e.g. '100ms', '1s'"),
-                )
-            })?
-            .max(1),
-    };
+    let batch_interval_ms = duration_option(&take, "batch_interval", 100)?;
+    if matches!(connector, Connector::Redis { .. }) && primary_key.is_empty() {
+        return Err(error_at(
+            at,
+            "a redis sink writes a hash per row, keyed by its primary key: add primary_key = '...'",
+        ));
+    }
     Ok((
         SinkDef::Database(Sink {
             name,
@@ -297,6 +309,25 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
         }),
         at,
     ))
+}
+
+/// A duration option of a sink (`'100ms'`, `'5s'`), or its default; at least 1 ms.
+fn duration_option(
+    take: &dyn Fn(&str) -> Option<(String, Location)>,
+    key: &str,
+    default: i64,
+) -> Result<i64> {
+    match take(key) {
+        None => Ok(default),
+        Some((v, at)) => Ok(parse_duration(&v)
+            .ok_or_else(|| {
+                error_at(
+                    at,
+                    format!("{key}: '{v}' is not a duration: write e.g. '100ms', '1s'"),
+                )
+            })?
+            .max(1)),
+    }
 }
 
 /// What a `CREATE SINK` statement defines.

@@ -25,7 +25,7 @@ pub struct Pipeline {
 pub struct Sink {
     pub name: String,
     pub connector: Connector,
-    /// The table written to.
+    /// The table written to (redis: the keys' prefix; empty for http and file).
     pub table: String,
     /// `primary_key = 'a, b'`: rows are upserts on these columns (required for a
     /// grouped query, whose rows update). Empty: plain inserts.
@@ -45,6 +45,19 @@ pub enum Connector {
     Postgres { url: String },
     /// `path = 'file.db'`.
     Sqlite { path: String },
+    /// `url = 'redis://[:password@]host:port[/db]'`: a hash per row at
+    /// `table:key1:key2`.
+    Redis { url: String },
+    /// `url = 'http://host:port/path'`: each batch POSTed as a JSON array
+    /// (at-least-once, with an `Idempotency-Key`).
+    Http { url: String, timeout_ms: i64 },
+    /// `path = 'dir'`: JSON lines in files of that directory, rolled by size and
+    /// age (at-least-once).
+    File {
+        path: String,
+        roll_bytes: u64,
+        roll_interval_ms: i64,
+    },
 }
 
 impl Connector {
@@ -52,6 +65,9 @@ impl Connector {
         match self {
             Connector::Postgres { .. } => "postgres",
             Connector::Sqlite { .. } => "sqlite",
+            Connector::Redis { .. } => "redis",
+            Connector::Http { .. } => "http",
+            Connector::File { .. } => "file",
         }
     }
 }

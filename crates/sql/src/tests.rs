@@ -412,7 +412,8 @@ fn sink_errors_point_at_the_statement() {
     let cases = [
         ("CREATE SINK s WITH (connector = 'postgres', table = 't');\nINSERT INTO s SELECT city FROM tweets;", 1, "needs url"),
         ("CREATE SINK s WITH (connector = 'mongo');\nINSERT INTO s SELECT city FROM tweets;", 1, "unknown connector 'mongo'"),
-        ("CREATE SINK s WITH (connector = 'redis', table = 't');", 1, "not available yet"),
+        ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't');", 1, "primary_key"),
+        ("CREATE SINK s WITH (connector = 'http', url = 'http://h/x', timeout = 'soon');", 1, "timeout: 'soon'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', colour = 'red');", 1, "unknown sink option 'colour'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');\n\nINSERT INTO s SELECT city, COUNT(*) AS n FROM tweets GROUP BY city;", 3, "primary_key = 'city, n'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', primary_key = 'town');\nINSERT INTO s SELECT city FROM tweets;", 2, "'town'"),

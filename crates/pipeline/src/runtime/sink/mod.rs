@@ -23,7 +23,10 @@
 //! written. A database that is down or refuses the connection is retried with
 //! backoff, the batch kept: the sink's lag grows and nothing is lost.
 
+mod file;
+mod http;
 mod postgres;
+mod redis;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
@@ -146,15 +149,54 @@ pub(crate) trait Target {
         partitions: &[i32],
     ) -> Result<HashMap<i32, Position>, Failure>;
     /// Writes rows (JSON objects; upserts when the sink has a primary key).
-    fn insert(
-        &mut self,
-        rows: &[&serde_json::Map<String, serde_json::Value>],
-    ) -> Result<(), Failure>;
+    fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure>;
     fn savepoint(&mut self) -> Result<(), Failure>;
     fn rollback_to_savepoint(&mut self) -> Result<(), Failure>;
     fn store(&mut self, id: &str, positions: &[(i32, &Position)]) -> Result<(), Failure>;
     fn commit(&mut self) -> Result<(), Failure>;
     fn rollback(&mut self);
+}
+
+/// The positions of an at-least-once target (http, file), kept in memory: copies
+/// are skipped while the process lives; after a restart the sink resumes from its
+/// group's committed offsets, so a batch may be delivered again.
+#[derive(Default)]
+pub(crate) struct Remembered {
+    applied: HashMap<i32, Position>,
+    /// Stored in the current batch, applied at its commit.
+    staged: Vec<(i32, Position)>,
+}
+
+impl Remembered {
+    pub fn positions(&self, partitions: &[i32]) -> HashMap<i32, Position> {
+        partitions
+            .iter()
+            .filter_map(|p| Some((*p, self.applied.get(p)?.clone())))
+            .collect()
+    }
+
+    pub fn stage(&mut self, positions: &[(i32, &Position)]) {
+        self.staged = positions
+            .iter()
+            .map(|(p, pos)| (*p, (*pos).clone()))
+            .collect();
+    }
+
+    /// The batch was delivered: its positions hold.
+    pub fn committed(&mut self) {
+        self.applied.extend(self.staged.drain(..));
+    }
+
+    pub fn discard(&mut self) {
+        self.staged.clear();
+    }
+}
+
+/// A row to write, and where in the sink's topic it was.
+pub(crate) struct Out<'a> {
+    pub row: &'a serde_json::Map<String, serde_json::Value>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// One record of the sink's topic, read.
@@ -193,6 +235,19 @@ fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
     match &sink.connector {
         Connector::Postgres { url } => Box::new(postgres::Postgres::new(url, sink, columns)),
         Connector::Sqlite { path } => Box::new(sqlite::Sqlite::new(path, sink, columns)),
+        Connector::Redis { url } => Box::new(redis::Redis::new(url, sink, columns)),
+        Connector::Http { url, timeout_ms } => Box::new(http::Http::new(url, *timeout_ms, columns)),
+        Connector::File {
+            path,
+            roll_bytes,
+            roll_interval_ms,
+        } => Box::new(file::File::new(
+            path,
+            &sink.name,
+            *roll_bytes,
+            *roll_interval_ms,
+            columns,
+        )),
     }
 }
 
@@ -446,7 +501,12 @@ fn insert_all<'a>(
         return Ok(rejected);
     }
     target.savepoint()?;
-    let values: Vec<_> = rows.iter().map(|(_, row)| *row).collect();
+    let out = |r: &Record, row| Out {
+        row,
+        partition: r.message.partition(),
+        offset: r.message.offset(),
+    };
+    let values: Vec<Out<'_>> = rows.iter().map(|(r, row)| out(r, *row)).collect();
     match target.insert(&values) {
         Ok(()) => return Ok(rejected),
         Err(Failure::Rejected(_)) => target.rollback_to_savepoint()?,
@@ -454,7 +514,7 @@ fn insert_all<'a>(
     }
     for (r, row) in rows {
         target.savepoint()?;
-        match target.insert(&[row]) {
+        match target.insert(&[out(r, row)]) {
             Ok(()) => {}
             Err(Failure::Rejected(e)) => {
                 target.rollback_to_savepoint()?;

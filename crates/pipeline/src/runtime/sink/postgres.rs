@@ -10,7 +10,7 @@ use std::time::Duration;
 use sql::plan::{ColumnType, Sink};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{Columns, Failure, Position, Target};
+use super::{Columns, Failure, Out, Position, Target};
 
 pub(crate) struct Postgres {
     url: String,
@@ -305,11 +305,9 @@ impl Target for Postgres {
             .collect())
     }
 
-    fn insert(
-        &mut self,
-        rows: &[&serde_json::Map<String, serde_json::Value>],
-    ) -> Result<(), Failure> {
-        let json = serde_json::to_string(rows).map_err(|e| Failure::Rejected(e.to_string()))?;
+    fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
+        let rows: Vec<_> = rows.iter().map(|o| o.row).collect();
+        let json = serde_json::to_string(&rows).map_err(|e| Failure::Rejected(e.to_string()))?;
         let rt = &self.rt;
         let conn = self
             .conn

@@ -10,7 +10,7 @@ use rusqlite::types::Value as Sql;
 use rusqlite::{params_from_iter, Connection, ErrorCode};
 use sql::plan::{ColumnType, Sink};
 
-use super::{Columns, Failure, Position, Target};
+use super::{Columns, Failure, Out, Position, Target};
 
 pub(crate) struct Sqlite {
     path: String,
@@ -233,15 +233,12 @@ impl Target for Sqlite {
         Ok(out)
     }
 
-    fn insert(
-        &mut self,
-        rows: &[&serde_json::Map<String, serde_json::Value>],
-    ) -> Result<(), Failure> {
+    fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(&self.insert).map_err(failure)?;
         for row in rows {
             stmt.execute(params_from_iter(
-                self.written.iter().map(|c| value(row.get(c))),
+                self.written.iter().map(|c| value(row.row.get(c))),
             ))
             .map_err(failure)?;
         }
