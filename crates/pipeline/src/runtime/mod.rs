@@ -116,8 +116,9 @@ pub struct Stats {
     pub records_out: AtomicU64,
     pub late: AtomicU64,
     pub dead_lettered: AtomicU64,
-    /// Records of the sinks' topics applied to their databases.
-    pub sink_rows: AtomicU64,
+    /// Per sink: records of its topic applied to the target, and its lag (records of
+    /// its topic not applied yet, over the partitions this instance holds).
+    pub sinks: Mutex<std::collections::BTreeMap<String, SinkStats>>,
     pub checkpoints: AtomicU64,
     pub state_bytes: AtomicU64,
     /// Sum over the source partitions stage 1 holds of (end offset - next offset to
@@ -129,6 +130,14 @@ pub struct Stats {
     pub watermark: AtomicI64,
     pub status: Mutex<Status>,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// What `describe` shows of one sink.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SinkStats {
+    pub rows: u64,
+    /// -1 until known.
+    pub lag: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -175,7 +184,8 @@ impl Stats {
             "records_out": self.records_out.load(Ordering::Relaxed),
             "late": self.late.load(Ordering::Relaxed),
             "dead_lettered": self.dead_lettered.load(Ordering::Relaxed),
-            "sink_rows": self.sink_rows.load(Ordering::Relaxed),
+            "sinks": serde_json::to_value(&*self.sinks.lock().unwrap_or_else(|e| e.into_inner()))
+                .unwrap_or_default(),
             "checkpoints": self.checkpoints.load(Ordering::Relaxed),
             "state_bytes": self.state_bytes.load(Ordering::Relaxed),
             "source_lag": (lag >= 0).then_some(lag),

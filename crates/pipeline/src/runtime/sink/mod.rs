@@ -1,4 +1,5 @@
-//! Sinks into databases (`CREATE SINK ... WITH (connector = 'postgres' | 'sqlite')`).
+//! Sinks (`CREATE SINK ... WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' |
+//! 'file')`).
 //!
 //! The queries that `INSERT INTO` a sink write their rows to the sink's topic
 //! ([`sink_topic`]); one thread per sink reads that topic in the sink's consumer group
@@ -325,7 +326,51 @@ pub(super) fn run(
     let interval = Duration::from_millis(sink.batch_interval_ms.max(1) as u64);
     let mut batch: Vec<Record> = Vec::new();
     let mut first_at = Instant::now();
+    // The next offset applied per partition, for the lag `describe` shows.
+    let mut applied: HashMap<i32, i64> = HashMap::new();
+    let mut last_lag = Instant::now();
+    let show = |rows: u64, lag: Option<i64>| {
+        let mut sinks = shared.stats.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = sinks
+            .entry(sink.name.clone())
+            .or_insert(super::SinkStats { rows: 0, lag: -1 });
+        entry.rows += rows;
+        if let Some(lag) = lag {
+            entry.lag = lag;
+        }
+    };
+    show(0, None);
+    // Every second: the records of the assigned partitions not applied yet (during
+    // an outage too, so the lag shows it growing).
+    let lag = |last: &mut Instant, applied: &HashMap<i32, i64>| {
+        if last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *last = Instant::now();
+        if let Ok(assignment) = consumer.assignment() {
+            // Before its first batch here, a partition counts from where it is read.
+            let position = consumer.position().ok();
+            let lag = assignment
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&topic, e.partition(), Duration::from_secs(1))
+                        .ok()?;
+                    let read = position
+                        .as_ref()
+                        .and_then(|p| p.find_partition(&topic, e.partition()))
+                        .and_then(|p| p.offset().to_raw())
+                        .filter(|o| *o >= 0);
+                    let next = applied.get(&e.partition()).copied().or(read).unwrap_or(low);
+                    Some((high - next).max(0))
+                })
+                .sum();
+            show(0, Some(lag));
+        }
+    };
     loop {
+        lag(&mut last_lag, &applied);
         let wait = if batch.is_empty() {
             super::TICK
         } else {
@@ -365,6 +410,7 @@ pub(super) fn run(
                 }
                 Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
                     note_retry(shared, &sink.name, &e);
+                    lag(&mut last_lag, &applied);
                     if backoff.wait(stopping) {
                         break None;
                     }
@@ -379,14 +425,12 @@ pub(super) fn run(
             let _ = consumer.resume(a);
         }
         let Some(next) = written else { break };
-        shared
-            .stats
-            .sink_rows
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        show(batch.len() as u64, None);
         // The group's offsets follow the database's (lag tools, and where a new
         // owner starts reading before it skips what the positions cover).
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in next {
+            applied.insert(partition, next);
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
         let _ = consumer.commit(&tpl, CommitMode::Async);
