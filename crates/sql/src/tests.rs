@@ -426,3 +426,36 @@ fn sink_errors_point_at_the_statement() {
         assert!(e.message.contains(message), "{text}: {e}");
     }
 }
+
+const SINKS: &str = "CREATE SINK db WITH (connector = 'postgres', url = 'postgres://u:p@h/d', table = 't', primary_key = 'city, window_start', batch_rows = 10, batch_interval = '1s');
+CREATE SINK f WITH (connector = 'file', path = '/tmp/x', roll_size = '1MB', roll_interval = '1m');
+INSERT INTO db SELECT city, window_start, COUNT(*) AS n FROM TUMBLE(tweets, _timestamp, INTERVAL '10' SECOND) GROUP BY city, window_start, window_end;
+INSERT INTO f SELECT city FROM tweets;";
+
+proptest! {
+    /// Sink statements cut or spliced anywhere: a plan or an error with a position.
+    #[test]
+    fn sink_files_cut_or_spliced_never_panic(cut in 0usize..500, at in 0usize..500, junk in "[ (),;'=a-z0-9_]{0,12}") {
+        let mut s: String = SINKS.chars().take(cut).collect();
+        let at = at.min(s.chars().count());
+        let idx = s.char_indices().nth(at).map_or(s.len(), |(i, _)| i);
+        s.insert_str(idx, &junk);
+        if let Err(e) = compile(&s, &Topics) {
+            prop_assert!(e.line >= 1 && e.column >= 1);
+        }
+    }
+}
+
+#[test]
+fn the_sink_example_compiles() {
+    let plan = compile(SINKS, &Topics).unwrap();
+    assert_eq!(plan.sinks.len(), 2);
+    assert_eq!(
+        plan.sinks[1].connector,
+        Connector::File {
+            path: "/tmp/x".into(),
+            roll_bytes: 1_000_000,
+            roll_interval_ms: 60_000
+        }
+    );
+}

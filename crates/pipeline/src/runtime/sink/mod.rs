@@ -317,6 +317,8 @@ pub(super) fn run(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
+        // librdkafka's default (1 s) stalls a reader whose queue filled up.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .map_err(|e| Error::Cluster(e.to_string()))?;
     consumer
@@ -396,11 +398,9 @@ pub(super) fn run(
         if !due {
             continue;
         }
-        // Write, retrying while the database is away; nothing more is read meanwhile.
-        let assignment = consumer.assignment().ok();
-        if let Some(a) = &assignment {
-            let _ = consumer.pause(a);
-        }
+        // Write, retrying while the database is away; nothing more is read meanwhile
+        // (paused only then: a pause drops what librdkafka fetched ahead).
+        let mut paused = None;
         let mut backoff = Backoff::new();
         let written = loop {
             match write(shared, target.as_mut(), id, &sink.name, &batch) {
@@ -410,6 +410,12 @@ pub(super) fn run(
                 }
                 Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
                     note_retry(shared, &sink.name, &e);
+                    if paused.is_none() {
+                        paused = consumer.assignment().ok();
+                        if let Some(a) = &paused {
+                            let _ = consumer.pause(a);
+                        }
+                    }
                     lag(&mut last_lag, &applied);
                     if backoff.wait(stopping) {
                         break None;
@@ -421,7 +427,7 @@ pub(super) fn run(
                 }
             }
         };
-        if let Some(a) = &assignment {
+        if let Some(a) = &paused {
             let _ = consumer.resume(a);
         }
         let Some(next) = written else { break };

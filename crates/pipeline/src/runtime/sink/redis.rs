@@ -353,6 +353,26 @@ impl Target for Redis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a server sends, a reply or an error, never a panic.
+        #[test]
+        fn any_bytes_read_as_a_reply_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut input: &[u8] = &bytes;
+            let _ = read_reply(&mut input);
+        }
+
+        /// What `encode` writes reads back as the same strings.
+        #[test]
+        fn commands_read_back(args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..5)) {
+            let mut out = Vec::new();
+            encode(&args, &mut out);
+            let mut input: &[u8] = &out;
+            let want = Reply::Array(Some(args.into_iter().map(|a| Reply::Bulk(Some(a))).collect()));
+            prop_assert_eq!(read_reply(&mut input).unwrap(), want);
+        }
+    }
 
     #[test]
     fn urls() {
