@@ -212,11 +212,10 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
     log = open(tmp_path / "pipeline.stderr.log", "ab")
 
     def start():
-        # A static member (KIP-345): the restarted process takes the killed one's place
-        # in the groups at once, without waiting for its session to time out.
+        # No flags: a static member by default (KIP-345), so the restarted process
+        # takes the killed one's place in the groups at once.
         return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap, "-X", f"group.instance.id={pipeline}-1"],
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                 "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
 
     def sent_so_far():
         return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))
@@ -305,8 +304,10 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
     prefix = f"freshet-pipeline-{pipeline}-"
 
     def start():
+        # Instances on one machine are told apart by --instance (static members).
         return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap, "-X", "session.timeout.ms=6000"],
+                                 "--brokers", broker.bootstrap, "--instance", f"i{len(procs)}",
+                                 "-X", "session.timeout.ms=6000"],
                                 stdout=subprocess.DEVNULL, stderr=log)
 
     def members_are(n: int):
@@ -324,7 +325,8 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
             sent[0] = i + 100
             time.sleep(0.05)  # pacing, not synchronisation
         assert p.flush(30) == 0
-    procs = [start()]
+    procs = []
+    procs.append(start())
     feeder = threading.Thread(target=feed)
     try:
         wait_until(lambda: members_are(1), timeout=60, what="the first instance in both groups")
@@ -334,7 +336,7 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
             procs.append(start())
             wait_until(lambda: members_are(count), timeout=60, what=f"{count} instances sharing the work")
         wait_until(lambda: sent[0] >= 3 * len(docs) // 4, timeout=60, what="three quarters sent")
-        procs[1].terminate()  # a graceful stop: it leaves the groups
+        procs[1].terminate()  # a graceful stop: it leaves the groups at once (a static member too)
         assert procs[1].wait(30) == 0
         wait_until(lambda: members_are(2), timeout=60, what="the two instances left sharing the work")
         feeder.join(120)
@@ -354,6 +356,58 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+def test_output_resumes_within_5_s_after_kill_9_and_a_restart_without_flags(broker, tmp_path, report):
+    src = name("restart")
+    create_topic(broker.bootstrap, src, partitions=2)
+    pipeline = name("restart")
+    out, counts = f"{pipeline}_copy", f"{pipeline}_counts"
+    sql_file = tmp_path / "restart.sql"
+    sql_file.write_text(f"""
+SET 'emit-interval' = '50ms';
+INSERT INTO {out} SELECT id FROM {src};
+INSERT INTO {counts} SELECT city, COUNT(*) AS n FROM {src} GROUP BY city;
+""")
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+    start = lambda: subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
+                                      "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
+    end = lambda topic: sum(watermarks(broker.bootstrap, topic, p)[1] for p in range(2))
+    proc = start()
+    try:
+        waits = []
+        for i in range(3):
+            n = 10 * (i + 1)
+            for p in range(2):
+                produce_json(broker.bootstrap, src, [{"id": j, "city": "paris"} for j in range(5)], partition=p)
+            wait_until(lambda: end(out) >= n and end(counts) > 0, timeout=60, what=f"{n} rows out")
+            proc.kill()
+            proc.wait(10)
+            rows_before = end(counts)
+            proc = start()
+            restarted = time.monotonic()
+            for p in range(2):
+                produce_json(broker.bootstrap, src, [{"id": 99, "city": "paris"}], partition=p)
+            wait_until(lambda: end(out) >= n + 2 and end(counts) > rows_before, timeout=60,
+                       what="output after the restart")
+            waits.append(time.monotonic() - restarted)
+        assert max(waits) < 5.0, waits
+        # A clean stop leaves both groups at once, static member or not (the session
+        # timeout is librdkafka's 45 s).
+        prefix = f"freshet-pipeline-{pipeline}-"
+        assert len(group_members(broker.bootstrap, prefix)) == 2
+        proc.terminate()
+        assert proc.wait(30) == 0
+        stopped = time.monotonic()
+        wait_until(lambda: all(not m for m in group_members(broker.bootstrap, prefix).values()), timeout=10,
+                   what=lambda: f"no members left ({group_members(broker.bootstrap, prefix)})")
+        assert time.monotonic() - stopped < 10
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+    report("pipeline", f"kill -9 and restart of `pipeline run` with no flags: output again after "
+                       f"{', '.join(f'{w:.1f}' for w in waits)} s")
 
 
 def test_grouped_by_key_reads_each_partition_in_place(broker):

@@ -121,8 +121,7 @@ INSERT INTO lite SELECT CAST(id AS BIGINT) AS id, name FROM {src} WHERE id % 2 =
 
     def start():
         return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap, "-X", f"group.instance.id={pipeline}-1"],
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                 "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
 
     def sent():
         return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))

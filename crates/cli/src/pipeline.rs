@@ -28,6 +28,14 @@ enum Command {
         /// Extra librdkafka properties, key=value (repeatable).
         #[arg(short = 'X', value_name = "KEY=VALUE")]
         properties: Vec<String>,
+        /// This instance's name among the pipeline's instances (default: the host
+        /// name). The pipeline's consumers are static members (KIP-345) with
+        /// `group.instance.id` = NAME-INSTANCE: a process restarted after a crash takes
+        /// its own place back at once, without waiting for the session to time out.
+        /// Two instances on one machine need different names. `-X
+        /// group.instance.id=...` overrides it.
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Define (or redefine) a pipeline on a Freshet server: it runs there, and resumes
     /// after a restart.
@@ -64,7 +72,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
             file,
             brokers,
             properties,
-        } => run_here(&name, &file, &brokers, &properties),
+            instance,
+        } => run_here(&name, &file, &brokers, &properties, instance),
         Command::Create { name, file, http } => {
             let sql =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -114,6 +123,7 @@ fn run_here(
     file: &std::path::Path,
     brokers: &str,
     properties: &[String],
+    instance: Option<String>,
 ) -> anyhow::Result<()> {
     crate::init_logging();
     let sql =
@@ -125,6 +135,10 @@ fn run_here(
             .split_once('=')
             .with_context(|| format!("-X {property}: expected KEY=VALUE"))?;
         client.set(key, value);
+    }
+    if client.get("group.instance.id").is_none() {
+        let instance = instance.unwrap_or_else(host_name);
+        client.set("group.instance.id", format!("{name}-{instance}"));
     }
     // Refuse a bad file at once, with its line and column.
     if let Err(err) = pipeline::runtime::prepare(name, &sql, &client) {
@@ -159,6 +173,15 @@ fn run_here(
     }
     println!("{}", serde_json::to_string(&stats.describe())?);
     Ok(())
+}
+
+/// This machine's name (the default `--instance`), or "local" when it has none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into())
 }
 
 /// Prints a JSON answer; a refusal becomes the error (with line and column for SQL).

@@ -226,12 +226,97 @@ impl ByteBufMut for Chunked<'_> {
     }
 }
 
+/// A client's request frame: size prefix, header (`correlation_id`, `client_id`) and
+/// body `request` at `version`.
+pub fn encode_client_request<R: kafka_protocol::protocol::Request>(
+    request: &R,
+    version: i16,
+    correlation_id: i32,
+    client_id: &str,
+) -> Result<Bytes, String> {
+    let header = RequestHeader::default()
+        .with_request_api_key(R::KEY)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(kafka_protocol::protocol::StrBytes::from_string(
+            client_id.to_string(),
+        )));
+    let mut out = BytesMut::new();
+    out.put_i32(0); // size, patched below
+    header
+        .encode(&mut out, R::header_version(version))
+        .map_err(|e| e.to_string())?;
+    request
+        .encode(&mut out, version)
+        .map_err(|e| e.to_string())?;
+    let size = i32::try_from(out.len() - 4).map_err(|_| "request larger than 2 GiB".to_string())?;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    Ok(out.freeze())
+}
+
+/// A client's answer to a request of type `R` at `version`: (correlation id, body),
+/// from a frame without its size prefix.
+pub fn decode_client_response<R: kafka_protocol::protocol::Request>(
+    frame: Bytes,
+    version: i16,
+) -> Result<(i32, R::Response), String> {
+    use kafka_protocol::protocol::HeaderVersion;
+    let mut buf = frame;
+    let header = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
+        .map_err(|e| e.to_string())?;
+    let body = R::Response::decode(&mut buf, version).map_err(|e| e.to_string())?;
+    Ok((header.correlation_id, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::messages::{ApiVersionsResponse, TopicName};
     use proptest::prelude::*;
+
+    /// A client's LeaveGroup frame is what the broker's decoder reads, and the broker's
+    /// answer reads back on the client's side.
+    #[test]
+    fn client_requests_and_answers_meet_the_server_codec() {
+        use kafka_protocol::messages::leave_group_request::MemberIdentity;
+        use kafka_protocol::messages::leave_group_response::MemberResponse;
+        use kafka_protocol::messages::{GroupId, LeaveGroupRequest, LeaveGroupResponse};
+        use kafka_protocol::protocol::StrBytes;
+        let request = LeaveGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_members(vec![MemberIdentity::default()
+                .with_group_instance_id(Some(StrBytes::from_static_str("p-host")))]);
+        let frame = encode_client_request(&request, 3, 7, "c").unwrap();
+        assert_eq!(
+            i32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
+        );
+        let decoded = decode_request(frame.slice(4..)).unwrap();
+        assert_eq!(
+            (decoded.header.correlation_id, decoded.api_key),
+            (7, ApiKey::LeaveGroup)
+        );
+        assert_eq!(decoded.body, RequestKind::LeaveGroup(request));
+        let answer = LeaveGroupResponse::default().with_members(vec![MemberResponse::default()
+            .with_group_instance_id(Some(StrBytes::from_static_str("p-host")))
+            .with_error_code(25)]);
+        let mut out = BytesMut::new();
+        encode_response(
+            7,
+            ApiKey::LeaveGroup,
+            3,
+            &ResponseKind::LeaveGroup(answer.clone()),
+            &mut out,
+        )
+        .unwrap();
+        let (id, got) =
+            decode_client_response::<LeaveGroupRequest>(out.freeze().slice(4..), 3).unwrap();
+        assert_eq!((id, got), (7, answer));
+        assert!(
+            decode_client_response::<LeaveGroupRequest>(Bytes::from_static(b"\0\0"), 3).is_err()
+        );
+    }
 
     fn fetch_response(records: &[Bytes]) -> FetchResponse {
         let partitions = records

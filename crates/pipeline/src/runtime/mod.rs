@@ -19,6 +19,7 @@
 pub mod catalog;
 pub mod checkpoint;
 mod json;
+mod leave;
 mod route;
 pub mod sink;
 mod tasks;
@@ -642,6 +643,21 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
         }
         stages
     })?;
+    // A clean stop: a static member's partitions go to the other instances now, not
+    // after the session timeout.
+    if stop.load(Ordering::Relaxed) {
+        let mut groups = Vec::new();
+        if stage1 {
+            groups.push(group_id(name, plan));
+        }
+        if stage2 {
+            groups.push(tasks_group_id(name, plan));
+        }
+        for s in &plan.sinks {
+            groups.push(sink::sink_group_id(name, plan, &s.name));
+        }
+        leave::leave_static(&prepared.client, &groups);
+    }
     stats.set_status(Status::Stopped);
     Ok(())
 }

@@ -114,8 +114,11 @@ fn text(v: &serde_json::Value) -> Vec<u8> {
     }
 }
 
-/// `redis://[user][:password@]host[:port][/db]` as (address, password, db).
-fn parse(url: &str) -> Result<(String, Option<(String, String)>, Option<u32>), Failure> {
+/// (user, password) for AUTH.
+type Auth = (String, String);
+
+/// `redis://[user][:password@]host[:port][/db]` as (address, credentials, db).
+fn parse(url: &str) -> Result<(String, Option<Auth>, Option<u32>), Failure> {
     let rest = url
         .strip_prefix("redis://")
         .ok_or_else(|| Failure::Config("url: write redis://[:password@]host:port[/db]".into()))?;
