@@ -410,6 +410,22 @@ INSERT INTO {counts} SELECT city, COUNT(*) AS n FROM {src} GROUP BY city;
                        f"{', '.join(f'{w:.1f}' for w in waits)} s")
 
 
+def test_a_defined_pipelines_topics_exist_before_its_first_row(broker):
+    """Issue 26 §6: a results page opened right after the pipeline is created finds its
+    output (and late and dead-letter) topics."""
+    src = name("votes")
+    create_topic(broker.bootstrap, src)
+    pipeline = name("tally")
+    tally = f"{pipeline}_tally"
+    sql = f"INSERT INTO {tally} SELECT poll, choice, COUNT(*) AS votes FROM {src} GROUP BY poll, choice EMIT CHANGES;"
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    topics = admin(broker.bootstrap).list_topics(timeout=10).topics
+    for t in (tally, f"{pipeline}.late", f"{pipeline}.dead-letter"):
+        assert t in topics, t
+    r = request("GET", f"{broker.http}/topics/{tally}")
+    assert r.status == 200, r
+
+
 def test_grouped_by_key_reads_each_partition_in_place(broker):
     """GROUP BY _key: each key is in one partition already, so the tasks read the
     source partitions themselves, with no repartition topic, and the totals are exact."""

@@ -260,10 +260,18 @@ async fn put(
         defined.contains_key(&name)
     };
     let (check_name, check_sql, client) = (name.clone(), sql.clone(), pipelines.client.clone());
-    let checked =
-        tokio::task::spawn_blocking(move || runtime::prepare(&check_name, &check_sql, &client))
-            .await
-            .map_err(|e| ApiError::busy(e.to_string()))?;
+    let checked = tokio::task::spawn_blocking(move || {
+        // Its topics exist from now on: a results page can open them before the
+        // first row.
+        let prepared = runtime::prepare(&check_name, &check_sql, &client)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| runtime::Error::Cluster(e.to_string()))?;
+        runtime::create_topics_of(&prepared, &rt)
+    })
+    .await
+    .map_err(|e| ApiError::busy(e.to_string()))?;
     if let Err(err) = checked {
         return Err(match err {
             runtime::Error::Sql(e) => {

@@ -237,6 +237,40 @@ pub fn prepare(name: &str, sql_text: &str, client: &ClientConfig) -> Result<Prep
     })
 }
 
+/// Creates the topics a pipeline writes if missing: outputs (and sinks' topics) with
+/// the partition count of their query's source (the largest, for a topic several
+/// queries write), the late and dead-letter topics with one, the repartition topic
+/// with one partition per routed task, the state topic with one per task. Done when
+/// a pipeline is defined, so its results can be opened before its first row, and
+/// again when it runs.
+pub fn create_topics_of(prepared: &Prepared, rt: &tokio::runtime::Runtime) -> Result<(), Error> {
+    let name = &prepared.name;
+    let plan = &prepared.plan;
+    let mut topics: Vec<(String, i32)> = Vec::new();
+    for query in &plan.queries {
+        let partitions = prepared
+            .sources
+            .iter()
+            .find(|(t, _)| *t == query.source.topic)
+            .map_or(1, |(_, p)| *p);
+        match topics.iter_mut().find(|(t, _)| *t == query.output) {
+            Some((_, p)) => *p = (*p).max(partitions),
+            None => topics.push((query.output.clone(), partitions)),
+        }
+    }
+    topics.push((late_topic(name, plan), 1));
+    topics.push((dead_letter_topic(name, plan), 1));
+    let layout = Layout::new(prepared, &repartition_topic(name));
+    let mut internal = Vec::new();
+    if layout.routed_tasks > 0 {
+        internal.push((repartition_topic(name), layout.routed_tasks));
+    }
+    if layout.state_partitions > 0 {
+        internal.push((state_topic(name), layout.state_partitions));
+    }
+    create_topics(rt, &prepared.client, &topics, &internal).map_err(Error::Cluster)
+}
+
 /// A stable hash of the plan: a checkpoint of a different plan is not restored.
 pub fn plan_hash(plan: &sql::Pipeline) -> u64 {
     let text = serde_json::to_string(plan).unwrap_or_default();
@@ -582,34 +616,8 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
         }
     };
 
-    // The topics it writes, created if missing: outputs with the partition count of
-    // their query's source, the late and dead-letter topics with one, the
-    // repartition topic with one partition per routed task, the state topic with one
-    // per task.
-    let mut topics: Vec<(String, i32)> = Vec::new();
-    for query in &plan.queries {
-        let partitions = prepared
-            .sources
-            .iter()
-            .find(|(t, _)| *t == query.source.topic)
-            .map_or(1, |(_, p)| *p);
-        // A sink's topic has as many partitions as the largest source writing it.
-        match topics.iter_mut().find(|(t, _)| *t == query.output) {
-            Some((_, p)) => *p = (*p).max(partitions),
-            None => topics.push((query.output.clone(), partitions)),
-        }
-    }
-    topics.push((shared.late.clone(), 1));
-    topics.push((shared.dead.clone(), 1));
+    create_topics_of(prepared, &rt)?;
     let layout = &shared.layout;
-    let mut internal = Vec::new();
-    if layout.routed_tasks > 0 {
-        internal.push((shared.repartition.clone(), layout.routed_tasks));
-    }
-    if layout.state_partitions > 0 {
-        internal.push((state_topic(name), layout.state_partitions));
-    }
-    create_topics(&rt, &prepared.client, &topics, &internal).map_err(Error::Cluster)?;
 
     stats.set_status(Status::Running);
     // Any stage failing stops the others.
