@@ -105,6 +105,22 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
     let mut planned = Vec::new();
     for (statement, emit, at) in queries {
         let mut query = plan_statement(statement, emit, at, catalog)?;
+        if let Body::Aggregate(Aggregate {
+            window: Some(Window::Hop { slide_ms, size_ms }),
+            ..
+        }) = &query.body
+        {
+            let per_record = size_ms / slide_ms;
+            if per_record as u64 > settings.max_windows_per_record {
+                return Err(error_at(
+                    at,
+                    format!(
+                        "HOP: each record would fall in {per_record} windows (size / slide), more than max-windows-per-record = {}: use a larger slide, or raise it (SET 'max-windows-per-record' = '...')",
+                        settings.max_windows_per_record
+                    ),
+                ));
+            }
+        }
         if let Some(i) = sinks.iter().position(|(s, _)| s.name == query.output) {
             check_sink_query(&sinks[i].0, &query, at)?;
             query.sink = Some(i);
@@ -425,7 +441,7 @@ fn strip_emit(tokens: &[TokenWithSpan]) -> (Vec<TokenWithSpan>, Option<(Emit, Lo
 
 /// `SET 'key' = 'value'` (quotes optional).
 fn set(words: &[&TokenWithSpan], settings: &mut Settings) -> Result<()> {
-    let usage = "write SET 'key' = 'value'; (keys: allowed-lateness, idle-timeout, emit-interval, checkpoint-interval, late-topic, dead-letter-topic, max-state-bytes)";
+    let usage = "write SET 'key' = 'value'; (keys: allowed-lateness, idle-timeout, emit-interval, checkpoint-interval, late-topic, dead-letter-topic, max-state-bytes, max-windows-per-record)";
     let text = |t: &TokenWithSpan| match &t.token {
         Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => Some(s.clone()),
         Token::Word(w) => Some(w.value.clone()),
@@ -466,6 +482,13 @@ fn set(words: &[&TokenWithSpan], settings: &mut Settings) -> Result<()> {
         "checkpoint-interval" => settings.checkpoint_interval_ms = duration(&value)?.max(10),
         "late-topic" => settings.late_topic = Some(value),
         "dead-letter-topic" => settings.dead_letter_topic = Some(value),
+        "max-windows-per-record" => {
+            settings.max_windows_per_record = value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| error_at(at, format!("'{value}' is not a positive number")))?
+        }
         "max-state-bytes" => {
             settings.max_state_bytes = parse_size(&value).ok_or_else(|| {
                 error_at(

@@ -104,6 +104,24 @@ pub struct Settings {
     pub dead_letter_topic: Option<String>,
     /// `max-state-bytes`: past this the pipeline stops with an error.
     pub max_state_bytes: u64,
+    /// `max-windows-per-record`: a `HOP` whose size / slide is larger is refused
+    /// (each record updates that many windows). Left out of the JSON at its default,
+    /// so existing plans keep their hash.
+    #[serde(
+        default = "default_windows_per_record",
+        skip_serializing_if = "is_default_windows_per_record"
+    )]
+    pub max_windows_per_record: u64,
+}
+
+const DEFAULT_WINDOWS_PER_RECORD: u64 = 1000;
+
+fn default_windows_per_record() -> u64 {
+    DEFAULT_WINDOWS_PER_RECORD
+}
+
+fn is_default_windows_per_record(n: &u64) -> bool {
+    *n == DEFAULT_WINDOWS_PER_RECORD
 }
 
 impl Default for Settings {
@@ -116,6 +134,7 @@ impl Default for Settings {
             late_topic: None,
             dead_letter_topic: None,
             max_state_bytes: 256 << 20,
+            max_windows_per_record: DEFAULT_WINDOWS_PER_RECORD,
         }
     }
 }

@@ -459,3 +459,22 @@ fn the_sink_example_compiles() {
         }
     );
 }
+
+#[test]
+fn a_hop_with_too_many_windows_per_record_is_refused() {
+    let hop = |slide: u32| {
+        format!("INSERT INTO o SELECT city, COUNT(*) AS n FROM HOP(tweets, _timestamp, INTERVAL '{slide}' SECOND, INTERVAL '1' HOUR) GROUP BY city, window_start, window_end;")
+    };
+    let e = compile(&hop(1), &Topics).unwrap_err();
+    assert_eq!((e.line, e.column), (1, 1), "{e}");
+    assert!(
+        e.message.contains("3600 windows") && e.message.contains("max-windows-per-record = 1000"),
+        "{e}"
+    );
+    assert!(compile(&hop(4), &Topics).is_ok()); // 900 windows a record
+    let raised = format!("SET 'max-windows-per-record' = '3600';\n{}", hop(1));
+    assert!(compile(&raised, &Topics).is_ok());
+    // The default leaves a plan's JSON (and hash) as it was.
+    let json = serde_json::to_string(&compile(&hop(4), &Topics).unwrap()).unwrap();
+    assert!(!json.contains("max_windows_per_record"), "{json}");
+}
