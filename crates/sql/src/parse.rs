@@ -1203,9 +1203,37 @@ impl RowPlanner<'_> {
     }
 }
 
-/// Structural equality of two SQL expressions, ignoring positions.
+/// Equality of two SQL expressions as written, ignoring positions and spacing: keywords,
+/// function names and unquoted identifiers compare case-insensitively, quoted
+/// identifiers and literals exactly (`'Unknown'` is not `'UNKNOWN'`, `"userId"` is not
+/// `"userid"`).
 fn same(a: &SqlExpr, b: &SqlExpr) -> bool {
-    a.to_string().eq_ignore_ascii_case(&b.to_string())
+    let tokens = |e: &SqlExpr| {
+        Tokenizer::new(&PostgreSqlDialect {}, &e.to_string())
+            .tokenize()
+            .map(|t| {
+                t.into_iter()
+                    .filter(|t| !matches!(t, Token::Whitespace(_)))
+                    .collect::<Vec<_>>()
+            })
+    };
+    match (tokens(a), tokens(b)) {
+        (Ok(x), Ok(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(&y).all(|pair| match pair {
+                    (Token::Word(v), Token::Word(w)) => {
+                        v.quote_style == w.quote_style
+                            && if v.quote_style.is_none() {
+                                v.value.eq_ignore_ascii_case(&w.value)
+                            } else {
+                                v.value == w.value
+                            }
+                    }
+                    (t, u) => t == u,
+                })
+        }
+        _ => a.to_string() == b.to_string(),
+    }
 }
 
 fn aggregate_call(f: &ast::Function, name: &str, scope: &mut Scope<'_>) -> Result<AggCall> {

@@ -478,3 +478,23 @@ fn a_hop_with_too_many_windows_per_record_is_refused() {
     let json = serde_json::to_string(&compile(&hop(4), &Topics).unwrap()).unwrap();
     assert!(!json.contains("max_windows_per_record"), "{json}");
 }
+
+#[test]
+fn group_keys_match_select_expressions_case_only_where_sql_ignores_it() {
+    // A literal differing in case is another expression: not a group key.
+    let e = compile(
+        "INSERT INTO o SELECT coalesce(city, 'UNKNOWN') AS c, COUNT(*) AS n FROM tweets GROUP BY coalesce(city, 'Unknown');",
+        &Topics,
+    )
+    .unwrap_err();
+    assert!(
+        e.message.contains("GROUP BY") || e.message.contains("group"),
+        "{e}"
+    );
+    // Keywords and function names in another case: the same key.
+    assert!(compile(
+        "INSERT INTO o SELECT COALESCE(city, 'Unknown') AS c, COUNT(*) AS n FROM tweets GROUP BY coalesce(city, 'Unknown');",
+        &Topics
+    )
+    .is_ok());
+}
