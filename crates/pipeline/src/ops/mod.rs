@@ -38,6 +38,10 @@ pub struct Row {
     pub window: Option<(i64, i64)>,
     /// Whether this is the window's final value (always false without a window).
     pub is_final: bool,
+    /// A grouped row whose `HAVING` or an output column failed to evaluate (a
+    /// division by zero): it goes to the dead-letter topic with this message, not to
+    /// the output.
+    pub error: Option<String>,
 }
 
 /// What became of an input record that was not rejected.
@@ -306,6 +310,7 @@ impl QueryOperator {
             value,
             window: None,
             is_final: false,
+            error: None,
         });
         Ok(())
     }
@@ -704,16 +709,24 @@ impl Grouped {
             slots.push(Value::Timestamp(group.end));
         }
         let ctx = Context::Row(&slots);
+        let mut error = None;
         if let Some(h) = &self.plan.having {
-            if !h.eval(&ctx).is_ok_and(|v| v.is_true()) {
-                return None;
+            match h.eval(&ctx) {
+                Ok(v) if v.is_true() => {}
+                Ok(_) => return None,
+                Err(e) => error = Some(format!("HAVING: {e}")),
             }
         }
         let values: Vec<Value> = self
             .plan
             .columns
             .iter()
-            .map(|(_, e)| e.eval(&ctx).unwrap_or(Value::Null))
+            .map(|(name, e)| {
+                e.eval(&ctx).unwrap_or_else(|e| {
+                    error.get_or_insert_with(|| format!("{name}: {e}"));
+                    Value::Null
+                })
+            })
             .collect();
         let value = json_object(
             self.plan
@@ -731,6 +744,7 @@ impl Grouped {
             value,
             window: windowed.then_some((group.start, group.end)),
             is_final: is_final && windowed,
+            error,
         })
     }
 }

@@ -499,6 +499,63 @@ fn min_max_refuse_values_they_cannot_compare() {
 }
 
 #[test]
+fn a_failing_having_or_column_marks_the_row_for_the_dead_letter_topic() {
+    let div0 = |slot| {
+        Expr::Binary(
+            Box::new(Expr::Slot(slot)),
+            sql::expr::BinOp::Div,
+            Box::new(Expr::Literal(sql::Value::Int(0))),
+        )
+    };
+    let query = |having: Option<Expr>, column: Expr| Query {
+        output: "o".into(),
+        source: Source {
+            topic: "s".into(),
+            json: true,
+            event_time: EventTime::RecordTimestamp,
+        },
+        filter: None,
+        sink: None,
+        body: Body::Aggregate(Aggregate {
+            window: None,
+            keys: vec![],
+            aggregates: vec![AggCall {
+                func: AggFunc::Count,
+                arg: None,
+                filter: None,
+            }],
+            having,
+            columns: vec![("n".into(), column)],
+            emit: Emit::Changes,
+        }),
+    };
+    let cases = [
+        (
+            query(Some(div0(0)), Expr::Slot(0)),
+            "HAVING: division by zero",
+        ),
+        (query(None, div0(0)), "n: division by zero"),
+    ];
+    for (q, message) in cases {
+        let mut op = QueryOperator::new(&q, &settings(0));
+        op.assign(&[0], 0);
+        let mut out = Vec::new();
+        one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+        op.tick(0, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].error.as_deref(), Some(message));
+    }
+    // A HAVING that is false still drops the row, without an error.
+    let never = Expr::Literal(sql::Value::Bool(false));
+    let mut op = QueryOperator::new(&query(Some(never), Expr::Slot(0)), &settings(0));
+    op.assign(&[0], 0);
+    let mut out = Vec::new();
+    one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+    op.tick(0, &mut out);
+    assert!(out.is_empty());
+}
+
+#[test]
 fn an_idle_partition_stops_holding_the_watermark_back() {
     let mut s = settings(0);
     s.idle_timeout_ms = 1_000;
@@ -687,7 +744,8 @@ fn stateless_queries_filter_and_project_in_select_order() {
             key: Some(b"key".to_vec()),
             value: br#"{"z":"x","a":7}"#.to_vec(),
             window: None,
-            is_final: false
+            is_final: false,
+            error: None,
         }]
     );
 }

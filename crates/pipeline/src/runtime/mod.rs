@@ -726,15 +726,39 @@ fn run_stages(
 /// stateless query `q` into a sink carry their `origin` (`sink::ORIGIN_HEADER`) and
 /// go to the partition of their source record.
 fn send_rows(
-    producer: &ThreadedProducer<DeliveryContext>,
+    shared: &Shared<'_>,
     topic: &str,
     rows: &mut Vec<Row>,
     origin: Option<(usize, &Origin<'_>)>,
 ) -> Result<u64, Error> {
+    let producer = &shared.producer;
     let n = rows.len() as u64;
     let origin_at = origin;
     let origin = origin.map(|(q, o)| format!("{q}/{o}"));
+    let mut failed = 0;
     for row in rows.drain(..) {
+        if let Some(error) = &row.error {
+            // A grouped row that failed to evaluate: to the dead-letter topic, with the
+            // query's output and the error.
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header {
+                    key: "freshet.error",
+                    value: Some(error.as_bytes()),
+                })
+                .insert(Header {
+                    key: "freshet.query",
+                    value: Some(topic.as_bytes()),
+                });
+            let mut record = BaseRecord::to(&shared.dead)
+                .payload(&row.value[..])
+                .headers(headers);
+            if let Some(key) = &row.key {
+                record = record.key(&key[..]);
+            }
+            send(producer, record)?;
+            failed += 1;
+            continue;
+        }
         let mut headers = OwnedHeaders::new_with_capacity(4);
         if let Some(origin) = &origin {
             headers = headers.insert(Header {
@@ -776,7 +800,11 @@ fn send_rows(
         }
         send(producer, record)?;
     }
-    Ok(n)
+    shared
+        .stats
+        .dead_lettered
+        .fetch_add(failed, Ordering::Relaxed);
+    Ok(n - failed)
 }
 
 /// The headers of a record as a query reads them (`header('x')`): the route header

@@ -362,7 +362,7 @@ fn routed(
         if let Some(high) = route.high {
             op.observe(route.partition, high, now, rows);
         }
-        return send_rows(&shared.producer, &query.output, rows, None);
+        return send_rows(shared, &query.output, rows, None);
     }
     let applied = task
         .applied
@@ -404,7 +404,7 @@ fn routed(
         offset: route.offset,
         headers: &headers,
     };
-    let out = send_rows(&shared.producer, &query.output, rows, None)?;
+    let out = send_rows(shared, &query.output, rows, None)?;
     Ok(out + apply(shared, *q, op, &input, message, &source, now, rows)?)
 }
 
@@ -496,7 +496,7 @@ fn apply(
             return Err(Error::StateLimit { used, limit });
         }
     }
-    send_rows(&shared.producer, output, rows, None)
+    send_rows(shared, output, rows, None)
 }
 
 /// Ticks every operator; checks the state limit over all the tasks held here.
@@ -513,7 +513,7 @@ fn tick(
     for task in tasks.values_mut() {
         for (q, op) in &mut task.ops {
             op.tick(now, rows);
-            out += send_rows(&shared.producer, &plan.queries[*q].output, rows, None)?;
+            out += send_rows(shared, &plan.queries[*q].output, rows, None)?;
             if matches!(&plan.queries[*q].body, Body::Aggregate(a) if a.window.is_some()) {
                 if let Some(w) = op.watermark() {
                     watermark = Some(watermark.map_or(w, |m| m.min(w)));
