@@ -426,6 +426,34 @@ def test_a_defined_pipelines_topics_exist_before_its_first_row(broker):
     assert r.status == 200, r
 
 
+def test_a_corrupt_checkpoint_stops_the_pipeline_with_a_clear_error(broker, tmp_path):
+    """Not retried forever as if the cluster were away: the same bytes would be read again."""
+    src = name("ckpt")
+    create_topic(broker.bootstrap, src)
+    pipeline = name("ckpt")
+    sql_file = tmp_path / "ckpt.sql"
+    sql_file.write_text(f"SET 'checkpoint-interval' = '100ms';\n"
+                        f"INSERT INTO {pipeline}_out SELECT city, COUNT(*) AS n FROM {src} GROUP BY city;\n")
+    produce_json(broker.bootstrap, src, [{"city": "paris"}] * 10)
+    state = f"_freshet.pipeline.{pipeline}.state"
+    cmd = [str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file), "--brokers", broker.bootstrap]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: watermarks(broker.bootstrap, f"{pipeline}_out")[1] > 0
+                   and watermarks(broker.bootstrap, state)[1] > 0, timeout=60, what="a row and a checkpoint")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    p = producer(broker.bootstrap)
+    p.produce(state, key=b"commit", value=b"not a commit record", partition=0)
+    assert p.flush(10) == 0
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, proc
+    assert "bad commit record" in proc.stderr and "start afresh" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_grouped_by_key_reads_each_partition_in_place(broker):
     """GROUP BY _key: each key is in one partition already, so the tasks read the
     source partitions themselves, with no repartition topic, and the totals are exact."""

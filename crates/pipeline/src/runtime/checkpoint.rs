@@ -21,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::Error;
 use crate::ops::encode::Reader;
 
 /// The largest chunk record (below the default 1 MiB record limit of Kafka).
@@ -234,18 +235,26 @@ impl StateTopic {
         }
     }
 
-    /// The last committed checkpoint of `partition`, if any.
-    pub fn read_last(&self, partition: i32) -> Result<Option<Checkpoint>, String> {
+    /// The last committed checkpoint of `partition`, if any. A cluster that does not
+    /// answer is `Error::Cluster` (worth a retry); a checkpoint that does not read
+    /// back is `Error::Corrupt`.
+    pub fn read_last(&self, partition: i32) -> Result<Option<Checkpoint>, Error> {
+        let corrupt = |what: String| {
+            Error::Corrupt(format!(
+                "state topic '{}' partition {partition}: {what}; delete the pipeline and its state topic to start afresh",
+                self.name
+            ))
+        };
         let (low, high) = match self
             .consumer
             .fetch_watermarks(&self.name, partition, self.timeout)
         {
             Ok(w) => w,
             Err(err) => {
-                return Err(format!(
+                return Err(Error::Cluster(format!(
                     "cannot read the state topic '{}': {err}",
                     self.name
-                ))
+                )))
             }
         };
         // Look for the last commit, from the end backwards in pages.
@@ -253,20 +262,22 @@ impl StateTopic {
         let mut end = high;
         while end > low {
             let start = (end - PAGE).max(low);
-            let page = self.read_range(partition, start, end)?;
+            let page = self
+                .read_range(partition, start, end)
+                .map_err(Error::Cluster)?;
             if let Some((_, value)) = page.iter().rev().find(|(key, _)| key == b"commit") {
                 let commit: Commit = serde_json::from_slice(value)
-                    .map_err(|e| format!("state topic '{}': bad commit record: {e}", self.name))?;
-                let chunks =
-                    self.read_range(partition, commit.first, commit.first + commit.chunks)?;
+                    .map_err(|e| corrupt(format!("bad commit record: {e}")))?;
+                let chunks = self
+                    .read_range(partition, commit.first, commit.first + commit.chunks)
+                    .map_err(Error::Cluster)?;
                 let blob: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
                 if blob.len() != commit.bytes || crc32c::crc32c(&blob) != commit.crc {
-                    return Err(format!(
-                        "state topic '{}': the last checkpoint does not match its commit record",
-                        self.name
+                    return Err(corrupt(
+                        "the last checkpoint does not match its commit record".into(),
                     ));
                 }
-                return Checkpoint::decode(&blob).map(Some);
+                return Checkpoint::decode(&blob).map(Some).map_err(corrupt);
             }
             end = start;
         }

@@ -62,6 +62,11 @@ pub enum Error {
     /// The cluster did not answer or refused a request: worth a retry.
     #[error("{0}")]
     Cluster(String),
+    /// A checkpoint in the state topic cannot be read back (its chunks do not match
+    /// its commit record, or it does not decode): retrying reads the same bytes, so
+    /// the pipeline stops. Deleting the state topic starts it afresh.
+    #[error("{0}")]
+    Corrupt(String),
     /// A sink's table does not fit its query (missing, a column missing or of the
     /// wrong type): fix the table or the file.
     #[error("{0}")]

@@ -42,7 +42,7 @@ enum Event {
     Assigned(TaskId, Option<Checkpoint>),
     /// Every task went away (the eager protocol revokes all).
     Revoked,
-    Failed(String),
+    Failed(Error),
 }
 
 struct TaskContext {
@@ -95,9 +95,9 @@ impl ConsumerContext for TaskContext {
             let _ = tpl.set_partition_offset(&topic, partition, offset);
         }
         if let Err(e) = consumer.assign(tpl) {
-            events.push(Event::Failed(format!(
+            events.push(Event::Failed(Error::Cluster(format!(
                 "cannot take the tasks assigned: {e}"
-            )));
+            ))));
         }
     }
 }
@@ -151,7 +151,12 @@ impl Task {
             dirty: false,
         };
         if let Some(c) = checkpoint {
-            let bad = |e: String| Error::Cluster(format!("cannot restore the checkpoint: {e}"));
+            let bad = |e: String| {
+                Error::Corrupt(format!(
+                    "cannot restore the checkpoint of state partition {}: {e}; delete the pipeline and its state topic to start afresh",
+                    task.state_partition
+                ))
+            };
             if c.operators.len() != task.ops.len() + 1 {
                 return Err(bad("it does not have one snapshot per query".into()));
             }
@@ -329,7 +334,7 @@ fn take_events(
             Event::Assigned(id, checkpoint) => {
                 tasks.insert(id, Task::new(shared, id, checkpoint, now)?);
             }
-            Event::Failed(e) => return Err(Error::Cluster(e)),
+            Event::Failed(e) => return Err(e),
         }
     }
     Ok(())
