@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -45,6 +46,22 @@ struct Progress {
     high: Option<i64>,
     delivered: bool,
     offset: i64,
+}
+
+/// Counts the source partitions' revocations, which happen inside `poll`.
+#[derive(Default)]
+struct RouteContext {
+    revocations: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for RouteContext {}
+
+impl ConsumerContext for RouteContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Revoke(_)) {
+            self.revocations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<(), Error> {
@@ -91,8 +108,9 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         .map(|(i, (t, _))| (t.as_str(), i))
         .collect();
 
-    let consumer: BaseConsumer<DefaultConsumerContext> =
-        shared.consumer(group_id(name, plan), DefaultConsumerContext)?;
+    let consumer: BaseConsumer<RouteContext> =
+        shared.consumer(group_id(name, plan), RouteContext::default())?;
+    let mut revocations = 0u64;
     let topics: Vec<&str> = prepared
         .sources
         .iter()
@@ -116,6 +134,14 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut clock = Clock::new();
     loop {
         let polled = consumer.poll(TICK);
+        // Partitions were revoked (all of them: the eager protocol) inside that poll:
+        // what this instance knew of them is stale. A position kept for one that comes
+        // back later would be committed over its new owner's progress.
+        let revoked = consumer.context().revocations.load(Ordering::Relaxed);
+        if revoked != revocations {
+            revocations = revoked;
+            positions.clear();
+        }
         let read = clock.after_poll(matches!(polled, Some(Ok(_))));
         let now = clock.now;
         match polled {
@@ -322,7 +348,7 @@ fn send_markers(
 /// is acknowledged; updates the source lag.
 fn commit(
     shared: &Shared<'_>,
-    consumer: &BaseConsumer<DefaultConsumerContext>,
+    consumer: &BaseConsumer<RouteContext>,
     positions: &HashMap<(usize, i32), i64>,
     mode: CommitMode,
 ) -> Result<(), Error> {
