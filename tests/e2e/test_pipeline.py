@@ -454,6 +454,35 @@ def test_a_corrupt_checkpoint_stops_the_pipeline_with_a_clear_error(broker, tmp_
     assert time.monotonic() - started < 30
 
 
+def test_two_processes_with_one_instance_id_fail_clearly_not_silently(broker, tmp_path):
+    """The second `pipeline run` of a pipeline on one machine without --instance takes
+    the first one's static place: the fenced one stops with an error naming --instance
+    (retrying would fence the other in turn)."""
+    src = name("twice")
+    create_topic(broker.bootstrap, src)
+    pipeline = name("twice")
+    sql_file = tmp_path / "twice.sql"
+    sql_file.write_text(f"INSERT INTO {pipeline}_out SELECT id FROM {src};\n")
+    cmd = [str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file), "--brokers", broker.bootstrap]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        prefix = f"freshet-pipeline-{pipeline}-"
+        wait_until(lambda: any(group_members(broker.bootstrap, prefix).values()), timeout=60,
+                   what="the first process in its group")
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # The first one learns it was fenced at its next heartbeat (3 s) at most.
+            assert first.wait(30) != 0
+            assert "--instance" in first.stderr.read()
+            assert second.poll() is None, "the newer process keeps running"
+        finally:
+            second.kill()
+            second.wait(10)
+    finally:
+        first.kill()
+        first.wait(10)
+
+
 def test_grouped_by_key_reads_each_partition_in_place(broker):
     """GROUP BY _key: each key is in one partition already, so the tasks read the
     source partitions themselves, with no repartition topic, and the totals are exact."""

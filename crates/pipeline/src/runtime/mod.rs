@@ -62,6 +62,10 @@ pub enum Error {
     /// The cluster did not answer or refused a request: worth a retry.
     #[error("{0}")]
     Cluster(String),
+    /// A consumer hit a fatal error, e.g. another process joined with the same static
+    /// instance id and fenced this one: retrying would fence the other in turn.
+    #[error("{0}")]
+    Fatal(String),
     /// A checkpoint in the state topic cannot be read back (its chunks do not match
     /// its commit record, or it does not decode): retrying reads the same bytes, so
     /// the pipeline stops. Deleting the state topic starts it afresh.
@@ -925,6 +929,22 @@ impl std::fmt::Display for Origin<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
     }
+}
+
+/// After a consumer error: `Error::Fatal` if librdkafka has stopped the consumer for
+/// good (a fenced static member), else nothing (librdkafka retries on its own).
+fn check_fatal<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    client: &ClientConfig,
+) -> Result<(), Error> {
+    use rdkafka::consumer::Consumer;
+    let Some((_, reason)) = consumer.client().fatal_error() else {
+        return Ok(());
+    };
+    let instance = client.get("group.instance.id").unwrap_or("");
+    Err(Error::Fatal(format!(
+        "the pipeline's consumer stopped: {reason}. If another process runs this pipeline with the same instance id ('{instance}'), give each its own --instance"
+    )))
 }
 
 /// Queues one record, waiting while librdkafka's queue is full.

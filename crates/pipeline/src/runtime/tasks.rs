@@ -284,6 +284,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
             }
             Some(Err(err)) => {
                 tracing::debug!(pipeline = %name, error = %err, "pipeline: tasks consumer");
+                super::check_fatal(&consumer, &shared.prepared.client)?;
             }
             None => {}
         }

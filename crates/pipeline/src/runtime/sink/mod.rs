@@ -386,7 +386,8 @@ pub(super) fn run(
                 batch.push(read(&message));
             }
             Some(Err(e)) => {
-                tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer")
+                tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
+                super::check_fatal(&consumer, &shared.prepared.client)?;
             }
             None => {}
         }
