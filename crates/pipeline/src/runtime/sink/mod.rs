@@ -200,6 +200,58 @@ pub(crate) struct Out<'a> {
     pub offset: i64,
 }
 
+/// `"ident"`, quotes doubled: an identifier as PostgreSQL and SQLite read it.
+pub(crate) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+impl Columns {
+    /// `CREATE TABLE IF NOT EXISTS table (...)` from the query's columns, each typed
+    /// by `sql_type`, with the primary key.
+    pub fn create_table(
+        &self,
+        table: &str,
+        query: &[(String, ColumnType)],
+        sql_type: fn(ColumnType) -> &'static str,
+    ) -> String {
+        let mut ddl: Vec<String> = query
+            .iter()
+            .map(|(n, t)| {
+                format!("{} {}", quote(n), sql_type(*t))
+                    .trim_end()
+                    .to_string()
+            })
+            .collect();
+        if !self.primary_key.is_empty() {
+            let key: Vec<String> = self.primary_key.iter().map(|k| quote(k)).collect();
+            ddl.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        }
+        format!("CREATE TABLE IF NOT EXISTS {table} ({})", ddl.join(", "))
+    }
+
+    /// What follows an `INSERT` of `written` columns: with a primary key, an upsert
+    /// (`ON CONFLICT (key) DO UPDATE SET` the other columns); without, nothing.
+    pub fn on_conflict<'a>(&self, written: impl Iterator<Item = &'a String>) -> String {
+        if self.primary_key.is_empty() {
+            return String::new();
+        }
+        let key: Vec<String> = self.primary_key.iter().map(|k| quote(k)).collect();
+        let update: Vec<String> = written
+            .filter(|n| !self.primary_key.contains(n))
+            .map(|n| format!("{0} = excluded.{0}", quote(n)))
+            .collect();
+        if update.is_empty() {
+            format!(" ON CONFLICT ({}) DO NOTHING", key.join(", "))
+        } else {
+            format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                key.join(", "),
+                update.join(", ")
+            )
+        }
+    }
+}
+
 /// One record of the sink's topic, read.
 struct Record {
     message: OwnedMessage,
@@ -650,6 +702,33 @@ mod tests {
             "url = 'host=h user=u password=*** dbname=d'"
         );
         assert_eq!(redact("no url here"), "no url here");
+    }
+
+    #[test]
+    fn table_and_upsert_text() {
+        let columns = |key: &[&str]| Columns {
+            query: None,
+            primary_key: key.iter().map(|k| k.to_string()).collect(),
+        };
+        let written = ["city".to_string(), "n".to_string()];
+        assert_eq!(columns(&[]).on_conflict(written.iter()), "");
+        assert_eq!(
+            columns(&["city"]).on_conflict(written.iter()),
+            r#" ON CONFLICT ("city") DO UPDATE SET "n" = excluded."n""#
+        );
+        assert_eq!(
+            columns(&["city", "n"]).on_conflict(written.iter()),
+            r#" ON CONFLICT ("city", "n") DO NOTHING"#
+        );
+        let query = [
+            ("a\"b".to_string(), ColumnType::Int),
+            ("j".to_string(), ColumnType::Json),
+        ];
+        let untyped = |t: ColumnType| if t == ColumnType::Int { "BIGINT" } else { "" };
+        assert_eq!(
+            columns(&["j"]).create_table("t", &query, untyped),
+            r#"CREATE TABLE IF NOT EXISTS t ("a""b" BIGINT, "j", PRIMARY KEY ("j"))"#
+        );
     }
 
     #[test]

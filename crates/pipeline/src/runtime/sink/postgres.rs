@@ -10,7 +10,7 @@ use std::time::Duration;
 use sql::plan::{ColumnType, Sink};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{Columns, Failure, Out, Position, Target};
+use super::{quote, Columns, Failure, Out, Position, Target};
 
 pub(crate) struct Postgres {
     url: String,
@@ -32,10 +32,6 @@ struct Conn {
 /// `a.b` as `"a"."b"`.
 fn quote_name(name: &str) -> String {
     name.split('.').map(quote).collect::<Vec<_>>().join(".")
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// How a failed call is treated: refused values, a definition that does not fit,
@@ -133,19 +129,7 @@ impl Postgres {
                     self.table
                 )));
             };
-            let mut ddl: Vec<String> = query
-                .iter()
-                .map(|(n, t)| format!("{} {}", quote(n), sql_type(*t)))
-                .collect();
-            if !self.columns.primary_key.is_empty() {
-                let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
-                ddl.push(format!("PRIMARY KEY ({})", key.join(", ")));
-            }
-            let create = format!(
-                "CREATE TABLE IF NOT EXISTS {} ({})",
-                self.table,
-                ddl.join(", ")
-            );
+            let create = self.columns.create_table(&self.table, query, sql_type);
             rt.block_on(client.batch_execute(&create))
                 .map_err(failure)?;
             table = rt
@@ -206,20 +190,7 @@ impl Postgres {
             values.join(", "),
             record.join(", ")
         );
-        if !self.columns.primary_key.is_empty() {
-            let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
-            let update: Vec<String> = written
-                .iter()
-                .filter(|(n, _)| !self.columns.primary_key.contains(n))
-                .map(|(n, _)| format!("{0} = EXCLUDED.{0}", quote(n)))
-                .collect();
-            insert.push_str(&format!(" ON CONFLICT ({}) ", key.join(", ")));
-            insert.push_str(&if update.is_empty() {
-                "DO NOTHING".to_string()
-            } else {
-                format!("DO UPDATE SET {}", update.join(", "))
-            });
-        }
+        insert.push_str(&self.columns.on_conflict(written.iter().map(|(n, _)| n)));
         let insert = rt.block_on(client.prepare(&insert)).map_err(failure)?;
         let lock = rt
             .block_on(client.prepare(

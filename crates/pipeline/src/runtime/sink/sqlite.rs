@@ -10,7 +10,7 @@ use rusqlite::types::Value as Sql;
 use rusqlite::{params_from_iter, Connection, ErrorCode};
 use sql::plan::{ColumnType, Sink};
 
-use super::{Columns, Failure, Out, Position, Target};
+use super::{quote, Columns, Failure, Out, Position, Target};
 
 pub(crate) struct Sqlite {
     path: String,
@@ -20,10 +20,6 @@ pub(crate) struct Sqlite {
     conn: Option<Connection>,
     written: Vec<String>,
     insert: String,
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 fn failure(e: rusqlite::Error) -> Failure {
@@ -141,24 +137,8 @@ impl Target for Sqlite {
                     self.table, self.path
                 )));
             };
-            let mut ddl: Vec<String> = query
-                .iter()
-                .map(|(n, t)| {
-                    format!("{} {}", quote(n), sql_type(*t))
-                        .trim_end()
-                        .to_string()
-                })
-                .collect();
-            if !self.columns.primary_key.is_empty() {
-                let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
-                ddl.push(format!("PRIMARY KEY ({})", key.join(", ")));
-            }
-            conn.execute_batch(&format!(
-                "CREATE TABLE IF NOT EXISTS {} ({})",
-                self.table,
-                ddl.join(", ")
-            ))
-            .map_err(failure)?;
+            conn.execute_batch(&self.columns.create_table(&self.table, query, sql_type))
+                .map_err(failure)?;
             table = Sqlite::table_columns(&conn, &self.table)?;
         }
         let written: Vec<String> = match &self.columns.query {
@@ -183,20 +163,7 @@ impl Target for Sqlite {
             self.table,
             names.join(", ")
         );
-        if !self.columns.primary_key.is_empty() {
-            let key: Vec<String> = self.columns.primary_key.iter().map(|k| quote(k)).collect();
-            let update: Vec<String> = written
-                .iter()
-                .filter(|n| !self.columns.primary_key.contains(n))
-                .map(|n| format!("{0} = excluded.{0}", quote(n)))
-                .collect();
-            insert.push_str(&format!(" ON CONFLICT ({}) ", key.join(", ")));
-            insert.push_str(&if update.is_empty() {
-                "DO NOTHING".to_string()
-            } else {
-                format!("DO UPDATE SET {}", update.join(", "))
-            });
-        }
+        insert.push_str(&self.columns.on_conflict(written.iter()));
         // A statement that does not fit the table fails here, not on the first row.
         conn.prepare_cached(&insert).map_err(failure)?;
         self.insert = insert;
