@@ -361,18 +361,10 @@ pub(super) fn run(
             }
         }
     }
-    let consumer: BaseConsumer<DefaultConsumerContext> = shared
-        .prepared
-        .client
-        .clone()
-        .set("group.id", sink_group_id(name, plan, &sink.name))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        // librdkafka's default (1 s) stalls a reader whose queue filled up.
-        .set("fetch.queue.backoff.ms", "10")
-        .create()
-        .map_err(|e| Error::Cluster(e.to_string()))?;
+    let consumer: BaseConsumer<DefaultConsumerContext> = shared.consumer(
+        sink_group_id(name, plan, &sink.name),
+        DefaultConsumerContext,
+    )?;
     consumer
         .subscribe(&[&topic])
         .map_err(|e| Error::Cluster(e.to_string()))?;
