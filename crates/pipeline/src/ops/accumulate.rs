@@ -2,12 +2,12 @@
 //! groups), with their snapshot form and approximate size.
 
 use std::cmp::Ordering;
-use std::collections::HashSet;
 
 use sql::plan::AggFunc;
 use sql::Value;
 
 use super::encode::{self, Reader};
+use super::Set;
 
 /// HyperLogLog precision: 2^12 registers, a standard error of about 1.6%.
 const HLL_P: u32 = 12;
@@ -19,7 +19,7 @@ const HLL_SPARSE_MAX: usize = 256;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Acc {
     Count(i64),
-    Distinct(HashSet<Vec<u8>>),
+    Distinct(Set<Vec<u8>>),
     Hll(Hll),
     Sum {
         int: i64,
@@ -69,7 +69,7 @@ impl Acc {
     pub fn new(func: AggFunc) -> Acc {
         match func {
             AggFunc::Count => Acc::Count(0),
-            AggFunc::CountDistinct => Acc::Distinct(HashSet::new()),
+            AggFunc::CountDistinct => Acc::Distinct(Set::default()),
             AggFunc::ApproxCountDistinct => Acc::Hll(Hll::Sparse(Vec::new())),
             AggFunc::Sum => Acc::Sum {
                 int: 0,
@@ -367,7 +367,7 @@ impl Acc {
             0 => Acc::Count(r.i64()?),
             1 => {
                 let n = r.count()?;
-                let mut set = HashSet::with_capacity(n);
+                let mut set = Set::with_capacity_and_hasher(n, Default::default());
                 for _ in 0..n {
                     set.insert(r.bytes()?.to_vec());
                 }

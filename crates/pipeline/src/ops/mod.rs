@@ -15,10 +15,12 @@ mod accumulate;
 pub(crate) mod encode;
 mod watermark;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 use sql::expr::{Context, Input};
-use sql::plan::{AggCall, Aggregate, Body, Emit, EventTime, Projection, Query, Settings, Window};
+use sql::plan::{
+    AggCall, AggFunc, Aggregate, Body, Emit, EventTime, Projection, Query, Settings, Window,
+};
 use sql::Value;
 
 use accumulate::Acc;
@@ -76,6 +78,12 @@ pub enum Error {
     StateLimit { used: u64, limit: u64 },
 }
 
+/// The operators' maps and sets: keyed by bytes from records and looked up several
+/// times per record, so with foldhash (seeded per process) rather than SipHash. No
+/// output or snapshot depends on their order (both sort).
+pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// Runs one query.
 pub struct QueryOperator {
     query: Query,
@@ -87,13 +95,13 @@ pub struct QueryOperator {
 struct Grouped {
     plan: Aggregate,
     /// Open groups by id (key bytes, then the window start for windows).
-    groups: HashMap<Vec<u8>, Group>,
+    groups: Map<Vec<u8>, Group>,
     /// Windowed: (end, start, key bytes) of every open window, to close in order.
     closing: BTreeSet<(i64, i64, Vec<u8>)>,
     /// Sessions: the starts of each key's open sessions.
-    sessions: HashMap<Vec<u8>, Vec<i64>>,
+    sessions: Map<Vec<u8>, Vec<i64>>,
     /// Ids changed since the last EMIT CHANGES.
-    dirty: HashSet<Vec<u8>>,
+    dirty: Set<Vec<u8>>,
     last_emit: Option<i64>,
     watermark: Watermark,
     bytes: i64,
@@ -115,10 +123,10 @@ impl QueryOperator {
         let agg = match &query.body {
             Body::Aggregate(plan) => Some(Grouped {
                 plan: plan.clone(),
-                groups: HashMap::new(),
+                groups: Map::default(),
                 closing: BTreeSet::new(),
-                sessions: HashMap::new(),
-                dirty: HashSet::new(),
+                sessions: Map::default(),
+                dirty: Set::default(),
                 last_emit: None,
                 watermark: Watermark::new(settings.allowed_lateness_ms, settings.idle_timeout_ms),
                 bytes: 0,
@@ -356,9 +364,9 @@ impl QueryOperator {
         };
         let watermark = Watermark::decode(&mut r, g.watermark.lateness, g.watermark.idle)?;
         let n = r.count()?;
-        let mut groups = HashMap::with_capacity(n);
+        let mut groups = Map::with_capacity_and_hasher(n, Default::default());
         let mut closing = BTreeSet::new();
-        let mut sessions: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+        let mut sessions: Map<Vec<u8>, Vec<i64>> = Map::default();
         let mut bytes_used = 0i64;
         let windowed = g.plan.window.is_some();
         for _ in 0..n {
@@ -517,8 +525,7 @@ impl Grouped {
                 let starts: Vec<i64> = hop_starts(t, slide_ms, size_ms).collect();
                 for &start in &starts {
                     self.set_id(&key_bytes, start);
-                    let id = self.id.clone();
-                    self.check(&id, args)?;
+                    self.check(&self.id, args)?;
                 }
                 for start in starts {
                     self.set_id(&key_bytes, start);
@@ -604,6 +611,10 @@ impl Grouped {
 
     /// MIN/MAX type checks against an existing group.
     fn check(&self, id: &[u8], args: &[Option<Option<Value>>]) -> Result<(), Error> {
+        let min_max = |c: &AggCall| matches!(c.func, AggFunc::Min | AggFunc::Max);
+        if !self.plan.aggregates.iter().any(min_max) {
+            return Ok(()); // only MIN and MAX can refuse a value
+        }
         if let Some(group) = self.groups.get(id) {
             for (acc, arg) in group.accs.iter().zip(args) {
                 if let Some(Some(v)) = arg {
@@ -623,18 +634,30 @@ impl Grouped {
         args: &[Option<Option<Value>>],
         windowed: bool,
     ) {
-        if !self.groups.contains_key(id) {
+        // One lookup for a group that exists, the common case.
+        if let Some(group) = self.groups.get_mut(id) {
+            for (acc, arg) in group.accs.iter_mut().zip(args) {
+                if let Some(v) = arg {
+                    self.bytes += acc.add(v.as_ref(), &mut self.scratch);
+                }
+            }
+        } else {
             self.bytes += GROUP_OVERHEAD + 2 * id.len() as i64;
             if windowed {
                 self.closing
                     .insert((end, start, id[..id.len() - 8].to_vec()));
             }
-            let accs = self
+            let mut accs: Vec<Acc> = self
                 .plan
                 .aggregates
                 .iter()
                 .map(|c| Acc::new(c.func))
                 .collect();
+            for (acc, arg) in accs.iter_mut().zip(args) {
+                if let Some(v) = arg {
+                    self.bytes += acc.add(v.as_ref(), &mut self.scratch);
+                }
+            }
             self.groups.insert(
                 id.to_vec(),
                 Group {
@@ -644,12 +667,6 @@ impl Grouped {
                     accs,
                 },
             );
-        }
-        let group = self.groups.get_mut(id).expect("present");
-        for (acc, arg) in group.accs.iter_mut().zip(args) {
-            if let Some(v) = arg {
-                self.bytes += acc.add(v.as_ref(), &mut self.scratch);
-            }
         }
         if self.plan.emit == Emit::Changes && !self.dirty.contains(id) {
             self.dirty.insert(id.to_vec());
