@@ -23,7 +23,7 @@ import pytest
 
 from conftest import freshet_bin
 from gateway_fixtures import assert_error, request
-from helpers import admin, consume, create_topic, producer, wait_until, watermarks
+from helpers import Rec, admin, consume, create_topic, produce, producer, wait_until, watermarks
 from pipeline_oracle import Event, aggregates, windowed
 
 # Pipelines join consumer groups: no need to wait for more members of a new group.
@@ -629,6 +629,43 @@ INSERT INTO {names} SELECT upper(name) AS who, length(comment) AS len FROM {src}
     wait_until(lambda: len(consume(broker.bootstrap, names)) >= len(forms), what="projected forms")
     got = [json.loads(r.value) for r in consume(broker.bootstrap, names)]
     assert got == [{"who": f["name"].upper(), "len": len(f["comment"]) if f["comment"] else None} for f in forms]
+
+
+def test_queries_read_record_headers(broker):
+    """header('x') in a stateless query (stage 1) and in a grouped one (its task reads
+    the source itself): the runtime reads headers only when a query does, so this
+    checks both places still see them."""
+    src = name("clicks")
+    create_topic(broker.bootstrap, src)
+    rng = random.Random(7)
+    clicks = [(rng.choice(["web", "app", None]), rng.choice(["a", "b"])) for _ in range(60)]
+    recs = [Rec(json.dumps({"page": page}).encode(),
+                headers=(() if origin is None else (("origin", origin.encode()),)))
+            for origin, page in clicks]
+    produce(broker.bootstrap, src, recs[:1])
+    pipeline = name("origins")
+    tagged, counts = f"{pipeline}_tagged", f"{pipeline}_counts"
+    sql = f"""
+INSERT INTO {tagged} SELECT page, header('origin') AS origin FROM {src} WHERE header('origin') IS NOT NULL;
+INSERT INTO {counts} SELECT header('origin') AS origin, COUNT(*) AS n FROM {src} GROUP BY header('origin') EMIT CHANGES;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    produce(broker.bootstrap, src, recs[1:])
+    want_tagged = [{"page": p, "origin": o} for o, p in clicks if o is not None]
+    wait_until(lambda: len(consume(broker.bootstrap, tagged)) >= len(want_tagged), what="tagged clicks")
+    assert [json.loads(r.value) for r in consume(broker.bootstrap, tagged)] == want_tagged
+    want_counts = {}
+    for o, _ in clicks:
+        want_counts[o] = want_counts.get(o, 0) + 1
+
+    def latest():
+        rows = {}
+        for r in consume(broker.bootstrap, counts):
+            row = json.loads(r.value)
+            rows[row["origin"]] = row["n"]
+        return rows
+
+    wait_until(lambda: latest() == want_counts, what=lambda: f"counts by origin {latest()} != {want_counts}")
 
 
 def test_bad_sql_is_refused_with_line_and_column(broker):

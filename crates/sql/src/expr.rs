@@ -211,14 +211,22 @@ impl Expr {
     /// Adds the top-level JSON fields this expression reads (`user.id` reads `user`),
     /// so that the runtime can parse only those.
     pub fn top_level_fields(&self, out: &mut std::collections::BTreeSet<String>) {
-        let mut all = |es: &[&Expr]| es.iter().for_each(|e| e.top_level_fields(out));
-        match self {
-            Expr::Field(path) => {
+        self.walk(&mut |e| {
+            if let Expr::Field(path) = e {
                 if let Some(first) = path.first() {
                     out.insert(first.clone());
                 }
             }
-            Expr::Literal(_) | Expr::Meta(_) | Expr::Slot(_) | Expr::Header(_) => {}
+        });
+    }
+
+    /// Calls `f` on this expression, then on every expression inside it.
+    pub fn walk(&self, f: &mut dyn FnMut(&Expr)) {
+        f(self);
+        let mut all = |es: &[&Expr]| es.iter().for_each(|e| e.walk(f));
+        match self {
+            Expr::Field(_) | Expr::Literal(_) | Expr::Meta(_) | Expr::Slot(_) | Expr::Header(_) => {
+            }
             Expr::JsonGet { base, key, .. } => all(&[base, key]),
             Expr::Binary(a, _, b) => all(&[a, b]),
             Expr::Not(e) | Expr::Neg(e) | Expr::Cast(e, _) => all(&[e]),
@@ -226,7 +234,7 @@ impl Expr {
             Expr::Like { expr, pattern, .. } => all(&[expr, pattern]),
             Expr::InList { expr, list, .. } => {
                 all(&[expr]);
-                list.iter().for_each(|e| e.top_level_fields(out));
+                list.iter().for_each(|e| e.walk(f));
             }
             Expr::Between {
                 expr, low, high, ..
@@ -236,14 +244,14 @@ impl Expr {
                 whens,
                 otherwise,
             } => {
-                operand.iter().for_each(|e| e.top_level_fields(out));
+                operand.iter().for_each(|e| e.walk(f));
                 for (w, t) in whens {
-                    w.top_level_fields(out);
-                    t.top_level_fields(out);
+                    w.walk(f);
+                    t.walk(f);
                 }
-                otherwise.iter().for_each(|e| e.top_level_fields(out));
+                otherwise.iter().for_each(|e| e.walk(f));
             }
-            Expr::Call(_, args) => args.iter().for_each(|e| e.top_level_fields(out)),
+            Expr::Call(_, args) => args.iter().for_each(|e| e.walk(f)),
         }
     }
 }

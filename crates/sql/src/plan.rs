@@ -194,7 +194,20 @@ impl Query {
     /// The top-level JSON fields of the source value that this query reads.
     pub fn json_fields(&self) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
-        let mut add = |e: &Expr| e.top_level_fields(&mut out);
+        self.expressions(|e: &Expr| e.top_level_fields(&mut out));
+        out
+    }
+
+    /// Whether any expression reads a header (`header('x')`): the runtime reads a
+    /// record's headers only then.
+    pub fn reads_headers(&self) -> bool {
+        let mut reads = false;
+        self.expressions(|e: &Expr| e.walk(&mut |e| reads |= matches!(e, Expr::Header(_))));
+        reads
+    }
+
+    /// Calls `add` on each top-level expression the query evaluates per record.
+    fn expressions(&self, mut add: impl FnMut(&Expr)) {
         if let Some(f) = &self.filter {
             add(f);
         }
@@ -211,7 +224,6 @@ impl Query {
                 }
             }
         }
-        out
     }
 }
 

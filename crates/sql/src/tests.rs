@@ -97,6 +97,18 @@ fn a_query_names_the_json_fields_it_reads() {
     assert_eq!(fields, ["amount", "payload", "user"]);
 }
 
+#[test]
+fn a_query_says_whether_it_reads_headers() {
+    let reads = |sql: &str| compile(sql, &Topics).unwrap().queries[0].reads_headers();
+    assert!(!reads(CITY_WINDOWS));
+    assert!(!reads("INSERT INTO o SELECT city FROM tweets WHERE _key = 'h';"));
+    assert!(reads("INSERT INTO o SELECT city FROM tweets WHERE header('h') = 'x';"));
+    assert!(reads(
+        "INSERT INTO o SELECT city, COUNT(*) FILTER (WHERE CASE WHEN amount > 1 THEN lower(header('h')) END = 'x') AS n \
+         FROM tweets GROUP BY city;"
+    ));
+}
+
 fn eval_where(sql_where: &str, json: serde_json::Value) -> Result<Value, crate::expr::EvalError> {
     let p = compile(
         &format!("INSERT INTO o SELECT * FROM raw WHERE {sql_where};"),

@@ -536,6 +536,8 @@ struct Shared<'a> {
     layout: Layout,
     /// Per source: the top-level JSON fields its queries read.
     json_fields: Vec<std::collections::BTreeSet<String>>,
+    /// Whether any query reads a header: a record's headers are parsed only then.
+    reads_headers: bool,
     producer: ThreadedProducer<DeliveryContext>,
     delivery: Arc<Delivery>,
 }
@@ -638,6 +640,7 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
                         .collect()
                 })
                 .collect(),
+            reads_headers: plan.queries.iter().any(|q| q.reads_headers()),
             producer,
             delivery,
         }
@@ -835,8 +838,14 @@ fn send_rows(
 }
 
 /// The headers of a record as a query reads them (`header('x')`): the route header
-/// of the repartition topic is not one of them.
-fn input_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+/// of the repartition topic is not one of them. None when no query reads headers.
+fn input_headers(
+    shared: &Shared<'_>,
+    message: &BorrowedMessage<'_>,
+) -> Vec<(String, Option<Vec<u8>>)> {
+    if !shared.reads_headers {
+        return Vec::new();
+    }
     message
         .headers()
         .map(|h| {

@@ -219,7 +219,7 @@ fn one(
     } else {
         serde_json::Value::Null
     };
-    let headers = input_headers(message);
+    let headers = input_headers(shared, message);
     let partition = message.partition();
     let input = Input {
         json: &json,

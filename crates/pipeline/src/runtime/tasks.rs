@@ -400,7 +400,7 @@ fn routed(
             .unwrap_or(serde_json::Value::Null),
         _ => serde_json::Value::Null,
     };
-    let headers = input_headers(message);
+    let headers = input_headers(shared, message);
     let input = Input {
         json: &json,
         raw: message.payload().unwrap_or_default(),
@@ -448,7 +448,7 @@ fn direct(
     } else {
         serde_json::Value::Null
     };
-    let headers = input_headers(message);
+    let headers = input_headers(shared, message);
     let input = Input {
         json: &json,
         raw: message.payload().unwrap_or_default(),
