@@ -101,8 +101,12 @@ fn a_query_names_the_json_fields_it_reads() {
 fn a_query_says_whether_it_reads_headers() {
     let reads = |sql: &str| compile(sql, &Topics).unwrap().queries[0].reads_headers();
     assert!(!reads(CITY_WINDOWS));
-    assert!(!reads("INSERT INTO o SELECT city FROM tweets WHERE _key = 'h';"));
-    assert!(reads("INSERT INTO o SELECT city FROM tweets WHERE header('h') = 'x';"));
+    assert!(!reads(
+        "INSERT INTO o SELECT city FROM tweets WHERE _key = 'h';"
+    ));
+    assert!(reads(
+        "INSERT INTO o SELECT city FROM tweets WHERE header('h') = 'x';"
+    ));
     assert!(reads(
         "INSERT INTO o SELECT city, COUNT(*) FILTER (WHERE CASE WHEN amount > 1 THEN lower(header('h')) END = 'x') AS n \
          FROM tweets GROUP BY city;"

@@ -1,6 +1,20 @@
 //! Time: ISO-8601 / RFC 3339 timestamps to epoch milliseconds and back to fields
 //! (UTC, proleptic Gregorian calendar).
 
+/// Epoch milliseconds as `YYYY-MM-DDThh:mm:ss.fffZ` (UTC), what [`parse_iso8601`]
+/// reads back; years outside 0000-9999 are written with as many digits as they take.
+pub fn format_iso8601(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(ms.div_euclid(86_400_000));
+    let t = ms.rem_euclid(86_400_000);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t / 3_600_000,
+        t / 60_000 % 60,
+        t / 1000 % 60,
+        t % 1000
+    )
+}
+
 /// `YYYY-MM-DD[T ]hh:mm[:ss[.fff]][Z|±hh:mm|±hhmm]` (no zone: UTC), or a date alone.
 pub fn parse_iso8601(s: &str) -> Option<i64> {
     let b = s.trim().as_bytes();

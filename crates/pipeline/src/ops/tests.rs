@@ -366,6 +366,7 @@ proptest! {
         let (hh, mm, ss, fff) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
         let s = format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{fff:03}Z");
         prop_assert_eq!(parse_iso8601(&s), Some(t));
+        prop_assert_eq!(sql::time::format_iso8601(t), s);
         let local = t + off * 60_000;
         let (ly, lm, ld) = civil_from_days(local.div_euclid(86_400_000));
         let lms = local.rem_euclid(86_400_000);

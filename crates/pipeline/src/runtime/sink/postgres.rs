@@ -1,12 +1,16 @@
 //! The `postgres` connector: tokio-postgres on the sink thread's own current-thread
-//! runtime. A batch is one statement: the rows go as one JSON array parameter,
+//! runtime. Without a primary key a batch is one `COPY ... FROM STDIN` in text format,
+//! PostgreSQL's bulk path (each value written as its column's type reads it: epoch
+//! milliseconds as ISO-8601 for timestamps, objects and arrays as JSON text). With a
+//! primary key, and for a single row (the row-by-row retry that finds a refused
+//! one), it is one statement: the rows go as one JSON array parameter,
 //! `json_to_recordset` turns it into rows and PostgreSQL casts each value to its
-//! column's type (epoch milliseconds to timestamps); with a primary key it is an
-//! `INSERT ... ON CONFLICT DO UPDATE`.
+//! column's type; with a primary key, `INSERT ... ON CONFLICT DO UPDATE`.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::SinkExt;
 use sql::plan::{ColumnType, Sink};
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -23,6 +27,10 @@ pub(crate) struct Postgres {
 
 struct Conn {
     client: Client,
+    /// The columns written, with their PostgreSQL types (`format_type`).
+    written: Vec<(String, String)>,
+    /// `COPY table (columns) FROM STDIN`.
+    copy: String,
     insert: Statement,
     lock: Statement,
     positions: Statement,
@@ -76,6 +84,52 @@ fn fits(from: ColumnType, to: &str) -> bool {
         ColumnType::Bool => !numeric && !time,
         ColumnType::Int | ColumnType::Float | ColumnType::Timestamp => to != "boolean",
         ColumnType::Text | ColumnType::Json => true,
+    }
+}
+
+/// One row of `COPY`'s text format: the written columns' values, tab-separated, `\N`
+/// for NULL (or a missing field), each as its column's type reads it, as the
+/// statement's casts would give it.
+fn copy_row(
+    out: &mut Vec<u8>,
+    written: &[(String, String)],
+    row: &serde_json::Map<String, serde_json::Value>,
+) {
+    use serde_json::Value;
+    for (i, (name, db_type)) in written.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        let time = db_type.starts_with("timestamp") || db_type == "date";
+        let json = db_type == "json" || db_type == "jsonb";
+        match row.get(name) {
+            None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
+            Some(Value::Number(n)) if time => match n.as_f64() {
+                // Epoch milliseconds, as the statement's to_timestamp(ms / 1000).
+                Some(ms) if ms.fract() == 0.0 && ms.abs() < 9.0e15 => {
+                    copy_text(out, &sql::time::format_iso8601(ms as i64))
+                }
+                _ => copy_text(out, &n.to_string()),
+            },
+            Some(Value::String(s)) if !json => copy_text(out, s),
+            Some(Value::Number(n)) if !json => copy_text(out, &n.to_string()),
+            Some(Value::Bool(b)) if !json => copy_text(out, if *b { "true" } else { "false" }),
+            Some(v) => copy_text(out, &v.to_string()),
+        }
+    }
+    out.push(b'\n');
+}
+
+/// `s` escaped for `COPY`'s text format.
+fn copy_text(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
     }
 }
 
@@ -211,14 +265,38 @@ impl Postgres {
                  WHERE sink = $1 AND partition = x.p",
             ))
             .map_err(failure)?;
+        let copy = format!("COPY {} ({}) FROM STDIN", self.table, names.join(", "));
         self.conn = Some(Conn {
             client,
+            written: written.clone(),
+            copy,
             insert,
             lock,
             positions,
             store,
         });
         Ok(written.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// The rows in one `COPY`: a refused value fails it whole, as the statement would.
+    fn copy(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
+        let mut text = Vec::with_capacity(rows.len() * 128);
+        for row in rows {
+            copy_row(&mut text, &conn.written, row.row);
+        }
+        self.rt
+            .block_on(async {
+                let sink = conn.client.copy_in::<_, bytes::Bytes>(&conn.copy).await?;
+                futures_util::pin_mut!(sink);
+                sink.send(bytes::Bytes::from(text)).await?;
+                sink.finish().await
+            })
+            .map_err(failure)?;
+        Ok(())
     }
 
     fn execute(&mut self, sql: &str) -> Result<(), Failure> {
@@ -277,6 +355,9 @@ impl Target for Postgres {
     }
 
     fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
+        if self.columns.primary_key.is_empty() && rows.len() > 1 {
+            return self.copy(rows);
+        }
         let rows: Vec<_> = rows.iter().map(|o| o.row).collect();
         let json = serde_json::to_string(&rows).map_err(|e| Failure::Rejected(e.to_string()))?;
         let rt = &self.rt;
