@@ -273,12 +273,14 @@ INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
     assert pg.PASSWORD not in json.dumps(d)
 
 
-def test_copy_and_statement_write_the_same_values(broker, pg):
-    """Rows without a primary key go to PostgreSQL by COPY (text format, escaped by
-    Freshet); with one, by a statement PostgreSQL casts. The same rows through both
-    paths give the same table, for text with tabs, newlines and backslashes, epoch
-    milliseconds and ISO strings into timestamps, objects into jsonb, booleans,
-    floats and NULLs, and a refused row is dead-lettered by either path alone."""
+def test_copy_upsert_and_statement_write_the_same_values(broker, pg):
+    """A batch goes to PostgreSQL by COPY (text format, escaped by Freshet): into the
+    table, or with a primary key into a staging table and upserted from it; a single
+    row goes by a statement PostgreSQL casts (batch_rows = 1 here). The same rows
+    through the three paths give the same table, for text with tabs, newlines and
+    backslashes, epoch milliseconds and ISO strings into timestamps, objects into
+    jsonb, booleans, floats and NULLs, and a refused row is dead-lettered by each
+    path alone."""
     src = name("notes")
     create_topic(broker.bootstrap, src)
     db = name("notes").lower()
@@ -286,6 +288,7 @@ def test_copy_and_statement_write_the_same_values(broker, pg):
     columns = ("id BIGINT {pk}, note TEXT, at TIMESTAMPTZ, seen TIMESTAMPTZ, day DATE, doc JSONB, "
                "flag BOOLEAN, amount DOUBLE PRECISION CHECK (amount >= 0)")
     pg.psql(f"CREATE TABLE by_copy ({columns.format(pk='')})", db)
+    pg.psql(f"CREATE TABLE by_upsert ({columns.format(pk='PRIMARY KEY')})", db)
     pg.psql(f"CREATE TABLE by_statement ({columns.format(pk='PRIMARY KEY')})", db)
     rnd = random.Random(11)
     texts = ["plain", "tab\there", "new\nline", "back\\slash \\N", "crlf\r\n", "quote ' \"", "é ☃ 𝄞", "", None]
@@ -303,22 +306,26 @@ def test_copy_and_statement_write_the_same_values(broker, pg):
               f"FROM {src}")
     sql = f"""
 CREATE SINK c WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'by_copy', batch_rows = 64);
-CREATE SINK s WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'by_statement', primary_key = 'id',
+CREATE SINK u WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'by_upsert', primary_key = 'id',
                     batch_rows = 64);
+CREATE SINK s WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'by_statement', primary_key = 'id',
+                    batch_rows = 1);
 INSERT INTO c {select};
+INSERT INTO u {select};
 INSERT INTO s {select};
 """
     assert put_pipeline(broker, pipeline, sql).status == 201
     count = lambda t: int(pg.psql(f"SELECT count(*) FROM {t}", db)[0][0])
-    for table in ("by_copy", "by_statement"):
+    for table in ("by_copy", "by_upsert", "by_statement"):
         wait_until(lambda: count(table) >= len(docs) - 1, timeout=60,
                    what=lambda: f"{len(docs) - 1} rows in {table} (have {count(table)})")
     dead = f"{pipeline}.dead-letter"
-    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 2, timeout=30, what="2 dead letters")
+    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 3, timeout=30, what="3 dead letters")
     rows = lambda t: [r[0] for r in pg.psql(f"SELECT row_to_json(t)::text FROM {t} t ORDER BY id", db)]
-    by_copy, by_statement = rows("by_copy"), rows("by_statement")
+    by_copy, by_upsert, by_statement = rows("by_copy"), rows("by_upsert"), rows("by_statement")
     assert len(by_copy) == len(docs) - 1
     assert by_copy == by_statement
+    assert by_upsert == by_statement
     # And they are the values sent, read back independently of both paths.
     for got, want in zip((json.loads(r) for r in by_copy), (d for d in docs if d["id"] != 150)):
         assert got["id"] == want["id"] and got["note"] == want["note"] and got["flag"] == want["flag"]
@@ -329,11 +336,12 @@ INSERT INTO s {select};
     # a COPY that failed (a value badly escaped) would have fallen back to one row
     # per savepoint, each with an xmin of its own, and hidden the fault. Only the
     # refused row's batch does that.
-    shared_xmin = int(pg.psql("SELECT count(*) FROM by_copy WHERE xmin IN "
-                              "(SELECT xmin FROM by_copy GROUP BY xmin HAVING count(*) > 1)", db)[0][0])
-    assert shared_xmin >= len(docs) // 2, f"only {shared_xmin} rows went in by a COPY of several"
+    for table in ("by_copy", "by_upsert"):
+        shared_xmin = int(pg.psql(f"SELECT count(*) FROM {table} WHERE xmin IN "
+                                  f"(SELECT xmin FROM {table} GROUP BY xmin HAVING count(*) > 1)", db)[0][0])
+        assert shared_xmin >= len(docs) // 2, f"{table}: only {shared_xmin} rows went in by a COPY of several"
     letters = consume(broker.bootstrap, dead)
-    assert sorted(dict(r.headers)["freshet.sink"] for r in letters) == [b"c", b"s"]
+    assert sorted(dict(r.headers)["freshet.sink"] for r in letters) == [b"c", b"s", b"u"]
     assert all(json.loads(r.value)["id"] == 150 for r in letters)
 
 
