@@ -274,13 +274,12 @@ INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
 
 
 def test_copy_upsert_and_statement_write_the_same_values(broker, pg):
-    """A batch goes to PostgreSQL by COPY (text format, escaped by Freshet): into the
-    table, or with a primary key into a staging table and upserted from it; a single
-    row goes by a statement PostgreSQL casts (batch_rows = 1 here). The same rows
-    through the three paths give the same table, for text with tabs, newlines and
-    backslashes, epoch milliseconds and ISO strings into timestamps, objects into
-    jsonb, booleans, floats and NULLs, and a refused row is dead-lettered by each
-    path alone."""
+    """A batch without a primary key goes to PostgreSQL by COPY (text format, escaped
+    by Freshet); with one, by an upsert statement of the whole batch; a single row
+    (batch_rows = 1 here) by a statement of its own. The same rows through the three
+    paths give the same table, for text with tabs, newlines and backslashes, epoch
+    milliseconds and ISO strings into timestamps, objects into jsonb, booleans,
+    floats and NULLs, and a refused row is dead-lettered by each path alone."""
     src = name("notes")
     create_topic(broker.bootstrap, src)
     db = name("notes").lower()

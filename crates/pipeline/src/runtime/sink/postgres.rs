@@ -1,12 +1,11 @@
 //! The `postgres` connector: tokio-postgres on the sink thread's own current-thread
-//! runtime. A batch of several rows goes by `COPY ... FROM STDIN` in text format,
+//! runtime. Without a primary key a batch is one `COPY ... FROM STDIN` in text format,
 //! PostgreSQL's bulk path (each value written as its column's type reads it: epoch
-//! milliseconds as ISO-8601 for timestamps, objects and arrays as JSON text): into
-//! the table, or, with a primary key, into the session's temporary staging table
-//! (the written columns, no constraints), then `INSERT ... SELECT ... ON CONFLICT DO
-//! UPDATE` from it. A single row (the row-by-row retry that finds a refused one) is
-//! one statement: the row goes as a JSON array parameter, `json_to_recordset` turns
-//! it into a row and PostgreSQL casts each value to its column's type.
+//! milliseconds as ISO-8601 for timestamps, objects and arrays as JSON text). With a
+//! primary key, and for a single row (the row-by-row retry that finds a refused
+//! one), it is one statement: the rows go as one JSON array parameter,
+//! `json_to_recordset` turns it into rows and PostgreSQL casts each value to its
+//! column's type; with a primary key, `INSERT ... ON CONFLICT DO UPDATE`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,10 +29,8 @@ struct Conn {
     client: Client,
     /// The columns written, with their PostgreSQL types (`format_type`).
     written: Vec<(String, String)>,
-    /// `COPY table (columns) FROM STDIN`, or into the staging table.
+    /// `COPY table (columns) FROM STDIN`.
     copy: String,
-    /// With a primary key: the upsert from the staging table, which it empties.
-    merge: Option<String>,
     insert: Statement,
     lock: Statement,
     positions: Statement,
@@ -268,38 +265,11 @@ impl Postgres {
                  WHERE sink = $1 AND partition = x.p",
             ))
             .map_err(failure)?;
-        let (copy, merge) = if self.columns.primary_key.is_empty() {
-            let copy = format!("COPY {} ({}) FROM STDIN", self.table, names.join(", "));
-            (copy, None)
-        } else {
-            // The session's own table: the written columns with their types, no
-            // constraints or defaults (the table's apply in the upsert).
-            rt.block_on(client.batch_execute(&format!(
-                "DROP TABLE IF EXISTS pg_temp.freshet_stage;
-                 CREATE TEMP TABLE freshet_stage AS SELECT {} FROM {} WITH NO DATA",
-                names.join(", "),
-                self.table
-            )))
-            .map_err(failure)?;
-            let copy = format!(
-                "COPY pg_temp.freshet_stage ({}) FROM STDIN",
-                names.join(", ")
-            );
-            let mut merge = format!(
-                "WITH staged AS (DELETE FROM pg_temp.freshet_stage RETURNING *) \
-                 INSERT INTO {} ({}) SELECT {} FROM staged",
-                self.table,
-                names.join(", "),
-                names.join(", ")
-            );
-            merge.push_str(&self.columns.on_conflict(written.iter().map(|(n, _)| n)));
-            (copy, Some(merge))
-        };
+        let copy = format!("COPY {} ({}) FROM STDIN", self.table, names.join(", "));
         self.conn = Some(Conn {
             client,
             written: written.clone(),
             copy,
-            merge,
             insert,
             lock,
             positions,
@@ -308,8 +278,7 @@ impl Postgres {
         Ok(written.into_iter().map(|(n, _)| n).collect())
     }
 
-    /// The rows in one `COPY` (and the upsert from the staging table): a refused
-    /// value fails it whole, as the statement would.
+    /// The rows in one `COPY`: a refused value fails it whole, as the statement would.
     fn copy(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
         let conn = self
             .conn
@@ -324,11 +293,7 @@ impl Postgres {
                 let sink = conn.client.copy_in::<_, bytes::Bytes>(&conn.copy).await?;
                 futures_util::pin_mut!(sink);
                 sink.send(bytes::Bytes::from(text)).await?;
-                sink.finish().await?;
-                if let Some(merge) = &conn.merge {
-                    conn.client.batch_execute(merge).await?;
-                }
-                Ok::<_, tokio_postgres::Error>(())
+                sink.finish().await
             })
             .map_err(failure)?;
         Ok(())
@@ -390,7 +355,7 @@ impl Target for Postgres {
     }
 
     fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
-        if rows.len() > 1 {
+        if self.columns.primary_key.is_empty() && rows.len() > 1 {
             return self.copy(rows);
         }
         let rows: Vec<_> = rows.iter().map(|o| o.row).collect();
