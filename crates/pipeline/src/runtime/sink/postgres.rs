@@ -37,6 +37,10 @@ struct Conn {
     store: Statement,
 }
 
+/// Serialises the sinks' `CREATE TABLE`s in a database (a transaction-level advisory
+/// lock; the key is arbitrary, the same for every Freshet sink).
+const DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(7308604897068083830)";
+
 /// `a.b` as `"a"."b"`.
 fn quote_name(name: &str) -> String {
     name.split('.').map(quote).collect::<Vec<_>>().join(".")
@@ -160,12 +164,17 @@ impl Postgres {
         rt.spawn(async move {
             let _ = connection.await;
         });
-        rt.block_on(client.batch_execute(
+        // CREATE TABLE IF NOT EXISTS is not safe against itself: two sinks creating
+        // the same table at once get a unique violation or "already exists". The
+        // sinks of a database take one advisory lock for their DDL.
+        rt.block_on(client.batch_execute(&format!(
             "SET TIME ZONE 'UTC';
+             BEGIN; {DDL_LOCK};
              CREATE TABLE IF NOT EXISTS freshet_offsets (
                  sink TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,
-                 origins TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (sink, partition))",
-        ))
+                 origins TEXT NOT NULL DEFAULT '{{}}', PRIMARY KEY (sink, partition));
+             COMMIT"
+        )))
         .map_err(failure)?;
         let describe = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
              FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0
@@ -184,7 +193,7 @@ impl Postgres {
                 )));
             };
             let create = self.columns.create_table(&self.table, query, sql_type);
-            rt.block_on(client.batch_execute(&create))
+            rt.block_on(client.batch_execute(&format!("BEGIN; {DDL_LOCK}; {create}; COMMIT")))
                 .map_err(failure)?;
             table = rt
                 .block_on(client.query(describe, &[&self.table]))
