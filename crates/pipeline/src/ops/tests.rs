@@ -653,6 +653,37 @@ fn emit_changes_emits_changed_groups_at_most_once_per_interval() {
     assert_eq!(out.len(), 3, "nothing changed");
 }
 
+proptest! {
+    /// COUNT(DISTINCT) over strings on both sides of the inline limit of its items
+    /// (Item::INLINE bytes of canonical form) counts as a set of the strings does,
+    /// through a merge and a snapshot too.
+    #[test]
+    fn distinct_counts_values_short_and_long(a in proptest::collection::vec("[ab]{0,40}", 0..60), b in proptest::collection::vec("[ab]{0,40}", 0..60)) {
+        let mut scratch = Vec::new();
+        let fill = |values: &[String], scratch: &mut Vec<u8>| {
+            let mut acc = accumulate::Acc::new(AggFunc::CountDistinct);
+            for v in values {
+                acc.add(Some(&Value::Str(v.clone())), scratch);
+            }
+            acc
+        };
+        let oracle = |values: &[&[String]]| -> i64 {
+            values.iter().flat_map(|v| v.iter()).collect::<std::collections::BTreeSet<_>>().len() as i64
+        };
+        let mut acc = fill(&a, &mut scratch);
+        prop_assert_eq!(acc.result(), Value::Int(oracle(&[&a])));
+        let mut bytes = Vec::new();
+        acc.encode(&mut bytes);
+        let back = accumulate::Acc::decode(&mut encode::Reader::new(&bytes)).unwrap();
+        prop_assert_eq!(&back, &acc);
+        prop_assert_eq!(back.size(), acc.size());
+        let size_before = acc.size();
+        let grew = acc.merge(fill(&b, &mut scratch));
+        prop_assert_eq!(acc.result(), Value::Int(oracle(&[&a, &b])));
+        prop_assert_eq!(acc.size(), size_before + grew);
+    }
+}
+
 #[test]
 fn approx_count_distinct_is_close_and_merges() {
     let mut a = accumulate::Acc::new(AggFunc::ApproxCountDistinct);
