@@ -1,11 +1,13 @@
 //! Operators: one [`QueryOperator`] per query of a pipeline. Pure: the runtime passes
-//! records and the wall-clock time in and takes rows out; state is snapshot to bytes
-//! and restored from them.
+//! records and markers in and takes rows out; state is snapshot to bytes and
+//! restored from them. Which window a record counts in, whether it is late and when
+//! a window closes depend on the input alone, never on the wall clock (which only
+//! paces EMIT CHANGES), so a replay of the same input gives the same final rows.
 //!
 //! The semantics (docs/sql.md): the watermark is the lowest, over the active source
 //! partitions, of the highest event time each has delivered, minus the allowed
-//! lateness, and never goes back; a partition silent for the idle timeout stops
-//! holding it back. A window `[start, end)` closes when the watermark reaches `end`.
+//! lateness, and never goes back; a partition declared idle (by the runtime's first
+//! stage, after the idle timeout without a record) stops holding it back. A window `[start, end)` closes when the watermark reaches `end`.
 //! A record is late when a window it belongs to has closed (the earliest one
 //! containing it; for sessions, when `t + gap <= watermark`): it is counted nowhere
 //! and the runtime sends it to the late topic. A record is evaluated in full before
@@ -118,6 +120,10 @@ struct Group {
 
 const GROUP_OVERHEAD: i64 = 96;
 
+/// The operators' snapshot format: 2 added each source partition's idle flag (the
+/// operator reads version 1 too).
+const SNAPSHOT_VERSION: u8 = 2;
+
 impl QueryOperator {
     pub fn new(query: &Query, settings: &Settings) -> Self {
         let agg = match &query.body {
@@ -128,7 +134,7 @@ impl QueryOperator {
                 sessions: Map::default(),
                 dirty: Set::default(),
                 last_emit: None,
-                watermark: Watermark::new(settings.allowed_lateness_ms, settings.idle_timeout_ms),
+                watermark: Watermark::new(settings.allowed_lateness_ms),
                 bytes: 0,
                 scratch: Vec::new(),
                 id: Vec::new(),
@@ -142,10 +148,10 @@ impl QueryOperator {
         }
     }
 
-    /// The source partitions this operator is fed; (re)sets their idle clocks to now.
-    pub fn assign(&mut self, partitions: &[i32], now_ms: i64) {
+    /// The source partitions this operator is fed.
+    pub fn assign(&mut self, partitions: &[i32]) {
         if let Some(g) = &mut self.agg {
-            g.watermark.assign(partitions, now_ms);
+            g.watermark.assign(partitions);
         }
     }
 
@@ -159,12 +165,7 @@ impl QueryOperator {
     }
 
     /// One input record. Appends output rows to `out`.
-    pub fn process(
-        &mut self,
-        input: &Input<'_>,
-        now_ms: i64,
-        out: &mut Vec<Row>,
-    ) -> Result<Fate, Error> {
+    pub fn process(&mut self, input: &Input<'_>, out: &mut Vec<Row>) -> Result<Fate, Error> {
         let ctx = Context::Input(input);
         let Some(g) = &mut self.agg else {
             return self.map(input, out).map(|()| Fate::Done);
@@ -178,7 +179,7 @@ impl QueryOperator {
             None => true,
         };
         if !passes {
-            g.observe(input.partition, t, now_ms, out);
+            g.observe(input.partition, t, out);
             return Ok(Fate::Done);
         }
         // Everything evaluated before anything changes.
@@ -214,11 +215,11 @@ impl QueryOperator {
             },
         };
         if late {
-            g.watermark.touch(input.partition, now_ms);
+            g.watermark.touch(input.partition);
             return Ok(Fate::Late);
         }
         g.add(&keys, key_bytes, t, &args)?;
-        g.observe(input.partition, t, now_ms, out);
+        g.observe(input.partition, t, out);
         let used = g.bytes.max(0) as u64;
         if used > self.settings.max_state_bytes {
             return Err(Error::StateLimit {
@@ -258,18 +259,26 @@ impl QueryOperator {
 
     /// Another record of source `partition` had event time `t`: the watermark moves
     /// as if this operator had read it (windows it closes are appended to `out`).
-    pub fn observe(&mut self, partition: i32, t: i64, now_ms: i64, out: &mut Vec<Row>) {
+    pub fn observe(&mut self, partition: i32, t: i64, out: &mut Vec<Row>) {
         if let Some(g) = &mut self.agg {
-            g.observe(partition, t, now_ms, out);
+            g.observe(partition, t, out);
         }
     }
 
-    /// Marks idle partitions, advances the watermark, closes windows, emits due
-    /// EMIT CHANGES rows.
+    /// Source `partition` was declared idle: it stops holding the watermark back
+    /// until it delivers again (windows this closes are appended to `out`).
+    pub fn idle(&mut self, partition: i32, out: &mut Vec<Row>) {
+        if let Some(g) = &mut self.agg {
+            g.watermark.idle(partition);
+            g.close(out);
+        }
+    }
+
+    /// Emits due EMIT CHANGES rows (`now_ms`, the wall clock, paces them; it decides
+    /// nothing else).
     pub fn tick(&mut self, now_ms: i64, out: &mut Vec<Row>) {
         let interval = self.settings.emit_interval_ms;
         if let Some(g) = &mut self.agg {
-            g.watermark.recompute(now_ms);
             g.close(out);
             if g.plan.emit == Emit::Changes
                 && !g.dirty.is_empty()
@@ -324,7 +333,7 @@ impl QueryOperator {
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut out = vec![1u8];
+        let mut out = vec![SNAPSHOT_VERSION];
         let Some(g) = &self.agg else {
             return out;
         };
@@ -352,8 +361,9 @@ impl QueryOperator {
     /// Replaces the state with a snapshot's; never panics on garbage.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != 1 {
-            return Err("snapshot: unknown version".into());
+        let version = r.u8()?;
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
+            return Err(format!("snapshot: unknown version {version}"));
         }
         let Some(g) = &mut self.agg else {
             return if r.done() {
@@ -362,7 +372,7 @@ impl QueryOperator {
                 Err("snapshot: trailing bytes".into())
             };
         };
-        let watermark = Watermark::decode(&mut r, g.watermark.lateness, g.watermark.idle)?;
+        let watermark = Watermark::decode(&mut r, version, g.watermark.lateness)?;
         let n = r.count()?;
         let mut groups = Map::with_capacity_and_hasher(n, Default::default());
         let mut closing = BTreeSet::new();
@@ -691,8 +701,8 @@ impl Grouped {
     }
 
     /// Notes an event time from `partition`, then closes what the watermark passed.
-    fn observe(&mut self, partition: i32, t: i64, now_ms: i64, out: &mut Vec<Row>) {
-        self.watermark.observe(partition, t, now_ms);
+    fn observe(&mut self, partition: i32, t: i64, out: &mut Vec<Row>) {
+        self.watermark.observe(partition, t);
         self.close(out);
     }
 

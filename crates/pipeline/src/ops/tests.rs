@@ -81,7 +81,7 @@ struct Rec {
     ts: i64,
 }
 
-fn feed(op: &mut QueryOperator, recs: &[Rec], now: i64, out: &mut Vec<Row>) -> Vec<Fate> {
+fn feed(op: &mut QueryOperator, recs: &[Rec], out: &mut Vec<Row>) -> Vec<Fate> {
     recs.iter()
         .map(|r| {
             let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
@@ -94,7 +94,7 @@ fn feed(op: &mut QueryOperator, recs: &[Rec], now: i64, out: &mut Vec<Row>) -> V
                 offset: 0,
                 headers: &[],
             };
-            op.process(&input, now, out).expect("valid record")
+            op.process(&input, out).expect("valid record")
         })
         .collect()
 }
@@ -270,9 +270,9 @@ proptest! {
     fn final_rows_match_the_naive_model(window in windows(), recs in records(2), lateness in (0i64..30).prop_map(|l| l * 10)) {
         let partitions = [0, 1];
         let mut op = QueryOperator::new(&windowed_query(Some(window), Emit::Final), &settings(lateness));
-        op.assign(&partitions, 0);
+        op.assign(&partitions);
         let mut out = Vec::new();
-        let fates = feed(&mut op, &recs, 0, &mut out);
+        let fates = feed(&mut op, &recs, &mut out);
         let (want, late) = naive(&recs, window, lateness, &partitions);
         prop_assert_eq!(fates.iter().map(|f| *f == Fate::Late).collect::<Vec<_>>(), late);
         let (got, avgs) = finals(&out);
@@ -297,10 +297,10 @@ proptest! {
         let partitions = [0, 1];
         let query = windowed_query(Some(window), Emit::Final);
         let mut one = QueryOperator::new(&query, &settings(50));
-        one.assign(&partitions, 0);
+        one.assign(&partitions);
         let mut split: Vec<QueryOperator> = (0..tasks).map(|_| {
             let mut op = QueryOperator::new(&query, &settings(50));
-            op.assign(&partitions, 0);
+            op.assign(&partitions);
             op
         }).collect();
         let (mut out_one, mut out_split) = (Vec::new(), Vec::new());
@@ -309,22 +309,80 @@ proptest! {
             let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
             let input = Input { json: &json, raw: b"", key: None, timestamp: 0,
                                 partition: r.partition, offset: 0, headers: &[] };
-            let want = one.process(&input, 0, &mut out_one).unwrap();
+            let want = one.process(&input, &mut out_one).unwrap();
             let routing = one.route(&input);
             prop_assert_eq!(routing.time, Some(r.ts));
             prop_assert!(routing.passes);
             let task = &mut split[(routing.key_hash.unwrap() % tasks) as usize];
             if let Some(&h) = high.get(&r.partition) {
-                task.observe(r.partition, h, 0, &mut out_split);
+                task.observe(r.partition, h, &mut out_split);
             }
-            prop_assert_eq!(task.process(&input, 0, &mut out_split).unwrap(), want);
+            prop_assert_eq!(task.process(&input, &mut out_split).unwrap(), want);
             let h = high.entry(r.partition).or_insert(r.ts);
             *h = (*h).max(r.ts);
             for op in &mut split {
-                op.observe(r.partition, *h, 0, &mut out_split);
+                op.observe(r.partition, *h, &mut out_split);
             }
         }
         prop_assert_eq!(finals(&out_split).0, finals(&out_one).0);
+    }
+
+    /// A run crashed at any point and replayed from its last snapshot, with source
+    /// partitions declared idle and active again along the way, emits exactly the
+    /// rows of the uninterrupted run: nothing in the operator depends on when it runs.
+    #[test]
+    fn a_replay_with_idle_partitions_gives_the_same_rows(
+        window in windows(), recs in records(2),
+        idles in proptest::collection::vec((0usize..120, 0i32..2), 0..8),
+        snapshot_at in 0usize..130, crash_after in 0usize..60, silent_from in 0usize..120,
+    ) {
+        // Partition 1 falls silent part of the way (so that declaring it idle
+        // matters), and an idle marker for a partition comes before some records.
+        let recs: Vec<Rec> = recs.into_iter().enumerate()
+            .map(|(i, r)| Rec { partition: if i >= silent_from { 0 } else { r.partition }, ..r })
+            .collect();
+        let mut events: Vec<Result<&Rec, i32>> = Vec::new();
+        for (i, r) in recs.iter().enumerate() {
+            events.extend(idles.iter().filter(|(at, _)| *at == i).map(|(_, p)| Err(*p)));
+            events.push(Ok(r));
+        }
+        let run = |op: &mut QueryOperator, events: &[Result<&Rec, i32>], out: &mut Vec<Row>| {
+            for e in events {
+                match e {
+                    Ok(r) => {
+                        feed(op, std::slice::from_ref(*r), out);
+                    }
+                    Err(p) => op.idle(*p, out),
+                }
+                op.tick(0, out);
+            }
+        };
+        let partitions = [0, 1];
+        let query = windowed_query(Some(window), Emit::Final);
+        let mut whole = QueryOperator::new(&query, &settings(20));
+        whole.assign(&partitions);
+        let mut want = Vec::new();
+        run(&mut whole, &events, &mut want);
+
+        // The crashed run: a snapshot after `snapshot_at` events, rows emitted after it
+        // up to the crash (lost with the process, as their checkpoint was never
+        // written: the replay emits them again), then a new process from the snapshot.
+        let at = snapshot_at.min(events.len());
+        let mut first = QueryOperator::new(&query, &settings(20));
+        first.assign(&partitions);
+        let mut got = Vec::new();
+        run(&mut first, &events[..at], &mut got);
+        let snapshot = first.snapshot();
+        let before = got.len();
+        let mut lost = Vec::new();
+        run(&mut first, &events[at..(at + crash_after).min(events.len())], &mut lost);
+        let mut second = QueryOperator::new(&query, &settings(20));
+        second.restore(&snapshot).unwrap();
+        second.assign(&partitions);
+        run(&mut second, &events[at..], &mut got);
+        prop_assert_eq!(&got, &want);
+        prop_assert!(got[before..].starts_with(&lost), "the replay emits again what the crash lost");
+        prop_assert_eq!(second.snapshot(), whole.snapshot());
     }
 
     #[test]
@@ -333,17 +391,17 @@ proptest! {
         let query = windowed_query(Some(window), Emit::Final);
         let cut = cut.min(recs.len());
         let mut a = QueryOperator::new(&query, &settings(50));
-        a.assign(&partitions, 0);
+        a.assign(&partitions);
         let mut out_a = Vec::new();
-        feed(&mut a, &recs[..cut], 0, &mut out_a);
+        feed(&mut a, &recs[..cut], &mut out_a);
         let mut b = QueryOperator::new(&query, &settings(50));
         b.restore(&a.snapshot()).unwrap();
-        b.assign(&partitions, 0);
+        b.assign(&partitions);
         prop_assert_eq!(b.snapshot(), a.snapshot());
         let mut rest_a = Vec::new();
         let mut rest_b = Vec::new();
-        let fa = feed(&mut a, &recs[cut..], 0, &mut rest_a);
-        let fb = feed(&mut b, &recs[cut..], 0, &mut rest_b);
+        let fa = feed(&mut a, &recs[cut..], &mut rest_a);
+        let fb = feed(&mut b, &recs[cut..], &mut rest_b);
         prop_assert_eq!(fa, fb);
         prop_assert_eq!(rest_a, rest_b);
         prop_assert_eq!(a.state_bytes(), b.state_bytes());
@@ -399,7 +457,6 @@ fn one(
     op: &mut QueryOperator,
     json: serde_json::Value,
     partition: i32,
-    now: i64,
     out: &mut Vec<Row>,
 ) -> Result<Fate, Error> {
     let input = Input {
@@ -411,7 +468,7 @@ fn one(
         offset: 0,
         headers: &[],
     };
-    op.process(&input, now, out)
+    op.process(&input, out)
 }
 
 #[test]
@@ -426,12 +483,11 @@ fn a_rejected_record_changes_nothing() {
         ),
         &settings(0),
     );
-    op.assign(&[0], 0);
+    op.assign(&[0]);
     let mut out = Vec::new();
     one(
         &mut op,
         serde_json::json!({"k": 1, "v": 5, "ts": 100}),
-        0,
         0,
         &mut out,
     )
@@ -443,7 +499,7 @@ fn a_rejected_record_changes_nothing() {
         serde_json::json!({"k": 1, "v": 5}),
     ] {
         assert!(matches!(
-            one(&mut op, bad, 0, 0, &mut out),
+            one(&mut op, bad, 0, &mut out),
             Err(Error::Rejected(_))
         ));
         assert_eq!((op.snapshot(), op.state_bytes()), before);
@@ -452,7 +508,6 @@ fn a_rejected_record_changes_nothing() {
     one(
         &mut op,
         serde_json::json!({"k": 1, "v": 5, "ts": "1970-01-01T00:00:00.102Z"}),
-        0,
         0,
         &mut out,
     )
@@ -485,16 +540,16 @@ fn min_max_refuse_values_they_cannot_compare() {
         }),
     };
     let mut op = QueryOperator::new(&query, &settings(0));
-    op.assign(&[0], 0);
+    op.assign(&[0]);
     let mut out = Vec::new();
-    one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+    one(&mut op, serde_json::json!({"v": 3}), 0, &mut out).unwrap();
     let before = op.snapshot();
     assert!(matches!(
-        one(&mut op, serde_json::json!({"v": "x"}), 0, 0, &mut out),
+        one(&mut op, serde_json::json!({"v": "x"}), 0, &mut out),
         Err(Error::Rejected(_))
     ));
     assert_eq!(op.snapshot(), before);
-    one(&mut op, serde_json::json!({"v": 4.5}), 0, 0, &mut out).unwrap();
+    one(&mut op, serde_json::json!({"v": 4.5}), 0, &mut out).unwrap();
     op.tick(0, &mut out);
     assert_eq!(out.last().unwrap().value, br#"{"m":4.5}"#.to_vec());
 }
@@ -539,9 +594,9 @@ fn a_failing_having_or_column_marks_the_row_for_the_dead_letter_topic() {
     ];
     for (q, message) in cases {
         let mut op = QueryOperator::new(&q, &settings(0));
-        op.assign(&[0], 0);
+        op.assign(&[0]);
         let mut out = Vec::new();
-        one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+        one(&mut op, serde_json::json!({"v": 3}), 0, &mut out).unwrap();
         op.tick(0, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].error.as_deref(), Some(message));
@@ -549,39 +604,38 @@ fn a_failing_having_or_column_marks_the_row_for_the_dead_letter_topic() {
     // A HAVING that is false still drops the row, without an error.
     let never = Expr::Literal(sql::Value::Bool(false));
     let mut op = QueryOperator::new(&query(Some(never), Expr::Slot(0)), &settings(0));
-    op.assign(&[0], 0);
+    op.assign(&[0]);
     let mut out = Vec::new();
-    one(&mut op, serde_json::json!({"v": 3}), 0, 0, &mut out).unwrap();
+    one(&mut op, serde_json::json!({"v": 3}), 0, &mut out).unwrap();
     op.tick(0, &mut out);
     assert!(out.is_empty());
 }
 
 #[test]
 fn an_idle_partition_stops_holding_the_watermark_back() {
-    let mut s = settings(0);
-    s.idle_timeout_ms = 1_000;
     let mut op = QueryOperator::new(
         &windowed_query(Some(Window::Tumble { size_ms: 100 }), Emit::Final),
-        &s,
+        &settings(0),
     );
-    op.assign(&[0, 1], 0);
+    op.assign(&[0, 1]);
     let mut out = Vec::new();
     for ts in [10, 120, 250] {
         one(
             &mut op,
             serde_json::json!({"k": 1, "v": 1, "ts": ts}),
             0,
-            500,
             &mut out,
         )
         .unwrap();
     }
-    op.tick(999, &mut out);
+    // The wall clock decides nothing: however late it is, partition 1 holds the
+    // watermark back until it is declared idle.
+    op.tick(i64::MAX, &mut out);
     assert!(
         out.is_empty() && op.watermark().is_none(),
-        "partition 1 holds it back before its idle timeout"
+        "partition 1 holds it back until it is declared idle"
     );
-    op.tick(1_000, &mut out);
+    op.idle(1, &mut out);
     assert_eq!(op.watermark(), Some(250));
     let closed: Vec<_> = out.iter().map(|r| r.window.unwrap()).collect();
     assert_eq!(closed, vec![(0, 100), (100, 200)]);
@@ -590,11 +644,36 @@ fn an_idle_partition_stops_holding_the_watermark_back() {
         &mut op,
         serde_json::json!({"k": 1, "v": 1, "ts": 5}),
         1,
-        1_100,
         &mut out,
     )
     .unwrap_err_or_late();
     assert_eq!(op.watermark(), Some(250));
+    // Active again, it holds the watermark at its own event time.
+    one(
+        &mut op,
+        serde_json::json!({"k": 1, "v": 1, "ts": 400}),
+        0,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(op.watermark(), Some(250), "partition 1 is at 250 at most");
+    // The idle flags survive a snapshot.
+    op.idle(1, &mut out);
+    assert_eq!(op.watermark(), Some(400));
+    let mut back = QueryOperator::new(
+        &windowed_query(Some(Window::Tumble { size_ms: 100 }), Emit::Final),
+        &settings(0),
+    );
+    back.restore(&op.snapshot()).unwrap();
+    back.assign(&[0, 1]);
+    one(
+        &mut back,
+        serde_json::json!({"k": 1, "v": 1, "ts": 700}),
+        0,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(back.watermark(), Some(700), "partition 1 is still idle");
 }
 
 trait LateOrErr {
@@ -610,12 +689,11 @@ impl LateOrErr for Result<Fate, Error> {
 #[test]
 fn emit_changes_emits_changed_groups_at_most_once_per_interval() {
     let mut op = QueryOperator::new(&windowed_query(None, Emit::Changes), &settings(0));
-    op.assign(&[0], 0);
+    op.assign(&[0]);
     let mut out = Vec::new();
     one(
         &mut op,
         serde_json::json!({"k": 1, "v": 1, "ts": 1}),
-        0,
         0,
         &mut out,
     )
@@ -623,7 +701,6 @@ fn emit_changes_emits_changed_groups_at_most_once_per_interval() {
     one(
         &mut op,
         serde_json::json!({"k": 2, "v": 1, "ts": 1}),
-        0,
         0,
         &mut out,
     )
@@ -634,7 +711,6 @@ fn emit_changes_emits_changed_groups_at_most_once_per_interval() {
         &mut op,
         serde_json::json!({"k": 1, "v": 1, "ts": 2}),
         0,
-        10,
         &mut out,
     )
     .unwrap();
@@ -716,14 +792,13 @@ fn the_state_limit_stops_the_query() {
     let mut s = settings(0);
     s.max_state_bytes = 10_000;
     let mut op = QueryOperator::new(&windowed_query(None, Emit::Changes), &s);
-    op.assign(&[0], 0);
+    op.assign(&[0]);
     let mut out = Vec::new();
     let mut hit = None;
     for i in 0..10_000 {
         if let Err(e) = one(
             &mut op,
             serde_json::json!({"k": i, "v": i, "ts": 1}),
-            0,
             0,
             &mut out,
         ) {
@@ -768,7 +843,7 @@ fn stateless_queries_filter_and_project_in_select_order() {
             offset,
             headers: &[],
         };
-        assert_eq!(op.process(&input, 0, &mut out), Ok(Fate::Done));
+        assert_eq!(op.process(&input, &mut out), Ok(Fate::Done));
     }
     assert_eq!(
         out,
@@ -780,4 +855,49 @@ fn stateless_queries_filter_and_project_in_select_order() {
             error: None,
         }]
     );
+}
+
+/// A checkpoint written before idle flags (snapshot version 1) still restores: its
+/// partitions come back active, everything else as it was.
+#[test]
+fn a_version_1_snapshot_restores() {
+    let query = windowed_query(Some(Window::Tumble { size_ms: 100 }), Emit::Final);
+    let mut op = QueryOperator::new(&query, &settings(0));
+    op.assign(&[0, 1]);
+    let mut out = Vec::new();
+    for (p, ts) in [(0, 10), (1, 30), (0, 150)] {
+        one(
+            &mut op,
+            serde_json::json!({"k": 1, "v": ts, "ts": ts}),
+            p,
+            &mut out,
+        )
+        .unwrap();
+    }
+    let v2 = op.snapshot();
+    // Version 1: the same bytes without the idle flag after each partition.
+    let mut r = encode::Reader::new(&v2[1..]);
+    let current = r.opt_i64().unwrap();
+    let n = r.count().unwrap();
+    let (mut v1, mut v2_watermark) = (vec![1u8], Vec::new());
+    for out in [&mut v1, &mut v2_watermark] {
+        encode::opt_i64(out, current);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    for _ in 0..n {
+        let p = r.u32().unwrap();
+        let high = r.opt_i64().unwrap();
+        assert_eq!(r.u8().unwrap(), 0, "active");
+        for out in [&mut v1, &mut v2_watermark] {
+            out.extend_from_slice(&p.to_be_bytes());
+            encode::opt_i64(out, high);
+        }
+        v2_watermark.push(0);
+    }
+    assert_eq!(n, 2);
+    v1.extend_from_slice(&v2[1 + v2_watermark.len()..]);
+    let mut back = QueryOperator::new(&query, &settings(0));
+    back.restore(&v1).unwrap();
+    back.assign(&[0, 1]);
+    assert_eq!(back.snapshot(), v2);
 }

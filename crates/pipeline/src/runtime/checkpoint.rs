@@ -11,6 +11,14 @@
 //! so a crash halfway leaves chunks that no commit names, and the previous
 //! checkpoint stands. After a commit, the records before its first chunk are deleted
 //! (DeleteRecords): the topic holds about one checkpoint.
+//!
+//! Fencing: an instance that takes a task first writes a claim record (key `claim`)
+//! to its partition; the claim's offset is its owner epoch, named by each of its
+//! commit records. A commit counts only when the nearest claim before it is the one
+//! it names (or no claim is left before it): a stale owner that still writes after
+//! a new claim writes commits nobody reads. The writer checks too: its records must
+//! follow its own last one with nothing between, or it stops with
+//! [`Error::Fenced`] before it commits or trims anything.
 
 use std::time::Duration;
 
@@ -103,10 +111,22 @@ struct Commit {
     chunks: i64,
     bytes: usize,
     crc: u32,
+    /// The offset of its writer's claim record (absent in commits written before
+    /// claims existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    claim: Option<i64>,
 }
 
-/// A record's key and value.
-type KeyValue = (Vec<u8>, Vec<u8>);
+/// A record's offset, key and value.
+type Record = (i64, Vec<u8>, Vec<u8>);
+
+/// An instance's hold on one state partition: the offset of its claim record (its
+/// owner epoch) and of the last record it wrote there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: i64,
+    last: i64,
+}
 
 /// The state topic of one pipeline.
 pub struct StateTopic {
@@ -115,6 +135,8 @@ pub struct StateTopic {
     consumer: BaseConsumer,
     admin: AdminClient<DefaultClientContext>,
     timeout: Duration,
+    /// Awaits librdkafka's deliveries and admin futures from the caller's thread.
+    rt: tokio::runtime::Runtime,
 }
 
 impl StateTopic {
@@ -137,60 +159,115 @@ impl StateTopic {
             .create()
             .map_err(|e| e.to_string())?;
         let admin = client.create().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(StateTopic {
             name: name.to_string(),
             producer,
             consumer,
             admin,
             timeout,
+            rt,
         })
     }
 
+    /// Takes `partition` for this instance: writes a claim record, then reads the
+    /// last checkpoint that counts before it. From the claim's acknowledgement on,
+    /// an earlier owner's commits no longer count and its writes are refused.
+    pub fn claim(&self, partition: i32) -> Result<(Claim, Option<Checkpoint>), Error> {
+        let epoch = self.send(partition, "claim", b"").map_err(Error::Cluster)?;
+        let last = self.read_last(partition, epoch)?;
+        Ok((Claim { epoch, last: epoch }, last))
+    }
+
     /// Writes `checkpoint` to `partition` and returns once its commit record is
-    /// acknowledged.
+    /// acknowledged. Refused ([`Error::Fenced`]) when another instance claimed the
+    /// partition since this one did: then the commit does not count and nothing is
+    /// trimmed.
     pub fn write(
         &self,
-        rt: &tokio::runtime::Runtime,
         partition: i32,
         checkpoint: &Checkpoint,
-    ) -> Result<(), String> {
+        claim: &mut Claim,
+    ) -> Result<(), Error> {
         let blob = checkpoint.encode();
         // Every chunk in flight at once (the idempotent producer keeps their order),
         // then each acknowledgement.
         let mut pending = Vec::new();
         for chunk in blob.chunks(CHUNK_BYTES) {
-            pending.push(self.queue(partition, "chunk", chunk)?);
+            pending.push(
+                self.queue(partition, "chunk", chunk)
+                    .map_err(Error::Cluster)?,
+            );
         }
         let mut offsets = Vec::with_capacity(pending.len());
         for delivery in pending {
-            offsets.push(Self::delivered(rt, delivery)?);
+            offsets.push(self.delivered(delivery).map_err(Error::Cluster)?);
         }
         let chunks = offsets.len() as i64;
-        let first = offsets.first().copied();
-        if first.is_some_and(|f| offsets.last() != Some(&(f + chunks - 1))) {
-            return Err(format!(
+        let first = offsets.first().copied().unwrap_or(-1);
+        if offsets.iter().zip(first..).any(|(o, want)| *o != want) {
+            // Another writer's records came between the chunks.
+            self.fenced(partition, claim, first)?;
+            return Err(Error::Cluster(format!(
                 "cannot write a checkpoint: another writer is on partition {partition} of '{}'",
                 self.name
-            ));
+            )));
         }
         let commit = Commit {
-            first: first.unwrap_or(-1),
+            first,
             chunks,
             bytes: blob.len(),
             crc: crc32c::crc32c(&blob),
+            claim: Some(claim.epoch),
         };
-        let value = serde_json::to_vec(&commit).map_err(|e| e.to_string())?;
-        self.send(rt, partition, "commit", &value)?;
-        if commit.first > 0 {
-            // What came before this checkpoint is never read again.
-            self.trim(rt, &self.name, &[(partition, commit.first)]);
+        let value = serde_json::to_vec(&commit).map_err(|e| Error::Cluster(e.to_string()))?;
+        let at = self
+            .send(partition, "commit", &value)
+            .map_err(Error::Cluster)?;
+        if first != claim.last + 1 || at != first + chunks {
+            // Something else was written since this instance's last record: the
+            // commit counts unless that was a claim.
+            self.fenced(partition, claim, at)?;
         }
+        claim.last = at;
+        // What came before this checkpoint is never read again.
+        self.trim(&self.name, &[(partition, commit.first)]);
         Ok(())
+    }
+
+    /// `Err(Error::Fenced)` when a claim record lies between `claim` and `before`.
+    fn fenced(&self, partition: i32, claim: &Claim, before: i64) -> Result<(), Error> {
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.name, partition, self.timeout)
+            .map_err(|e| {
+                Error::Cluster(format!("cannot read the state topic '{}': {e}", self.name))
+            })?;
+        if low > claim.last + 1 {
+            // Records after this instance's last one were trimmed: a newer owner's.
+            return Err(Error::Fenced(format!(
+                "partition {partition} of '{}' was trimmed past this instance's records by another instance: its task moved",
+                self.name
+            )));
+        }
+        let records = self
+            .read_range(partition, claim.last + 1, before)
+            .map_err(Error::Cluster)?;
+        match records.iter().find(|(_, key, _)| key == b"claim") {
+            Some((offset, _, _)) => Err(Error::Fenced(format!(
+                "partition {partition} of '{}' was claimed at offset {offset} by another instance (this one's claim is at {}): its task moved",
+                self.name, claim.epoch
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Deletes the records of `topic` before each (partition, offset): they are never
     /// read again. A failure costs only space.
-    pub fn trim(&self, rt: &tokio::runtime::Runtime, topic: &str, before: &[(i32, i64)]) {
+    pub fn trim(&self, topic: &str, before: &[(i32, i64)]) {
         let mut list = TopicPartitionList::new();
         for &(partition, offset) in before {
             if list
@@ -201,20 +278,14 @@ impl StateTopic {
             }
         }
         let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
-        if let Err(err) = rt.block_on(self.admin.delete_records(&list, &opts)) {
+        if let Err(err) = self.rt.block_on(self.admin.delete_records(&list, &opts)) {
             tracing::debug!(topic, error = %err, "pipeline: trimming a topic");
         }
     }
 
-    fn send(
-        &self,
-        rt: &tokio::runtime::Runtime,
-        partition: i32,
-        key: &str,
-        value: &[u8],
-    ) -> Result<i64, String> {
+    fn send(&self, partition: i32, key: &str, value: &[u8]) -> Result<i64, String> {
         let delivery = self.queue(partition, key, value)?;
-        Self::delivered(rt, delivery)
+        self.delivered(delivery)
     }
 
     fn queue(&self, partition: i32, key: &str, value: &[u8]) -> Result<DeliveryFuture, String> {
@@ -227,25 +298,27 @@ impl StateTopic {
             .map_err(|(err, _)| format!("cannot write a checkpoint: {err}"))
     }
 
-    fn delivered(rt: &tokio::runtime::Runtime, delivery: DeliveryFuture) -> Result<i64, String> {
-        match rt.block_on(delivery) {
+    fn delivered(&self, delivery: DeliveryFuture) -> Result<i64, String> {
+        match self.rt.block_on(delivery) {
             Ok(Ok(delivered)) => Ok(delivered.offset),
             Ok(Err((err, _))) => Err(format!("cannot write a checkpoint: {err}")),
             Err(_) => Err("cannot write a checkpoint: the producer went away".into()),
         }
     }
 
-    /// The last committed checkpoint of `partition`, if any. A cluster that does not
-    /// answer is `Error::Cluster` (worth a retry); a checkpoint that does not read
-    /// back is `Error::Corrupt`.
-    pub fn read_last(&self, partition: i32) -> Result<Option<Checkpoint>, Error> {
+    /// The last checkpoint of `partition` that counts, among the records before
+    /// offset `before`: the last commit whose nearest claim before it is the one it
+    /// names, or that has no claim left before it. A cluster that does not answer is
+    /// `Error::Cluster` (worth a retry); a checkpoint that does not read back is
+    /// `Error::Corrupt`.
+    fn read_last(&self, partition: i32, before: i64) -> Result<Option<Checkpoint>, Error> {
         let corrupt = |what: String| {
             Error::Corrupt(format!(
                 "state topic '{}' partition {partition}: {what}; delete the pipeline and its state topic to start afresh",
                 self.name
             ))
         };
-        let (low, high) = match self
+        let (low, _) = match self
             .consumer
             .fetch_watermarks(&self.name, partition, self.timeout)
         {
@@ -257,35 +330,63 @@ impl StateTopic {
                 )))
             }
         };
-        // Look for the last commit, from the end backwards in pages.
+        // From the end backwards in pages: the commits met since the last claim met
+        // wait for the claim before them, which decides which of them count.
         const PAGE: i64 = 64;
-        let mut end = high;
-        while end > low {
+        let mut waiting: Vec<Commit> = Vec::new();
+        let mut found = None;
+        let mut end = before;
+        'pages: while end > low {
             let start = (end - PAGE).max(low);
             let page = self
                 .read_range(partition, start, end)
                 .map_err(Error::Cluster)?;
-            if let Some((_, value)) = page.iter().rev().find(|(key, _)| key == b"commit") {
-                let commit: Commit = serde_json::from_slice(value)
-                    .map_err(|e| corrupt(format!("bad commit record: {e}")))?;
-                let chunks = self
-                    .read_range(partition, commit.first, commit.first + commit.chunks)
-                    .map_err(Error::Cluster)?;
-                let blob: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
-                if blob.len() != commit.bytes || crc32c::crc32c(&blob) != commit.crc {
-                    return Err(corrupt(
-                        "the last checkpoint does not match its commit record".into(),
-                    ));
+            for (offset, key, value) in page.iter().rev() {
+                match key.as_slice() {
+                    b"commit" => waiting.push(
+                        serde_json::from_slice(value)
+                            .map_err(|e| corrupt(format!("bad commit record: {e}")))?,
+                    ),
+                    b"claim" => {
+                        // The latest of the waiting commits that this claim wrote.
+                        if let Some(c) = waiting.drain(..).find(|c| c.claim == Some(*offset)) {
+                            found = Some(c);
+                            break 'pages;
+                        }
+                    }
+                    _ => {}
                 }
-                return Checkpoint::decode(&blob).map(Some).map_err(corrupt);
             }
             end = start;
         }
-        Ok(None)
+        // No claim left before the waiting commits: their writer's claim was trimmed
+        // with what its first checkpoint covered, and no one claimed since.
+        let Some(commit) = found.or_else(|| (!waiting.is_empty()).then(|| waiting.remove(0)))
+        else {
+            return Ok(None);
+        };
+        let chunks = self
+            .read_range(partition, commit.first, commit.first + commit.chunks)
+            .map_err(Error::Cluster)?;
+        if chunks.len() as i64 != commit.chunks
+            || chunks
+                .iter()
+                .zip(commit.first..)
+                .any(|((o, k, _), want)| *o != want || k != b"chunk")
+        {
+            return Err(corrupt("the last checkpoint's chunks are missing".into()));
+        }
+        let blob: Vec<u8> = chunks.into_iter().flat_map(|(_, _, v)| v).collect();
+        if blob.len() != commit.bytes || crc32c::crc32c(&blob) != commit.crc {
+            return Err(corrupt(
+                "the last checkpoint does not match its commit record".into(),
+            ));
+        }
+        Checkpoint::decode(&blob).map(Some).map_err(corrupt)
     }
 
-    /// Keys and values of the records of `partition` at offsets `[from, to)`.
-    fn read_range(&self, partition: i32, from: i64, to: i64) -> Result<Vec<KeyValue>, String> {
+    /// Offsets, keys and values of the records of `partition` at offsets `[from, to)`.
+    fn read_range(&self, partition: i32, from: i64, to: i64) -> Result<Vec<Record>, String> {
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(&self.name, partition, Offset::Offset(from))
@@ -311,6 +412,7 @@ impl StateTopic {
                     next = message.offset() + 1;
                     if message.offset() < to {
                         out.push((
+                            message.offset(),
                             message.key().unwrap_or_default().to_vec(),
                             message.payload().unwrap_or_default().to_vec(),
                         ));
@@ -347,5 +449,108 @@ mod tests {
             valid.extend_from_slice(&bytes);
             prop_assert_eq!(Checkpoint::decode(&valid).is_ok(), bytes.is_empty());
         }
+    }
+}
+
+/// Fencing against a real broker (in-process, on a free loopback port): two
+/// instances that both believe they own a task.
+#[cfg(test)]
+mod fencing {
+    use super::*;
+    use crate::runtime::test_broker::Broker;
+
+    fn checkpoint(n: u8) -> Checkpoint {
+        Checkpoint {
+            plan_hash: 7,
+            offsets: vec![("repartition".into(), 0, n as i64)],
+            // Three chunks: the checks hold for every chunk.
+            operators: vec![vec![n; 2 * CHUNK_BYTES + 10]],
+        }
+    }
+
+    fn low(topic: &StateTopic) -> i64 {
+        topic
+            .consumer
+            .fetch_watermarks(&topic.name, 0, topic.timeout)
+            .unwrap()
+            .0
+    }
+
+    /// What a restart would restore: the last checkpoint that counts, read without
+    /// claiming.
+    fn current(topic: &StateTopic) -> Option<Checkpoint> {
+        let (_, high) = topic
+            .consumer
+            .fetch_watermarks(&topic.name, 0, topic.timeout)
+            .unwrap();
+        topic.read_last(0, high).unwrap()
+    }
+
+    #[test]
+    fn a_stale_owner_can_neither_checkpoint_nor_trim() {
+        let broker = Broker::start();
+        let name = "fencing.state";
+        broker.create_topic(name, 1);
+        let client = broker.client();
+        let timeout = Duration::from_secs(10);
+        let old = StateTopic::open(&client, name, timeout).unwrap();
+        let new = StateTopic::open(&client, name, timeout).unwrap();
+
+        let (mut old_claim, none) = old.claim(0).unwrap();
+        assert_eq!(none, None);
+        old.write(0, &checkpoint(1), &mut old_claim).unwrap();
+        old.write(0, &checkpoint(2), &mut old_claim).unwrap();
+
+        // The task moves; the old owner does not know yet.
+        let (new_claim, restored) = new.claim(0).unwrap();
+        assert_eq!(restored, Some(checkpoint(2)));
+        assert!(new_claim.epoch > old_claim.epoch);
+        let low_before = low(&new);
+
+        // The old owner's next checkpoint is refused, and trims nothing: its chunks
+        // were written after the new claim.
+        let err = old.write(0, &checkpoint(3), &mut old_claim).unwrap_err();
+        assert!(matches!(err, Error::Fenced(_)), "{err}");
+        assert!(err.is_transient());
+        assert_eq!(low(&new), low_before, "nothing trimmed");
+        assert_eq!(current(&new), Some(checkpoint(2)));
+
+        // A commit of the old owner that lands after the claim (its chunks went out
+        // before it) does not count either.
+        let small = Checkpoint {
+            operators: vec![vec![4; 100]],
+            ..checkpoint(4)
+        };
+        let blob = small.encode();
+        let first = old.send(0, "chunk", &blob).unwrap();
+        let (mut newest_claim, restored) = new.claim(0).unwrap();
+        assert_eq!(restored, Some(checkpoint(2)));
+        let commit = Commit {
+            first,
+            chunks: 1,
+            bytes: blob.len(),
+            crc: crc32c::crc32c(&blob),
+            claim: Some(new_claim.epoch),
+        };
+        new.send(0, "commit", &serde_json::to_vec(&commit).unwrap())
+            .unwrap();
+        assert_eq!(
+            current(&new),
+            Some(checkpoint(2)),
+            "a commit under a superseded claim"
+        );
+
+        // The newest owner writes, and its checkpoint is the one restored.
+        new.write(0, &checkpoint(5), &mut newest_claim).unwrap();
+        assert_eq!(current(&old), Some(checkpoint(5)));
+        assert!(low(&new) > low_before, "the newest owner trims");
+        // The claim before it that superseded is gone with the trim; the newest owner's
+        // commits still count, and the next owner restores them.
+        new.write(0, &checkpoint(6), &mut newest_claim).unwrap();
+        let (_, restored) = old.claim(0).unwrap();
+        assert_eq!(restored, Some(checkpoint(6)));
+        // ...after which the previous owner is fenced in turn.
+        let err = new.write(0, &checkpoint(7), &mut newest_claim).unwrap_err();
+        assert!(matches!(err, Error::Fenced(_)), "{err}");
     }
 }

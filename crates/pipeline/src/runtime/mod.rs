@@ -23,6 +23,8 @@ mod leave;
 mod route;
 pub mod sink;
 mod tasks;
+#[cfg(test)]
+mod test_broker;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +73,11 @@ pub enum Error {
     /// the pipeline stops. Deleting the state topic starts it afresh.
     #[error("{0}")]
     Corrupt(String),
+    /// Another instance claimed a task this one still ran (its group membership
+    /// lapsed without it noticing): its checkpoint was refused. Retrying rejoins the
+    /// group and takes whatever tasks it is given now.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A sink's table does not fit its query (missing, a column missing or of the
     /// wrong type): fix the table or the file.
     #[error("{0}")]
@@ -80,7 +87,7 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same definition may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Cluster(_))
+        matches!(self, Error::Cluster(_) | Error::Fenced(_))
     }
 }
 
@@ -478,6 +485,10 @@ struct Route {
     /// A marker carries only `high`: the highest event time its source partition
     /// has delivered.
     marker: bool,
+    /// An idle marker: the source partition delivered nothing for the idle timeout
+    /// (stage 1 decides; the tasks follow what their input says, so a replay decides
+    /// the same). Only with `marker`.
+    idle: bool,
     plan: u64,
     query: u32,
     source: u32,
@@ -492,7 +503,11 @@ impl Route {
 
     fn encode(&self) -> [u8; Route::LEN] {
         let mut out = [0u8; Route::LEN];
-        out[0] = self.marker as u8;
+        out[0] = match (self.marker, self.idle) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        };
         out[1..9].copy_from_slice(&self.plan.to_be_bytes());
         out[9..13].copy_from_slice(&self.query.to_be_bytes());
         out[13..17].copy_from_slice(&self.source.to_be_bytes());
@@ -503,7 +518,7 @@ impl Route {
     }
 
     fn decode(b: &[u8]) -> Option<Route> {
-        if b.len() != Route::LEN || b[0] > 1 {
+        if b.len() != Route::LEN || b[0] > 2 {
             return None;
         }
         let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -514,7 +529,8 @@ impl Route {
         };
         let high = i64_at(29);
         Some(Route {
-            marker: b[0] == 1,
+            marker: b[0] >= 1,
+            idle: b[0] == 2,
             plan: i64_at(1) as u64,
             query: u32_at(9),
             source: u32_at(13),
@@ -974,6 +990,32 @@ fn check_fatal<C: rdkafka::consumer::ConsumerContext>(
     )))
 }
 
+/// The high watermark of a partition this consumer reads, as librdkafka last saw it
+/// in a fetch response: no request, so it never blocks the loop (the stages' lag,
+/// every checkpoint). None before the partition's first fetch answered.
+fn cached_high<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; librdkafka reads the
+    // NUL-terminated name and writes the two offsets, nothing else.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// Queues one record, waiting while librdkafka's queue is full.
 fn send<'a>(
     producer: &ThreadedProducer<DeliveryContext>,
@@ -1097,16 +1139,65 @@ mod tests {
 
     proptest! {
         #[test]
-        fn a_route_header_reads_back(marker: bool, plan: u64, query: u32, source: u32, partition: i32,
+        fn a_route_header_reads_back(marker: bool, idle: bool, plan: u64, query: u32, source: u32, partition: i32,
                                      offset: i64, high in proptest::option::of(i64::MIN + 1..i64::MAX)) {
-            let r = Route { marker, plan, query, source, partition, offset, high };
+            let r = Route { marker, idle: marker && idle, plan, query, source, partition, offset, high };
             prop_assert_eq!(Route::decode(&r.encode()), Some(r));
         }
 
         #[test]
         fn a_bad_route_header_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..60)) {
             let decoded = Route::decode(&bytes);
-            prop_assert_eq!(decoded.is_some(), bytes.len() == Route::LEN && bytes[0] <= 1);
+            prop_assert_eq!(decoded.is_some(), bytes.len() == Route::LEN && bytes[0] <= 2);
         }
+    }
+
+    /// librdkafka's cached high watermark follows the fetches, with no request of
+    /// its own: what the stages' lag reads.
+    #[test]
+    fn the_cached_high_watermark_follows_the_fetches() {
+        use super::{cached_high, test_broker};
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        use rdkafka::{Message, TopicPartitionList};
+        use std::time::Duration;
+        let broker = test_broker::Broker::start();
+        broker.create_topic("cached", 1);
+        let producer: BaseProducer = broker.client().create().unwrap();
+        for i in 0..10 {
+            producer
+                .send(BaseRecord::<[u8], [u8]>::to("cached").payload(&[i][..]))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let consumer: BaseConsumer = broker
+            .client()
+            .set("group.id", "cached")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        assert_eq!(
+            cached_high(&consumer, "cached", 0),
+            None,
+            "nothing fetched yet"
+        );
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset("cached", 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&list).unwrap();
+        let first = loop {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => break m.offset(),
+                Some(Err(e)) => panic!("{e}"),
+                None => {}
+            }
+        };
+        assert_eq!(first, 0);
+        assert_eq!(cached_high(&consumer, "cached", 0), Some(10));
+        assert_eq!(
+            cached_high(&consumer, "cached", 1),
+            None,
+            "no such partition"
+        );
     }
 }

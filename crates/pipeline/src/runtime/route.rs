@@ -4,7 +4,10 @@
 //! route header (source partition and offset, and the partition's highest event time
 //! before it). Every tick it also sends a watermark marker per source partition that
 //! delivered, to every repartition partition, so that a task whose keys a partition
-//! rarely carries still sees that partition's event time move.
+//! rarely carries still sees that partition's event time move; and an idle marker for
+//! a partition held here that delivered nothing for the idle timeout. Idleness is
+//! decided here, once, and reaches the tasks in their input: a task replaying its
+//! repartition partition after a crash makes the same decisions.
 //!
 //! At least once: the source offsets are committed only after everything sent for
 //! the records before them is acknowledged; a record sent twice (after a crash or a
@@ -24,8 +27,8 @@ use sql::expr::Input;
 use sql::plan::Body;
 
 use super::{
-    copy, group_id, input_headers, read_json, send, send_copy, send_rows, Clock, Error, Origin,
-    Route, Shared, ROUTE_HEADER, TICK,
+    cached_high, copy, group_id, input_headers, read_json, send, send_copy, send_rows, Clock,
+    Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
 
@@ -39,13 +42,28 @@ enum Stage {
     None,
 }
 
-/// Per (query, source partition): the highest event time delivered, and whether a
-/// record came since the last marker.
-#[derive(Default, Clone, Copy)]
+/// Per (grouped query, source partition held here): the highest event time
+/// delivered, whether a record came since the last marker, when one last came (or
+/// the partition was assigned), and whether the tasks were told it is idle.
+#[derive(Clone, Copy)]
 struct Progress {
     high: Option<i64>,
     delivered: bool,
     offset: i64,
+    last_ms: i64,
+    idle: bool,
+}
+
+impl Progress {
+    fn new(now: i64) -> Progress {
+        Progress {
+            high: None,
+            delivered: false,
+            offset: -1,
+            last_ms: now,
+            idle: false,
+        }
+    }
 }
 
 /// Counts the source partitions' revocations, which happen inside `poll`.
@@ -141,6 +159,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         if revoked != revocations {
             revocations = revoked;
             positions.clear();
+            progress.clear();
         }
         let read = clock.after_poll(matches!(polled, Some(Ok(_))));
         let now = clock.now;
@@ -176,7 +195,8 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
-            send_markers(shared, &stages, &mut progress)?;
+            hold(&consumer, &stages, &source_index, &mut progress, now);
+            send_markers(shared, &stages, &mut progress, now)?;
             stats
                 .records_out
                 .fetch_add(std::mem::take(&mut out_count), Ordering::Relaxed);
@@ -187,7 +207,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         }
     }
     stats.records_out.fetch_add(out_count, Ordering::Relaxed);
-    send_markers(shared, &stages, &mut progress)?;
+    send_markers(shared, &stages, &mut progress, clock.now)?;
     commit(shared, &consumer, &positions, CommitMode::Sync)
 }
 
@@ -236,7 +256,7 @@ fn one(
         let (stage, output, _) = &mut stages[q];
         match stage {
             Stage::None => {}
-            Stage::Map(op) => match op.process(&input, now, rows) {
+            Stage::Map(op) => match op.process(&input, rows) {
                 Ok(Fate::Done | Fate::Late) => {
                     let origin = shared.prepared.plan.queries[q].sink.map(|_| (q, &source));
                     out += send_rows(shared, output, rows, origin)?
@@ -260,7 +280,9 @@ fn one(
             },
             Stage::Route(op) => {
                 let routing = op.route(&input);
-                let p = progress.entry((q, partition)).or_default();
+                let p = progress
+                    .entry((q, partition))
+                    .or_insert_with(|| Progress::new(now));
                 let high = p.high;
                 if let Some(t) = routing.time {
                     p.high = Some(high.map_or(t, |h| h.max(t)));
@@ -272,6 +294,7 @@ fn one(
                 }
                 let route = Route {
                     marker: false,
+                    idle: false,
                     plan: shared.hash,
                     query: q as u32,
                     source: s as u32,
@@ -308,26 +331,69 @@ fn forward(
     )
 }
 
+/// Keeps a progress entry for every (grouped query, source partition) assigned here,
+/// including those that deliver nothing (so they can be declared idle), and none for
+/// the others.
+fn hold(
+    consumer: &BaseConsumer<RouteContext>,
+    stages: &[(Stage, &str, usize)],
+    source_index: &HashMap<&str, usize>,
+    progress: &mut HashMap<(usize, i32), Progress>,
+    now: i64,
+) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let held: Vec<(usize, i32)> = assignment
+        .elements()
+        .iter()
+        .filter_map(|e| Some((*source_index.get(e.topic())?, e.partition())))
+        .collect();
+    progress.retain(|&(q, partition), _| held.contains(&(stages[q].2, partition)));
+    for (s, partition) in held {
+        for (q, (stage, _, source)) in stages.iter().enumerate() {
+            if matches!(stage, Stage::Route(_)) && *source == s {
+                progress
+                    .entry((q, partition))
+                    .or_insert_with(|| Progress::new(now));
+            }
+        }
+    }
+}
+
 /// For every (grouped query, source partition) that delivered since the last tick: a
-/// marker with its highest event time to every task.
+/// marker with its highest event time to every task; for one held here that
+/// delivered nothing for the idle timeout, once, an idle marker.
 fn send_markers(
     shared: &Shared<'_>,
     stages: &[(Stage, &str, usize)],
     progress: &mut HashMap<(usize, i32), Progress>,
+    now: i64,
 ) -> Result<(), Error> {
+    let idle_after = shared.prepared.plan.settings.idle_timeout_ms;
     for (&(q, partition), p) in progress.iter_mut() {
-        if !std::mem::take(&mut p.delivered) {
+        let idle = if std::mem::take(&mut p.delivered) {
+            p.last_ms = now;
+            p.idle = false;
+            false
+        } else if !p.idle && now - p.last_ms >= idle_after {
+            p.idle = true;
+            true
+        } else {
+            continue;
+        };
+        if !idle && p.high.is_none() {
             continue;
         }
-        let Some(high) = p.high else { continue };
         let route = Route {
             marker: true,
+            idle,
             plan: shared.hash,
             query: q as u32,
             source: stages[q].2 as u32,
             partition,
             offset: p.offset,
-            high: Some(high),
+            high: p.high,
         };
         let encoded = route.encode();
         for task in 0..shared.layout.routed_tasks {
@@ -366,10 +432,10 @@ fn commit(
         if let Some(next) = next {
             let _ = offsets.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
         }
-        if let Ok((low, high)) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
-        {
-            lag += (high - next.unwrap_or(low).max(low)).max(0);
+        // Partitions not read from yet are not counted: nothing of them is known
+        // without asking the cluster, which this loop does not wait for.
+        if let (Some(high), Some(next)) = (cached_high(consumer, e.topic(), e.partition()), next) {
+            lag += (high - next).max(0);
         }
     }
     shared.stats.lag.store(lag, Ordering::Relaxed);

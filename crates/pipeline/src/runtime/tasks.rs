@@ -1,9 +1,11 @@
 //! The second stage of a run: the tasks. Task N owns repartition partition N, the
 //! state of the groups whose keys hash to it, and state-topic partition N, where its
 //! checkpoints go. The instances of a pipeline split the tasks through a second
-//! consumer group; when a task is assigned here, its last checkpoint is read inside
-//! the rebalance callback and the partition starts at the offset that checkpoint
-//! reflects, so no record is counted twice or lost across a move.
+//! consumer group; when a task is assigned here, it is claimed in its state
+//! partition and its last checkpoint read inside the rebalance callback, and the
+//! partition starts at the offset that checkpoint reflects, so no record is counted
+//! twice or lost across a move. An instance that lost a task without noticing has
+//! its next checkpoint refused ([`Error::Fenced`]) and trims nothing.
 //!
 //! A task drops a routed record whose source offset is not above the highest one it
 //! applied for that (query, source partition): the first stage sends a record again
@@ -24,11 +26,11 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::Input;
 use sql::plan::Body;
 
-use super::checkpoint::{Checkpoint, StateTopic};
+use super::checkpoint::{Checkpoint, Claim, StateTopic};
 use super::json;
 use super::{
-    input_headers, read_json, send_copy, send_rows, state_topic, tasks_group_id, Clock, Error,
-    Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
+    cached_high, input_headers, read_json, send_copy, send_rows, state_topic, tasks_group_id,
+    Clock, Error, Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
 };
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -38,8 +40,8 @@ type TaskId = (usize, i32);
 
 /// What the rebalance callback tells the loop.
 enum Event {
-    /// The task is ours, with its last checkpoint of this plan, if any.
-    Assigned(TaskId, Option<Checkpoint>),
+    /// The task is ours, claimed, with its last checkpoint of this plan, if any.
+    Assigned(TaskId, Claim, Option<Checkpoint>),
     /// Every task went away (the eager protocol revokes all).
     Revoked,
     Failed(Error),
@@ -78,8 +80,8 @@ impl ConsumerContext for TaskContext {
                 continue;
             };
             let mut offset = Offset::Beginning;
-            match self.state.read_last(self.inputs[input].1 + partition) {
-                Ok(Some(c)) if c.plan_hash == self.hash => {
+            match self.state.claim(self.inputs[input].1 + partition) {
+                Ok((claim, Some(c))) if c.plan_hash == self.hash => {
                     if let Some((_, _, next)) = c
                         .offsets
                         .iter()
@@ -87,9 +89,9 @@ impl ConsumerContext for TaskContext {
                     {
                         offset = Offset::Offset(*next);
                     }
-                    events.push(Event::Assigned((input, partition), Some(c)));
+                    events.push(Event::Assigned((input, partition), claim, Some(c)));
                 }
-                Ok(_) => events.push(Event::Assigned((input, partition), None)),
+                Ok((claim, _)) => events.push(Event::Assigned((input, partition), claim, None)),
                 Err(e) => events.push(Event::Failed(e)),
             }
             let _ = tpl.set_partition_offset(&topic, partition, offset);
@@ -107,8 +109,9 @@ impl ConsumerContext for TaskContext {
 struct Task {
     /// Whether its input is the repartition topic (or a source, read directly).
     routed: bool,
-    /// Its partition of the state topic.
+    /// Its partition of the state topic, and its claim there.
     state_partition: i32,
+    claim: Claim,
     ops: Vec<(usize, QueryOperator)>,
     /// Per (query, source, source partition): the highest source offset applied.
     applied: HashMap<(u32, u32, i32), i64>,
@@ -122,8 +125,8 @@ impl Task {
     fn new(
         shared: &Shared<'_>,
         (input, partition): TaskId,
+        claim: Claim,
         checkpoint: Option<Checkpoint>,
-        now: i64,
     ) -> Result<Task, Error> {
         let plan = &shared.prepared.plan;
         let layout = &shared.layout;
@@ -132,6 +135,7 @@ impl Task {
         let mut task = Task {
             routed,
             state_partition: first + partition,
+            claim,
             ops: plan
                 .queries
                 .iter()
@@ -181,7 +185,7 @@ impl Task {
             } else {
                 vec![partition]
             };
-            op.assign(&fed, now);
+            op.assign(&fed);
         }
         Ok(task)
     }
@@ -231,10 +235,6 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let name = &prepared.name;
     let stats = shared.stats;
     let cluster = |e: String| Error::Cluster(e);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Cluster(e.to_string()))?;
     let state = Arc::new(
         StateTopic::open(&prepared.client, &state_topic(name), CLUSTER_TIMEOUT).map_err(cluster)?,
     );
@@ -268,7 +268,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         let polled = consumer.poll(TICK);
         let read = clock.after_poll(matches!(polled, Some(Ok(_))));
         let now = clock.now;
-        take_events(shared, &consumer, &mut tasks, now)?;
+        take_events(shared, &consumer, &mut tasks)?;
         match polled {
             Some(Ok(message)) => {
                 let input = inputs.iter().position(|t| *t == message.topic());
@@ -276,9 +276,9 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                     task.next = message.offset() + 1;
                     task.dirty = true;
                     out_count += if task.routed {
-                        routed(shared, task, &message, now, &mut rows)?
+                        routed(shared, task, &message, &mut rows)?
                     } else {
-                        direct(shared, task, &message, now, &mut rows)?
+                        direct(shared, task, &message, &mut rows)?
                     };
                 }
             }
@@ -303,7 +303,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         }
         if last_checkpoint.elapsed() >= checkpoint_after {
             let started = Instant::now();
-            checkpoint(shared, &rt, &state, &consumer, &mut tasks)?;
+            checkpoint(shared, &state, &consumer, &mut tasks)?;
             // A checkpoint takes time in proportion to the state: the next one waits
             // at least nine times as long, so that checkpoints never take more than
             // a tenth of the run (a crash then replays more; results are the same).
@@ -312,7 +312,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         }
     }
     stats.records_out.fetch_add(out_count, Ordering::Relaxed);
-    checkpoint(shared, &rt, &state, &consumer, &mut tasks)
+    checkpoint(shared, &state, &consumer, &mut tasks)
 }
 
 /// Takes the tasks the last rebalance gave or took.
@@ -320,7 +320,6 @@ fn take_events(
     shared: &Shared<'_>,
     consumer: &BaseConsumer<TaskContext>,
     tasks: &mut BTreeMap<TaskId, Task>,
-    now: i64,
 ) -> Result<(), Error> {
     let events = std::mem::take(
         &mut *consumer
@@ -332,8 +331,8 @@ fn take_events(
     for event in events {
         match event {
             Event::Revoked => tasks.clear(),
-            Event::Assigned(id, checkpoint) => {
-                tasks.insert(id, Task::new(shared, id, checkpoint, now)?);
+            Event::Assigned(id, claim, checkpoint) => {
+                tasks.insert(id, Task::new(shared, id, claim, checkpoint)?);
             }
             Event::Failed(e) => return Err(e),
         }
@@ -347,7 +346,6 @@ fn routed(
     shared: &Shared<'_>,
     task: &mut Task,
     message: &BorrowedMessage<'_>,
-    now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let plan = &shared.prepared.plan;
@@ -365,8 +363,10 @@ fn routed(
     };
     let query = &plan.queries[*q];
     if route.marker {
-        if let Some(high) = route.high {
-            op.observe(route.partition, high, now, rows);
+        if route.idle {
+            op.idle(route.partition, rows);
+        } else if let Some(high) = route.high {
+            op.observe(route.partition, high, rows);
         }
         return send_rows(shared, &query.output, rows, None);
     }
@@ -379,7 +379,7 @@ fn routed(
     }
     *applied = route.offset;
     if let Some(high) = route.high {
-        op.observe(route.partition, high, now, rows);
+        op.observe(route.partition, high, rows);
     }
     let source_topic = shared
         .prepared
@@ -411,7 +411,7 @@ fn routed(
         headers: &headers,
     };
     let out = send_rows(shared, &query.output, rows, None)?;
-    Ok(out + apply(shared, *q, op, &input, message, &source, now, rows)?)
+    Ok(out + apply(shared, *q, op, &input, message, &source, rows)?)
 }
 
 /// One record of a source a task reads directly; returns how many rows it sent.
@@ -419,7 +419,6 @@ fn direct(
     shared: &Shared<'_>,
     task: &mut Task,
     message: &BorrowedMessage<'_>,
-    now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let plan = &shared.prepared.plan;
@@ -460,7 +459,7 @@ fn direct(
     };
     let mut out = 0;
     for (q, op) in &mut task.ops {
-        out += apply(shared, *q, op, &input, message, &source, now, rows)?;
+        out += apply(shared, *q, op, &input, message, &source, rows)?;
     }
     Ok(out)
 }
@@ -475,13 +474,12 @@ fn apply(
     input: &Input<'_>,
     message: &BorrowedMessage<'_>,
     source: &Origin<'_>,
-    now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let stats = shared.stats;
     let output = shared.prepared.plan.queries[q].output.as_str();
     let extra = ("freshet.query", output);
-    match op.process(input, now, rows) {
+    match op.process(input, rows) {
         Ok(Fate::Done) => {}
         Ok(Fate::Late) => {
             send_copy(&shared.producer, &shared.late, message, source, &[extra])?;
@@ -545,7 +543,6 @@ fn tick(
 /// tasks will never read again, and commits those offsets for lag tools.
 fn checkpoint(
     shared: &Shared<'_>,
-    rt: &tokio::runtime::Runtime,
     state: &StateTopic,
     consumer: &BaseConsumer<TaskContext>,
     tasks: &mut BTreeMap<TaskId, Task>,
@@ -557,18 +554,15 @@ fn checkpoint(
     for (&id, task) in tasks.iter_mut() {
         if !task.routed {
             let topic = &shared.layout.inputs[id.0].0;
-            if let Ok((low, high)) =
-                consumer.fetch_watermarks(topic, id.1, Duration::from_millis(500))
-            {
-                *lag.get_or_insert(0) += (high - task.next.max(low)).max(0);
+            if let Some(high) = cached_high(consumer, topic, id.1) {
+                *lag.get_or_insert(0) += (high - task.next.max(0)).max(0);
             }
         }
         if !task.dirty {
             continue;
         }
-        state
-            .write(rt, task.state_partition, &task.checkpoint(shared, id))
-            .map_err(Error::Cluster)?;
+        let checkpoint = task.checkpoint(shared, id);
+        state.write(task.state_partition, &checkpoint, &mut task.claim)?;
         task.dirty = false;
         shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         let topic = &shared.layout.inputs[id.0].0;
@@ -581,7 +575,7 @@ fn checkpoint(
         shared.stats.task_lag.store(lag, Ordering::Relaxed);
     }
     if !trim.is_empty() {
-        state.trim(rt, &shared.repartition, &trim);
+        state.trim(&shared.repartition, &trim);
     }
     if offsets.count() > 0 {
         if let Err(err) = consumer.commit(&offsets, CommitMode::Async) {
