@@ -231,6 +231,56 @@ GROUP BY city, window_start, window_end;
     assert pg.PASSWORD not in json.dumps(d) and "freshet:***@" in d["sql"], d
 
 
+def test_redis_sorted_sets_order_rows_by_a_column(broker, redis):
+    """Seed 001's plan: form submissions in a Redis sorted set ordered by the time they
+    were received (members: the rows as JSON), and a live tally as a leaderboard (a
+    grouped query upserted on its primary key: members are the keys, scores the
+    counts, beside each key's hash). A row without a usable score is dead-lettered."""
+    src = name("submissions")
+    create_topic(broker.bootstrap, src)
+    rng = random.Random(5)
+    choices = ["red", "green", "blue", "black"]
+    times = rng.sample(range(10_000_000), 500)  # distinct: the order is by score alone
+    docs = [{"id": i, "name": f"user {i}", "choice": rng.choice(choices),
+             "received_at": 1_764_547_200_000 + times[i]} for i in range(500)]
+    docs[17]["received_at"] = None
+    docs[18]["received_at"] = "not a time"
+    produce_json(broker.bootstrap, src, docs)
+    pipeline = name("ordered")
+    dead = f"{pipeline}.dead-letter"
+    sql = f"""
+CREATE SINK ordered WITH (connector = 'redis', url = '{redis.url(5)}', table = 'forms_by_time', score = 'received_at');
+CREATE SINK board WITH (connector = 'redis', url = '{redis.url(5)}', table = 'votes', primary_key = 'choice', score = 'n');
+INSERT INTO ordered SELECT CAST(id AS BIGINT) AS id, name, received_at FROM {src};
+INSERT INTO board SELECT choice, COUNT(*) AS n FROM {src} GROUP BY choice;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    good = [d for d in docs if isinstance(d["received_at"], int)]
+    card = lambda key: int(redis.cli("ZCARD", key, db=5)[0])
+    wait_until(lambda: card("forms_by_time") >= len(good), timeout=60,
+               what=lambda: f"{len(good)} members (have {card('forms_by_time')})")
+    # The independent oracle: the rows sorted by received_at in Python.
+    want = sorted(good, key=lambda d: d["received_at"])
+    got = redis.cli("ZRANGE", "forms_by_time", "0", "-1", "WITHSCORES", db=5)
+    members, scores = [json.loads(m) for m in got[::2]], [int(s) for s in got[1::2]]
+    assert [m["id"] for m in members] == [d["id"] for d in want]
+    assert scores == [d["received_at"] for d in want]
+    assert all(m == {k: d[k] for k in ("id", "name", "received_at")} for m, d in zip(members, want))
+
+    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 2, timeout=30, what="2 dead letters")
+    letters = consume(broker.bootstrap, dead)
+    errors = {json.loads(r.value)["id"]: dict(r.headers)["freshet.error"].decode() for r in letters}
+    assert sorted(errors) == [17, 18], errors
+    assert "score column 'received_at' is NULL" in errors[17], errors
+    assert "not a number or an ISO-8601 time" in errors[18], errors
+
+    tally = {c: sum(1 for d in docs if d["choice"] == c) for c in choices}
+    board = lambda: redis.cli("ZRANGE", "votes", "0", "-1", "WITHSCORES", db=5)
+    want_board = [x for c, n in sorted(tally.items(), key=lambda kv: (kv[1], kv[0])) for x in (c, str(n))]
+    wait_until(lambda: board() == want_board, timeout=60, what=lambda: f"the leaderboard {want_board} (have {board()})")
+    assert redis.cli("HGET", "votes:blue", "n", db=5) == [str(tally["blue"])]
+
+
 def test_a_refused_row_goes_to_the_dead_letter_topic_and_the_rest_is_written(broker, pg):
     src = name("votes")
     create_topic(broker.bootstrap, src)

@@ -137,7 +137,7 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
 }
 
 /// Sink options users may write (`docs/sql.md`).
-const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' | 'file' | 'kafka', ...): postgres and redis take url and table, sqlite path and table, http url (and timeout), file path (and roll_size, roll_interval), kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
+const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' | 'file' | 'kafka', ...): postgres and redis take url and table (redis: and score = 'column' for a sorted set), sqlite path and table, http url (and timeout), file path (and roll_size, roll_interval), kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
 
 /// `CREATE SINK name WITH (key = value, ...)`.
 fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
@@ -214,6 +214,7 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             .ok_or_else(|| error_at(at, format!("a {connector} sink needs {key} = '...'")))
     };
     let known: &[&str] = &[
+        "score",
         "timeout",
         "roll_size",
         "roll_interval",
@@ -255,6 +256,7 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
         },
         "redis" => Connector::Redis {
             url: need("url", "redis")?,
+            score: take("score").map(|(v, _)| v.trim().to_string()),
         },
         "http" => Connector::Http {
             url: need("url", "http")?,
@@ -307,11 +309,20 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
             .ok_or_else(|| error_at(vat, "batch_rows is a number from 1 to 1000000"))?,
     };
     let batch_interval_ms = duration_option(&take, "batch_interval", 100)?;
-    if matches!(connector, Connector::Redis { .. }) && primary_key.is_empty() {
-        return Err(error_at(
-            at,
-            "a redis sink writes a hash per row, keyed by its primary key: add primary_key = '...'",
-        ));
+    match (&connector, take("score")) {
+        (Connector::Redis { score: None, .. }, _) if primary_key.is_empty() => {
+            return Err(error_at(
+                at,
+                "a redis sink writes a hash per row, keyed by its primary key (add primary_key = '...'), or the rows into a sorted set ordered by a column (add score = 'column')",
+            ))
+        }
+        (Connector::Redis { score: Some(s), .. }, Some((_, sat))) if s.is_empty() => {
+            return Err(error_at(sat, "score names a column of the select list"))
+        }
+        (Connector::Redis { .. }, _) | (_, None) => {}
+        (_, Some((_, sat))) => {
+            return Err(error_at(sat, "score is an option of redis sinks only"))
+        }
     }
     Ok((
         SinkDef::Database(Sink {

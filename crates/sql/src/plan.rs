@@ -46,8 +46,14 @@ pub enum Connector {
     /// `path = 'file.db'`.
     Sqlite { path: String },
     /// `url = 'redis://[:password@]host:port[/db]'`: a hash per row at
-    /// `table:key1:key2`.
-    Redis { url: String },
+    /// `table:key1:key2`; with `score = 'column'`, also the sorted set `table` of
+    /// the rows (their primary key, or without one the row's JSON) ordered by that
+    /// column.
+    Redis {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        score: Option<String>,
+    },
     /// `url = 'http://host:port/path'`: each batch POSTed as a JSON array
     /// (at-least-once, with an `Idempotency-Key`).
     Http { url: String, timeout_ms: i64 },

@@ -429,6 +429,9 @@ fn sink_errors_point_at_the_statement() {
         ("CREATE SINK s WITH (connector = 'postgres', table = 't');\nINSERT INTO s SELECT city FROM tweets;", 1, "needs url"),
         ("CREATE SINK s WITH (connector = 'mongo');\nINSERT INTO s SELECT city FROM tweets;", 1, "unknown connector 'mongo'"),
         ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't');", 1, "primary_key"),
+        ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't');", 1, "score = 'column'"),
+        ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't',\n score = ' ');", 2, "score names a column"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', score = 'at');", 1, "redis sinks only"),
         ("CREATE SINK s WITH (connector = 'http', url = 'http://h/x', timeout = 'soon');", 1, "timeout: 'soon'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', colour = 'red');", 1, "unknown sink option 'colour'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');\n\nINSERT INTO s SELECT city, COUNT(*) AS n FROM tweets GROUP BY city;", 3, "primary_key = 'city, n'"),
@@ -460,6 +463,32 @@ proptest! {
             prop_assert!(e.line >= 1 && e.column >= 1);
         }
     }
+}
+
+/// A sorted-set redis sink needs no primary key; its score is in the plan, and a
+/// redis sink without one plans (and hashes) as before.
+#[test]
+fn redis_sinks_with_a_score() {
+    let plan = compile(
+        "CREATE SINK z WITH (connector = 'redis', url = 'redis://h', table = 'forms', score = 'at');\nINSERT INTO z SELECT city, _timestamp AS at FROM tweets;",
+        &Topics,
+    )
+    .unwrap();
+    assert_eq!(
+        plan.sinks[0].connector,
+        Connector::Redis {
+            url: "redis://h".into(),
+            score: Some("at".into())
+        }
+    );
+    assert!(plan.sinks[0].primary_key.is_empty());
+    let hash = compile(
+        "CREATE SINK h WITH (connector = 'redis', url = 'redis://h', table = 'forms', primary_key = 'city');\nINSERT INTO h SELECT city FROM tweets;",
+        &Topics,
+    )
+    .unwrap();
+    let text = serde_json::to_string(&hash.sinks[0].connector).unwrap();
+    assert_eq!(text, r#"{"Redis":{"url":"redis://h"}}"#);
 }
 
 #[test]

@@ -288,7 +288,9 @@ fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
     match &sink.connector {
         Connector::Postgres { url } => Box::new(postgres::Postgres::new(url, sink, columns)),
         Connector::Sqlite { path } => Box::new(sqlite::Sqlite::new(path, sink, columns)),
-        Connector::Redis { url } => Box::new(redis::Redis::new(url, sink, columns)),
+        Connector::Redis { url, score } => {
+            Box::new(redis::Redis::new(url, score.clone(), sink, columns))
+        }
         Connector::Http { url, timeout_ms } => Box::new(http::Http::new(url, *timeout_ms, columns)),
         Connector::File {
             path,

@@ -1,6 +1,10 @@
 //! The `redis` connector: a hash per row at `TABLE:<primary key values joined by
 //! ':'>` (replaced whole by each upsert: `DEL` then `HSET`), over RESP on one TCP
-//! connection. Exactly once: a batch is `WATCH freshet_offsets`, the sink's
+//! connection. With `score = 'column'`, the sorted set `TABLE` orders the rows by
+//! that column (`ZADD`): its members are the primary keys (the hashes' suffixes), or
+//! without a primary key the rows themselves as JSON (no hashes then; equal rows are
+//! one member). A row whose score is not a number or a timestamp is refused (to the
+//! dead-letter topic). Exactly once: a batch is `WATCH freshet_offsets`, the sink's
 //! positions read from the hash `freshet_offsets` (field `<sink topic>/<partition>`,
 //! value `<next offset> <origins JSON>`), then the rows and the new positions in one
 //! `MULTI`/`EXEC`, which Redis applies whole or not at all (and not at all if another
@@ -23,6 +27,8 @@ const MAX_REPLY: usize = 64 << 20;
 pub(crate) struct Redis {
     url: String,
     prefix: String,
+    /// The column that orders the sorted set `prefix`, if any.
+    score: Option<String>,
     columns: Columns,
     conn: Option<Conn>,
     /// Commands of the current transaction, sent at commit.
@@ -114,6 +120,28 @@ fn text(v: &serde_json::Value) -> Vec<u8> {
     }
 }
 
+/// A row's score for `ZADD`: a number as it is (timestamps are epoch milliseconds in
+/// rows), an ISO-8601 string as epoch milliseconds; anything else refuses the row.
+fn score(column: &str, v: Option<&serde_json::Value>) -> Result<String, Failure> {
+    match v {
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Some(serde_json::Value::String(s)) => sql::time::parse_iso8601(s)
+            .map(|ms| ms.to_string())
+            .ok_or_else(|| {
+                Failure::Rejected(format!(
+                    "score column '{column}': {s:?} is not a number or an ISO-8601 time"
+                ))
+            }),
+        other => Err(Failure::Rejected(format!(
+            "score column '{column}' is {}, not a number",
+            match other {
+                None | Some(serde_json::Value::Null) => "NULL".to_string(),
+                Some(v) => v.to_string(),
+            }
+        ))),
+    }
+}
+
 /// (user, password) for AUTH.
 type Auth = (String, String);
 
@@ -152,10 +180,11 @@ fn parse(url: &str) -> Result<(String, Option<Auth>, Option<u32>), Failure> {
 }
 
 impl Redis {
-    pub fn new(url: &str, sink: &Sink, columns: Columns) -> Redis {
+    pub fn new(url: &str, score: Option<String>, sink: &Sink, columns: Columns) -> Redis {
         Redis {
             url: url.to_string(),
             prefix: sink.table.clone(),
+            score,
             columns,
             conn: None,
             queued: Vec::new(),
@@ -209,6 +238,14 @@ impl Target for Redis {
 
     fn open(&mut self) -> Result<Vec<String>, Failure> {
         self.conn = None;
+        if let (Some(score), Some(query)) = (&self.score, &self.columns.query) {
+            if !query.iter().any(|(n, _)| n == score) {
+                return Err(Failure::Config(format!(
+                    "score = '{score}' is not a column of the query (it writes {})",
+                    query.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
         let (address, auth, db) = parse(&self.url)?;
         let addr = address
             .to_socket_addrs()
@@ -283,6 +320,29 @@ impl Target for Redis {
 
     fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
         for out in rows {
+            if let Some(column) = &self.score {
+                let score = score(column, out.row.get(column))?;
+                let member = if self.columns.primary_key.is_empty() {
+                    serde_json::to_vec(out.row).map_err(|e| Failure::Rejected(e.to_string()))?
+                } else {
+                    let key: Vec<Vec<u8>> = self
+                        .columns
+                        .primary_key
+                        .iter()
+                        .map(|k| text(out.row.get(k).unwrap_or(&serde_json::Value::Null)))
+                        .collect();
+                    key.join(&b':')
+                };
+                self.queued.push(vec![
+                    b"ZADD".to_vec(),
+                    self.prefix.clone().into_bytes(),
+                    score.into_bytes(),
+                    member,
+                ]);
+                if self.columns.primary_key.is_empty() {
+                    continue;
+                }
+            }
             let mut key = self.prefix.clone().into_bytes();
             for k in &self.columns.primary_key {
                 key.push(b':');
@@ -374,6 +434,24 @@ mod tests {
             let mut input: &[u8] = &out;
             let want = Reply::Array(Some(args.into_iter().map(|a| Reply::Bulk(Some(a))).collect()));
             prop_assert_eq!(read_reply(&mut input).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn scores() {
+        use serde_json::json;
+        assert_eq!(score("s", Some(&json!(42))).unwrap(), "42");
+        assert_eq!(score("s", Some(&json!(-1.5))).unwrap(), "-1.5");
+        assert_eq!(
+            score("s", Some(&json!("1970-01-01T00:00:01.500Z"))).unwrap(),
+            "1500"
+        );
+        for bad in [None, Some(json!(null)), Some(json!("soon")), Some(json!([1]))] {
+            let err = score("s", bad.as_ref()).unwrap_err();
+            assert!(
+                matches!(&err, Failure::Rejected(m) if m.contains("score column 's'")),
+                "{err:?}"
+            );
         }
     }
 
