@@ -48,7 +48,7 @@ class Webhook:
     """A receiver that answers 503 to every third request: the sink must retry with
     the same Idempotency-Key. Keeps the rows of each key it accepted."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.accepted: dict[str, list] = {}
         self.requests = 0
         self.refused = 0
@@ -74,7 +74,10 @@ class Webhook:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/forms"
+        if tls is not None:  # an ssl.SSLContext: https, handshakes in accept()
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/forms"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def rows(self) -> list:
@@ -471,6 +474,50 @@ INSERT INTO c SELECT CAST(id AS BIGINT) % 2 AS parity, COUNT(*) AS n FROM {src} 
         hook.close()
     report("sinks", f"{n} records into PostgreSQL, SQLite, Redis, a webhook failing 1 request in 3 and "
                     f"JSON-lines files at once: each row once in each")
+
+
+def test_an_https_webhook_trusts_mozillas_roots_or_the_named_ca(broker, tmp_path):
+    """A webhook over TLS: with the CA that signed its certificate named (`ca`), every
+    row arrives once (retries included); without it, the certificate is refused with
+    an error that says what to do, and nothing is sent."""
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    src = name("secure")
+    create_topic(broker.bootstrap, src)
+    n = 300
+    docs = [{"id": i, "name": f"user {i}"} for i in range(n)]
+    produce_json(broker.bootstrap, src, docs)
+    trusted, untrusted = Webhook(tls=server), Webhook(tls=server)
+    assert trusted.url.startswith("https://")
+    pipeline, stranger = name("https"), name("untrusted")
+    select = f"SELECT CAST(id AS BIGINT) AS id, name FROM {src}"
+    try:
+        assert put_pipeline(broker, pipeline, f"""
+CREATE SINK hook WITH (connector = 'http', url = '{trusted.url}', ca = '{ca_file}', batch_rows = 50);
+INSERT INTO hook {select};
+""").status == 201
+        assert put_pipeline(broker, stranger, f"""
+CREATE SINK hook WITH (connector = 'http', url = '{untrusted.url}', batch_rows = 50);
+INSERT INTO hook {select};
+""").status == 201
+        wait_until(lambda: len(trusted.rows()) >= n, timeout=60, what=lambda: f"{n} rows over https ({len(trusted.rows())})")
+        assert sorted(r["id"] for r in trusted.rows()) == list(range(n))
+        assert all(r == docs[r["id"]] for r in trusted.rows())
+        assert trusted.refused > 0, "retries over TLS too"
+        wait_until(lambda: "certificate" in (describe(broker, stranger)["last_error"] or ""), timeout=30,
+                   what="the untrusted certificate reported")
+        error = describe(broker, stranger)["last_error"]
+        assert "ca = '...'" in error, error
+        assert untrusted.requests == 0 and untrusted.rows() == []
+    finally:
+        trusted.close()
+        untrusted.close()
 
 
 def test_a_database_outage_grows_the_lag_and_nothing_is_lost(broker, pg):

@@ -137,7 +137,7 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
 }
 
 /// Sink options users may write (`docs/sql.md`).
-const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' | 'file' | 'kafka', ...): postgres and redis take url and table (redis: and score = 'column' for a sorted set), sqlite path and table, http url (and timeout), file path (and roll_size, roll_interval), kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
+const SINK_USAGE: &str = "write CREATE SINK name WITH (connector = 'postgres' | 'sqlite' | 'redis' | 'http' | 'file' | 'kafka', ...): postgres and redis take url and table (redis: and score = 'column' for a sorted set), sqlite path and table, http url (and timeout, and ca = 'file.pem' for https), file path (and roll_size, roll_interval), kafka topic; optional: primary_key = 'a, b', create_table = true, batch_rows = 1000, batch_interval = '100ms'";
 
 /// `CREATE SINK name WITH (key = value, ...)`.
 fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
@@ -215,6 +215,7 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
     };
     let known: &[&str] = &[
         "score",
+        "ca",
         "timeout",
         "roll_size",
         "roll_interval",
@@ -261,6 +262,7 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
         "http" => Connector::Http {
             url: need("url", "http")?,
             timeout_ms: duration_option(&take, "timeout", 10_000)?,
+            ca: take("ca").map(|(v, _)| v),
         },
         "file" => Connector::File {
             path: need("path", "file")?,
@@ -323,6 +325,9 @@ fn create_sink(words: &[&TokenWithSpan]) -> Result<(SinkDef, Location)> {
         (_, Some((_, sat))) => {
             return Err(error_at(sat, "score is an option of redis sinks only"))
         }
+    }
+    if let (false, Some((_, cat))) = (matches!(connector, Connector::Http { .. }), take("ca")) {
+        return Err(error_at(cat, "ca is an option of http sinks only"));
     }
     Ok((
         SinkDef::Database(Sink {

@@ -56,7 +56,14 @@ pub enum Connector {
     },
     /// `url = 'http://host:port/path'`: each batch POSTed as a JSON array
     /// (at-least-once, with an `Idempotency-Key`).
-    Http { url: String, timeout_ms: i64 },
+    Http {
+        url: String,
+        timeout_ms: i64,
+        /// `ca = 'file.pem'`: https servers are also trusted when their certificate
+        /// chains to one of these (besides Mozilla's roots).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
+    },
     /// `path = 'dir'`: JSON lines in files of that directory, rolled by size and
     /// age (at-least-once).
     File {

@@ -432,6 +432,7 @@ fn sink_errors_point_at_the_statement() {
         ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't');", 1, "score = 'column'"),
         ("CREATE SINK s WITH (connector = 'redis', url = 'redis://h', table = 't',\n score = ' ');", 2, "score names a column"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', score = 'at');", 1, "redis sinks only"),
+        ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', ca = 'ca.pem');", 1, "http sinks only"),
         ("CREATE SINK s WITH (connector = 'http', url = 'http://h/x', timeout = 'soon');", 1, "timeout: 'soon'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't', colour = 'red');", 1, "unknown sink option 'colour'"),
         ("CREATE SINK s WITH (connector = 'sqlite', path = 'x.db', table = 't');\n\nINSERT INTO s SELECT city, COUNT(*) AS n FROM tweets GROUP BY city;", 3, "primary_key = 'city, n'"),

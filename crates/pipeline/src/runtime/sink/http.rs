@@ -1,7 +1,8 @@
 //! The `http` connector (webhook): each batch is POSTed to `url` as a JSON array of
 //! rows, with `Idempotency-Key: <sink topic>/<partition>:<first>-<last>[,...]` (the
 //! offsets of the sink topic's records in it; one request per try, HTTP/1.1 over
-//! plain TCP). At-least-once: a batch is POSTed again after a failure or a crash, with
+//! TCP, or TLS for `https://` (rustls: the server's certificate must chain to
+//! Mozilla's roots or to a CA of the sink's `ca` file). At-least-once: a batch is POSTed again after a failure or a crash, with
 //! the same key when it holds the same records.
 //!
 //! 2xx: delivered. 408, 429 and 5xx, a timeout or a refused connection: retried with
@@ -11,29 +12,47 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::{Columns, Failure, Out, Position, Remembered, Target};
 
 pub(crate) struct Http {
     url: String,
+    /// `ca`: a PEM file of more CAs to trust for https.
+    ca: Option<String>,
+    /// For https: built at `open`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
     id: String,
     remembered: Remembered,
     columns: Columns,
 }
 
-/// `http://host[:port]/path` split into ("host:port", "host", "/path").
-fn parse(url: &str) -> Result<(String, String, String), Failure> {
-    let rest = match url.strip_prefix("http://") {
-        Some(rest) => rest,
-        None if url.starts_with("https://") => return Err(Failure::Config(
-            "https webhooks are not supported yet: use http:// (e.g. through a local TLS proxy)"
-                .into(),
-        )),
-        None => {
+/// A webhook's URL, taken apart.
+#[derive(Debug, PartialEq)]
+struct Url {
+    /// `host:port`, to connect to.
+    address: String,
+    /// The `Host` header: host, and port if the URL gave one.
+    authority: String,
+    /// The host alone (the name the server's certificate must carry).
+    host: String,
+    path: String,
+    tls: bool,
+}
+
+/// `http[s]://host[:port]/path`.
+fn parse(url: &str) -> Result<Url, Failure> {
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => {
             return Err(Failure::Config(format!(
-                "url '{url}' is not http://host/path"
+                "url '{url}' is not http://host/path or https://host/path"
             )))
         }
     };
@@ -46,21 +65,92 @@ fn parse(url: &str) -> Result<(String, String, String), Failure> {
             "url '{url}': write http://host:port/path"
         )));
     }
-    let address = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    let (address, host) = match authority.rsplit_once(':') {
+        Some((host, p)) if p.parse::<u16>().is_ok() => (authority.to_string(), host),
+        _ => (
+            format!("{authority}:{}", if tls { 443 } else { 80 }),
+            authority,
+        ),
     };
-    Ok((address, authority.to_string(), path.to_string()))
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(Url {
+        address,
+        authority: authority.to_string(),
+        host,
+        path: path.to_string(),
+        tls,
+    })
+}
+
+/// The TLS configuration of an https webhook: Mozilla's roots, and the CAs of the
+/// `ca` PEM file if one is named.
+fn tls_config(ca: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Failure> {
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        let bad = |e: String| Failure::Config(format!("ca = '{path}': {e}"));
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("no certificate in the file".into()));
+        }
+    }
+    // ring, deprecated in rustls for lacking post-quantum key exchange: aws-lc-rs has
+    // it, but building it needs cmake, which a fresh machine does not have.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A connection to a webhook, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
 }
 
 impl Http {
-    pub fn new(url: &str, timeout_ms: i64, columns: Columns) -> Http {
+    pub fn new(url: &str, timeout_ms: i64, ca: Option<String>, columns: Columns) -> Http {
         Http {
             url: url.to_string(),
+            ca,
+            tls: None,
             timeout: Duration::from_millis(timeout_ms.max(1) as u64),
             id: String::new(),
             remembered: Remembered::default(),
@@ -70,20 +160,43 @@ impl Http {
 
     /// One POST; the status and the start of the body.
     fn post(&self, body: &[u8], key: &str) -> Result<(u16, String), Failure> {
-        let (address, host, path) = parse(&self.url)?;
-        let unavailable = |e: std::io::Error| Failure::Unavailable(format!("webhook {host}: {e}"));
+        let Url {
+            address,
+            authority: host,
+            host: name,
+            path,
+            tls,
+        } = parse(&self.url)?;
+        let unavailable = |e: std::io::Error| {
+            // A certificate the roots do not vouch for says how to fix it.
+            let hint = if e.to_string().contains("certificate") {
+                " (a private CA? name its PEM file with ca = '...')"
+            } else {
+                ""
+            };
+            Failure::Unavailable(format!("webhook {host}: {e}{hint}"))
+        };
         let addr = address
             .to_socket_addrs()
             .map_err(unavailable)?
             .next()
             .ok_or_else(|| Failure::Unavailable(format!("webhook {host}: no address")))?;
-        let mut stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(unavailable)?;
-        stream
-            .set_read_timeout(Some(self.timeout))
+        let tcp = TcpStream::connect_timeout(&addr, self.timeout).map_err(unavailable)?;
+        tcp.set_read_timeout(Some(self.timeout))
             .map_err(unavailable)?;
-        stream
-            .set_write_timeout(Some(self.timeout))
+        tcp.set_write_timeout(Some(self.timeout))
             .map_err(unavailable)?;
+        let mut stream = match (tls, &self.tls) {
+            (false, _) => Conn::Plain(tcp),
+            (true, Some(config)) => {
+                let server = ServerName::try_from(name.clone())
+                    .map_err(|e| Failure::Config(format!("url: host '{name}': {e}")))?;
+                let connection = rustls::ClientConnection::new(config.clone(), server)
+                    .map_err(|e| Failure::Unavailable(format!("webhook {host}: TLS: {e}")))?;
+                Conn::Tls(Box::new(rustls::StreamOwned::new(connection, tcp)))
+            }
+            (true, None) => return Err(Failure::Unavailable("webhook: not opened".into())),
+        };
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nIdempotency-Key: {key}\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: freshet-sink\r\n\r\n",
             body.len()
@@ -135,7 +248,9 @@ impl Target for Http {
     }
 
     fn open(&mut self) -> Result<Vec<String>, Failure> {
-        parse(&self.url)?;
+        if parse(&self.url)?.tls && self.tls.is_none() {
+            self.tls = Some(tls_config(self.ca.as_deref())?);
+        }
         Ok(Vec::new())
     }
 
@@ -198,15 +313,29 @@ mod tests {
     fn urls_and_keys() {
         assert_eq!(
             parse("http://127.0.0.1:8080/hook").unwrap(),
-            (
-                "127.0.0.1:8080".into(),
-                "127.0.0.1:8080".into(),
-                "/hook".into()
-            )
+            Url {
+                address: "127.0.0.1:8080".into(),
+                authority: "127.0.0.1:8080".into(),
+                host: "127.0.0.1".into(),
+                path: "/hook".into(),
+                tls: false,
+            }
         );
-        assert_eq!(parse("http://example.org").unwrap().0, "example.org:80");
-        assert!(matches!(parse("https://x/y"), Err(Failure::Config(_))));
+        assert_eq!(
+            parse("http://example.org").unwrap().address,
+            "example.org:80"
+        );
+        let https = parse("https://hooks.example.org/in").unwrap();
+        assert_eq!(
+            (https.address.as_str(), https.host.as_str(), https.tls),
+            ("hooks.example.org:443", "hooks.example.org", true)
+        );
+        assert_eq!(parse("https://[::1]:8443/x").unwrap().host, "::1");
         assert!(matches!(parse("ftp://x/y"), Err(Failure::Config(_))));
+        assert!(matches!(
+            tls_config(Some("/nonexistent/ca.pem")),
+            Err(Failure::Config(m)) if m.contains("ca = '/nonexistent/ca.pem'")
+        ));
         let row = serde_json::Map::new();
         let rows = [
             Out {

@@ -291,7 +291,11 @@ fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
         Connector::Redis { url, score } => {
             Box::new(redis::Redis::new(url, score.clone(), sink, columns))
         }
-        Connector::Http { url, timeout_ms } => Box::new(http::Http::new(url, *timeout_ms, columns)),
+        Connector::Http {
+            url,
+            timeout_ms,
+            ca,
+        } => Box::new(http::Http::new(url, *timeout_ms, ca.clone(), columns)),
         Connector::File {
             path,
             roll_bytes,

@@ -242,7 +242,11 @@ impl Target for Redis {
             if !query.iter().any(|(n, _)| n == score) {
                 return Err(Failure::Config(format!(
                     "score = '{score}' is not a column of the query (it writes {})",
-                    query.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                    query
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -446,7 +450,12 @@ mod tests {
             score("s", Some(&json!("1970-01-01T00:00:01.500Z"))).unwrap(),
             "1500"
         );
-        for bad in [None, Some(json!(null)), Some(json!("soon")), Some(json!([1]))] {
+        for bad in [
+            None,
+            Some(json!(null)),
+            Some(json!("soon")),
+            Some(json!([1])),
+        ] {
             let err = score("s", bad.as_ref()).unwrap_err();
             assert!(
                 matches!(&err, Failure::Rejected(m) if m.contains("score column 's'")),
