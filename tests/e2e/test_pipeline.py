@@ -554,6 +554,63 @@ EMIT FINAL;
     assert ("paris", BASE + 2_000, BASE + 3_000) not in rows  # the watermark is at its start
 
 
+def test_idle_decisions_replay_the_same_after_kill_9(broker, tmp_path):
+    """Partition 1 falls silent and is declared idle, so windows close on partition 0's
+    time alone, and a record partition 1 sends afterwards for a closed window is late.
+    Killed (-9) with no checkpoint since, the restarted pipeline replays its whole
+    input faster than the idle timeout: the idle decision comes back from its data (a
+    marker on the repartition topic), not from the clock, so the replay emits the same
+    final rows and finds the same record late. (Decided by each run's clock, the replay
+    would count the record in its window: a second, different final row.)"""
+    src = name("idle_replay")
+    create_topic(broker.bootstrap, src, partitions=2)
+    pipeline = name("idle_replay")
+    out, late = f"{pipeline}_out", f"{pipeline}.late"
+    sql_file = tmp_path / "idle.sql"
+    sql_file.write_text(f"""
+SET 'allowed-lateness' = '0s';
+SET 'idle-timeout' = '1s';
+SET 'checkpoint-interval' = '1h';
+INSERT INTO {out}
+SELECT city, window_start, window_end, COUNT(*) AS n
+FROM TUMBLE({src}, ts, INTERVAL '1' SECOND)
+GROUP BY city, window_start, window_end
+EMIT FINAL;
+""")
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+
+    def start():
+        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
+                                 "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
+
+    def finals():
+        return [r for r in consume(broker.bootstrap, out, partitions=(0, 1))
+                if dict(r.headers).get("freshet.final") == b"true"]
+
+    proc = start()
+    try:
+        produce_json(broker.bootstrap, src, [{"city": "paris", "ts": BASE + i * 100} for i in range(25)], partition=0)
+        first = wait_until(lambda: (lambda rows: rows if len(rows) >= 2 else None)(
+            final_rows(broker.bootstrap, out, partitions=(0, 1))), timeout=30,
+            what="two windows closed while partition 1 is idle")
+        assert [first[("paris", BASE + k * 1_000, BASE + (k + 1) * 1_000)]["n"] for k in (0, 1)] == [10, 10]
+        produce_json(broker.bootstrap, src, [{"city": "paris", "ts": BASE + 500}], partition=1)
+        wait_until(lambda: len(consume(broker.bootstrap, late)) >= 1, timeout=30, what="the late record")
+        proc.kill()
+        proc.wait(10)
+        proc = start()
+        # The replay sends the late record to the late topic again, after the windows.
+        wait_until(lambda: len(consume(broker.bootstrap, late)) >= 2, timeout=60, what="the replay's late record")
+        rows = finals()
+        assert len(rows) == 4, [r.value for r in rows]  # two windows, emitted by each run
+        assert final_rows(broker.bootstrap, out, partitions=(0, 1)) == first  # and identical
+        assert [json.loads(r.value)["ts"] for r in consume(broker.bootstrap, late)] == [BASE + 500] * 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+
+
 def test_emit_changes_rows_come_within_the_interval(broker):
     src = name("votes")
     create_topic(broker.bootstrap, src)
