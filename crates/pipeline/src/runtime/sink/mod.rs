@@ -2,8 +2,9 @@
 //! 'file')`).
 //!
 //! The queries that `INSERT INTO` a sink write their rows to the sink's topic
-//! ([`sink_topic`]); one thread per sink reads that topic in the sink's consumer group
-//! and writes batches of rows into the table. Exactly once: each transaction reads
+//! ([`sink_topic`]); per sink, one thread reads that topic in the sink's consumer
+//! group into batches, and a second writes each batch into the table while the
+//! next is read. Exactly once: each transaction reads
 //! the sink's positions from the `freshet_offsets` table *in the same database*
 //! (locked), skips what they cover, writes the rows and the new positions, and
 //! commits; the Kafka group's offsets are committed after, only to split the work and
@@ -31,7 +32,8 @@ mod redis;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TrySendError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
@@ -135,7 +137,7 @@ pub(crate) struct Columns {
 }
 
 /// A database a sink writes to: one connection, used from the sink's thread.
-pub(crate) trait Target {
+pub(crate) trait Target: Send {
     /// The sink's primary key (empty: plain inserts).
     fn primary_key(&self) -> &[String];
     /// Connects (again), creates the table and `freshet_offsets` if asked and
@@ -284,7 +286,7 @@ pub fn sink_group_id(name: &str, plan: &sql::Pipeline, sink: &str) -> String {
     format!("{}-sink-{sink}", group_id(name, plan))
 }
 
-fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
+fn target(sink: &Sink, columns: Columns) -> Box<dyn Target + Send> {
     match &sink.connector {
         Connector::Postgres { url } => Box::new(postgres::Postgres::new(url, sink, columns)),
         Connector::Sqlite { path } => Box::new(sqlite::Sqlite::new(path, sink, columns)),
@@ -315,7 +317,7 @@ fn target(sink: &Sink, columns: Columns) -> Box<dyn Target> {
 pub(super) fn run(
     shared: &Shared<'_>,
     index: usize,
-    stopping: &dyn Fn() -> bool,
+    stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), Error> {
     let prepared = shared.prepared;
     let plan = &prepared.plan;
@@ -421,77 +423,165 @@ pub(super) fn run(
             show(0, Some(lag));
         }
     };
-    loop {
-        lag(&mut last_lag, &applied);
-        let wait = if batch.is_empty() {
-            super::TICK
-        } else {
-            interval.saturating_sub(first_at.elapsed())
-        };
-        match consumer.poll(wait) {
-            Some(Ok(message)) => {
-                if batch.is_empty() {
-                    first_at = Instant::now();
-                }
-                batch.push(read(&message));
-            }
-            Some(Err(e)) => {
-                tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
-                super::check_fatal(&consumer, &shared.prepared.client)?;
-            }
-            None => {}
-        }
-        let full = batch.len() >= sink.batch_rows as usize;
-        let due = !batch.is_empty() && (full || first_at.elapsed() >= interval);
-        if stopping() {
-            break;
-        }
-        if !due {
-            continue;
-        }
-        // Write, retrying while the database is away; nothing more is read meanwhile
-        // (paused only then: a pause drops what librdkafka fetched ahead).
-        let mut paused = None;
-        let mut backoff = Backoff::new();
-        let written = loop {
-            match write(shared, target.as_mut(), id, &sink.name, &batch) {
-                Ok(positions) => break Some(positions),
-                Err(Failure::Config(e)) => {
-                    return Err(Error::Sink(format!("sink '{}': {e}", sink.name)))
-                }
-                Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
-                    note_retry(shared, &sink.name, &e);
-                    if paused.is_none() {
-                        paused = consumer.assignment().ok();
-                        if let Some(a) = &paused {
-                            let _ = consumer.pause(a);
-                        }
-                    }
-                    lag(&mut last_lag, &applied);
-                    if backoff.wait(stopping) {
-                        break None;
-                    }
-                    // Reconnect before the next try.
-                    if let Err(Failure::Config(e)) = target.open() {
-                        return Err(Error::Sink(format!("sink '{}': {e}", sink.name)));
-                    }
-                }
-            }
-        };
-        if let Some(a) = &paused {
-            let _ = consumer.resume(a);
-        }
-        let Some(next) = written else { break };
-        show(batch.len() as u64, None);
-        // The group's offsets follow the database's (lag tools, and where a new
-        // owner starts reading before it skips what the positions cover).
+    // A batch written: its rows counted, and the group's offsets follow the
+    // database's (lag tools, and where a new owner starts reading before it skips
+    // what the positions cover).
+    let done = |written: Written, applied: &mut HashMap<i32, i64>| {
+        show(written.rows as u64, None);
         let mut tpl = TopicPartitionList::new();
-        for (partition, next) in next {
+        for (partition, next) in written.next {
             applied.insert(partition, next);
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
         let _ = consumer.commit(&tpl, CommitMode::Async);
-        batch.clear();
+    };
+    // The next batch is read while one is written: a writer thread owns the target.
+    let retrying = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<Record>>(1);
+        let (written_tx, written) = std::sync::mpsc::channel::<Written>();
+        let writer = {
+            let (retrying, sink_name) = (&retrying, sink.name.as_str());
+            scope.spawn(move || {
+                write_batches(
+                    shared,
+                    target.as_mut(),
+                    id,
+                    sink_name,
+                    batches,
+                    written_tx,
+                    retrying,
+                    stopping,
+                )
+            })
+        };
+        // While the writer retries, nothing more is read (paused only then: a pause
+        // drops what librdkafka fetched ahead).
+        let mut paused: Option<TopicPartitionList> = None;
+        // A full batch the writer has no room for yet.
+        let mut pending: Option<Vec<Record>> = None;
+        loop {
+            while let Ok(w) = written.try_recv() {
+                done(w, &mut applied);
+            }
+            match (retrying.load(Ordering::Relaxed), &paused) {
+                (true, None) => {
+                    paused = consumer.assignment().ok();
+                    if let Some(a) = &paused {
+                        let _ = consumer.pause(a);
+                    }
+                }
+                (false, Some(a)) => {
+                    let _ = consumer.resume(a);
+                    paused = None;
+                }
+                _ => {}
+            }
+            lag(&mut last_lag, &applied);
+            if stopping() {
+                break;
+            }
+            if let Some(full) = pending.take() {
+                match to_writer.try_send(full) {
+                    Ok(()) => {}
+                    Err(TrySendError::Disconnected(_)) => break,
+                    Err(TrySendError::Full(back)) => {
+                        pending = Some(back);
+                        // Until the writer is done with a batch.
+                        match written.recv_timeout(super::TICK) {
+                            Ok(w) => done(w, &mut applied),
+                            Err(RecvTimeoutError::Disconnected) => break,
+                            Err(RecvTimeoutError::Timeout) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let wait = if batch.is_empty() {
+                super::TICK
+            } else {
+                interval.saturating_sub(first_at.elapsed())
+            };
+            match consumer.poll(wait) {
+                Some(Ok(message)) => {
+                    if batch.is_empty() {
+                        first_at = Instant::now();
+                    }
+                    batch.push(read(&message));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
+                    super::check_fatal(&consumer, &shared.prepared.client)?;
+                }
+                None => {}
+            }
+            let full = batch.len() >= sink.batch_rows as usize;
+            if !batch.is_empty() && (full || first_at.elapsed() >= interval) {
+                pending = Some(std::mem::take(&mut batch));
+            }
+        }
+        drop(to_writer);
+        let result = writer.join().unwrap_or_else(|_| {
+            Err(Error::Sink(format!(
+                "sink '{}': its writer panicked",
+                sink.name
+            )))
+        });
+        while let Ok(w) = written.try_recv() {
+            done(w, &mut applied);
+        }
+        if let Some(a) = &paused {
+            let _ = consumer.resume(a);
+        }
+        result
+    })
+}
+
+/// What the writer tells the reader of a batch it wrote.
+struct Written {
+    rows: usize,
+    /// The next offset per partition.
+    next: Vec<(i32, i64)>,
+}
+
+/// The writer thread of a sink: writes each batch handed over, retrying while the
+/// database is away (`retrying` set meanwhile); stops at a definition error (the
+/// table does not fit), or when the reader hangs up or the run stops.
+#[allow(clippy::too_many_arguments)]
+fn write_batches(
+    shared: &Shared<'_>,
+    target: &mut dyn Target,
+    id: &str,
+    sink: &str,
+    batches: std::sync::mpsc::Receiver<Vec<Record>>,
+    written: std::sync::mpsc::Sender<Written>,
+    retrying: &AtomicBool,
+    stopping: &(dyn Fn() -> bool + Sync),
+) -> Result<(), Error> {
+    for batch in batches {
+        let mut backoff = Backoff::new();
+        let next = loop {
+            match write(shared, target, id, sink, &batch) {
+                Ok(next) => break next,
+                Err(Failure::Config(e)) => return Err(Error::Sink(format!("sink '{sink}': {e}"))),
+                Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
+                    note_retry(shared, sink, &e);
+                    retrying.store(true, Ordering::Relaxed);
+                    if backoff.wait(stopping) {
+                        return Ok(());
+                    }
+                    // Reconnect before the next try.
+                    if let Err(Failure::Config(e)) = target.open() {
+                        return Err(Error::Sink(format!("sink '{sink}': {e}")));
+                    }
+                }
+            }
+        };
+        retrying.store(false, Ordering::Relaxed);
+        let rows = batch.len();
+        if written.send(Written { rows, next }).is_err() {
+            return Ok(());
+        }
     }
     Ok(())
 }
