@@ -326,6 +326,30 @@ INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
     assert pg.PASSWORD not in json.dumps(d)
 
 
+def test_a_table_dropped_while_running_stops_the_pipeline_with_its_error(broker, pg):
+    """The sink's writer thread meets a definition error mid-run (its table dropped):
+    the pipeline stops with the database's message even though no more records come."""
+    src = name("dropped")
+    create_topic(broker.bootstrap, src)
+    db = name("dropped").lower()
+    pg.create_db(db)
+    pg.psql("CREATE TABLE t (id BIGINT)", db)
+    produce_json(broker.bootstrap, src, [{"id": i} for i in range(10)])
+    pipeline = name("dropped")
+    assert put_pipeline(broker, pipeline, f"""
+CREATE SINK d WITH (connector = 'postgres', url = '{pg.url(db)}', table = 't');
+INSERT INTO d SELECT CAST(id AS BIGINT) AS id FROM {src};
+""").status == 201
+    count = lambda: int(pg.psql("SELECT count(*) FROM t", db)[0][0])
+    wait_until(lambda: count() == 10, timeout=60, what=lambda: f"10 rows ({count()})")
+    pg.psql("DROP TABLE t", db)
+    produce_json(broker.bootstrap, src, [{"id": 10}])
+    wait_until(lambda: describe(broker, pipeline)["status"] == "failed", timeout=30,
+               what=lambda: f"the pipeline failed ({describe(broker, pipeline)})")
+    error = describe(broker, pipeline)["last_error"]
+    assert "sink 'd'" in error and "does not exist" in error, error
+
+
 def test_copy_upsert_and_statement_write_the_same_values(broker, pg):
     """A batch without a primary key goes to PostgreSQL by COPY (text format, escaped
     by Freshet); with one, by an upsert statement of the whole batch; a single row

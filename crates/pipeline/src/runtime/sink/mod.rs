@@ -464,6 +464,9 @@ pub(super) fn run(
             while let Ok(w) = written.try_recv() {
                 done(w, &mut applied);
             }
+            if writer.is_finished() {
+                break; // a definition error (its result below), or the run stops
+            }
             match (retrying.load(Ordering::Relaxed), &paused) {
                 (true, None) => {
                     paused = consumer.assignment().ok();
