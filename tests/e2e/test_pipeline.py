@@ -46,6 +46,14 @@ def put_pipeline(broker, pipeline: str, sql: str):
                    headers={"Content-Type": "text/plain"}, timeout=60)
 
 
+def run_pipeline(broker, pipeline: str, sql_file, log, *flags: str) -> subprocess.Popen:
+    """`freshet pipeline run` as its own process (stderr to `log`), to kill and restart.
+    With no flags it is a static member by default (KIP-345), so a restarted process
+    takes a killed one's place in the groups at once."""
+    return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
+                             "--brokers", broker.bootstrap, *flags], stdout=subprocess.DEVNULL, stderr=log)
+
+
 def describe(broker, pipeline: str) -> dict:
     r = request("GET", f"{broker.http}/pipelines/{pipeline}")
     assert r.status == 200, r
@@ -212,10 +220,7 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
     log = open(tmp_path / "pipeline.stderr.log", "ab")
 
     def start():
-        # No flags: a static member by default (KIP-345), so the restarted process
-        # takes the killed one's place in the groups at once.
-        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
+        return run_pipeline(broker, pipeline, sql_file, log)
 
     def sent_so_far():
         return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))
@@ -305,10 +310,8 @@ def test_scale_out_to_three_instances_and_back_to_two(broker, tmp_path, report):
 
     def start():
         # Instances on one machine are told apart by --instance (static members).
-        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap, "--instance", f"i{len(procs)}",
-                                 "-X", "session.timeout.ms=6000"],
-                                stdout=subprocess.DEVNULL, stderr=log)
+        return run_pipeline(broker, pipeline, sql_file, log, "--instance", f"i{len(procs)}",
+                            "-X", "session.timeout.ms=6000")
 
     def members_are(n: int):
         groups = group_members(broker.bootstrap, prefix)
@@ -370,8 +373,7 @@ INSERT INTO {out} SELECT id FROM {src};
 INSERT INTO {counts} SELECT city, COUNT(*) AS n FROM {src} GROUP BY city;
 """)
     log = open(tmp_path / "pipeline.stderr.log", "ab")
-    start = lambda: subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                      "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
+    start = lambda: run_pipeline(broker, pipeline, sql_file, log)
     end = lambda topic: sum(watermarks(broker.bootstrap, topic, p)[1] for p in range(2))
     proc = start()
     try:
@@ -580,8 +582,7 @@ EMIT FINAL;
     log = open(tmp_path / "pipeline.stderr.log", "ab")
 
     def start():
-        return subprocess.Popen([str(freshet_bin()), "pipeline", "run", pipeline, str(sql_file),
-                                 "--brokers", broker.bootstrap], stdout=subprocess.DEVNULL, stderr=log)
+        return run_pipeline(broker, pipeline, sql_file, log)
 
     def finals():
         return [r for r in consume(broker.bootstrap, out, partitions=(0, 1))
