@@ -209,8 +209,10 @@ impl StateTopic {
         let chunks = offsets.len() as i64;
         let first = offsets.first().copied().unwrap_or(-1);
         if offsets.iter().zip(first..).any(|(o, want)| *o != want) {
-            // Another writer's records came between the chunks.
-            self.fenced(partition, claim, first)?;
+            // Another writer's records came between the chunks: a claim among them
+            // fences this instance; any other record only spoils this checkpoint.
+            let after_last = offsets.last().map_or(first, |o| o + 1);
+            self.fenced(partition, claim, after_last)?;
             return Err(Error::Cluster(format!(
                 "cannot write a checkpoint: another writer is on partition {partition} of '{}'",
                 self.name
