@@ -21,9 +21,11 @@ import uuid
 
 import pytest
 
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
 from conftest import freshet_bin
 from gateway_fixtures import assert_error, request
-from helpers import Rec, admin, consume, create_topic, produce, producer, wait_until, watermarks
+from helpers import Rec, admin, consume, consumer, create_topic, produce, producer, wait_until, watermarks
 from pipeline_oracle import Event, aggregates, windowed
 
 # Pipelines join consumer groups: no need to wait for more members of a new group.
@@ -426,6 +428,35 @@ def test_a_defined_pipelines_topics_exist_before_its_first_row(broker):
         assert t in topics, t
     r = request("GET", f"{broker.http}/topics/{tally}")
     assert r.status == 200, r
+
+
+def test_a_new_pipelines_first_row_comes_at_once_on_a_default_broker(broker_factory, report):
+    """Issue 26 §4: start-up to the first row under 1 s on a broker with the default
+    settings. A grouped query joins two consumer groups; with Kafka's code default of
+    3 s for group.initial.rebalance.delay.ms the first row took 3.5 s. The bound here
+    is 2 s so a loaded machine does not fail it; the figure is reported."""
+    b = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0"})
+    src = name("first")
+    create_topic(b.bootstrap, src)
+    produce_json(b.bootstrap, src, [{"k": "x"}] * 3)
+    pipeline = name("quick")
+    out = f"{pipeline}_out"
+    sql = f"SET 'emit-interval' = '50ms';\nINSERT INTO {out} SELECT k, COUNT(*) AS n FROM {src} GROUP BY k;"
+    started = time.monotonic()
+    assert put_pipeline(b, pipeline, sql).status == 201
+    c = consumer(b.bootstrap)
+    c.assign([TopicPartition(out, 0, OFFSET_BEGINNING)])
+    first = None
+    try:
+        while first is None and time.monotonic() - started < 30:
+            for m in c.consume(num_messages=10, timeout=0.02):
+                if m.error() is None and json.loads(m.value())["n"] == 3:
+                    first = time.monotonic() - started
+    finally:
+        c.close()
+    assert first is not None, "no row within 30 s"
+    report("pipeline", f"a new pipeline's first row on a default broker: {first:.2f} s after PUT")
+    assert first < 2.0, f"first row after {first:.2f} s"
 
 
 def test_a_corrupt_checkpoint_stops_the_pipeline_with_a_clear_error(broker, tmp_path):

@@ -467,12 +467,27 @@ fn hop_starts(t: i64, slide: i64, size: i64) -> impl Iterator<Item = i64> {
         .take_while(move |s| *s <= last)
 }
 
+/// Event times a query accepts, epoch ms: ±100,000,000 days, the range of an
+/// ECMAScript `Date`. Window arithmetic adds and subtracts sizes and lateness (each
+/// under 9e15 ms, `sql::parse::parse_duration`), which cannot overflow an i64 within
+/// it; a record outside it goes to the dead-letter topic.
+pub const MAX_EVENT_TIME_MS: i64 = 8_640_000_000_000_000;
+
 /// The record's event time, epoch ms.
 fn event_time(source: &EventTime, input: &Input<'_>) -> Result<i64, Error> {
-    let expr = match source {
-        EventTime::RecordTimestamp => return Ok(input.timestamp),
-        EventTime::Column(expr) => expr,
+    let t = match source {
+        EventTime::RecordTimestamp => input.timestamp,
+        EventTime::Column(expr) => column_time(expr, input)?,
     };
+    if !(-MAX_EVENT_TIME_MS..=MAX_EVENT_TIME_MS).contains(&t) {
+        return Err(Error::Rejected(format!(
+            "event time {t} is out of range: epoch milliseconds within ±{MAX_EVENT_TIME_MS} (±100,000,000 days)"
+        )));
+    }
+    Ok(t)
+}
+
+fn column_time(expr: &sql::expr::Expr, input: &Input<'_>) -> Result<i64, Error> {
     let bad = |what: String| {
         Error::Rejected(format!(
             "event time column: expected epoch milliseconds or an ISO-8601 string, got {what}"
