@@ -96,8 +96,15 @@ pub struct QueryOperator {
 /// The state of a grouped query.
 struct Grouped {
     plan: Aggregate,
-    /// Open groups by id (key bytes, then the window start for windows).
+    /// Open groups by id: key bytes, then for windows an 8-byte start. Tumbling and
+    /// hopping windows hold one group per slice of `slide` ms (a tumbling window is
+    /// its own slice), and a window's value is its slices' merged when it closes (as
+    /// Flink's sliced windows do): a record updates one group, not `size / slide`.
+    /// Sessions hold one group per session.
     groups: Map<Vec<u8>, Group>,
+    /// Hopping windows restored from a version 2 snapshot, which held whole windows:
+    /// each is merged into its window's value with the slices of later records.
+    legacy: Map<Vec<u8>, Group>,
     /// Windowed: (end, start, key bytes) of every open window, to close in order.
     closing: BTreeSet<(i64, i64, Vec<u8>)>,
     /// Sessions: the starts of each key's open sessions.
@@ -111,6 +118,7 @@ struct Grouped {
     id: Vec<u8>,
 }
 
+#[derive(Clone)]
 struct Group {
     keys: Vec<Value>,
     start: i64,
@@ -120,9 +128,10 @@ struct Group {
 
 const GROUP_OVERHEAD: i64 = 96;
 
-/// The operators' snapshot format: 2 added each source partition's idle flag (the
-/// operator reads version 1 too).
-const SNAPSHOT_VERSION: u8 = 2;
+/// The operators' snapshot format: 2 added each source partition's idle flag; 3 holds
+/// a hopping window's slices instead of its windows, then the whole windows restored
+/// from a version 2 snapshot that are still open (the operator reads 1 and 2 too).
+const SNAPSHOT_VERSION: u8 = 3;
 
 impl QueryOperator {
     pub fn new(query: &Query, settings: &Settings) -> Self {
@@ -130,6 +139,7 @@ impl QueryOperator {
             Body::Aggregate(plan) => Some(Grouped {
                 plan: plan.clone(),
                 groups: Map::default(),
+                legacy: Map::default(),
                 closing: BTreeSet::new(),
                 sessions: Map::default(),
                 dirty: Set::default(),
@@ -288,8 +298,8 @@ impl QueryOperator {
                 let mut ids: Vec<Vec<u8>> = g.dirty.drain().collect();
                 ids.sort();
                 for id in ids {
-                    if let Some(group) = g.groups.get(&id) {
-                        if let Some(row) = g.row(group, false) {
+                    if let Some(group) = g.current(&id) {
+                        if let Some(row) = g.row(&group, false) {
                             out.push(row);
                         }
                     }
@@ -338,21 +348,12 @@ impl QueryOperator {
             return out;
         };
         g.watermark.encode(&mut out);
-        let mut ids: Vec<&Vec<u8>> = g.groups.keys().collect();
-        ids.sort();
-        out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
-        for id in ids {
-            let group = &g.groups[id];
-            encode::bytes(&mut out, id);
-            out.extend_from_slice(&(group.keys.len() as u32).to_be_bytes());
-            for k in &group.keys {
-                encode::value(&mut out, k);
-            }
-            encode::i64(&mut out, group.start);
-            encode::i64(&mut out, group.end);
-            out.extend_from_slice(&(group.accs.len() as u32).to_be_bytes());
-            for acc in &group.accs {
-                acc.encode(&mut out);
+        for groups in [&g.groups, &g.legacy] {
+            let mut ids: Vec<&Vec<u8>> = groups.keys().collect();
+            ids.sort();
+            out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+            for id in ids {
+                encode_group(&mut out, id, &groups[id]);
             }
         }
         out
@@ -373,61 +374,118 @@ impl QueryOperator {
             };
         };
         let watermark = Watermark::decode(&mut r, version, g.watermark.lateness)?;
-        let n = r.count()?;
-        let mut groups = Map::with_capacity_and_hasher(n, Default::default());
+        let wm = watermark.current();
+        let mut groups = Map::default();
+        let mut legacy = Map::default();
         let mut closing = BTreeSet::new();
         let mut sessions: Map<Vec<u8>, Vec<i64>> = Map::default();
         let mut bytes_used = 0i64;
-        let windowed = g.plan.window.is_some();
-        for _ in 0..n {
-            let id = r.bytes()?.to_vec();
-            let nk = r.count()?;
-            if nk != g.plan.keys.len() {
-                return Err("snapshot: group keys do not match the query".into());
+        // Version 2 held a hopping window's windows, 3 its slices then the windows
+        // restored from a 2 still open.
+        let hop =
+            matches!(g.plan.window, Some(Window::Hop { slide_ms, size_ms }) if slide_ms != size_ms);
+        let sections = if version >= 3 { 2 } else { 1 };
+        for section in 0..sections {
+            let whole_windows = hop && (version <= 2 || section == 1);
+            let n = r.count()?;
+            for _ in 0..n {
+                let (id, group) = decode_group(&mut r, &g.plan)?;
+                bytes_used += group_bytes(&id, &group);
+                let into = match g.plan.window {
+                    None => &mut groups,
+                    Some(window) => {
+                        let (key_bytes, start) =
+                            split_window_id(&id).ok_or("snapshot: bad window id")?;
+                        if start != group.start
+                            || !(-MAX_EVENT_TIME_MS..=MAX_EVENT_TIME_MS).contains(&group.start)
+                        {
+                            return Err("snapshot: bad window start".into());
+                        }
+                        match window {
+                            Window::Session { .. } => {
+                                closing.insert((group.end, start, key_bytes.to_vec()));
+                                sessions.entry(key_bytes.to_vec()).or_default().push(start);
+                                &mut groups
+                            }
+                            Window::Tumble { size_ms } | Window::Hop { size_ms, .. } => {
+                                let slide = g.slide();
+                                let len = if whole_windows { size_ms } else { slide };
+                                if start.rem_euclid(slide) != 0 || group.end != start + len {
+                                    return Err("snapshot: bad window bounds".into());
+                                }
+                                if whole_windows {
+                                    closing.insert((group.end, start, key_bytes.to_vec()));
+                                    &mut legacy
+                                } else {
+                                    // The windows of the slice not closed yet.
+                                    for s in hop_starts(start, slide, size_ms) {
+                                        if wm.is_none_or(|w| s + size_ms > w) {
+                                            closing.insert((s + size_ms, s, key_bytes.to_vec()));
+                                        }
+                                    }
+                                    &mut groups
+                                }
+                            }
+                        }
+                    }
+                };
+                into.insert(id, group);
             }
-            let keys = (0..nk).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
-            let start = r.i64()?;
-            let end = r.i64()?;
-            let na = r.count()?;
-            if na != g.plan.aggregates.len() {
-                return Err("snapshot: aggregates do not match the query".into());
-            }
-            let accs = (0..na)
-                .map(|_| Acc::decode(&mut r))
-                .collect::<Result<Vec<_>, _>>()?;
-            bytes_used +=
-                GROUP_OVERHEAD + 2 * id.len() as i64 + accs.iter().map(Acc::size).sum::<i64>();
-            if windowed {
-                if id.len() < 8 {
-                    return Err("snapshot: bad window id".into());
-                }
-                let key_bytes = id[..id.len() - 8].to_vec();
-                closing.insert((end, start, key_bytes.clone()));
-                if matches!(g.plan.window, Some(Window::Session { .. })) {
-                    sessions.entry(key_bytes).or_default().push(start);
-                }
-            }
-            groups.insert(
-                id,
-                Group {
-                    keys,
-                    start,
-                    end,
-                    accs,
-                },
-            );
         }
         if !r.done() {
             return Err("snapshot: trailing bytes".into());
         }
         g.watermark = watermark;
         g.groups = groups;
+        g.legacy = legacy;
         g.closing = closing;
         g.sessions = sessions;
         g.dirty.clear();
         g.bytes = bytes_used;
         Ok(())
     }
+}
+
+/// One group of a snapshot: its id, keys, bounds and accumulators.
+fn encode_group(out: &mut Vec<u8>, id: &[u8], group: &Group) {
+    encode::bytes(out, id);
+    out.extend_from_slice(&(group.keys.len() as u32).to_be_bytes());
+    for k in &group.keys {
+        encode::value(out, k);
+    }
+    encode::i64(out, group.start);
+    encode::i64(out, group.end);
+    out.extend_from_slice(&(group.accs.len() as u32).to_be_bytes());
+    for acc in &group.accs {
+        acc.encode(out);
+    }
+}
+
+fn decode_group(r: &mut Reader<'_>, plan: &Aggregate) -> Result<(Vec<u8>, Group), String> {
+    let id = r.bytes()?.to_vec();
+    let nk = r.count()?;
+    if nk != plan.keys.len() {
+        return Err("snapshot: group keys do not match the query".into());
+    }
+    let keys = (0..nk).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
+    let start = r.i64()?;
+    let end = r.i64()?;
+    let na = r.count()?;
+    if na != plan.aggregates.len() {
+        return Err("snapshot: aggregates do not match the query".into());
+    }
+    let accs = (0..na)
+        .map(|_| Acc::decode(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        id,
+        Group {
+            keys,
+            start,
+            end,
+            accs,
+        },
+    ))
 }
 
 /// Evaluates one aggregate call's FILTER and argument: `None` when the FILTER drops
@@ -532,31 +590,43 @@ impl Grouped {
         match self.plan.window {
             None => {
                 let id = key_bytes;
-                self.check(&id, args)?;
-                self.upsert(&id, keys, i64::MIN, i64::MAX, args, false);
+                if self.has_min_max() {
+                    self.check(self.groups.get(&id), args)?;
+                }
+                self.upsert(&id, keys, i64::MIN, i64::MAX, args);
+                if self.plan.emit == Emit::Changes && !self.dirty.contains(&id) {
+                    self.dirty.insert(id);
+                }
             }
-            Some(Window::Tumble { size_ms }) => {
-                let start = t - t.rem_euclid(size_ms);
-                self.set_id(&key_bytes, start);
+            Some(Window::Tumble { size_ms } | Window::Hop { size_ms, .. }) => {
+                let slide = self.slide();
+                let slice = t - t.rem_euclid(slide);
+                // MIN/MAX refuse a value another slice of one of its windows (or a
+                // restored whole window) cannot compare with: the slices from the
+                // first window's start to the last window's end.
+                if self.has_min_max() {
+                    let mut s = slice - size_ms + slide;
+                    while s < slice + size_ms {
+                        self.set_id(&key_bytes, s);
+                        self.check(self.groups.get(&self.id), args)?;
+                        s += slide;
+                    }
+                    for start in hop_starts(t, slide, size_ms) {
+                        self.set_id(&key_bytes, start);
+                        self.check(self.legacy.get(&self.id), args)?;
+                    }
+                }
+                self.set_id(&key_bytes, slice);
                 let id = std::mem::take(&mut self.id);
-                let checked = self.check(&id, args);
-                if checked.is_ok() {
-                    self.upsert(&id, keys, start, start + size_ms, args, true);
-                }
+                self.upsert(&id, keys, slice, slice + slide, args);
                 self.id = id;
-                checked?;
-            }
-            Some(Window::Hop { slide_ms, size_ms }) => {
-                let starts: Vec<i64> = hop_starts(t, slide_ms, size_ms).collect();
-                for &start in &starts {
-                    self.set_id(&key_bytes, start);
-                    self.check(&self.id, args)?;
-                }
-                for start in starts {
-                    self.set_id(&key_bytes, start);
-                    let id = std::mem::take(&mut self.id);
-                    self.upsert(&id, keys, start, start + size_ms, args, true);
-                    self.id = id;
+                if self.plan.emit == Emit::Changes {
+                    for start in hop_starts(t, slide, size_ms) {
+                        self.set_id(&key_bytes, start);
+                        if !self.dirty.contains(&self.id) {
+                            self.dirty.insert(self.id.clone());
+                        }
+                    }
                 }
             }
             Some(Window::Session { gap_ms }) => {
@@ -577,8 +647,10 @@ impl Grouped {
                             .collect()
                     })
                     .unwrap_or_default();
-                for &s in &overlapping {
-                    self.check(&window_id(&key_bytes, s), args)?;
+                if self.has_min_max() {
+                    for &s in &overlapping {
+                        self.check(self.groups.get(&window_id(&key_bytes, s)), args)?;
+                    }
                 }
                 // Merge the overlapping sessions into one.
                 let (mut start, mut stop) = (t, end);
@@ -634,13 +706,25 @@ impl Grouped {
         self.id.extend_from_slice(&start.to_be_bytes());
     }
 
-    /// MIN/MAX type checks against an existing group.
-    fn check(&self, id: &[u8], args: &[Option<Option<Value>>]) -> Result<(), Error> {
-        let min_max = |c: &AggCall| matches!(c.func, AggFunc::Min | AggFunc::Max);
-        if !self.plan.aggregates.iter().any(min_max) {
-            return Ok(()); // only MIN and MAX can refuse a value
+    /// Tumbling and hopping windows: the length of a slice (a tumbling window is one
+    /// slice; a hopping window's size is a multiple of its slide, checked at creation).
+    fn slide(&self) -> i64 {
+        match self.plan.window {
+            Some(Window::Tumble { size_ms }) => size_ms,
+            Some(Window::Hop { slide_ms, .. }) => slide_ms,
+            _ => unreachable!("slices are for tumbling and hopping windows"),
         }
-        if let Some(group) = self.groups.get(id) {
+    }
+
+    /// Only MIN and MAX can refuse a value for what a group holds already.
+    fn has_min_max(&self) -> bool {
+        let min_max = |c: &AggCall| matches!(c.func, AggFunc::Min | AggFunc::Max);
+        self.plan.aggregates.iter().any(min_max)
+    }
+
+    /// MIN/MAX type checks against an existing group.
+    fn check(&self, group: Option<&Group>, args: &[Option<Option<Value>>]) -> Result<(), Error> {
+        if let Some(group) = group {
             for (acc, arg) in group.accs.iter().zip(args) {
                 if let Some(Some(v)) = arg {
                     acc.check_against(v).map_err(Error::Rejected)?;
@@ -650,6 +734,8 @@ impl Grouped {
         Ok(())
     }
 
+    /// Adds to a group (an unwindowed group or a slice), creating it, and for a
+    /// slice the closing entries of the windows it is in, when new.
     fn upsert(
         &mut self,
         id: &[u8],
@@ -657,7 +743,6 @@ impl Grouped {
         start: i64,
         end: i64,
         args: &[Option<Option<Value>>],
-        windowed: bool,
     ) {
         // One lookup for a group that exists, the common case.
         if let Some(group) = self.groups.get_mut(id) {
@@ -668,9 +753,12 @@ impl Grouped {
             }
         } else {
             self.bytes += GROUP_OVERHEAD + 2 * id.len() as i64;
-            if windowed {
-                self.closing
-                    .insert((end, start, id[..id.len() - 8].to_vec()));
+            if let Some(Window::Tumble { size_ms } | Window::Hop { size_ms, .. }) = self.plan.window
+            {
+                let key_bytes = &id[..id.len() - 8];
+                for s in hop_starts(start, self.slide(), size_ms) {
+                    self.closing.insert((s + size_ms, s, key_bytes.to_vec()));
+                }
             }
             let mut accs: Vec<Acc> = self
                 .plan
@@ -693,9 +781,6 @@ impl Grouped {
                 },
             );
         }
-        if self.plan.emit == Emit::Changes && !self.dirty.contains(id) {
-            self.dirty.insert(id.to_vec());
-        }
     }
 
     fn remove(&mut self, id: &[u8]) -> Option<Group> {
@@ -710,8 +795,7 @@ impl Grouped {
             }
         }
         self.dirty.remove(id);
-        self.bytes -=
-            GROUP_OVERHEAD + 2 * id.len() as i64 + group.accs.iter().map(Acc::size).sum::<i64>();
+        self.bytes -= group_bytes(id, &group);
         Some(group)
     }
 
@@ -731,12 +815,81 @@ impl Grouped {
             let Some((_, start, key_bytes)) = self.closing.pop_first() else {
                 break;
             };
-            let id = window_id(&key_bytes, start);
-            if let Some(group) = self.remove(&id) {
+            let group = match self.plan.window {
+                Some(Window::Session { .. }) => self.remove(&window_id(&key_bytes, start)),
+                _ => self.take_window(&key_bytes, start),
+            };
+            if let Some(group) = group {
                 if let Some(row) = self.row(&group, true) {
                     out.push(row);
                 }
             }
+        }
+    }
+
+    /// A closing tumbling or hopping window's value: its restored whole window, if
+    /// any, merged with its slices in order. The slices no later window contains
+    /// (those before `start + slide`) are dropped.
+    fn take_window(&mut self, key_bytes: &[u8], start: i64) -> Option<Group> {
+        let id = window_id(key_bytes, start);
+        self.dirty.remove(&id);
+        let mut window = self.legacy.remove(&id).inspect(|g| {
+            self.bytes -= group_bytes(&id, g);
+        });
+        for (i, slice) in self.slices(start).enumerate() {
+            let id = window_id(key_bytes, slice);
+            let part = if i == 0 {
+                self.groups.remove(&id).inspect(|g| {
+                    self.bytes -= group_bytes(&id, g);
+                })
+            } else {
+                self.groups.get(&id).cloned()
+            };
+            merge_into(&mut window, part);
+        }
+        window.map(|mut w| {
+            w.start = start;
+            w.end = start + self.window_size();
+            w
+        })
+    }
+
+    /// The current value of an open window (EMIT CHANGES), by its id.
+    fn current(&self, id: &[u8]) -> Option<std::borrow::Cow<'_, Group>> {
+        use std::borrow::Cow;
+        match self.plan.window {
+            None | Some(Window::Session { .. }) => self.groups.get(id).map(Cow::Borrowed),
+            Some(Window::Tumble { .. }) if self.legacy.is_empty() => {
+                self.groups.get(id).map(Cow::Borrowed)
+            }
+            Some(_) => {
+                let (key_bytes, start) = split_window_id(id)?;
+                let mut window = self.legacy.get(id).cloned();
+                for slice in self.slices(start) {
+                    merge_into(
+                        &mut window,
+                        self.groups.get(&window_id(key_bytes, slice)).cloned(),
+                    );
+                }
+                window.map(|mut w| {
+                    w.start = start;
+                    w.end = start + self.window_size();
+                    Cow::Owned(w)
+                })
+            }
+        }
+    }
+
+    /// The starts of the slices of the window starting at `start`.
+    fn slices(&self, start: i64) -> impl Iterator<Item = i64> {
+        let slide = self.slide();
+        (0..self.window_size() / slide).map(move |i| start + i * slide)
+    }
+
+    fn window_size(&self) -> i64 {
+        match self.plan.window {
+            Some(Window::Tumble { size_ms } | Window::Hop { size_ms, .. }) => size_ms,
+            _ => unreachable!("slices are for tumbling and hopping windows"),
         }
     }
 
@@ -789,6 +942,29 @@ impl Grouped {
             error,
         })
     }
+}
+
+/// Folds `part` into `window` (the first part becomes the window).
+fn merge_into(window: &mut Option<Group>, part: Option<Group>) {
+    let Some(part) = part else { return };
+    match window {
+        None => *window = Some(part),
+        Some(w) => {
+            for (a, o) in w.accs.iter_mut().zip(part.accs) {
+                a.merge(o);
+            }
+        }
+    }
+}
+
+fn group_bytes(id: &[u8], group: &Group) -> i64 {
+    GROUP_OVERHEAD + 2 * id.len() as i64 + group.accs.iter().map(Acc::size).sum::<i64>()
+}
+
+fn split_window_id(id: &[u8]) -> Option<(&[u8], i64)> {
+    let at = id.len().checked_sub(8)?;
+    let start = i64::from_be_bytes(id[at..].try_into().ok()?);
+    Some((&id[..at], start))
 }
 
 fn window_id(key_bytes: &[u8], start: i64) -> Vec<u8> {
