@@ -173,13 +173,17 @@ impl StateTopic {
         })
     }
 
-    /// Takes `partition` for this instance: writes a claim record, then reads the
-    /// last checkpoint that counts before it. From the claim's acknowledgement on,
-    /// an earlier owner's commits no longer count and its writes are refused.
-    pub fn claim(&self, partition: i32) -> Result<(Claim, Option<Checkpoint>), Error> {
+    /// Takes `partition` for this instance: writes a claim record. From its
+    /// acknowledgement on, an earlier owner's commits no longer count and its writes
+    /// are refused.
+    pub fn claim(&self, partition: i32) -> Result<Claim, Error> {
         let epoch = self.send(partition, "claim", b"").map_err(Error::Cluster)?;
-        let last = self.read_last(partition, epoch)?;
-        Ok((Claim { epoch, last: epoch }, last))
+        Ok(Claim { epoch, last: epoch })
+    }
+
+    /// The last checkpoint of `partition` that counts before `claim`.
+    pub fn last_before(&self, partition: i32, claim: &Claim) -> Result<Option<Checkpoint>, Error> {
+        self.read_last(partition, claim.epoch)
     }
 
     /// Writes `checkpoint` to `partition` and returns once its commit record is
@@ -461,6 +465,12 @@ mod fencing {
     use super::*;
     use crate::runtime::test_broker::Broker;
 
+    fn take(topic: &StateTopic) -> (Claim, Option<Checkpoint>) {
+        let claim = topic.claim(0).unwrap();
+        let last = topic.last_before(0, &claim).unwrap();
+        (claim, last)
+    }
+
     fn checkpoint(n: u8) -> Checkpoint {
         Checkpoint {
             plan_hash: 7,
@@ -498,13 +508,13 @@ mod fencing {
         let old = StateTopic::open(&client, name, timeout).unwrap();
         let new = StateTopic::open(&client, name, timeout).unwrap();
 
-        let (mut old_claim, none) = old.claim(0).unwrap();
+        let (mut old_claim, none) = take(&old);
         assert_eq!(none, None);
         old.write(0, &checkpoint(1), &mut old_claim).unwrap();
         old.write(0, &checkpoint(2), &mut old_claim).unwrap();
 
         // The task moves; the old owner does not know yet.
-        let (new_claim, restored) = new.claim(0).unwrap();
+        let (new_claim, restored) = take(&new);
         assert_eq!(restored, Some(checkpoint(2)));
         assert!(new_claim.epoch > old_claim.epoch);
         let low_before = low(&new);
@@ -525,7 +535,7 @@ mod fencing {
         };
         let blob = small.encode();
         let first = old.send(0, "chunk", &blob).unwrap();
-        let (mut newest_claim, restored) = new.claim(0).unwrap();
+        let (mut newest_claim, restored) = take(&new);
         assert_eq!(restored, Some(checkpoint(2)));
         let commit = Commit {
             first,
@@ -549,7 +559,7 @@ mod fencing {
         // The claim before it that superseded is gone with the trim; the newest owner's
         // commits still count, and the next owner restores them.
         new.write(0, &checkpoint(6), &mut newest_claim).unwrap();
-        let (_, restored) = old.claim(0).unwrap();
+        let (_, restored) = take(&old);
         assert_eq!(restored, Some(checkpoint(6)));
         // ...after which the previous owner is fenced in turn.
         let err = new.write(0, &checkpoint(7), &mut newest_claim).unwrap_err();

@@ -1,11 +1,13 @@
 //! The second stage of a run: the tasks. Task N owns repartition partition N, the
 //! state of the groups whose keys hash to it, and state-topic partition N, where its
 //! checkpoints go. The instances of a pipeline split the tasks through a second
-//! consumer group; when a task is assigned here, it is claimed in its state
-//! partition and its last checkpoint read inside the rebalance callback, and the
-//! partition starts at the offset that checkpoint reflects, so no record is counted
-//! twice or lost across a move. An instance that lost a task without noticing has
-//! its next checkpoint refused ([`Error::Fenced`]) and trims nothing.
+//! consumer group; when a task is assigned here, its partition is assigned paused,
+//! the task is claimed in its state partition and its last checkpoint read on a
+//! loader thread (a rebalance callback returns at once, however large the state),
+//! and the partition resumes at the offset that checkpoint reflects, so no record is
+//! counted twice or lost across a move. A revocation waits for the claims in flight,
+//! so that none lands after the next owner's. An instance that lost a task without
+//! noticing has its next checkpoint refused ([`Error::Fenced`]) and trims nothing.
 //!
 //! A task drops a routed record whose source offset is not above the highest one it
 //! applied for that (query, source partition): the first stage sends a record again
@@ -15,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -40,19 +42,105 @@ type TaskId = (usize, i32);
 
 /// What the rebalance callback tells the loop.
 enum Event {
-    /// The task is ours, claimed, with its last checkpoint of this plan, if any.
-    Assigned(TaskId, Claim, Option<Checkpoint>),
     /// Every task went away (the eager protocol revokes all).
     Revoked,
     Failed(Error),
 }
 
 struct TaskContext {
-    state: Arc<StateTopic>,
     /// `Layout::inputs`: (topic, first state partition).
     inputs: Vec<(String, i32)>,
-    hash: u64,
     events: Mutex<Vec<Event>>,
+    loader: Loader,
+}
+
+/// Claims tasks and reads their checkpoints on a thread of its own.
+struct Loader {
+    jobs: mpsc::Sender<Job>,
+    gate: Arc<Gate>,
+}
+
+/// The assignment's generation (each revocation starts a new one: results of an
+/// older one are dropped, its jobs not started are skipped) and the claims being
+/// written.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<(u64, usize)>,
+    done: Condvar,
+}
+
+struct Job {
+    generation: u64,
+    task: TaskId,
+    state_partition: i32,
+}
+
+/// A task claimed, with its last checkpoint, if any.
+struct Loaded {
+    generation: u64,
+    task: TaskId,
+    result: Result<(Claim, Option<Checkpoint>), Error>,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Loader {
+    /// Starts the thread; results come out of the receiver.
+    fn start(state: Arc<StateTopic>) -> (Loader, mpsc::Receiver<Loaded>) {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (done, results) = mpsc::channel();
+        let gate = Arc::new(Gate::default());
+        let g = gate.clone();
+        std::thread::Builder::new()
+            .name("pipeline-loader".into())
+            .spawn(move || {
+                for job in rx {
+                    {
+                        let mut s = g.lock();
+                        if s.0 != job.generation {
+                            continue;
+                        }
+                        s.1 += 1;
+                    }
+                    let claim = state.claim(job.state_partition);
+                    {
+                        g.lock().1 -= 1;
+                        g.done.notify_all();
+                    }
+                    let result = claim.and_then(|c| {
+                        let last = state.last_before(job.state_partition, &c)?;
+                        Ok((c, last))
+                    });
+                    let loaded = Loaded {
+                        generation: job.generation,
+                        task: job.task,
+                        result,
+                    };
+                    if done.send(loaded).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the loader thread");
+        (Loader { jobs, gate }, results)
+    }
+
+    fn generation(&self) -> u64 {
+        self.gate.lock().0
+    }
+
+    /// Starts a new generation once the claims being written are acknowledged.
+    fn revoke(&self) {
+        let mut s = self.gate.lock();
+        s.0 += 1;
+        while s.1 > 0 {
+            s = self.gate.done.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl ClientContext for TaskContext {}
@@ -66,40 +154,28 @@ impl ConsumerContext for TaskContext {
     ) {
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            self.loader.revoke();
             events.push(Event::Revoked);
             let _ = consumer.unassign();
             return;
         }
-        let assigned: Vec<(String, i32)> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
-        for (topic, partition) in assigned {
-            let Some(input) = self.inputs.iter().position(|(t, _)| *t == topic) else {
-                continue;
-            };
-            let mut offset = Offset::Beginning;
-            match self.state.claim(self.inputs[input].1 + partition) {
-                Ok((claim, Some(c))) if c.plan_hash == self.hash => {
-                    if let Some((_, _, next)) = c
-                        .offsets
-                        .iter()
-                        .find(|(t, p, _)| *t == topic && *p == partition)
-                    {
-                        offset = Offset::Offset(*next);
-                    }
-                    events.push(Event::Assigned((input, partition), claim, Some(c)));
-                }
-                Ok((claim, _)) => events.push(Event::Assigned((input, partition), claim, None)),
-                Err(e) => events.push(Event::Failed(e)),
-            }
-            let _ = tpl.set_partition_offset(&topic, partition, offset);
-        }
-        if let Err(e) = consumer.assign(tpl) {
+        // Paused until the loader has read where each task starts.
+        if let Err(e) = consumer.assign(tpl).and_then(|()| consumer.pause(tpl)) {
             events.push(Event::Failed(Error::Cluster(format!(
                 "cannot take the tasks assigned: {e}"
             ))));
+            return;
+        }
+        let generation = self.loader.generation();
+        for e in tpl.elements() {
+            let Some(input) = self.inputs.iter().position(|(t, _)| t == e.topic()) else {
+                continue;
+            };
+            let _ = self.loader.jobs.send(Job {
+                generation,
+                task: (input, e.partition()),
+                state_partition: self.inputs[input].1 + e.partition(),
+            });
         }
     }
 }
@@ -238,11 +314,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let state = Arc::new(
         StateTopic::open(&prepared.client, &state_topic(name), CLUSTER_TIMEOUT).map_err(cluster)?,
     );
+    let (loader, loaded) = Loader::start(state.clone());
     let context = TaskContext {
-        state: state.clone(),
         inputs: shared.layout.inputs.clone(),
-        hash: shared.hash,
         events: Mutex::new(Vec::new()),
+        loader,
     };
     let consumer = shared.consumer(tasks_group_id(name, plan), context)?;
     let inputs: Vec<&str> = shared
@@ -268,7 +344,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         let polled = consumer.poll(TICK);
         let read = clock.after_poll(matches!(polled, Some(Ok(_))));
         let now = clock.now;
-        take_events(shared, &consumer, &mut tasks)?;
+        take_events(shared, &consumer, &loaded, &mut tasks)?;
         match polled {
             Some(Ok(message)) => {
                 let input = inputs.iter().position(|t| *t == message.topic());
@@ -315,27 +391,45 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     checkpoint(shared, &state, &consumer, &mut tasks)
 }
 
-/// Takes the tasks the last rebalance gave or took.
+/// Takes the tasks the last rebalance took, then those the loader has claimed: each
+/// resumes at the offset its checkpoint reflects.
 fn take_events(
     shared: &Shared<'_>,
     consumer: &BaseConsumer<TaskContext>,
+    loaded: &mpsc::Receiver<Loaded>,
     tasks: &mut BTreeMap<TaskId, Task>,
 ) -> Result<(), Error> {
-    let events = std::mem::take(
-        &mut *consumer
-            .context()
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-    );
+    let context = consumer.context();
+    let events = std::mem::take(&mut *context.events.lock().unwrap_or_else(|e| e.into_inner()));
     for event in events {
         match event {
             Event::Revoked => tasks.clear(),
-            Event::Assigned(id, claim, checkpoint) => {
-                tasks.insert(id, Task::new(shared, id, claim, checkpoint)?);
-            }
             Event::Failed(e) => return Err(e),
         }
+    }
+    while let Ok(Loaded {
+        generation,
+        task: id,
+        result,
+    }) = loaded.try_recv()
+    {
+        if generation != context.loader.generation() {
+            continue; // revoked since
+        }
+        let (claim, checkpoint) = result?;
+        let topic = &shared.layout.inputs[id.0].0;
+        let checkpoint = checkpoint.filter(|c| c.plan_hash == shared.hash);
+        let offset = checkpoint
+            .as_ref()
+            .and_then(|c| c.offsets.iter().find(|(t, p, _)| t == topic && *p == id.1))
+            .map_or(Offset::Beginning, |(_, _, next)| Offset::Offset(*next));
+        tasks.insert(id, Task::new(shared, id, claim, checkpoint)?);
+        let mut resume = TopicPartitionList::new();
+        resume.add_partition(topic, id.1);
+        consumer
+            .seek(topic, id.1, offset, Duration::ZERO)
+            .and_then(|()| consumer.resume(&resume))
+            .map_err(|e| Error::Cluster(format!("cannot start task {topic}/{}: {e}", id.1)))?;
     }
     Ok(())
 }
@@ -600,5 +694,57 @@ mod tests {
         fn garbage_applied_offsets_are_refused_not_panicked_on(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
             let _ = decode_applied(&bytes);
         }
+    }
+
+    /// The loader claims a task and reads its checkpoint on its own thread; after a
+    /// revocation, a job of the generation before is skipped: it writes no claim,
+    /// which could land after the next owner's and fence it.
+    #[test]
+    fn the_loader_claims_and_reads_and_skips_what_a_revocation_made_stale() {
+        use super::super::test_broker::Broker;
+        let broker = Broker::start();
+        let name = "loader.state";
+        broker.create_topic(name, 2);
+        let timeout = Duration::from_secs(10);
+        let state = Arc::new(StateTopic::open(&broker.client(), name, timeout).unwrap());
+        let saved = Checkpoint {
+            plan_hash: 7,
+            offsets: vec![("in".into(), 1, 42)],
+            operators: vec![vec![1, 2, 3]],
+        };
+        let mut before = state.claim(1).unwrap();
+        state.write(1, &saved, &mut before).unwrap();
+        let high = |partition| {
+            let c: BaseConsumer = broker.client().create().unwrap();
+            c.fetch_watermarks(name, partition, timeout).unwrap().1
+        };
+
+        let (loader, loaded) = Loader::start(state.clone());
+        let first = loader.generation();
+        let job = |generation, p| Job {
+            generation,
+            task: (0, p),
+            state_partition: p,
+        };
+        loader.jobs.send(job(first, 1)).unwrap();
+        let got = loaded.recv_timeout(timeout).unwrap();
+        assert_eq!((got.generation, got.task), (first, (0, 1)));
+        let (claim, checkpoint) = got.result.unwrap();
+        assert!(claim.epoch > before.epoch);
+        assert_eq!(checkpoint, Some(saved));
+
+        let claims_on_0 = high(0);
+        loader.revoke();
+        assert_eq!(loader.generation(), first + 1);
+        loader.jobs.send(job(first, 0)).unwrap();
+        loader.jobs.send(job(first + 1, 0)).unwrap();
+        let got = loaded.recv_timeout(timeout).unwrap();
+        assert_eq!(got.generation, first + 1, "the stale job gave nothing");
+        assert_eq!(got.result.unwrap().1, None);
+        assert_eq!(
+            high(0),
+            claims_on_0 + 1,
+            "one claim: the stale job wrote none"
+        );
     }
 }
