@@ -166,7 +166,34 @@ pub struct Query {
     pub sink: Option<usize>,
 }
 
+/// Where a query's records must be brought before its operator sees them: the
+/// plan's say on repartitioning. The runtime reads a source of one partition in
+/// place whatever this says (every record is already in one place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    /// Stateless: each record is processed where it is read.
+    None,
+    /// Grouped by the record key alone: producers put each key in one partition
+    /// already (Kafka Streams' co-partitioning), so each source partition is a task
+    /// of its own, read in place.
+    InPlace,
+    /// Grouped by anything else: each record goes to the repartition partition of
+    /// its group key's hash, which one task owns.
+    ByGroupKey,
+}
+
 impl Query {
+    /// Where the query's records must be repartitioned ([`Exchange`]).
+    pub fn exchange(&self) -> Exchange {
+        match &self.body {
+            Body::Map(_) => Exchange::None,
+            Body::Aggregate(a) if a.keys == [Expr::Meta(crate::expr::Meta::Key)] => {
+                Exchange::InPlace
+            }
+            Body::Aggregate(_) => Exchange::ByGroupKey,
+        }
+    }
+
     /// The output columns' names and what is known of their types; `None` for
     /// `SELECT *`.
     pub fn columns(&self) -> Option<Vec<(String, ColumnType)>> {

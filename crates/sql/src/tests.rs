@@ -98,6 +98,28 @@ fn a_query_names_the_json_fields_it_reads() {
 }
 
 #[test]
+fn the_plan_says_where_records_are_repartitioned() {
+    use crate::plan::Exchange;
+    let exchange = |sql: &str| compile(sql, &Topics).unwrap().queries[0].exchange();
+    assert_eq!(
+        exchange("INSERT INTO o SELECT city FROM tweets;"),
+        Exchange::None
+    );
+    assert_eq!(exchange(CITY_WINDOWS), Exchange::ByGroupKey);
+    assert_eq!(
+        exchange("INSERT INTO o SELECT _key AS k, COUNT(*) AS n FROM tweets GROUP BY _key;"),
+        Exchange::InPlace
+    );
+    // Anything beside the record key needs the repartition.
+    assert_eq!(
+        exchange(
+            "INSERT INTO o SELECT _key AS k, city, COUNT(*) AS n FROM tweets GROUP BY _key, city;"
+        ),
+        Exchange::ByGroupKey
+    );
+}
+
+#[test]
 fn a_query_says_whether_it_reads_headers() {
     let reads = |sql: &str| compile(sql, &Topics).unwrap().queries[0].reads_headers();
     assert!(!reads(CITY_WINDOWS));

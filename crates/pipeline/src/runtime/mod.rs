@@ -39,7 +39,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::Message;
 use serde::Serialize;
-use sql::plan::Body;
+use sql::plan::Exchange;
 
 use crate::ops::Row;
 
@@ -393,11 +393,12 @@ pub fn repartition_topic(name: &str) -> String {
 
 /// Where the records of each query go, and which topics the tasks read.
 ///
-/// A grouped query whose records are already where their group's state is reads its
-/// source directly, one task per source partition: a source of one partition, or a
-/// query grouped by `_key` alone (a repartition would only copy the records). The
-/// others are routed through the repartition topic, which has as many partitions as
-/// the largest of their sources (Kafka Streams' rules).
+/// The plan says where each query's records must be ([`Exchange`]); a grouped query
+/// whose records are already there reads its source directly, one task per source
+/// partition: `Exchange::InPlace` (grouped by `_key` alone), or a source of one
+/// partition (a repartition would only copy the records). The others are routed
+/// through the repartition topic, which has as many partitions as the largest of
+/// their sources (Kafka Streams' rules).
 struct Layout {
     /// Per query: run or routed by stage 1 (stateless, or grouped over several
     /// partitions).
@@ -427,18 +428,15 @@ impl Layout {
         let queries = &prepared.plan.queries;
         let grouped: Vec<bool> = queries
             .iter()
-            .map(|q| matches!(q.body, Body::Aggregate(_)))
+            .map(|q| q.exchange() != Exchange::None)
             .collect();
-        // Grouped by the record key alone: the producers put each key in one
-        // partition already (Kafka Streams' co-partitioning assumption).
-        let by_key = |q: &sql::plan::Query| match &q.body {
-            Body::Aggregate(a) => a.keys == [sql::expr::Expr::Meta(sql::expr::Meta::Key)],
-            Body::Map(_) => false,
-        };
         let direct: Vec<bool> = queries
             .iter()
-            .zip(&grouped)
-            .map(|(q, &g)| g && (partitions(&q.source.topic) == 1 || by_key(q)))
+            .map(|q| match q.exchange() {
+                Exchange::None => false,
+                Exchange::InPlace => true,
+                Exchange::ByGroupKey => partitions(&q.source.topic) == 1,
+            })
             .collect();
         let in_stage1: Vec<bool> = direct.iter().map(|d| !d).collect();
         let routed_tasks = queries
