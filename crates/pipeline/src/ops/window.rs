@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use sql::expr::Input;
-use sql::plan::Aggregate;
+use sql::plan::{Aggregate, Emit};
 
 use super::encode::Reader;
 use super::group::{group_bytes, merge_into, split_window_id, window_id, Group, Groups};
@@ -131,11 +131,13 @@ impl Operator for Sliced {
             }
         }
         g.id = id;
-        for start in hop_starts(t, slide, size) {
-            g.set_id(&e.key_bytes, start);
-            let id = std::mem::take(&mut g.id);
-            g.mark(&id);
-            g.id = id;
+        if g.plan.emit == Emit::Changes {
+            for start in hop_starts(t, slide, size) {
+                g.set_id(&e.key_bytes, start);
+                let id = std::mem::take(&mut g.id);
+                g.mark(&id);
+                g.id = id;
+            }
         }
         Ok(Fate::Done)
     }
