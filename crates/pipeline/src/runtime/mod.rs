@@ -549,7 +549,7 @@ struct Shared<'a> {
     repartition: String,
     layout: Layout,
     /// Per source: the top-level JSON fields its queries read.
-    json_fields: Vec<std::collections::BTreeSet<String>>,
+    json_fields: Vec<json::Wanted>,
     /// Whether any query reads a header: a record's headers are parsed only then.
     reads_headers: bool,
     producer: ThreadedProducer<DeliveryContext>,
