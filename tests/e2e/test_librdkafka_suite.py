@@ -2,7 +2,10 @@
 directory (producer, consumer, offset commit, groups, admin, idempotence), built
 from the source the rdkafka-sys crate bundles (scripts/librdkafka-tests), each
 test run by its `test-runner` against a fresh `freshet serve` configured as the
-suite's default scenario expects (auto-created topics with 4 partitions).
+suite's default scenario expects: auto-created topics with 4 partitions, and Kafka's
+code default of 3 s for group.initial.rebalance.delay.ms (trivup's brokers set no
+override; Freshet's default is 0, as Kafka's shipped server.properties): test 0102
+starts two static members together and expects them in one first generation.
 
 Full mode, not `-Q`: in quick mode the runner drops every subtest not marked quick
 and still reports the test PASSED. A test counts as passed only when the runner
@@ -91,7 +94,8 @@ def run_one(runner: Path, bootstrap: str, number: str, workdir: Path) -> tuple[i
     for n in SUITE
 ])
 def test_librdkafka(runner, broker_factory, tmp_path, number):
-    b = broker_factory(config={"num_partitions": 4, "auto_create_topics": True})
+    b = broker_factory(config={"num_partitions": 4, "auto_create_topics": True,
+                               "group_initial_rebalance_delay_ms": 3000})
     code, output = run_one(runner, b.bootstrap, number, tmp_path)
     (tmp_path / "runner.log").write_text(output)
     found = outcomes(output)
