@@ -348,7 +348,15 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         match polled {
             Some(Ok(message)) => {
                 let input = inputs.iter().position(|t| *t == message.topic());
-                if let Some(task) = input.and_then(|i| tasks.get_mut(&(i, message.partition()))) {
+                // A record below the task's next offset is one its checkpoint covers:
+                // the fetch of a task assigned paused may start from the group's
+                // committed offset (librdkafka looks it up on assignment, and that
+                // can land after the seek to the checkpoint's offset), which is never
+                // above the checkpoint's.
+                let task = input
+                    .and_then(|i| tasks.get_mut(&(i, message.partition())))
+                    .filter(|task| message.offset() >= task.next);
+                if let Some(task) = task {
                     task.next = message.offset() + 1;
                     task.dirty = true;
                     out_count += if task.routed {
