@@ -43,14 +43,7 @@ impl Operator for Unwindowed {
     fn on_watermark(&mut self, _watermark: i64, _out: &mut Vec<Row>) {}
 
     fn on_tick(&mut self, now_ms: i64, interval_ms: i64, out: &mut Vec<Row>) {
-        let ids = self.groups.due(now_ms, interval_ms);
-        let g = &self.groups;
-        g.emit(
-            ids,
-            false,
-            |id| g.map.get(id).map(std::borrow::Cow::Borrowed),
-            out,
-        );
+        self.groups.emit_held(now_ms, interval_ms, false, out);
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {

@@ -276,6 +276,12 @@ impl Groups {
         }
     }
 
+    /// EMIT CHANGES for operators whose rows are their groups as held (no merge).
+    pub fn emit_held(&mut self, now_ms: i64, interval_ms: i64, windowed: bool, out: &mut Vec<Row>) {
+        let ids = self.due(now_ms, interval_ms);
+        self.emit(ids, windowed, |id| self.map.get(id).map(Cow::Borrowed), out);
+    }
+
     /// Writes a section of groups in id order (a snapshot's order is stable).
     pub fn encode(out: &mut Vec<u8>, groups: &Map<Vec<u8>, Group>) {
         let mut ids: Vec<&Vec<u8>> = groups.keys().collect();
@@ -365,6 +371,19 @@ fn eval_call(call: &AggCall, ctx: &Context<'_>) -> Result<Option<Option<Value>>,
             Ok(Some(Some(v)))
         }
     }
+}
+
+/// The open windows (sessions) by (end, start, key bytes), to close in order.
+pub(super) type Closing = std::collections::BTreeSet<(i64, i64, Vec<u8>)>;
+
+/// The next window the watermark has closed: its start and key bytes.
+pub(super) fn pop_closed(closing: &mut Closing, watermark: i64) -> Option<(i64, Vec<u8>)> {
+    if closing.first()?.0 > watermark {
+        return None;
+    }
+    closing
+        .pop_first()
+        .map(|(_, start, key_bytes)| (start, key_bytes))
 }
 
 /// Folds `part` into `window` (the first part becomes the window).

@@ -6,20 +6,18 @@
 //! session, id = key bytes + start; the closing order and each key's sessions are
 //! rebuilt from it.
 
-use std::collections::BTreeSet;
-
 use sql::expr::Input;
 use sql::plan::Aggregate;
 
 use super::encode::Reader;
-use super::group::{merge_into, split_window_id, window_id, Group, Groups};
+use super::group::{merge_into, pop_closed, split_window_id, window_id, Closing, Group, Groups};
 use super::{Error, Fate, Map, Operator, Row, MAX_EVENT_TIME_MS};
 
 pub(super) struct Sessions {
     groups: Groups,
     gap: i64,
     /// (end, start, key bytes) of every open session, to close in order.
-    closing: BTreeSet<(i64, i64, Vec<u8>)>,
+    closing: Closing,
     /// The starts of each key's open sessions.
     starts: Map<Vec<u8>, Vec<i64>>,
 }
@@ -29,7 +27,7 @@ impl Sessions {
         Sessions {
             groups: Groups::new(plan),
             gap,
-            closing: BTreeSet::new(),
+            closing: Closing::new(),
             starts: Map::default(),
         }
     }
@@ -116,14 +114,7 @@ impl Operator for Sessions {
     }
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Vec<Row>) {
-        while self
-            .closing
-            .first()
-            .is_some_and(|(end, _, _)| *end <= watermark)
-        {
-            let Some((_, start, key_bytes)) = self.closing.pop_first() else {
-                break;
-            };
+        while let Some((start, key_bytes)) = pop_closed(&mut self.closing, watermark) {
             if let Some(group) = self.remove(&key_bytes, start) {
                 if let Some(row) = self.groups.row(&group, true, true) {
                     out.push(row);
@@ -133,14 +124,7 @@ impl Operator for Sessions {
     }
 
     fn on_tick(&mut self, now_ms: i64, interval_ms: i64, out: &mut Vec<Row>) {
-        let ids = self.groups.due(now_ms, interval_ms);
-        let g = &self.groups;
-        g.emit(
-            ids,
-            true,
-            |id| g.map.get(id).map(std::borrow::Cow::Borrowed),
-            out,
-        );
+        self.groups.emit_held(now_ms, interval_ms, true, out);
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {

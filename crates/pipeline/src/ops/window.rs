@@ -13,13 +13,14 @@
 //! closing order is rebuilt from them.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
 
 use sql::expr::Input;
 use sql::plan::{Aggregate, Emit};
 
 use super::encode::Reader;
-use super::group::{group_bytes, merge_into, split_window_id, window_id, Group, Groups};
+use super::group::{
+    group_bytes, merge_into, pop_closed, split_window_id, window_id, Closing, Group, Groups,
+};
 use super::{Error, Fate, Map, Operator, Row, MAX_EVENT_TIME_MS};
 
 pub(super) struct Sliced {
@@ -29,7 +30,7 @@ pub(super) struct Sliced {
     /// Whole windows restored from a version 2 snapshot, by window id.
     legacy: Map<Vec<u8>, Group>,
     /// (end, start, key bytes) of every open window, to close in order.
-    closing: BTreeSet<(i64, i64, Vec<u8>)>,
+    closing: Closing,
 }
 
 impl Sliced {
@@ -39,7 +40,7 @@ impl Sliced {
             slide,
             size,
             legacy: Map::default(),
-            closing: BTreeSet::new(),
+            closing: Closing::new(),
         }
     }
 
@@ -143,14 +144,7 @@ impl Operator for Sliced {
     }
 
     fn on_watermark(&mut self, watermark: i64, out: &mut Vec<Row>) {
-        while self
-            .closing
-            .first()
-            .is_some_and(|(end, _, _)| *end <= watermark)
-        {
-            let Some((_, start, key_bytes)) = self.closing.pop_first() else {
-                break;
-            };
+        while let Some((start, key_bytes)) = pop_closed(&mut self.closing, watermark) {
             if let Some(window) = self.take_window(&key_bytes, start) {
                 if let Some(row) = self.groups.row(&window, true, true) {
                     out.push(row);
