@@ -34,7 +34,24 @@ pub struct Pipelines {
     max: usize,
     topic: Arc<SharedTopic>,
     producer: FutureProducer,
-    defined: Arc<Mutex<HashMap<String, Entry>>>,
+    defined: Arc<Runs>,
+}
+
+/// The definitions this gateway knows, and their runs here.
+#[derive(Default)]
+struct Runs {
+    entries: Mutex<HashMap<String, Entry>>,
+    /// Held through each [`apply`]: the follower of the shared topic and a PUT apply
+    /// the same definition concurrently, and each must see what the other did, or both
+    /// start a run and one of them is orphaned (running, never stopped, a second member
+    /// of the pipeline's groups).
+    changing: Mutex<()>,
+}
+
+impl Runs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Entry {
@@ -47,7 +64,7 @@ struct Entry {
 impl Pipelines {
     pub fn open(config: &GatewayConfig) -> anyhow::Result<Arc<Pipelines>> {
         let client = config.client();
-        let defined: Arc<Mutex<HashMap<String, Entry>>> = Arc::default();
+        let defined: Arc<Runs> = Arc::default();
         let producer: FutureProducer = client
             .clone()
             .set("acks", "all")
@@ -83,7 +100,7 @@ impl Pipelines {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.defined.lock().unwrap_or_else(|e| e.into_inner())
+        self.defined.lock()
     }
 
     /// Stops every run (each writes a last checkpoint) and the follower.
@@ -120,15 +137,10 @@ fn describe(name: &str, entry: &Entry) -> serde_json::Value {
 }
 
 /// Makes this gateway's runs follow a definition (`None`: deleted).
-fn apply(
-    defined: &Mutex<HashMap<String, Entry>>,
-    client: &ClientConfig,
-    run: bool,
-    name: &str,
-    sql: Option<String>,
-) {
+fn apply(defined: &Runs, client: &ClientConfig, run: bool, name: &str, sql: Option<String>) {
+    let _changing = defined.changing.lock().unwrap_or_else(|e| e.into_inner());
     let old = {
-        let mut defined = defined.lock().unwrap_or_else(|e| e.into_inner());
+        let mut defined = defined.lock();
         if let (Some(old), Some(sql)) = (defined.get(name), &sql) {
             if old.sql == *sql {
                 return;
@@ -163,7 +175,7 @@ fn apply(
     } else {
         None
     };
-    defined.lock().unwrap_or_else(|e| e.into_inner()).insert(
+    defined.lock().insert(
         name.to_string(),
         Entry {
             sql,
@@ -344,4 +356,54 @@ async fn delete(
     .await
     .map_err(|e| ApiError::busy(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The threads of this process named `name` (Linux truncates names to 15 bytes).
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|comm| comm.trim_end() == name)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The follower and a PUT apply one definition at the same time: one run starts.
+    #[test]
+    fn concurrent_applies_of_one_definition_start_one_run() {
+        // Nothing listens there: each run retries its connection until stopped.
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", "127.0.0.1:9");
+        let runs = Runs::default();
+        for round in 0..20 {
+            let name = format!("r{round}");
+            let start = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        start.wait();
+                        apply(&runs, &client, true, &name, Some("SELECT 1".into()));
+                    });
+                }
+            });
+            // A thread a run starts carries the run's name until it names itself:
+            // wait for one, with a deadline (an orphaned run stays for ever).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut runs_seen = threads_named(&format!("pipeline-{name}"));
+            while runs_seen != 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                runs_seen = threads_named(&format!("pipeline-{name}"));
+            }
+            assert_eq!(runs_seen, 1, "runs of the definition in round {round}");
+        }
+        for entry in runs.lock().values() {
+            entry.stop.store(true, Ordering::Relaxed);
+        }
+    }
 }
