@@ -14,11 +14,41 @@ use serde::{Deserialize, Serialize};
 use crate::plan::ColumnType;
 use crate::value::Value;
 
+/// A source record's value as JSON, as expressions read it: field by field.
+#[derive(Debug, Clone, Copy)]
+pub enum Json<'a> {
+    /// A whole parsed value (`Null` when the source is not read as JSON).
+    Value(&'a serde_json::Value),
+    /// Only the top-level fields the queries read, as the runtime parses them: the
+    /// value of `names[i]` is `values[i]` (`Null` when the record has no such field,
+    /// or is not an object). No map is built per record.
+    Fields {
+        names: &'a [String],
+        values: &'a [serde_json::Value],
+    },
+}
+
+impl<'a> Json<'a> {
+    /// No JSON: every field is NULL.
+    pub const NULL: Json<'static> = Json::Value(&serde_json::Value::Null);
+
+    /// A top-level field (`None`: absent, which reads as NULL).
+    pub fn field(&self, name: &str) -> Option<&'a serde_json::Value> {
+        match *self {
+            Json::Value(v) => v.get(name),
+            Json::Fields { names, values } => names
+                .iter()
+                .position(|n| n.len() == name.len() && n == name)
+                .and_then(|i| values.get(i)),
+        }
+    }
+}
+
 /// One source record, as expressions in input context see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Input<'a> {
-    /// The value parsed as JSON (`Null` when the source is not read as JSON).
-    pub json: &'a serde_json::Value,
+    /// The value read as JSON.
+    pub json: Json<'a>,
     /// The value's bytes (`_value`, as a string).
     pub raw: &'a [u8],
     /// `_key`.
@@ -521,8 +551,10 @@ impl Expr {
             (Expr::Literal(v), _) => Ok(v.clone()),
             (Expr::Slot(i), Context::Row(row)) => Ok(row.get(*i).cloned().unwrap_or(Null)),
             (Expr::Field(path), Context::Input(input)) => {
-                let mut at = input.json;
-                for part in path {
+                let Some(mut at) = path.first().and_then(|first| input.json.field(first)) else {
+                    return Ok(Null);
+                };
+                for part in &path[1..] {
                     match at.get(part) {
                         Some(next) => at = next,
                         None => return Ok(Null),

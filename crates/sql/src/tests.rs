@@ -142,7 +142,7 @@ fn eval_where(sql_where: &str, json: serde_json::Value) -> Result<Value, crate::
     )
     .unwrap();
     let input = Input {
-        json: &json,
+        json: crate::expr::Json::Value(&json),
         raw: b"raw!",
         key: Some(b"k"),
         timestamp: 7,

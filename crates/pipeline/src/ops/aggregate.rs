@@ -37,6 +37,7 @@ impl Operator for Unwindowed {
         }
         g.upsert(&e.key_bytes, &e.keys, i64::MIN, i64::MAX, &e.args);
         g.mark(&e.key_bytes);
+        g.recycle(e);
         Ok(Fate::Done)
     }
 

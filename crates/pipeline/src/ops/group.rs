@@ -30,7 +30,9 @@ const GROUP_OVERHEAD: i64 = 96;
 /// it, `Some(None)` for COUNT(*).
 pub(super) type Args = Vec<Option<Option<Value>>>;
 
-/// A record evaluated in full before any state changes.
+/// A record evaluated in full before any state changes. Its buffers are reused from
+/// record to record ([`Groups::recycle`]).
+#[derive(Default)]
 pub(super) struct Evaluated {
     pub keys: Vec<Value>,
     /// The keys' canonical bytes: the start of every group id.
@@ -52,6 +54,8 @@ pub(super) struct Groups {
     scratch: Vec<u8>,
     /// A reusable buffer for ids.
     pub id: Vec<u8>,
+    /// The buffers of the last record's [`Evaluated`], for the next.
+    spare: Evaluated,
 }
 
 impl Groups {
@@ -66,32 +70,37 @@ impl Groups {
             min_max: plan.aggregates.iter().any(min_max),
             scratch: Vec::new(),
             id: Vec::new(),
+            spare: Evaluated::default(),
         }
     }
 
-    /// The group keys and aggregate arguments of a record.
+    /// The group keys and aggregate arguments of a record (in the buffers of the last
+    /// record [`Groups::recycle`]d, if any).
     pub fn evaluate(&mut self, input: &Input<'_>) -> Result<Evaluated, Error> {
         let ctx = Context::Input(input);
-        let keys = self
-            .plan
-            .keys
-            .iter()
-            .map(|k| k.eval(&ctx))
-            .collect::<Result<Vec<Value>, _>>()
-            .map_err(|e| Error::Rejected(format!("GROUP BY: {e}")))?;
-        let mut args: Args = Vec::with_capacity(self.plan.aggregates.len());
+        let mut e = std::mem::take(&mut self.spare);
+        e.keys.clear();
+        for k in &self.plan.keys {
+            let key = k
+                .eval(&ctx)
+                .map_err(|e| Error::Rejected(format!("GROUP BY: {e}")))?;
+            e.keys.push(key);
+        }
+        e.args.clear();
         for call in &self.plan.aggregates {
-            args.push(eval_call(call, &ctx)?);
+            e.args.push(eval_call(call, &ctx)?);
         }
-        self.scratch.clear();
-        for k in &keys {
-            encode::value(&mut self.scratch, k);
+        e.key_bytes.clear();
+        for k in &e.keys {
+            encode::value(&mut e.key_bytes, k);
         }
-        Ok(Evaluated {
-            keys,
-            key_bytes: self.scratch.clone(),
-            args,
-        })
+        Ok(e)
+    }
+
+    /// Gives back a record's [`Evaluated`] once done with it: the next record's
+    /// evaluation reuses its buffers.
+    pub fn recycle(&mut self, e: Evaluated) {
+        self.spare = e;
     }
 
     /// Sets `self.id` to the id of the window or slice of `key_bytes` at `start`.

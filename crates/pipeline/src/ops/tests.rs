@@ -86,7 +86,7 @@ fn feed(op: &mut QueryOperator, recs: &[Rec], out: &mut Vec<Row>) -> Vec<Fate> {
         .map(|r| {
             let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
             let input = Input {
-                json: &json,
+                json: sql::expr::Json::Value(&json),
                 raw: b"",
                 key: None,
                 timestamp: 0,
@@ -307,7 +307,7 @@ proptest! {
         let mut high: BTreeMap<i32, i64> = BTreeMap::new();
         for r in &recs {
             let json = serde_json::json!({"k": r.k, "v": r.v, "ts": r.ts});
-            let input = Input { json: &json, raw: b"", key: None, timestamp: 0,
+            let input = Input { json: sql::expr::Json::Value(&json), raw: b"", key: None, timestamp: 0,
                                 partition: r.partition, offset: 0, headers: &[] };
             let want = one.process(&input, &mut out_one).unwrap();
             let routing = one.route(&input);
@@ -460,7 +460,7 @@ fn one(
     out: &mut Vec<Row>,
 ) -> Result<Fate, Error> {
     let input = Input {
-        json: &json,
+        json: sql::expr::Json::Value(&json),
         raw: b"",
         key: None,
         timestamp: 0,
@@ -835,7 +835,7 @@ fn stateless_queries_filter_and_project_in_select_order() {
     for (keep, offset) in [(true, 7), (false, 8)] {
         let json = serde_json::json!({"keep": keep, "b": "x"});
         let input = Input {
-            json: &json,
+            json: sql::expr::Json::Value(&json),
             raw: b"",
             key: Some(b"key"),
             timestamp: 0,
@@ -982,7 +982,7 @@ fn event_times_out_of_range_are_rejected_not_wrapped() {
     op.assign(&[0]);
     let json = serde_json::json!({"k": 1, "v": 1});
     let input = Input {
-        json: &json,
+        json: sql::expr::Json::Value(&json),
         raw: b"",
         key: None,
         timestamp: i64::MAX,

@@ -104,6 +104,7 @@ impl Operator for Sliced {
         let (slide, size) = (self.slide, self.size);
         let e = self.groups.evaluate(input)?;
         if watermark.is_some_and(|wm| first_hop_start(t, slide, size) + size <= wm) {
+            self.groups.recycle(e);
             return Ok(Fate::Late);
         }
         let slice = t - t.rem_euclid(slide);
@@ -140,6 +141,7 @@ impl Operator for Sliced {
                 g.id = id;
             }
         }
+        g.recycle(e);
         Ok(Fate::Done)
     }
 

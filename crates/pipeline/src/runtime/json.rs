@@ -1,8 +1,9 @@
 //! Reading a source value as JSON, keeping only the top-level fields the queries
-//! read ([`sql::plan::Query::json_fields`]): the others are checked for syntax and
-//! skipped, never allocated (their strings are not checked for valid UTF-8). A value
-//! that is not an object reads as `Null` (every field of it is NULL, as with the
-//! whole value).
+//! read ([`sql::plan::Query::json_fields`]), each in its place in a list
+//! ([`sql::expr::Json::Fields`]), with no map and no key allocated: the other fields
+//! are checked for syntax and skipped, never allocated (their strings, and the keys,
+//! are not checked for valid UTF-8). A value that is not an object has every field NULL, as a
+//! missing field.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -17,8 +18,18 @@ use serde_json::Value;
 pub struct Wanted(Vec<String>);
 
 impl Wanted {
-    fn contains(&self, key: &str) -> bool {
-        self.0.iter().any(|f| f.len() == key.len() && f == key)
+    fn position(&self, key: &[u8]) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|f| f.len() == key.len() && f.as_bytes() == key)
+    }
+
+    /// The record `values` (as [`parse`] returned them) as expressions read it.
+    pub fn json<'a>(&'a self, values: &'a [Value]) -> sql::expr::Json<'a> {
+        sql::expr::Json::Fields {
+            names: &self.0,
+            values,
+        }
     }
 }
 
@@ -31,98 +42,113 @@ impl FromIterator<String> for Wanted {
     }
 }
 
-/// Parses `bytes` (one JSON value, nothing after it but whitespace).
-pub fn parse(bytes: &[u8], fields: &Wanted) -> Result<Value, serde_json::Error> {
+/// Parses `bytes` (one JSON value, nothing after it but whitespace) into `values`:
+/// the value of each of `fields`, in its order (`Null` when absent; the last of a
+/// repeated key). `values` is a buffer reused from record to record.
+pub fn parse(
+    bytes: &[u8],
+    fields: &Wanted,
+    values: &mut Vec<Value>,
+) -> Result<(), serde_json::Error> {
+    values.clear();
+    values.resize(fields.0.len(), Value::Null);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = Fields(fields).deserialize(&mut de)?;
-    de.end()?;
-    Ok(value)
+    Fields(fields, values).deserialize(&mut de)?;
+    de.end()
 }
 
-struct Fields<'a>(&'a Wanted);
+struct Fields<'a>(&'a Wanted, &'a mut [Value]);
 
 impl<'de> DeserializeSeed<'de> for Fields<'_> {
-    type Value = Value;
+    type Value = ();
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Fields<'_> {
-    type Value = Value;
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = serde_json::Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key_seed(Key)? {
-            if self.0.contains(key.as_ref()) {
-                let value: Value = map.next_value()?;
-                out.insert(key.into_owned(), value);
-            } else {
-                map.next_value::<IgnoredAny>()?;
+            match self.0.position(key.as_ref()) {
+                Some(i) => self.1[i] = map.next_value()?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        Ok(Value::Object(out))
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Null)
+        Ok(())
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 
-/// An object key, borrowed from the input when it has no escapes.
+/// An object key's bytes (escapes resolved), borrowed from the input when it has
+/// none. Not checked for UTF-8 (it is compared with the wanted names' bytes).
 struct Key;
 
 impl<'de> DeserializeSeed<'de> for Key {
-    type Value = Cow<'de, str>;
+    type Value = Cow<'de, [u8]>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
-        d.deserialize_str(self)
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, [u8]>, D::Error> {
+        d.deserialize_bytes(self)
     }
 }
 
 impl<'de> Visitor<'de> for Key {
-    type Value = Cow<'de, str>;
+    type Value = Cow<'de, [u8]>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+    fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Cow<'de, [u8]>, E> {
         Ok(Cow::Borrowed(v))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
-        Ok(Cow::Owned(v.to_string()))
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Cow<'de, [u8]>, E> {
+        Ok(Cow::Owned(v.to_vec()))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, [u8]>, E> {
+        Ok(Cow::Borrowed(v.as_bytes()))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, [u8]>, E> {
+        Ok(Cow::Owned(v.as_bytes().to_vec()))
     }
 }
 
@@ -148,20 +174,21 @@ mod tests {
     }
 
     proptest! {
-        /// The fields kept are those of a full parse; the others are absent.
+        /// Each field asked for reads as in a full parse (absent: `None`), and only
+        /// those are kept.
         #[test]
-        fn keeps_exactly_the_fields_asked_for(value in json(), fields in proptest::collection::btree_set("[a-c\"]{1,2}", 0..4)) {
+        fn keeps_exactly_the_fields_asked_for(value in json(), fields in proptest::collection::btree_set("[a-c\"]{1,2}", 0..4), other in "[a-c\"]{1,2}") {
             let text = serde_json::to_vec(&value).unwrap();
-            let got = parse(&text, &fields.iter().cloned().collect()).unwrap();
-            match &value {
-                Value::Object(all) => {
-                    let want: serde_json::Map<String, Value> = all.iter()
-                        .filter(|(k, _)| fields.contains(*k))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect();
-                    prop_assert_eq!(got, Value::Object(want));
-                }
-                _ => prop_assert_eq!(got, Value::Null),
+            let wanted: Wanted = fields.iter().cloned().collect();
+            let mut values = Vec::new();
+            parse(&text, &wanted, &mut values).unwrap();
+            let got = wanted.json(&values);
+            for f in &fields {
+                let want = value.get(f).filter(|v| !v.is_null());
+                prop_assert_eq!(got.field(f).filter(|v| !v.is_null()), want, "field {}", f);
+            }
+            if !fields.contains(&other) {
+                prop_assert_eq!(got.field(&other), None);
             }
         }
 
@@ -170,7 +197,7 @@ mod tests {
         fn refuses_what_is_not_json(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
             let full = serde_json::from_slice::<Value>(&bytes).is_ok();
             let fields: Wanted = ["a".to_string()].into_iter().collect();
-            prop_assert_eq!(parse(&bytes, &fields).is_ok(), full);
+            prop_assert_eq!(parse(&bytes, &fields, &mut Vec::new()).is_ok(), full);
         }
     }
 
@@ -185,14 +212,20 @@ mod tests {
             b"",
         ] {
             assert!(
-                parse(bad, &fields).is_err(),
+                parse(bad, &fields, &mut Vec::new()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(
-            parse(b" {\"b\": {\"c\": [1, 2]}, \"a\": 1} ", &fields).unwrap(),
-            serde_json::json!({"a": 1})
-        );
+        let mut values = vec![serde_json::json!("left from the record before")];
+        parse(
+            b" {\"b\": {\"c\": [1, 2]}, \"a\": 1} ",
+            &fields,
+            &mut values,
+        )
+        .unwrap();
+        assert_eq!(values, vec![serde_json::json!(1)]);
+        parse(b"{\"b\": 2}", &fields, &mut values).unwrap();
+        assert_eq!(values, vec![Value::Null]);
     }
 }

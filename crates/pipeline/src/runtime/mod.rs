@@ -927,22 +927,24 @@ fn copy(
     send(producer, record)
 }
 
-/// A source record's value as JSON, with the fields of source `s` that the queries
-/// read. One that is not JSON is sent to the dead-letter topic (when `dead_letter`;
-/// otherwise the other stage does) and counted: `None`.
+/// Reads a source record's value as JSON into `fields`: the fields of source `s`
+/// that the queries read. One that is not JSON is sent to the dead-letter topic (when
+/// `dead_letter`; otherwise the other stage does) and counted: `false`.
 fn read_json(
     shared: &Shared<'_>,
     message: &BorrowedMessage<'_>,
     source: &Origin<'_>,
     s: usize,
     dead_letter: bool,
-) -> Result<Option<serde_json::Value>, Error> {
+    fields: &mut Vec<serde_json::Value>,
+) -> Result<bool, Error> {
     match json::parse(
         message.payload().unwrap_or_default(),
         &shared.json_fields[s],
+        fields,
     ) {
-        Ok(json) => Ok(Some(json)),
-        Err(_) if !dead_letter => Ok(None),
+        Ok(()) => Ok(true),
+        Err(_) if !dead_letter => Ok(false),
         Err(err) => {
             let reason = format!("the value is not JSON: {err}");
             send_copy(
@@ -953,7 +955,7 @@ fn read_json(
                 &[("freshet.error", &reason)],
             )?;
             shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            Ok(None)
+            Ok(false)
         }
     }
 }

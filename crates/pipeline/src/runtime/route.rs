@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sql::expr::Input;
+use sql::expr::{Input, Json};
 use sql::plan::Body;
 
 use super::{
@@ -231,18 +231,18 @@ fn one(
         partition: message.partition(),
         offset: message.offset(),
     };
-    let json = if needs_json {
-        match read_json(shared, message, &source, s, true)? {
-            Some(json) => json,
-            None => return Ok(0),
-        }
-    } else {
-        serde_json::Value::Null
+    let mut fields = Vec::new();
+    if needs_json && !read_json(shared, message, &source, s, true, &mut fields)? {
+        return Ok(0);
+    }
+    let json = match needs_json {
+        true => shared.json_fields[s].json(&fields),
+        false => Json::NULL,
     };
     let headers = input_headers(shared, message);
     let partition = message.partition();
     let input = Input {
-        json: &json,
+        json,
         raw: message.payload().unwrap_or_default(),
         key: message.key(),
         timestamp: message.timestamp().to_millis().unwrap_or(0),

@@ -25,7 +25,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sql::expr::Input;
+use sql::expr::{Input, Json};
 use sql::plan::Body;
 
 use super::checkpoint::{Checkpoint, Claim, StateTopic};
@@ -185,6 +185,8 @@ impl ConsumerContext for TaskContext {
 struct Task {
     /// Whether its input is the repartition topic (or a source, read directly).
     routed: bool,
+    /// The source it reads directly: its index in `Prepared::sources`.
+    source: usize,
     /// Its partition of the state topic, and its claim there.
     state_partition: i32,
     claim: Claim,
@@ -208,8 +210,12 @@ impl Task {
         let layout = &shared.layout;
         let (topic, first) = &layout.inputs[input];
         let routed = *topic == shared.repartition;
+        let source = (shared.prepared.sources.iter())
+            .position(|(t, _)| t == topic)
+            .unwrap_or(0);
         let mut task = Task {
             routed,
+            source,
             state_partition: first + partition,
             claim,
             ops: plan
@@ -338,6 +344,8 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut last_checkpoint = Instant::now();
     let mut checkpoint_after = checkpoint_every;
     let mut rows: Vec<Row> = Vec::new();
+    // The JSON fields of the record at hand (`json::parse`), reused.
+    let mut fields: Vec<serde_json::Value> = Vec::new();
     let mut out_count = 0u64;
     let mut clock = Clock::new();
     loop {
@@ -347,7 +355,10 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         take_events(shared, &consumer, &loaded, &mut tasks)?;
         match polled {
             Some(Ok(message)) => {
-                let input = inputs.iter().position(|t| *t == message.topic());
+                let input = match inputs.len() {
+                    1 => Some(0), // not the topic's name compared per record
+                    _ => inputs.iter().position(|t| *t == message.topic()),
+                };
                 // A record below the task's next offset is one its checkpoint covers:
                 // the fetch of a task assigned paused may start from the group's
                 // committed offset (librdkafka looks it up on assignment, and that
@@ -360,9 +371,9 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                     task.next = message.offset() + 1;
                     task.dirty = true;
                     out_count += if task.routed {
-                        routed(shared, task, &message, &mut rows)?
+                        routed(shared, task, &message, &mut fields, &mut rows)?
                     } else {
-                        direct(shared, task, &message, &mut rows)?
+                        direct(shared, task, &message, &mut fields, &mut rows)?
                     };
                 }
             }
@@ -448,6 +459,7 @@ fn routed(
     shared: &Shared<'_>,
     task: &mut Task,
     message: &BorrowedMessage<'_>,
+    fields: &mut Vec<serde_json::Value>,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let plan = &shared.prepared.plan;
@@ -494,17 +506,19 @@ fn routed(
         offset: route.offset,
     };
     // Stage 1 read it as JSON already (and dead-lettered it if it was not).
-    let json = match (
-        query.source.json,
-        shared.json_fields.get(route.source as usize),
-    ) {
-        (true, Some(fields)) => json::parse(message.payload().unwrap_or_default(), fields)
-            .unwrap_or(serde_json::Value::Null),
-        _ => serde_json::Value::Null,
+    let wanted = shared
+        .json_fields
+        .get(route.source as usize)
+        .filter(|_| query.source.json);
+    let json = match wanted {
+        Some(w) if json::parse(message.payload().unwrap_or_default(), w, fields).is_ok() => {
+            w.json(fields)
+        }
+        _ => Json::NULL,
     };
     let headers = input_headers(shared, message);
     let input = Input {
-        json: &json,
+        json,
         raw: message.payload().unwrap_or_default(),
         key: message.key(),
         timestamp: message.timestamp().to_millis().unwrap_or(0),
@@ -521,37 +535,33 @@ fn direct(
     shared: &Shared<'_>,
     task: &mut Task,
     message: &BorrowedMessage<'_>,
+    fields: &mut Vec<serde_json::Value>,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
     let plan = &shared.prepared.plan;
     let stats = shared.stats;
+    let s = task.source;
     let source = Origin {
-        topic: message.topic(),
+        topic: &shared.prepared.sources[s].0,
         partition: message.partition(),
         offset: message.offset(),
     };
-    let s = shared
-        .prepared
-        .sources
-        .iter()
-        .position(|(t, _)| t == message.topic())
-        .unwrap_or(0);
     if !shared.layout.stage1_reads[s] {
         stats.records_in.fetch_add(1, Ordering::Relaxed);
     }
     let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
-    let json = if needs_json {
-        // Stage 1 dead-letters what is not JSON when it reads this source too.
-        match read_json(shared, message, &source, s, !shared.layout.stage1_reads[s])? {
-            Some(json) => json,
-            None => return Ok(0),
-        }
-    } else {
-        serde_json::Value::Null
+    // Stage 1 dead-letters what is not JSON when it reads this source too.
+    let dead_letter = !shared.layout.stage1_reads[s];
+    if needs_json && !read_json(shared, message, &source, s, dead_letter, fields)? {
+        return Ok(0);
+    }
+    let json = match needs_json {
+        true => shared.json_fields[s].json(fields),
+        false => Json::NULL,
     };
     let headers = input_headers(shared, message);
     let input = Input {
-        json: &json,
+        json,
         raw: message.payload().unwrap_or_default(),
         key: message.key(),
         timestamp: message.timestamp().to_millis().unwrap_or(0),
