@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use crate::config::BrokerConfig;
 use crate::flusher::Flusher;
 use crate::group::{GroupConfig, GroupCoordinator};
+use crate::metrics::BrokerMetrics;
 use crate::topics::{write_atomically, TopicError, TopicRegistry};
 
 /// Time as the broker sees it; tests may substitute their own.
@@ -65,6 +66,8 @@ pub struct Broker {
     /// be written (fetches on one connection run one at a time).
     pub fetch_waiting_turn: Gauge,
     pub producer_ids: ProducerIds,
+    /// What `GET /metrics` shows of this broker (`metrics` module).
+    pub metrics: Arc<BrokerMetrics>,
     clock: Arc<dyn Clock>,
     _lock: fs::File,
 }
@@ -98,19 +101,21 @@ impl Broker {
                     OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
                 })?;
         let producer_ids = ProducerIds::open(&dir)?;
+        let metrics = Arc::new(BrokerMetrics::default());
         let broker = Arc::new(Broker {
             config,
             cluster_id,
             advertised_host,
             advertised_port,
             topics,
-            flusher: Flusher::start(),
+            flusher: Flusher::start(metrics.clone()),
             groups,
             fetch_memory,
             fetch_answer_bytes: Gauge::default(),
             fetch_memory_waiting: Gauge::default(),
             fetch_waiting_turn: Gauge::default(),
             producer_ids,
+            metrics,
             clock,
             _lock: lock,
         });

@@ -94,6 +94,11 @@ pub struct BrokerConfig {
     /// dropped) once it is twice the size it had after the last compaction and at
     /// least this big.
     pub offsets_compaction_min_bytes: u64,
+    /// Per-partition series `GET /metrics` shows at most of each kind (a partition's
+    /// log size and offsets; a group's lag on a partition): the label cardinality
+    /// stays bounded on a broker with many partitions. The rest are counted in
+    /// `freshet_metrics_series_omitted`.
+    pub metrics_max_partition_series: usize,
 }
 
 impl Default for BrokerConfig {
@@ -140,6 +145,7 @@ impl Default for BrokerConfig {
             producer_id_expiration_check_interval_ms: 600_000,
             max_producer_ids_per_partition: 10_000,
             offsets_compaction_min_bytes: 16 * 1024 * 1024,
+            metrics_max_partition_series: 10_000,
         }
     }
 }

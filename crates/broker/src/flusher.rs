@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::metrics::BrokerMetrics;
 use crate::topics::Partition;
 
 struct FlushRequest {
@@ -39,13 +40,14 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread; it ends when every `Flusher` clone is dropped.
-    pub fn start() -> Flusher {
+    /// Each fsync is counted and timed in `metrics`.
+    pub fn start(metrics: Arc<BrokerMetrics>) -> Flusher {
         let (tx, rx) = mpsc::channel::<FlushRequest>();
         let syncs = Arc::new(AtomicU64::new(0));
         let counter = syncs.clone();
         std::thread::Builder::new()
             .name("freshet-flusher".into())
-            .spawn(move || run(rx, &counter))
+            .spawn(move || run(rx, &counter, &metrics))
             .expect("spawn flusher thread");
         Flusher { tx, syncs }
     }
@@ -70,7 +72,7 @@ impl Flusher {
 /// How often, at most, the flusher writes the recovery points of what it flushed.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
-fn run(rx: mpsc::Receiver<FlushRequest>, syncs: &AtomicU64) {
+fn run(rx: mpsc::Receiver<FlushRequest>, syncs: &AtomicU64, metrics: &BrokerMetrics) {
     // Partitions flushed whose recovery-point file may lag.
     let mut unrecorded: HashMap<*const Partition, Arc<Partition>> = HashMap::new();
     let mut last_checkpoint = Instant::now();
@@ -95,7 +97,7 @@ fn run(rx: mpsc::Receiver<FlushRequest>, syncs: &AtomicU64) {
                 for p in &request.partitions {
                     results
                         .entry(Arc::as_ptr(p))
-                        .or_insert_with(|| flush_partition(p, syncs));
+                        .or_insert_with(|| flush_partition(p, syncs, metrics));
                     unrecorded
                         .entry(Arc::as_ptr(p))
                         .or_insert_with(|| p.clone());
@@ -134,15 +136,28 @@ fn write_recovery_point(p: &Partition) {
     }
 }
 
-fn flush_partition(p: &Partition, syncs: &AtomicU64) -> Result<(), String> {
+fn flush_partition(
+    p: &Partition,
+    syncs: &AtomicU64,
+    metrics: &BrokerMetrics,
+) -> Result<(), String> {
     let handle = p
         .lock()
         .flush_handle()
         .map_err(|e| format!("{}-{}: {e}", p.topic, p.index))?;
     if !handle.files.is_empty() {
         syncs.fetch_add(1, Ordering::Relaxed);
+        metrics.fsyncs.inc();
     }
-    if let Err(e) = handle.sync() {
+    let started = Instant::now();
+    let synced = handle.sync();
+    if !handle.files.is_empty() {
+        metrics
+            .fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    if let Err(e) = synced {
+        metrics.fsync_failures.inc();
         let reason = format!("fsync of {}-{} failed: {e}", p.topic, p.index);
         // Final for the bytes it covered: the log cuts back to its last good fsync
         // and goes offline, and the producers' sequences of the batches cut are

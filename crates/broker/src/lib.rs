@@ -12,6 +12,7 @@ pub mod config;
 pub mod flusher;
 pub mod group;
 pub mod idempotence;
+pub mod metrics;
 pub mod server;
 pub mod topic_config;
 pub mod topics;

@@ -91,10 +91,12 @@ pub async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Futu
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        broker.metrics.connections_refused.inc();
                         tracing::warn!(%peer, limit = broker.config.max_connections,
                             "connection limit reached; closing the new connection");
                         continue;
                     };
+                    broker.metrics.connections_accepted.inc();
                     let _ = stream.set_nodelay(true);
                     tasks.spawn(serve_connection(broker.clone(), budget.clone(), stream, peer, stop_rx.clone(), permit));
                 }
@@ -205,6 +207,22 @@ impl Activity {
     }
 }
 
+/// One open connection in the `connections` gauge, while it lives.
+struct Open(prometheus_client::metrics::gauge::Gauge);
+
+impl Open {
+    fn count(gauge: &prometheus_client::metrics::gauge::Gauge) -> Open {
+        gauge.inc();
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Aborts the task when dropped, so that a connection task cut short at shutdown
 /// takes its writer with it.
 struct AbortOnDrop<T>(JoinHandle<T>);
@@ -223,6 +241,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let _open = Open::count(&broker.metrics.connections_open);
     let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
     let max_frame = broker.config.max_request_bytes;
     let (mut reader, writer) = stream.into_split();
@@ -443,6 +462,9 @@ async fn handle_frame(
             return None;
         }
     };
+    let started = std::time::Instant::now();
+    let metrics = broker.metrics.clone();
+    let answered = move |body: &ResponseKind| metrics.answered(api_key, started, body);
     let mut reply = api::dispatch(broker, request, peer);
     if let Reply::InOrder(work) = reply {
         reply = match tokio::task::spawn_blocking(work).await {
@@ -459,11 +481,13 @@ async fn handle_frame(
             None
         }
         Reply::Now(Some(body)) => {
+            answered(&body);
             encode(correlation_id, api_key, version, &body, peer).map(Slot::Ready)
         }
         Reply::Now(None) => Some(Slot::Silent),
         Reply::Later(future) => Some(Slot::Pending(tokio::spawn(async move {
             let body = future.await?;
+            answered(&body);
             let bytes = encode(correlation_id, api_key, version, &body, peer)?;
             Some(Encoded {
                 chunks: vec![bytes],
@@ -479,6 +503,7 @@ async fn handle_frame(
                     let _ = previous.await;
                 }
                 let (body, permit) = future.await?;
+                answered(&body);
                 let chunks = match &body {
                     ResponseKind::Fetch(fetch) => {
                         match encode_fetch_response(correlation_id, version, fetch) {

@@ -74,7 +74,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let http = if http.listen == "off" {
             None
         } else {
-            Some(gateway::start(http).await?)
+            // Its GET /metrics shows this broker's metrics too.
+            let b = broker.clone();
+            let metrics: gateway::metrics::Source =
+                Arc::new(move |registry| broker::metrics::BrokerMetrics::register(&b, registry));
+            Some(gateway::start_with_metrics(http, vec![metrics]).await?)
         };
         // The one line a user (and the test harness) reads; logs go to stderr.
         match &http {

@@ -3,13 +3,20 @@
 //! fsync, rename, fsync of the directory) behind every checkpoint and metadata file
 //! of the storage, the broker and the gateway; and [`settings`], the one loader of
 //! layered settings (defaults, config file, environment) of the broker and the
-//! gateway.
+//! gateway; and [`LATENCY_BUCKETS_S`], the buckets of every latency histogram
+//! `GET /metrics` shows.
 //!
 //! It may not depend on any other crate of the workspace, use the network or an async
 //! runtime: the storage crate and the gateway (which must never link the broker or
 //! storage) both build on it.
 
 pub mod settings;
+
+/// Upper bounds, in seconds, of the buckets of every latency histogram of
+/// `GET /metrics` (Kafka requests, fsyncs, HTTP requests): one scale to compare them.
+pub const LATENCY_BUCKETS_S: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 use std::fs::File;
 use std::io::{self, Write};

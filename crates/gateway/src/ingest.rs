@@ -91,10 +91,7 @@ async fn ingest(
                 response.headers_mut().insert("x-request-id", id);
             }
             if replayed {
-                gateway
-                    .metrics
-                    .idempotent_replays
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                gateway.metrics.idempotent_replays.inc();
                 response
                     .headers_mut()
                     .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -166,10 +163,7 @@ async fn accept(
     }
     let violations = gateway.schemas.validate(topic, &document);
     if !violations.is_empty() {
-        gateway
-            .metrics
-            .validation_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gateway.metrics.validation_failures.inc();
         let mut err = ApiError::unprocessable(format!(
             "record does not match the schema of topic '{topic}' ({} violation{})",
             violations.len(),

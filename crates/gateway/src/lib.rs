@@ -55,6 +55,8 @@ pub struct Gateway {
     pub producer: Arc<DurableProducer>,
     pub schemas: Arc<schema::Schemas>,
     pub metrics: metrics::Metrics,
+    /// What the process adds to `GET /metrics` (`freshet serve`: its broker's).
+    metric_sources: Vec<metrics::Source>,
     pub pipelines: Arc<pipelines::Pipelines>,
     streams: stream::Streams,
     consumers: consumers::Instances,
@@ -103,6 +105,14 @@ impl Running {
 /// Opens the spool (queueing what an earlier run left), loads the schemas, binds
 /// `config.listen` and serves until [`Running::shutdown`].
 pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
+    start_with_metrics(config, Vec::new()).await
+}
+
+/// [`start`], with more metrics for `GET /metrics` to show.
+pub async fn start_with_metrics(
+    config: GatewayConfig,
+    metric_sources: Vec<metrics::Source>,
+) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", config.listen))?;
@@ -165,6 +175,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         producer: Arc::new(producer),
         schemas,
         metrics: metrics::Metrics::default(),
+        metric_sources,
         streams: stream::Streams::new(&config),
         consumers: consumers::Instances::new(&config),
         idempotency,

@@ -1,47 +1,61 @@
-//! What `GET /metrics` reports, in the Prometheus text format (version 0.0.4):
-//! requests and their latency per route, validation failures, records by outcome,
-//! spool depth and age, stream subscribers, consumer instances. Counters are plain
-//! atomics or a small map behind a mutex; nothing here allocates per request except
-//! the first time a (route, status) pair is seen.
+//! What `GET /metrics` reports, in the Prometheus text format (version 0.0.4), through
+//! the `prometheus-client` crate: the gateway's requests and their latency per route,
+//! validation failures, records by outcome, spool depth and age, stream subscribers,
+//! consumer instances; the pipelines run here and their sinks; and whatever the
+//! process adds through a [`Source`] (`freshet serve` adds its broker's metrics).
+//!
+//! Counters and histograms live as long as the gateway; gauges and the counters
+//! other parts own are read at scrape time into a registry built for that scrape.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Upper bounds of the latency histogram buckets, in seconds.
-const BUCKETS_S: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
-#[derive(Default)]
-struct Histogram {
-    /// Per bucket, not cumulative; the last slot is +Inf.
-    counts: [u64; BUCKETS_S.len() + 1],
-    sum_s: f64,
-    count: u64,
+/// More metrics of the process, added to each scrape's registry.
+pub type Source = Arc<dyn Fn(&mut Registry) + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: u16,
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        let slot = BUCKETS_S
-            .iter()
-            .position(|b| seconds <= *b)
-            .unwrap_or(BUCKETS_S.len());
-        self.counts[slot] += 1;
-        self.sum_s += seconds;
-        self.count += 1;
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Route {
+    route: String,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(common::LATENCY_BUCKETS_S.iter().copied())
+}
+
 pub struct Metrics {
-    /// (route, status) -> count.
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
-    pub validation_failures: AtomicU64,
-    pub idempotent_replays: AtomicU64,
+    requests: Family<RouteStatus, Counter>,
+    latency: Family<Route, Histogram, fn() -> Histogram>,
+    pub validation_failures: Counter,
+    pub idempotent_replays: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            validation_failures: Counter::default(),
+            idempotent_replays: Counter::default(),
+        }
+    }
 }
 
 /// Gauges read at render time from the parts that own them.
@@ -68,98 +82,60 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn observe(&self, route: &str, status: u16, elapsed: Duration) {
-        {
-            let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-            *requests.entry((route.to_string(), status)).or_default() += 1;
-        }
-        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = latency.get_mut(route) {
-            h.observe(elapsed.as_secs_f64());
-        } else {
-            let mut h = Histogram::default();
-            h.observe(elapsed.as_secs_f64());
-            latency.insert(route.to_string(), h);
-        }
+        let labels = RouteStatus {
+            route: route.to_string(),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&Route {
+                route: labels.route,
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
-    pub fn render(&self, gauges: &Gauges) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str(
-            "# HELP freshet_http_requests_total HTTP requests answered, by route and status.\n",
+    /// The text of one scrape: the gateway's metrics, `gauges`, then each of
+    /// `sources`.
+    pub fn render(&self, gauges: &Gauges, sources: &[Source]) -> String {
+        let mut registry = Registry::with_prefix("freshet");
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route and status",
+            self.requests.clone(),
         );
-        out.push_str("# TYPE freshet_http_requests_total counter\n");
-        for ((route, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "freshet_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
-                escape(route)
-            );
-        }
-        out.push_str("# HELP freshet_http_request_duration_seconds Time to answer an HTTP request (to the first byte of a stream).\n");
-        out.push_str("# TYPE freshet_http_request_duration_seconds histogram\n");
-        for (route, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let route = escape(route);
-            let mut cumulative = 0;
-            for (i, bound) in BUCKETS_S.iter().enumerate() {
-                cumulative += h.counts[i];
-                let _ = writeln!(
-                    out,
-                    "freshet_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            cumulative += h.counts[BUCKETS_S.len()];
-            let _ = writeln!(out, "freshet_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {cumulative}");
-            let _ = writeln!(
-                out,
-                "freshet_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-                h.sum_s
-            );
-            let _ = writeln!(
-                out,
-                "freshet_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
-                h.count
-            );
-        }
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time to answer an HTTP request (to the first byte of a stream)",
+            Unit::Seconds,
+            self.latency.clone(),
+        );
+        let gw = registry.sub_registry_with_prefix("gateway");
+        gw.register(
+            "validation_failures",
+            "Records refused because they do not match their topic's schema",
+            self.validation_failures.clone(),
+        );
+        gw.register(
+            "idempotent_replays",
+            "Requests answered from the Idempotency-Key cache",
+            self.idempotent_replays.clone(),
+        );
         let counters = [
             (
-                "freshet_gateway_validation_failures_total",
-                "Records refused because they do not match their topic's schema.",
-                self.validation_failures.load(Ordering::Relaxed),
-            ),
-            (
-                "freshet_gateway_idempotent_replays_total",
-                "Requests answered from the Idempotency-Key cache.",
-                self.idempotent_replays.load(Ordering::Relaxed),
-            ),
-            (
-                "freshet_gateway_outages_total",
-                "Times the gateway entered outage mode (the cluster unreachable).",
+                "outages",
+                "Times the gateway entered outage mode (the cluster unreachable)",
                 gauges.outages,
             ),
             (
-                "freshet_gateway_producer_recoveries_total",
-                "Times a new producer took over after a fatal producer error (fencing, epoch exhaustion).",
+                "producer_recoveries",
+                "Times a new producer took over after a fatal producer error (fencing, epoch exhaustion)",
                 gauges.producer_recoveries,
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            gw.register(name, help, ConstCounter::new(value));
         }
-        out.push_str("# HELP freshet_gateway_records_total Records by outcome: delivered (acknowledged by the cluster), spooled, rejected (refused by the cluster), dropped (spooled, then refused), replayed (spooled by an earlier run, sent again at start), reconciled (held during an outage, dropped because another gateway stored the request).\n");
-        out.push_str("# TYPE freshet_gateway_records_total counter\n");
+        let records: Family<Outcome, Counter> = Family::default();
         for (outcome, value) in [
             ("delivered", gauges.records_delivered),
             ("spooled", gauges.records_spooled),
@@ -168,36 +144,37 @@ impl Metrics {
             ("replayed", gauges.records_replayed),
             ("reconciled", gauges.records_reconciled),
         ] {
-            let _ = writeln!(
-                out,
-                "freshet_gateway_records_total{{outcome=\"{outcome}\"}} {value}"
-            );
+            records.get_or_create(&Outcome { outcome }).inc_by(value);
         }
+        gw.register(
+            "records",
+            "Records by outcome: delivered (acknowledged by the cluster), spooled, rejected (refused by the cluster), dropped (spooled, then refused), replayed (spooled by an earlier run, sent again at start), reconciled (held during an outage, dropped because another gateway stored the request)",
+            records,
+        );
         let gauge_lines = [
-            ("freshet_gateway_spool_records", "Records in the spool not yet acknowledged by the cluster.", gauges.spool_records as f64),
-            ("freshet_gateway_spool_bytes", "Bytes of the spool's undelivered records.", gauges.spool_bytes as f64),
-            ("freshet_gateway_spool_oldest_age_seconds", "Age of the oldest undelivered spooled record (0 when empty).", gauges.spool_oldest_age_s),
-            ("freshet_gateway_outage", "1 while the gateway holds records because the cluster is unreachable (outage mode).", gauges.outage as f64),
-            ("freshet_gateway_held_bytes", "Bytes of records accepted and not yet acknowledged (counted against spool_max_bytes).", gauges.held_bytes as f64),
-            ("freshet_gateway_stream_subscribers", "Live-stream (SSE) subscribers connected.", gauges.stream_subscribers as f64),
-            ("freshet_gateway_stream_readers", "Shared per-topic readers serving the live streams.", gauges.stream_readers as f64),
-            ("freshet_gateway_consumer_instances", "REST-proxy consumer instances open.", gauges.consumer_instances as f64),
+            ("spool_records", "Records in the spool not yet acknowledged by the cluster", None, gauges.spool_records as f64),
+            ("spool", "Bytes of the spool's undelivered records", Some(Unit::Bytes), gauges.spool_bytes as f64),
+            ("spool_oldest_age", "Age of the oldest undelivered spooled record (0 when empty)", Some(Unit::Seconds), gauges.spool_oldest_age_s),
+            ("outage", "1 while the gateway holds records because the cluster is unreachable (outage mode)", None, gauges.outage as f64),
+            ("held", "Bytes of records accepted and not yet acknowledged (counted against spool_max_bytes)", Some(Unit::Bytes), gauges.held_bytes as f64),
+            ("stream_subscribers", "Live-stream (SSE) subscribers connected", None, gauges.stream_subscribers as f64),
+            ("stream_readers", "Shared per-topic readers serving the live streams", None, gauges.stream_readers as f64),
+            ("consumer_instances", "REST-proxy consumer instances open", None, gauges.consumer_instances as f64),
         ];
-        for (name, help, value) in gauge_lines {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+        for (name, help, unit, value) in gauge_lines {
+            match unit {
+                Some(unit) => gw.register_with_unit(name, help, unit, ConstGauge::new(value)),
+                None => gw.register(name, help, ConstGauge::new(value)),
+            }
         }
+        for source in sources {
+            source(&mut registry);
+        }
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
         out
     }
-}
-
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -228,7 +205,10 @@ mod tests {
             outages: 0,
             producer_recoveries: 0,
         };
-        let text = m.render(&gauges);
+        let extra: Source = Arc::new(|r: &mut Registry| {
+            r.register("extra", "From a source", ConstGauge::new(7i64))
+        });
+        let text = m.render(&gauges, &[extra]);
         assert!(
             text.contains(
                 "freshet_http_requests_total{route=\"/ingest/{topic}\",status=\"202\"} 2"
@@ -237,11 +217,21 @@ mod tests {
         );
         assert!(text
             .contains("freshet_http_requests_total{route=\"/ingest/{topic}\",status=\"422\"} 1"));
-        assert!(text.contains("le=\"0.0005\"} 1\n"));
-        assert!(text.contains("le=\"0.005\"} 2\n"));
-        assert!(text.contains("le=\"10\"} 2\n"));
-        assert!(text.contains("le=\"+Inf\"} 3\n"));
-        assert!(text.contains("freshet_gateway_spool_records 2\n"));
+        let bucket = |le: &str, n: u64| {
+            format!("freshet_http_request_duration_seconds_bucket{{route=\"/ingest/{{topic}}\",le=\"{le}\"}} {n}\n")
+        };
+        for (le, n) in [("0.0005", 1), ("0.005", 2), ("10", 2), ("+Inf", 3)] {
+            assert!(text.contains(&bucket(le, n)), "{le} {n}: {text}");
+        }
+        assert!(
+            text.contains("freshet_gateway_spool_records 2.0\n"),
+            "{text}"
+        );
         assert!(text.contains("freshet_gateway_records_total{outcome=\"spooled\"} 2\n"));
+        assert!(text.contains("freshet_extra 7\n"), "{text}");
+        assert!(
+            !text.contains(".."),
+            "a help text ends with its own period: {text}"
+        );
     }
 }

@@ -21,6 +21,7 @@ use crate::ingest::check_topic_name;
 use crate::metrics::Gauges;
 use crate::schema::SchemaError;
 use crate::Gateway;
+use prometheus_client::registry::Registry;
 
 /// The OpenAPI 3.1 description of every route.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -96,7 +97,12 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
         outages: stats.outages.load(Ordering::Relaxed),
         producer_recoveries: stats.recoveries.load(Ordering::Relaxed),
     };
-    let mut response = gateway.metrics.render(&gauges).into_response();
+    let pipelines = gateway.pipelines.clone();
+    let mut sources = gateway.metric_sources.clone();
+    sources.push(Arc::new(move |registry: &mut Registry| {
+        pipelines.register_metrics(registry)
+    }));
+    let mut response = gateway.metrics.render(&gauges, &sources).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

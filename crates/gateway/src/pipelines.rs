@@ -124,6 +124,105 @@ impl Pipelines {
     }
 }
 
+impl Pipelines {
+    /// Adds each pipeline's figures (those `describe` shows) to a scrape's registry:
+    /// records in and out, late and dead-lettered records, checkpoints, state bytes,
+    /// source lag, watermark; per sink its rows and lag. At most `max_pipelines`
+    /// pipelines, so the label cardinality is bounded.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        use std::sync::atomic::Ordering::Relaxed;
+        type Labels = Vec<(&'static str, String)>;
+        type Read<T> = fn(&Stats) -> T;
+        let counters: [(&str, &str, Read<u64>); 5] = [
+            ("records_in", "Source records a pipeline read", |s| s.records_in.load(Relaxed)),
+            ("records_out", "Rows a pipeline wrote to its outputs and sinks' topics", |s| s.records_out.load(Relaxed)),
+            ("late_records", "Records too late for their window, copied to the late topic", |s| s.late.load(Relaxed)),
+            ("dead_lettered_records", "Records sent to the dead-letter topic (not JSON, an expression's error, a row a sink's database refused)", |s| s.dead_lettered.load(Relaxed)),
+            ("checkpoints", "Checkpoints a pipeline wrote", |s| s.checkpoints.load(Relaxed)),
+        ];
+        let gauges: [(&str, &str, Read<Option<i64>>); 4] = [
+            (
+                "state_bytes",
+                "Bytes of state a pipeline's operators hold here",
+                |s| Some(s.state_bytes.load(Relaxed) as i64),
+            ),
+            (
+                "source_lag",
+                "Source records not read yet (over the partitions held here)",
+                |s| {
+                    let (a, b) = (s.lag.load(Relaxed), s.task_lag.load(Relaxed));
+                    (a >= 0 || b >= 0).then(|| a.max(0) + b.max(0))
+                },
+            ),
+            (
+                "watermark_ms",
+                "The lowest event-time watermark of a pipeline's windowed queries, epoch ms",
+                |s| Some(s.watermark.load(Relaxed)).filter(|w| *w != i64::MIN),
+            ),
+            (
+                "running",
+                "1 while a pipeline runs here, 0 when stopped or failed",
+                |s| {
+                    Some(i64::from(
+                        *s.status.lock().unwrap_or_else(|e| e.into_inner()) == Status::Running,
+                    ))
+                },
+            ),
+        ];
+        let defined = self.lock();
+        let mut names: Vec<&String> = defined.keys().collect();
+        names.sort();
+        let pipeline = registry.sub_registry_with_prefix("pipeline");
+        for (name, help, read) in counters {
+            let family: Family<Labels, Counter> = Family::default();
+            for n in &names {
+                let labels = vec![("pipeline", n.to_string())];
+                family
+                    .get_or_create(&labels)
+                    .inc_by(read(&defined[*n].stats));
+            }
+            pipeline.register(name, help, family);
+        }
+        for (name, help, read) in gauges {
+            let family: Family<Labels, Gauge> = Family::default();
+            for n in &names {
+                if let Some(v) = read(&defined[*n].stats) {
+                    family
+                        .get_or_create(&vec![("pipeline", n.to_string())])
+                        .set(v);
+                }
+            }
+            pipeline.register(name, help, family);
+        }
+        let rows: Family<Labels, Counter> = Family::default();
+        let lag: Family<Labels, Gauge> = Family::default();
+        for n in &names {
+            let sinks = defined[*n]
+                .stats
+                .sinks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (sink, s) in sinks.iter() {
+                let labels = vec![("pipeline", n.to_string()), ("sink", sink.clone())];
+                rows.get_or_create(&labels).inc_by(s.rows);
+                if s.lag >= 0 {
+                    lag.get_or_create(&labels).set(s.lag);
+                }
+            }
+        }
+        let sink = registry.sub_registry_with_prefix("sink");
+        sink.register("rows", "Rows a sink applied to its target", rows);
+        sink.register(
+            "lag",
+            "Rows of a sink's topic not applied to its target yet (over the partitions held here)",
+            lag,
+        );
+    }
+}
+
 fn describe(name: &str, entry: &Entry) -> serde_json::Value {
     // Never the password of a sink's URL.
     let sql = pipeline::runtime::sink::redact(&entry.sql);

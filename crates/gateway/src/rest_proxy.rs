@@ -217,10 +217,7 @@ async fn produce(
         });
     }
     if !violations.is_empty() {
-        gateway
-            .metrics
-            .validation_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gateway.metrics.validation_failures.inc();
         let mut err = ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             3,

@@ -164,6 +164,11 @@ fn append(
                 });
             }
             drop(producers);
+            (broker.metrics).produced(
+                &topic.name,
+                header.records_count as u64,
+                records.len() as u64,
+            );
             Ok((partition, info.base_offset, start))
         }
         Err(storage::StorageError::InvalidBatch(e)) => Err(batch_error(e)),

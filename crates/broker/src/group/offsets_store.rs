@@ -934,7 +934,7 @@ mod tests {
             Crash::BeforeSegmentsDeleted,
             Crash::None,
         ];
-        let flusher = Flusher::start();
+        let flusher = Flusher::start(Default::default());
         for crash in crashes {
             let data = tempfile::tempdir().unwrap();
             let dir = data.path().join(DIR_NAME);
@@ -1020,7 +1020,7 @@ mod tests {
     async fn compaction_keeps_the_log_bounded_by_the_live_offsets() {
         const MIN_BYTES: u64 = 4 * 1024;
         let data = tempfile::tempdir().unwrap();
-        let flusher = Flusher::start();
+        let flusher = Flusher::start(Default::default());
         let store = OffsetsStore::open(data.path(), 0, MIN_BYTES).unwrap();
         let mut written = 0u64;
         for i in 0..1_000i64 {
