@@ -127,3 +127,36 @@ def test_pipeline_metrics_equal_what_describe_shows(broker):
     assert value(samples, "freshet_pipeline_records_out_total", pipeline=pipeline) == d["records_out"] == 20
     assert value(samples, "freshet_pipeline_dead_lettered_records_total", pipeline=pipeline) == 0
     assert value(samples, "freshet_pipeline_running", pipeline=pipeline) == 1
+
+
+def test_history_keeps_the_recent_past_of_the_metrics(broker_factory):
+    b = broker_factory(env={**BROKER_ENV, "FRESHET_HTTP_HISTORY_INTERVAL_MS": "50",
+                            "FRESHET_HTTP_HISTORY_POINTS": "20"})
+    topic = create_topic(b.bootstrap, topic_name("hist"))
+    p = producer(b.bootstrap)
+    for i in range(25):
+        p.produce(topic, json.dumps({"i": i}).encode())
+    assert p.flush(30) == 0
+
+    def history():
+        r = get(f"{b.http}/metrics/history?name=freshet_topic_records_in_total&topic={topic}")
+        assert r.status == 200, r
+        return r.json()
+
+    def has_all():
+        h = history()
+        return h["series"] and h["series"][0]["values"][-1] == 25 and len(h["times"]) == 20
+    wait_until(has_all, timeout=30, what=lambda: f"25 records in the history's last point, 20 points: {history()}")
+    h = history()
+    assert h["interval_ms"] == 50
+    [s] = h["series"]
+    assert s["name"] == "freshet_topic_records_in_total" and s["labels"] == {"topic": topic}
+    assert len(s["values"]) == len(h["times"]) == 20, "history_points bounds the window"
+    assert all(b > a for a, b in zip(h["times"], h["times"][1:])), h["times"]
+    known = [v for v in s["values"] if v is not None]
+    assert known == sorted(known), "a counter's past never decreases"
+    # The last point equals what /metrics shows now (nothing else is produced).
+    assert value(scrape(b.http), "freshet_topic_records_in_total", topic=topic) == 25
+    listing = get(f"{b.http}/metrics/history").json()
+    assert {"name": "freshet_topic_records_in_total", "labels": {"topic": topic}} in listing["series"]
+    assert listing["times"] == []

@@ -212,12 +212,12 @@ impl BrokerMetrics {
 /// (the last one may be cut by the size limit, and is not counted).
 fn count_records(mut data: &[u8]) -> u64 {
     let mut n = 0;
-    while let Ok(Some(len)) = protocol::record_batch::peek_total_bytes(data) {
-        if len > data.len() || data.len() < 61 {
+    while let Ok(header) = protocol::record_batch::BatchHeader::parse(data) {
+        if header.total_bytes() > data.len() {
             break;
         }
-        n += i32::from_be_bytes([data[57], data[58], data[59], data[60]]).max(0) as u64;
-        data = &data[len..];
+        n += header.records_count.max(0) as u64;
+        data = &data[header.total_bytes()..];
     }
     n
 }

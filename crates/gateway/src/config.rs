@@ -82,7 +82,47 @@ pub struct GatewayConfig {
     pub shutdown_timeout_ms: u64,
     /// Extra librdkafka properties for the gateway's clients (e.g. `linger.ms`).
     pub kafka: BTreeMap<String, String>,
+    /// How often the metrics' recent past (`GET /metrics/history`) takes a sample.
+    pub history_interval_ms: u64,
+    /// Samples kept per series (3,600 at one a second: an hour).
+    pub history_points: usize,
+    /// Series kept at most; a new one past it is not recorded until one has been
+    /// absent for a whole window.
+    pub history_max_series: usize,
+    /// The `GET /metrics` sample names whose recent past is kept.
+    pub history_metrics: Vec<String>,
 }
+
+/// The samples whose past is kept by default: rates and lags, not per-partition logs.
+fn default_history_metrics() -> Vec<String> {
+    [
+        "freshet_topic_records_in_total",
+        "freshet_topic_records_out_total",
+        "freshet_topic_bytes_in_total",
+        "freshet_topic_bytes_out_total",
+        "freshet_consumer_group_lag",
+        "freshet_kafka_requests_total",
+        "freshet_connections",
+        "freshet_pipeline_records_in_total",
+        "freshet_pipeline_records_out_total",
+        "freshet_pipeline_late_records_total",
+        "freshet_pipeline_dead_lettered_records_total",
+        "freshet_pipeline_source_lag",
+        "freshet_pipeline_watermark_ms",
+        "freshet_sink_rows_total",
+        "freshet_sink_lag",
+        "freshet_http_requests_total",
+        "freshet_gateway_records_total",
+        "freshet_gateway_spool_records",
+        "freshet_gateway_spool_oldest_age_seconds",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Values the history may hold at most (`history_max_series × history_points`, 8
+/// bytes each: 800 MB).
+pub const MAX_HISTORY_VALUES: usize = 100_000_000;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -115,6 +155,10 @@ impl Default for GatewayConfig {
             consumer_request_max_bytes: 64 << 20,
             shutdown_timeout_ms: 10_000,
             kafka: BTreeMap::new(),
+            history_interval_ms: 1_000,
+            history_points: 3_600,
+            history_max_series: 1_000,
+            history_metrics: default_history_metrics(),
         }
     }
 }
@@ -185,6 +229,15 @@ impl GatewayConfig {
             return bad(
                 "stream_buffer_records must be at least 1 and stream_keepalive_ms at least 100",
             );
+        }
+        if self.history_interval_ms < 10 || self.history_points < 2 {
+            return bad("history_interval_ms must be at least 10 and history_points at least 2");
+        }
+        if self.history_max_series.saturating_mul(self.history_points) > MAX_HISTORY_VALUES {
+            return Err(ConfigError::Invalid(format!(
+                "history_max_series x history_points ({} x {}) must be at most {MAX_HISTORY_VALUES} values (8 bytes each)",
+                self.history_max_series, self.history_points
+            )));
         }
         if self.consumer_request_max_bytes < 1024 || self.consumer_instance_timeout_ms < 1000 {
             return bad("consumer_request_max_bytes must be at least 1024 and consumer_instance_timeout_ms at least 1000");
@@ -278,5 +331,24 @@ mod tests {
         assert!(GatewayConfig::load(None, env).is_err());
         let env = [("FRESHET_HTTP_MAX_BODY_BYTES".to_string(), "10".to_string())];
         assert!(GatewayConfig::load(None, env).is_err());
+        // The history's two limits against each other.
+        let history = |series: &str, points: &str| {
+            GatewayConfig::load(
+                None,
+                [
+                    (
+                        "FRESHET_HTTP_HISTORY_MAX_SERIES".to_string(),
+                        series.to_string(),
+                    ),
+                    (
+                        "FRESHET_HTTP_HISTORY_POINTS".to_string(),
+                        points.to_string(),
+                    ),
+                ],
+            )
+        };
+        assert!(history("1000", "3600").is_ok());
+        let err = history("100000", "3600").unwrap_err().to_string();
+        assert!(err.contains("history_max_series x history_points"), "{err}");
     }
 }

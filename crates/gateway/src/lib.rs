@@ -23,6 +23,7 @@
 pub mod config;
 mod consumers;
 mod error;
+pub mod history;
 mod ingest;
 pub mod metrics;
 mod ops;
@@ -57,6 +58,8 @@ pub struct Gateway {
     pub metrics: metrics::Metrics,
     /// What the process adds to `GET /metrics` (`freshet serve`: its broker's).
     metric_sources: Vec<metrics::Source>,
+    /// The metrics' recent past (`GET /metrics/history`).
+    history: history::History,
     pub pipelines: Arc<pipelines::Pipelines>,
     streams: stream::Streams,
     consumers: consumers::Instances,
@@ -176,6 +179,7 @@ pub async fn start_with_metrics(
         schemas,
         metrics: metrics::Metrics::default(),
         metric_sources,
+        history: history::History::new(config.history_points, config.history_max_series),
         streams: stream::Streams::new(&config),
         consumers: consumers::Instances::new(&config),
         idempotency,
@@ -197,6 +201,7 @@ pub async fn start_with_metrics(
         }
     });
     consumers::spawn_reaper(gateway.clone());
+    ops::spawn_history(gateway.clone());
     Ok(Running {
         addr,
         stop,

@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/metrics/history", get(history))
         .route("/openapi.json", get(openapi))
 }
 
@@ -74,7 +75,9 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
     }
 }
 
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+/// The text of `GET /metrics`: the gateway's metrics, its pipelines', and the
+/// process's sources.
+fn scrape(gateway: &Gateway) -> String {
     let depth = gateway.producer.spool_depth();
     let stats = gateway.producer.stats();
     let gauges = Gauges {
@@ -102,12 +105,68 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     sources.push(Arc::new(move |registry: &mut Registry| {
         pipelines.register_metrics(registry)
     }));
-    let mut response = gateway.metrics.render(&gauges, &sources).into_response();
+    gateway.metrics.render(&gauges, &sources)
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let mut response = scrape(&gateway).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Samples `GET /metrics` into the history every `history_interval_ms`, until the
+/// gateway shuts down (on a blocking thread: a scrape locks partitions).
+pub(crate) fn spawn_history(gateway: Arc<Gateway>) {
+    let mut stop = gateway.shutting_down.clone();
+    tokio::spawn(async move {
+        let every = Duration::from_millis(gateway.config.history_interval_ms);
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let g = gateway.clone();
+            let sampled = tokio::task::spawn_blocking(move || {
+                let text = scrape(&g);
+                let names = &g.config.history_metrics;
+                g.history
+                    .record(crate::now_ms(), crate::history::samples(&text, names));
+            })
+            .await;
+            if sampled.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// `GET /metrics/history?name=NAME&LABEL=VALUE...`: the kept past of the series named
+/// `NAME` whose labels include the others given, as `{"times": [...], "series":
+/// [{"name", "labels", "values": [...]}]}` (a value per time, `null` where absent).
+/// Without `name`: the series kept, without values.
+async fn history(
+    State(gateway): State<Arc<Gateway>>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let name = query
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.as_str());
+    let labels: Vec<(String, String)> =
+        query.iter().filter(|(k, _)| k != "name").cloned().collect();
+    let mut answer = serde_json::to_value(gateway.history.query(name, &labels)).unwrap_or_default();
+    if let Value::Object(map) = &mut answer {
+        map.insert(
+            "interval_ms".into(),
+            json!(gateway.config.history_interval_ms),
+        );
+    }
+    Json(answer).into_response()
 }
 
 async fn openapi() -> Response {
