@@ -21,6 +21,7 @@
 //! fsync'd in the spool.
 
 pub mod config;
+pub mod console;
 mod consumers;
 mod error;
 pub mod history;
@@ -202,6 +203,7 @@ pub async fn start_with_metrics(
     });
     consumers::spawn_reaper(gateway.clone());
     ops::spawn_history(gateway.clone());
+    console::started();
     Ok(Running {
         addr,
         stop,
@@ -227,6 +229,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(stream::routes())
         .merge(pipelines::routes())
         .merge(ops::routes())
+        .merge(console::routes())
         .fallback(|| async { ApiError::not_found(0, "no such route (see /openapi.json)") })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(gateway.clone(), observe))

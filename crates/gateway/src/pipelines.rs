@@ -119,6 +119,11 @@ impl Pipelines {
         }
     }
 
+    /// How many pipelines are defined.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
     fn describe(&self, name: &str) -> Option<serde_json::Value> {
         self.lock().get(name).map(|e| describe(name, e))
     }

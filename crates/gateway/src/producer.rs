@@ -1032,6 +1032,28 @@ impl DurableProducer {
             .collect())
     }
 
+    /// The log start and end offsets of one partition (blocks for a round trip).
+    pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+        self.core
+            .producer()
+            .client()
+            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+    }
+
+    /// The brokers of the cluster, as its metadata names them: (id, host, port).
+    pub fn brokers(&self) -> Result<Vec<(i32, String, i32)>, KafkaError> {
+        let metadata = self
+            .core
+            .producer()
+            .client()
+            .fetch_metadata(None, METADATA_TIMEOUT)?;
+        Ok(metadata
+            .brokers()
+            .iter()
+            .map(|b| (b.id(), b.host().to_string(), b.port()))
+            .collect())
+    }
+
     /// Whether the cluster answers a metadata request within `timeout` (blocks).
     pub fn cluster_answers(&self, timeout: Duration) -> bool {
         self.core

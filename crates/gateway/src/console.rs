@@ -1,0 +1,290 @@
+//! The web console: `GET /` and `/console/*`, a page and its script built into the
+//! binary (no CDN, no npm, nothing fetched at run time), and the JSON it reads under
+//! `/console/api/` besides the gateway's own routes (`/metrics/history` for charts,
+//! `/topics/{topic}/stream` for the live tail, `/ingest/{topic}` for the produce form,
+//! `/pipelines`). Like the rest of the gateway it is a Kafka client of the cluster, so
+//! it works against any Kafka-compatible cluster for what the Kafka protocol shows.
+//!
+//! Lists are paged (`offset`, `limit`, at most [`MAX_PAGE`]): a page never asks the
+//! cluster about more topics than it shows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::ingest::check_topic_name;
+use crate::Gateway;
+
+/// Topics one page of the topic list shows at most.
+pub const MAX_PAGE: usize = 200;
+
+const INDEX: &str = include_str!("console/index.html");
+const SCRIPT: &str = include_str!("console/app.js");
+const STYLE: &str = include_str!("console/style.css");
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset(INDEX, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/console/app.js",
+            get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/console/style.css",
+            get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
+        )
+        .route("/console/api/overview", get(overview))
+        .route("/console/api/topics", get(topics).post(create_topic))
+        .route(
+            "/console/api/topics/{topic}",
+            get(topic).delete(delete_topic),
+        )
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = body.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// When the gateway started (first called at its start), for the overview's uptime.
+pub(crate) fn started() -> Instant {
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}
+
+/// Runs blocking cluster work (metadata, watermarks) off the runtime.
+async fn blocking<T: Send + 'static>(
+    gateway: &Arc<Gateway>,
+    work: impl FnOnce(&Gateway) -> Result<T, String> + Send + 'static,
+) -> Result<T, ApiError> {
+    let gateway = gateway.clone();
+    tokio::task::spawn_blocking(move || work(&gateway))
+        .await
+        .map_err(|e| ApiError::busy(e.to_string()))?
+        .map_err(|e| ApiError::busy(format!("cluster unavailable: {e}")))
+}
+
+/// Whether a topic is the gateway's or the cluster's own (not listed by default).
+fn internal(gateway: &Gateway, name: &str) -> bool {
+    name.starts_with("__")
+        || name.starts_with("_freshet")
+        || name == gateway.config.schema_topic
+        || name == gateway.config.idempotency_topic
+        || name == gateway.config.pipeline_topic
+}
+
+async fn overview(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
+    let (brokers, topics) = blocking(&gateway, |g| {
+        let brokers = g.producer.brokers().map_err(|e| e.to_string())?;
+        let topics = g
+            .producer
+            .topics_metadata(None)
+            .map_err(|e| e.to_string())?;
+        Ok((brokers, topics))
+    })
+    .await?;
+    let user: Vec<_> = topics
+        .iter()
+        .filter(|t| !internal(&gateway, &t.name))
+        .collect();
+    Ok(Json(json!({
+        "uptime_s": started().elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "brokers": brokers.iter().map(|(id, host, port)| json!({"id": id, "host": host, "port": port})).collect::<Vec<_>>(),
+        "topics": user.len(),
+        "partitions": user.iter().map(|t| t.partitions.len()).sum::<usize>(),
+        "internal_topics": topics.len() - user.len(),
+        "pipelines": gateway.pipelines.count(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+    /// Only the topics whose name contains this.
+    #[serde(default)]
+    search: String,
+    /// Include the cluster's and Freshet's own topics.
+    #[serde(default)]
+    internal: bool,
+}
+
+/// `GET /console/api/topics?offset=&limit=&search=&internal=`: a page of topics by
+/// name, each with its partition count and record count (end minus start offsets).
+async fn topics(
+    State(gateway): State<Arc<Gateway>>,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    let limit = page.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let (total, rows) = blocking(&gateway, move |g| {
+        let mut topics = g
+            .producer
+            .topics_metadata(None)
+            .map_err(|e| e.to_string())?;
+        topics.retain(|t| {
+            (page.internal || !internal(g, &t.name)) && t.name.contains(page.search.as_str())
+        });
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        let total = topics.len();
+        let mut rows = Vec::new();
+        for t in topics.into_iter().skip(page.offset).take(limit) {
+            let mut records = 0i64;
+            for (p, ..) in &t.partitions {
+                let (low, high) = g
+                    .producer
+                    .watermarks(&t.name, *p)
+                    .map_err(|e| e.to_string())?;
+                records += (high - low).max(0);
+            }
+            rows.push(
+                json!({"name": t.name, "partitions": t.partitions.len(), "records": records}),
+            );
+        }
+        Ok((total, rows))
+    })
+    .await?;
+    Ok(
+        Json(json!({"total": total, "offset": page.offset, "limit": limit, "topics": rows}))
+            .into_response(),
+    )
+}
+
+/// `GET /console/api/topics/{topic}`: its partitions with their leader and start and
+/// end offsets.
+async fn topic(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    check_topic_name(&name)?;
+    let wanted = name.clone();
+    let found = blocking(&gateway, move |g| {
+        let Some(t) = g
+            .producer
+            .topics_metadata(Some(&wanted))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|t| t.name == wanted)
+        else {
+            return Ok(None);
+        };
+        let mut partitions = Vec::new();
+        for (p, leader, ..) in &t.partitions {
+            let (low, high) = g
+                .producer
+                .watermarks(&t.name, *p)
+                .map_err(|e| e.to_string())?;
+            partitions.push(json!({"partition": p, "leader": leader, "start": low, "end": high}));
+        }
+        Ok(Some(partitions))
+    })
+    .await?;
+    match found {
+        Some(partitions) => {
+            Ok(Json(json!({"name": name, "partitions": partitions})).into_response())
+        }
+        None => Err(ApiError::topic_not_found(&name)),
+    }
+}
+
+#[derive(Deserialize)]
+struct NewTopicBody {
+    name: String,
+    #[serde(default = "one")]
+    partitions: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn admin(gateway: &Gateway) -> Result<AdminClient<DefaultClientContext>, ApiError> {
+    gateway
+        .config
+        .client()
+        .create()
+        .map_err(|e| ApiError::busy(format!("cannot reach the cluster: {e}")))
+}
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
+}
+
+/// `POST /console/api/topics` `{"name", "partitions"}`: creates a topic.
+async fn create_topic(
+    State(gateway): State<Arc<Gateway>>,
+    Json(body): Json<NewTopicBody>,
+) -> Result<Response, ApiError> {
+    check_topic_name(&body.name)?;
+    if !(1..=10_000).contains(&body.partitions) {
+        return Err(ApiError::bad_request(
+            "partitions must be between 1 and 10000",
+        ));
+    }
+    let admin = admin(&gateway)?;
+    let new = NewTopic::new(&body.name, body.partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&new], &admin_options())
+        .await
+        .map_err(|e| ApiError::busy(e.to_string()))?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                0,
+                format!("cannot create topic '{topic}': {code}"),
+            ));
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": body.name, "partitions": body.partitions})),
+    )
+        .into_response())
+}
+
+/// `DELETE /console/api/topics/{topic}`: deletes a topic.
+async fn delete_topic(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    check_topic_name(&name)?;
+    let admin = admin(&gateway)?;
+    let results = admin
+        .delete_topics(&[&name], &admin_options())
+        .await
+        .map_err(|e| ApiError::busy(e.to_string()))?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            return Err(match code {
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition => {
+                    ApiError::topic_not_found(&topic)
+                }
+                code => ApiError::new(
+                    StatusCode::CONFLICT,
+                    0,
+                    format!("cannot delete topic '{topic}': {code}"),
+                ),
+            });
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

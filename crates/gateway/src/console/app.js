@@ -1,0 +1,233 @@
+// Freshet's web console: plain JavaScript, no build step, no dependencies. Hash
+// routes: #/ (overview), #/topics, #/topics/NAME. Each page renders into <main>,
+// refreshes itself on a timer while shown, and stops when another page is shown.
+"use strict";
+
+const main = document.getElementById("page");
+const errorBox = document.getElementById("error");
+let leaving = []; // what the current page must stop (timers, event sources)
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) node.append(c instanceof Node ? c : String(c));
+  return node;
+}
+
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const text = await response.text();
+  const body = text ? JSON.parse(text) : null;
+  if (!response.ok) {
+    throw new Error((body && body.message) || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function every(ms, f) {
+  let stopped = false;
+  const run = async () => {
+    if (stopped) return;
+    try {
+      await f();
+      showError("");
+    } catch (e) {
+      showError(e.message);
+    }
+    if (!stopped) timer = setTimeout(run, ms);
+  };
+  let timer = setTimeout(run, 0);
+  leaving.push(() => { stopped = true; clearTimeout(timer); });
+}
+
+const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en"));
+
+function duration(s) {
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : `${m}m ${s % 60}s`;
+}
+
+// ---- charts ------------------------------------------------------------------------
+
+// Per-second rates of the sum of a counter's series, from /metrics/history.
+async function rates(name) {
+  const h = await api(`/metrics/history?name=${encodeURIComponent(name)}`);
+  const sums = h.times.map((_, i) => h.series.reduce((a, s) => a + (s.values[i] ?? 0), 0));
+  const out = [];
+  for (let i = 1; i < sums.length; i++) {
+    const dt = (h.times[i] - h.times[i - 1]) / 1000;
+    out.push([h.times[i], dt > 0 ? Math.max(0, sums[i] - sums[i - 1]) / dt : 0]);
+  }
+  return out;
+}
+
+function lineChart(lines, width = 720, height = 180) {
+  const pad = 36;
+  const all = lines.flatMap((l) => l.points);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  if (all.length < 2) {
+    const t = document.createElementNS(svg.namespaceURI, "text");
+    t.setAttribute("x", pad); t.setAttribute("y", height / 2);
+    t.textContent = "collecting…";
+    svg.append(t);
+    return svg;
+  }
+  const t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0]));
+  const top = Math.max(1, ...all.map((p) => p[1]));
+  const x = (t) => pad + ((t - t0) / Math.max(1, t1 - t0)) * (width - pad - 8);
+  const y = (v) => height - 20 - (v / top) * (height - 30);
+  for (const line of lines) {
+    const path = document.createElementNS(svg.namespaceURI, "polyline");
+    path.setAttribute("class", line.cls);
+    path.setAttribute("points", line.points.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" "));
+    svg.append(path);
+  }
+  const label = document.createElementNS(svg.namespaceURI, "text");
+  label.setAttribute("x", 4); label.setAttribute("y", 14);
+  label.textContent = fmt(Math.round(top)) + "/s";
+  svg.append(label);
+  return svg;
+}
+
+// ---- pages ---------------------------------------------------------------------------
+
+async function overview() {
+  main.replaceChildren(el("h1", {}, "Overview"), el("div", { class: "cards", id: "cards" }),
+    el("h2", {}, "Records per second"),
+    el("div", { class: "legend" }, el("span", { class: "in" }, "in (produced)"), el("span", { class: "out" }, "out (fetched)")),
+    el("div", { id: "chart" }));
+  every(2000, async () => {
+    const o = await api("/console/api/overview");
+    const card = (label, value, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value));
+    document.getElementById("cards").replaceChildren(
+      card("Brokers", o.brokers.map((b) => `${b.host}:${b.port}`).join(", "), "card-brokers"),
+      card("Uptime", duration(o.uptime_s), "card-uptime"),
+      card("Topics", fmt(o.topics), "card-topics"),
+      card("Partitions", fmt(o.partitions), "card-partitions"),
+      card("Pipelines", fmt(o.pipelines), "card-pipelines"));
+    const [inRate, outRate] = await Promise.all([rates("freshet_topic_records_in_total"), rates("freshet_topic_records_out_total")]);
+    document.getElementById("chart").replaceChildren(lineChart([{ cls: "in", points: inRate }, { cls: "out", points: outRate }]));
+  });
+}
+
+async function topics() {
+  let offset = 0;
+  const limit = 50;
+  const search = el("input", { placeholder: "filter by name", id: "topic-search", oninput: () => { offset = 0; load(); } });
+  const body = el("tbody", { id: "topics-body" });
+  const pager = el("div", { class: "muted", id: "pager" });
+  const name = el("input", { placeholder: "new topic", id: "new-topic-name", required: "" });
+  const partitions = el("input", { type: "number", min: "1", value: "1", id: "new-topic-partitions", style: "width: 80px" });
+  const create = el("form", {
+    class: "inline", id: "create-topic",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        await api("/console/api/topics", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ name: name.value, partitions: Number(partitions.value) }) });
+        name.value = "";
+        await load();
+      } catch (err) { showError(err.message); }
+    },
+  }, name, partitions, el("button", { class: "primary", type: "submit" }, "Create topic"));
+  const prev = el("button", { onclick: () => { offset = Math.max(0, offset - limit); load(); } }, "‹ Previous");
+  const next = el("button", { onclick: () => { offset += limit; load(); } }, "Next ›");
+  main.replaceChildren(el("h1", {}, "Topics"), create, el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, search),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", { class: "num" }, "Partitions"), el("th", { class: "num" }, "Records"), el("th", {}, ""))), body),
+    el("div", { class: "inline" }, prev, next, pager));
+  async function load() {
+    const page = await api(`/console/api/topics?offset=${offset}&limit=${limit}&search=${encodeURIComponent(search.value)}`);
+    body.replaceChildren(...page.topics.map((t) => el("tr", { "data-topic": t.name },
+      el("td", {}, el("a", { href: `#/topics/${encodeURIComponent(t.name)}` }, t.name)),
+      el("td", { class: "num" }, fmt(t.partitions)), el("td", { class: "num" }, fmt(t.records)),
+      el("td", {}, el("button", {
+        class: "danger",
+        onclick: async () => {
+          if (!confirm(`Delete topic ${t.name} and all its records?`)) return;
+          try { await api(`/console/api/topics/${encodeURIComponent(t.name)}`, { method: "DELETE" }); await load(); } catch (err) { showError(err.message); }
+        },
+      }, "Delete")))));
+    pager.textContent = page.total ? `${offset + 1}–${offset + page.topics.length} of ${page.total}` : "no topics";
+    prev.disabled = offset === 0;
+    next.disabled = offset + page.topics.length >= page.total;
+  }
+  every(5000, load);
+}
+
+async function topic(name) {
+  const parts = el("tbody", { id: "partitions-body" });
+  const filter = el("input", { placeholder: "filter key/value text", id: "tail-filter" });
+  const tail = el("div", { class: "tail", id: "tail" });
+  const key = el("input", { placeholder: "key (optional)", id: "produce-key" });
+  const value = el("textarea", { rows: "3", cols: "60", id: "produce-value", placeholder: '{"field": "value"}' });
+  const produced = el("span", { class: "muted", id: "produce-result" });
+  const form = el("form", {
+    class: "inline", id: "produce",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const q = key.value ? `?key=${encodeURIComponent(key.value)}` : "";
+        const r = await api(`/ingest/${encodeURIComponent(name)}${q}`, { method: "POST", headers: { "content-type": "application/json" }, body: value.value });
+        produced.textContent = `stored at partition ${r.partition}, offset ${r.offset}`;
+      } catch (err) { showError(err.message); }
+    },
+  }, key, value, el("button", { class: "primary", type: "submit" }, "Produce"), produced);
+  main.replaceChildren(el("h1", {}, name),
+    el("h2", {}, "Partitions"),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Partition"), el("th", {}, "Leader"), el("th", { class: "num" }, "Start offset"), el("th", { class: "num" }, "End offset"), el("th", { class: "num" }, "Records"))), parts),
+    el("h2", {}, "Produce a record"), form,
+    el("h2", {}, "Live tail"), el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, filter), tail);
+  every(3000, async () => {
+    const t = await api(`/console/api/topics/${encodeURIComponent(name)}`);
+    parts.replaceChildren(...t.partitions.map((p) => el("tr", {},
+      el("td", {}, p.partition), el("td", {}, p.leader), el("td", { class: "num" }, fmt(p.start)), el("td", { class: "num" }, fmt(p.end)), el("td", { class: "num" }, fmt(p.end - p.start)))));
+  });
+  const source = new EventSource(`/topics/${encodeURIComponent(name)}/stream?from=latest`);
+  leaving.push(() => source.close());
+  // Open: the stream's start is fixed; what is produced from now on shows.
+  source.onopen = () => { tail.dataset.open = "true"; };
+  const shown = () => {
+    const f = filter.value.toLowerCase();
+    for (const row of tail.children) row.hidden = !!f && !row.dataset.text.includes(f);
+  };
+  filter.addEventListener("input", shown);
+  source.onmessage = (e) => {
+    const r = JSON.parse(e.data);
+    // A JSON value or key comes embedded as JSON, anything else as a string.
+    const show = (v) => (v === null || v === undefined ? "" : typeof v === "string" ? v : JSON.stringify(v));
+    const text = `${r.partition}:${r.offset}  ${show(r.key)}  ${show(r.value)}`;
+    const row = el("div", { "data-offset": `${r.partition}:${r.offset}` }, text);
+    row.dataset.text = `${show(r.key)} ${show(r.value)}`.toLowerCase();
+    tail.prepend(row);
+    while (tail.children.length > 500) tail.lastChild.remove();
+    shown();
+  };
+}
+
+// ---- routing -------------------------------------------------------------------------
+
+function route() {
+  for (const stop of leaving) stop();
+  leaving = [];
+  showError("");
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const parts = hash.split("/").filter(Boolean).map(decodeURIComponent);
+  let page = "overview";
+  if (parts[0] === "topics" && parts[1]) { page = "topics"; topic(parts[1]); }
+  else if (parts[0] === "topics") { page = "topics"; topics(); }
+  else overview();
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
+}
+
+window.addEventListener("hashchange", route);
+route();
