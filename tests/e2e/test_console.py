@@ -136,3 +136,51 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     no_errors(browser)
     assert seen["ms"] >= 0
     report("console", f"screenshots in {shots}")
+
+
+def test_the_group_page_shows_the_lag_the_offsets_give(broker, browser, tmp_path):
+    from confluent_kafka import Consumer, TopicPartition
+    topic = create_topic(broker.bootstrap, topic_name("lagged"), partitions=2)
+    produced_at = time.time()
+    p = producer(broker.bootstrap)
+    for i in range(40):
+        p.produce(topic, json.dumps({"i": i}).encode(), partition=i % 2)
+    assert p.flush(30) == 0
+    group = topic_name("console-group")
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", "session.timeout.ms": 30000})
+    try:
+        c.subscribe([topic])
+        wait_until(lambda: len(c.assignment()) == 2 or c.poll(0.2) is not None and len(c.assignment()) == 2,
+                   timeout=30, what="the member's assignment")
+        c.commit(offsets=[TopicPartition(topic, 0, 5), TopicPartition(topic, 1, 20)], asynchronous=False)
+        committed = {tp.partition: tp.offset for tp in c.committed(
+            [TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)}
+        want = {pt: watermarks(broker.bootstrap, topic, pt)[1] - committed[pt] for pt in (0, 1)}
+        assert want == {0: 15, 1: 0}
+
+        browser("open", url=f"{broker.http}/#/groups")
+        browser("wait_selector", selector=f'tr[data-group="{group}"]')
+        row = browser("texts", selector=f'tr[data-group="{group}"] td')["texts"]
+        assert row[0] == group and row[1] == "Stable" and row[3] == "1", row
+        browser("screenshot", path=str(tmp_path / "groups.png"))
+        no_errors(browser)
+
+        browser("open", url=f"{broker.http}/#/groups/{group}")
+        browser("wait_selector", selector=f'tr[data-partition="{topic}:0"]')
+        for pt in (0, 1):
+            cells = browser("texts", selector=f'tr[data-partition="{topic}:{pt}"] td')["texts"]
+            assert int(cells[2]) == committed[pt] and int(cells[4]) == want[pt], (pt, cells)
+            if want[pt]:
+                # The age of the oldest record not consumed: produced in this test.
+                assert 0 <= float(cells[5]) <= time.time() - produced_at + 1, cells
+            else:
+                assert float(cells[5]) == 0, cells
+        assert browser("texts", selector="#group-lag .value")["texts"] == ["15"]
+        assigned = browser("texts", selector="#members-body td")["texts"][3]
+        assert assigned == f"{topic}:0,1", assigned
+        browser("wait_selector", selector="#lag-chart svg")
+        browser("screenshot", path=str(tmp_path / "group.png"))
+        no_errors(browser)
+    finally:
+        c.close()

@@ -52,6 +52,8 @@ pub fn routes() -> Router<Arc<Gateway>> {
             "/console/api/topics/{topic}",
             get(topic).delete(delete_topic),
         )
+        .route("/console/api/groups", get(groups))
+        .route("/console/api/groups/{group}", get(group))
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -287,4 +289,167 @@ async fn delete_topic(
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// How long a group lookup waits for each answer of the cluster.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A consumer that looks at `group` without joining it (it never subscribes), and
+/// creates no topic.
+fn group_client(gateway: &Gateway, group: &str) -> Result<rdkafka::consumer::BaseConsumer, String> {
+    gateway
+        .config
+        .client()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|e| e.to_string())
+}
+
+fn lookup(e: crate::groups::LookupError) -> String {
+    format!("{}{}", e.error, e.what)
+}
+
+/// `GET /console/api/groups?offset=&limit=`: a page of the cluster's consumer groups
+/// by name, with their state and member count.
+async fn groups(
+    State(gateway): State<Arc<Gateway>>,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    let limit = page.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let (total, rows) = blocking(&gateway, move |g| {
+        use rdkafka::consumer::Consumer;
+        let client = group_client(g, "freshet-console")?;
+        // ListGroups waits for metadata first (see groups::fetch_groups).
+        client
+            .fetch_metadata(None, GROUP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let mut all = crate::groups::fetch_groups(&client, None, GROUP_TIMEOUT).map_err(lookup)?;
+        all.retain(|s| s.name.contains(page.search.as_str()));
+        let total = all.len();
+        let rows: Vec<_> = all
+            .into_iter()
+            .skip(page.offset)
+            .take(limit)
+            .map(|s| json!({"name": s.name, "state": s.state, "protocol_type": s.protocol_type, "members": s.members.len()}))
+            .collect();
+        Ok((total, rows))
+    })
+    .await?;
+    Ok(
+        Json(json!({"total": total, "offset": page.offset, "limit": limit, "groups": rows}))
+            .into_response(),
+    )
+}
+
+/// `GET /console/api/groups/{group}`: its state, members with their assignments, and
+/// per partition it committed or is assigned: the committed offset, the log end, the
+/// lag in records and in seconds (the age of the oldest record not consumed).
+async fn group(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let wanted = name.clone();
+    let answer = blocking(&gateway, move |g| {
+        use rdkafka::consumer::Consumer;
+        let client = group_client(g, &wanted)?;
+        let metadata = client
+            .fetch_metadata(None, GROUP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let summary = crate::groups::fetch_groups(&client, Some(&wanted), GROUP_TIMEOUT)
+            .map_err(lookup)?
+            .into_iter()
+            .find(|s| s.name == wanted);
+        let Some(summary) = summary else {
+            return Ok(None);
+        };
+        let lags = crate::groups::committed_lags(&client, &metadata, &summary, GROUP_TIMEOUT)
+            .map_err(lookup)?;
+        let behind: Vec<(String, i32, i64)> = lags
+            .iter()
+            .filter_map(|l| l.committed.filter(|c| *c < l.log_end).map(|c| (l.topic.clone(), l.partition, c)))
+            .take(MAX_PAGE)
+            .collect();
+        let ages = oldest_unconsumed_ages(g, &behind);
+        let members: Vec<_> = summary
+            .members
+            .iter()
+            .map(|m| {
+                let assignment: Vec<_> = match &m.assignment {
+                    Some(Ok(a)) => a.iter().map(|(t, ps)| json!({"topic": t, "partitions": ps})).collect(),
+                    _ => Vec::new(),
+                };
+                json!({"id": m.id, "client_id": m.client_id, "host": m.host, "assignment": assignment})
+            })
+            .collect();
+        let partitions: Vec<_> = lags
+            .iter()
+            .map(|l| {
+                let lag = l.committed.map(|c| (l.log_end - c).max(0));
+                let seconds = match lag {
+                    Some(0) => Some(0.0),
+                    _ => ages.get(&(l.topic.clone(), l.partition)).copied(),
+                };
+                json!({"topic": l.topic, "partition": l.partition, "committed": l.committed,
+                       "log_end": l.log_end, "lag": lag, "lag_seconds": seconds})
+            })
+            .collect();
+        Ok(Some(json!({"name": summary.name, "state": summary.state, "protocol_type": summary.protocol_type,
+                       "protocol": summary.protocol, "members": members, "partitions": partitions})))
+    })
+    .await?;
+    match answer {
+        Some(body) => Ok(Json(body).into_response()),
+        None => Err(ApiError::not_found(
+            4,
+            format!("Consumer group '{name}' not found."),
+        )),
+    }
+}
+
+/// Per (topic, partition, offset): seconds since the timestamp of the record at that
+/// offset, read by one consumer assigned to all of them (no group); a partition that
+/// gives nothing within a second has no age.
+fn oldest_unconsumed_ages(
+    gateway: &Gateway,
+    at: &[(String, i32, i64)],
+) -> std::collections::HashMap<(String, i32), f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let mut ages = std::collections::HashMap::new();
+    if at.is_empty() {
+        return ages;
+    }
+    let Ok(reader) = gateway
+        .config
+        .client()
+        .set("group.id", "freshet-console-lag")
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "1048576")
+        .set("max.partition.fetch.bytes", "65536")
+        .create::<BaseConsumer>()
+    else {
+        return ages;
+    };
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for (topic, partition, offset) in at {
+        let _ =
+            assignment.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset));
+    }
+    if reader.assign(&assignment).is_err() {
+        return ages;
+    }
+    let now = crate::now_ms();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while ages.len() < at.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            let key = (m.topic().to_string(), m.partition());
+            if let (false, Some(ts)) = (ages.contains_key(&key), m.timestamp().to_millis()) {
+                ages.insert(key, (now - ts).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+    ages
 }

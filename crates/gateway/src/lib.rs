@@ -24,6 +24,7 @@ pub mod config;
 pub mod console;
 mod consumers;
 mod error;
+pub mod groups;
 pub mod history;
 mod ingest;
 pub mod metrics;

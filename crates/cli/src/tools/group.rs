@@ -11,17 +11,32 @@
 //! the commit makes the coordinator refuse the commit (UNKNOWN_MEMBER_ID), so the
 //! check gives a clear message, and the coordinator is the safety net.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::groups::GroupInfo;
 use rdkafka::metadata::Metadata;
 use rdkafka::{Offset, TopicPartitionList};
 
+use gateway::groups::{Assignment, AssignmentError, GroupSummary, LookupError, INACTIVE_STATES};
+
 use super::{describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
+
+/// The groups the cluster lists (`gateway::groups::fetch_groups`), errors worded here.
+fn fetch_groups(
+    client: &BaseConsumer<ToolContext>,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<GroupSummary>> {
+    gateway::groups::fetch_groups(client, group, REQUEST_TIMEOUT).map_err(|e| explain(client, e))
+}
+
+/// A failed lookup, as this tool words it.
+fn explain(client: &BaseConsumer<ToolContext>, e: LookupError) -> anyhow::Error {
+    client
+        .context()
+        .explain(format!("{}{}", describe_error(&e.error), e.what))
+}
 
 #[derive(clap::Args)]
 pub struct GroupArgs {
@@ -70,9 +85,6 @@ struct ResetTarget {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     to_offset: Option<i64>,
 }
-
-/// Group states in which a group has no members, so its offsets may be reset.
-const INACTIVE_STATES: [&str; 2] = ["Empty", "Dead"];
 
 pub fn run(args: GroupArgs) -> anyhow::Result<()> {
     let connect = &args.connect;
@@ -141,66 +153,6 @@ fn cluster_metadata(client: &BaseConsumer<ToolContext>) -> anyhow::Result<Metada
         .map_err(|err| client.context().explain(describe_error(&err)))
 }
 
-/// ListGroups on every broker, then DescribeGroups for the groups found (librdkafka's
-/// `rd_kafka_list_groups`). `Some(group)`: only that one, if the cluster knows it.
-/// Call it after a metadata request (see [`cluster_metadata`]).
-fn fetch_groups(
-    client: &BaseConsumer<ToolContext>,
-    group: Option<&str>,
-) -> anyhow::Result<Vec<GroupSummary>> {
-    let list = client
-        .fetch_group_list(group, REQUEST_TIMEOUT)
-        .map_err(|err| client.context().explain(describe_error(&err)))?;
-    let mut groups: Vec<GroupSummary> = list.groups().iter().map(GroupSummary::from).collect();
-    groups.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(groups)
-}
-
-/// What DescribeGroups told about a group, copied out of librdkafka's list.
-struct GroupSummary {
-    name: String,
-    /// Empty when the coordinator answered DescribeGroups with an error.
-    state: String,
-    protocol_type: String,
-    protocol: String,
-    members: Vec<MemberSummary>,
-}
-
-struct MemberSummary {
-    id: String,
-    client_id: String,
-    host: String,
-    /// `None` when the member has no assignment (yet); `Some(Err)` when its bytes are
-    /// not a ConsumerProtocol assignment.
-    assignment: Option<Result<Assignment, AssignmentError>>,
-}
-
-impl From<&GroupInfo> for GroupSummary {
-    fn from(info: &GroupInfo) -> Self {
-        let mut members: Vec<MemberSummary> = info
-            .members()
-            .iter()
-            .map(|member| MemberSummary {
-                id: member.id().to_owned(),
-                client_id: member.client_id().to_owned(),
-                host: member.client_host().to_owned(),
-                assignment: member
-                    .assignment()
-                    .filter(|bytes| !bytes.is_empty())
-                    .map(decode_assignment),
-            })
-            .collect();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        GroupSummary {
-            name: info.name().to_owned(),
-            state: info.state().to_owned(),
-            protocol_type: info.protocol_type().to_owned(),
-            protocol: info.protocol().to_owned(),
-            members,
-        }
-    }
-}
-
 fn list(client: &BaseConsumer<ToolContext>, out: &mut String) -> anyhow::Result<()> {
     cluster_metadata(client)?;
     for group in fetch_groups(client, None)? {
@@ -221,17 +173,6 @@ fn state_or_unknown(state: &str) -> &str {
     } else {
         state
     }
-}
-
-/// One partition the group has committed or is assigned, with how far behind the
-/// log end it is.
-struct PartitionLag {
-    topic: String,
-    partition: i32,
-    /// `None`: assigned, nothing committed yet.
-    committed: Option<i64>,
-    log_end: i64,
-    metadata: String,
 }
 
 fn describe(
@@ -270,7 +211,9 @@ fn describe(
             format_assignment(member.assignment.as_ref())
         )?;
     }
-    for lag in committed_lags(client, &metadata, &summary)? {
+    let lags = gateway::groups::committed_lags(client, &metadata, &summary, REQUEST_TIMEOUT)
+        .map_err(|e| explain(client, e))?;
+    for lag in lags {
         // As kafka-consumer-groups shows a partition without a committed offset.
         let (committed, behind) = match lag.committed {
             Some(offset) => (offset.to_string(), (lag.log_end - offset).to_string()),
@@ -286,81 +229,6 @@ fn describe(
         )?;
     }
     Ok(())
-}
-
-/// OffsetFetch for every partition of every topic in the cluster's `metadata` and
-/// every partition a member is assigned (a topic may be missing from metadata fetched
-/// a moment earlier), keeping the partitions with a committed offset and the assigned
-/// ones, each with its log end.
-fn committed_lags(
-    client: &BaseConsumer<ToolContext>,
-    metadata: &Metadata,
-    summary: &GroupSummary,
-) -> anyhow::Result<Vec<PartitionLag>> {
-    let mut wanted: BTreeSet<(String, i32)> = BTreeSet::new();
-    for topic in metadata.topics() {
-        if topic.error().is_some() {
-            continue;
-        }
-        for partition in topic.partitions() {
-            wanted.insert((topic.name().to_owned(), partition.id()));
-        }
-    }
-    let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();
-    for member in &summary.members {
-        if let Some(Ok(assignment)) = &member.assignment {
-            for (topic, partitions) in assignment {
-                for &partition in partitions {
-                    assigned.insert((topic.clone(), partition));
-                }
-            }
-        }
-    }
-    wanted.extend(assigned.iter().cloned());
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut request = TopicPartitionList::with_capacity(wanted.len());
-    for (topic, partition) in &wanted {
-        request.add_partition(topic, *partition);
-    }
-    let committed = client
-        .committed_offsets(request, REQUEST_TIMEOUT)
-        .map_err(|err| client.context().explain(describe_error(&err)))?;
-    let mut lags = Vec::new();
-    for element in committed.elements() {
-        let (topic, partition) = (element.topic(), element.partition());
-        if let Err(err) = element.error() {
-            bail!(
-                "{} (committed offset of {topic} partition {partition})",
-                describe_error(&err)
-            );
-        }
-        let committed = match element.offset() {
-            Offset::Offset(offset) if offset >= 0 => Some(offset),
-            _ => None, // nothing committed for this partition
-        };
-        if committed.is_none() && !assigned.contains(&(topic.to_owned(), partition)) {
-            continue;
-        }
-        let (_, log_end) = client
-            .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
-            .map_err(|err| {
-                client.context().explain(format!(
-                    "{} (log end offset of {topic} partition {partition})",
-                    describe_error(&err)
-                ))
-            })?;
-        lags.push(PartitionLag {
-            topic: topic.to_owned(),
-            partition,
-            committed,
-            log_end,
-            metadata: element.metadata().to_owned(),
-        });
-    }
-    lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    Ok(lags)
 }
 
 /// Commit metadata is free text from a client: control characters are escaped so one
@@ -509,53 +377,6 @@ fn verify_committed(
     Ok(())
 }
 
-/// The partitions assigned to a member, by topic, as the assignor sent them.
-type Assignment = Vec<(String, Vec<i32>)>;
-
-/// Why assignment bytes are not a ConsumerProtocol assignment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum AssignmentError {
-    Truncated,
-    NegativeVersion,
-    NegativeLength,
-    NotUtf8,
-    TrailingBytes,
-}
-
-/// Decodes a ConsumerProtocolAssignment (versions 0-3 share one layout): version i16,
-/// then an array of (topic string, array of i32 partitions), then user data bytes.
-/// Later versions may append fields, so trailing bytes are accepted only for them.
-fn decode_assignment(bytes: &[u8]) -> Result<Assignment, AssignmentError> {
-    let mut reader = Reader { bytes };
-    let version = reader.i16()?;
-    if version < 0 {
-        return Err(AssignmentError::NegativeVersion);
-    }
-    // Each topic takes at least 6 bytes (empty name, empty array) and each partition 4,
-    // so a count larger than what is left is garbage; checked before allocating.
-    let topic_count = reader.count(6)?;
-    let mut topics = Vec::with_capacity(topic_count);
-    for _ in 0..topic_count {
-        let name = reader.string()?;
-        let partition_count = reader.count(4)?;
-        let mut partitions = Vec::with_capacity(partition_count);
-        for _ in 0..partition_count {
-            partitions.push(reader.i32()?);
-        }
-        topics.push((name, partitions));
-    }
-    let user_data = reader.i32()?;
-    if user_data >= 0 {
-        reader.take(user_data as usize)?;
-    } else if user_data != -1 {
-        return Err(AssignmentError::NegativeLength);
-    }
-    if version <= 3 && !reader.bytes.is_empty() {
-        return Err(AssignmentError::TrailingBytes);
-    }
-    Ok(topics)
-}
-
 /// `topic:0,1,2 other:5` (topics and partitions sorted), `-` for no assignment, `?`
 /// for bytes that are not a ConsumerProtocol assignment.
 fn format_assignment(assignment: Option<&Result<Assignment, AssignmentError>>) -> String {
@@ -587,49 +408,6 @@ fn format_assignment(assignment: Option<&Result<Assignment, AssignmentError>>) -
         .join(" ")
 }
 
-/// Big-endian reads over untrusted bytes; every read checks the length first.
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], AssignmentError> {
-        if self.bytes.len() < n {
-            return Err(AssignmentError::Truncated);
-        }
-        let (taken, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(taken)
-    }
-
-    fn i16(&mut self) -> Result<i16, AssignmentError> {
-        let taken = self.take(2)?;
-        Ok(i16::from_be_bytes([taken[0], taken[1]]))
-    }
-
-    fn i32(&mut self) -> Result<i32, AssignmentError> {
-        let taken = self.take(4)?;
-        Ok(i32::from_be_bytes([taken[0], taken[1], taken[2], taken[3]]))
-    }
-
-    /// An array length whose elements take at least `element_bytes` each.
-    fn count(&mut self, element_bytes: usize) -> Result<usize, AssignmentError> {
-        let count = self.i32()?;
-        let count = usize::try_from(count).map_err(|_| AssignmentError::NegativeLength)?;
-        if count.saturating_mul(element_bytes) > self.bytes.len() {
-            return Err(AssignmentError::Truncated);
-        }
-        Ok(count)
-    }
-
-    fn string(&mut self) -> Result<String, AssignmentError> {
-        let length = self.i16()?;
-        let length = usize::try_from(length).map_err(|_| AssignmentError::NegativeLength)?;
-        let taken = self.take(length)?;
-        String::from_utf8(taken.to_vec()).map_err(|_| AssignmentError::NotUtf8)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,63 +434,15 @@ mod tests {
     }
 
     #[test]
-    fn assignment_round_trips_every_version() {
-        for version in 0..=3 {
-            let bytes = encode(version, &[("b", &[2, 0]), ("a", &[1])], Some(b"ud"));
-            let decoded = decode_assignment(&bytes).expect("valid assignment");
-            assert_eq!(
-                decoded,
-                vec![("b".to_owned(), vec![2, 0]), ("a".to_owned(), vec![1])]
-            );
-            assert_eq!(format_assignment(Some(&Ok(decoded))), "a:1 b:0,2");
-        }
+    fn assignments_are_shown_sorted() {
+        use gateway::groups::decode_assignment;
+        let bytes = encode(1, &[("b", &[2, 0]), ("a", &[1])], Some(b"ud"));
+        let decoded = decode_assignment(&bytes).expect("valid assignment");
+        assert_eq!(format_assignment(Some(&Ok(decoded))), "a:1 b:0,2");
         let empty = decode_assignment(&encode(0, &[], None)).expect("valid");
         assert_eq!(format_assignment(Some(&Ok(empty))), "-");
         assert_eq!(format_assignment(None), "-");
-    }
-
-    #[test]
-    fn garbage_assignment_is_an_error_never_a_panic() {
-        let valid = encode(1, &[("topic", &[0, 1, 2])], Some(b"x"));
-        // Every truncation of a valid assignment is refused.
-        for end in 0..valid.len() {
-            assert!(decode_assignment(&valid[..end]).is_err(), "prefix {end}");
-        }
-        let mut trailing = valid.clone();
-        trailing.push(0);
-        assert_eq!(
-            decode_assignment(&trailing),
-            Err(AssignmentError::TrailingBytes)
-        );
-        // A future version may append fields.
-        let mut future = encode(4, &[("t", &[7])], None);
-        future.extend([1, 2, 3]);
-        assert_eq!(
-            decode_assignment(&future),
-            Ok(vec![("t".to_owned(), vec![7])])
-        );
-        assert_eq!(
-            decode_assignment(&encode(-1, &[], None)),
-            Err(AssignmentError::NegativeVersion)
-        );
-        // A huge count is refused before anything is allocated for it.
-        let mut huge = 0i16.to_be_bytes().to_vec();
-        huge.extend(i32::MAX.to_be_bytes());
-        assert_eq!(decode_assignment(&huge), Err(AssignmentError::Truncated));
-        let mut bad_utf8 = encode(0, &[("ab", &[])], None);
-        bad_utf8[8] = 0xff;
-        assert_eq!(decode_assignment(&bad_utf8), Err(AssignmentError::NotUtf8));
         assert_eq!(format_assignment(Some(&decode_assignment(b"garbage"))), "?");
-        // Arbitrary bytes never panic.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..10_000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let len = (seed % 40) as usize;
-            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
-            let _ = decode_assignment(&bytes);
-        }
     }
 
     #[test]

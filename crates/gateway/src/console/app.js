@@ -69,7 +69,7 @@ async function rates(name) {
   return out;
 }
 
-function lineChart(lines, width = 720, height = 180) {
+function lineChart(lines, unit = "/s", width = 720, height = 180) {
   const pad = 36;
   const all = lines.flatMap((l) => l.points);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -95,7 +95,7 @@ function lineChart(lines, width = 720, height = 180) {
   }
   const label = document.createElementNS(svg.namespaceURI, "text");
   label.setAttribute("x", 4); label.setAttribute("y", 14);
-  label.textContent = fmt(Math.round(top)) + "/s";
+  label.textContent = fmt(Math.round(top)) + unit;
   svg.append(label);
   return svg;
 }
@@ -214,6 +214,57 @@ async function topic(name) {
   };
 }
 
+async function groups() {
+  const body = el("tbody", { id: "groups-body" });
+  const search = el("input", { placeholder: "filter by name", id: "group-search", oninput: () => load() });
+  main.replaceChildren(el("h1", {}, "Consumer groups"), el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, search),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Group"), el("th", {}, "State"), el("th", {}, "Type"), el("th", { class: "num" }, "Members"))), body),
+    el("div", { class: "muted", id: "groups-pager" }));
+  async function load() {
+    const page = await api(`/console/api/groups?limit=200&search=${encodeURIComponent(search.value)}`);
+    body.replaceChildren(...page.groups.map((g) => el("tr", { "data-group": g.name },
+      el("td", {}, el("a", { href: `#/groups/${encodeURIComponent(g.name)}` }, g.name)),
+      el("td", {}, g.state || "?"), el("td", {}, g.protocol_type), el("td", { class: "num" }, fmt(g.members)))));
+    document.getElementById("groups-pager").textContent = `${page.groups.length} of ${page.total}`;
+  }
+  every(3000, load);
+}
+
+async function group(name) {
+  const head = el("div", { class: "cards", id: "group-cards" });
+  const members = el("tbody", { id: "members-body" });
+  const parts = el("tbody", { id: "lag-body" });
+  const chart = el("div", { id: "lag-chart" });
+  main.replaceChildren(el("h1", {}, name), head,
+    el("h2", {}, "Lag over time (records)"), chart,
+    el("h2", {}, "Members"),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Member"), el("th", {}, "Client"), el("th", {}, "Host"), el("th", {}, "Assigned"))), members),
+    el("h2", {}, "Partitions"),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Topic"), el("th", {}, "Partition"), el("th", { class: "num" }, "Committed"), el("th", { class: "num" }, "Log end"), el("th", { class: "num" }, "Lag"), el("th", { class: "num" }, "Lag (s)"))), parts));
+  const seen = []; // [time ms, total lag, total committed]
+  every(2000, async () => {
+    const g = await api(`/console/api/groups/${encodeURIComponent(name)}`);
+    const lag = g.partitions.reduce((a, p) => a + (p.lag ?? 0), 0);
+    const committed = g.partitions.reduce((a, p) => a + (p.committed ?? 0), 0);
+    const now = Date.now();
+    seen.push([now, lag, committed]);
+    while (seen.length > 900) seen.shift();
+    // Time to clear: the lag over the rate the group committed at lately.
+    const first = seen.find((s) => now - s[0] <= 60000) || seen[0];
+    const rate = (committed - first[2]) / Math.max(1, (now - first[0]) / 1000);
+    const clear = lag === 0 ? "caught up" : rate > 0 ? duration(Math.ceil(lag / rate)) : "not moving";
+    const card = (label, value, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value));
+    head.replaceChildren(card("State", g.state || "?", "group-state"), card("Members", fmt(g.members.length), "group-members"),
+      card("Lag (records)", fmt(lag), "group-lag"), card("Time to clear", clear, "group-clear"));
+    members.replaceChildren(...g.members.map((m) => el("tr", {}, el("td", {}, m.id), el("td", {}, m.client_id), el("td", {}, m.host),
+      el("td", {}, m.assignment.map((a) => `${a.topic}:${a.partitions.join(",")}`).join(" ") || "–"))));
+    parts.replaceChildren(...g.partitions.map((p) => el("tr", { "data-partition": `${p.topic}:${p.partition}` },
+      el("td", {}, p.topic), el("td", {}, p.partition), el("td", { class: "num" }, p.committed ?? "–"), el("td", { class: "num" }, fmt(p.log_end)),
+      el("td", { class: "num" }, p.lag ?? "–"), el("td", { class: "num" }, p.lag_seconds === null || p.lag_seconds === undefined ? "–" : p.lag_seconds.toFixed(1)))));
+    chart.replaceChildren(lineChart([{ cls: "in", points: seen.map((s) => [s[0], s[1]]) }], ""));
+  });
+}
+
 // ---- routing -------------------------------------------------------------------------
 
 function route() {
@@ -225,6 +276,8 @@ function route() {
   let page = "overview";
   if (parts[0] === "topics" && parts[1]) { page = "topics"; topic(parts[1]); }
   else if (parts[0] === "topics") { page = "topics"; topics(); }
+  else if (parts[0] === "groups" && parts[1]) { page = "groups"; group(parts[1]); }
+  else if (parts[0] === "groups") { page = "groups"; groups(); }
   else overview();
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
 }
