@@ -184,3 +184,44 @@ def test_the_group_page_shows_the_lag_the_offsets_give(broker, browser, tmp_path
         no_errors(browser)
     finally:
         c.close()
+
+
+def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):
+    from test_pipeline import name
+    src = create_topic(broker.bootstrap, name("votes"))
+    out = name("tally")
+    pipeline = name("tally")
+    sql = f"INSERT INTO {out} SELECT choice, COUNT(*) AS votes FROM {src} GROUP BY choice EMIT CHANGES;"
+    browser("open", url=f"{broker.http}/#/pipelines")
+    browser("fill", selector="#new-pipeline-name", value=pipeline)
+    browser("fill", selector="#new-pipeline-sql", value=sql)
+    browser("click", selector="#create-pipeline button[type=submit]")
+    browser("wait_text", selector="#pipeline-status .value", text="running", timeout_ms=30000)
+    p = producer(broker.bootstrap)
+    tally: dict[str, int] = {}
+
+    def vote(choices):
+        for c in choices:
+            p.produce(src, json.dumps({"choice": c}).encode())
+            tally[c] = tally.get(c, 0) + 1
+        assert p.flush(30) == 0
+
+    def table():
+        rows = browser("eval", expr="[...document.querySelectorAll('#results-body tr')]"
+                                    ".map(tr => [...tr.children].map(td => td.innerText))")["value"]
+        head = browser("texts", selector="#results thead th")["texts"]
+        return {r[head.index("choice")]: int(r[head.index("votes")]) for r in rows} if rows else {}
+
+    vote(["a", "b", "a", "c", "a"])
+    wait_until(lambda: table() == tally, timeout=30, what=lambda: f"the table at {tally}: {table()}")
+    vote(["b", "b", "c"])  # the same rows update in place
+    wait_until(lambda: table() == tally, timeout=30, what=lambda: f"the table at {tally}: {table()}")
+    browser("wait_text", selector="#pipeline-in .value", text="8", timeout_ms=10000)
+    browser("wait_text", selector="#results-chart", text="no windows")
+    browser("screenshot", path=str(tmp_path / "pipeline.png"))
+    no_errors(browser)
+    browser("click", selector="#delete-pipeline")
+    wait_until(lambda: get(f"{broker.http}/pipelines/{pipeline}").status == 404, timeout=30,
+               what="the pipeline deleted from its page")
+    browser("wait_selector", selector="#pipelines-body", state="attached")
+    no_errors(browser)

@@ -265,6 +265,97 @@ async function group(name) {
   });
 }
 
+async function pipelines() {
+  const body = el("tbody", { id: "pipelines-body" });
+  const name = el("input", { placeholder: "name", id: "new-pipeline-name", required: "" });
+  const sql = el("textarea", { rows: "4", cols: "80", id: "new-pipeline-sql", placeholder: "INSERT INTO out SELECT ... FROM topic;" });
+  const create = el("form", {
+    class: "inline", id: "create-pipeline",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        await api(`/pipelines/${encodeURIComponent(name.value)}`, { method: "PUT", headers: { "content-type": "text/plain" }, body: sql.value });
+        location.hash = `#/pipelines/${encodeURIComponent(name.value)}`;
+      } catch (err) { showError(err.message); }
+    },
+  }, name, sql, el("button", { class: "primary", type: "submit" }, "Create pipeline"));
+  main.replaceChildren(el("h1", {}, "Pipelines"),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Pipeline"), el("th", {}, "Status"), el("th", { class: "num" }, "Records in"), el("th", { class: "num" }, "Rows out"), el("th", { class: "num" }, "Source lag"))), body),
+    el("h2", {}, "New pipeline"), create);
+  every(2000, async () => {
+    const list = await api("/pipelines");
+    body.replaceChildren(...list.map((p) => el("tr", { "data-pipeline": p.name },
+      el("td", {}, el("a", { href: `#/pipelines/${encodeURIComponent(p.name)}` }, p.name)), el("td", {}, p.status),
+      el("td", { class: "num" }, fmt(p.records_in)), el("td", { class: "num" }, fmt(p.records_out)), el("td", { class: "num" }, fmt(p.source_lag)))));
+  });
+}
+
+async function pipeline(name) {
+  const head = el("div", { class: "cards", id: "pipeline-cards" });
+  const sqlText = el("pre", { id: "pipeline-sql", class: "tail" });
+  const results = el("table", { id: "results" });
+  const column = el("select", { id: "chart-column" });
+  const chart = el("div", { id: "results-chart" });
+  const remove = el("button", {
+    class: "danger", id: "delete-pipeline",
+    onclick: async () => {
+      if (!confirm(`Delete pipeline ${name}? Its output topics stay.`)) return;
+      try { await api(`/pipelines/${encodeURIComponent(name)}`, { method: "DELETE" }); location.hash = "#/pipelines"; } catch (err) { showError(err.message); }
+    },
+  }, "Delete");
+  main.replaceChildren(el("h1", {}, name, " ", remove), head, el("h2", {}, "SQL"), sqlText,
+    el("h2", {}, "Live results"), el("div", { class: "inline" }, "Chart of ", column, " over windows"), chart, results);
+  const card = (label, value, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value));
+  let last = null;
+  let source = null;
+  const rows = new Map(); // record key -> row
+  const draw = () => {
+    const all = [...rows.values()];
+    const columns = [...new Set(all.flatMap((r) => Object.keys(r)))];
+    results.replaceChildren(el("thead", {}, el("tr", {}, columns.map((c) => el("th", {}, c)))),
+      el("tbody", { id: "results-body" }, all.slice(-200).reverse().map((r) => el("tr", {}, columns.map((c) => el("td", {}, r[c] === undefined ? "" : typeof r[c] === "object" ? JSON.stringify(r[c]) : r[c]))))));
+    const numeric = columns.filter((c) => all.some((r) => typeof r[c] === "number") && c !== "window_start" && c !== "window_end");
+    const chosen = column.value;
+    column.replaceChildren(...numeric.map((c) => el("option", { value: c }, c)));
+    if (numeric.includes(chosen)) column.value = chosen;
+    const c = column.value;
+    const byWindow = new Map();
+    for (const r of all) {
+      if (typeof r[c] !== "number" || r.window_start === undefined) continue;
+      byWindow.set(r.window_start, (byWindow.get(r.window_start) || 0) + r[c]);
+    }
+    chart.replaceChildren(all.some((r) => r.window_start !== undefined)
+      ? lineChart([{ cls: "in", points: [...byWindow.entries()].sort((a, b) => a[0] - b[0]) }], "")
+      : el("p", { class: "muted" }, "The query has no windows: the table below is its current result."));
+  };
+  column.addEventListener("change", draw);
+  every(2000, async () => {
+    const p = await api(`/pipelines/${encodeURIComponent(name)}`);
+    const now = Date.now();
+    const rate = last ? ((p.records_in - last.records_in) / Math.max(0.001, (now - last.at) / 1000)) : 0;
+    last = { records_in: p.records_in, at: now };
+    head.replaceChildren(card("Status", p.status, "pipeline-status"), card("Records in", fmt(p.records_in), "pipeline-in"),
+      card("Records/s", fmt(Math.round(rate)), "pipeline-rate"), card("Rows out", fmt(p.records_out), "pipeline-out"),
+      card("Watermark", p.watermark ? new Date(p.watermark).toISOString().replace(".000Z", "Z") : "–", "pipeline-watermark"),
+      card("Late", fmt(p.late), "pipeline-late"), card("Dead-lettered", fmt(p.dead_lettered), "pipeline-dead"),
+      card("State", fmt(p.state_bytes) + " B", "pipeline-state"));
+    if (p.last_error) showError(p.last_error);
+    sqlText.textContent = p.sql;
+    const output = (p.outputs || [])[0];
+    if (output && !source) {
+      source = new EventSource(`/topics/${encodeURIComponent(output)}/stream?from=earliest`);
+      leaving.push(() => source.close());
+      source.onmessage = (e) => {
+        const r = JSON.parse(e.data);
+        const row = typeof r.value === "object" && r.value !== null ? r.value : { value: r.value };
+        rows.set(r.key === null || r.key === undefined ? `${r.partition}:${r.offset}` : JSON.stringify(r.key), row);
+        while (rows.size > 5000) rows.delete(rows.keys().next().value);
+        draw();
+      };
+    }
+  });
+}
+
 // ---- routing -------------------------------------------------------------------------
 
 function route() {
@@ -278,6 +369,8 @@ function route() {
   else if (parts[0] === "topics") { page = "topics"; topics(); }
   else if (parts[0] === "groups" && parts[1]) { page = "groups"; group(parts[1]); }
   else if (parts[0] === "groups") { page = "groups"; groups(); }
+  else if (parts[0] === "pipelines" && parts[1]) { page = "pipelines"; pipeline(parts[1]); }
+  else if (parts[0] === "pipelines") { page = "pipelines"; pipelines(); }
   else overview();
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
 }

@@ -147,6 +147,8 @@ pub struct Stats {
     pub watermark: AtomicI64,
     pub status: Mutex<Status>,
     pub last_error: Mutex<Option<String>>,
+    /// The topics the queries write (outputs and sinks' topics), once running.
+    pub outputs: Mutex<Vec<String>>,
 }
 
 /// What `describe` shows of one sink.
@@ -208,6 +210,7 @@ impl Stats {
             "source_lag": (lag >= 0).then_some(lag),
             "watermark": (watermark != i64::MIN).then_some(watermark),
             "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+            "outputs": *self.outputs.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 }
@@ -662,6 +665,11 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
 
     create_topics_of(prepared, &rt)?;
     let layout = &shared.layout;
+    {
+        let mut outputs: Vec<String> = plan.queries.iter().map(|q| q.output.clone()).collect();
+        outputs.dedup();
+        *stats.outputs.lock().unwrap_or_else(|e| e.into_inner()) = outputs;
+    }
 
     stats.set_status(Status::Running);
     // Any stage failing stops the others.
