@@ -135,6 +135,13 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     browser("screenshot", path=str(shots / "topic.png"))
     no_errors(browser)
     assert seen["ms"] >= 0
+
+    # The gateway's page: the requests just made show in its charts.
+    browser("open", url=f"{broker.http}/#/gateway")
+    browser("wait_text", selector="#gateway-cluster .value", text="reachable")
+    browser("wait_selector", selector="#gateway-charts svg polyline", state="attached")
+    browser("screenshot", path=str(shots / "gateway.png"))
+    no_errors(browser)
     report("console", f"screenshots in {shots}")
 
 

@@ -112,6 +112,8 @@ fn default_history_metrics() -> Vec<String> {
         "freshet_sink_rows_total",
         "freshet_sink_lag",
         "freshet_http_requests_total",
+        "freshet_http_request_duration_seconds_sum",
+        "freshet_http_request_duration_seconds_count",
         "freshet_gateway_records_total",
         "freshet_gateway_spool_records",
         "freshet_gateway_spool_oldest_age_seconds",

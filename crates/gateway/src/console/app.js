@@ -356,6 +356,36 @@ async function pipeline(name) {
   });
 }
 
+// The sum over a metric's series per time, from /metrics/history.
+async function sums(name) {
+  const h = await api(`/metrics/history?name=${encodeURIComponent(name)}`);
+  return h.times.map((t, i) => [t, h.series.reduce((a, s) => a + (s.values[i] ?? 0), 0)]);
+}
+
+async function gatewayPage() {
+  const head = el("div", { class: "cards", id: "gateway-cards" });
+  const charts = el("div", { id: "gateway-charts" });
+  main.replaceChildren(el("h1", {}, "Gateway"), head, charts);
+  const card = (label, value, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value));
+  every(2000, async () => {
+    const [health, requests, spool, age, durSum, durCount] = await Promise.all([api("/health"), rates("freshet_http_requests_total"),
+      sums("freshet_gateway_spool_records"), sums("freshet_gateway_spool_oldest_age_seconds"),
+      sums("freshet_http_request_duration_seconds_sum"), sums("freshet_http_request_duration_seconds_count")]);
+    // Mean latency per interval: the seconds spent over the requests answered.
+    const latency = [];
+    for (let i = 1; i < durSum.length; i++) {
+      const n = durCount[i][1] - durCount[i - 1][1];
+      if (n > 0) latency.push([durSum[i][0], ((durSum[i][1] - durSum[i - 1][1]) / n) * 1000]);
+    }
+    head.replaceChildren(card("Cluster", health.cluster, "gateway-cluster"), card("Outage mode", health.outage_mode ? "yes" : "no", "gateway-outage"),
+      card("Spool records", fmt(health.spool.records), "gateway-spool"), card("Spool age", health.spool.oldest_age_ms === null ? "–" : `${(health.spool.oldest_age_ms / 1000).toFixed(1)} s`, "gateway-spool-age"),
+      card("Stream subscribers", fmt(health.streams.subscribers), "gateway-subscribers"));
+    charts.replaceChildren(el("h2", {}, "Requests per second"), lineChart([{ cls: "in", points: requests }]),
+      el("h2", {}, "Mean latency (ms)"), lineChart([{ cls: "in", points: latency }], " ms"),
+      el("h2", {}, "Spool depth (records) and oldest age (s)"), lineChart([{ cls: "in", points: spool }, { cls: "out", points: age }], ""));
+  });
+}
+
 // ---- routing -------------------------------------------------------------------------
 
 function route() {
@@ -371,6 +401,7 @@ function route() {
   else if (parts[0] === "groups") { page = "groups"; groups(); }
   else if (parts[0] === "pipelines" && parts[1]) { page = "pipelines"; pipeline(parts[1]); }
   else if (parts[0] === "pipelines") { page = "pipelines"; pipelines(); }
+  else if (parts[0] === "gateway") { page = "gateway"; gatewayPage(); }
   else overview();
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
 }
