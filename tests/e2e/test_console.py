@@ -132,6 +132,23 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     browser("wait_text", selector="#produce-result", text="stored at partition")
     stored = [r for r in consume(broker.bootstrap, topic, partitions=(0, 1)) if r.key == b"k1"]
     assert [json.loads(r.value) for r in stored] == [{"from": "the form"}]
+    # Search from an offset, and from a time: the records a Kafka client reads there.
+    all_records = consume(broker.bootstrap, topic, partitions=(0,))
+    browser("fill", selector="#search-partition", value="0")
+    browser("fill", selector="#search-from", value="10")
+    browser("click", selector="#search button[type=submit]")
+    browser("wait_selector", selector='#search-body tr[data-offset="10"]', state="attached")
+    shown = [int(o) for o in browser("eval", expr="[...document.querySelectorAll('#search-body tr')].map(r => r.dataset.offset)")["value"]]
+    assert shown == [r.offset for r in all_records if r.offset >= 10], shown
+    at = all_records[12].timestamp
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at / 1000)) + f".{at % 1000:03d}Z"
+    browser("fill", selector="#search-from", value=iso)
+    browser("click", selector="#search button[type=submit]")
+    first = min(r.offset for r in all_records if r.timestamp >= at)
+    browser("wait_selector", selector=f'#search-body tr[data-offset="{first}"]:first-child', state="attached")
+    # Configs as the cluster describes them; the schema (none here).
+    browser("wait_selector", selector='#configs-body tr[data-config="retention.ms"]', state="attached")
+    assert "No JSON Schema" in browser("texts", selector="#schema")["texts"][0]
     browser("screenshot", path=str(shots / "topic.png"))
     no_errors(browser)
     assert seen["ms"] >= 0

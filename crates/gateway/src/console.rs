@@ -52,6 +52,8 @@ pub fn routes() -> Router<Arc<Gateway>> {
             "/console/api/topics/{topic}",
             get(topic).delete(delete_topic),
         )
+        .route("/console/api/topics/{topic}/configs", get(topic_configs))
+        .route("/console/api/topics/{topic}/records", get(records))
         .route("/console/api/groups", get(groups))
         .route("/console/api/groups/{group}", get(group))
 }
@@ -171,7 +173,7 @@ async fn topics(
 }
 
 /// `GET /console/api/topics/{topic}`: its partitions with their leader and start and
-/// end offsets.
+/// end offsets, and its JSON Schema (`null`: none).
 async fn topic(
     State(gateway): State<Arc<Gateway>>,
     Path(name): Path<String>,
@@ -201,7 +203,11 @@ async fn topic(
     .await?;
     match found {
         Some(partitions) => {
-            Ok(Json(json!({"name": name, "partitions": partitions})).into_response())
+            let schema = gateway.schemas.get(&name).map(|s| s.document.clone());
+            Ok(
+                Json(json!({"name": name, "partitions": partitions, "schema": schema}))
+                    .into_response(),
+            )
         }
         None => Err(ApiError::topic_not_found(&name)),
     }
@@ -452,4 +458,122 @@ fn oldest_unconsumed_ages(
         }
     }
     ages
+}
+
+/// `GET /console/api/topics/{topic}/configs`: every config of the topic (DescribeConfigs)
+/// with its value and whether it is the default, read-only or sensitive (no value).
+async fn topic_configs(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    use rdkafka::admin::ResourceSpecifier;
+    check_topic_name(&name)?;
+    let admin = admin(&gateway)?;
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options())
+        .await
+        .map_err(|e| ApiError::busy(e.to_string()))?;
+    let Some(result) = results.into_iter().next() else {
+        return Err(ApiError::busy("the cluster gave no answer"));
+    };
+    let resource = result.map_err(|code| match code {
+        rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition => {
+            ApiError::topic_not_found(&name)
+        }
+        code => ApiError::busy(format!("cannot describe topic '{name}': {code}")),
+    })?;
+    let mut entries: Vec<_> = resource
+        .entries
+        .iter()
+        .map(|e| {
+            json!({"name": e.name, "value": if e.is_sensitive { None } else { e.value.clone() },
+                   "default": e.is_default, "read_only": e.is_read_only, "sensitive": e.is_sensitive})
+        })
+        .collect();
+    entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Ok(Json(json!({"name": name, "configs": entries})).into_response())
+}
+
+/// Records one search returns at most.
+const MAX_SEARCH_RECORDS: usize = 100;
+
+#[derive(Deserialize)]
+struct Search {
+    partition: i32,
+    /// From this offset...
+    offset: Option<i64>,
+    /// ... or from the first record at or after this time (epoch ms).
+    timestamp: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// `GET /console/api/topics/{topic}/records?partition=P&offset=O|timestamp=T&limit=N`:
+/// up to `limit` (at most 100) records of one partition from an offset or a time.
+async fn records(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Query(search): Query<Search>,
+) -> Result<Response, ApiError> {
+    check_topic_name(&name)?;
+    let limit = search.limit.unwrap_or(20).clamp(1, MAX_SEARCH_RECORDS);
+    let topic = name.clone();
+    let found = blocking(&gateway, move |g| {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        use rdkafka::{Offset, TopicPartitionList};
+        let (low, high) = g
+            .producer
+            .watermarks(&topic, search.partition)
+            .map_err(|e| e.to_string())?;
+        let reader: BaseConsumer = g
+            .config
+            .client()
+            .set("group.id", "freshet-console-search")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let start = match (search.offset, search.timestamp) {
+            (Some(offset), _) => offset.clamp(low, high),
+            (None, Some(ts)) => {
+                let mut at = TopicPartitionList::new();
+                at.add_partition_offset(&topic, search.partition, Offset::Offset(ts))
+                    .map_err(|e| e.to_string())?;
+                let found = reader
+                    .offsets_for_times(at, GROUP_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                match found.elements().first().map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) if o >= 0 => o,
+                    _ => high, // no record at or after that time
+                }
+            }
+            (None, None) => low,
+        };
+        let mut out = Vec::new();
+        if start < high {
+            let mut at = TopicPartitionList::new();
+            at.add_partition_offset(&topic, search.partition, Offset::Offset(start))
+                .map_err(|e| e.to_string())?;
+            reader.assign(&at).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + GROUP_TIMEOUT;
+            while out.len() < limit && Instant::now() < deadline {
+                match reader.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+                        out.push(json!({"partition": m.partition(), "offset": m.offset(),
+                            "timestamp": m.timestamp().to_millis(), "key": text(m.key()), "value": text(m.payload())}));
+                        if m.offset() + 1 >= high {
+                            break;
+                        }
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => {}
+                }
+            }
+        }
+        Ok(json!({"topic": topic, "partition": search.partition, "start": start, "records": out}))
+    })
+    .await?;
+    Ok(Json(found).into_response())
 }

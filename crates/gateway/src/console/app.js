@@ -182,13 +182,45 @@ async function topic(name) {
       } catch (err) { showError(err.message); }
     },
   }, key, value, el("button", { class: "primary", type: "submit" }, "Produce"), produced);
+  const configs = el("tbody", { id: "configs-body" });
+  const schema = el("pre", { class: "tail", id: "schema" }, "…");
+  const searchPartition = el("input", { type: "number", min: "0", value: "0", id: "search-partition", style: "width: 70px" });
+  const searchFrom = el("input", { placeholder: "offset, or a time (2026-12-07T10:00:00Z)", id: "search-from", size: "36" });
+  const found = el("tbody", { id: "search-body" });
+  const search = el("form", {
+    class: "inline", id: "search",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const from = searchFrom.value.trim();
+        const at = /^\d+$/.test(from) ? `offset=${from}` : from ? `timestamp=${Date.parse(from)}` : "";
+        if (from && !/^\d+$/.test(from) && Number.isNaN(Date.parse(from))) throw new Error(`not an offset or a time: ${from}`);
+        const r = await api(`/console/api/topics/${encodeURIComponent(name)}/records?partition=${searchPartition.value}&limit=50&${at}`);
+        found.replaceChildren(...r.records.map((m) => el("tr", { "data-offset": m.offset }, el("td", {}, m.offset),
+          el("td", {}, m.timestamp === null ? "" : new Date(m.timestamp).toISOString()), el("td", {}, m.key ?? ""), el("td", {}, m.value ?? ""))));
+        if (!r.records.length) found.replaceChildren(el("tr", {}, el("td", { colspan: "4", class: "muted" }, "no records from there")));
+      } catch (err) { showError(err.message); }
+    },
+  }, "Partition", searchPartition, "from", searchFrom, el("button", { type: "submit" }, "Search"));
+  (async () => {
+    try {
+      const c = await api(`/console/api/topics/${encodeURIComponent(name)}/configs`);
+      configs.replaceChildren(...c.configs.map((e) => el("tr", { "data-config": e.name }, el("td", {}, e.name), el("td", {}, e.value ?? (e.sensitive ? "(hidden)" : "")),
+        el("td", { class: "muted" }, e.default ? "default" : "set"))));
+    } catch (err) { showError(err.message); }
+  })();
   main.replaceChildren(el("h1", {}, name),
     el("h2", {}, "Partitions"),
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Partition"), el("th", {}, "Leader"), el("th", { class: "num" }, "Start offset"), el("th", { class: "num" }, "End offset"), el("th", { class: "num" }, "Records"))), parts),
     el("h2", {}, "Produce a record"), form,
-    el("h2", {}, "Live tail"), el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, filter), tail);
+    el("h2", {}, "Live tail"), el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, filter), tail,
+    el("h2", {}, "Search"), search,
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Offset"), el("th", {}, "Time"), el("th", {}, "Key"), el("th", {}, "Value"))), found),
+    el("h2", {}, "JSON Schema"), schema,
+    el("h2", {}, "Configs"), el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Value"), el("th", {}, ""))), configs));
   every(3000, async () => {
     const t = await api(`/console/api/topics/${encodeURIComponent(name)}`);
+    schema.textContent = t.schema ? JSON.stringify(t.schema, null, 2) : "No JSON Schema: any record is accepted.";
     parts.replaceChildren(...t.partitions.map((p) => el("tr", {},
       el("td", {}, p.partition), el("td", {}, p.leader), el("td", { class: "num" }, fmt(p.start)), el("td", { class: "num" }, fmt(p.end)), el("td", { class: "num" }, fmt(p.end - p.start)))));
   });
