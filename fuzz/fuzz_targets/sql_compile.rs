@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             let json = serde_json::json!({"city": "paris", "user_id": 7, "retweet": true,
                 "created_at": 1_700_000_000_000i64, "user": {"id": 1}, "v": 2.5, "s": "x"});
             let headers = [("h".to_string(), Some(b"v".to_vec()))];
-            let input = Input { json: &json, raw: b"{}", key: Some(b"k"), timestamp: 1,
+            let input = Input { json: sql::expr::Json::Value(&json), raw: b"{}", key: Some(b"k"), timestamp: 1,
                                 partition: 0, offset: 0, headers: &headers };
             for q in &plan.queries {
                 if let Some(f) = &q.filter {

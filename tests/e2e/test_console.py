@@ -206,8 +206,27 @@ def test_the_group_page_shows_the_lag_the_offsets_give(broker, browser, tmp_path
         browser("wait_selector", selector="#lag-chart svg")
         browser("screenshot", path=str(tmp_path / "group.png"))
         no_errors(browser)
+        # A reset while the group has a member is refused, and says why.
+        browser("fill", selector="#reset-topic", value=topic)
+        browser("fill", selector="#reset-to", value="earliest")
+        browser("click", selector="#reset button[type=submit]")
+        browser("wait_text", selector="#error", text="is active")
+        browser("errors")  # the 409 the browser logged is the refusal asked for
     finally:
         c.close()
+    # Once the member has left, the reset commits the log start of each partition.
+    wait_until(lambda: get(f"{broker.http}/console/api/groups/{group}").json()["state"] == "Empty",
+               timeout=30, what="the group empty")
+    browser("click", selector="#reset button[type=submit]")
+    browser("wait_text", selector="#reset-result", text="committed")
+    check = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
+    try:
+        after = {tp.partition: tp.offset for tp in check.committed(
+            [TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)}
+    finally:
+        check.close()
+    assert after == {pt: watermarks(broker.bootstrap, topic, pt)[0] for pt in (0, 1)}, after
+    browser("wait_text", selector="#group-lag .value", text="40")
 
 
 def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):

@@ -56,6 +56,10 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/console/api/topics/{topic}/records", get(records))
         .route("/console/api/groups", get(groups))
         .route("/console/api/groups/{group}", get(group))
+        .route(
+            "/console/api/groups/{group}/reset",
+            axum::routing::post(reset_group),
+        )
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -576,4 +580,99 @@ async fn records(
     })
     .await?;
     Ok(Json(found).into_response())
+}
+
+#[derive(Deserialize)]
+struct ResetBody {
+    topic: String,
+    /// `"earliest"`, `"latest"` or an offset (clamped to each partition's log).
+    to: serde_json::Value,
+    /// Only this partition (default: every partition of the topic).
+    partition: Option<i32>,
+}
+
+/// `POST /console/api/groups/{group}/reset` `{"topic", "to", "partition"}`: sets the
+/// group's committed offsets of a topic. Refused (409) while the group has members,
+/// as `freshet group reset-offsets` and Kafka's tool refuse it: stop its consumers
+/// first.
+async fn reset_group(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Json(body): Json<ResetBody>,
+) -> Result<Response, ApiError> {
+    use crate::groups::Target;
+    check_topic_name(&body.topic)?;
+    let target = match &body.to {
+        serde_json::Value::String(s) if s == "earliest" => Target::Earliest,
+        serde_json::Value::String(s) if s == "latest" => Target::Latest,
+        v => match v.as_i64() {
+            Some(offset) => Target::Offset(offset),
+            None => {
+                return Err(ApiError::bad_request(
+                    "to must be \"earliest\", \"latest\" or an offset",
+                ))
+            }
+        },
+    };
+    let group = name.clone();
+    let outcome = blocking(&gateway, move |g| {
+        use rdkafka::consumer::Consumer;
+        let client = group_client(g, &group)?;
+        let metadata = client
+            .fetch_metadata(None, GROUP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let Some(topic) = metadata.topics().iter().find(|t| t.name() == body.topic) else {
+            return Ok(Err(ApiError::topic_not_found(&body.topic)));
+        };
+        let partitions: Vec<i32> = topic
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .filter(|p| body.partition.is_none_or(|only| only == *p))
+            .collect();
+        if partitions.is_empty() {
+            return Ok(Err(ApiError::bad_request(format!(
+                "topic '{}' has no partition {:?}",
+                body.topic, body.partition
+            ))));
+        }
+        let mut offsets = Vec::new();
+        let mut shown = Vec::new();
+        for p in partitions {
+            let (low, high) = g
+                .producer
+                .watermarks(&body.topic, p)
+                .map_err(|e| e.to_string())?;
+            let (offset, clamped) = crate::groups::new_offset(target, low.max(0), high.max(low.max(0)));
+            offsets.push((p, offset));
+            shown.push(json!({"partition": p, "offset": offset, "clamped": clamped}));
+        }
+        // As late as possible before the commit, which the coordinator refuses anyway
+        // if a member joined since.
+        let active = crate::groups::fetch_groups(&client, Some(&group), GROUP_TIMEOUT)
+            .map_err(lookup)?
+            .into_iter()
+            .find(|s| s.name == group)
+            .filter(|s| !crate::groups::INACTIVE_STATES.contains(&s.state.as_str()));
+        if let Some(s) = active {
+            return Ok(Err(ApiError::new(
+                StatusCode::CONFLICT,
+                0,
+                format!(
+                    "group '{group}' is active (state {}, members: {}); offsets can only be reset while it has no members, so stop its consumers first",
+                    s.state,
+                    s.members.len()
+                ),
+            )));
+        }
+        crate::groups::commit_offsets(&client, &body.topic, &offsets, GROUP_TIMEOUT).map_err(
+            |e| match e {
+                crate::groups::CommitError::Lookup(e) => lookup(e),
+                crate::groups::CommitError::Mismatch(m) => m,
+            },
+        )?;
+        Ok(Ok(json!({"group": group, "topic": body.topic, "offsets": shown})))
+    })
+    .await?;
+    outcome.map(|body| Json(body).into_response())
 }

@@ -179,6 +179,78 @@ pub fn committed_lags<C: ConsumerContext>(
     Ok(lags)
 }
 
+/// Where a reset puts a partition's committed offset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    Earliest,
+    Latest,
+    Offset(i64),
+}
+
+/// Where `target` puts a partition whose log spans `[low, high]`, and whether an
+/// explicit offset had to be clamped into that range.
+pub fn new_offset(target: Target, low: i64, high: i64) -> (i64, bool) {
+    assert!(0 <= low && low <= high, "watermarks [{low}, {high}]");
+    let (offset, clamped) = match target {
+        Target::Earliest => (low, false),
+        Target::Latest => (high, false),
+        Target::Offset(wanted) => {
+            let offset = wanted.clamp(low, high);
+            (offset, offset != wanted)
+        }
+    };
+    assert!((low..=high).contains(&offset));
+    (offset, clamped)
+}
+
+/// Why committed offsets were not set.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The commit or the read back failed.
+    Lookup(LookupError),
+    /// The cluster acknowledged the commit and then reported something else.
+    Mismatch(String),
+}
+
+/// Commits `offsets` (partition, offset) of `topic` for the client's group, as a
+/// client that never joined it (the coordinator accepts that only while the group
+/// has no members), then reads them back: an acknowledged commit must then be what
+/// the cluster reports.
+pub fn commit_offsets<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    timeout: Duration,
+) -> Result<(), CommitError> {
+    let lookup = |error| CommitError::Lookup(LookupError::new(error, String::new()));
+    let mut commit = TopicPartitionList::with_capacity(offsets.len());
+    for &(partition, offset) in offsets {
+        commit
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(lookup)?;
+    }
+    client
+        .commit(&commit, rdkafka::consumer::CommitMode::Sync)
+        .map_err(lookup)?;
+    let mut request = TopicPartitionList::with_capacity(offsets.len());
+    for &(partition, _) in offsets {
+        request.add_partition(topic, partition);
+    }
+    let committed = client.committed_offsets(request, timeout).map_err(lookup)?;
+    for &(partition, offset) in offsets {
+        let reported = committed
+            .find_partition(topic, partition)
+            .map(|element| element.offset());
+        if reported != Some(Offset::Offset(offset)) {
+            return Err(CommitError::Mismatch(format!(
+                "the cluster accepted offset {offset} for {topic} partition {partition} \
+                 but then reported {reported:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The partitions assigned to a member, by topic, as the assignor sent them.
 pub type Assignment = Vec<(String, Vec<i32>)>;
 
@@ -342,6 +414,17 @@ mod tests {
         let mut bad_utf8 = encode(0, &[("ab", &[])], None);
         bad_utf8[8] = 0xff;
         assert_eq!(decode_assignment(&bad_utf8), Err(AssignmentError::NotUtf8));
+    }
+
+    #[test]
+    fn new_offsets_stay_within_the_log() {
+        assert_eq!(new_offset(Target::Earliest, 3, 10), (3, false));
+        assert_eq!(new_offset(Target::Latest, 3, 10), (10, false));
+        assert_eq!(new_offset(Target::Offset(5), 3, 10), (5, false));
+        assert_eq!(new_offset(Target::Offset(10), 3, 10), (10, false));
+        assert_eq!(new_offset(Target::Offset(11), 3, 10), (10, true));
+        assert_eq!(new_offset(Target::Offset(0), 3, 10), (3, true));
+        assert_eq!(new_offset(Target::Offset(-5), 0, 0), (0, true));
     }
 
     proptest::proptest! {

@@ -15,11 +15,13 @@ use std::fmt::Write as _;
 
 use anyhow::{anyhow, bail, Context as _};
 use rdkafka::config::FromClientConfigAndContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::metadata::Metadata;
-use rdkafka::{Offset, TopicPartitionList};
 
-use gateway::groups::{Assignment, AssignmentError, GroupSummary, LookupError, INACTIVE_STATES};
+use gateway::groups::{
+    new_offset, Assignment, AssignmentError, CommitError, GroupSummary, LookupError, Target,
+    INACTIVE_STATES,
+};
 
 use super::{describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
 
@@ -245,29 +247,6 @@ fn printable(text: &str) -> String {
     shown
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Target {
-    Earliest,
-    Latest,
-    Offset(i64),
-}
-
-/// Where `target` puts a partition whose log spans `[low, high]`, and whether an
-/// explicit offset had to be clamped into that range.
-fn new_offset(target: Target, low: i64, high: i64) -> (i64, bool) {
-    assert!(0 <= low && low <= high, "watermarks [{low}, {high}]");
-    let (offset, clamped) = match target {
-        Target::Earliest => (low, false),
-        Target::Latest => (high, false),
-        Target::Offset(wanted) => {
-            let offset = wanted.clamp(low, high);
-            (offset, offset != wanted)
-        }
-    };
-    assert!((low..=high).contains(&offset));
-    (offset, clamped)
-}
-
 fn reset_offsets(
     client: &BaseConsumer<ToolContext>,
     group: &str,
@@ -327,16 +306,12 @@ fn reset_offsets(
     }
 
     if !dry_run {
-        let mut commit = TopicPartitionList::with_capacity(offsets.len());
-        for &(partition, offset) in &offsets {
-            commit
-                .add_partition_offset(topic, partition, Offset::Offset(offset))
-                .map_err(|err| anyhow!("{}", describe_error(&err)))?;
-        }
-        client
-            .commit(&commit, CommitMode::Sync)
-            .map_err(|err| client.context().explain(describe_error(&err)))?;
-        verify_committed(client, topic, &offsets)?;
+        gateway::groups::commit_offsets(client, topic, &offsets, REQUEST_TIMEOUT).map_err(|e| {
+            match e {
+                CommitError::Lookup(e) => explain(client, e),
+                CommitError::Mismatch(message) => anyhow!("{message}"),
+            }
+        })?;
     }
 
     writeln!(out, "TOPIC\tPARTITION\tNEW-OFFSET")?;
@@ -345,34 +320,6 @@ fn reset_offsets(
     }
     if dry_run {
         eprintln!("freshet: dry run: nothing committed");
-    }
-    Ok(())
-}
-
-/// Reads the offsets back: a coordinator that acknowledged a commit must then report
-/// what was committed.
-fn verify_committed(
-    client: &BaseConsumer<ToolContext>,
-    topic: &str,
-    offsets: &[(i32, i64)],
-) -> anyhow::Result<()> {
-    let mut request = TopicPartitionList::with_capacity(offsets.len());
-    for &(partition, _) in offsets {
-        request.add_partition(topic, partition);
-    }
-    let committed = client
-        .committed_offsets(request, REQUEST_TIMEOUT)
-        .map_err(|err| client.context().explain(describe_error(&err)))?;
-    for &(partition, offset) in offsets {
-        let reported = committed
-            .find_partition(topic, partition)
-            .map(|element| element.offset());
-        if reported != Some(Offset::Offset(offset)) {
-            bail!(
-                "the cluster accepted offset {offset} for {topic} partition {partition} \
-                 but then reported {reported:?}"
-            );
-        }
     }
     Ok(())
 }
@@ -443,17 +390,6 @@ mod tests {
         assert_eq!(format_assignment(Some(&Ok(empty))), "-");
         assert_eq!(format_assignment(None), "-");
         assert_eq!(format_assignment(Some(&decode_assignment(b"garbage"))), "?");
-    }
-
-    #[test]
-    fn new_offsets_stay_within_the_log() {
-        assert_eq!(new_offset(Target::Earliest, 3, 10), (3, false));
-        assert_eq!(new_offset(Target::Latest, 3, 10), (10, false));
-        assert_eq!(new_offset(Target::Offset(5), 3, 10), (5, false));
-        assert_eq!(new_offset(Target::Offset(10), 3, 10), (10, false));
-        assert_eq!(new_offset(Target::Offset(11), 3, 10), (10, true));
-        assert_eq!(new_offset(Target::Offset(0), 3, 10), (3, true));
-        assert_eq!(new_offset(Target::Offset(-5), 0, 0), (0, true));
     }
 
     #[test]

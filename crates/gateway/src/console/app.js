@@ -273,6 +273,23 @@ async function group(name) {
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Member"), el("th", {}, "Client"), el("th", {}, "Host"), el("th", {}, "Assigned"))), members),
     el("h2", {}, "Partitions"),
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Topic"), el("th", {}, "Partition"), el("th", { class: "num" }, "Committed"), el("th", { class: "num" }, "Log end"), el("th", { class: "num" }, "Lag"), el("th", { class: "num" }, "Lag (s)"))), parts));
+  const resetTopic = el("input", { placeholder: "topic", id: "reset-topic" });
+  const resetTo = el("input", { placeholder: "earliest, latest or an offset", id: "reset-to", value: "earliest" });
+  const resetDone = el("span", { class: "muted", id: "reset-result" });
+  const reset = el("form", {
+    class: "inline", id: "reset",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      const to = /^-?\d+$/.test(resetTo.value.trim()) ? Number(resetTo.value.trim()) : resetTo.value.trim();
+      if (!confirm(`Set the committed offsets of group ${name} on ${resetTopic.value} to ${to}?`)) return;
+      try {
+        const r = await api(`/console/api/groups/${encodeURIComponent(name)}/reset`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ topic: resetTopic.value, to }) });
+        resetDone.textContent = "committed: " + r.offsets.map((o) => `${o.partition}→${o.offset}`).join(", ");
+      } catch (err) { showError(err.message); }
+    },
+  }, resetTopic, "to", resetTo, el("button", { class: "danger", type: "submit" }, "Reset offsets"), resetDone,
+  el("span", { class: "muted" }, " (only while the group has no members)"));
+  main.append(el("h2", {}, "Reset offsets"), reset);
   const seen = []; // [time ms, total lag, total committed]
   every(2000, async () => {
     const g = await api(`/console/api/groups/${encodeURIComponent(name)}`);
