@@ -95,6 +95,15 @@ def test_broker_metrics_match_what_clients_see(broker):
     assert value(after, "freshet_connections_accepted_total") >= value(after, "freshet_connections")
     # The gateway's own, on the same page.
     assert value(after, "freshet_gateway_spool_records") == 0
+    # A deleted topic's series go with it.
+    from helpers import admin, wait_futures
+    a = admin(broker.bootstrap)
+    wait_futures(a.delete_topics([topic], operation_timeout=20))
+    gone = scrape(broker.http)
+    for series_name in ("freshet_topic_records_in_total", "freshet_topic_bytes_in_total",
+                        "freshet_topic_records_out_total", "freshet_topic_bytes_out_total"):
+        assert value(gone, series_name, topic=topic) is None, series_name
+    assert value(gone, "freshet_log_end_offset", topic=topic, partition=0) is None
 
 
 def test_per_partition_series_are_bounded(broker_factory):

@@ -133,6 +133,22 @@ impl BrokerMetrics {
         self.bytes_in.get_or_create(&labels).inc_by(bytes);
     }
 
+    /// Drops a deleted topic's series, so topics that come and go do not add series
+    /// for ever.
+    pub fn forget_topic(&self, topic: &str) {
+        let labels = TopicLabels {
+            topic: topic.to_string(),
+        };
+        for family in [
+            &self.records_in,
+            &self.bytes_in,
+            &self.records_out,
+            &self.bytes_out,
+        ] {
+            family.remove(&labels);
+        }
+    }
+
     /// Adds the broker's metrics to `registry` (prefixed by it), with a collector that
     /// reads the partitions and groups of `broker` at each scrape.
     pub fn register(broker: &Arc<Broker>, registry: &mut Registry) {

@@ -44,10 +44,13 @@ pub fn handle(broker: &Broker, request: DeleteTopicsRequest, version: i16) -> De
             Some(topic) => {
                 result.name = Some(TopicName(text(topic.name.clone())));
                 result.topic_id = topic.id;
-                if let Err(e) = broker.topics.delete(&topic.name) {
-                    let (err, message) = topic_error(e);
-                    result.error_code = code(err);
-                    result.error_message = Some(text(message));
+                match broker.topics.delete(&topic.name) {
+                    Ok(_) => broker.metrics.forget_topic(&topic.name),
+                    Err(e) => {
+                        let (err, message) = topic_error(e);
+                        result.error_code = code(err);
+                        result.error_message = Some(text(message));
+                    }
                 }
             }
         }

@@ -666,8 +666,12 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
     create_topics_of(prepared, &rt)?;
     let layout = &shared.layout;
     {
-        let mut outputs: Vec<String> = plan.queries.iter().map(|q| q.output.clone()).collect();
-        outputs.dedup();
+        let mut outputs: Vec<String> = Vec::new();
+        for q in &plan.queries {
+            if !outputs.contains(&q.output) {
+                outputs.push(q.output.clone());
+            }
+        }
         *stats.outputs.lock().unwrap_or_else(|e| e.into_inner()) = outputs;
     }
 
