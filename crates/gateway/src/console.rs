@@ -99,12 +99,7 @@ fn internal(gateway: &Gateway, name: &str) -> bool {
 
 async fn overview(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
     let (brokers, topics) = blocking(&gateway, |g| {
-        let brokers = g.producer.brokers().map_err(|e| e.to_string())?;
-        let topics = g
-            .producer
-            .topics_metadata(None)
-            .map_err(|e| e.to_string())?;
-        Ok((brokers, topics))
+        g.producer.cluster_metadata(None).map_err(|e| e.to_string())
     })
     .await?;
     let user: Vec<_> = topics

@@ -1010,6 +1010,15 @@ impl DurableProducer {
 
     /// The cluster's topics (or only `only`), without creating any. Blocking.
     pub fn topics_metadata(&self, only: Option<&str>) -> Result<Vec<TopicMetadata>, KafkaError> {
+        Ok(self.cluster_metadata(only)?.1)
+    }
+
+    /// The cluster's brokers, (id, host, port), and its topics (or only `only`),
+    /// from one metadata request that creates no topic. Blocking.
+    pub fn cluster_metadata(
+        &self,
+        only: Option<&str>,
+    ) -> Result<(Vec<(i32, String, i32)>, Vec<TopicMetadata>), KafkaError> {
         // All topics even for one: a producer's request for a named topic would
         // create it where the cluster auto-creates topics.
         let metadata = self
@@ -1017,7 +1026,12 @@ impl DurableProducer {
             .producer()
             .client()
             .fetch_metadata(None, METADATA_TIMEOUT)?;
-        Ok(metadata
+        let brokers = metadata
+            .brokers()
+            .iter()
+            .map(|b| (b.id(), b.host().to_string(), b.port()))
+            .collect();
+        let topics = metadata
             .topics()
             .iter()
             .filter(|t| t.error().is_none() && only.is_none_or(|name| t.name() == name))
@@ -1029,7 +1043,8 @@ impl DurableProducer {
                     .map(|p| (p.id(), p.leader(), p.replicas().to_vec(), p.isr().to_vec()))
                     .collect(),
             })
-            .collect())
+            .collect();
+        Ok((brokers, topics))
     }
 
     /// The log start and end offsets of one partition (blocks for a round trip).
@@ -1038,20 +1053,6 @@ impl DurableProducer {
             .producer()
             .client()
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-    }
-
-    /// The brokers of the cluster, as its metadata names them: (id, host, port).
-    pub fn brokers(&self) -> Result<Vec<(i32, String, i32)>, KafkaError> {
-        let metadata = self
-            .core
-            .producer()
-            .client()
-            .fetch_metadata(None, METADATA_TIMEOUT)?;
-        Ok(metadata
-            .brokers()
-            .iter()
-            .map(|b| (b.id(), b.host().to_string(), b.port()))
-            .collect())
     }
 
     /// Whether the cluster answers a metadata request within `timeout` (blocks).
