@@ -83,6 +83,9 @@ impl Record {
     }
 }
 
+/// A broker as the cluster's metadata names it: (id, host, port).
+pub type BrokerAddress = (i32, String, i32);
+
 /// A topic as cluster metadata describes it.
 pub struct TopicMetadata {
     pub name: String,
@@ -1018,7 +1021,7 @@ impl DurableProducer {
     pub fn cluster_metadata(
         &self,
         only: Option<&str>,
-    ) -> Result<(Vec<(i32, String, i32)>, Vec<TopicMetadata>), KafkaError> {
+    ) -> Result<(Vec<BrokerAddress>, Vec<TopicMetadata>), KafkaError> {
         // All topics even for one: a producer's request for a named topic would
         // create it where the cluster auto-creates topics.
         let metadata = self
