@@ -80,9 +80,9 @@ pub(crate) fn write(dir: &Path, name: &str, offset: i64, durability: Durability)
 }
 
 /// Removes a checkpoint file durably (a missing one is fine).
-pub(crate) fn remove(dir: &Path, dir_handle: &File, name: &str) -> Result<()> {
+pub(crate) fn remove(dir: &Path, name: &str) -> Result<()> {
     crate::fsutil::remove_if_exists(&dir.join(name))?;
-    sync_dir(dir_handle, dir)
+    sync_dir(dir)
 }
 
 #[cfg(test)]

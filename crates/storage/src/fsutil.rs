@@ -82,9 +82,15 @@ pub(crate) fn parse_base_offset(stem: &str) -> Option<i64> {
 }
 
 /// fsync of the directory, which makes file creations, renames and removals in it
-/// durable.
-pub(crate) fn sync_dir(dir_handle: &File, dir: &Path) -> Result<()> {
-    dir_handle.sync_all().map_err(io_error(dir))
+/// durable. The directory is opened for it and closed after: a partition keeps no
+/// descriptor of its directory (see the crate's note on descriptors).
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    open_dir(dir)?.sync_all().map_err(io_error(dir))
+}
+
+/// The directory opened for an fsync.
+pub(crate) fn open_dir(dir: &Path) -> Result<File> {
+    File::open(dir).map_err(io_error(dir))
 }
 
 /// Deletes a file by renaming it to `.deleted` first, so that a crash midway leaves

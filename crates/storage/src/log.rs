@@ -205,7 +205,6 @@ impl FlushHandle {
 #[derive(Debug)]
 pub struct PartitionLog {
     pub(crate) dir: PathBuf,
-    pub(crate) dir_handle: Arc<File>,
     pub(crate) config: LogConfig,
     /// By base offset; never empty, the last one is the active segment.
     pub(crate) segments: BTreeMap<i64, Segment>,
@@ -504,7 +503,7 @@ impl PartitionLog {
             .map_err(io_error(floor.log_path()))?;
         assert_eq!(self.log_end_offset(), new_end);
         self.after_truncation(new_end)?;
-        checkpoint::remove(&self.dir, &self.dir_handle, TRUNCATE_TO_FILE)
+        checkpoint::remove(&self.dir, TRUNCATE_TO_FILE)
     }
 
     /// Deletes every segment and restarts the log, empty, at `offset` (which
@@ -530,7 +529,7 @@ impl PartitionLog {
         // Flush so that the recovery point may be `offset` even when that is
         // higher than before: the new empty segment and its name are durable.
         self.flush()?;
-        checkpoint::remove(&self.dir, &self.dir_handle, TRUNCATE_TO_FILE)
+        checkpoint::remove(&self.dir, TRUNCATE_TO_FILE)
     }
 
     /// Lowers what must follow the log end down to `new_end`.
@@ -645,7 +644,12 @@ impl PartitionLog {
 
     /// What to fsync to make everything appended so far durable; an error once the
     /// log is offline, so that nothing is acknowledged as durable after a failed fsync.
-    pub fn flush_handle(&self) -> Result<FlushHandle> {
+    ///
+    /// Index entries are kept in memory as batches are appended and written here, so
+    /// the files the handle names are opened for it (the indexes written since the
+    /// last handle, the directory when segments were created since) and closed when
+    /// it is dropped; only each segment's log stays open.
+    pub fn flush_handle(&mut self) -> Result<FlushHandle> {
         self.check_online()?;
         let up_to_offset = self.log_end_offset();
         if self.recovery_point >= up_to_offset {
@@ -661,12 +665,12 @@ impl PartitionLog {
             .map_or(i64::MIN, |(base, _)| *base);
         let mut files = Vec::new();
         let mut created_since = false;
-        for (base, segment) in self.segments.range(floor_base..) {
-            files.extend(segment.files());
+        for (base, segment) in self.segments.range_mut(floor_base..) {
+            segment.flush_files(&mut files)?;
             created_since |= *base >= self.recovery_point;
         }
         if created_since {
-            files.push(Arc::clone(&self.dir_handle));
+            files.push(Arc::new(crate::fsutil::open_dir(&self.dir)?));
         }
         Ok(FlushHandle {
             files,
@@ -780,7 +784,7 @@ impl PartitionLog {
     /// Flushes everything, so that the next open validates nothing.
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
-        sync_dir(&self.dir_handle, &self.dir)
+        sync_dir(&self.dir)
     }
     /// Removes the log and its directory.
     pub fn delete(self) -> Result<()> {

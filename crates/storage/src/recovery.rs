@@ -15,9 +15,7 @@
 //!    the recovery point moved to the log end.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
 
 use tracing::{info, warn};
 
@@ -37,7 +35,6 @@ pub(crate) fn open(
     now_ms: i64,
 ) -> Result<(PartitionLog, RecoveryReport)> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let dir_handle = File::open(dir).map_err(io_error(dir))?;
     let bases = clean_directory(dir)?;
 
     let log_start_checkpoint = read_checkpoint(dir, LOG_START_OFFSET_FILE)?;
@@ -117,7 +114,6 @@ pub(crate) fn open(
     let log_start = log_start_checkpoint.unwrap_or(first_base).max(first_base);
     let mut log = PartitionLog {
         dir: dir.to_path_buf(),
-        dir_handle: Arc::new(dir_handle),
         config,
         segments,
         log_start_offset: log_start.min(log_end),
@@ -136,7 +132,7 @@ pub(crate) fn open(
     if let Some(offset) = truncate_to {
         info!(dir = %dir.display(), offset, "finishing an interrupted truncation");
         log.truncate_to(offset)?;
-        checkpoint::remove(dir, &log.dir_handle, TRUNCATE_TO_FILE)?;
+        checkpoint::remove(dir, TRUNCATE_TO_FILE)?;
     } else {
         remove_if_exists(&dir.join(TRUNCATE_TO_FILE))?;
     }

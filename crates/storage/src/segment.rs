@@ -266,13 +266,20 @@ impl Segment {
     pub fn log_path(&self) -> &Path {
         &self.log_path
     }
-    /// The files an fsync must cover to make this segment durable.
-    pub fn files(&self) -> [Arc<File>; 3] {
-        [
-            Arc::clone(&self.log),
-            Arc::clone(self.offset_index.file()),
-            Arc::clone(self.time_index.file()),
+    /// Adds the files an fsync must cover to make this segment durable: its log,
+    /// and its index files when they changed since the last flush (written now).
+    pub fn flush_files(&mut self, files: &mut Vec<Arc<File>>) -> Result<()> {
+        files.push(Arc::clone(&self.log));
+        for index in [
+            self.offset_index.sync_handle()?,
+            self.time_index.sync_handle()?,
         ]
+        .into_iter()
+        .flatten()
+        {
+            files.push(Arc::new(index));
+        }
+        Ok(())
     }
 
     /// Whether a batch of `batch_bytes` ending at `last_offset` fits after the
@@ -310,19 +317,10 @@ impl Segment {
             return Err(io_error(&self.log_path)(e));
         }
         if let Some((offset_entry, time_entry)) = due {
-            if let Err(e) = self.offset_index.append(offset_entry) {
-                self.undo_append(position);
-                return Err(e);
-            }
+            // In memory; the next flush writes them (see `index`).
+            self.offset_index.push(offset_entry);
             if let Some(time_entry) = time_entry {
-                if let Err(e) = self.time_index.append(time_entry) {
-                    self.offset_index.truncate(self.offset_index.len() - 1);
-                    if let Err(e) = self.offset_index.write_pending() {
-                        warn!(error = %e, "could not remove an index entry after a failed append");
-                    }
-                    self.undo_append(position);
-                    return Err(e);
-                }
+                self.time_index.push(time_entry);
             }
             self.bytes_since_index_entry = 0;
         }
@@ -736,6 +734,9 @@ mod tests {
         }
         assert!(segment.locate(118).unwrap().is_none());
 
+        // Index entries reach their files when the log is flushed.
+        let mut segment = segment;
+        segment.flush_files(&mut Vec::new()).unwrap();
         // Reopened as trusted: same entries, same summary, nothing rebuilt.
         drop(segment);
         let recovered = Segment::recover(dir.path(), 100, VERIFY_NOTHING, interval).unwrap();

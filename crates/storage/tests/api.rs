@@ -245,6 +245,44 @@ fn reads_stay_within_one_segment() {
     assert_eq!(headers, vec![4, 6]);
 }
 
+/// Descriptors this process holds on files under `dir`.
+fn descriptors_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .collect()
+}
+
+#[test]
+fn a_log_keeps_one_descriptor_per_segment() {
+    // Thousands of partitions must fit in a process's descriptor limit: each keeps
+    // its segments' logs open, and opens its index files and directory only to
+    // write and fsync them.
+    let tmp = tempfile::tempdir().unwrap();
+    let one = batch_of(2, 0).len() as u64;
+    // An index entry every batch, so every flush has index bytes to write.
+    let mut log = open(tmp.path(), config(2 * one, 1));
+    for _ in 0..5 {
+        log.append(&batch_of(2, 0), 0, 0).unwrap();
+        sync_and_mark_flushed(&mut log);
+    }
+    assert_eq!(log.segment_count(), 3);
+    let mut held = descriptors_under(tmp.path());
+    held.sort();
+    let logs: Vec<_> = [0, 4, 8]
+        .iter()
+        .map(|base| log_path(tmp.path(), *base))
+        .collect();
+    assert_eq!(held, logs);
+    // The index files hold what the flushes wrote: reopened as trusted, the log
+    // reads every offset.
+    drop(log);
+    let log = open(tmp.path(), config(2 * one, 1));
+    assert_eq!(read_all(&log).len(), 5);
+    assert_eq!(descriptors_under(tmp.path()).len(), 3);
+}
+
 #[test]
 fn rolls_by_time() {
     let tmp = tempfile::tempdir().unwrap();
