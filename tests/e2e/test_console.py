@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway_fixtures import get
-from helpers import consume, create_topic, producer, topic_name, wait_until, watermarks
+from helpers import admin, consume, create_topic, producer, topic_name, wait_futures, wait_until, watermarks
 
 BROKER_ENV = {"FRESHET_HTTP_LISTEN": "127.0.0.1:0", "FRESHET_HTTP_HISTORY_INTERVAL_MS": "200"}
 DRIVER = Path(__file__).parent / "console" / "driver.js"
@@ -52,6 +52,14 @@ def browser():
     b = Browser()
     yield b
     b.close()
+
+
+def topic_config(bootstrap: str, topic: str, key: str):
+    """One config entry of a topic as a Kafka client's DescribeConfigs reads it."""
+    from confluent_kafka.admin import ConfigResource
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    client = admin(bootstrap)  # kept until the answer: a dropped client fails its futures
+    return wait_futures(client.describe_configs([resource]))[resource][key]
 
 
 def no_errors(browser):
@@ -149,6 +157,28 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     # Configs as the cluster describes them; the schema (none here).
     browser("wait_selector", selector='#configs-body tr[data-config="retention.ms"]', state="attached")
     assert "No JSON Schema" in browser("texts", selector="#schema")["texts"][0]
+    # Edit a config on the page: a Kafka client reads the new value; "Default" returns
+    # it to the cluster's default.
+    default_retention = topic_config(broker.bootstrap, topic, "retention.ms")
+    assert default_retention.is_default
+    browser("click", selector='button[data-config-edit="retention.ms"]')
+    browser("fill", selector='input[data-config-input="retention.ms"]', value="3600000")
+    browser("click", selector='button[data-config-save="retention.ms"]')
+    browser("wait_text", selector='#configs-body tr[data-config="retention.ms"]', text="3600000")
+    edited = topic_config(broker.bootstrap, topic, "retention.ms")
+    assert (edited.value, edited.is_default) == ("3600000", False), edited
+    # A value the cluster refuses is an error on the page, and changes nothing.
+    browser("click", selector='button[data-config-edit="retention.ms"]')
+    browser("fill", selector='input[data-config-input="retention.ms"]', value="soon")
+    browser("click", selector='button[data-config-save="retention.ms"]')
+    browser("wait_text", selector="#error", text="retention.ms")
+    browser("errors")  # the 400 the browser logged is the refusal asked for
+    assert topic_config(broker.bootstrap, topic, "retention.ms").value == "3600000"
+    browser("click", selector='button[data-config-cancel="retention.ms"]')
+    browser("click", selector='button[data-config-default="retention.ms"]')
+    wait_until(lambda: topic_config(broker.bootstrap, topic, "retention.ms").is_default, timeout=10,
+               what="retention.ms back to its default")
+    assert topic_config(broker.bootstrap, topic, "retention.ms").value == default_retention.value
     browser("screenshot", path=str(shots / "topic.png"))
     no_errors(browser)
     assert seen["ms"] >= 0
@@ -186,7 +216,8 @@ def test_the_group_page_shows_the_lag_the_offsets_give(broker, browser, tmp_path
         browser("open", url=f"{broker.http}/#/groups")
         browser("wait_selector", selector=f'tr[data-group="{group}"]')
         row = browser("texts", selector=f'tr[data-group="{group}"] td')["texts"]
-        assert row[0] == group and row[1] == "Stable" and row[3] == "1", row
+        assert row[0] == group and row[1] == "Stable" and row[2] == "consumer" and row[4] == "1", row
+        assert row[3] in ("range", "roundrobin"), row  # confluent-kafka's default assignors
         browser("screenshot", path=str(tmp_path / "groups.png"))
         no_errors(browser)
 
@@ -260,6 +291,20 @@ def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):
     vote(["b", "b", "c"])  # the same rows update in place
     wait_until(lambda: table() == tally, timeout=30, what=lambda: f"the table at {tally}: {table()}")
     browser("wait_text", selector="#pipeline-in .value", text="8", timeout_ms=10000)
+    # Pause: the run stops and leaves the pipeline's groups (answered once it has);
+    # votes meanwhile wait in the topic, and a resume goes on from the checkpoints.
+    browser("click", selector="#pause-pipeline")
+    browser("wait_text", selector="#pipeline-status .value", text="paused", timeout_ms=10000)
+    assert get(f"{broker.http}/pipelines/{pipeline}").json()["status"] == "paused"
+    groups = get(f"{broker.http}/console/api/groups?search=freshet-pipeline-{pipeline}-").json()["groups"]
+    assert groups and all(g["members"] == 0 for g in groups), groups
+    browser("wait_text", selector="#pause-pipeline", text="Resume")
+    before = dict(tally)
+    vote(["c", "c", "d"])
+    assert table() == before, "a paused pipeline changed its results"
+    browser("click", selector="#pause-pipeline")
+    browser("wait_text", selector="#pipeline-status .value", text="running", timeout_ms=30000)
+    wait_until(lambda: table() == tally, timeout=30, what=lambda: f"the table at {tally} after the resume: {table()}")
     browser("wait_text", selector="#results-chart", text="no windows")
     browser("screenshot", path=str(tmp_path / "pipeline.png"))
     no_errors(browser)
@@ -268,3 +313,91 @@ def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):
                what="the pipeline deleted from its page")
     browser("wait_selector", selector="#pipelines-body", state="attached")
     no_errors(browser)
+
+
+SCALE_TOPICS = 10_000
+SCALE_GROUPS = 1_000
+PAGE = 50
+
+
+def test_ten_thousand_topics_and_a_thousand_groups_page(broker_factory, browser, tmp_path, report):
+    """Issue 12, part 4: the topics and groups pages of a large cluster show a page at a
+    time, the same page a Kafka client's own listing gives, in bounded time; the browser
+    holds one page of rows."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import NewTopic
+    b = broker_factory(env=BROKER_ENV, name="scale")
+    a = admin(b.bootstrap)
+    names = [f"scale-{i:05d}" for i in range(SCALE_TOPICS)]
+    t0 = time.monotonic()
+    for i in range(0, SCALE_TOPICS, 1000):
+        wait_futures(a.create_topics([NewTopic(n, num_partitions=1, replication_factor=1) for n in names[i:i + 1000]],
+                                     operation_timeout=120), timeout=180)
+    created_s = time.monotonic() - t0
+    # A group per commit: no members, state Empty (what `kafka-consumer-groups` makes
+    # with --reset-offsets).
+    groups = [f"scale-group-{i:04d}" for i in range(SCALE_GROUPS)]
+    t0 = time.monotonic()
+    pending = {}
+    for g in groups:
+        pending.update(a.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(g, [TopicPartition(names[0], 0, 0)])]))
+    wait_futures(pending, timeout=120)
+    committed_s = time.monotonic() - t0
+    listed = sorted(t for t in a.list_topics(timeout=30).topics if not t.startswith("_"))
+    assert listed == names
+    their_groups = sorted(g.group_id for g in a.list_consumer_groups().result(timeout=30).valid)
+    assert set(groups) <= set(their_groups)
+
+    def timed(path):
+        t = time.monotonic()
+        r = get(f"{b.http}{path}")
+        assert r.status == 200, (path, r.status, r.text())
+        return r.json(), time.monotonic() - t
+
+    first, first_s = timed(f"/console/api/topics?limit={PAGE}")
+    assert first["total"] == SCALE_TOPICS and [t["name"] for t in first["topics"]] == names[:PAGE], first["total"]
+    last, last_s = timed(f"/console/api/topics?offset={SCALE_TOPICS - PAGE}&limit={PAGE}")
+    assert [t["name"] for t in last["topics"]] == names[-PAGE:]
+    page, groups_s = timed(f"/console/api/groups?offset={PAGE}&limit={PAGE}")
+    assert page["total"] == len(their_groups)
+    assert [g["name"] for g in page["groups"]] == their_groups[PAGE:2 * PAGE]
+    assert all(g["state"] == "Empty" and g["members"] == 0 for g in page["groups"]), page["groups"][:3]
+    searched, _ = timed(f"/console/api/groups?search=group-099&limit={PAGE}")
+    assert [g["name"] for g in searched["groups"]] == [g for g in their_groups if "group-099" in g]
+
+    # In the browser: one page of rows, the pager's total, the next page.
+    opened = browser("open", url=f"{b.http}/#/topics")
+    shown = browser("wait_text", selector="#topics-pager", text=f"of {SCALE_TOPICS:,}", timeout_ms=20000)
+    assert browser("eval", expr="document.querySelectorAll('tr[data-topic]').length")["value"] == PAGE
+    browser("click", selector="#topics-next")
+    browser("wait_text", selector="#topics-pager", text=f"{PAGE + 1}–{2 * PAGE} of", timeout_ms=20000)
+    assert browser("texts", selector="tr[data-topic] td:first-child")["texts"] == names[PAGE:2 * PAGE]
+    browser("screenshot", path=str(tmp_path / "topics-10k.png"))
+    browser("open", url=f"{b.http}/#/groups")
+    groups_shown = browser("wait_text", selector="#groups-pager", text=f"of {len(their_groups):,}", timeout_ms=20000)
+    assert browser("eval", expr="document.querySelectorAll('tr[data-group]').length")["value"] == PAGE
+    browser("open", url=f"{b.http}/")
+    overview = browser("wait_text", selector="#card-topics .value", text=f"{SCALE_TOPICS:,}", timeout_ms=20000)
+    no_errors(browser)
+
+    # What the server spends doing nothing with this many topics (its metrics history
+    # samples every history_interval_ms; BROKER_ENV sets 200 ms, five times the default).
+    cpu = process_cpu_s(b.proc.pid)
+    t0 = time.monotonic()
+    time.sleep(5)  # measuring an idle interval, not waiting for anything
+    idle_cpu = (process_cpu_s(b.proc.pid) - cpu) / (time.monotonic() - t0)
+    report("console", f"{SCALE_TOPICS} topics created in {created_s:.1f} s, {SCALE_GROUPS} groups in "
+                      f"{committed_s:.1f} s; API: first topics page {first_s * 1000:.0f} ms, last "
+                      f"{last_s * 1000:.0f} ms, a groups page {groups_s * 1000:.0f} ms; browser: topics page "
+                      f"{opened['ms'] + shown['ms']} ms, groups page {groups_shown['ms']} ms, overview "
+                      f"{overview['ms']} ms; idle server CPU {idle_cpu * 100:.0f}% of a core")
+    for what, took in (("first topics page", first_s), ("last topics page", last_s), ("groups page", groups_s)):
+        assert took < 3.0, f"the {what} took {took:.2f} s"
+    assert idle_cpu < 0.5, f"the idle server used {idle_cpu * 100:.0f}% of a core"
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat, clock ticks)."""
+    import os
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -1,21 +1,83 @@
-//! Admin requests through librdkafka's C API, for what the rdkafka crate does not wrap
+//! Admin requests through librdkafka's C API, for the CLI's tools and the web console,
+//! for what the rdkafka crate does not wrap
 //! (IncrementalAlterConfigs: its AdminClient only has the older AlterConfigs, which
 //! resets every key not named) or wraps without the cluster's error message
 //! (CreateTopics, DeleteTopics: its `TopicResult` keeps only the code, and the message
 //! is what tells the user which config or name was wrong).
 //!
-//! All unsafe code of the tools lives here. Every librdkafka object is owned by a
+//! ListConsumerGroups and DescribeConsumerGroups are here too: the rdkafka crate's
+//! `fetch_group_list` describes every group of the cluster, where a page of the
+//! console lists names and describes only the groups it shows.
+//!
+//! Also the one place where librdkafka error codes are turned into Kafka error names.
+//!
+//! The unsafe code of the admin requests lives here. Every librdkafka object is owned by a
 //! [`Native`] guard that destroys it on every exit path, and every returned pointer is
 //! checked for null before use.
 
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int};
 
+use std::time::Duration;
+
 use rdkafka::bindings as rdsys;
 use rdkafka::client::Client;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
 
-use super::{error_description, error_name, ToolContext, REQUEST_TIMEOUT};
+/// How long an admin request waits for the cluster's answer before giving up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Kafka name of an error code: `TOPIC_ALREADY_EXISTS`, `UNKNOWN_TOPIC_OR_PARTITION`
+/// for errors the cluster returned, and librdkafka's own underscore-prefixed names
+/// (`_MSG_TIMED_OUT`, `_TRANSPORT`) for errors raised inside the client.
+///
+/// This is the only place that maps error codes to names. librdkafka's
+/// `rd_kafka_err2name` already has upper-snake names, and they are Kafka's own
+/// (`org.apache.kafka.common.protocol.Errors`) except for the few codes below, where it
+/// keeps an old or shortened spelling; those are corrected so that what the user reads
+/// matches the Kafka documentation and every other Kafka tool.
+pub fn error_name(code: RDKafkaErrorCode) -> String {
+    let kafka_name = match code as i32 {
+        -1 => Some("UNKNOWN_SERVER_ERROR"),      // librdkafka: UNKNOWN
+        2 => Some("CORRUPT_MESSAGE"),            // INVALID_MSG
+        3 => Some("UNKNOWN_TOPIC_OR_PARTITION"), // UNKNOWN_TOPIC_OR_PART
+        4 => Some("INVALID_FETCH_SIZE"),         // INVALID_MSG_SIZE
+        6 => Some("NOT_LEADER_OR_FOLLOWER"),     // NOT_LEADER_FOR_PARTITION
+        10 => Some("MESSAGE_TOO_LARGE"),         // MSG_SIZE_TOO_LARGE
+        11 => Some("STALE_CONTROLLER_EPOCH"),    // STALE_CTRL_EPOCH
+        17 => Some("INVALID_TOPIC_EXCEPTION"),   // TOPIC_EXCEPTION
+        _ => None,
+    };
+    if let Some(name) = kafka_name {
+        return name.to_owned();
+    }
+    match RDKafkaRespErr::try_from(code as i32) {
+        Ok(native) => {
+            // SAFETY: rd_kafka_err2name returns a pointer to a static, NUL-terminated
+            // string for every code, including unknown ones.
+            let name = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2name(native)) };
+            name.to_string_lossy().into_owned()
+        }
+        Err(_) => format!("ERROR_{}", code as i32),
+    }
+}
+
+/// librdkafka's human description of a code, without the "Broker: " / "Local: " prefix
+/// (the name already says which side it came from).
+pub fn error_description(code: RDKafkaErrorCode) -> String {
+    match RDKafkaRespErr::try_from(code as i32) {
+        Ok(native) => {
+            // SAFETY: as for rd_kafka_err2name, a static NUL-terminated string.
+            let text = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2str(native)) };
+            let text = text.to_string_lossy();
+            let text = text.strip_prefix("Broker: ").unwrap_or(&text);
+            text.strip_prefix("Local: ").unwrap_or(text).to_owned()
+        }
+        Err(_) => "unknown error".to_owned(),
+    }
+}
 
 /// A topic to create.
 pub struct NewTopicSpec<'a> {
@@ -38,7 +100,7 @@ pub enum ConfigChange<'a> {
 
 /// CreateTopics; one outcome per topic, in the order the cluster answered.
 pub fn create_topics(
-    client: &Client<ToolContext>,
+    client: &Client<impl ClientContext>,
     topics: &[NewTopicSpec<'_>],
     validate_only: bool,
 ) -> Result<Vec<TopicOutcome>, String> {
@@ -108,7 +170,7 @@ pub fn create_topics(
 
 /// DeleteTopics; one outcome per topic, in the order the cluster answered.
 pub fn delete_topics(
-    client: &Client<ToolContext>,
+    client: &Client<impl ClientContext>,
     names: &[String],
 ) -> Result<Vec<TopicOutcome>, String> {
     let rk = client.native_ptr();
@@ -150,7 +212,7 @@ pub fn delete_topics(
 
 /// IncrementalAlterConfigs of one topic: only the named keys change.
 pub fn incremental_alter_topic_configs(
-    client: &Client<ToolContext>,
+    client: &Client<impl ClientContext>,
     topic: &str,
     changes: &[ConfigChange<'_>],
 ) -> Result<(), String> {
@@ -253,6 +315,151 @@ pub fn incremental_alter_topic_configs(
         }
     }
     Ok(())
+}
+
+/// A group as ListGroups names it, with its state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupListing {
+    pub name: String,
+    /// `Stable`, `Empty`, ... (`Unknown` from a cluster older than ListGroups v4).
+    pub state: String,
+    /// No protocol type: a client that only commits offsets (no subscription).
+    pub simple: bool,
+}
+
+/// ListConsumerGroups: every group of every broker with its state, nothing described
+/// (the rdkafka crate's `fetch_group_list` describes every group it lists). A broker
+/// that cannot answer makes it fail: a partial list would look complete.
+pub fn list_consumer_groups(
+    client: &Client<impl ClientContext>,
+) -> Result<Vec<GroupListing>, String> {
+    let rk = client.native_ptr();
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS,
+        false,
+        false,
+    )?;
+    let queue = new_queue(rk)?;
+    // SAFETY: rk, options and queue are live for the call.
+    unsafe { rdsys::rd_kafka_ListConsumerGroups(rk, options.ptr, queue.ptr) };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: event is live; the result, its listings and errors are owned by it.
+    unsafe {
+        let result = rdsys::rd_kafka_event_ListConsumerGroups_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to ListGroups".to_owned());
+        }
+        let mut count = 0usize;
+        let errors = rdsys::rd_kafka_ListConsumerGroups_result_errors(result, &mut count);
+        if !errors.is_null() && count > 0 {
+            let error = *errors;
+            let message = text(rdsys::rd_kafka_error_string(error));
+            return Err(error_line(rdsys::rd_kafka_error_code(error), message));
+        }
+        let listings = rdsys::rd_kafka_ListConsumerGroups_result_valid(result, &mut count);
+        if listings.is_null() {
+            return Ok(Vec::new());
+        }
+        Ok((0..count)
+            .map(|i| {
+                let listing = *listings.add(i);
+                GroupListing {
+                    name: text(rdsys::rd_kafka_ConsumerGroupListing_group_id(listing))
+                        .unwrap_or_default(),
+                    state: state_name(rdsys::rd_kafka_ConsumerGroupListing_state(listing)),
+                    simple: rdsys::rd_kafka_ConsumerGroupListing_is_simple_consumer_group(listing)
+                        != 0,
+                }
+            })
+            .collect())
+    }
+}
+
+/// What DescribeConsumerGroups tells of one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupDescription {
+    pub name: String,
+    pub state: String,
+    pub members: usize,
+    /// The assignor the members chose (`range`, `cooperative-sticky`; empty when none).
+    pub assignor: String,
+    /// `NAME: message` when the coordinator could not describe it.
+    pub error: Option<String>,
+}
+
+/// DescribeConsumerGroups of the named groups only, in one request per coordinator.
+pub fn describe_consumer_groups(
+    client: &Client<impl ClientContext>,
+    names: &[&str],
+) -> Result<Vec<GroupDescription>, String> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rk = client.native_ptr();
+    let c_names = names
+        .iter()
+        .map(|name| c_string("group id", name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ptrs: Vec<*const c_char> = c_names.iter().map(|name| name.as_ptr()).collect();
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
+        false,
+        false,
+    )?;
+    let queue = new_queue(rk)?;
+    // SAFETY: the names outlive the call (librdkafka copies them); rk, options and
+    // queue are live.
+    unsafe {
+        rdsys::rd_kafka_DescribeConsumerGroups(
+            rk,
+            ptrs.as_mut_ptr(),
+            ptrs.len(),
+            options.ptr,
+            queue.ptr,
+        )
+    };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: event is live; the result and its descriptions are owned by it.
+    unsafe {
+        let result = rdsys::rd_kafka_event_DescribeConsumerGroups_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to DescribeGroups".to_owned());
+        }
+        let mut count = 0usize;
+        let groups = rdsys::rd_kafka_DescribeConsumerGroups_result_groups(result, &mut count);
+        if groups.is_null() {
+            return Ok(Vec::new());
+        }
+        Ok((0..count)
+            .map(|i| {
+                let group = *groups.add(i);
+                let error = rdsys::rd_kafka_ConsumerGroupDescription_error(group);
+                GroupDescription {
+                    name: text(rdsys::rd_kafka_ConsumerGroupDescription_group_id(group))
+                        .unwrap_or_default(),
+                    state: state_name(rdsys::rd_kafka_ConsumerGroupDescription_state(group)),
+                    members: rdsys::rd_kafka_ConsumerGroupDescription_member_count(group),
+                    assignor: text(rdsys::rd_kafka_ConsumerGroupDescription_partition_assignor(
+                        group,
+                    ))
+                    .unwrap_or_default(),
+                    error: (!error.is_null()).then(|| {
+                        error_line(
+                            rdsys::rd_kafka_error_code(error),
+                            text(rdsys::rd_kafka_error_string(error)),
+                        )
+                    }),
+                }
+            })
+            .collect())
+    }
+}
+
+fn state_name(state: rdsys::rd_kafka_consumer_group_state_t) -> String {
+    // SAFETY: librdkafka returns a static string for every state.
+    unsafe { text(rdsys::rd_kafka_consumer_group_state_name(state)) }.unwrap_or_default()
 }
 
 /// Owns a librdkafka object and destroys it exactly once.

@@ -52,7 +52,10 @@ pub fn routes() -> Router<Arc<Gateway>> {
             "/console/api/topics/{topic}",
             get(topic).delete(delete_topic),
         )
-        .route("/console/api/topics/{topic}/configs", get(topic_configs))
+        .route(
+            "/console/api/topics/{topic}/configs",
+            get(topic_configs).put(alter_topic_configs),
+        )
         .route("/console/api/topics/{topic}/records", get(records))
         .route("/console/api/groups", get(groups))
         .route("/console/api/groups/{group}", get(group))
@@ -317,29 +320,38 @@ fn lookup(e: crate::groups::LookupError) -> String {
     format!("{}{}", e.error, e.what)
 }
 
-/// `GET /console/api/groups?offset=&limit=`: a page of the cluster's consumer groups
-/// by name, with their state and member count.
+/// `GET /console/api/groups?offset=&limit=&search=`: a page of the cluster's consumer
+/// groups by name, with their state, member count and assignor. Only the page's groups
+/// are described: ListGroups names them all, DescribeGroups asks for the page alone.
 async fn groups(
     State(gateway): State<Arc<Gateway>>,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
     let limit = page.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let (total, rows) = blocking(&gateway, move |g| {
-        use rdkafka::consumer::Consumer;
-        let client = group_client(g, "freshet-console")?;
-        // ListGroups waits for metadata first (see groups::fetch_groups).
-        client
-            .fetch_metadata(None, GROUP_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        let mut all = crate::groups::fetch_groups(&client, None, GROUP_TIMEOUT).map_err(lookup)?;
-        all.retain(|s| s.name.contains(page.search.as_str()));
+        let client: AdminClient<DefaultClientContext> =
+            g.config.client().create().map_err(|e| e.to_string())?;
+        let mut all = crate::admin::list_consumer_groups(client.inner())?;
+        all.retain(|l| l.name.contains(page.search.as_str()));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
         let total = all.len();
-        let rows: Vec<_> = all
-            .into_iter()
-            .skip(page.offset)
-            .take(limit)
-            .map(|s| json!({"name": s.name, "state": s.state, "protocol_type": s.protocol_type, "members": s.members.len()}))
-            .collect();
+        let shown: Vec<_> = all.into_iter().skip(page.offset).take(limit).collect();
+        let names: Vec<&str> = shown.iter().map(|l| l.name.as_str()).collect();
+        let described = crate::admin::describe_consumer_groups(client.inner(), &names)?;
+        let rows = shown
+            .iter()
+            .map(|listing| {
+                let description = described.iter().find(|d| d.name == listing.name);
+                json!({
+                    "name": listing.name,
+                    "state": description.map_or(listing.state.as_str(), |d| d.state.as_str()),
+                    "type": if listing.simple { "simple" } else { "consumer" },
+                    "members": description.map(|d| d.members),
+                    "assignor": description.map(|d| d.assignor.as_str()),
+                    "error": description.and_then(|d| d.error.as_deref()),
+                })
+            })
+            .collect::<Vec<_>>();
         Ok((total, rows))
     })
     .await?;
@@ -491,6 +503,62 @@ async fn topic_configs(
         .collect();
     entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Ok(Json(json!({"name": name, "configs": entries})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigChanges {
+    /// Keys to set, with their new values.
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, String>,
+    /// Keys to return to the cluster's default.
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+/// `PUT /console/api/topics/{topic}/configs` `{"set": {KEY: VALUE}, "delete": [KEY]}`:
+/// IncrementalAlterConfigs, so only the named keys change (as `freshet topic
+/// alter-config` does). The cluster's refusal comes back as a 400 with its message.
+async fn alter_topic_configs(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+    Json(changes): Json<ConfigChanges>,
+) -> Result<Response, ApiError> {
+    use crate::admin::ConfigChange;
+    check_topic_name(&name)?;
+    if changes.set.is_empty() && changes.delete.is_empty() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give \"set\" or \"delete\"",
+        ));
+    }
+    let topic = name.clone();
+    let outcome = blocking(&gateway, move |g| {
+        let client: AdminClient<DefaultClientContext> =
+            g.config.client().create().map_err(|e| e.to_string())?;
+        let list: Vec<ConfigChange<'_>> = changes
+            .set
+            .iter()
+            .map(|(key, value)| ConfigChange::Set(key, value))
+            .chain(changes.delete.iter().map(|key| ConfigChange::Delete(key)))
+            .collect();
+        // The cluster's answer is the outcome; only a client that cannot be made is
+        // the blocking call's error.
+        Ok(crate::admin::incremental_alter_topic_configs(
+            client.inner(),
+            &topic,
+            &list,
+        ))
+    })
+    .await?;
+    match outcome {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(line) if line.starts_with("UNKNOWN_TOPIC_OR_PARTITION") => {
+            Err(ApiError::topic_not_found(&name))
+        }
+        // librdkafka's own errors (`_TRANSPORT`, `_TIMED_OUT`) are the cluster away.
+        Err(line) if line.starts_with('_') => Err(ApiError::busy(line)),
+        Err(line) => Err(ApiError::bad_request(line)),
+    }
 }
 
 /// Records one search returns at most.

@@ -20,6 +20,7 @@
 //! every one of them is durable: acknowledged by the cluster with acks=all, or
 //! fsync'd in the spool.
 
+pub mod admin;
 pub mod config;
 pub mod console;
 mod consumers;

@@ -1,6 +1,8 @@
-//! Pipelines managed over HTTP: `PUT/GET/DELETE /pipelines/{name}`, `GET /pipelines`.
+//! Pipelines managed over HTTP: `PUT/GET/DELETE /pipelines/{name}`, `GET /pipelines`,
+//! `PUT /pipelines/{name}/pause` and `/resume` (as Kafka Connect pauses a connector).
 //!
-//! Definitions (name → SQL text; a null value deletes) live in the cluster, in the
+//! Definitions (name → SQL text, or `{"sql", "paused": true}` while paused; a null
+//! value deletes) live in the cluster, in the
 //! `pipeline_topic` shared topic, so every gateway in front of the cluster knows them
 //! and a restart resumes them. A gateway with `run_pipelines` runs every defined
 //! pipeline in a thread of its own (the `pipeline` crate's runtime, a Kafka client of
@@ -56,6 +58,7 @@ impl Runs {
 
 struct Entry {
     sql: String,
+    paused: bool,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -84,8 +87,8 @@ impl Pipelines {
                     let Ok(name) = std::str::from_utf8(key) else {
                         return;
                     };
-                    let sql = value.map(|v| String::from_utf8_lossy(v).into_owned());
-                    apply(&follower, &run_client, run, name, sql);
+                    let definition = value.map(Definition::decode);
+                    apply(&follower, &run_client, run, name, definition);
                 }
             },
         )?;
@@ -240,13 +243,57 @@ fn describe(name: &str, entry: &Entry) -> serde_json::Value {
     out
 }
 
+/// A pipeline's definition as the shared topic holds it.
+#[derive(Debug, Clone, PartialEq)]
+struct Definition {
+    sql: String,
+    paused: bool,
+}
+
+impl Definition {
+    /// SQL text while it runs (what every earlier version wrote), a JSON object while
+    /// paused; SQL never starts with `{`.
+    fn encode(&self) -> String {
+        if self.paused {
+            serde_json::json!({"sql": self.sql, "paused": true}).to_string()
+        } else {
+            self.sql.clone()
+        }
+    }
+
+    fn decode(value: &[u8]) -> Definition {
+        #[derive(serde::Deserialize)]
+        struct Paused {
+            sql: String,
+            #[serde(default)]
+            paused: bool,
+        }
+        match serde_json::from_slice::<Paused>(value) {
+            Ok(p) if value.first() == Some(&b'{') => Definition {
+                sql: p.sql,
+                paused: p.paused,
+            },
+            _ => Definition {
+                sql: String::from_utf8_lossy(value).into_owned(),
+                paused: false,
+            },
+        }
+    }
+}
+
 /// Makes this gateway's runs follow a definition (`None`: deleted).
-fn apply(defined: &Runs, client: &ClientConfig, run: bool, name: &str, sql: Option<String>) {
+fn apply(
+    defined: &Runs,
+    client: &ClientConfig,
+    run: bool,
+    name: &str,
+    definition: Option<Definition>,
+) {
     let _changing = defined.changing.lock().unwrap_or_else(|e| e.into_inner());
     let old = {
         let mut defined = defined.lock();
-        if let (Some(old), Some(sql)) = (defined.get(name), &sql) {
-            if old.sql == *sql {
+        if let (Some(old), Some(new)) = (defined.get(name), &definition) {
+            if old.sql == new.sql && old.paused == new.paused {
                 return;
             }
         }
@@ -259,12 +306,15 @@ fn apply(defined: &Runs, client: &ClientConfig, run: bool, name: &str, sql: Opti
             let _ = thread.join();
         }
     }
-    let Some(sql) = sql else {
+    let Some(Definition { sql, paused }) = definition else {
         return;
     };
     let stats = Stats::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let thread = if run {
+    if paused {
+        stats.set_status(Status::Paused);
+    }
+    let thread = if run && !paused {
         let (name, sql, client, stats, stop) = (
             name.to_string(),
             sql.clone(),
@@ -283,6 +333,7 @@ fn apply(defined: &Runs, client: &ClientConfig, run: bool, name: &str, sql: Opti
         name.to_string(),
         Entry {
             sql,
+            paused,
             stats,
             stop,
             thread,
@@ -321,6 +372,8 @@ pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/pipelines", get(list))
         .route("/pipelines/{name}", get(get_one).put(put).delete(delete))
+        .route("/pipelines/{name}/pause", axum::routing::put(pause))
+        .route("/pipelines/{name}/resume", axum::routing::put(resume))
 }
 
 async fn list(State(gateway): State<Arc<Gateway>>) -> Json<serde_json::Value> {
@@ -400,37 +453,85 @@ async fn put(
             other => ApiError::bad_request(other.to_string()),
         });
     }
-    pipelines.topic.ensure().await.map_err(ApiError::busy)?;
-    pipelines
-        .producer
-        .send(
-            FutureRecord::<str, str>::to(&pipelines.topic.name)
-                .key(&name)
-                .payload(&sql)
-                .partition(0),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(err, _)| ApiError::busy(err.to_string()))?;
-    let (apply_name, apply_sql) = (name.clone(), sql);
-    let applier = pipelines.clone();
-    tokio::task::spawn_blocking(move || {
-        apply(
-            &applier.defined,
-            &applier.client,
-            applier.run,
-            &apply_name,
-            Some(apply_sql),
-        )
-    })
-    .await
-    .map_err(|e| ApiError::busy(e.to_string()))?;
+    // A redefinition keeps a paused pipeline paused.
+    let paused = pipelines.lock().get(&name).is_some_and(|e| e.paused);
+    store(&pipelines, &name, Definition { sql, paused }).await?;
     let status = if existed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
     Ok((status, Json(pipelines.describe(&name).unwrap_or_default())))
+}
+
+/// Writes a definition to the shared topic, then applies it here at once (the
+/// follower applies it again when it reads it back: no change then).
+async fn store(
+    pipelines: &Arc<Pipelines>,
+    name: &str,
+    definition: Definition,
+) -> Result<(), ApiError> {
+    pipelines.topic.ensure().await.map_err(ApiError::busy)?;
+    pipelines
+        .producer
+        .send(
+            FutureRecord::<str, str>::to(&pipelines.topic.name)
+                .key(name)
+                .payload(&definition.encode())
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(err, _)| ApiError::busy(err.to_string()))?;
+    let (name, applier) = (name.to_string(), pipelines.clone());
+    tokio::task::spawn_blocking(move || {
+        apply(
+            &applier.defined,
+            &applier.client,
+            applier.run,
+            &name,
+            Some(definition),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::busy(e.to_string()))
+}
+
+/// `PUT /pipelines/{name}/pause`: every gateway stops its run of the pipeline (a last
+/// checkpoint, its groups left) and keeps the definition; answered once this
+/// gateway's run has stopped.
+async fn pause(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    set_paused(gateway, name, true).await
+}
+
+/// `PUT /pipelines/{name}/resume`: runs a paused pipeline again, from its
+/// checkpoints.
+async fn resume(
+    State(gateway): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    set_paused(gateway, name, false).await
+}
+
+async fn set_paused(
+    gateway: Arc<Gateway>,
+    name: String,
+    paused: bool,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let pipelines = gateway.pipelines.clone();
+    let sql = pipelines
+        .lock()
+        .get(&name)
+        .map(|e| e.sql.clone())
+        .ok_or_else(|| not_found(&name))?;
+    store(&pipelines, &name, Definition { sql, paused }).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(pipelines.describe(&name).unwrap_or_default()),
+    ))
 }
 
 /// Deletes the definition everywhere; this gateway's run stops (with a last
@@ -492,7 +593,11 @@ mod tests {
                 for _ in 0..4 {
                     scope.spawn(|| {
                         start.wait();
-                        apply(&runs, &client, true, &name, Some("SELECT 1".into()));
+                        let definition = Definition {
+                            sql: "SELECT 1".into(),
+                            paused: false,
+                        };
+                        apply(&runs, &client, true, &name, Some(definition));
                     });
                 }
             });
@@ -509,5 +614,59 @@ mod tests {
         for entry in runs.lock().values() {
             entry.stop.store(true, Ordering::Relaxed);
         }
+    }
+
+    #[test]
+    fn definitions_read_back_as_written() {
+        for (sql, paused) in [("SELECT 1", false), ("SELECT '{'", true), ("", false)] {
+            let definition = Definition {
+                sql: sql.into(),
+                paused,
+            };
+            assert_eq!(
+                Definition::decode(definition.encode().as_bytes()),
+                definition
+            );
+        }
+        // What earlier versions wrote: the SQL text alone, running.
+        assert_eq!(
+            Definition::decode(b"INSERT INTO o SELECT * FROM i;"),
+            Definition {
+                sql: "INSERT INTO o SELECT * FROM i;".into(),
+                paused: false
+            }
+        );
+    }
+
+    /// A paused definition stops the run and keeps the entry; resumed, it runs again.
+    #[test]
+    fn pausing_stops_the_run_and_resuming_starts_one() {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", "127.0.0.1:9");
+        let runs = Runs::default();
+        let define = |paused| {
+            let definition = Definition {
+                sql: "SELECT 2".into(),
+                paused,
+            };
+            apply(&runs, &client, true, "p", Some(definition));
+        };
+        define(false);
+        assert!(runs.lock()["p"].thread.is_some());
+        define(true);
+        assert!(runs.lock()["p"].thread.is_none());
+        assert_eq!(
+            *runs.lock()["p"].stats.status.lock().unwrap(),
+            Status::Paused
+        );
+        assert_eq!(
+            threads_named("pipeline-p"),
+            0,
+            "the run stopped before apply returned"
+        );
+        define(false);
+        assert!(runs.lock()["p"].thread.is_some());
+        apply(&runs, &client, true, "p", None);
+        assert!(runs.lock().is_empty());
     }
 }

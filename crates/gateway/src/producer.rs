@@ -53,6 +53,7 @@ use rdkafka::producer::{
 use rdkafka::{ClientContext, Message};
 use tokio::sync::{oneshot, watch};
 
+use crate::admin::error_name;
 use crate::spool::{Depth, Entry, Spool, SpoolError};
 
 /// A record as the HTTP side built it, before it reaches the cluster.
@@ -1221,19 +1222,6 @@ impl Pending<'_> {
             Err(_) => Err(SendError::Storage("the producer closed".into())),
         }
     }
-}
-
-/// `UnknownTopicOrPartition` -> `UNKNOWN_TOPIC_OR_PARTITION`.
-pub fn error_name(code: RDKafkaErrorCode) -> String {
-    let debug = format!("{code:?}");
-    let mut name = String::with_capacity(debug.len() + 8);
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            name.push('_');
-        }
-        name.push(c.to_ascii_uppercase());
-    }
-    name
 }
 
 #[cfg(test)]

@@ -4,29 +4,26 @@
 //! plain Kafka client, so it works against Apache Kafka, Redpanda and Freshet alike.
 //!
 //! This module holds what all tools share: the connection flags (`--brokers`, `-X`),
-//! the librdkafka client context, and the ONE place where librdkafka error codes are
-//! turned into Kafka error names for the one-line error messages.
+//! the librdkafka client context, and the one-line error messages. Error names and the
+//! admin requests the rdkafka crate does not wrap are the gateway's (`gateway::admin`),
+//! shared with the web console.
 
-mod admin;
 pub mod consume;
 pub mod group;
 pub mod produce;
 pub mod topic;
 
-use std::ffi::CStr;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use rdkafka::client::Client;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 
 /// How long a tool waits for cluster metadata or an admin answer before giving up.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub use gateway::admin::{error_description, error_name, REQUEST_TIMEOUT};
 
 /// Connection flags shared by every Kafka tool.
 #[derive(clap::Args, Debug, Clone)]
@@ -132,56 +129,6 @@ impl ProducerContext for ToolContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for ToolContext {}
-
-/// The Kafka name of an error code: `TOPIC_ALREADY_EXISTS`, `UNKNOWN_TOPIC_OR_PARTITION`
-/// for errors the cluster returned, and librdkafka's own underscore-prefixed names
-/// (`_MSG_TIMED_OUT`, `_TRANSPORT`) for errors raised inside the client.
-///
-/// This is the only place that maps error codes to names. librdkafka's
-/// `rd_kafka_err2name` already has upper-snake names, and they are Kafka's own
-/// (`org.apache.kafka.common.protocol.Errors`) except for the few codes below, where it
-/// keeps an old or shortened spelling; those are corrected so that what the user reads
-/// matches the Kafka documentation and every other Kafka tool.
-pub fn error_name(code: RDKafkaErrorCode) -> String {
-    let kafka_name = match code as i32 {
-        -1 => Some("UNKNOWN_SERVER_ERROR"),      // librdkafka: UNKNOWN
-        2 => Some("CORRUPT_MESSAGE"),            // INVALID_MSG
-        3 => Some("UNKNOWN_TOPIC_OR_PARTITION"), // UNKNOWN_TOPIC_OR_PART
-        4 => Some("INVALID_FETCH_SIZE"),         // INVALID_MSG_SIZE
-        6 => Some("NOT_LEADER_OR_FOLLOWER"),     // NOT_LEADER_FOR_PARTITION
-        10 => Some("MESSAGE_TOO_LARGE"),         // MSG_SIZE_TOO_LARGE
-        11 => Some("STALE_CONTROLLER_EPOCH"),    // STALE_CTRL_EPOCH
-        17 => Some("INVALID_TOPIC_EXCEPTION"),   // TOPIC_EXCEPTION
-        _ => None,
-    };
-    if let Some(name) = kafka_name {
-        return name.to_owned();
-    }
-    match RDKafkaRespErr::try_from(code as i32) {
-        Ok(native) => {
-            // SAFETY: rd_kafka_err2name returns a pointer to a static, NUL-terminated
-            // string for every code, including unknown ones.
-            let name = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2name(native)) };
-            name.to_string_lossy().into_owned()
-        }
-        Err(_) => format!("ERROR_{}", code as i32),
-    }
-}
-
-/// librdkafka's human description of a code, without the "Broker: " / "Local: " prefix
-/// (the name already says which side it came from).
-pub fn error_description(code: RDKafkaErrorCode) -> String {
-    match RDKafkaRespErr::try_from(code as i32) {
-        Ok(native) => {
-            // SAFETY: as for rd_kafka_err2name, a static NUL-terminated string.
-            let text = unsafe { CStr::from_ptr(rdkafka::bindings::rd_kafka_err2str(native)) };
-            let text = text.to_string_lossy();
-            let text = text.strip_prefix("Broker: ").unwrap_or(&text);
-            text.strip_prefix("Local: ").unwrap_or(text).to_owned()
-        }
-        Err(_) => "unknown error".to_owned(),
-    }
-}
 
 /// `NAME: description` for an error code.
 pub fn describe_code(code: RDKafkaErrorCode) -> String {

@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context as _};
 use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, ResourceSpecifier};
 use rdkafka::config::FromClientConfigAndContext;
 
-use super::admin::{self, ConfigChange, NewTopicSpec};
 use super::{block_on, describe_code, describe_error, ConnectArgs, ToolContext, REQUEST_TIMEOUT};
+use gateway::admin::{self, ConfigChange, NewTopicSpec};
 
 #[derive(clap::Args)]
 pub struct TopicArgs {

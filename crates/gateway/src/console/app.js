@@ -126,7 +126,7 @@ async function topics() {
   const limit = 50;
   const search = el("input", { placeholder: "filter by name", id: "topic-search", oninput: () => { offset = 0; load(); } });
   const body = el("tbody", { id: "topics-body" });
-  const pager = el("div", { class: "muted", id: "pager" });
+  const pager = el("span", { class: "muted", id: "topics-pager" });
   const name = el("input", { placeholder: "new topic", id: "new-topic-name", required: "" });
   const partitions = el("input", { type: "number", min: "1", value: "1", id: "new-topic-partitions", style: "width: 80px" });
   const create = el("form", {
@@ -140,8 +140,8 @@ async function topics() {
       } catch (err) { showError(err.message); }
     },
   }, name, partitions, el("button", { class: "primary", type: "submit" }, "Create topic"));
-  const prev = el("button", { onclick: () => { offset = Math.max(0, offset - limit); load(); } }, "‹ Previous");
-  const next = el("button", { onclick: () => { offset += limit; load(); } }, "Next ›");
+  const prev = el("button", { id: "topics-prev", onclick: () => { offset = Math.max(0, offset - limit); load(); } }, "‹ Previous");
+  const next = el("button", { id: "topics-next", onclick: () => { offset += limit; load(); } }, "Next ›");
   main.replaceChildren(el("h1", {}, "Topics"), create, el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, search),
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", { class: "num" }, "Partitions"), el("th", { class: "num" }, "Records"), el("th", {}, ""))), body),
     el("div", { class: "inline" }, prev, next, pager));
@@ -157,7 +157,7 @@ async function topics() {
           try { await api(`/console/api/topics/${encodeURIComponent(t.name)}`, { method: "DELETE" }); await load(); } catch (err) { showError(err.message); }
         },
       }, "Delete")))));
-    pager.textContent = page.total ? `${offset + 1}–${offset + page.topics.length} of ${page.total}` : "no topics";
+    pager.textContent = page.total ? `${fmt(offset + 1)}–${fmt(offset + page.topics.length)} of ${fmt(page.total)}` : "no topics";
     prev.disabled = offset === 0;
     next.disabled = offset + page.topics.length >= page.total;
   }
@@ -202,13 +202,32 @@ async function topic(name) {
       } catch (err) { showError(err.message); }
     },
   }, "Partition", searchPartition, "from", searchFrom, el("button", { type: "submit" }, "Search"));
-  (async () => {
+  const alter = (change) => api(`/console/api/topics/${encodeURIComponent(name)}/configs`, { method: "PUT", headers: { "content-type": "application/json" }, body: JSON.stringify(change) });
+  const configRow = (e) => {
+    const value = el("td", {}, e.value ?? (e.sensitive ? "(hidden)" : ""));
+    const actions = el("td", {});
+    const edit = () => {
+      const input = el("input", { value: e.value ?? "", "data-config-input": e.name, size: "24" });
+      const save = el("button", { class: "primary", "data-config-save": e.name, onclick: async () => {
+        try { await alter({ set: { [e.name]: input.value } }); await loadConfigs(); } catch (err) { showError(err.message); }
+      } }, "Save");
+      value.replaceChildren(input);
+      actions.replaceChildren(save, el("button", { "data-config-cancel": e.name, onclick: () => loadConfigs() }, "Cancel"));
+      input.focus();
+    };
+    if (!e.read_only && !e.sensitive) actions.append(el("button", { "data-config-edit": e.name, onclick: edit }, "Edit"));
+    if (!e.read_only && !e.default) actions.append(el("button", { "data-config-default": e.name, onclick: async () => {
+      try { await alter({ delete: [e.name] }); await loadConfigs(); } catch (err) { showError(err.message); }
+    } }, "Default"));
+    return el("tr", { "data-config": e.name }, el("td", {}, e.name), value, el("td", { class: "muted" }, e.default ? "default" : "set"), actions);
+  };
+  async function loadConfigs() {
     try {
       const c = await api(`/console/api/topics/${encodeURIComponent(name)}/configs`);
-      configs.replaceChildren(...c.configs.map((e) => el("tr", { "data-config": e.name }, el("td", {}, e.name), el("td", {}, e.value ?? (e.sensitive ? "(hidden)" : "")),
-        el("td", { class: "muted" }, e.default ? "default" : "set"))));
+      configs.replaceChildren(...c.configs.map(configRow));
     } catch (err) { showError(err.message); }
-  })();
+  }
+  loadConfigs();
   main.replaceChildren(el("h1", {}, name),
     el("h2", {}, "Partitions"),
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Partition"), el("th", {}, "Leader"), el("th", { class: "num" }, "Start offset"), el("th", { class: "num" }, "End offset"), el("th", { class: "num" }, "Records"))), parts),
@@ -217,7 +236,7 @@ async function topic(name) {
     el("h2", {}, "Search"), search,
     el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Offset"), el("th", {}, "Time"), el("th", {}, "Key"), el("th", {}, "Value"))), found),
     el("h2", {}, "JSON Schema"), schema,
-    el("h2", {}, "Configs"), el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Value"), el("th", {}, ""))), configs));
+    el("h2", {}, "Configs"), el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Value"), el("th", {}, ""), el("th", {}, ""))), configs));
   every(3000, async () => {
     const t = await api(`/console/api/topics/${encodeURIComponent(name)}`);
     schema.textContent = t.schema ? JSON.stringify(t.schema, null, 2) : "No JSON Schema: any record is accepted.";
@@ -248,16 +267,23 @@ async function topic(name) {
 
 async function groups() {
   const body = el("tbody", { id: "groups-body" });
-  const search = el("input", { placeholder: "filter by name", id: "group-search", oninput: () => load() });
+  const limit = 50;
+  let offset = 0;
+  const search = el("input", { placeholder: "filter by name", id: "group-search", oninput: () => { offset = 0; load(); } });
+  const pager = el("span", { class: "muted", id: "groups-pager" });
+  const prev = el("button", { id: "groups-prev", onclick: () => { offset = Math.max(0, offset - limit); load(); } }, "‹ Previous");
+  const next = el("button", { id: "groups-next", onclick: () => { offset += limit; load(); } }, "Next ›");
   main.replaceChildren(el("h1", {}, "Consumer groups"), el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, search),
-    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Group"), el("th", {}, "State"), el("th", {}, "Type"), el("th", { class: "num" }, "Members"))), body),
-    el("div", { class: "muted", id: "groups-pager" }));
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Group"), el("th", {}, "State"), el("th", {}, "Type"), el("th", {}, "Assignor"), el("th", { class: "num" }, "Members"))), body),
+    el("div", { class: "inline" }, prev, next, pager));
   async function load() {
-    const page = await api(`/console/api/groups?limit=200&search=${encodeURIComponent(search.value)}`);
-    body.replaceChildren(...page.groups.map((g) => el("tr", { "data-group": g.name },
+    const page = await api(`/console/api/groups?offset=${offset}&limit=${limit}&search=${encodeURIComponent(search.value)}`);
+    body.replaceChildren(...page.groups.map((g) => el("tr", { "data-group": g.name, title: g.error ?? "" },
       el("td", {}, el("a", { href: `#/groups/${encodeURIComponent(g.name)}` }, g.name)),
-      el("td", {}, g.state || "?"), el("td", {}, g.protocol_type), el("td", { class: "num" }, fmt(g.members)))));
-    document.getElementById("groups-pager").textContent = `${page.groups.length} of ${page.total}`;
+      el("td", {}, g.state || "?"), el("td", {}, g.type), el("td", {}, g.assignor ?? ""), el("td", { class: "num" }, g.members === null ? "?" : fmt(g.members)))));
+    pager.textContent = page.total ? `${fmt(offset + 1)}–${fmt(offset + page.groups.length)} of ${fmt(page.total)}` : "no groups";
+    prev.disabled = offset === 0;
+    next.disabled = offset + page.groups.length >= page.total;
   }
   every(3000, load);
 }
@@ -352,7 +378,20 @@ async function pipeline(name) {
       try { await api(`/pipelines/${encodeURIComponent(name)}`, { method: "DELETE" }); location.hash = "#/pipelines"; } catch (err) { showError(err.message); }
     },
   }, "Delete");
-  main.replaceChildren(el("h1", {}, name, " ", remove), head, el("h2", {}, "SQL"), sqlText,
+  // Pause keeps the definition and stops every run (its groups left); resume goes
+  // on from the checkpoints.
+  const toggle = el("button", {
+    id: "pause-pipeline",
+    onclick: async () => {
+      const action = toggle.dataset.paused === "true" ? "resume" : "pause";
+      try {
+        const p = await api(`/pipelines/${encodeURIComponent(name)}/${action}`, { method: "PUT" });
+        showPaused(p.status === "paused");
+      } catch (err) { showError(err.message); }
+    },
+  }, "Pause");
+  const showPaused = (paused) => { toggle.dataset.paused = String(paused); toggle.textContent = paused ? "Resume" : "Pause"; };
+  main.replaceChildren(el("h1", {}, name, " ", toggle, " ", remove), head, el("h2", {}, "SQL"), sqlText,
     el("h2", {}, "Live results"), el("div", { class: "inline" }, "Chart of ", column, " over windows"), chart, results);
   const card = (label, value, id) => el("div", { class: "card", id }, el("div", { class: "label" }, label), el("div", { class: "value" }, value));
   let last = null;
@@ -383,6 +422,7 @@ async function pipeline(name) {
     const now = Date.now();
     const rate = last ? ((p.records_in - last.records_in) / Math.max(0.001, (now - last.at) / 1000)) : 0;
     last = { records_in: p.records_in, at: now };
+    showPaused(p.status === "paused");
     head.replaceChildren(card("Status", p.status, "pipeline-status"), card("Records in", fmt(p.records_in), "pipeline-in"),
       card("Records/s", fmt(Math.round(rate)), "pipeline-rate"), card("Rows out", fmt(p.records_out), "pipeline-out"),
       card("Watermark", p.watermark ? new Date(p.watermark).toISOString().replace(".000Z", "Z") : "–", "pipeline-watermark"),

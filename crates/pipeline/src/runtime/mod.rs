@@ -168,6 +168,9 @@ pub enum Status {
     /// Stopped by an error; `last_error` says which. Retried if transient.
     Failed,
     Stopped,
+    /// Defined and not running, by a user's pause: its groups have no member here,
+    /// and a resume goes on from its checkpoints and committed offsets.
+    Paused,
 }
 
 impl Stats {
