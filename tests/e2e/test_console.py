@@ -82,6 +82,7 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     topics_card = browser("texts", selector="#card-topics .value")["texts"][0]
     listed = get(f"{broker.http}/console/api/overview").json()
     assert int(topics_card.replace(",", "")) == listed["topics"] >= 1
+    assert listed["size_bytes"] > 0 and browser("texts", selector="#card-size .value")["texts"][0].endswith("B")
     browser("wait_selector", selector="svg.chart polyline.in", timeout_ms=10000)
     browser("screenshot", path=str(shots / "overview.png"))
     no_errors(browser)
@@ -93,6 +94,12 @@ def test_every_page_renders_and_works(broker, browser, tmp_path, report):
     browser("wait_selector", selector=f'tr[data-topic="{topic}"]')
     row = browser("texts", selector=f'tr[data-topic="{topic}"] td')["texts"]
     assert row[0] == topic and row[1] == "2" and row[2] == "30", row
+    # Its size (DescribeLogDirs) is what its partitions' segment files hold on disk;
+    # its retention the broker's default of 7 days.
+    shown_bytes = browser("eval", expr=f"document.querySelector('tr[data-topic=\"{topic}\"] td[data-bytes]').dataset.bytes")["value"]
+    on_disk = sum(f.stat().st_size for pt in (0, 1) for f in broker.partition_dir(topic, pt).glob("*.log"))
+    assert int(shown_bytes) == on_disk > 0, (shown_bytes, on_disk)
+    assert row[4] == "7d 0h", row
     browser("screenshot", path=str(shots / "topics.png"))
     no_errors(browser)
 

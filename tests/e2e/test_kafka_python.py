@@ -160,6 +160,34 @@ def test_admin_create_delete(broker):
         a.close()
 
 
+def test_describe_log_dirs_gives_the_size_on_disk(broker):
+    """DescribeLogDirs (kafka-log-dirs.sh, the consoles): each partition's size is what
+    its segment files hold; a topic asked for that does not exist is left out."""
+    t = create_topic(broker.bootstrap, topic_name("kp-logdirs"), partitions=2)
+    p = kp_producer(broker.bootstrap)
+    for i in range(50):
+        p.send(t, value=b"x" * (i + 1), partition=i % 2)
+    p.flush(30)
+    p.close()
+    a = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=20000)
+    try:
+        answer = a.describe_log_dirs([t, "no-such-topic"])
+    finally:
+        a.close()
+    found = {}
+    assert [b["broker"] for b in answer] == [0]
+    for per_broker in answer:
+        for log_dir in per_broker["log_dirs"]:
+            assert log_dir["error_code"] == 0, log_dir
+            assert 0 < log_dir["usable_bytes"] <= log_dir["total_bytes"], log_dir  # v4's file system figures
+            for topic in log_dir["topics"]:
+                for part in topic["partitions"]:
+                    found[(topic["name"], part["partition_index"])] = part["partition_size"]
+    on_disk = {(t, pt): sum(f.stat().st_size for f in broker.partition_dir(t, pt).glob("*.log")) for pt in (0, 1)}
+    assert found == on_disk, (found, on_disk)
+    assert all(size > 0 for size in on_disk.values())
+
+
 def test_offsets_for_times_and_watermarks(broker):
     topic = create_topic(broker.bootstrap, topic_name("kp-times"))
     p = kp_producer(broker.bootstrap, linger_ms=50)

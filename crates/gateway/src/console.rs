@@ -101,8 +101,13 @@ fn internal(gateway: &Gateway, name: &str) -> bool {
 }
 
 async fn overview(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
-    let (brokers, topics) = blocking(&gateway, |g| {
-        g.producer.cluster_metadata(None).map_err(|e| e.to_string())
+    let (brokers, topics, sizes) = blocking(&gateway, |g| {
+        let (brokers, topics) = g
+            .producer
+            .cluster_metadata(None)
+            .map_err(|e| e.to_string())?;
+        let sizes = log_dir_sizes(&brokers, None);
+        Ok((brokers, topics, sizes))
     })
     .await?;
     let user: Vec<_> = topics
@@ -116,6 +121,7 @@ async fn overview(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiEr
         "topics": user.len(),
         "partitions": user.iter().map(|t| t.partitions.len()).sum::<usize>(),
         "internal_topics": topics.len() - user.len(),
+        "size_bytes": sizes.map(|s| s.values().sum::<i64>()),
         "pipelines": gateway.pipelines.count(),
     }))
     .into_response())
@@ -142,32 +148,64 @@ async fn topics(
 ) -> Result<Response, ApiError> {
     let limit = page.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let (total, rows) = blocking(&gateway, move |g| {
-        let mut topics = g
+        let (brokers, mut topics) = g
             .producer
-            .topics_metadata(None)
+            .cluster_metadata(None)
             .map_err(|e| e.to_string())?;
         topics.retain(|t| {
             (page.internal || !internal(g, &t.name)) && t.name.contains(page.search.as_str())
         });
         topics.sort_by(|a, b| a.name.cmp(&b.name));
         let total = topics.len();
+        let shown: Vec<_> = topics.into_iter().skip(page.offset).take(limit).collect();
+        let asked: Vec<(String, Vec<i32>)> = shown
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.partitions.iter().map(|(p, ..)| *p).collect(),
+                )
+            })
+            .collect();
+        let sizes = log_dir_sizes(&brokers, Some(&asked));
         let mut rows = Vec::new();
-        for t in topics.into_iter().skip(page.offset).take(limit) {
-            let mut records = 0i64;
+        for t in shown {
+            let (mut records, mut end) = (0i64, 0i64);
             for (p, ..) in &t.partitions {
                 let (low, high) = g
                     .producer
                     .watermarks(&t.name, *p)
                     .map_err(|e| e.to_string())?;
                 records += (high - low).max(0);
+                end += high.max(0);
             }
+            let size = sizes.as_ref().map(|s| s.get(&t.name).copied().unwrap_or(0));
             rows.push(
-                json!({"name": t.name, "partitions": t.partitions.len(), "records": records}),
+                json!({"name": t.name, "partitions": t.partitions.len(), "records": records,
+                             "end_offsets": end, "size_bytes": size}),
             );
         }
         Ok((total, rows))
     })
     .await?;
+    // Retention of the page's topics, in one DescribeConfigs.
+    let mut rows = rows;
+    if let Ok(admin) = admin(&gateway) {
+        use rdkafka::admin::ResourceSpecifier;
+        let names: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect();
+        let resources: Vec<_> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+        if let Ok(results) = admin.describe_configs(&resources, &admin_options()).await {
+            for (row, result) in rows.iter_mut().zip(results) {
+                let retention = result
+                    .ok()
+                    .and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone()));
+                row["retention_ms"] = json!(retention.and_then(|v| v.parse::<i64>().ok()));
+            }
+        }
+    }
     Ok(
         Json(json!({"total": total, "offset": page.offset, "limit": limit, "topics": rows}))
             .into_response(),
@@ -213,6 +251,67 @@ async fn topic(
         }
         None => Err(ApiError::topic_not_found(&name)),
     }
+}
+
+/// How long a broker may take to answer DescribeLogDirs; largest answer read.
+const LOG_DIRS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_LOG_DIRS_ANSWER: usize = 64 << 20;
+
+/// Bytes on disk of each topic (only `topics`, with their partitions, or all), summed
+/// over every broker's
+/// log directories (replicas included), by DescribeLogDirs v1 to each broker;
+/// `None` when no broker answered (a cluster that does not serve it, a TLS
+/// listener). A topic no broker holds a byte of is missing from the map.
+fn log_dir_sizes(
+    brokers: &[crate::producer::BrokerAddress],
+    topics: Option<&[(String, Vec<i32>)]>,
+) -> Option<std::collections::HashMap<String, i64>> {
+    use protocol::kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
+    use protocol::kafka_protocol::messages::{DescribeLogDirsRequest, TopicName};
+    use protocol::kafka_protocol::protocol::StrBytes;
+    if topics.is_some_and(|t| t.is_empty()) {
+        return Some(Default::default());
+    }
+    let request = DescribeLogDirsRequest::default().with_topics(topics.map(|names| {
+        names
+            .iter()
+            .map(|(name, partitions)| {
+                DescribableLogDirTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(name.clone())))
+                    .with_partitions(partitions.clone())
+            })
+            .collect()
+    }));
+    let mut sizes: Option<std::collections::HashMap<String, i64>> = None;
+    for (_, host, port) in brokers {
+        let answer = protocol::client::connect(&format!("{host}:{port}"), LOG_DIRS_TIMEOUT)
+            .and_then(|mut stream| {
+                protocol::client::call(
+                    &mut stream,
+                    &request,
+                    1,
+                    1,
+                    "freshet-console",
+                    MAX_LOG_DIRS_ANSWER,
+                )
+            });
+        let Ok(answer) = answer else { continue };
+        if answer.error_code != 0 {
+            continue;
+        }
+        let sizes = sizes.get_or_insert_with(Default::default);
+        for dir in answer.results.iter().filter(|d| d.error_code == 0) {
+            for topic in &dir.topics {
+                let bytes: i64 = topic
+                    .partitions
+                    .iter()
+                    .map(|p| p.partition_size.max(0))
+                    .sum();
+                *sizes.entry(topic.name.0.to_string()).or_default() += bytes;
+            }
+        }
+    }
+    sizes
 }
 
 #[derive(Deserialize)]

@@ -1,10 +1,13 @@
-//! The Kafka wire protocol, as bytes in and values out: nothing here does I/O.
+//! The Kafka wire protocol, as bytes in and values out.
 //!
 //! Owns: length-prefixed framing ([`frame`]), request decoding and response encoding
 //! over the `kafka-protocol` crate ([`codec`]), and zero-copy inspection and
 //! validation of v2 record batches ([`record_batch`]), which both the broker and the
-//! storage layer use. It may not touch sockets, files, tokio or broker state.
+//! storage layer use. It may not touch files, tokio or broker state; its one piece of
+//! I/O is [`client`], a blocking request and answer on a TCP stream for the clients
+//! of the workspace (never the broker's server).
 
+pub mod client;
 pub mod codec;
 pub mod frame;
 pub mod record_batch;

@@ -193,6 +193,19 @@ fn requests(api: ApiKey, version: i16) -> Vec<RequestKind> {
                 ])])
             .into()],
         ApiKey::DescribeCluster => vec![DescribeClusterRequest::default().into()],
+        ApiKey::DescribeLogDirs => vec![
+            DescribeLogDirsRequest::default().with_topics(None).into(),
+            DescribeLogDirsRequest::default()
+                .with_topics(Some(vec![
+                    describe_log_dirs_request::DescribableLogDirTopic::default()
+                        .with_topic(name("t"))
+                        .with_partitions(vec![0, 7]),
+                    describe_log_dirs_request::DescribableLogDirTopic::default()
+                        .with_topic(name("missing"))
+                        .with_partitions(vec![0]),
+                ]))
+                .into(),
+        ],
         ApiKey::InitProducerId => vec![InitProducerIdRequest::default()
             .with_transactional_id(None)
             .with_producer_id(ProducerId(-1))

@@ -19,6 +19,7 @@ pub mod create_topics;
 pub mod delete_records;
 pub mod delete_topics;
 pub mod describe_cluster;
+pub mod describe_log_dirs;
 pub mod fetch;
 pub mod init_producer_id;
 pub mod list_offsets;
@@ -40,6 +41,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
@@ -159,6 +161,7 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
             Reply::in_order(broker, move |b| Reply::now(delete_records::handle(b, r)))
         }
         RequestKind::DescribeConfigs(r) => Reply::now(configs::describe(broker, r, v)),
+        RequestKind::DescribeLogDirs(r) => Reply::now(describe_log_dirs::handle(broker, r)),
         RequestKind::AlterConfigs(r) => {
             Reply::in_order(broker, move |b| Reply::now(configs::alter(b, r)))
         }

@@ -49,6 +49,16 @@ function every(ms, f) {
 }
 
 const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en"));
+// 1536 -> "1.5 KiB".
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+// retention.ms -> "7d", "1h 30m", "forever" (-1).
+const retention = (ms) => (ms === null || ms === undefined ? "–" : ms < 0 ? "forever" : duration(Math.round(ms / 1000)));
 
 function duration(s) {
   const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
@@ -115,6 +125,7 @@ async function overview() {
       card("Uptime", duration(o.uptime_s), "card-uptime"),
       card("Topics", fmt(o.topics), "card-topics"),
       card("Partitions", fmt(o.partitions), "card-partitions"),
+      card("Size on disk", bytes(o.size_bytes), "card-size"),
       card("Pipelines", fmt(o.pipelines), "card-pipelines"));
     const [inRate, outRate] = await Promise.all([rates("freshet_topic_records_in_total"), rates("freshet_topic_records_out_total")]);
     document.getElementById("chart").replaceChildren(lineChart([{ cls: "in", points: inRate }, { cls: "out", points: outRate }]));
@@ -143,13 +154,23 @@ async function topics() {
   const prev = el("button", { id: "topics-prev", onclick: () => { offset = Math.max(0, offset - limit); load(); } }, "‹ Previous");
   const next = el("button", { id: "topics-next", onclick: () => { offset += limit; load(); } }, "Next ›");
   main.replaceChildren(el("h1", {}, "Topics"), create, el("form", { class: "inline", onsubmit: (e) => e.preventDefault() }, search),
-    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", { class: "num" }, "Partitions"), el("th", { class: "num" }, "Records"), el("th", {}, ""))), body),
+    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", { class: "num" }, "Partitions"), el("th", { class: "num" }, "Records"),
+      el("th", { class: "num" }, "Size"), el("th", {}, "Retention"), el("th", { class: "num" }, "Records/s"), el("th", {}, ""))), body),
     el("div", { class: "inline" }, prev, next, pager));
+  // The rate: growth of the end offsets between two loads of the page.
+  let seen = new Map(), seenAt = 0;
   async function load() {
     const page = await api(`/console/api/topics?offset=${offset}&limit=${limit}&search=${encodeURIComponent(search.value)}`);
+    const now = Date.now();
+    const rate = (t) => (seen.has(t.name) ? Math.max(0, (t.end_offsets - seen.get(t.name)) / Math.max(0.001, (now - seenAt) / 1000)) : null);
+    const rates = new Map(page.topics.map((t) => [t.name, rate(t)]));
+    seen = new Map(page.topics.map((t) => [t.name, t.end_offsets]));
+    seenAt = now;
     body.replaceChildren(...page.topics.map((t) => el("tr", { "data-topic": t.name },
       el("td", {}, el("a", { href: `#/topics/${encodeURIComponent(t.name)}` }, t.name)),
       el("td", { class: "num" }, fmt(t.partitions)), el("td", { class: "num" }, fmt(t.records)),
+      el("td", { class: "num", "data-bytes": t.size_bytes ?? "" }, bytes(t.size_bytes)), el("td", {}, retention(t.retention_ms)),
+      el("td", { class: "num" }, rates.get(t.name) === null ? "–" : fmt(Math.round(rates.get(t.name)))),
       el("td", {}, el("button", {
         class: "danger",
         onclick: async () => {

@@ -9,12 +9,10 @@
 //! Plaintext listeners only (librdkafka holds the TLS and SASL settings); with any
 //! other `security.protocol` the groups are left to the session timeout.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use bytes::Bytes;
-use protocol::codec::{decode_client_response, encode_client_request};
+use protocol::client;
 use protocol::kafka_protocol::messages::leave_group_request::MemberIdentity;
 use protocol::kafka_protocol::messages::{FindCoordinatorRequest, GroupId, LeaveGroupRequest};
 use protocol::kafka_protocol::protocol::{Request, StrBytes};
@@ -24,45 +22,17 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Answers to these two requests are small.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// One request and its answer on `stream`.
 fn call<R: Request>(
     stream: &mut TcpStream,
     request: &R,
     version: i16,
     id: i32,
 ) -> Result<R::Response, String> {
-    let frame = encode_client_request(request, version, id, "freshet-pipeline")?;
-    stream.write_all(&frame).map_err(|e| e.to_string())?;
-    let mut size = [0u8; 4];
-    stream.read_exact(&mut size).map_err(|e| e.to_string())?;
-    let size = i32::from_be_bytes(size);
-    if size < 0 || size as usize > MAX_ANSWER {
-        return Err(format!("answer of {size} bytes"));
-    }
-    let mut body = vec![0u8; size as usize];
-    stream.read_exact(&mut body).map_err(|e| e.to_string())?;
-    let (correlation, response) = decode_client_response::<R>(Bytes::from(body), version)?;
-    if correlation != id {
-        return Err(format!("answer to request {correlation}, not {id}"));
-    }
-    Ok(response)
+    client::call(stream, request, version, id, "freshet-pipeline", MAX_ANSWER)
 }
 
 fn connect(address: &str) -> Result<TcpStream, String> {
-    let addr = address
-        .to_socket_addrs()
-        .map_err(|e| format!("{address}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{address}: no address"))?;
-    let stream =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{address}: {e}"))?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    Ok(stream)
+    client::connect(address, TIMEOUT)
 }
 
 /// Removes static member `instance` from `group`.
