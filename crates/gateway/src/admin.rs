@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use rdkafka::bindings as rdsys;
 use rdkafka::client::Client;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
@@ -76,6 +76,22 @@ pub fn error_description(code: RDKafkaErrorCode) -> String {
             text.strip_prefix("Local: ").unwrap_or(text).to_owned()
         }
         Err(_) => "unknown error".to_owned(),
+    }
+}
+
+/// `NAME: description` for an error code.
+pub fn describe_code(code: RDKafkaErrorCode) -> String {
+    format!("{}: {}", error_name(code), error_description(code))
+}
+
+/// `NAME: description` for any rdkafka error.
+pub fn describe_error(error: &KafkaError) -> String {
+    match error {
+        KafkaError::AdminOp(code) => describe_code(*code),
+        other => match other.rdkafka_error_code() {
+            Some(code) => describe_code(code),
+            None => other.to_string(),
+        },
     }
 }
 
@@ -455,6 +471,102 @@ pub fn describe_consumer_groups(
             })
             .collect())
     }
+}
+
+/// Every partition `group` has committed an offset for, with the offset (OffsetFetch
+/// with no topics named, as `kafka-consumer-groups --describe` asks): what the
+/// coordinator holds, however many topics the cluster has.
+pub fn list_group_offsets(
+    client: &Client<impl ClientContext>,
+    group: &str,
+) -> Result<Vec<CommittedOffset>, String> {
+    let rk = client.native_ptr();
+    let c_group = c_string("group id", group)?;
+    // SAFETY: librdkafka copies the group id; a null list asks for every partition.
+    let request = native(
+        unsafe { rdsys::rd_kafka_ListConsumerGroupOffsets_new(c_group.as_ptr(), std::ptr::null()) },
+        rdsys::rd_kafka_ListConsumerGroupOffsets_destroy,
+        "a group offsets request",
+    )?;
+    let options = admin_options(
+        rk,
+        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS,
+        false,
+        false,
+    )?;
+    let queue = new_queue(rk)?;
+    let mut requests = [request.ptr];
+    // SAFETY: rk, the request, options and queue are live for the call; librdkafka
+    // copies the request.
+    unsafe {
+        rdsys::rd_kafka_ListConsumerGroupOffsets(
+            rk,
+            requests.as_mut_ptr(),
+            requests.len(),
+            options.ptr,
+            queue.ptr,
+        )
+    };
+    let event = wait_for_result(&queue)?;
+    // SAFETY: event is live; the result, its group and list are owned by it, and the
+    // list is copied before the event goes.
+    unsafe {
+        let result = rdsys::rd_kafka_event_ListConsumerGroupOffsets_result(event.ptr);
+        if result.is_null() {
+            return Err("unexpected event in answer to OffsetFetch".to_owned());
+        }
+        let mut count = 0usize;
+        let groups = rdsys::rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut count);
+        if groups.is_null() || count == 0 {
+            return Err("the cluster answered OffsetFetch without the group".to_owned());
+        }
+        let group = *groups;
+        let error = rdsys::rd_kafka_group_result_error(group);
+        if !error.is_null() {
+            return Err(error_line(
+                rdsys::rd_kafka_error_code(error),
+                text(rdsys::rd_kafka_error_string(error)),
+            ));
+        }
+        let list = rdsys::rd_kafka_group_result_partitions(group);
+        if list.is_null() || (*list).elems.is_null() {
+            return Ok(Vec::new());
+        }
+        let count = usize::try_from((*list).cnt).unwrap_or(0);
+        let mut committed = Vec::with_capacity(count);
+        for i in 0..count {
+            let element = &*(*list).elems.add(i);
+            if element.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(error_line(element.err, None));
+            }
+            let metadata = if element.metadata.is_null() {
+                String::new()
+            } else {
+                let bytes = std::slice::from_raw_parts(
+                    element.metadata as *const u8,
+                    element.metadata_size,
+                );
+                String::from_utf8_lossy(bytes).into_owned()
+            };
+            committed.push(CommittedOffset {
+                topic: text(element.topic).unwrap_or_default(),
+                partition: element.partition,
+                offset: element.offset,
+                metadata,
+            });
+        }
+        Ok(committed)
+    }
+}
+
+/// One committed offset of a group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedOffset {
+    pub topic: String,
+    pub partition: i32,
+    /// Negative: none (librdkafka's `OFFSET_INVALID`).
+    pub offset: i64,
+    pub metadata: String,
 }
 
 fn state_name(state: rdsys::rd_kafka_consumer_group_state_t) -> String {

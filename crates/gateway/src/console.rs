@@ -471,7 +471,8 @@ async fn group(
     let answer = blocking(&gateway, move |g| {
         use rdkafka::consumer::Consumer;
         let client = group_client(g, &wanted)?;
-        let metadata = client
+        // ListGroups waits for metadata first (see groups::fetch_groups).
+        client
             .fetch_metadata(None, GROUP_TIMEOUT)
             .map_err(|e| e.to_string())?;
         let summary = crate::groups::fetch_groups(&client, Some(&wanted), GROUP_TIMEOUT)
@@ -481,7 +482,7 @@ async fn group(
         let Some(summary) = summary else {
             return Ok(None);
         };
-        let lags = crate::groups::committed_lags(&client, &metadata, &summary, GROUP_TIMEOUT)
+        let lags = crate::groups::committed_lags(&client, &summary, GROUP_TIMEOUT)
             .map_err(lookup)?;
         let behind: Vec<(String, i32, i64)> = lags
             .iter()

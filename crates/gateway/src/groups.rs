@@ -4,26 +4,28 @@
 //! (OffsetFetch, ListOffsets). Generic over the consumer's context; what the caller
 //! prints on an error is its own (see [`LookupError`]).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::groups::GroupInfo;
-use rdkafka::metadata::Metadata;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// A lookup the cluster refused: the client's error, and what was looked up (empty,
-/// or ` (log end offset of t partition 0)`), for the caller to word.
+/// A lookup the cluster refused: the error as `NAME: description`, and what was
+/// looked up (empty, or ` (log end offset of t partition 0)`), for the caller to word.
 #[derive(Debug)]
 pub struct LookupError {
-    pub error: KafkaError,
+    pub error: String,
     pub what: String,
 }
 
 impl LookupError {
     fn new(error: KafkaError, what: String) -> LookupError {
-        LookupError { error, what }
+        LookupError {
+            error: crate::admin::describe_error(&error),
+            what,
+        }
     }
 }
 
@@ -103,64 +105,43 @@ pub struct PartitionLag {
     pub metadata: String,
 }
 
-/// OffsetFetch for every partition of every topic in the cluster's `metadata` and
-/// every partition a member is assigned (a topic may be missing from metadata fetched
-/// a moment earlier), keeping the partitions with a committed offset and the assigned
-/// ones, each with its log end.
+/// Every partition the group has committed an offset for (OffsetFetch naming no
+/// topic: the coordinator's list, whatever the size of the cluster) and every
+/// partition a member is assigned, each with its log end.
 pub fn committed_lags<C: ConsumerContext>(
     client: &BaseConsumer<C>,
-    metadata: &Metadata,
     summary: &GroupSummary,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, LookupError> {
-    let mut wanted: BTreeSet<(String, i32)> = BTreeSet::new();
-    for topic in metadata.topics() {
-        if topic.error().is_some() {
-            continue;
-        }
-        for partition in topic.partitions() {
-            wanted.insert((topic.name().to_owned(), partition.id()));
-        }
-    }
-    let mut assigned: BTreeSet<(String, i32)> = BTreeSet::new();
+    let committed =
+        crate::admin::list_group_offsets(client.client(), &summary.name).map_err(|error| {
+            LookupError {
+                error,
+                what: " (committed offsets)".to_owned(),
+            }
+        })?;
+    let mut partitions: BTreeMap<(String, i32), (Option<i64>, String)> = committed
+        .into_iter()
+        .map(|c| {
+            let offset = (c.offset >= 0).then_some(c.offset);
+            ((c.topic, c.partition), (offset, c.metadata))
+        })
+        .collect();
     for member in &summary.members {
         if let Some(Ok(assignment)) = &member.assignment {
-            for (topic, partitions) in assignment {
-                for &partition in partitions {
-                    assigned.insert((topic.clone(), partition));
+            for (topic, assigned) in assignment {
+                for &partition in assigned {
+                    partitions
+                        .entry((topic.clone(), partition))
+                        .or_insert((None, String::new()));
                 }
             }
         }
     }
-    wanted.extend(assigned.iter().cloned());
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut request = TopicPartitionList::with_capacity(wanted.len());
-    for (topic, partition) in &wanted {
-        request.add_partition(topic, *partition);
-    }
-    let committed = client
-        .committed_offsets(request, timeout)
-        .map_err(|error| LookupError::new(error, String::new()))?;
-    let mut lags = Vec::new();
-    for element in committed.elements() {
-        let (topic, partition) = (element.topic(), element.partition());
-        if let Err(error) = element.error() {
-            return Err(LookupError::new(
-                error,
-                format!(" (committed offset of {topic} partition {partition})"),
-            ));
-        }
-        let committed = match element.offset() {
-            Offset::Offset(offset) if offset >= 0 => Some(offset),
-            _ => None, // nothing committed for this partition
-        };
-        if committed.is_none() && !assigned.contains(&(topic.to_owned(), partition)) {
-            continue;
-        }
+    let mut lags = Vec::with_capacity(partitions.len());
+    for ((topic, partition), (committed, metadata)) in partitions {
         let (_, log_end) = client
-            .fetch_watermarks(topic, partition, timeout)
+            .fetch_watermarks(&topic, partition, timeout)
             .map_err(|error| {
                 LookupError::new(
                     error,
@@ -168,14 +149,13 @@ pub fn committed_lags<C: ConsumerContext>(
                 )
             })?;
         lags.push(PartitionLag {
-            topic: topic.to_owned(),
+            topic,
             partition,
             committed,
             log_end,
-            metadata: element.metadata().to_owned(),
+            metadata,
         });
     }
-    lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     Ok(lags)
 }
 

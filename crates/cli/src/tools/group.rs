@@ -35,9 +35,7 @@ fn fetch_groups(
 
 /// A failed lookup, as this tool words it.
 fn explain(client: &BaseConsumer<ToolContext>, e: LookupError) -> anyhow::Error {
-    client
-        .context()
-        .explain(format!("{}{}", describe_error(&e.error), e.what))
+    client.context().explain(format!("{}{}", e.error, e.what))
 }
 
 #[derive(clap::Args)]
@@ -182,7 +180,7 @@ fn describe(
     group: &str,
     out: &mut String,
 ) -> anyhow::Result<()> {
-    let metadata = cluster_metadata(client)?;
+    cluster_metadata(client)?;
     // A group the cluster does not know is described as Kafka's DescribeGroups
     // describes it: Dead, without members.
     let summary = fetch_groups(client, Some(group))?
@@ -213,7 +211,7 @@ fn describe(
             format_assignment(member.assignment.as_ref())
         )?;
     }
-    let lags = gateway::groups::committed_lags(client, &metadata, &summary, REQUEST_TIMEOUT)
+    let lags = gateway::groups::committed_lags(client, &summary, REQUEST_TIMEOUT)
         .map_err(|e| explain(client, e))?;
     for lag in lags {
         // As kafka-consumer-groups shows a partition without a committed offset.

@@ -23,7 +23,7 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
 
 /// How long a tool waits for cluster metadata or an admin answer before giving up.
-pub use gateway::admin::{error_description, error_name, REQUEST_TIMEOUT};
+pub use gateway::admin::{describe_code, describe_error, error_name, REQUEST_TIMEOUT};
 
 /// Connection flags shared by every Kafka tool.
 #[derive(clap::Args, Debug, Clone)]
@@ -129,22 +129,6 @@ impl ProducerContext for ToolContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for ToolContext {}
-
-/// `NAME: description` for an error code.
-pub fn describe_code(code: RDKafkaErrorCode) -> String {
-    format!("{}: {}", error_name(code), error_description(code))
-}
-
-/// `NAME: description` for any rdkafka error.
-pub fn describe_error(error: &KafkaError) -> String {
-    match error {
-        KafkaError::AdminOp(code) => describe_code(*code),
-        other => match other.rdkafka_error_code() {
-            Some(code) => describe_code(code),
-            None => other.to_string(),
-        },
-    }
-}
 
 /// Runs an rdkafka admin future to completion on this thread. The futures are
 /// runtime-agnostic (they wait on a oneshot fed by rdkafka's own polling thread), so a
