@@ -315,6 +315,13 @@ def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):
     browser("wait_text", selector="#results-chart", text="no windows")
     browser("screenshot", path=str(tmp_path / "pipeline.png"))
     no_errors(browser)
+    # The list of pipelines shows it running, with its counts.
+    browser("open", url=f"{broker.http}/#/pipelines")
+    browser("wait_text", selector=f'tr[data-pipeline="{pipeline}"]', text="running")
+    browser("screenshot", path=str(tmp_path / "pipelines.png"))
+    no_errors(browser)
+    browser("open", url=f"{broker.http}/#/pipelines/{pipeline}")
+    browser("wait_selector", selector="#delete-pipeline")
     browser("click", selector="#delete-pipeline")
     wait_until(lambda: get(f"{broker.http}/pipelines/{pipeline}").status == 404, timeout=30,
                what="the pipeline deleted from its page")

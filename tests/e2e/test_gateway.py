@@ -1076,7 +1076,8 @@ ROUTES = ["/ingest/{}", "/topics", "/topics/{}", "/topics/{}/partitions", "/topi
           "/consumers/{}/instances/{}/subscription", "/consumers/{}/instances/{}/assignments",
           "/consumers/{}/instances/{}/positions", "/consumers/{}/instances/{}/positions/beginning",
           "/consumers/{}/instances/{}/positions/end", "/consumers/{}/instances/{}/records",
-          "/consumers/{}/instances/{}/offsets", "/pipelines", "/pipelines/{}", "/health", "/ready", "/metrics", "/metrics/history",
+          "/consumers/{}/instances/{}/offsets", "/pipelines", "/pipelines/{}", "/pipelines/{}/pause",
+          "/pipelines/{}/resume", "/health", "/ready", "/metrics", "/metrics/history",
           "/openapi.json"]
 
 

@@ -807,7 +807,7 @@ INSERT INTO {out} SELECT city, SUM(amount) AS total FROM {src} GROUP BY city;
     assert d["dead_lettered"] == 2 and d["records_in"] == 4, d
 
 
-def test_cli_create_list_describe_delete(broker, tmp_path):
+def test_cli_create_list_describe_pause_resume_delete(broker, tmp_path):
     src = name("cli")
     create_topic(broker.bootstrap, src)
     produce_json(broker.bootstrap, src, [{"k": "x"}])
@@ -826,6 +826,18 @@ def test_cli_create_list_describe_delete(broker, tmp_path):
     assert r.returncode == 0 and pipeline in r.stdout, r
     wait_until(lambda: json.loads(cli("describe", pipeline).stdout)["records_in"] == 1,
                what="describe shows the record read")
+    # Paused: the run stops (answered once it has); a record produced meanwhile is
+    # counted after the resume, once.
+    r = cli("pause", pipeline)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "paused", r
+    assert "paused" in cli("list").stdout
+    produce_json(broker.bootstrap, src, [{"k": "x"}])
+    r = cli("resume", pipeline)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] != "paused", r
+    wait_until(lambda: [json.loads(r.value)["n"] for r in consume(broker.bootstrap, f"{pipeline}_out")][-1:] == [2],
+               what="the record produced while paused counted after the resume")
+    r = cli("pause", name("nosuch"))
+    assert r.returncode != 0 and "404" in r.stderr, r
     bad = tmp_path / "bad.sql"
     bad.write_text(f"INSERT INTO x SELECT k FROM {src} WHERE;")
     r = cli("create", name("clibad"), str(bad))

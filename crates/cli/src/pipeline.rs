@@ -1,6 +1,6 @@
 //! `freshet pipeline`: run a pipeline here against any Kafka-compatible cluster
 //! (`run`), or manage the pipelines a Freshet server runs, over its HTTP API
-//! (`create`, `list`, `describe`, `delete`).
+//! (`create`, `list`, `describe`, `pause`, `resume`, `delete`).
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +57,19 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: String,
     },
+    /// Stop a pipeline on every server and keep its definition (its groups are left;
+    /// records wait in its sources).
+    Pause {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+    },
+    /// Run a paused pipeline again, from its checkpoints.
+    Resume {
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+    },
     /// Stop a pipeline and forget its definition.
     Delete {
         name: String,
@@ -107,6 +120,18 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         Command::Describe { name, http } => {
             print_answer(request(&http, "GET", &format!("/pipelines/{name}"), b"")?)
         }
+        Command::Pause { name, http } => print_answer(request(
+            &http,
+            "PUT",
+            &format!("/pipelines/{name}/pause"),
+            b"",
+        )?),
+        Command::Resume { name, http } => print_answer(request(
+            &http,
+            "PUT",
+            &format!("/pipelines/{name}/resume"),
+            b"",
+        )?),
         Command::Delete { name, http } => {
             let (status, body) = request(&http, "DELETE", &format!("/pipelines/{name}"), b"")?;
             if status == 204 {
