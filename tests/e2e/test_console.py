@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_fixtures import get
+from gateway_fixtures import gateway_factory, get  # noqa: F401
 from helpers import admin, consume, create_topic, producer, topic_name, wait_futures, wait_until, watermarks
 
 BROKER_ENV = {"FRESHET_HTTP_LISTEN": "127.0.0.1:0", "FRESHET_HTTP_HISTORY_INTERVAL_MS": "200"}
@@ -326,6 +326,30 @@ def test_a_pipelines_results_update_on_its_page(broker, browser, tmp_path):
     wait_until(lambda: get(f"{broker.http}/pipelines/{pipeline}").status == 404, timeout=30,
                what="the pipeline deleted from its page")
     browser("wait_selector", selector="#pipelines-body", state="attached")
+    no_errors(browser)
+
+
+def test_the_console_of_a_standalone_gateway(broker_factory, gateway_factory, browser, tmp_path):
+    """`freshet gateway` in front of a cluster (here a `freshet serve` without HTTP)
+    serves the same console, a Kafka client of that cluster."""
+    b = broker_factory(name="behind-gateway")
+    gw = gateway_factory(brokers=b.bootstrap)
+    topic = create_topic(b.bootstrap, topic_name("standalone"), partitions=3)
+    p = producer(b.bootstrap)
+    for i in range(12):
+        p.produce(topic, json.dumps({"i": i}).encode(), partition=i % 3)
+    assert p.flush(30) == 0
+    browser("open", url=f"{gw.http}/")
+    browser("wait_text", selector="#card-brokers .value", text=f":{b.port}")
+    browser("open", url=f"{gw.http}/#/topics")
+    browser("fill", selector="#topic-search", value=topic)
+    browser("wait_selector", selector=f'tr[data-topic="{topic}"]')
+    row = browser("texts", selector=f'tr[data-topic="{topic}"] td')["texts"]
+    assert row[:3] == [topic, "3", "12"], row
+    browser("open", url=f"{gw.http}/#/topics/{topic}")
+    browser("wait_selector", selector="#partitions-body tr")
+    assert len(browser("texts", selector="#partitions-body tr")["texts"]) == 3
+    browser("screenshot", path=str(tmp_path / "standalone-topic.png"))
     no_errors(browser)
 
 
