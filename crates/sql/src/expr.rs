@@ -63,6 +63,18 @@ pub struct Input<'a> {
     pub headers: &'a [(String, Option<Vec<u8>>)],
 }
 
+impl<'a> Input<'a> {
+    /// The JSON value at `path` (`user.id` is `["user", "id"]`), borrowed from the
+    /// record; `None` when absent (which reads as NULL).
+    pub fn field(&self, path: &[String]) -> Option<&'a serde_json::Value> {
+        let mut at = self.json.field(path.first()?)?;
+        for part in &path[1..] {
+            at = at.get(part)?;
+        }
+        Some(at)
+    }
+}
+
 /// Where an expression is evaluated.
 #[derive(Debug, Clone, Copy)]
 pub enum Context<'a> {
@@ -551,16 +563,7 @@ impl Expr {
             (Expr::Literal(v), _) => Ok(v.clone()),
             (Expr::Slot(i), Context::Row(row)) => Ok(row.get(*i).cloned().unwrap_or(Null)),
             (Expr::Field(path), Context::Input(input)) => {
-                let Some(mut at) = path.first().and_then(|first| input.json.field(first)) else {
-                    return Ok(Null);
-                };
-                for part in &path[1..] {
-                    match at.get(part) {
-                        Some(next) => at = next,
-                        None => return Ok(Null),
-                    }
-                }
-                Ok(Value::from_json(at))
+                Ok(input.field(path).map_or(Null, Value::from_json))
             }
             (Expr::Meta(meta), Context::Input(input)) => Ok(match meta {
                 Meta::Key => input

@@ -35,7 +35,7 @@ impl Operator for Unwindowed {
         if g.has_min_max() {
             g.check(g.map.get(&e.key_bytes), &e.args)?;
         }
-        g.upsert(&e.key_bytes, &e.keys, i64::MIN, i64::MAX, &e.args);
+        g.upsert(&e.key_bytes, &e, input, i64::MIN, i64::MAX);
         g.mark(&e.key_bytes);
         g.recycle(e);
         Ok(Fate::Done)

@@ -34,6 +34,8 @@ pub(super) type Args = Vec<Option<Option<Value>>>;
 /// record to record ([`Groups::recycle`]).
 #[derive(Default)]
 pub(super) struct Evaluated {
+    /// Empty when every key is a JSON field read straight into `key_bytes`: a
+    /// group's keys are built only when a new group needs them ([`Groups::keys_of`]).
     pub keys: Vec<Value>,
     /// The keys' canonical bytes: the start of every group id.
     pub key_bytes: Vec<u8>,
@@ -56,6 +58,8 @@ pub(super) struct Groups {
     pub id: Vec<u8>,
     /// The buffers of the last record's [`Evaluated`], for the next.
     spare: Evaluated,
+    /// Every GROUP BY key is a JSON field of the record.
+    field_keys: bool,
 }
 
 impl Groups {
@@ -71,6 +75,10 @@ impl Groups {
             scratch: Vec::new(),
             id: Vec::new(),
             spare: Evaluated::default(),
+            field_keys: plan
+                .keys
+                .iter()
+                .all(|k| matches!(k, sql::expr::Expr::Field(_))),
         }
     }
 
@@ -80,21 +88,45 @@ impl Groups {
         let ctx = Context::Input(input);
         let mut e = std::mem::take(&mut self.spare);
         e.keys.clear();
-        for k in &self.plan.keys {
-            let key = k
-                .eval(&ctx)
-                .map_err(|e| Error::Rejected(format!("GROUP BY: {e}")))?;
-            e.keys.push(key);
+        e.key_bytes.clear();
+        if self.field_keys {
+            for k in &self.plan.keys {
+                if let sql::expr::Expr::Field(path) = k {
+                    encode::json(&mut e.key_bytes, input.field(path));
+                }
+            }
+        } else {
+            for k in &self.plan.keys {
+                let key = k
+                    .eval(&ctx)
+                    .map_err(|e| Error::Rejected(format!("GROUP BY: {e}")))?;
+                encode::value(&mut e.key_bytes, &key);
+                e.keys.push(key);
+            }
         }
         e.args.clear();
         for call in &self.plan.aggregates {
             e.args.push(eval_call(call, &ctx)?);
         }
-        e.key_bytes.clear();
-        for k in &e.keys {
-            encode::value(&mut e.key_bytes, k);
-        }
         Ok(e)
+    }
+
+    /// A record's key values, for a new group: evaluated now when [`Self::evaluate`]
+    /// read them straight into bytes.
+    pub fn keys_of(&self, e: &Evaluated, input: &Input<'_>) -> Vec<Value> {
+        if !self.field_keys {
+            return e.keys.clone();
+        }
+        self.plan
+            .keys
+            .iter()
+            .map(|k| match k {
+                sql::expr::Expr::Field(path) => {
+                    input.field(path).map_or(Value::Null, Value::from_json)
+                }
+                _ => unreachable!("field_keys: every key is a field"),
+            })
+            .collect()
     }
 
     /// Gives back a record's [`Evaluated`] once done with it: the next record's
@@ -135,13 +167,13 @@ impl Groups {
     /// A new group with a record's values (its bytes count once it is inserted).
     pub fn new_group(
         &mut self,
-        keys: &[Value],
+        keys: Vec<Value>,
         start: i64,
         end: i64,
         args: &[Option<Option<Value>>],
     ) -> Group {
         let mut group = Group {
-            keys: keys.to_vec(),
+            keys,
             start,
             end,
             accs: self
@@ -160,21 +192,23 @@ impl Groups {
         apply(&mut self.scratch, group, args);
     }
 
-    /// Adds to the group `id`, creating it; true when it is new.
+    /// Adds a record (`e`, evaluated from `input`) to the group `id`, creating it;
+    /// true when it is new.
     pub fn upsert(
         &mut self,
         id: &[u8],
-        keys: &[Value],
+        e: &Evaluated,
+        input: &Input<'_>,
         start: i64,
         end: i64,
-        args: &[Option<Option<Value>>],
     ) -> bool {
         // One lookup for a group that exists, the common case.
         if let Some(group) = self.map.get_mut(id) {
-            self.bytes += apply(&mut self.scratch, group, args);
+            self.bytes += apply(&mut self.scratch, group, &e.args);
             return false;
         }
-        let group = self.new_group(keys, start, end, args);
+        let keys = self.keys_of(e, input);
+        let group = self.new_group(keys, start, end, &e.args);
         self.insert(id.to_vec(), group);
         true
     }

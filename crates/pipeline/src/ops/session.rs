@@ -59,6 +59,7 @@ impl Operator for Sessions {
         if watermark.is_some_and(|wm| end <= wm) {
             return Ok(Fate::Late);
         }
+        let keys = self.groups.keys_of(&e, input);
         let key_bytes = e.key_bytes;
         let overlapping: Vec<i64> = self
             .starts
@@ -95,12 +96,12 @@ impl Operator for Sessions {
         let session = match merged {
             Some(mut m) => {
                 self.groups.add(&mut m, &e.args);
-                m.keys = e.keys;
+                m.keys = keys;
                 m.start = start;
                 m.end = stop;
                 m
             }
-            None => self.groups.new_group(&e.keys, start, stop, &e.args),
+            None => self.groups.new_group(keys, start, stop, &e.args),
         };
         let id = window_id(&key_bytes, start);
         self.groups.mark(&id);

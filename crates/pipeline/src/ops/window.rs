@@ -126,7 +126,7 @@ impl Operator for Sliced {
         }
         g.set_id(&e.key_bytes, slice);
         let id = std::mem::take(&mut g.id);
-        if g.upsert(&id, &e.keys, slice, slice + slide, &e.args) {
+        if g.upsert(&id, &e, input, slice, slice + slide) {
             // A new slice: the windows it is in.
             for s in hop_starts(slice, slide, size) {
                 self.closing.insert((s + size, s, e.key_bytes.clone()));

@@ -186,6 +186,14 @@ impl Stats {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
     }
 
+    /// Counts a source record read. The run's first is logged: `bench/pipeline` times
+    /// a run "once running" from that line.
+    pub fn record_in(&self) {
+        if self.records_in.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!("the first source record is read");
+        }
+    }
+
     pub fn set_error(&self, error: &str) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
     }

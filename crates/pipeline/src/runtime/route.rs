@@ -167,7 +167,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
             Some(Ok(message)) => {
                 if let Some(&s) = source_index.get(message.topic()) {
                     positions.insert((s, message.partition()), message.offset() + 1);
-                    stats.records_in.fetch_add(1, Ordering::Relaxed);
+                    stats.record_in();
                     out_count += one(
                         shared,
                         &mut stages,

@@ -547,7 +547,7 @@ fn direct(
         offset: message.offset(),
     };
     if !shared.layout.stage1_reads[s] {
-        stats.records_in.fetch_add(1, Ordering::Relaxed);
+        stats.record_in();
     }
     let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
     // Stage 1 dead-letters what is not JSON when it reads this source too.
