@@ -258,10 +258,9 @@ const LOG_DIRS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_LOG_DIRS_ANSWER: usize = 64 << 20;
 
 /// Bytes on disk of each topic (only `topics`, with their partitions, or all), summed
-/// over every broker's
-/// log directories (replicas included), by DescribeLogDirs v1 to each broker;
-/// `None` when no broker answered (a cluster that does not serve it, a TLS
-/// listener). A topic no broker holds a byte of is missing from the map.
+/// over every broker's log directories (replicas included), by DescribeLogDirs v1 to
+/// each broker; `None` when no broker answered (a cluster that does not serve it, a
+/// TLS listener). A topic no broker holds a byte of is missing from the map.
 fn log_dir_sizes(
     brokers: &[crate::producer::BrokerAddress],
     topics: Option<&[(String, Vec<i32>)]>,
