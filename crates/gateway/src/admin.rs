@@ -158,20 +158,12 @@ pub fn create_topics(
         }
         natives.push(new_topic);
     }
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_CREATETOPICS,
-        validate_only,
-        true,
-    )?;
-    let queue = new_queue(rk)?;
     let mut ptrs: Vec<_> = natives.iter().map(|native| native.ptr).collect();
-    // SAFETY: rk, the topics, options and queue are live for the call; librdkafka copies
-    // what it keeps.
-    unsafe {
-        rdsys::rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options.ptr, queue.ptr)
-    };
-    let event = wait_for_result(&queue)?;
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_CREATETOPICS;
+    // SAFETY: rk and the topics are live for the call; librdkafka copies what it keeps.
+    let event = request(rk, op, validate_only, true, |options, queue| unsafe {
+        rdsys::rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+    })?;
     // SAFETY: event is live; the result and its topic array are owned by the event.
     unsafe {
         let result = rdsys::rd_kafka_event_CreateTopics_result(event.ptr);
@@ -201,19 +193,12 @@ pub fn delete_topics(
             "a DeleteTopic",
         )?);
     }
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DELETETOPICS,
-        false,
-        true,
-    )?;
-    let queue = new_queue(rk)?;
     let mut ptrs: Vec<_> = natives.iter().map(|native| native.ptr).collect();
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DELETETOPICS;
     // SAFETY: as for CreateTopics.
-    unsafe {
-        rdsys::rd_kafka_DeleteTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options.ptr, queue.ptr)
-    };
-    let event = wait_for_result(&queue)?;
+    let event = request(rk, op, false, true, |options, queue| unsafe {
+        rdsys::rd_kafka_DeleteTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+    })?;
     // SAFETY: as for CreateTopics.
     unsafe {
         let result = rdsys::rd_kafka_event_DeleteTopics_result(event.ptr);
@@ -289,25 +274,18 @@ pub fn incremental_alter_topic_configs(
             return Err(format!("{} (config '{key}')", error_line(code, message)));
         }
     }
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
-        false,
-        false,
-    )?;
-    let queue = new_queue(rk)?;
     let mut resources = [resource.ptr];
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS;
     // SAFETY: as for CreateTopics.
-    unsafe {
+    let event = request(rk, op, false, false, |options, queue| unsafe {
         rdsys::rd_kafka_IncrementalAlterConfigs(
             rk,
             resources.as_mut_ptr(),
             resources.len(),
-            options.ptr,
-            queue.ptr,
+            options,
+            queue,
         )
-    };
-    let event = wait_for_result(&queue)?;
+    })?;
     // SAFETY: event is live; the result and its resources are owned by the event.
     unsafe {
         let result = rdsys::rd_kafka_event_IncrementalAlterConfigs_result(event.ptr);
@@ -350,16 +328,11 @@ pub fn list_consumer_groups(
     client: &Client<impl ClientContext>,
 ) -> Result<Vec<GroupListing>, String> {
     let rk = client.native_ptr();
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS,
-        false,
-        false,
-    )?;
-    let queue = new_queue(rk)?;
-    // SAFETY: rk, options and queue are live for the call.
-    unsafe { rdsys::rd_kafka_ListConsumerGroups(rk, options.ptr, queue.ptr) };
-    let event = wait_for_result(&queue)?;
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS;
+    // SAFETY: rk is live for the call.
+    let event = request(rk, op, false, false, |options, queue| unsafe {
+        rdsys::rd_kafka_ListConsumerGroups(rk, options, queue)
+    })?;
     // SAFETY: event is live; the result, its listings and errors are owned by it.
     unsafe {
         let result = rdsys::rd_kafka_event_ListConsumerGroups_result(event.ptr);
@@ -418,25 +391,11 @@ pub fn describe_consumer_groups(
         .map(|name| c_string("group id", name))
         .collect::<Result<Vec<_>, _>>()?;
     let mut ptrs: Vec<*const c_char> = c_names.iter().map(|name| name.as_ptr()).collect();
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
-        false,
-        false,
-    )?;
-    let queue = new_queue(rk)?;
-    // SAFETY: the names outlive the call (librdkafka copies them); rk, options and
-    // queue are live.
-    unsafe {
-        rdsys::rd_kafka_DescribeConsumerGroups(
-            rk,
-            ptrs.as_mut_ptr(),
-            ptrs.len(),
-            options.ptr,
-            queue.ptr,
-        )
-    };
-    let event = wait_for_result(&queue)?;
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS;
+    // SAFETY: the names outlive the call (librdkafka copies them); rk is live.
+    let event = request(rk, op, false, false, |options, queue| unsafe {
+        rdsys::rd_kafka_DescribeConsumerGroups(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+    })?;
     // SAFETY: event is live; the result and its descriptions are owned by it.
     unsafe {
         let result = rdsys::rd_kafka_event_DescribeConsumerGroups_result(event.ptr);
@@ -483,31 +442,23 @@ pub fn list_group_offsets(
     let rk = client.native_ptr();
     let c_group = c_string("group id", group)?;
     // SAFETY: librdkafka copies the group id; a null list asks for every partition.
-    let request = native(
+    let wanted = native(
         unsafe { rdsys::rd_kafka_ListConsumerGroupOffsets_new(c_group.as_ptr(), std::ptr::null()) },
         rdsys::rd_kafka_ListConsumerGroupOffsets_destroy,
         "a group offsets request",
     )?;
-    let options = admin_options(
-        rk,
-        rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS,
-        false,
-        false,
-    )?;
-    let queue = new_queue(rk)?;
-    let mut requests = [request.ptr];
-    // SAFETY: rk, the request, options and queue are live for the call; librdkafka
-    // copies the request.
-    unsafe {
+    let mut requests = [wanted.ptr];
+    let op = rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS;
+    // SAFETY: rk and the request are live for the call; librdkafka copies the request.
+    let event = request(rk, op, false, false, |options, queue| unsafe {
         rdsys::rd_kafka_ListConsumerGroupOffsets(
             rk,
             requests.as_mut_ptr(),
             requests.len(),
-            options.ptr,
-            queue.ptr,
+            options,
+            queue,
         )
-    };
-    let event = wait_for_result(&queue)?;
+    })?;
     // SAFETY: event is live; the result, its group and list are owned by it, and the
     // list is copied before the event goes.
     unsafe {
@@ -693,6 +644,22 @@ fn admin_options(
         }
     }
     Ok(options)
+}
+
+/// One admin request: `send` calls librdkafka's function for it with options (`op`'s,
+/// with the request timeout) and a queue of its own; then the result event is
+/// awaited. The queue goes with this call: the event does not need it.
+fn request(
+    rk: *mut rdsys::rd_kafka_t,
+    op: rdsys::rd_kafka_admin_op_t,
+    validate_only: bool,
+    operation_timeout: bool,
+    send: impl FnOnce(*const rdsys::rd_kafka_AdminOptions_t, *mut rdsys::rd_kafka_queue_t),
+) -> Result<Native<rdsys::rd_kafka_event_t>, String> {
+    let options = admin_options(rk, op, validate_only, operation_timeout)?;
+    let queue = new_queue(rk)?;
+    send(options.ptr, queue.ptr);
+    wait_for_result(&queue)
 }
 
 fn new_queue(rk: *mut rdsys::rd_kafka_t) -> Result<Native<rdsys::rd_kafka_queue_t>, String> {
