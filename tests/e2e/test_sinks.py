@@ -93,9 +93,10 @@ def sink_topics(bootstrap: str, pipeline: str) -> list[str]:
     return [t for t in md.topics if t.startswith(f"_freshet.pipeline.{pipeline}.") and ".sink." in t]
 
 
-def sink_caught_up(pg: Postgres, db: str, bootstrap: str, topic: str, partitions: int) -> bool:
-    """Whether the positions stored with the rows cover the end of the sink's topic."""
-    stored = dict(pg.psql(f"SELECT partition, next_offset FROM freshet_offsets WHERE sink = '{topic}'", db))
+def sink_caught_up(pg: Postgres, db: str, bootstrap: str, sink_id: str, topic: str, partitions: int) -> bool:
+    """Whether the positions stored with the rows under `sink_id` cover the end of
+    `topic`, what the sink reads."""
+    stored = dict(pg.psql(f"SELECT partition, next_offset FROM freshet_offsets WHERE sink = '{sink_id}'", db))
     return all(int(stored.get(str(p), 0)) >= watermarks(bootstrap, topic, p)[1] for p in range(partitions))
 
 
@@ -159,21 +160,25 @@ INSERT INTO lite SELECT CAST(id AS BIGINT) AS id, name FROM {src} WHERE id % 2 =
         feeder.join(120)
         count = lambda: int(pg.psql("SELECT count(*) FROM submissions", db)[0][0])
         wait_until(lambda: count() >= n, timeout=120, what=lambda: f"{n} rows in PostgreSQL (have {count()})")
+        # Every query into each sink is stateless and reads one source: the sinks read
+        # the source themselves (fused), their positions are its offsets (under the
+        # sink topic's id + '.source'), and their topics stay empty.
         topics = {t.rsplit(".", 1)[-1]: t for t in sink_topics(broker.bootstrap, pipeline)}
-        wait_until(lambda: sink_caught_up(pg, db, broker.bootstrap, topics["pg"], partitions), timeout=60,
-                   what="the PostgreSQL sink at the end of its topic")
+        assert all(watermarks(broker.bootstrap, t, p)[1] == 0 for t in topics.values() for p in range(partitions))
+        wait_until(lambda: sink_caught_up(pg, db, broker.bootstrap, topics["pg"] + ".source", src, partitions),
+                   timeout=60, what="the PostgreSQL sink at the end of its source")
         rows = pg.psql("SELECT count(*), count(DISTINCT id), min(id), max(id), "
                        "count(*) FILTER (WHERE email = 'u' || id || '@example.org' AND name = 'user ' || id), "
                        "count(*) FILTER (WHERE received_at > now() - interval '1 hour') FROM submissions", db)[0]
         assert [int(x) for x in rows] == [n, n, 0, n - 1, n, n], rows
         lite_count = lambda: sqlite3.connect(lite).execute("SELECT count(*), count(DISTINCT id) FROM submissions").fetchone()
         wait_until(lambda: lite_count()[0] >= n // 2, timeout=60, what=lambda: f"{n // 2} rows in SQLite ({lite_count()})")
-        # The SQLite sink's positions cover its whole topic: nothing more will come.
+        # The SQLite sink's positions cover its whole source: nothing more will come.
         con = sqlite3.connect(lite)
         wait_until(lambda: all(
             (con.execute("SELECT next_offset FROM freshet_offsets WHERE sink = ? AND partition = ?",
-                         (topics["lite"], p)).fetchone() or [0])[0] >= watermarks(broker.bootstrap, topics["lite"], p)[1]
-            for p in range(partitions)), timeout=60, what="the SQLite sink at the end of its topic")
+                         (topics["lite"] + ".source", p)).fetchone() or [0])[0] >= watermarks(broker.bootstrap, src, p)[1]
+            for p in range(partitions)), timeout=60, what="the SQLite sink at the end of its source")
         assert lite_count() == (n // 2, n // 2)
         ids = {r[0] for r in con.execute("SELECT id FROM submissions")}
         assert ids == {i for i in range(n) if i % 2 == 0}
@@ -293,6 +298,12 @@ def test_a_refused_row_goes_to_the_dead_letter_topic_and_the_rest_is_written(bro
     docs = [{"id": i, "choice": None if i == 7 else "a", "weight": -1 if i == 13 else 1} for i in range(40)]
     docs.append({"id": 41, "choice": "b", "weight": "heavy"})  # not an integer
     produce_json(broker.bootstrap, src, docs)
+    # Refused before the database: a value that is not JSON, and an id CAST cannot
+    # read (the sink reads its source itself, so it dead-letters them, once each).
+    p = producer(broker.bootstrap)
+    p.produce(src, b"not json {")
+    p.produce(src, json.dumps({"id": "forty-three", "choice": "c", "weight": 1}).encode())
+    assert p.flush(10) == 0
     pipeline = name("votes")
     dead = f"{pipeline}.dead-letter"
     sql = f"""
@@ -302,16 +313,24 @@ INSERT INTO v SELECT CAST(id AS BIGINT) AS id, choice, weight FROM {src};
     assert put_pipeline(broker, pipeline, sql).status == 201
     ids = lambda: sorted(int(r[0]) for r in pg.psql("SELECT id FROM votes", db))
     wait_until(lambda: len(ids()) >= 38, timeout=60, what=lambda: f"38 rows written (have {len(ids())})")
-    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 3, timeout=30, what="3 dead letters")
+    wait_until(lambda: watermarks(broker.bootstrap, dead)[1] >= 5, timeout=30, what="5 dead letters")
     assert ids() == [i for i in range(40) if i not in (7, 13)]
     letters = consume(broker.bootstrap, dead)
-    assert len(letters) == 3
-    errors = {json.loads(r.value)["id"]: dict(r.headers)["freshet.error"].decode() for r in letters}
+    assert len(letters) == 5
+    by_db = [r for r in letters if "freshet.sink" in dict(r.headers)]
+    errors = {json.loads(r.value)["id"]: dict(r.headers)["freshet.error"].decode() for r in by_db}
     assert "null value in column \"choice\"" in errors[7], errors
     assert "check constraint" in errors[13], errors
     assert "integer" in errors[41], errors
-    assert all(dict(r.headers)["freshet.sink"] == b"v" for r in letters)
-    assert describe(broker, pipeline)["dead_lettered"] == 3
+    assert all(dict(r.headers)["freshet.sink"] == b"v" for r in by_db)
+    before = {r.value: dict(r.headers) for r in letters if r not in by_db}
+    forty_three = json.dumps({"id": "forty-three", "choice": "c", "weight": 1}).encode()
+    assert sorted(before) == sorted([b"not json {", forty_three]), before
+    assert "not JSON" in before[b"not json {"]["freshet.error"].decode()
+    assert before[b"not json {"]["freshet.source"] == f"{src}/0/41".encode()
+    assert before[forty_three]["freshet.error"].decode().startswith("id: "), before[forty_three]
+    assert before[forty_three]["freshet.source"] == f"{src}/0/42".encode()
+    assert describe(broker, pipeline)["dead_lettered"] == 5
 
     # A table that is not there: a clear error, and the pipeline stops.
     missing = name("missing")

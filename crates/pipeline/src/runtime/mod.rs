@@ -419,6 +419,10 @@ struct Layout {
     in_stage1: Vec<bool>,
     /// Per query: a grouped query read directly by its task.
     direct: Vec<bool>,
+    /// Per sink: the source it reads itself, when every query into it is stateless
+    /// and reads that one source (its rows then go from the source record straight
+    /// into the database, not through the sink's topic).
+    fused: Vec<Option<usize>>,
     /// Per source: whether stage 1 reads it.
     stage1_reads: Vec<bool>,
     /// Partitions of the repartition topic (0: nothing is routed).
@@ -452,7 +456,25 @@ impl Layout {
                 Exchange::ByGroupKey => partitions(&q.source.topic) == 1,
             })
             .collect();
-        let in_stage1: Vec<bool> = direct.iter().map(|d| !d).collect();
+        let fused: Vec<Option<usize>> = (0..prepared.plan.sinks.len())
+            .map(|i| {
+                let into: Vec<&sql::plan::Query> =
+                    queries.iter().filter(|q| q.sink == Some(i)).collect();
+                let topic = &into.first()?.source.topic;
+                if into
+                    .iter()
+                    .any(|q| q.exchange() != Exchange::None || q.source.topic != *topic)
+                {
+                    return None;
+                }
+                prepared.sources.iter().position(|(t, _)| t == topic)
+            })
+            .collect();
+        let in_stage1: Vec<bool> = queries
+            .iter()
+            .zip(&direct)
+            .map(|(q, d)| !d && q.sink.is_none_or(|i| fused[i].is_none()))
+            .collect();
         let routed_tasks = queries
             .iter()
             .enumerate()
@@ -479,6 +501,7 @@ impl Layout {
         Layout {
             in_stage1,
             direct,
+            fused,
             stage1_reads,
             routed_tasks,
             inputs,

@@ -1,6 +1,7 @@
 //! The `http` connector (webhook): each batch is POSTed to `url` as a JSON array of
-//! rows, with `Idempotency-Key: <sink topic>/<partition>:<first>-<last>[,...]` (the
-//! offsets of the sink topic's records in it; one request per try, HTTP/1.1 over
+//! rows, with `Idempotency-Key: <sink id>/<partition>:<first>-<last>[,...]` (the
+//! offsets of the sink's input records in it: its topic's, or a fused sink's
+//! source's; one request per try, HTTP/1.1 over
 //! TCP, or TLS for `https://` (rustls: the server's certificate must chain to
 //! Mozilla's roots or to a CA of the sink's `ca` file). At-least-once: a batch is POSTed again after a failure or a crash, with
 //! the same key when it holds the same records.

@@ -4,7 +4,8 @@
 //! The queries that `INSERT INTO` a sink write their rows to the sink's topic
 //! ([`sink_topic`]); per sink, one thread reads that topic in the sink's consumer
 //! group into batches, and a second writes each batch into the table while the
-//! next is read. Exactly once: each transaction reads
+//! next is read. A sink whose queries are all stateless and read one source reads
+//! that source itself instead (`fused`): the same, with source offsets as positions. Exactly once: each transaction reads
 //! the sink's positions from the `freshet_offsets` table *in the same database*
 //! (locked), skips what they cover, writes the rows and the new positions, and
 //! commits; the Kafka group's offsets are committed after, only to split the work and
@@ -26,6 +27,7 @@
 //! backoff, the batch kept: the sink's lag grows and nothing is lost.
 
 mod file;
+mod fused;
 mod http;
 mod postgres;
 mod redis;
@@ -254,20 +256,43 @@ impl Columns {
     }
 }
 
-/// One record of the sink's topic, read.
+/// One record of the sink's input, read: a row of the sink's topic, or a row a
+/// fused sink's query made of a source record.
 struct Record {
-    message: OwnedMessage,
-    /// `None`: not a JSON object (sent to the dead-letter topic).
-    row: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where in the sink's input (its topic, or a fused sink's source) it was.
+    partition: i32,
+    offset: i64,
+    /// The rows one fused source record gave are numbered from 0 (a record of the
+    /// sink's topic is one row: 0).
+    part: u32,
+    body: Body,
+    /// What goes to the dead-letter topic if the database refuses the row.
+    message: Option<OwnedMessage>,
     origin: Option<(String, i64)>,
 }
 
+enum Body {
+    Row(serde_json::Map<String, serde_json::Value>),
+    /// Not a JSON object: dead-lettered.
+    NotObject,
+    /// Nothing to write (filtered out, or sent to the dead-letter topic when read):
+    /// only the position moves past it; `dead_lettered` says a copy was queued, so
+    /// the producer is flushed before the position is stored.
+    Skip {
+        dead_lettered: bool,
+    },
+}
+
+impl Body {
+    fn of(value: &[u8]) -> Body {
+        match serde_json::from_slice::<serde_json::Value>(value) {
+            Ok(serde_json::Value::Object(map)) => Body::Row(map),
+            _ => Body::NotObject,
+        }
+    }
+}
+
 fn read(message: &BorrowedMessage<'_>) -> Record {
-    let row =
-        match serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()) {
-            Ok(serde_json::Value::Object(map)) => Some(map),
-            _ => None,
-        };
     let origin = message.headers().and_then(|h| {
         let v = h.iter().find(|h| h.key == ORIGIN_HEADER)?.value?;
         let v = std::str::from_utf8(v).ok()?;
@@ -275,8 +300,11 @@ fn read(message: &BorrowedMessage<'_>) -> Record {
         Some((source.to_string(), offset.parse().ok()?))
     });
     Record {
-        message: message.detach(),
-        row,
+        partition: message.partition(),
+        offset: message.offset(),
+        part: 0,
+        body: Body::of(message.payload().unwrap_or_default()),
+        message: Some(message.detach()),
         origin,
     }
 }
@@ -332,7 +360,19 @@ pub(super) fn run(
     else {
         return Ok(()); // created but written by no query
     };
-    let id = topic.as_str();
+    // A fused sink reads its source, and its positions are the source's offsets,
+    // under an id of their own.
+    let mut fused = fused::Fused::new(shared, index);
+    let (read_topic, id) = match &fused {
+        Some(f) => (f.topic().to_string(), format!("{topic}.source")),
+        None => (topic.clone(), topic.clone()),
+    };
+    let source = fused.as_ref().map(|f| f.topic().to_string());
+    let upgraded_from = source.as_deref().map(|source| Upgrade {
+        id: topic.as_str(),
+        source,
+    });
+    let id = id.as_str();
     let columns = {
         let mut query = Some(Vec::new());
         for q in plan.queries.iter().filter(|q| q.sink == Some(index)) {
@@ -374,8 +414,9 @@ pub(super) fn run(
         DefaultConsumerContext,
     )?;
     consumer
-        .subscribe(&[&topic])
+        .subscribe(&[&read_topic])
         .map_err(|e| Error::Cluster(e.to_string()))?;
+    let topic = read_topic.as_str();
 
     let interval = Duration::from_millis(sink.batch_interval_ms.max(1) as u64);
     let mut batch: Vec<Record> = Vec::new();
@@ -409,11 +450,11 @@ pub(super) fn run(
                 .iter()
                 .filter_map(|e| {
                     let (low, high) = consumer
-                        .fetch_watermarks(&topic, e.partition(), Duration::from_secs(1))
+                        .fetch_watermarks(topic, e.partition(), Duration::from_secs(1))
                         .ok()?;
                     let read = position
                         .as_ref()
-                        .and_then(|p| p.find_partition(&topic, e.partition()))
+                        .and_then(|p| p.find_partition(topic, e.partition()))
                         .and_then(|p| p.offset().to_raw())
                         .filter(|o| *o >= 0);
                     let next = applied.get(&e.partition()).copied().or(read).unwrap_or(low);
@@ -431,7 +472,7 @@ pub(super) fn run(
         let mut tpl = TopicPartitionList::new();
         for (partition, next) in written.next {
             applied.insert(partition, next);
-            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(next));
         }
         let _ = consumer.commit(&tpl, CommitMode::Async);
     };
@@ -447,6 +488,7 @@ pub(super) fn run(
                     shared,
                     target.as_mut(),
                     id,
+                    upgraded_from.as_ref(),
                     sink_name,
                     batches,
                     written_tx,
@@ -510,7 +552,11 @@ pub(super) fn run(
                     if batch.is_empty() {
                         first_at = Instant::now();
                     }
-                    batch.push(read(&message));
+                    match &mut fused {
+                        // All the rows of one source record go into one batch.
+                        Some(f) => f.read(shared, &message, &mut batch)?,
+                        None => batch.push(read(&message)),
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
@@ -555,6 +601,7 @@ fn write_batches(
     shared: &Shared<'_>,
     target: &mut dyn Target,
     id: &str,
+    upgraded_from: Option<&Upgrade<'_>>,
     sink: &str,
     batches: std::sync::mpsc::Receiver<Vec<Record>>,
     written: std::sync::mpsc::Sender<Written>,
@@ -564,7 +611,7 @@ fn write_batches(
     for batch in batches {
         let mut backoff = Backoff::new();
         let next = loop {
-            match write(shared, target, id, sink, &batch) {
+            match write(shared, target, id, upgraded_from, sink, &batch) {
                 Ok(next) => break next,
                 Err(Failure::Config(e)) => return Err(Error::Sink(format!("sink '{sink}': {e}"))),
                 Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
@@ -581,7 +628,10 @@ fn write_batches(
             }
         };
         retrying.store(false, Ordering::Relaxed);
-        let rows = batch.len();
+        let rows = batch
+            .iter()
+            .filter(|r| !matches!(r.body, Body::Skip { .. }))
+            .count();
         if written.send(Written { rows, next }).is_err() {
             return Ok(());
         }
@@ -623,22 +673,36 @@ fn write(
     shared: &Shared<'_>,
     target: &mut dyn Target,
     id: &str,
+    upgraded_from: Option<&Upgrade<'_>>,
     sink: &str,
     batch: &[Record],
 ) -> Result<Vec<(i32, i64)>, Failure> {
     target.begin()?;
     let result = (|| {
-        let mut partitions: Vec<i32> = batch.iter().map(|r| r.message.partition()).collect();
+        let mut partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
         partitions.sort_unstable();
         partitions.dedup();
         let mut positions = target.positions(id, &partitions)?;
+        if let Some(old) = upgraded_from {
+            upgrade(target, old, &partitions, &mut positions)?;
+        }
         let mut fresh: Vec<&Record> = Vec::new();
+        // The last (offset, part) taken per partition: a record read twice in one
+        // batch (the partition revoked and assigned again) is taken once.
+        let mut taken: HashMap<i32, (i64, u32)> = HashMap::new();
+        let mut flush = false;
         for r in batch {
-            let p = positions.entry(r.message.partition()).or_default();
-            if r.message.offset() < p.next {
+            let p = positions.entry(r.partition).or_default();
+            let last = taken.get(&r.partition).copied();
+            if r.offset < p.next && last.is_none_or(|l| (r.offset, r.part) <= l) {
                 continue;
             }
-            p.next = r.message.offset() + 1;
+            taken.insert(r.partition, (r.offset, r.part));
+            p.next = r.offset + 1;
+            if let Body::Skip { dead_lettered } = r.body {
+                flush |= dead_lettered;
+                continue;
+            }
             if let Some((source, offset)) = &r.origin {
                 let applied = p.origins.entry(source.clone()).or_insert(-1);
                 if *offset <= *applied {
@@ -649,6 +713,12 @@ fn write(
             fresh.push(r);
         }
         let rejected = insert_all(target, &fresh)?;
+        if flush && rejected.is_empty() {
+            // Copies the reader queued for the dead-letter topic.
+            shared
+                .flush()
+                .map_err(|e| Failure::Unavailable(e.to_string()))?;
+        }
         if !rejected.is_empty() {
             for (r, error) in &rejected {
                 dead_letter(shared, sink, r, error)
@@ -675,6 +745,54 @@ fn write(
     result
 }
 
+/// Where a fused sink's positions were kept before sinks read their source
+/// themselves: under the sink topic's id, as the highest source offset applied per
+/// query and source partition (`Position::origins`).
+struct Upgrade<'a> {
+    id: &'a str,
+    source: &'a str,
+}
+
+/// A fused sink's partitions with no position of their own start where the sink's
+/// topic left them: past the highest source offset applied (a pipeline defined
+/// before an upgrade writes no row twice).
+fn upgrade(
+    target: &mut dyn Target,
+    old: &Upgrade<'_>,
+    partitions: &[i32],
+    positions: &mut HashMap<i32, Position>,
+) -> Result<(), Failure> {
+    let missing: Vec<i32> = partitions
+        .iter()
+        .filter(|p| !positions.contains_key(p))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let before = target.positions(old.id, &missing)?;
+    for p in missing {
+        let suffix = format!("/{}/{p}", old.source);
+        let applied = before.get(&p).and_then(|b| {
+            b.origins
+                .iter()
+                .filter(|(k, _)| k.ends_with(&suffix))
+                .map(|(_, v)| *v)
+                .max()
+        });
+        if let Some(applied) = applied {
+            positions.insert(
+                p,
+                Position {
+                    next: applied + 1,
+                    origins: Default::default(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes `records` (compacted by primary key: the last row of a key wins). A batch
 /// the database refuses is written again row by row, each in a savepoint; returns the
 /// records refused, with the database's message.
@@ -685,9 +803,10 @@ fn insert_all<'a>(
     let mut rejected: Vec<(&Record, String)> = Vec::new();
     let mut rows: Vec<(&Record, &serde_json::Map<String, serde_json::Value>)> = Vec::new();
     for r in records {
-        match &r.row {
-            Some(row) => rows.push((r, row)),
-            None => rejected.push((r, "the row is not a JSON object".into())),
+        match &r.body {
+            Body::Row(row) => rows.push((r, row)),
+            Body::NotObject => rejected.push((r, "the row is not a JSON object".into())),
+            Body::Skip { .. } => {}
         }
     }
     let rows = compact(rows, target.primary_key());
@@ -697,8 +816,8 @@ fn insert_all<'a>(
     target.savepoint()?;
     let out = |r: &Record, row| Out {
         row,
-        partition: r.message.partition(),
-        offset: r.message.offset(),
+        partition: r.partition,
+        offset: r.offset,
     };
     let values: Vec<Out<'_>> = rows.iter().map(|(r, row)| out(r, *row)).collect();
     match target.insert(&values) {
@@ -746,7 +865,9 @@ fn compact<'a, T>(
 }
 
 fn dead_letter(shared: &Shared<'_>, sink: &str, record: &Record, error: &str) -> Result<(), Error> {
-    let m = &record.message;
+    let Some(m) = &record.message else {
+        return Ok(());
+    };
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     if let Some(h) = m.headers() {
         for h in h.iter() {
@@ -820,6 +941,62 @@ mod tests {
             columns(&["j"]).create_table("t", &query, untyped),
             r#"CREATE TABLE IF NOT EXISTS t ("a""b" BIGINT, "j", PRIMARY KEY ("j"))"#
         );
+    }
+
+    #[test]
+    fn a_fused_sink_starts_past_what_its_topic_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let sink = Sink {
+            name: "s".into(),
+            connector: Connector::Sqlite {
+                path: path.to_string_lossy().into_owned(),
+            },
+            table: "t".into(),
+            primary_key: Vec::new(),
+            create_table: true,
+            batch_rows: 10,
+            batch_interval_ms: 10,
+        };
+        let columns = Columns {
+            query: Some(vec![("id".into(), ColumnType::Int)]),
+            primary_key: Vec::new(),
+        };
+        let mut target = target(&sink, columns);
+        target.open().unwrap();
+        // What the sink's topic path stored: partition 0 applied src/0 up to 41 (two
+        // queries), partition 1 only another topic's records.
+        let before = |origins: &[(&str, i64)]| Position {
+            next: 99,
+            origins: origins.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        let p0 = before(&[("0/src/0", 41), ("1/src/0", 37), ("0/src2/0", 90)]);
+        let p1 = before(&[("0/other/1", 5)]);
+        target.begin().unwrap();
+        target.store("topic", &[(0, &p0), (1, &p1)]).unwrap();
+        target.commit().unwrap();
+        let old = Upgrade {
+            id: "topic",
+            source: "src",
+        };
+        target.begin().unwrap();
+        let mut positions = target.positions("topic.source", &[0, 1, 2]).unwrap();
+        assert!(positions.is_empty());
+        upgrade(target.as_mut(), &old, &[0, 1, 2], &mut positions).unwrap();
+        assert_eq!(positions.len(), 1, "{positions:?}");
+        assert_eq!(positions[&0].next, 42);
+        // A partition with a position of its own keeps it.
+        let own = Position {
+            next: 7,
+            origins: Default::default(),
+        };
+        target.store("topic.source", &[(0, &own)]).unwrap();
+        target.commit().unwrap();
+        target.begin().unwrap();
+        let mut positions = target.positions("topic.source", &[0]).unwrap();
+        upgrade(target.as_mut(), &old, &[0], &mut positions).unwrap();
+        assert_eq!(positions[&0].next, 7);
+        target.rollback();
     }
 
     #[test]
