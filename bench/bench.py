@@ -103,6 +103,21 @@ def loopback_tcp_limit(seconds=3.0):
 # ---- the broker ------------------------------------------------------------------------
 
 
+def first_read_at(log_path):
+    """The wall-clock time of Freshet's "the first source record is read" log line
+    (logged with RUST_LOG=warn,pipeline::runtime=info), or None."""
+    import datetime
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if "the first source record is read" in line:
+                    stamp = line.split()[0]
+                    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except OSError:
+        pass
+    return None
+
+
 def process_cpu_seconds(pid):
     """user + sys CPU seconds of process `pid` so far (all its threads)."""
     with open(f"/proc/{pid}/stat") as stat:

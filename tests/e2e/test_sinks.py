@@ -323,6 +323,8 @@ INSERT INTO v SELECT CAST(id AS BIGINT) AS id, choice, weight FROM {src};
     assert "check constraint" in errors[13], errors
     assert "integer" in errors[41], errors
     assert all(dict(r.headers)["freshet.sink"] == b"v" for r in by_db)
+    # Each from its source record (the sink reads the source itself).
+    assert sorted(dict(r.headers)["freshet.source"].decode() for r in by_db) == [f"{src}/0/{o}" for o in (13, 40, 7)]
     before = {r.value: dict(r.headers) for r in letters if r not in by_db}
     forty_three = json.dumps({"id": "forty-three", "choice": "c", "weight": 1}).encode()
     assert sorted(before) == sorted([b"not json {", forty_three]), before

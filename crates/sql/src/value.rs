@@ -45,14 +45,19 @@ impl Value {
     /// How the value is written in an output record: timestamps as epoch
     /// milliseconds, non-finite floats as NULL (JSON has no NaN).
     pub fn to_json(&self) -> serde_json::Value {
+        self.clone().into_json()
+    }
+
+    /// [`Value::to_json`], moving strings and documents instead of copying them.
+    pub fn into_json(self) -> serde_json::Value {
         match self {
             Value::Null => serde_json::Value::Null,
-            Value::Bool(b) => serde_json::Value::Bool(*b),
-            Value::Int(i) | Value::Timestamp(i) => serde_json::Value::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f)
+            Value::Bool(b) => serde_json::Value::Bool(b),
+            Value::Int(i) | Value::Timestamp(i) => serde_json::Value::from(i),
+            Value::Float(f) => serde_json::Number::from_f64(f)
                 .map_or(serde_json::Value::Null, serde_json::Value::Number),
-            Value::Str(s) => serde_json::Value::String(s.clone()),
-            Value::Json(j) => j.clone(),
+            Value::Str(s) => serde_json::Value::String(s),
+            Value::Json(j) => j,
         }
     }
 }

@@ -195,13 +195,7 @@ impl QueryOperator {
         } else {
             0
         };
-        let passes = match &self.query.filter {
-            Some(f) => f
-                .eval(&Context::Input(input))
-                .map_err(|e| Error::Rejected(format!("WHERE: {e}")))?
-                .is_true(),
-            None => true,
-        };
+        let passes = self.passes(input)?;
         let Some(watermark) = &mut self.watermark else {
             return if passes {
                 self.op.process(input, t, None, out)
@@ -227,6 +221,39 @@ impl QueryOperator {
             }
         }
         Ok(Fate::Done)
+    }
+
+    /// A stateless query with a select list, for a caller that writes the values
+    /// themselves (a fused sink): the select list's values on `input` into `values`
+    /// (cleared first), or false when `WHERE` drops the record. The errors are
+    /// [`QueryOperator::process`]'s. None for `SELECT *` and grouped queries.
+    pub fn project(
+        &self,
+        input: &Input<'_>,
+        values: &mut Vec<sql::value::Value>,
+    ) -> Option<Result<bool, Error>> {
+        let Body::Map(sql::plan::Projection::Columns(columns)) = &self.query.body else {
+            return None;
+        };
+        values.clear();
+        Some((|| {
+            if !self.passes(input)? {
+                return Ok(false);
+            }
+            select::eval_columns(columns, input, values)?;
+            Ok(true)
+        })())
+    }
+
+    /// Whether `WHERE` keeps `input`.
+    fn passes(&self, input: &Input<'_>) -> Result<bool, Error> {
+        match &self.query.filter {
+            Some(f) => Ok(f
+                .eval(&Context::Input(input))
+                .map_err(|e| Error::Rejected(format!("WHERE: {e}")))?
+                .is_true()),
+            None => Ok(true),
+        }
     }
 
     /// What the first stage of a grouped query needs to route `input` to the task

@@ -3,6 +3,7 @@
 
 use sql::expr::{Context, Expr, Input};
 use sql::plan::Projection;
+use sql::value::Value;
 
 use super::encode::Reader;
 use super::{json_object, Error, Fate, Operator, Row};
@@ -23,6 +24,23 @@ impl Select {
     }
 }
 
+/// The select list's values on `input`, appended to `values` in its order; the
+/// first that fails names its column.
+pub(super) fn eval_columns(
+    columns: &[(String, Expr)],
+    input: &Input<'_>,
+    values: &mut Vec<Value>,
+) -> Result<(), Error> {
+    let ctx = Context::Input(input);
+    for (name, expr) in columns {
+        let v = expr
+            .eval(&ctx)
+            .map_err(|e| Error::Rejected(format!("{name}: {e}")))?;
+        values.push(v);
+    }
+    Ok(())
+}
+
 impl Operator for Select {
     fn process(
         &mut self,
@@ -33,14 +51,8 @@ impl Operator for Select {
     ) -> Result<Fate, Error> {
         let value = match &self.columns {
             Some(columns) => {
-                let ctx = Context::Input(input);
                 let mut values = Vec::with_capacity(columns.len());
-                for (name, expr) in columns {
-                    let v = expr
-                        .eval(&ctx)
-                        .map_err(|e| Error::Rejected(format!("{name}: {e}")))?;
-                    values.push(v);
-                }
+                eval_columns(columns, input, &mut values)?;
                 json_object(columns.iter().map(|(n, _)| n.as_str()).zip(values.iter()))
             }
             None => input.raw.to_vec(),

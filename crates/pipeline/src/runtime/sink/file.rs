@@ -126,7 +126,7 @@ impl Target for File {
 
     fn insert(&mut self, rows: &[Out<'_>]) -> Result<(), Failure> {
         for out in rows {
-            serde_json::to_writer(&mut self.pending, out.row)
+            serde_json::to_writer(&mut self.pending, &out.row)
                 .map_err(|e| Failure::Rejected(e.to_string()))?;
             self.pending.push(b'\n');
         }

@@ -10,6 +10,7 @@
 //! record.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use rdkafka::message::{BorrowedMessage, OwnedMessage, Timestamp};
 use rdkafka::Message;
@@ -24,15 +25,24 @@ pub(super) struct Fused {
     /// The source's index in the prepared pipeline's sources.
     source: usize,
     topic: String,
-    /// The queries into the sink, with their index in the plan.
-    queries: Vec<(usize, QueryOperator)>,
+    queries: Vec<Query>,
     needs_json: bool,
     /// Whether this sink sends a source record that is not JSON to the dead-letter
     /// topic: only when no stage reads the source, and only the first fused sink of
     /// it, so each such record is dead-lettered once.
     dead_letters: bool,
     fields: Vec<serde_json::Value>,
+    values: Vec<sql::value::Value>,
     rows: Vec<Row>,
+}
+
+/// A query into the sink.
+struct Query {
+    /// Its index in the plan.
+    index: usize,
+    op: QueryOperator,
+    /// The names of its select list (None for `SELECT *`).
+    names: Option<Arc<[String]>>,
 }
 
 impl Fused {
@@ -42,12 +52,21 @@ impl Fused {
         let source = layout.fused[index]?;
         let plan = &shared.prepared.plan;
         let topic = shared.prepared.sources[source].0.clone();
-        let queries: Vec<(usize, QueryOperator)> = plan
+        let queries: Vec<_> = plan
             .queries
             .iter()
             .enumerate()
             .filter(|(_, q)| q.sink == Some(index))
-            .map(|(i, q)| (i, QueryOperator::new(q, &plan.settings)))
+            .map(|(i, q)| {
+                let names = q
+                    .columns()
+                    .map(|cs| cs.into_iter().map(|(n, _)| n).collect::<Arc<[String]>>());
+                Query {
+                    index: i,
+                    op: QueryOperator::new(q, &plan.settings),
+                    names,
+                }
+            })
             .collect();
         let read_by_tasks = plan
             .queries
@@ -57,11 +76,12 @@ impl Fused {
         let first_fused = layout.fused.iter().position(|f| *f == Some(source)) == Some(index);
         Some(Fused {
             source,
-            needs_json: queries.iter().any(|(i, _)| plan.queries[*i].source.json),
+            needs_json: queries.iter().any(|q| plan.queries[q.index].source.json),
             queries,
             dead_letters: !layout.stage1_reads[source] && !read_by_tasks && first_fused,
             topic,
             fields: Vec::new(),
+            values: Vec::new(),
             rows: Vec::new(),
         })
     }
@@ -81,12 +101,15 @@ impl Fused {
         let stats = shared.stats;
         stats.record_in();
         let (partition, offset) = (message.partition(), message.offset());
+        let timestamp = message.timestamp().to_millis().unwrap_or(0);
         let skip = |dead_lettered| Record {
             partition,
             offset,
             part: 0,
             body: Body::Skip { dead_lettered },
             message: None,
+            key: None,
+            timestamp,
             origin: None,
         };
         let source = Origin {
@@ -112,7 +135,6 @@ impl Fused {
             false => sql::expr::Json::NULL,
         };
         let headers = input_headers(shared, message);
-        let timestamp = message.timestamp().to_millis().unwrap_or(0);
         let input = Input {
             json,
             raw: message.payload().unwrap_or_default(),
@@ -124,14 +146,32 @@ impl Fused {
         };
         let mut part = 0u32;
         let mut dead_lettered = false;
-        for (q, op) in &mut self.queries {
-            match op.process(&input, &mut self.rows) {
-                Ok(_) => {}
+        for Query { index, op, names } in &mut self.queries {
+            let done = match (op.project(&input, &mut self.values), names) {
+                (Some(Ok(passes)), Some(names)) => {
+                    if passes {
+                        let values = self.values.drain(..).map(|v| v.into_json()).collect();
+                        batch.push(Record {
+                            part,
+                            body: Body::Columns(names.clone(), values),
+                            key: input.key.map(<[u8]>::to_vec),
+                            ..skip(false)
+                        });
+                        part += 1;
+                    }
+                    Ok(())
+                }
+                (Some(Err(e)), _) => Err(e),
+                // SELECT *: the value as it was.
+                _ => op.process(&input, &mut self.rows).map(|_| ()),
+            };
+            match done {
+                Ok(()) => {}
                 Err(ops::Error::Rejected(reason)) => {
                     // An output column failed (a division by zero): the source record
                     // to the dead-letter topic, once, as stage 1 does.
                     if !dead_lettered {
-                        let query = &shared.prepared.plan.queries[*q].output;
+                        let query = &shared.prepared.plan.queries[*index].output;
                         send_copy(
                             &shared.producer,
                             &shared.dead,
@@ -151,8 +191,6 @@ impl Fused {
             for row in self.rows.drain(..) {
                 let body = Body::of(&row.value);
                 batch.push(Record {
-                    partition,
-                    offset,
                     part,
                     body,
                     message: Some(OwnedMessage::new(
@@ -164,7 +202,7 @@ impl Fused {
                         offset,
                         None,
                     )),
-                    origin: None,
+                    ..skip(false)
                 });
                 part += 1;
             }

@@ -340,17 +340,17 @@ mod tests {
         let row = serde_json::Map::new();
         let rows = [
             Out {
-                row: &row,
+                row: super::super::Fields::Object(&row),
                 partition: 1,
                 offset: 7,
             },
             Out {
-                row: &row,
+                row: super::super::Fields::Object(&row),
                 partition: 0,
                 offset: 3,
             },
             Out {
-                row: &row,
+                row: super::super::Fields::Object(&row),
                 partition: 1,
                 offset: 9,
             },

@@ -197,9 +197,47 @@ impl Remembered {
     }
 }
 
-/// A row to write, and where in the sink's topic it was.
+/// A row's columns by name: a JSON object read from the sink's topic, or the values
+/// a fused sink's query made (no object built for them).
+#[derive(Clone, Copy)]
+pub(crate) enum Fields<'a> {
+    Object(&'a serde_json::Map<String, serde_json::Value>),
+    Columns(&'a [String], &'a [serde_json::Value]),
+}
+
+impl<'a> Fields<'a> {
+    pub fn get(&self, name: &str) -> Option<&'a serde_json::Value> {
+        match *self {
+            Fields::Object(map) => map.get(name),
+            Fields::Columns(names, values) => {
+                names.iter().position(|n| n == name).map(|i| &values[i])
+            }
+        }
+    }
+
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&'a str, &'a serde_json::Value)> + 'a> {
+        match *self {
+            Fields::Object(map) => Box::new(map.iter().map(|(k, v)| (k.as_str(), v))),
+            Fields::Columns(names, values) => {
+                Box::new(names.iter().map(String::as_str).zip(values.iter()))
+            }
+        }
+    }
+}
+
+/// As a JSON object.
+impl serde::Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fields::Object(map) => map.serialize(s),
+            Fields::Columns(..) => s.collect_map(self.iter()),
+        }
+    }
+}
+
+/// A row to write, and where in the sink's input it was.
 pub(crate) struct Out<'a> {
-    pub row: &'a serde_json::Map<String, serde_json::Value>,
+    pub row: Fields<'a>,
     pub partition: i32,
     pub offset: i64,
 }
@@ -266,13 +304,19 @@ struct Record {
     /// sink's topic is one row: 0).
     part: u32,
     body: Body,
-    /// What goes to the dead-letter topic if the database refuses the row.
+    /// The record of the sink's topic: what goes to the dead-letter topic if the
+    /// database refuses its row. None for a fused query's row (its values go, with
+    /// the source record's key and timestamp).
     message: Option<OwnedMessage>,
+    key: Option<Vec<u8>>,
+    timestamp: i64,
     origin: Option<(String, i64)>,
 }
 
 enum Body {
     Row(serde_json::Map<String, serde_json::Value>),
+    /// A fused query's row: its columns' names (shared by its rows) and values.
+    Columns(std::sync::Arc<[String]>, Vec<serde_json::Value>),
     /// Not a JSON object: dead-lettered.
     NotObject,
     /// Nothing to write (filtered out, or sent to the dead-letter topic when read):
@@ -305,6 +349,8 @@ fn read(message: &BorrowedMessage<'_>) -> Record {
         part: 0,
         body: Body::of(message.payload().unwrap_or_default()),
         message: Some(message.detach()),
+        key: None,
+        timestamp: 0,
         origin,
     }
 }
@@ -721,7 +767,7 @@ fn write(
         }
         if !rejected.is_empty() {
             for (r, error) in &rejected {
-                dead_letter(shared, sink, r, error)
+                dead_letter(shared, sink, upgraded_from.map(|u| u.source), r, error)
                     .map_err(|e| Failure::Unavailable(e.to_string()))?;
             }
             // The copies are in the dead-letter topic before the positions move past them.
@@ -801,10 +847,11 @@ fn insert_all<'a>(
     records: &[&'a Record],
 ) -> Result<Vec<(&'a Record, String)>, Failure> {
     let mut rejected: Vec<(&Record, String)> = Vec::new();
-    let mut rows: Vec<(&Record, &serde_json::Map<String, serde_json::Value>)> = Vec::new();
+    let mut rows: Vec<(&Record, Fields<'_>)> = Vec::new();
     for r in records {
         match &r.body {
-            Body::Row(row) => rows.push((r, row)),
+            Body::Row(row) => rows.push((r, Fields::Object(row))),
+            Body::Columns(names, values) => rows.push((r, Fields::Columns(names, values))),
             Body::NotObject => rejected.push((r, "the row is not a JSON object".into())),
             Body::Skip { .. } => {}
         }
@@ -841,14 +888,11 @@ fn insert_all<'a>(
 
 /// Keeps the last row of each primary key, in the order of those last rows (an
 /// `ON CONFLICT` statement may not touch one row twice).
-fn compact<'a, T>(
-    rows: Vec<(T, &'a serde_json::Map<String, serde_json::Value>)>,
-    key: &[String],
-) -> Vec<(T, &'a serde_json::Map<String, serde_json::Value>)> {
+fn compact<'a, T>(rows: Vec<(T, Fields<'a>)>, key: &[String]) -> Vec<(T, Fields<'a>)> {
     if key.is_empty() {
         return rows;
     }
-    let key_of = |row: &serde_json::Map<String, serde_json::Value>| {
+    let key_of = |row: &Fields<'a>| {
         key.iter()
             .map(|k| row.get(k).cloned().unwrap_or(serde_json::Value::Null))
             .collect::<Vec<_>>()
@@ -864,9 +908,45 @@ fn compact<'a, T>(
         .collect()
 }
 
-fn dead_letter(shared: &Shared<'_>, sink: &str, record: &Record, error: &str) -> Result<(), Error> {
+fn dead_letter(
+    shared: &Shared<'_>,
+    sink: &str,
+    source: Option<&str>,
+    record: &Record,
+    error: &str,
+) -> Result<(), Error> {
     let Some(m) = &record.message else {
-        return Ok(());
+        // A fused query's row: its values as a JSON object, from its source record.
+        let Body::Columns(names, values) = &record.body else {
+            return Ok(());
+        };
+        let payload = serde_json::to_vec(&Fields::Columns(names, values)).unwrap_or_default();
+        let from = format!(
+            "{}/{}/{}",
+            source.unwrap_or_default(),
+            record.partition,
+            record.offset
+        );
+        let headers = [
+            ("freshet.source", from.as_bytes()),
+            ("freshet.error", error.as_bytes()),
+            ("freshet.sink", sink.as_bytes()),
+        ];
+        let mut owned = rdkafka::message::OwnedHeaders::new_with_capacity(3);
+        for (key, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut out = rdkafka::producer::BaseRecord::to(&shared.dead)
+            .payload(&payload[..])
+            .headers(owned)
+            .timestamp(record.timestamp);
+        if let Some(key) = &record.key {
+            out = out.key(&key[..]);
+        }
+        return super::send(&shared.producer, out);
     };
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     if let Some(h) = m.headers() {
@@ -1000,6 +1080,27 @@ mod tests {
     }
 
     #[test]
+    fn columns_read_and_write_as_their_object() {
+        let names: Vec<String> = ["id", "city", "tags"].map(String::from).to_vec();
+        let values = vec![
+            serde_json::json!(7),
+            serde_json::json!("a\tb \"q\""),
+            serde_json::json!([1, {"x": null}]),
+        ];
+        let object: serde_json::Map<String, serde_json::Value> =
+            names.iter().cloned().zip(values.iter().cloned()).collect();
+        let columns = Fields::Columns(&names, &values);
+        let from_columns: serde_json::Value = serde_json::to_value(columns).unwrap();
+        assert_eq!(from_columns, serde_json::Value::Object(object.clone()));
+        for n in ["id", "city", "tags", "missing"] {
+            assert_eq!(columns.get(n), Fields::Object(&object).get(n), "{n}");
+        }
+        let pairs: Vec<(&str, &serde_json::Value)> = columns.iter().collect();
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(pairs[1], ("city", &values[1]));
+    }
+
+    #[test]
     fn compaction_keeps_the_last_row_of_a_key() {
         let rows: Vec<serde_json::Map<String, serde_json::Value>> = [
             serde_json::json!({"k": 1, "v": "a"}),
@@ -1009,7 +1110,7 @@ mod tests {
         .into_iter()
         .map(|v| v.as_object().unwrap().clone())
         .collect();
-        let input: Vec<(usize, _)> = rows.iter().enumerate().collect();
+        let input: Vec<(usize, _)> = rows.iter().map(Fields::Object).enumerate().collect();
         let kept: Vec<usize> = compact(input.clone(), &["k".to_string()])
             .into_iter()
             .map(|(i, _)| i)

@@ -14,7 +14,7 @@ use futures_util::SinkExt;
 use sql::plan::{ColumnType, Sink};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{quote, Columns, Failure, Out, Position, Target};
+use super::{quote, Columns, Failure, Fields, Out, Position, Target};
 
 pub(crate) struct Postgres {
     url: String,
@@ -94,11 +94,7 @@ fn fits(from: ColumnType, to: &str) -> bool {
 /// One row of `COPY`'s text format: the written columns' values, tab-separated, `\N`
 /// for NULL (or a missing field), each as its column's type reads it, as the
 /// statement's casts would give it.
-fn copy_row(
-    out: &mut Vec<u8>,
-    written: &[(String, String)],
-    row: &serde_json::Map<String, serde_json::Value>,
-) {
+fn copy_row(out: &mut Vec<u8>, written: &[(String, String)], row: Fields<'_>) {
     use serde_json::Value;
     for (i, (name, db_type)) in written.iter().enumerate() {
         if i > 0 {

@@ -327,7 +327,7 @@ impl Target for Redis {
             if let Some(column) = &self.score {
                 let score = score(column, out.row.get(column))?;
                 let member = if self.columns.primary_key.is_empty() {
-                    serde_json::to_vec(out.row).map_err(|e| Failure::Rejected(e.to_string()))?
+                    serde_json::to_vec(&out.row).map_err(|e| Failure::Rejected(e.to_string()))?
                 } else {
                     let key: Vec<Vec<u8>> = self
                         .columns
@@ -354,9 +354,9 @@ impl Target for Redis {
             }
             self.queued.push(vec![b"DEL".to_vec(), key.clone()]);
             let mut hset = vec![b"HSET".to_vec(), key];
-            for (field, value) in out.row {
+            for (field, value) in out.row.iter() {
                 if !value.is_null() {
-                    hset.push(field.clone().into_bytes());
+                    hset.push(field.as_bytes().to_vec());
                     hset.push(text(value));
                 }
             }
