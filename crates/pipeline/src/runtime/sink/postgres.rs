@@ -289,15 +289,20 @@ impl Postgres {
             .conn
             .as_ref()
             .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
-        let mut text = Vec::with_capacity(rows.len() * 128);
-        for row in rows {
-            copy_row(&mut text, &conn.written, row.row);
-        }
+        // Sent in chunks as they are written, so PostgreSQL reads one while the next
+        // is formatted.
+        const CHUNK_ROWS: usize = 512;
         self.rt
             .block_on(async {
                 let sink = conn.client.copy_in::<_, bytes::Bytes>(&conn.copy).await?;
                 futures_util::pin_mut!(sink);
-                sink.send(bytes::Bytes::from(text)).await?;
+                for chunk in rows.chunks(CHUNK_ROWS) {
+                    let mut text = Vec::with_capacity(chunk.len() * 128);
+                    for row in chunk {
+                        copy_row(&mut text, &conn.written, row.row);
+                    }
+                    sink.feed(bytes::Bytes::from(text)).await?;
+                }
                 sink.finish().await
             })
             .map_err(failure)?;
