@@ -464,12 +464,13 @@ pub(super) fn run(
         .map_err(|e| Error::Cluster(e.to_string()))?;
     let topic = read_topic.as_str();
 
-    let interval = Duration::from_millis(sink.batch_interval_ms.max(1) as u64);
+    // Batches and the lag are timed by the coarse clock (read per record).
+    let interval_ms = sink.batch_interval_ms.max(1);
     let mut batch: Vec<Record> = Vec::new();
-    let mut first_at = Instant::now();
+    let mut first_ms = 0;
     // The next offset applied per partition, for the lag `describe` shows.
     let mut applied: HashMap<i32, i64> = HashMap::new();
-    let mut last_lag = Instant::now();
+    let mut last_lag = super::coarse_ms();
     let show = |rows: u64, lag: Option<i64>| {
         let mut sinks = shared.stats.sinks.lock().unwrap_or_else(|e| e.into_inner());
         let entry = sinks
@@ -483,11 +484,11 @@ pub(super) fn run(
     show(0, None);
     // Every second: the records of the assigned partitions not applied yet (during
     // an outage too, so the lag shows it growing).
-    let lag = |last: &mut Instant, applied: &HashMap<i32, i64>| {
-        if last.elapsed() < Duration::from_secs(1) {
+    let lag = |last: &mut i64, now: i64, applied: &HashMap<i32, i64>| {
+        if now - *last < 1000 {
             return;
         }
-        *last = Instant::now();
+        *last = now;
         if let Ok(assignment) = consumer.assignment() {
             // Before its first batch here, a partition counts from where it is read.
             let position = consumer.position().ok();
@@ -569,7 +570,8 @@ pub(super) fn run(
                 }
                 _ => {}
             }
-            lag(&mut last_lag, &applied);
+            let now = super::coarse_ms();
+            lag(&mut last_lag, now, &applied);
             if stopping() {
                 break;
             }
@@ -592,12 +594,12 @@ pub(super) fn run(
             let wait = if batch.is_empty() {
                 super::TICK
             } else {
-                interval.saturating_sub(first_at.elapsed())
+                Duration::from_millis((first_ms + interval_ms - now).max(0) as u64)
             };
             match consumer.poll(wait) {
                 Some(Ok(message)) => {
                     if batch.is_empty() {
-                        first_at = Instant::now();
+                        first_ms = super::coarse_ms();
                     }
                     match &mut fused {
                         // All the rows of one source record go into one batch.
@@ -612,7 +614,7 @@ pub(super) fn run(
                 None => {}
             }
             let full = batch.len() >= sink.batch_rows as usize;
-            if !batch.is_empty() && (full || first_at.elapsed() >= interval) {
+            if !batch.is_empty() && (full || super::coarse_ms() - first_ms >= interval_ms) {
                 pending = Some(std::mem::take(&mut batch));
             }
         }
