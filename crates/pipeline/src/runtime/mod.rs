@@ -35,7 +35,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::Message;
 use serde::Serialize;
@@ -926,10 +926,7 @@ fn send_rows(
 
 /// The headers of a record as a query reads them (`header('x')`): the route header
 /// of the repartition topic is not one of them. None when no query reads headers.
-fn input_headers(
-    shared: &Shared<'_>,
-    message: &BorrowedMessage<'_>,
-) -> Vec<(String, Option<Vec<u8>>)> {
+fn input_headers(shared: &Shared<'_>, message: &impl Message) -> Vec<(String, Option<Vec<u8>>)> {
     if !shared.reads_headers {
         return Vec::new();
     }
@@ -950,7 +947,7 @@ fn input_headers(
 fn send_copy(
     producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     source: &Origin<'_>,
     extra: &[(&str, &str)],
 ) -> Result<(), Error> {
@@ -967,7 +964,7 @@ fn copy(
     producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
     partition: Option<i32>,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     extra: &[(&str, &[u8])],
 ) -> Result<(), Error> {
     let mut headers = OwnedHeaders::new();
@@ -1005,7 +1002,7 @@ fn copy(
 /// `dead_letter`; otherwise the other stage does) and counted: `false`.
 fn read_json(
     shared: &Shared<'_>,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     source: &Origin<'_>,
     s: usize,
     dead_letter: bool,

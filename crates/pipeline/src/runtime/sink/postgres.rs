@@ -23,6 +23,11 @@ pub(crate) struct Postgres {
     columns: Columns,
     rt: tokio::runtime::Runtime,
     conn: Option<Conn>,
+    /// Statements without an answer worth waiting for (`BEGIN`, `SAVEPOINT`), sent
+    /// ahead of the next statement in one round trip with it.
+    ahead: String,
+    /// The positions `store` was given, sent with `COMMIT`.
+    store: Option<(String, Vec<i32>, Vec<i64>, Vec<String>)>,
 }
 
 struct Conn {
@@ -145,7 +150,40 @@ impl Postgres {
                 .build()
                 .expect("a current-thread runtime builds"),
             conn: None,
+            ahead: String::new(),
+            store: None,
         }
+    }
+
+    /// `sql` goes ahead of the next statement, in its round trip.
+    fn send_ahead(&mut self, sql: &str) {
+        self.ahead.push_str(sql);
+        self.ahead.push(';');
+    }
+
+    /// Runs `call` on the connection, preceded in the same round trip by what was
+    /// sent ahead (requests of futures polled together are pipelined; answers come in
+    /// order, and the first error is the one returned).
+    fn call<'c, T, F>(
+        rt: &tokio::runtime::Runtime,
+        conn: &'c Conn,
+        ahead: String,
+        call: impl FnOnce(&'c Client) -> F,
+    ) -> Result<T, Failure>
+    where
+        F: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        rt.block_on(async {
+            if ahead.is_empty() {
+                return call(&conn.client).await;
+            }
+            let (first, then) =
+                futures_util::future::join(conn.client.batch_execute(&ahead), call(&conn.client))
+                    .await;
+            first?;
+            then
+        })
+        .map_err(failure)
     }
 
     fn connect(&mut self) -> Result<Vec<String>, Failure> {
@@ -292,9 +330,12 @@ impl Postgres {
         // Sent in chunks as they are written, so PostgreSQL reads one while the next
         // is formatted.
         const CHUNK_ROWS: usize = 512;
+        let ahead = std::mem::take(&mut self.ahead);
+        let sink = Self::call(&self.rt, conn, ahead, |c| {
+            c.copy_in::<_, bytes::Bytes>(&conn.copy)
+        })?;
         self.rt
             .block_on(async {
-                let sink = conn.client.copy_in::<_, bytes::Bytes>(&conn.copy).await?;
                 futures_util::pin_mut!(sink);
                 for chunk in rows.chunks(CHUNK_ROWS) {
                     let mut text = Vec::with_capacity(chunk.len() * 128);
@@ -314,9 +355,8 @@ impl Postgres {
             .conn
             .as_ref()
             .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
-        self.rt
-            .block_on(conn.client.batch_execute(sql))
-            .map_err(failure)
+        let ahead = std::mem::take(&mut self.ahead);
+        Self::call(&self.rt, conn, ahead, |c| c.batch_execute(sql))
     }
 }
 
@@ -327,14 +367,21 @@ impl Target for Postgres {
 
     fn open(&mut self) -> Result<Vec<String>, Failure> {
         self.conn = None;
+        self.ahead.clear();
+        self.store = None;
         self.connect()
     }
 
+    /// Sent with the positions' lock and read: a batch's transaction costs two round
+    /// trips besides its rows (`BEGIN`, lock, read; `store`, `COMMIT`), not seven.
     fn begin(&mut self) -> Result<(), Failure> {
         if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             self.open()?;
         }
-        self.execute("BEGIN")
+        self.ahead.clear();
+        self.store = None;
+        self.send_ahead("BEGIN");
+        Ok(())
     }
 
     fn positions(
@@ -348,11 +395,16 @@ impl Target for Postgres {
             .as_ref()
             .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
         let partitions = partitions.to_vec();
-        rt.block_on(conn.client.execute(&conn.lock, &[&id, &partitions]))
-            .map_err(failure)?;
-        let rows = rt
-            .block_on(conn.client.query(&conn.positions, &[&id, &partitions]))
-            .map_err(failure)?;
+        let ahead = std::mem::take(&mut self.ahead);
+        let (locked, rows) = Self::call(rt, conn, ahead, |c| async {
+            Ok(futures_util::future::join(
+                c.execute(&conn.lock, &[&id, &partitions]),
+                c.query(&conn.positions, &[&id, &partitions]),
+            )
+            .await)
+        })?;
+        locked.map_err(failure)?;
+        let rows = rows.map_err(failure)?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -370,46 +422,61 @@ impl Target for Postgres {
         }
         let rows: Vec<_> = rows.iter().map(|o| o.row).collect();
         let json = serde_json::to_string(&rows).map_err(|e| Failure::Rejected(e.to_string()))?;
-        let rt = &self.rt;
         let conn = self
             .conn
             .as_ref()
             .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
-        rt.block_on(conn.client.execute(&conn.insert, &[&json]))
-            .map_err(failure)?;
+        let ahead = std::mem::take(&mut self.ahead);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&json];
+        Self::call(&self.rt, conn, ahead, |c| c.execute(&conn.insert, &params))?;
         Ok(())
     }
 
+    /// Sent with the rows.
     fn savepoint(&mut self) -> Result<(), Failure> {
-        self.execute("SAVEPOINT freshet_rows")
+        self.send_ahead("SAVEPOINT freshet_rows");
+        Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), Failure> {
         self.execute("ROLLBACK TO SAVEPOINT freshet_rows")
     }
 
+    /// Sent with `COMMIT`.
     fn store(&mut self, id: &str, positions: &[(i32, &Position)]) -> Result<(), Failure> {
         let partitions: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
         let next: Vec<i64> = positions.iter().map(|(_, p)| p.next).collect();
         let origins: Vec<String> = positions.iter().map(|(_, p)| p.origins_json()).collect();
-        let rt = &self.rt;
+        self.store = Some((id.to_string(), partitions, next, origins));
+        Ok(())
+    }
+
+    /// The positions stored and the transaction committed in one round trip. A failed
+    /// store aborts the transaction, and PostgreSQL answers its `COMMIT` with a
+    /// rollback, not an error: the store's own error is the one that counts.
+    fn commit(&mut self) -> Result<(), Failure> {
+        let Some((id, partitions, next, origins)) = self.store.take() else {
+            return self.execute("COMMIT");
+        };
         let conn = self
             .conn
             .as_ref()
             .ok_or_else(|| Failure::Unavailable("not connected to PostgreSQL".into()))?;
-        rt.block_on(
-            conn.client
-                .execute(&conn.store, &[&id, &partitions, &next, &origins]),
-        )
-        .map_err(failure)?;
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<(), Failure> {
-        self.execute("COMMIT")
+        let ahead = std::mem::take(&mut self.ahead);
+        let (stored, committed) = Self::call(&self.rt, conn, ahead, |c| async {
+            Ok(futures_util::future::join(
+                c.execute(&conn.store, &[&id, &partitions, &next, &origins]),
+                c.batch_execute("COMMIT"),
+            )
+            .await)
+        })?;
+        stored.map_err(failure)?;
+        committed.map_err(failure)
     }
 
     fn rollback(&mut self) {
+        self.ahead.clear();
+        self.store = None;
         if self.execute("ROLLBACK").is_err() {
             // The connection is gone or confused: start a new one next time.
             self.conn = None;
