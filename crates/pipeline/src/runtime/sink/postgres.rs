@@ -27,7 +27,16 @@ pub(crate) struct Postgres {
     /// ahead of the next statement in one round trip with it.
     ahead: String,
     /// The positions `store` was given, sent with `COMMIT`.
-    store: Option<(String, Vec<i32>, Vec<i64>, Vec<String>)>,
+    store: Option<Stored>,
+}
+
+/// A sink's positions to store: its id, and per partition the next offset and the
+/// origins' JSON.
+struct Stored {
+    id: String,
+    partitions: Vec<i32>,
+    next: Vec<i64>,
+    origins: Vec<String>,
 }
 
 struct Conn {
@@ -447,7 +456,12 @@ impl Target for Postgres {
         let partitions: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
         let next: Vec<i64> = positions.iter().map(|(_, p)| p.next).collect();
         let origins: Vec<String> = positions.iter().map(|(_, p)| p.origins_json()).collect();
-        self.store = Some((id.to_string(), partitions, next, origins));
+        self.store = Some(Stored {
+            id: id.to_string(),
+            partitions,
+            next,
+            origins,
+        });
         Ok(())
     }
 
@@ -455,7 +469,13 @@ impl Target for Postgres {
     /// store aborts the transaction, and PostgreSQL answers its `COMMIT` with a
     /// rollback, not an error: the store's own error is the one that counts.
     fn commit(&mut self) -> Result<(), Failure> {
-        let Some((id, partitions, next, origins)) = self.store.take() else {
+        let Some(Stored {
+            id,
+            partitions,
+            next,
+            origins,
+        }) = self.store.take()
+        else {
             return self.execute("COMMIT");
         };
         let conn = self
