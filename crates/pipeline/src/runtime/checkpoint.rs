@@ -181,6 +181,15 @@ impl StateTopic {
         Ok(Claim { epoch, last: epoch })
     }
 
+    /// The first offset of `topic`'s `partition` (its low watermark), or None when
+    /// the cluster does not say (the caller falls back to a logical offset).
+    pub fn first_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.consumer
+            .fetch_watermarks(topic, partition, self.timeout)
+            .ok()
+            .map(|(low, _)| low)
+    }
+
     /// The last checkpoint of `partition` that counts before `claim`.
     pub fn last_before(&self, partition: i32, claim: &Claim) -> Result<Option<Checkpoint>, Error> {
         self.read_last(partition, claim.epoch)

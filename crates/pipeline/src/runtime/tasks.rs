@@ -72,14 +72,19 @@ struct Gate {
 struct Job {
     generation: u64,
     task: TaskId,
+    /// The task's input topic.
+    input: String,
     state_partition: i32,
 }
 
-/// A task claimed, with its last checkpoint, if any.
+/// A task claimed, with its last checkpoint, if any, and the first offset of its
+/// input partition (where a task without a checkpoint starts: a seek to librdkafka's
+/// logical "beginning" waited 500 ms for its offset lookup, the better part of a new
+/// pipeline's start-up).
 struct Loaded {
     generation: u64,
     task: TaskId,
-    result: Result<(Claim, Option<Checkpoint>), Error>,
+    result: Result<(Claim, Option<Checkpoint>, Option<i64>), Error>,
 }
 
 impl Gate {
@@ -113,7 +118,8 @@ impl Loader {
                     }
                     let result = claim.and_then(|c| {
                         let last = state.last_before(job.state_partition, &c)?;
-                        Ok((c, last))
+                        let first = state.first_offset(&job.input, job.task.1);
+                        Ok((c, last, first))
                     });
                     let loaded = Loaded {
                         generation: job.generation,
@@ -174,6 +180,7 @@ impl ConsumerContext for TaskContext {
             let _ = self.loader.jobs.send(Job {
                 generation,
                 task: (input, e.partition()),
+                input: e.topic().to_string(),
                 state_partition: self.inputs[input].1 + e.partition(),
             });
         }
@@ -435,13 +442,14 @@ fn take_events(
         if generation != context.loader.generation() {
             continue; // revoked since
         }
-        let (claim, checkpoint) = result?;
+        let (claim, checkpoint, first) = result?;
         let topic = &shared.layout.inputs[id.0].0;
         let checkpoint = checkpoint.filter(|c| c.plan_hash == shared.hash);
+        let beginning = first.map_or(Offset::Beginning, Offset::Offset);
         let offset = checkpoint
             .as_ref()
             .and_then(|c| c.offsets.iter().find(|(t, p, _)| t == topic && *p == id.1))
-            .map_or(Offset::Beginning, |(_, _, next)| Offset::Offset(*next));
+            .map_or(beginning, |(_, _, next)| Offset::Offset(*next));
         tasks.insert(id, Task::new(shared, id, claim, checkpoint)?);
         let mut resume = TopicPartitionList::new();
         resume.add_partition(topic, id.1);
@@ -742,14 +750,20 @@ mod tests {
         let job = |generation, p| Job {
             generation,
             task: (0, p),
+            input: name.to_string(),
             state_partition: p,
         };
         loader.jobs.send(job(first, 1)).unwrap();
         let got = loaded.recv_timeout(timeout).unwrap();
         assert_eq!((got.generation, got.task), (first, (0, 1)));
-        let (claim, checkpoint) = got.result.unwrap();
+        let (claim, checkpoint, start) = got.result.unwrap();
         assert!(claim.epoch > before.epoch);
         assert_eq!(checkpoint, Some(saved));
+        let low = {
+            let c: BaseConsumer = broker.client().create().unwrap();
+            c.fetch_watermarks(name, 1, timeout).unwrap().0
+        };
+        assert_eq!(start, Some(low), "the input partition's first offset");
 
         let claims_on_0 = high(0);
         loader.revoke();
