@@ -5,7 +5,8 @@
 //! ([`sink_topic`]); per sink, one thread reads that topic in the sink's consumer
 //! group into batches, and a second writes each batch into the table while the
 //! next is read. A sink whose queries are all stateless and read one source reads
-//! that source itself instead (`fused`): the same, with source offsets as positions. Exactly once: each transaction reads
+//! that source itself instead (`fused`): the same, with source offsets as
+//! positions. Exactly once: each transaction reads
 //! the sink's positions from the `freshet_offsets` table *in the same database*
 //! (locked), skips what they cover, writes the rows and the new positions, and
 //! commits; the Kafka group's offsets are committed after, only to split the work and
