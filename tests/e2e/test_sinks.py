@@ -27,7 +27,7 @@ import pytest
 from conftest import freshet_bin
 from databases import Postgres, Redis
 from helpers import admin, consume, create_topic, producer, wait_until, watermarks
-from test_pipeline import BROKER_ENV, describe, generate, name, oracle_for, produce_json, put_pipeline  # noqa: F401
+from test_pipeline import BROKER_ENV, describe, generate, name, oracle_for, produce_json, put_pipeline, run_pipeline  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,55 @@ INSERT INTO lite SELECT CAST(id AS BIGINT) AS id, name FROM {src} WHERE id % 2 =
         log.close()
     report("sinks", f"{n} records into PostgreSQL, SQLite and Redis with {len(marks) - 1} kill -9 of the pipeline "
                     f"and one PostgreSQL restart: each row once in each table")
+
+
+def test_two_queries_into_one_fused_sink_write_each_row_once_through_kill_9(broker, tmp_path):
+    """Two stateless queries from one source into one sink (fused: the sink reads the
+    source itself): a record gives two rows, one, or none (each query has a WHERE),
+    numbered within the record so that a batch never cuts one in two. The pipeline is
+    killed (-9) five times while the records arrive in small batches of 5; every
+    expected row is in the table once, the oracle computed here from the records."""
+    src = name("pairs")
+    create_topic(broker.bootstrap, src)
+    lite = tmp_path / "pairs.db"
+    pipeline = name("pairs")
+    sql_file = tmp_path / "pairs.sql"
+    sql_file.write_text(f"""
+CREATE SINK pairs_db WITH (connector = 'sqlite', path = '{lite}', table = 'pairs', create_table = true, batch_rows = 5);
+INSERT INTO pairs_db SELECT CAST(id AS BIGINT) AS id, 'even' AS kind FROM {src} WHERE id % 2 = 0;
+INSERT INTO pairs_db SELECT CAST(id AS BIGINT) AS id, 'third' AS kind FROM {src} WHERE id % 3 = 0;
+""")
+    n = 3_000
+    expected = sorted([(i, "even") for i in range(n) if i % 2 == 0] + [(i, "third") for i in range(n) if i % 3 == 0])
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+    proc = run_pipeline(broker, pipeline, sql_file, log)
+
+    def rows():
+        try:
+            return sqlite3.connect(lite, timeout=5).execute("SELECT id, kind FROM pairs").fetchall()
+        except sqlite3.OperationalError:
+            return []  # the table is not created yet
+
+    try:
+        for k in range(5):
+            produce_json(broker.bootstrap, src, [{"id": i} for i in range(k * n // 5, (k + 1) * n // 5)])
+            wait_until(lambda: len(rows()) > k * len(expected) // 5, timeout=60, what=f"rows of part {k}")
+            proc.kill()
+            proc.wait(10)
+            proc = run_pipeline(broker, pipeline, sql_file, log)
+        wait_until(lambda: len(rows()) >= len(expected), timeout=60,
+                   what=lambda: f"{len(expected)} rows (have {len(rows())})")
+        # The stored position covers the whole source: nothing more will come.
+        topic = [t for t in sink_topics(broker.bootstrap, pipeline) if t.endswith(".sink.pairs_db")][0]
+        con = sqlite3.connect(lite, timeout=5)
+        wait_until(lambda: (con.execute("SELECT next_offset FROM freshet_offsets WHERE sink = ?",
+                                        (topic + ".source",)).fetchone() or [0])[0] >= n,
+                   timeout=60, what="the sink's position at the end of its source")
+        assert sorted(rows()) == expected
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
 
 
 def test_window_upserts_equal_the_oracle(broker, pg):
