@@ -1016,18 +1016,33 @@ fn read_json(
         Ok(()) => Ok(true),
         Err(_) if !dead_letter => Ok(false),
         Err(err) => {
-            let reason = format!("the value is not JSON: {err}");
-            send_copy(
-                &shared.producer,
-                &shared.dead,
+            dead_letter_input(
+                shared,
                 message,
                 source,
-                &[("freshet.error", &reason)],
+                &format!("the value is not JSON: {err}"),
+                None,
             )?;
-            shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Ok(false)
         }
     }
+}
+
+/// Queues a copy of a refused input record to the dead-letter topic, with its error
+/// in `freshet.error` (and the output of the query that refused it, if one did, in
+/// `freshet.query`), and counts it.
+fn dead_letter_input(
+    shared: &Shared<'_>,
+    message: &impl Message,
+    source: &Origin<'_>,
+    error: &str,
+    query: Option<&str>,
+) -> Result<(), Error> {
+    let mut extra = vec![("freshet.error", error)];
+    extra.extend(query.map(|q| ("freshet.query", q)));
+    send_copy(&shared.producer, &shared.dead, message, source, &extra)?;
+    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Where a source record came from (`topic/partition/offset` in `freshet.source`):

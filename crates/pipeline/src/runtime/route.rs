@@ -27,8 +27,8 @@ use sql::expr::{Input, Json};
 use sql::plan::Body;
 
 use super::{
-    cached_high, copy, group_id, input_headers, read_json, send, send_copy, send_rows, Clock,
-    Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
+    cached_high, copy, dead_letter_input, group_id, input_headers, read_json, send, send_rows,
+    Clock, Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
 
@@ -225,7 +225,6 @@ fn one(
     now: i64,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
-    let stats = shared.stats;
     let source = Origin {
         topic: message.topic(),
         partition: message.partition(),
@@ -263,14 +262,7 @@ fn one(
                 }
                 Err(ops::Error::Rejected(reason)) => {
                     if !dead_sent {
-                        send_copy(
-                            &shared.producer,
-                            &shared.dead,
-                            message,
-                            &source,
-                            &[("freshet.error", &reason), ("freshet.query", output)],
-                        )?;
-                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        dead_letter_input(shared, message, &source, &reason, Some(output))?;
                         dead_sent = true;
                     }
                 }

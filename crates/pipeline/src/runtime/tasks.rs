@@ -31,8 +31,8 @@ use sql::plan::Body;
 use super::checkpoint::{Checkpoint, Claim, StateTopic};
 use super::json;
 use super::{
-    cached_high, input_headers, read_json, send_copy, send_rows, state_topic, tasks_group_id,
-    Clock, Error, Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
+    cached_high, dead_letter_input, input_headers, read_json, send_copy, send_rows, state_topic,
+    tasks_group_id, Clock, Error, Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
 };
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -606,14 +606,7 @@ fn apply(
             stats.late.fetch_add(1, Ordering::Relaxed);
         }
         Err(ops::Error::Rejected(reason)) => {
-            send_copy(
-                &shared.producer,
-                &shared.dead,
-                message,
-                source,
-                &[("freshet.error", &reason), extra],
-            )?;
-            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            dead_letter_input(shared, message, source, &reason, Some(output))?;
         }
         Err(ops::Error::StateLimit { used, limit }) => {
             stats.state_bytes.store(used, Ordering::Relaxed);

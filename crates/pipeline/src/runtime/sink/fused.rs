@@ -16,7 +16,7 @@ use rdkafka::message::{BorrowedMessage, OwnedMessage, Timestamp};
 use rdkafka::Message;
 use sql::expr::Input;
 
-use super::super::{input_headers, read_json, send_copy, Origin, Shared};
+use super::super::{dead_letter_input, input_headers, read_json, Origin, Shared};
 use super::{Body, Record};
 use crate::ops::{self, QueryOperator, Row};
 use crate::runtime::Error;
@@ -172,14 +172,7 @@ impl Fused {
                     // to the dead-letter topic, once, as stage 1 does.
                     if !dead_lettered {
                         let query = &shared.prepared.plan.queries[*index].output;
-                        send_copy(
-                            &shared.producer,
-                            &shared.dead,
-                            message,
-                            &source,
-                            &[("freshet.error", &reason), ("freshet.query", query)],
-                        )?;
-                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        dead_letter_input(shared, message, &source, &reason, Some(query))?;
                         dead_lettered = true;
                     }
                     continue;
