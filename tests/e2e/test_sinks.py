@@ -7,7 +7,9 @@ here) and SQLite files:
 - a windowed query into PostgreSQL as upserts on its primary key: the table equals an
   independent oracle's windows;
 - a row the database refuses goes to the dead-letter topic with the database's message,
-  the others are written; a missing table is a clear error; passwords never show.
+  the others are written; a missing table is a clear error; passwords never show;
+- PostgreSQL's two batches in flight commit over the positions stored, not the ones
+  they expected: records another writer covered are not written again.
 """
 
 from __future__ import annotations
@@ -641,3 +643,52 @@ INSERT INTO o SELECT CAST(id AS BIGINT) AS id FROM {src};
     wait_until(lambda: count() == 1_100, timeout=60, what=lambda: f"1100 rows after the outage ({count()})")
     wait_until(lambda: describe(broker, pipeline)["sinks"]["o"]["lag"] == 0, timeout=30, what="the lag back at 0")
     assert int(pg.psql("SELECT count(DISTINCT id) FROM orders", db)[0][0]) == 1_100
+
+
+def test_postgres_batches_commit_over_the_stored_positions_not_the_expected_ones(broker, pg):
+    """PostgreSQL takes two batches at a time: a batch's rows go in over the positions
+    the batch before it will store, while that one commits, and it commits only if the
+    stored positions are those. Another writer moves the stored position on mid-stream:
+    the records it covers are not written and every other one is, once (a writer that
+    trusted the positions it expected would write them too)."""
+    src = name("moved")
+    create_topic(broker.bootstrap, src)
+    db = name("moved").lower()
+    pg.create_db(db)
+    pipeline = name("moved")
+    sql = f"""
+CREATE SINK m WITH (connector = 'postgres', url = '{pg.url(db)}', table = 'moved', create_table = true,
+                    batch_rows = 50);
+INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    n, skip = 6_000, 500
+
+    def feed():
+        # One partition, in order: record `id` is at offset `id`.
+        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, n, 50):
+            for j in range(i, i + 50):
+                p.produce(src, json.dumps({"id": j}).encode())
+            p.poll(0)
+            time.sleep(0.02)  # pacing (about 3 s in all), not synchronisation
+        assert p.flush(30) == 0
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        count = lambda: int(pg.psql("SELECT count(*) FROM moved", db)[0][0])
+        wait_until(lambda: count() >= 1_000, timeout=60, what="1000 rows written")
+        # Another writer applies `skip` records: the stored position moves on (waiting
+        # for the sink's lock if a batch holds it).
+        moved = pg.psql(f"WITH u AS (UPDATE freshet_offsets SET next_offset = next_offset + {skip} "
+                        f"RETURNING next_offset) SELECT next_offset FROM u", db)
+        assert len(moved) == 1, moved
+        end = int(moved[0][0])
+        assert end < n - 1_000, f"the feed ended before the move ({end})"
+    finally:
+        feeder.join(60)
+    stored = lambda: int(pg.psql("SELECT next_offset FROM freshet_offsets", db)[0][0])
+    wait_until(lambda: stored() >= n, timeout=60, what=lambda: f"the positions at the end ({stored()})")
+    ids = [int(r[0]) for r in pg.psql("SELECT id FROM moved ORDER BY id", db)]
+    assert ids == [i for i in range(n) if not end - skip <= i < end], (len(ids), end)

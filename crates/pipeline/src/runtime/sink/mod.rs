@@ -4,7 +4,9 @@
 //! The queries that `INSERT INTO` a sink write their rows to the sink's topic
 //! ([`sink_topic`]); per sink, one thread reads that topic in the sink's consumer
 //! group into batches, and a second writes each batch into the table while the
-//! next is read. A sink whose queries are all stateless and read one source reads
+//! next is read (for PostgreSQL, two writers on two connections take the batches in
+//! turn, a batch's rows going in while the one before commits; a [`Chain`] keeps
+//! their commits in order). A sink whose queries are all stateless and read one source reads
 //! that source itself instead (`fused`): the same, with source offsets as
 //! positions. Exactly once: each transaction reads
 //! the sink's positions from the `freshet_offsets` table *in the same database*
@@ -37,6 +39,7 @@ mod sqlite;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, TrySendError};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
@@ -161,6 +164,12 @@ pub(crate) trait Target: Send {
     fn store(&mut self, id: &str, positions: &[(i32, &Position)]) -> Result<(), Failure>;
     fn commit(&mut self) -> Result<(), Failure>;
     fn rollback(&mut self);
+    /// How many batches may be in flight at once, each on a connection of its own
+    /// (a target of its own per writer, see [`Chain`]): 1 unless the database lets
+    /// transactions overlap.
+    fn in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// The positions of an at-least-once target (http, file), kept in memory: copies
@@ -439,7 +448,7 @@ pub(super) fn run(
             primary_key: sink.primary_key.clone(),
         }
     };
-    let mut target = target(sink, columns);
+    let mut target = target(sink, columns.clone());
     let mut backoff = Backoff::new();
     // Open the table first: a definition that does not fit stops here.
     loop {
@@ -525,27 +534,51 @@ pub(super) fn run(
         }
         let _ = consumer.commit(&tpl, CommitMode::Async);
     };
-    // The next batch is read while one is written: a writer thread owns the target.
+    // The next batch is read while one is written: a writer thread owns the target;
+    // where the database lets transactions overlap, several writers (a target each)
+    // take the batches in turn, ordered by a `Chain`.
+    let mut targets = vec![target];
+    while targets.len() < targets[0].in_flight() {
+        targets.push(self::target(sink, columns.clone()));
+    }
+    let chain = (targets.len() > 1).then(Chain::new);
     let retrying = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<(), Error> {
-        let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<Record>>(1);
         let (written_tx, written) = std::sync::mpsc::channel::<Written>();
-        let writer = {
+        let of = targets.len();
+        let mut to_writers = Vec::new();
+        let mut writers = Vec::new();
+        for (k, mut target) in targets.into_iter().enumerate() {
+            let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<Record>>(1);
+            to_writers.push(to_writer);
             let (retrying, sink_name) = (&retrying, sink.name.as_str());
-            scope.spawn(move || {
-                write_batches(
-                    shared,
-                    target.as_mut(),
-                    id,
-                    upgraded_from.as_ref(),
-                    sink_name,
-                    batches,
-                    written_tx,
-                    retrying,
-                    stopping,
-                )
-            })
-        };
+            let (written_tx, upgraded_from) = (written_tx.clone(), upgraded_from.as_ref());
+            let turn = chain.as_ref().map(|c| (c, k as u64, of));
+            let writer = std::thread::Builder::new()
+                .name(format!("sink-writer-{k}"))
+                .spawn_scoped(scope, move || {
+                    let result = write_batches(
+                        shared,
+                        target.as_mut(),
+                        id,
+                        upgraded_from,
+                        sink_name,
+                        turn,
+                        batches,
+                        written_tx,
+                        retrying,
+                        stopping,
+                    );
+                    if let Some((chain, ..)) = turn {
+                        chain.stop();
+                    }
+                    result
+                });
+            writers.push(writer.map_err(|e| Error::Sink(format!("sink '{}': {e}", sink.name)))?);
+        }
+        drop(written_tx);
+        // The batches handed over, so the next goes to writer `sent % of`.
+        let mut sent = 0usize;
         // While the writer retries, nothing more is read (paused only then: a pause
         // drops what librdkafka fetched ahead).
         let mut paused: Option<TopicPartitionList> = None;
@@ -555,7 +588,7 @@ pub(super) fn run(
             while let Ok(w) = written.try_recv() {
                 done(w, &mut applied);
             }
-            if writer.is_finished() {
+            if writers.iter().any(|w| w.is_finished()) {
                 break; // a definition error (its result below), or the run stops
             }
             match (retrying.load(Ordering::Relaxed), &paused) {
@@ -577,8 +610,8 @@ pub(super) fn run(
                 break;
             }
             if let Some(full) = pending.take() {
-                match to_writer.try_send(full) {
-                    Ok(()) => {}
+                match to_writers[sent % of].try_send(full) {
+                    Ok(()) => sent += 1,
                     Err(TrySendError::Disconnected(_)) => break,
                     Err(TrySendError::Full(back)) => {
                         pending = Some(back);
@@ -619,13 +652,19 @@ pub(super) fn run(
                 pending = Some(std::mem::take(&mut batch));
             }
         }
-        drop(to_writer);
-        let result = writer.join().unwrap_or_else(|_| {
-            Err(Error::Sink(format!(
-                "sink '{}': its writer panicked",
-                sink.name
-            )))
-        });
+        drop(to_writers);
+        let mut result = Ok(());
+        for writer in writers {
+            let r = writer.join().unwrap_or_else(|_| {
+                Err(Error::Sink(format!(
+                    "sink '{}': its writer panicked",
+                    sink.name
+                )))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
         while let Ok(w) = written.try_recv() {
             done(w, &mut applied);
         }
@@ -647,9 +686,11 @@ struct Written {
     next: Vec<(i32, i64)>,
 }
 
-/// The writer thread of a sink: writes each batch handed over, retrying while the
+/// A writer thread of a sink: writes each batch handed over, retrying while the
 /// database is away (`retrying` set meanwhile); stops at a definition error (the
-/// table does not fit), or when the reader hangs up or the run stops.
+/// table does not fit), or when the reader hangs up or the run stops. With `turn`
+/// (the chain, this writer's index k, the number of writers), it is one of several
+/// and its batches are numbered k+1, k+1+of, ...
 #[allow(clippy::too_many_arguments)]
 fn write_batches(
     shared: &Shared<'_>,
@@ -657,17 +698,34 @@ fn write_batches(
     id: &str,
     upgraded_from: Option<&Upgrade<'_>>,
     sink: &str,
+    turn: Option<(&Chain, u64, usize)>,
     batches: std::sync::mpsc::Receiver<Vec<Record>>,
     written: std::sync::mpsc::Sender<Written>,
     retrying: &AtomicBool,
     stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), Error> {
-    for batch in batches {
+    for (i, batch) in batches.into_iter().enumerate() {
         let mut backoff = Backoff::new();
+        let n = turn.map(|(chain, k, of)| (chain, 1 + k + (i * of) as u64));
         let next = loop {
-            match write(shared, target, id, upgraded_from, sink, &batch) {
+            let result = match n {
+                Some((chain, n)) => write_in_turn(
+                    shared,
+                    target,
+                    id,
+                    upgraded_from,
+                    sink,
+                    &batch,
+                    n,
+                    chain,
+                    stopping,
+                ),
+                None => write(shared, target, id, upgraded_from, sink, &batch, &|_| {}),
+            };
+            match result {
                 Ok(next) => break next,
                 Err(Failure::Config(e)) => return Err(Error::Sink(format!("sink '{sink}': {e}"))),
+                Err(_) if n.is_some_and(|(chain, _)| chain.stopped()) => return Ok(()),
                 Err(Failure::Unavailable(e) | Failure::Rejected(e)) => {
                     note_retry(shared, sink, &e);
                     retrying.store(true, Ordering::Relaxed);
@@ -686,8 +744,12 @@ fn write_batches(
             .iter()
             .filter(|r| !matches!(r.body, Body::Skip { .. }))
             .count();
+        // Told before the next batch may commit: the reader hears of them in order.
         if written.send(Written { rows, next, batch }).is_err() {
             return Ok(());
+        }
+        if let Some((chain, n)) = n {
+            chain.committed(n);
         }
     }
     Ok(())
@@ -722,7 +784,8 @@ impl Backoff {
 }
 
 /// One transaction: the batch's records not yet applied, written with their new
-/// positions. Returns the next offset per partition.
+/// positions (handed to `selected` as soon as they are known). Returns the next
+/// offset per partition.
 fn write(
     shared: &Shared<'_>,
     target: &mut dyn Target,
@@ -730,73 +793,285 @@ fn write(
     upgraded_from: Option<&Upgrade<'_>>,
     sink: &str,
     batch: &[Record],
+    selected: &dyn Fn(&HashMap<i32, Position>),
 ) -> Result<Vec<(i32, i64)>, Failure> {
     target.begin()?;
     let result = (|| {
-        let mut partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
+        let partitions = partitions_of(batch);
         let mut positions = target.positions(id, &partitions)?;
         if let Some(old) = upgraded_from {
             upgrade(target, old, &partitions, &mut positions)?;
         }
-        let mut fresh: Vec<&Record> = Vec::new();
-        // The last (offset, part) taken per partition: a record read twice in one
-        // batch (the partition revoked and assigned again) is taken once.
-        let mut taken: HashMap<i32, (i64, u32)> = HashMap::new();
-        let mut flush = false;
-        for r in batch {
-            let p = positions.entry(r.partition).or_default();
-            let last = taken.get(&r.partition).copied();
-            if r.offset < p.next && last.is_none_or(|l| (r.offset, r.part) <= l) {
-                continue;
-            }
-            taken.insert(r.partition, (r.offset, r.part));
-            p.next = r.offset + 1;
-            if let Body::Skip { dead_lettered } = r.body {
-                flush |= dead_lettered;
-                continue;
-            }
-            if let Some((source, offset)) = &r.origin {
-                let applied = p.origins.entry(source.clone()).or_insert(-1);
-                if *offset <= *applied {
-                    continue;
-                }
-                *applied = *offset;
-            }
-            fresh.push(r);
-        }
+        let (fresh, flush) = select(batch, &mut positions);
+        selected(&positions);
         let rejected = insert_all(target, &fresh)?;
-        if flush && rejected.is_empty() {
-            // Copies the reader queued for the dead-letter topic.
-            shared
-                .flush()
-                .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        }
-        if !rejected.is_empty() {
-            for (r, error) in &rejected {
-                dead_letter(shared, sink, upgraded_from.map(|u| u.source), r, error)
-                    .map_err(|e| Failure::Unavailable(e.to_string()))?;
-            }
-            // The copies are in the dead-letter topic before the positions move past them.
-            shared
-                .flush()
-                .map_err(|e| Failure::Unavailable(e.to_string()))?;
-            shared
-                .stats
-                .dead_lettered
-                .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-        }
-        let stored: Vec<(i32, &Position)> =
-            partitions.iter().map(|p| (*p, &positions[p])).collect();
-        target.store(id, &stored)?;
-        target.commit()?;
-        Ok(partitions.iter().map(|p| (*p, positions[p].next)).collect())
+        finish(
+            shared,
+            target,
+            id,
+            upgraded_from,
+            sink,
+            &partitions,
+            &positions,
+            flush,
+            rejected,
+        )
     })();
     if result.is_err() {
         target.rollback();
     }
     result
+}
+
+/// The order of batches written by several writers at once (a target whose
+/// `in_flight()` is above 1, each writer with a connection of its own). The reader
+/// hands the batches, numbered from 1, to the writers in turn. Batch n:
+/// - takes the positions batch n-1 stores (`known`) as soon as that batch has
+///   selected its records, selects its own records by them and writes them, so its
+///   `COPY` overlaps batch n-1's commit;
+/// - waits until batch n-1 is committed, then locks and reads the stored positions:
+///   if they are the ones it selected by, it stores its own and commits; if not (a
+///   batch before it failed, another instance wrote), it rolls back and writes again
+///   the plain way ([`write`]), which also starts only after batch n-1 is committed.
+///
+/// So batches commit in their order, each over what the one before stored, as with
+/// one writer: a batch never moves a position past records of an earlier batch
+/// that is not committed.
+struct Chain {
+    state: Mutex<ChainState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ChainState {
+    /// Batches 1..=committed are committed.
+    committed: u64,
+    /// The batch whose positions `positions` ends with.
+    known: u64,
+    /// Per partition a batch has touched, the positions the latest batch stores.
+    positions: HashMap<i32, Position>,
+    /// A writer stopped: the others stop too.
+    stopped: bool,
+}
+
+impl Chain {
+    fn new() -> Chain {
+        Chain {
+            state: Mutex::new(ChainState::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChainState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `ready` gives a value; None when a writer stopped or the run stops.
+    fn wait<T>(
+        &self,
+        stopping: &dyn Fn() -> bool,
+        ready: impl Fn(&ChainState) -> Option<T>,
+    ) -> Option<T> {
+        let mut state = self.lock();
+        loop {
+            if state.stopped || stopping() {
+                return None;
+            }
+            if let Some(value) = ready(&state) {
+                return Some(value);
+            }
+            state = self
+                .changed
+                .wait_timeout(state, super::TICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Batch `n` stores `positions` (a batch tried again after the next one took
+    /// them changes nothing: the next one's check finds the difference).
+    fn selected(&self, n: u64, positions: &HashMap<i32, Position>) {
+        let mut state = self.lock();
+        if n >= state.known {
+            state.known = n;
+            state
+                .positions
+                .extend(positions.iter().map(|(p, pos)| (*p, pos.clone())));
+            self.changed.notify_all();
+        }
+    }
+
+    fn committed(&self, n: u64) {
+        let mut state = self.lock();
+        state.committed = state.committed.max(n);
+        self.changed.notify_all();
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.changed.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+}
+
+/// Batch `n` of a [`Chain`]: written ahead over the positions batch n-1 stores, and
+/// committed after it; or, when those are not the stored ones, the plain way.
+#[allow(clippy::too_many_arguments)]
+fn write_in_turn(
+    shared: &Shared<'_>,
+    target: &mut dyn Target,
+    id: &str,
+    upgraded_from: Option<&Upgrade<'_>>,
+    sink: &str,
+    batch: &[Record],
+    n: u64,
+    chain: &Chain,
+    stopping: &dyn Fn() -> bool,
+) -> Result<Vec<(i32, i64)>, Failure> {
+    let stopped = || Failure::Unavailable("the sink's writers stop".into());
+    let known = chain
+        .wait(stopping, |s| {
+            (s.known + 1 >= n).then(|| s.positions.clone())
+        })
+        .ok_or_else(stopped)?;
+    let partitions = partitions_of(batch);
+    if partitions.iter().all(|p| known.contains_key(p)) {
+        target.begin()?;
+        let ahead = (|| {
+            let mut positions: HashMap<i32, Position> =
+                partitions.iter().map(|p| (*p, known[p].clone())).collect();
+            let (fresh, flush) = select(batch, &mut positions);
+            chain.selected(n, &positions);
+            let rejected = insert_all(target, &fresh)?;
+            chain
+                .wait(stopping, |s| (s.committed + 1 >= n).then_some(()))
+                .ok_or_else(stopped)?;
+            let stored = target.positions(id, &partitions)?;
+            if partitions.iter().any(|p| stored.get(p) != known.get(p)) {
+                return Ok(None);
+            }
+            finish(
+                shared,
+                target,
+                id,
+                upgraded_from,
+                sink,
+                &partitions,
+                &positions,
+                flush,
+                rejected,
+            )
+            .map(Some)
+        })();
+        match ahead {
+            Ok(Some(next)) => return Ok(next),
+            Ok(None) => target.rollback(),
+            Err(e) => {
+                target.rollback();
+                return Err(e);
+            }
+        }
+    }
+    chain
+        .wait(stopping, |s| (s.committed + 1 >= n).then_some(()))
+        .ok_or_else(stopped)?;
+    write(
+        shared,
+        target,
+        id,
+        upgraded_from,
+        sink,
+        batch,
+        &|positions| chain.selected(n, positions),
+    )
+}
+
+/// The partitions of a batch, sorted.
+fn partitions_of(batch: &[Record]) -> Vec<i32> {
+    let mut partitions: Vec<i32> = batch.iter().map(|r| r.partition).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    partitions
+}
+
+/// The records of `batch` that `positions` do not cover, moving the positions past
+/// the batch; and whether a record skipped at read time was dead-lettered (the
+/// producer is flushed before the positions move past it).
+fn select<'b>(
+    batch: &'b [Record],
+    positions: &mut HashMap<i32, Position>,
+) -> (Vec<&'b Record>, bool) {
+    let mut fresh: Vec<&Record> = Vec::new();
+    // The last (offset, part) taken per partition: a record read twice in one
+    // batch (the partition revoked and assigned again) is taken once.
+    let mut taken: HashMap<i32, (i64, u32)> = HashMap::new();
+    let mut flush = false;
+    for r in batch {
+        let p = positions.entry(r.partition).or_default();
+        let last = taken.get(&r.partition).copied();
+        if r.offset < p.next && last.is_none_or(|l| (r.offset, r.part) <= l) {
+            continue;
+        }
+        taken.insert(r.partition, (r.offset, r.part));
+        p.next = r.offset + 1;
+        if let Body::Skip { dead_lettered } = r.body {
+            flush |= dead_lettered;
+            continue;
+        }
+        if let Some((source, offset)) = &r.origin {
+            let applied = p.origins.entry(source.clone()).or_insert(-1);
+            if *offset <= *applied {
+                continue;
+            }
+            *applied = *offset;
+        }
+        fresh.push(r);
+    }
+    (fresh, flush)
+}
+
+/// The end of a batch's transaction, its rows written: the refused ones to the
+/// dead-letter topic, the new positions stored, committed. Returns the next offset
+/// per partition.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    shared: &Shared<'_>,
+    target: &mut dyn Target,
+    id: &str,
+    upgraded_from: Option<&Upgrade<'_>>,
+    sink: &str,
+    partitions: &[i32],
+    positions: &HashMap<i32, Position>,
+    flush: bool,
+    rejected: Vec<(&Record, String)>,
+) -> Result<Vec<(i32, i64)>, Failure> {
+    if flush && rejected.is_empty() {
+        // Copies the reader queued for the dead-letter topic.
+        shared
+            .flush()
+            .map_err(|e| Failure::Unavailable(e.to_string()))?;
+    }
+    if !rejected.is_empty() {
+        for (r, error) in &rejected {
+            dead_letter(shared, sink, upgraded_from.map(|u| u.source), r, error)
+                .map_err(|e| Failure::Unavailable(e.to_string()))?;
+        }
+        // The copies are in the dead-letter topic before the positions move past them.
+        shared
+            .flush()
+            .map_err(|e| Failure::Unavailable(e.to_string()))?;
+        shared
+            .stats
+            .dead_lettered
+            .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+    }
+    let stored: Vec<(i32, &Position)> = partitions.iter().map(|p| (*p, &positions[p])).collect();
+    target.store(id, &stored)?;
+    target.commit()?;
+    Ok(partitions.iter().map(|p| (*p, positions[p].next)).collect())
 }
 
 /// Where a fused sink's positions were kept before sinks read their source

@@ -494,6 +494,12 @@ impl Target for Postgres {
         committed.map_err(failure)
     }
 
+    /// Two connections: a batch's rows go in while the batch before commits (its
+    /// WAL flush), and two batches' rows may go in at once.
+    fn in_flight(&self) -> usize {
+        2
+    }
+
     fn rollback(&mut self) {
         self.ahead.clear();
         self.store = None;
