@@ -1078,7 +1078,7 @@ ROUTES = ["/ingest/{}", "/topics", "/topics/{}", "/topics/{}/partitions", "/topi
           "/consumers/{}/instances/{}/positions/end", "/consumers/{}/instances/{}/records",
           "/consumers/{}/instances/{}/offsets", "/pipelines", "/pipelines/{}", "/pipelines/{}/pause",
           "/pipelines/{}/resume", "/health", "/ready", "/metrics", "/metrics/history",
-          "/openapi.json"]
+          "/openapi.json", "/pages/{}"]
 
 
 def test_openapi_document_lists_the_routes(broker):
@@ -1090,6 +1090,38 @@ def test_openapi_document_lists_the_routes(broker):
     paths = {re.sub(r"\{[^}]+\}", "{}", p) for p in doc.get("paths", {})}
     missing = [p for p in ROUTES if p not in paths]
     assert not missing, f"routes missing from /openapi.json: {missing}"
+
+
+def test_static_pages_are_served_from_pages_dir_and_nothing_outside_it(broker_factory, tmp_path):
+    """`pages_dir`: a form page and its script come from the gateway's own origin (so
+    they post to /ingest with no CORS); a directory answers its index.html; no path
+    leaves the directory (`..` encoded or not, a hidden file, a link out); a file over
+    `pages_max_file_bytes` is 413."""
+    pages = tmp_path / "pages"
+    (pages / "form").mkdir(parents=True)
+    (pages / "form" / "index.html").write_text("<form id=f></form>")
+    (pages / "form" / "app.js").write_text("console.log(1)")
+    (pages / ".env").write_text("SECRET=1")
+    (pages / "big.json").write_bytes(b"[" + b"0," * 3000 + b"0]")
+    (tmp_path / "outside.txt").write_text("outside")
+    (pages / "out.txt").symlink_to(tmp_path / "outside.txt")
+    b = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0", "FRESHET_HTTP_PAGES_DIR": str(pages),
+                            "FRESHET_HTTP_PAGES_MAX_FILE_BYTES": "4096"})
+    r = get(f"{b.http}/pages/form/")
+    assert r.status == 200 and r.body == b"<form id=f></form>", r
+    assert r.headers["content-type"].startswith("text/html"), r
+    r = get(f"{b.http}/pages/form/app.js")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/javascript"), r
+    r = get(f"{b.http}/pages")
+    assert r.status == 301 and r.headers["location"] == "/pages/", r
+    for path in ["/pages/nothing.html", "/pages/.env", "/pages/out.txt", "/pages/%2e%2e/outside.txt",
+                 "/pages/form/%2E%2E/%2E%2E/outside.txt", "/pages/..%2Foutside.txt", "/pages/form/..%5C.env"]:
+        body = assert_error(get(f"{b.http}{path}"), 404)
+        assert "outside" not in body["message"] or path in body["message"], body
+    assert "pages_max_file_bytes" in assert_error(get(f"{b.http}/pages/big.json"), 413)["message"]
+    # Without pages_dir, /pages/ says how to get them.
+    other = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0"})
+    assert "pages_dir" in assert_error(get(f"{other.http}/pages/form/"), 404)["message"]
 
 
 # ---- 9. freshet produce --spool ------------------------------------------------------------

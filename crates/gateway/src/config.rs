@@ -91,6 +91,11 @@ pub struct GatewayConfig {
     pub history_max_series: usize,
     /// The `GET /metrics` sample names whose recent past is kept.
     pub history_metrics: Vec<String>,
+    /// A directory of static pages served under `/pages/` (a form that posts to
+    /// `/ingest`, a live results page); none by default.
+    pub pages_dir: Option<PathBuf>,
+    /// Largest page file served; larger gets `413`.
+    pub pages_max_file_bytes: u64,
 }
 
 /// The samples whose past is kept by default: rates and lags, not per-partition logs.
@@ -161,6 +166,8 @@ impl Default for GatewayConfig {
             history_points: 3_600,
             history_max_series: 1_000,
             history_metrics: default_history_metrics(),
+            pages_dir: None,
+            pages_max_file_bytes: 16 << 20,
         }
     }
 }
@@ -263,6 +270,14 @@ impl GatewayConfig {
         }
         if self.idempotency_retention_ms < 1000 {
             return bad("idempotency_retention_ms must be at least 1000");
+        }
+        if let Some(dir) = &self.pages_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid(format!(
+                    "pages_dir {} is not a directory",
+                    dir.display()
+                )));
+            }
         }
         Ok(())
     }

@@ -14,7 +14,8 @@
 //! `schema` (per-topic JSON Schemas), `shared` (topics in the cluster that every
 //! gateway follows: schemas, `Idempotency-Key` answers, pipeline definitions),
 //! `pipelines` (`/pipelines`: definitions in the cluster, runs in threads), `ops` (`/health`, `/ready`, `/metrics`,
-//! `/openapi.json`), `metrics`, `error` (the JSON error body).
+//! `/openapi.json`), `metrics`, `error` (the JSON error body), `console` (the web
+//! console), `pages` (the user's static pages under `/pages/`).
 //!
 //! Architecture invariant: a `2xx` answer to a request that carries records means
 //! every one of them is durable: acknowledged by the cluster with acks=all, or
@@ -30,6 +31,7 @@ pub mod history;
 mod ingest;
 pub mod metrics;
 mod ops;
+mod pages;
 pub mod pipelines;
 pub mod producer;
 pub mod rest_proxy;
@@ -232,6 +234,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(pipelines::routes())
         .merge(ops::routes())
         .merge(console::routes())
+        .merge(pages::routes())
         .fallback(|| async { ApiError::not_found(0, "no such route (see /openapi.json)") })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(gateway.clone(), observe))
