@@ -1,0 +1,71 @@
+"""The examples of issue 27 (`examples/NAME/run`): each example's `--check` (it starts
+what it needs, runs a shortened load and checks every consumer against the load's own
+oracle; its figures go to the report), and each example's page in a real Chromium as
+a user sees it (the README's screenshot is one of these)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import freshet_bin
+from gateway_fixtures import request
+from helpers import consume, create_topic, watermarks
+from test_console import Browser
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.iterdir() if (p / "run").is_file()))
+def test_the_examples_check_passes(example, report):
+    done = subprocess.run([str(EXAMPLES / example / "run"), "--check", "--freshet", str(freshet_bin())],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    figures = [line for line in done.stdout.splitlines() if line.startswith('{"example"')]
+    assert figures, done.stdout[-2000:]
+    report(f"example {example}", figures[-1])
+
+
+def test_the_forms_page_names_a_refused_field_and_stores_a_good_submission(broker_factory, tmp_path):
+    """examples/forms/pages/index.html served by `pages_dir`, with the example's
+    schema on `forms`: a malformed email is refused (422), the page names and marks
+    the field and nothing is stored; corrected, the submission is in the topic."""
+    forms = EXAMPLES / "forms"
+    b = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0", "FRESHET_HTTP_PAGES_DIR": str(forms / "pages")})
+    create_topic(b.bootstrap, "forms", partitions=4)
+    schema = json.loads((forms / "form.schema.json").read_text())
+    assert request("PUT", f"{b.http}/topics/forms/schema", json_body=schema).status == 204
+    stored = lambda: sum(watermarks(b.bootstrap, "forms", p)[1] for p in range(4))
+    browser = Browser()
+    try:
+        browser("open", url=f"{b.http}/pages/")
+        browser("fill", selector="#name", value="Ann Lee")
+        browser("fill", selector="#roll", value="42")
+        browser("fill", selector="#email", value="ann at college")
+        browser("fill", selector="#message", value="The lecture on waves was great, no cap.")
+        browser("click", selector="button[type=submit]")
+        browser("wait_text", selector="#result", text="Please fix")
+        assert "email" in browser("texts", selector="#result li")["texts"][0]
+        assert browser("eval", expr="document.getElementById('email').classList.contains('invalid')")["value"]
+        browser("screenshot", path=str(tmp_path / "forms-refused.png"))
+        assert stored() == 0
+        # Chromium reports the 422 answer itself as a console error; nothing else.
+        errors = browser("errors")["errors"]
+        assert all("422" in e for e in errors), errors
+        browser("fill", selector="#email", value="ann@college.example")
+        browser("click", selector="button[type=submit]")
+        browser("wait_text", selector="#result", text="Thank you, Ann Lee")
+        browser("screenshot", path=str(tmp_path / "forms-stored.png"))
+        assert browser("errors")["errors"] == []
+        records = [json.loads(r.value) for r in consume(b.bootstrap, "forms", partitions=range(4))]
+        assert len(records) == 1, records
+        doc = records[0]
+        assert {k: doc[k] for k in ("name", "roll", "email", "course")} == {
+            "name": "Ann Lee", "roll": 42, "email": "ann@college.example", "course": "physics"}
+        assert len(doc["id"]) == 36, doc  # the page's crypto.randomUUID()
+    finally:
+        browser.close()
