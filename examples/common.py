@@ -99,10 +99,12 @@ def fill(directory, template, **values):
     return text
 
 
-def http_json(method, url, doc=None):
-    data = json.dumps(doc).encode() if doc is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
+def http_json(method, url, doc=None, text=None):
+    """A request with a JSON document (or plain `text`) as its body; its status."""
+    data, kind = (json.dumps(doc).encode(), "application/json") if text is None else (text.encode(), "text/plain")
+    req = urllib.request.Request(url, data=data if doc is not None or text is not None else None, method=method,
+                                 headers={"Content-Type": kind})
+    with urllib.request.urlopen(req, timeout=60) as r:
         return r.status
 
 

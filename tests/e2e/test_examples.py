@@ -69,3 +69,43 @@ def test_the_forms_page_names_a_refused_field_and_stores_a_good_submission(broke
         assert len(doc["id"]) == 36, doc  # the page's crypto.randomUUID()
     finally:
         browser.close()
+
+
+def test_the_poll_pages_vote_and_show_the_tally_live(broker_factory, tmp_path):
+    """examples/live-poll/pages served by `pages_dir`, with the example's schema and
+    tally pipeline: a vote from the page is accepted, and the results page's bars show
+    the tally of votes sent over HTTP meanwhile, live (no reload)."""
+    poll = EXAMPLES / "live-poll"
+    b = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0", "FRESHET_HTTP_PAGES_DIR": str(poll / "pages")})
+    create_topic(b.bootstrap, "votes", partitions=4)
+    create_topic(b.bootstrap, "tally")
+    schema = json.loads((poll / "vote.schema.json").read_text())
+    assert request("PUT", f"{b.http}/topics/votes/schema", json_body=schema).status == 204
+    tally_sql = (poll / "pipelines" / "tally.sql").read_text()
+    assert request("PUT", f"{b.http}/pipelines/tally", body=tally_sql, headers={"Content-Type": "text/plain"},
+                   timeout=60).status == 201
+    browser = Browser()
+    try:
+        browser("open", url=f"{b.http}/pages/results.html")
+        browser("wait_selector", selector=".row")
+        sent = {"rust": 7, "python": 5, "go": 3}
+        for option, k in sent.items():
+            for i in range(k):
+                r = request("POST", f"{b.http}/ingest/votes",
+                            json_body={"poll": "conf-2026", "option": option, "voter": f"{option}-{i}"})
+                assert r.status == 202, r
+        browser("wait_text", selector="#meta", text="15 votes", timeout_ms=20000)
+        counts = browser("texts", selector=".count")["texts"]
+        assert counts == ["7", "5", "3", "0", "0"], counts
+        widths = browser("eval", expr="[...document.querySelectorAll('.fill')].map(e => parseFloat(e.style.width))")
+        assert widths["value"] == [100, round(500 / 7, 2), round(300 / 7, 2), 0, 0], widths
+        browser("screenshot", path=str(tmp_path / "live-poll-results.png"))
+        # A vote from the voting page, seen by the results page.
+        browser("open", url=f"{b.http}/pages/")
+        browser("click", selector="#options button:nth-child(4)")
+        browser("wait_text", selector="#status", text="Your vote for typescript is in.")
+        browser("open", url=f"{b.http}/pages/results.html")
+        browser("wait_text", selector="#meta", text="16 votes", timeout_ms=20000)
+        assert browser("errors")["errors"] == []
+    finally:
+        browser.close()
