@@ -136,12 +136,14 @@ def append_result(date, host, kind, result):
 
 
 class Broker:
-    """`freshet serve` on a free port; with `http`, its embedded HTTP gateway too."""
+    """`freshet serve` on a free port (or `listen`); with `http`, its embedded HTTP
+    gateway too."""
 
-    def __init__(self, freshet, data_dir, log_path, http=False, start_timeout_s=60, env=None):
-        self.log = open(log_path, "wb")
+    def __init__(self, freshet, data_dir, log_path, http=False, start_timeout_s=60, env=None,
+                 listen="127.0.0.1:0"):
+        self.log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [freshet, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
+            [freshet, "serve", "--listen", listen, "--data-dir", data_dir],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1",
                  "FRESHET_HTTP_LISTEN": "127.0.0.1:0" if http else "off", **(env or {})},

@@ -1,7 +1,8 @@
 """The examples of issue 27 (`examples/NAME/run`): each example's `--check` (it starts
 what it needs, runs a shortened load and checks every consumer against the load's own
-oracle; its figures go to the report), and each example's page in a real Chromium as
-a user sees it (the README's screenshot is one of these)."""
+oracle; its figures go to the report), and what each example's user looks at in a real
+Chromium: the form, the poll's pages, the city windows' console page (the READMEs'
+screenshots are these)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import freshet_bin
 from gateway_fixtures import request
-from helpers import consume, create_topic, watermarks
+from helpers import consume, create_topic, producer, wait_until, watermarks
 from test_console import Browser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +110,53 @@ def test_the_poll_pages_vote_and_show_the_tally_live(broker_factory, tmp_path):
         assert browser("errors")["errors"] == []
     finally:
         browser.close()
+
+
+def test_the_city_windows_pipeline_charts_its_windows_in_the_console(broker_factory, tmp_path):
+    """examples/city-windows' pipeline, as the example defines it, on part of its
+    recording: the console's page for it charts the windows, and every row its live
+    table shows equals the windows the example computes independently; PostgreSQL
+    holds every window (the README's screenshot)."""
+    import importlib.machinery
+    import importlib.util
+
+    from databases import Postgres
+    example = EXAMPLES / "city-windows"
+    loader = importlib.machinery.SourceFileLoader("city_windows_run", str(example / "run"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    run = importlib.util.module_from_spec(spec)
+    loader.exec_module(run)
+    tweets = list(run.recording(1_500, 3))
+    want = run.oracle(tweets)
+    pg = Postgres().start()
+    browser = Browser()
+    try:
+        pg.create_db("evilnet")
+        b = broker_factory(env={"FRESHET_HTTP_LISTEN": "127.0.0.1:0"})
+        create_topic(b.bootstrap, "tweets", partitions=2)
+        sql = run.fill(example, "city_windows.sql", PG_URL=pg.url("evilnet"))
+        assert request("PUT", f"{b.http}/pipelines/city_windows", body=sql, headers={"Content-Type": "text/plain"},
+                       timeout=60).status == 201
+        p = producer(b.bootstrap)
+        for t in tweets:
+            p.produce("tweets", json.dumps(t).encode())
+        assert p.flush(30) == 0
+        count = lambda: int(pg.psql("SELECT count(*) FROM city_windows", "evilnet")[0][0])
+        wait_until(lambda: count() == len(want), timeout=60, what=lambda: f"{len(want)} windows ({count()})")
+        browser("open", url=f"{b.http}/#/pipelines/city_windows")
+        browser("wait_selector", selector="#results-chart svg", timeout_ms=20000)
+
+        def shown():
+            rows = browser("eval", expr="[...document.querySelectorAll('#results-body tr')]"
+                                        ".map(tr => [...tr.children].map(td => td.innerText))")["value"]
+            head = browser("texts", selector="#results thead th")["texts"]
+            return {(r[head.index("city")], int(r[head.index("window_start")])):
+                    tuple(int(r[head.index(c)]) for c in ("tweets", "retweets", "users")) for r in rows}
+
+        wait_until(lambda: len(shown()) == min(200, len(want)) and all(want[k] == v for k, v in shown().items()),
+                   timeout=30, what=lambda: f"the page's rows equal to the oracle's ({len(shown())} shown)")
+        browser("screenshot", path=str(tmp_path / "city-windows-console.png"), full=False)
+        assert browser("errors")["errors"] == []
+    finally:
+        browser.close()
+        pg.close()

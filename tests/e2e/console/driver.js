@@ -34,7 +34,7 @@ const { chromium } = require("playwright-core");
     texts: async (c) => ({ texts: await page.$$eval(c.selector, (es) => es.map((e) => e.innerText)) }),
     fill: async (c) => { await page.fill(c.selector, c.value); return {}; },
     click: async (c) => { await page.click(c.selector); return {}; },
-    screenshot: async (c) => { await page.screenshot({ path: c.path, fullPage: true }); return {}; },
+    screenshot: async (c) => { await page.screenshot({ path: c.path, fullPage: c.full ?? true }); return {}; },
     errors: async () => { const e = errors; errors = []; return { errors: e }; },
     dialogs: async () => ({ dialogs }),
     eval: async (c) => ({ value: await page.evaluate(c.expr) }),
