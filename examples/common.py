@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 import urllib.request
@@ -20,6 +21,35 @@ from databases import Postgres  # noqa: E402  (PostgreSQL in a temporary directo
 
 def log(*a):
     print(*a, flush=True)
+
+
+def kafka_client(script, argv):
+    """confluent-kafka (librdkafka's Python client), for an example that produces as a
+    Kafka client: when this Python lacks it, a virtual environment in examples/.venv
+    gets it from PyPI and `script` runs again there with `argv`."""
+    try:
+        import confluent_kafka
+        return confluent_kafka
+    except ImportError:
+        venv = os.path.join(EXAMPLES, ".venv")
+        python = os.path.join(venv, "bin", "python")
+        if os.path.realpath(sys.executable) == os.path.realpath(python):
+            raise
+        if not os.path.exists(python):
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+            subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            "--only-binary=:all:", "confluent-kafka==2.16.1"], check=True)
+        os.execv(python, [python, os.path.abspath(script), *argv])
+
+
+def quiet_logger():
+    """A logger for librdkafka that shows nothing (each refused reconnect while a
+    broker is down would be printed)."""
+    import logging
+    quiet = logging.getLogger("librdkafka")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    return quiet
 
 
 def start_postgres():

@@ -46,6 +46,16 @@ def test_the_examples_check_passes(example, report, tmp_path):
             browser.close()
 
 
+def test_the_poll_through_a_kafka_client(report):
+    """examples/live-poll with its votes from one Kafka client (librdkafka) instead of
+    HTTP users: the same checks."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / "live-poll" / "run"), "--check", "--via", "kafka",
+                           "--freshet", str(freshet_bin())], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    report("example live-poll via kafka", [line for line in done.stdout.splitlines()
+                                           if line.startswith('{"example"')][-1])
+
+
 def test_the_forms_page_names_a_refused_field_and_stores_a_good_submission(broker_factory, tmp_path):
     """examples/forms/pages/index.html served by `pages_dir`, with the example's
     schema on `forms`: a malformed email is refused (422), the page names and marks
