@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,24 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from bench import Broker  # noqa: E402,F401  (freshet serve on free ports)
 from databases import Postgres  # noqa: E402  (PostgreSQL in a temporary directory)
+
+
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt, so the example's cleanup
+    runs, even where SIGINT was ignored when it started (a background job)."""
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def keep_running():
+    """Until Ctrl-C or SIGTERM."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def log(*a):
@@ -136,6 +155,15 @@ def http_json(method, url, doc=None, text=None):
                                  headers={"Content-Type": kind})
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.status
+
+
+def row_count(pg, db, table):
+    """Rows in `table`, 0 while it does not exist yet (a sink with `create_table`
+    makes it when it starts)."""
+    try:
+        return int(pg.psql(f"SELECT count(*) FROM {table}", db)[0][0])
+    except subprocess.CalledProcessError:
+        return 0
 
 
 def wait_for(what, cond, timeout):
