@@ -784,7 +784,7 @@ impl Backoff {
 }
 
 /// One transaction: the batch's records not yet applied, written with their new
-/// positions (handed to `selected` as soon as they are known). Returns the next
+/// positions (handed to `selected` once the rows are written). Returns the next
 /// offset per partition.
 fn write(
     shared: &Shared<'_>,
@@ -803,8 +803,8 @@ fn write(
             upgrade(target, old, &partitions, &mut positions)?;
         }
         let (fresh, flush) = select(batch, &mut positions);
-        selected(&positions);
         let rejected = insert_all(target, &fresh)?;
+        selected(&positions);
         finish(
             shared,
             target,
@@ -827,8 +827,11 @@ fn write(
 /// `in_flight()` is above 1, each writer with a connection of its own). The reader
 /// hands the batches, numbered from 1, to the writers in turn. Batch n:
 /// - takes the positions batch n-1 stores (`known`) as soon as that batch has
-///   selected its records, selects its own records by them and writes them, so its
-///   `COPY` overlaps batch n-1's commit;
+///   written its rows, selects its own records by them and writes them, so its
+///   `COPY` overlaps batch n-1's commit. Not before: batch n may then wait for row
+///   locks batch n-1 holds (an upsert of the same key, a unique value), never batch
+///   n-1 for batch n's, which would wait for batch n-1's commit: a deadlock that
+///   PostgreSQL cannot see;
 /// - waits until batch n-1 is committed, then locks and reads the stored positions:
 ///   if they are the ones it selected by, it stores its own and commits; if not (a
 ///   batch before it failed, another instance wrote), it rolls back and writes again
@@ -944,8 +947,10 @@ fn write_in_turn(
             let mut positions: HashMap<i32, Position> =
                 partitions.iter().map(|p| (*p, known[p].clone())).collect();
             let (fresh, flush) = select(batch, &mut positions);
-            chain.selected(n, &positions);
             let rejected = insert_all(target, &fresh)?;
+            // Only now may the next batch write: it may wait for the rows this one
+            // locked, never this one for its (which would wait for this commit).
+            chain.selected(n, &positions);
             chain
                 .wait(stopping, |s| (s.committed + 1 >= n).then_some(()))
                 .ok_or_else(stopped)?;
