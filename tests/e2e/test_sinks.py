@@ -10,7 +10,8 @@ here) and SQLite files:
   the others are written; a missing table is a clear error; passwords never show;
 - PostgreSQL's two batches in flight commit over the positions stored, not the ones
   they expected: records another writer covered are not written again; and upserts
-  of the same keys in every batch do not deadlock them.
+  of the same keys in every batch do not deadlock them, even when a batch is written
+  again while the next one holds its keys.
 """
 
 from __future__ import annotations
@@ -715,6 +716,61 @@ INSERT INTO s SELECT CAST(k AS BIGINT) AS k, CAST(v AS BIGINT) AS v FROM {src};
     r = put_pipeline(broker, pipeline, sql)
     assert r.status == 201, r
     stored = lambda: int(pg.psql("SELECT coalesce(sum(next_offset), 0) FROM freshet_offsets", db)[0][0])
+    wait_until(lambda: stored() >= n, timeout=60, what=lambda: f"the positions at {n} (at {stored()})")
+    rows = {int(k): int(v) for k, v in pg.psql("SELECT k, v FROM t", db)}
+    assert rows == {k: n - 50 + k for k in range(50)}, rows
+
+
+def test_a_batch_written_again_is_not_blocked_by_the_next_ones_upserts(broker, pg):
+    """Upserts of the same 50 keys in every batch while another writer moves the stored
+    position on: the batch in flight finds positions it did not expect and is written
+    again, the plain way, needing the keys the next batch (written ahead) has locked;
+    that batch rolls back instead of waiting for it. Nothing stalls, and each key holds
+    its last value."""
+    src = name("againkeys")
+    create_topic(broker.bootstrap, src)
+    db = name("againkeys").lower()
+    pg.create_db(db)
+    pg.psql("CREATE TABLE t (k BIGINT PRIMARY KEY, v BIGINT)", db)
+    # A slow store of the positions (50 ms, as a busy database): the next batch is
+    # always written ahead while one commits.
+    pg.psql("CREATE TABLE freshet_offsets (sink TEXT NOT NULL, partition INTEGER NOT NULL, "
+            "next_offset BIGINT NOT NULL, origins TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (sink, partition));"
+            "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$ "
+            "LANGUAGE plpgsql;"
+            "CREATE TRIGGER slow BEFORE UPDATE ON freshet_offsets FOR EACH ROW EXECUTE FUNCTION slow()", db)
+    pipeline = name("againkeys")
+    sql = f"""
+CREATE SINK s WITH (connector = 'postgres', url = '{pg.url(db)}', table = 't', primary_key = 'k', batch_rows = 50);
+INSERT INTO s SELECT CAST(k AS BIGINT) AS k, CAST(v AS BIGINT) AS v FROM {src};
+"""
+    r = put_pipeline(broker, pipeline, sql)
+    assert r.status == 201, r
+    n = 8_000
+
+    def feed():
+        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, n, 50):
+            for j in range(i, i + 50):
+                p.produce(src, json.dumps({"k": j % 50, "v": j}).encode())
+            p.poll(0)
+            time.sleep(0.02)  # pacing (about 3 s in all), not synchronisation
+        assert p.flush(30) == 0
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        stored = lambda: int(pg.psql("SELECT coalesce(sum(next_offset), 0) FROM freshet_offsets", db)[0][0])
+        wait_until(lambda: stored() >= 1_000, timeout=60, what="1000 records applied")
+        for _ in range(5):  # moves of 10 records: the batch in flight still writes 40
+            # (A stalled sink holds the row: the statement fails after 20 s, not hangs.)
+            moved = pg.psql("SET statement_timeout = '20s'; WITH u AS (UPDATE freshet_offsets SET "
+                            "next_offset = next_offset + 10 RETURNING next_offset) SELECT next_offset FROM u", db)
+            moved = [r for r in moved if r != ["SET"]]
+            assert len(moved) == 1 and int(moved[0][0]) < n - 500, moved
+            time.sleep(0.2)  # spacing of the moves, not synchronisation
+    finally:
+        feeder.join(60)
     wait_until(lambda: stored() >= n, timeout=60, what=lambda: f"the positions at {n} (at {stored()})")
     rows = {int(k): int(v) for k, v in pg.psql("SELECT k, v FROM t", db)}
     assert rows == {k: n - 50 + k for k in range(50)}, rows

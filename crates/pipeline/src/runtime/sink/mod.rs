@@ -836,6 +836,9 @@ fn write(
 ///   if they are the ones it selected by, it stores its own and commits; if not (a
 ///   batch before it failed, another instance wrote), it rolls back and writes again
 ///   the plain way ([`write`]), which also starts only after batch n-1 is committed.
+///   When batch n-1 is written again instead of committed (its attempt failed, or its
+///   positions were not the expected ones), batch n rolls back at once: its locks
+///   may be in batch n-1's way.
 ///
 /// So batches commit in their order, each over what the one before stored, as with
 /// one writer: a batch never moves a position past records of an earlier batch
@@ -853,6 +856,9 @@ struct ChainState {
     known: u64,
     /// Per partition a batch has touched, the positions the latest batch stores.
     positions: HashMap<i32, Position>,
+    /// The latest batch to be written again (its attempt failed or was rolled
+    /// back): the batch after it, if it wrote ahead, rolls back too.
+    again: u64,
     /// A writer stopped: the others stop too.
     stopped: bool,
 }
@@ -904,6 +910,12 @@ impl Chain {
         }
     }
 
+    fn again(&self, n: u64) {
+        let mut state = self.lock();
+        state.again = state.again.max(n);
+        self.changed.notify_all();
+    }
+
     fn committed(&self, n: u64) {
         let mut state = self.lock();
         state.committed = state.committed.max(n);
@@ -951,9 +963,16 @@ fn write_in_turn(
             // Only now may the next batch write: it may wait for the rows this one
             // locked, never this one for its (which would wait for this commit).
             chain.selected(n, &positions);
-            chain
-                .wait(stopping, |s| (s.committed + 1 >= n).then_some(()))
-                .ok_or_else(stopped)?;
+            // Batch n-1 written again instead of committed: this one's locks may be
+            // in its way, so they go (and this batch is written the plain way).
+            let before = chain.wait(stopping, |s| {
+                (s.committed + 1 >= n)
+                    .then_some(true)
+                    .or((s.again + 1 >= n).then_some(false))
+            });
+            if !before.ok_or_else(stopped)? {
+                return Ok(None);
+            }
             let stored = target.positions(id, &partitions)?;
             if partitions.iter().any(|p| stored.get(p) != known.get(p)) {
                 return Ok(None);
@@ -971,19 +990,19 @@ fn write_in_turn(
             )
             .map(Some)
         })();
-        match ahead {
-            Ok(Some(next)) => return Ok(next),
-            Ok(None) => target.rollback(),
-            Err(e) => {
-                target.rollback();
-                return Err(e);
-            }
+        if let Ok(Some(next)) = ahead {
+            return Ok(next);
         }
+        // Told before this batch's locks go: the next batch, if it wrote ahead over
+        // them, rolls back rather than wait for a commit that comes after its own.
+        chain.again(n);
+        target.rollback();
+        ahead?;
     }
     chain
         .wait(stopping, |s| (s.committed + 1 >= n).then_some(()))
         .ok_or_else(stopped)?;
-    write(
+    let written = write(
         shared,
         target,
         id,
@@ -991,7 +1010,11 @@ fn write_in_turn(
         sink,
         batch,
         &|positions| chain.selected(n, positions),
-    )
+    );
+    if written.is_err() {
+        chain.again(n);
+    }
+    written
 }
 
 /// The partitions of a batch, sorted.
