@@ -104,6 +104,23 @@ def sink_caught_up(pg: Postgres, db: str, bootstrap: str, sink_id: str, topic: s
     return all(int(stored.get(str(p), 0)) >= watermarks(bootstrap, topic, p)[1] for p in range(partitions))
 
 
+def paced_feed(bootstrap: str, topic: str, docs: list[dict]) -> threading.Thread:
+    """A started thread producing `docs` in order, 50 every 20 ms (so batches are in
+    flight while the test acts); join it to know every record is acknowledged."""
+    def feed():
+        p = producer(bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, len(docs), 50):
+            for d in docs[i:i + 50]:
+                p.produce(topic, json.dumps(d).encode())
+            p.poll(0)
+            time.sleep(0.02)  # pacing, not synchronisation
+        assert p.flush(30) == 0
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    return feeder
+
+
 def test_each_record_once_in_postgres_sqlite_redis_through_20_kill_9_and_a_database_restart(broker, pg, redis,
                                                                                              tmp_path, report):
     src = name("forms")
@@ -666,18 +683,8 @@ INSERT INTO m SELECT CAST(id AS BIGINT) AS id FROM {src};
     assert put_pipeline(broker, pipeline, sql).status == 201
     n, skip = 6_000, 500
 
-    def feed():
-        # One partition, in order: record `id` is at offset `id`.
-        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
-        for i in range(0, n, 50):
-            for j in range(i, i + 50):
-                p.produce(src, json.dumps({"id": j}).encode())
-            p.poll(0)
-            time.sleep(0.02)  # pacing (about 3 s in all), not synchronisation
-        assert p.flush(30) == 0
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
+    # One partition, in order: record `id` is at offset `id`.
+    feeder = paced_feed(broker.bootstrap, src, [{"id": j} for j in range(n)])
     try:
         count = lambda: int(pg.psql("SELECT count(*) FROM moved", db)[0][0])
         wait_until(lambda: count() >= 1_000, timeout=60, what="1000 rows written")
@@ -748,17 +755,7 @@ INSERT INTO s SELECT CAST(k AS BIGINT) AS k, CAST(v AS BIGINT) AS v FROM {src};
     assert r.status == 201, r
     n = 8_000
 
-    def feed():
-        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
-        for i in range(0, n, 50):
-            for j in range(i, i + 50):
-                p.produce(src, json.dumps({"k": j % 50, "v": j}).encode())
-            p.poll(0)
-            time.sleep(0.02)  # pacing (about 3 s in all), not synchronisation
-        assert p.flush(30) == 0
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()
+    feeder = paced_feed(broker.bootstrap, src, [{"k": j % 50, "v": j} for j in range(n)])
     try:
         stored = lambda: int(pg.psql("SELECT coalesce(sum(next_offset), 0) FROM freshet_offsets", db)[0][0])
         wait_until(lambda: stored() >= 1_000, timeout=60, what="1000 records applied")
