@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 use serde_json::Value;
 
 /// The top-level fields to keep. Every key of every record is looked up here, so it
@@ -44,20 +46,34 @@ impl FromIterator<String> for Wanted {
 
 /// Parses `bytes` (one JSON value, nothing after it but whitespace) into `values`:
 /// the value of each of `fields`, in its order (`Null` when absent; the last of a
-/// repeated key). `values` is a buffer reused from record to record.
+/// repeated key). `values` is a buffer reused from record to record: a string field
+/// is written into the string the record before left in its place, so a field every
+/// record has costs no allocation once its longest value has been seen.
 pub fn parse(
     bytes: &[u8],
     fields: &Wanted,
     values: &mut Vec<Value>,
 ) -> Result<(), serde_json::Error> {
-    values.clear();
     values.resize(fields.0.len(), Value::Null);
+    // Which fields this record has; the fields past the 64th are not followed, and
+    // start from `Null`.
+    for v in values.iter_mut().skip(64) {
+        *v = Value::Null;
+    }
+    let mut seen = 0u64;
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    Fields(fields, values).deserialize(&mut de)?;
-    de.end()
+    let parsed = Fields(fields, values, &mut seen)
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    for (i, v) in values.iter_mut().enumerate() {
+        if parsed.is_err() || (i < 64 && seen & (1 << i) == 0) {
+            *v = Value::Null;
+        }
+    }
+    parsed
 }
 
-struct Fields<'a>(&'a Wanted, &'a mut [Value]);
+struct Fields<'a>(&'a Wanted, &'a mut [Value], &'a mut u64);
 
 impl<'de> DeserializeSeed<'de> for Fields<'_> {
     type Value = ();
@@ -77,7 +93,12 @@ impl<'de> Visitor<'de> for Fields<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key_seed(Key)? {
             match self.0.position(key.as_ref()) {
-                Some(i) => self.1[i] = map.next_value()?,
+                Some(i) => {
+                    map.next_value_seed(Place(&mut self.1[i]))?;
+                    if i < 64 {
+                        *self.2 |= 1 << i;
+                    }
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -112,6 +133,78 @@ impl<'de> Visitor<'de> for Fields<'_> {
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A field's value, written over the value in its place: into its string when both
+/// are strings (no allocation while the new one fits), else replacing it; as
+/// `Value`'s own `Deserialize` would read it.
+struct Place<'a>(&'a mut Value);
+
+impl<'de> DeserializeSeed<'de> for Place<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Place<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        match self.0 {
+            Value::String(s) => {
+                s.clear();
+                s.push_str(v);
+            }
+            other => *other = Value::String(v.to_owned()),
+        }
+        Ok(())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        *self.0 = Value::String(v);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        *self.0 = Value::Bool(v);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        *self.0 = Value::from(v);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        *self.0 = Value::from(v);
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        *self.0 = serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number);
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        *self.0 = Value::Null;
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        *self.0 = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        *self.0 = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
         Ok(())
     }
 }
@@ -192,6 +285,21 @@ mod tests {
             }
         }
 
+        /// A record parsed into the buffer the record before left reads as one
+        /// parsed into an empty buffer (strings written over strings, fields the
+        /// record lacks back to `Null`).
+        #[test]
+        fn a_reused_buffer_reads_as_a_fresh_one(before in json(), value in json(), fields in proptest::collection::btree_set("[a-c\"]{1,2}", 0..4)) {
+            let wanted: Wanted = fields.iter().cloned().collect();
+            let mut reused = Vec::new();
+            let _ = parse(&serde_json::to_vec(&before).unwrap(), &wanted, &mut reused);
+            let text = serde_json::to_vec(&value).unwrap();
+            parse(&text, &wanted, &mut reused).unwrap();
+            let mut fresh = Vec::new();
+            parse(&text, &wanted, &mut fresh).unwrap();
+            prop_assert_eq!(reused, fresh);
+        }
+
         /// What a full parse refuses for its syntax is refused too.
         #[test]
         fn refuses_what_is_not_json(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
@@ -199,6 +307,24 @@ mod tests {
             let fields: Wanted = ["a".to_string()].into_iter().collect();
             prop_assert_eq!(parse(&bytes, &fields, &mut Vec::new()).is_ok(), full);
         }
+    }
+
+    /// Past the 64 fields whose presence is followed, a field a record lacks is
+    /// `Null` too, not the value the record before left.
+    #[test]
+    fn many_fields_absent_read_as_null() {
+        let names: Vec<String> = (0..70).map(|i| format!("f{i:02}")).collect();
+        let wanted: Wanted = names.iter().cloned().collect();
+        let all: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), Value::from(n.as_str())))
+            .collect();
+        let mut values = Vec::new();
+        parse(&serde_json::to_vec(&all).unwrap(), &wanted, &mut values).unwrap();
+        assert!(values.iter().all(Value::is_string));
+        parse(b"{\"f69\": 1}", &wanted, &mut values).unwrap();
+        assert_eq!(values[69], Value::from(1));
+        assert!(values[..69].iter().all(Value::is_null), "{values:?}");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!
 //! [`run`] blocks until `stop` is set or an error ends it.
 
+mod batch;
 pub mod catalog;
 pub mod checkpoint;
 mod json;
@@ -357,11 +358,11 @@ impl Clock {
         }
     }
 
-    /// After a poll: whether the clock was read now (time to look at the intervals
-    /// and at `stop`).
-    fn after_poll(&mut self, got_record: bool) -> bool {
-        self.unread += 1;
-        if got_record && self.unread < Clock::EVERY {
+    /// After a read of `records` records: whether the clock was read now (time to
+    /// look at the intervals and at `stop`).
+    fn after_read(&mut self, records: usize) -> bool {
+        self.unread = self.unread.saturating_add(records.max(1) as u32);
+        if records > 0 && self.unread < Clock::EVERY {
             return false;
         }
         self.unread = 0;

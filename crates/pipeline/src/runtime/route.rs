@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
+
+use super::batch::{BatchQueue, Batched, Batches};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
@@ -66,19 +68,32 @@ impl Progress {
     }
 }
 
-/// Counts the source partitions' revocations, which happen inside `poll`.
+/// Counts the source partitions' revocations, which happen inside `poll`; points
+/// the partitions assigned at the batch reader.
 #[derive(Default)]
 struct RouteContext {
     revocations: std::sync::atomic::AtomicU64,
+    batches: BatchQueue,
 }
 
 impl ClientContext for RouteContext {}
 
 impl ConsumerContext for RouteContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if matches!(rebalance, Rebalance::Revoke(_)) {
-            self.revocations.fetch_add(1, Ordering::Relaxed);
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.batches.assign(consumer, tpl),
+            Rebalance::Revoke(_) => {
+                self.batches.revoke();
+                self.revocations.fetch_add(1, Ordering::Relaxed);
+            }
+            Rebalance::Error(_) => {}
         }
+    }
+}
+
+impl Batched for RouteContext {
+    fn batch_queue(&self) -> &BatchQueue {
+        &self.batches
     }
 }
 
@@ -136,9 +151,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         .filter(|(_, reads)| **reads)
         .map(|((t, _), _)| t.as_str())
         .collect();
+    let mut reader = Batches::new(&consumer);
     consumer
         .subscribe(&topics)
         .map_err(|e| Error::Cluster(e.to_string()))?;
+    let mut messages = Vec::new();
 
     // Next offset to read per (source, partition) of what this instance read.
     let mut positions: HashMap<(usize, i32), i64> = HashMap::new();
@@ -151,7 +168,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut out_count = 0u64;
     let mut clock = Clock::new();
     loop {
-        let polled = consumer.poll(TICK);
+        let error = reader.read(TICK, Clock::EVERY as usize, &mut messages)?;
         // Partitions were revoked (all of them: the eager protocol) inside that poll:
         // what this instance knew of them is stale. A position kept for one that comes
         // back later would be committed over its new owner's progress.
@@ -161,31 +178,28 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
             positions.clear();
             progress.clear();
         }
-        let read = clock.after_poll(matches!(polled, Some(Ok(_))));
+        let read = clock.after_read(messages.len());
         let now = clock.now;
-        match polled {
-            Some(Ok(message)) => {
-                if let Some(&s) = source_index.get(message.topic()) {
-                    positions.insert((s, message.partition()), message.offset() + 1);
-                    stats.record_in();
-                    out_count += one(
-                        shared,
-                        &mut stages,
-                        &readers[s],
-                        needs_json[s],
-                        s,
-                        &message,
-                        &mut progress,
-                        now,
-                        &mut rows,
-                    )?;
-                }
+        for message in messages.drain(..) {
+            if let Some(&s) = source_index.get(message.topic()) {
+                positions.insert((s, message.partition()), message.offset() + 1);
+                stats.record_in();
+                out_count += one(
+                    shared,
+                    &mut stages,
+                    &readers[s],
+                    needs_json[s],
+                    s,
+                    &message,
+                    &mut progress,
+                    now,
+                    &mut rows,
+                )?;
             }
-            Some(Err(err)) => {
-                tracing::debug!(pipeline = %name, error = %err, "pipeline: source consumer");
-                super::check_fatal(&consumer, &shared.prepared.client)?;
-            }
-            None => {}
+        }
+        if let Some(err) = error {
+            tracing::debug!(pipeline = %name, error = %err, "pipeline: source consumer");
+            super::check_fatal(&consumer, &shared.prepared.client)?;
         }
         if !read {
             continue;
@@ -220,7 +234,7 @@ fn one(
     readers: &[usize],
     needs_json: bool,
     s: usize,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     progress: &mut HashMap<(usize, i32), Progress>,
     now: i64,
     rows: &mut Vec<Row>,
@@ -309,7 +323,7 @@ fn one(
 /// Sends a copy of `message` with `route` to repartition partition `task`.
 fn forward(
     shared: &Shared<'_>,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     task: i32,
     route: &Route,
 ) -> Result<(), Error> {

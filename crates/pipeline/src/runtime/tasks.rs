@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::Headers;
+
+use super::batch::{BatchQueue, Batched, Batches};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
@@ -52,6 +54,8 @@ struct TaskContext {
     inputs: Vec<(String, i32)>,
     events: Mutex<Vec<Event>>,
     loader: Loader,
+    /// The assigned partitions forward to the batch reader.
+    batches: BatchQueue,
 }
 
 /// Claims tasks and reads their checkpoints on a thread of its own.
@@ -151,6 +155,12 @@ impl Loader {
 
 impl ClientContext for TaskContext {}
 
+impl Batched for TaskContext {
+    fn batch_queue(&self) -> &BatchQueue {
+        &self.batches
+    }
+}
+
 impl ConsumerContext for TaskContext {
     fn rebalance(
         &self,
@@ -160,11 +170,13 @@ impl ConsumerContext for TaskContext {
     ) {
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            self.batches.revoke();
             self.loader.revoke();
             events.push(Event::Revoked);
             let _ = consumer.unassign();
             return;
         }
+        self.batches.assign(consumer, tpl);
         // Paused until the loader has read where each task starts.
         if let Err(e) = consumer.assign(tpl).and_then(|()| consumer.pause(tpl)) {
             events.push(Event::Failed(Error::Cluster(format!(
@@ -332,6 +344,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         inputs: shared.layout.inputs.clone(),
         events: Mutex::new(Vec::new()),
         loader,
+        batches: BatchQueue::default(),
     };
     let consumer = shared.consumer(tasks_group_id(name, plan), context)?;
     let inputs: Vec<&str> = shared
@@ -340,9 +353,11 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         .iter()
         .map(|(t, _)| t.as_str())
         .collect();
+    let mut reader = Batches::new(&consumer);
     consumer
         .subscribe(&inputs)
         .map_err(|e| Error::Cluster(e.to_string()))?;
+    let mut messages = Vec::new();
 
     let mut tasks: BTreeMap<TaskId, Task> = BTreeMap::new();
     let checkpoint_every =
@@ -356,39 +371,36 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut out_count = 0u64;
     let mut clock = Clock::new();
     loop {
-        let polled = consumer.poll(TICK);
-        let read = clock.after_poll(matches!(polled, Some(Ok(_))));
+        let error = reader.read(TICK, Clock::EVERY as usize, &mut messages)?;
+        let read = clock.after_read(messages.len());
         let now = clock.now;
         take_events(shared, &consumer, &loaded, &mut tasks)?;
-        match polled {
-            Some(Ok(message)) => {
-                let input = match inputs.len() {
-                    1 => Some(0), // not the topic's name compared per record
-                    _ => inputs.iter().position(|t| *t == message.topic()),
+        for message in messages.drain(..) {
+            let input = match inputs.len() {
+                1 => Some(0), // not the topic's name compared per record
+                _ => inputs.iter().position(|t| *t == message.topic()),
+            };
+            // A record below the task's next offset is one its checkpoint covers:
+            // the fetch of a task assigned paused may start from the group's
+            // committed offset (librdkafka looks it up on assignment, and that
+            // can land after the seek to the checkpoint's offset), which is never
+            // above the checkpoint's.
+            let task = input
+                .and_then(|i| tasks.get_mut(&(i, message.partition())))
+                .filter(|task| message.offset() >= task.next);
+            if let Some(task) = task {
+                task.next = message.offset() + 1;
+                task.dirty = true;
+                out_count += if task.routed {
+                    routed(shared, task, &message, &mut fields, &mut rows)?
+                } else {
+                    direct(shared, task, &message, &mut fields, &mut rows)?
                 };
-                // A record below the task's next offset is one its checkpoint covers:
-                // the fetch of a task assigned paused may start from the group's
-                // committed offset (librdkafka looks it up on assignment, and that
-                // can land after the seek to the checkpoint's offset), which is never
-                // above the checkpoint's.
-                let task = input
-                    .and_then(|i| tasks.get_mut(&(i, message.partition())))
-                    .filter(|task| message.offset() >= task.next);
-                if let Some(task) = task {
-                    task.next = message.offset() + 1;
-                    task.dirty = true;
-                    out_count += if task.routed {
-                        routed(shared, task, &message, &mut fields, &mut rows)?
-                    } else {
-                        direct(shared, task, &message, &mut fields, &mut rows)?
-                    };
-                }
             }
-            Some(Err(err)) => {
-                tracing::debug!(pipeline = %name, error = %err, "pipeline: tasks consumer");
-                super::check_fatal(&consumer, &shared.prepared.client)?;
-            }
-            None => {}
+        }
+        if let Some(err) = error {
+            tracing::debug!(pipeline = %name, error = %err, "pipeline: tasks consumer");
+            super::check_fatal(&consumer, &shared.prepared.client)?;
         }
         if !read {
             continue;
@@ -466,7 +478,7 @@ fn take_events(
 fn routed(
     shared: &Shared<'_>,
     task: &mut Task,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     fields: &mut Vec<serde_json::Value>,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
@@ -542,7 +554,7 @@ fn routed(
 fn direct(
     shared: &Shared<'_>,
     task: &mut Task,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     fields: &mut Vec<serde_json::Value>,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {
@@ -592,7 +604,7 @@ fn apply(
     q: usize,
     op: &mut QueryOperator,
     input: &Input<'_>,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     source: &Origin<'_>,
     rows: &mut Vec<Row>,
 ) -> Result<u64, Error> {

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rdkafka::message::{BorrowedMessage, OwnedMessage, Timestamp};
+use rdkafka::message::{OwnedMessage, Timestamp};
 use rdkafka::Message;
 use sql::expr::Input;
 
@@ -95,7 +95,7 @@ impl Fused {
     pub fn read(
         &mut self,
         shared: &Shared<'_>,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         batch: &mut Vec<Record>,
     ) -> Result<(), Error> {
         let stats = shared.stats;

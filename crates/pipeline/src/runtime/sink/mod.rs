@@ -42,8 +42,10 @@ use std::sync::mpsc::{RecvTimeoutError, TrySendError};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
-use rdkafka::message::{BorrowedMessage, Headers, OwnedMessage};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+
+use super::batch::{BatchContext, Batches};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::plan::{ColumnType, Connector, Sink};
 
@@ -346,7 +348,7 @@ impl Body {
     }
 }
 
-fn read(message: &BorrowedMessage<'_>) -> Record {
+fn read(message: &impl Message) -> Record {
     let origin = message.headers().and_then(|h| {
         let v = h.iter().find(|h| h.key == ORIGIN_HEADER)?.value?;
         let v = std::str::from_utf8(v).ok()?;
@@ -358,7 +360,7 @@ fn read(message: &BorrowedMessage<'_>) -> Record {
         offset: message.offset(),
         part: 0,
         body: Body::of(message.payload().unwrap_or_default()),
-        message: Some(message.detach()),
+        message: Some(super::batch::detach(message)),
         key: None,
         timestamp: 0,
         origin,
@@ -465,14 +467,16 @@ pub(super) fn run(
             }
         }
     }
-    let consumer: BaseConsumer<DefaultConsumerContext> = shared.consumer(
+    let consumer: BaseConsumer<BatchContext> = shared.consumer(
         sink_group_id(name, plan, &sink.name),
-        DefaultConsumerContext,
+        BatchContext::default(),
     )?;
-    consumer
-        .subscribe(&[&read_topic])
-        .map_err(|e| Error::Cluster(e.to_string()))?;
     let topic = read_topic.as_str();
+    let mut reader = Batches::new(&consumer);
+    consumer
+        .subscribe(&[topic])
+        .map_err(|e| Error::Cluster(e.to_string()))?;
+    let mut messages = Vec::new();
 
     // Batches and the lag are timed by the coarse clock (read per record).
     let interval_ms = sink.batch_interval_ms.max(1);
@@ -630,22 +634,14 @@ pub(super) fn run(
             } else {
                 Duration::from_millis((first_ms + interval_ms - now).max(0) as u64)
             };
-            match consumer.poll(wait) {
-                Some(Ok(message)) => {
-                    if batch.is_empty() {
-                        first_ms = super::coarse_ms();
-                    }
-                    match &mut fused {
-                        // All the rows of one source record go into one batch.
-                        Some(f) => f.read(shared, &message, &mut batch)?,
-                        None => batch.push(read(&message)),
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
-                    super::check_fatal(&consumer, &shared.prepared.client)?;
-                }
-                None => {}
+            let room = (sink.batch_rows as usize).saturating_sub(batch.len());
+            let error = reader.read(wait, room, &mut messages)?;
+            for message in messages.drain(..) {
+                sink_read(shared, &mut fused, &message, &mut batch, &mut first_ms)?;
+            }
+            if let Some(e) = error {
+                tracing::debug!(pipeline = %name, sink = %sink.name, error = %e, "sink consumer");
+                super::check_fatal(&consumer, &shared.prepared.client)?;
             }
             let full = batch.len() >= sink.batch_rows as usize;
             if !batch.is_empty() && (full || super::coarse_ms() - first_ms >= interval_ms) {
@@ -673,6 +669,27 @@ pub(super) fn run(
         }
         result
     })
+}
+
+/// One record of the sink's input into `batch` (`first_ms`: when the batch began).
+fn sink_read(
+    shared: &Shared<'_>,
+    fused: &mut Option<fused::Fused>,
+    message: &impl Message,
+    batch: &mut Vec<Record>,
+    first_ms: &mut i64,
+) -> Result<(), Error> {
+    if batch.is_empty() {
+        *first_ms = super::coarse_ms();
+    }
+    match fused {
+        // All the rows of one source record go into one batch.
+        Some(f) => f.read(shared, message, batch),
+        None => {
+            batch.push(read(message));
+            Ok(())
+        }
+    }
 }
 
 /// What the writer tells the reader of a batch it wrote.

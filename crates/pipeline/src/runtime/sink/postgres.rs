@@ -43,6 +43,8 @@ struct Conn {
     client: Client,
     /// The columns written, with their PostgreSQL types (`format_type`).
     written: Vec<(String, String)>,
+    /// How each written column's values go into `COPY`.
+    kinds: Vec<Kind>,
     /// `COPY table (columns) FROM STDIN`.
     copy: String,
     insert: Statement,
@@ -97,7 +99,7 @@ fn fits(from: ColumnType, to: &str) -> bool {
     ]
     .iter()
     .any(|n| to.starts_with(n));
-    let time = to.starts_with("timestamp") || to == "date";
+    let time = Kind::of(to) == Kind::Time;
     match from {
         ColumnType::Bool => !numeric && !time,
         ColumnType::Int | ColumnType::Float | ColumnType::Timestamp => to != "boolean",
@@ -105,33 +107,98 @@ fn fits(from: ColumnType, to: &str) -> bool {
     }
 }
 
-/// One row of `COPY`'s text format: the written columns' values, tab-separated, `\N`
-/// for NULL (or a missing field), each as its column's type reads it, as the
+/// How a column's values are written for `COPY`, from its PostgreSQL type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// `timestamp...` or `date`: epoch milliseconds as ISO-8601.
+    Time,
+    /// `json` or `jsonb`: every value as JSON text.
+    Json,
+    /// Anything else: strings as they are, other values as JSON text.
+    Plain,
+}
+
+impl Kind {
+    fn of(db_type: &str) -> Kind {
+        if db_type.starts_with("timestamp") || db_type == "date" {
+            Kind::Time
+        } else if db_type == "json" || db_type == "jsonb" {
+            Kind::Json
+        } else {
+            Kind::Plain
+        }
+    }
+}
+
+/// One row of `COPY`'s text format: the written columns' values (`None`: a missing
+/// field), tab-separated, `\N` for NULL, each as its column's type reads it, as the
 /// statement's casts would give it.
-fn copy_row(out: &mut Vec<u8>, written: &[(String, String)], row: Fields<'_>) {
+fn copy_row<'v>(
+    out: &mut Vec<u8>,
+    kinds: &[Kind],
+    values: impl Iterator<Item = Option<&'v serde_json::Value>>,
+) {
     use serde_json::Value;
-    for (i, (name, db_type)) in written.iter().enumerate() {
+    use std::io::Write as _;
+    for (i, (kind, value)) in kinds.iter().zip(values).enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
-        let time = db_type.starts_with("timestamp") || db_type == "date";
-        let json = db_type == "json" || db_type == "jsonb";
-        match row.get(name) {
-            None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
-            Some(Value::Number(n)) if time => match n.as_f64() {
+        // Numbers and booleans need no escaping; written in place, not allocated.
+        let _ = match (value, kind) {
+            (None | Some(Value::Null), _) => out.write_all(b"\\N"),
+            (Some(Value::Number(n)), Kind::Time) => match n.as_f64() {
                 // Epoch milliseconds, as the statement's to_timestamp(ms / 1000).
                 Some(ms) if ms.fract() == 0.0 && ms.abs() < 9.0e15 => {
-                    copy_text(out, &sql::time::format_iso8601(ms as i64))
+                    out.write_all(sql::time::format_iso8601(ms as i64).as_bytes())
                 }
-                _ => copy_text(out, &n.to_string()),
+                _ => write!(out, "{n}"),
             },
-            Some(Value::String(s)) if !json => copy_text(out, s),
-            Some(Value::Number(n)) if !json => copy_text(out, &n.to_string()),
-            Some(Value::Bool(b)) if !json => copy_text(out, if *b { "true" } else { "false" }),
-            Some(v) => copy_text(out, &v.to_string()),
-        }
+            (Some(Value::String(s)), Kind::Time | Kind::Plain) => {
+                copy_text(out, s);
+                Ok(())
+            }
+            (Some(Value::Number(n)), Kind::Plain) => write!(out, "{n}"),
+            (Some(Value::Bool(b)), Kind::Plain) => {
+                out.write_all(if *b { b"true" } else { b"false" })
+            }
+            (Some(v), _) => {
+                copy_text(out, &v.to_string());
+                Ok(())
+            }
+        };
     }
     out.push(b'\n');
+}
+
+/// Where each written column is among a query's output columns: looked up once per
+/// query (its names, shared by its rows), not per row.
+#[derive(Default)]
+struct ColumnIndex {
+    names: Option<*const String>,
+    at: Vec<Option<usize>>,
+}
+
+impl ColumnIndex {
+    fn values<'s, 'v: 's>(
+        &'s mut self,
+        written: &'s [(String, String)],
+        row: Fields<'v>,
+    ) -> Box<dyn Iterator<Item = Option<&'v serde_json::Value>> + 's> {
+        match row {
+            Fields::Object(map) => Box::new(written.iter().map(move |(n, _)| map.get(n))),
+            Fields::Columns(names, values) => {
+                if self.names != Some(names.as_ptr()) {
+                    self.names = Some(names.as_ptr());
+                    self.at = written
+                        .iter()
+                        .map(|(w, _)| names.iter().position(|n| n == w))
+                        .collect();
+                }
+                Box::new(self.at.iter().map(move |i| i.map(|i| &values[i])))
+            }
+        }
+    }
 }
 
 /// `s` escaped for `COPY`'s text format.
@@ -277,11 +344,11 @@ impl Postgres {
             .iter()
             .map(|(n, t)| {
                 let v = format!("r.{}", quote(n));
-                if t.starts_with("timestamp") || t == "date" {
+                if Kind::of(t) == Kind::Time {
                     format!(
                         "(CASE json_typeof({v}) WHEN 'number' THEN to_timestamp(({v} #>> '{{}}')::float8 / 1000) ELSE ({v} #>> '{{}}')::timestamptz END)::{t}"
                     )
-                } else if t == "json" || t == "jsonb" {
+                } else if Kind::of(t) == Kind::Json {
                     format!("(CASE json_typeof({v}) WHEN 'null' THEN NULL ELSE {v} END)::{t}")
                 } else {
                     format!("({v} #>> '{{}}')::{t}")
@@ -320,6 +387,7 @@ impl Postgres {
         let copy = format!("COPY {} ({}) FROM STDIN", self.table, names.join(", "));
         self.conn = Some(Conn {
             client,
+            kinds: written.iter().map(|(_, t)| Kind::of(t)).collect(),
             written: written.clone(),
             copy,
             insert,
@@ -339,6 +407,7 @@ impl Postgres {
         // Sent in chunks as they are written, so PostgreSQL reads one while the next
         // is formatted.
         const CHUNK_ROWS: usize = 512;
+        let mut index = ColumnIndex::default();
         let ahead = std::mem::take(&mut self.ahead);
         let sink = Self::call(&self.rt, conn, ahead, |c| {
             c.copy_in::<_, bytes::Bytes>(&conn.copy)
@@ -349,7 +418,8 @@ impl Postgres {
                 for chunk in rows.chunks(CHUNK_ROWS) {
                     let mut text = Vec::with_capacity(chunk.len() * 128);
                     for row in chunk {
-                        copy_row(&mut text, &conn.written, row.row);
+                        let values = index.values(&conn.written, row.row);
+                        copy_row(&mut text, &conn.kinds, values);
                     }
                     sink.feed(bytes::Bytes::from(text)).await?;
                 }
