@@ -430,6 +430,56 @@ def test_a_defined_pipelines_topics_exist_before_its_first_row(broker):
     assert r.status == 200, r
 
 
+def test_a_row_the_broker_refuses_is_never_covered_by_a_committed_offset(broker, tmp_path):
+    """Acknowledged means kept, on the output side: the producer reports only failed
+    deliveries, and a failure stops the source offsets from moving past the record
+    whose row was refused (here by the output topic's max.message.bytes). The rows
+    before it are written; the pipeline says why it is stuck."""
+    src = name("big")
+    create_topic(broker.bootstrap, src)
+    pipeline = name("big")
+    out = f"{pipeline}_out"
+    create_topic(broker.bootstrap, out, config={"max.message.bytes": "1500"})
+    docs = [{"n": i, "note": "x" * (5000 if i == 20 else 5)} for i in range(30)]
+    # The small rows first, delivered before the big one is read.
+    produce_json(broker.bootstrap, src, docs[:20])
+    sql_file = tmp_path / "big.sql"
+    sql_file.write_text(f"SET 'checkpoint-interval' = '100ms';\nINSERT INTO {out} SELECT n, note FROM {src};\n")
+    log_path = tmp_path / "pipeline.stderr.log"
+    proc = run_pipeline(broker, pipeline, sql_file, open(log_path, "ab"))
+    try:
+        wait_until(lambda: watermarks(broker.bootstrap, out)[1] >= 20, timeout=60, what="the 20 small rows")
+        prefix = f"freshet-pipeline-{pipeline}-"
+        wait_until(lambda: len(group_members(broker.bootstrap, prefix)) == 1, timeout=30,
+                   what="the pipeline's source group")
+        [group] = group_members(broker.bootstrap, prefix)
+
+        def committed() -> int:
+            c = consumer(broker.bootstrap, **{"group.id": group})
+            try:
+                [tp] = c.committed([TopicPartition(src, 0)], timeout=10)
+                return tp.offset
+            finally:
+                c.close()
+
+        wait_until(lambda: committed() == 20, timeout=60, what="the source offset committed past the small rows")
+        produce_json(broker.bootstrap, src, docs[20:])
+        wait_until(lambda: "cannot write to topic" in log_path.read_text(errors="replace"),
+                   timeout=60, what="the refused row's error in the log")
+        # Retried (the run restarts from its offsets), never skipped: across several
+        # attempts the committed offset stays before the refused record, and no row
+        # after it reaches the output.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert committed() <= 20, committed()
+            time.sleep(0.2)
+        assert log_path.read_text(errors="replace").count("cannot write to topic") >= 2
+        assert watermarks(broker.bootstrap, out)[1] == 20
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_a_new_pipelines_first_row_comes_at_once_on_a_default_broker(broker_factory, report):
     """Issue 26 §4: start-up to the first row under 1 s on a broker with the default
     settings. A grouped query joins two consumer groups; with Kafka's code default of
