@@ -3,8 +3,9 @@
 //! fused sink reader's time); here one `rd_kafka_consume_batch_queue` call reads many.
 //!
 //! The records come from a queue of our own that every assigned partition's fetch
-//! queue forwards to ([`BatchContext`] sets the forwarding up before librdkafka
-//! starts fetching a partition, so no record of it is ever in the consumer's queue
+//! queue forwards to (the consumer's context sets the forwarding up with
+//! [`BatchQueue::assign`] in its rebalance callback, before librdkafka starts
+//! fetching a partition, so no record of it is ever in the consumer's queue
 //! ahead of one in ours: the order within a partition is kept). Rebalances and errors
 //! still arrive on the consumer's own queue, served by `BaseConsumer::poll`: a batch
 //! read never serves them (librdkafka would answer a rebalance there by unassigning
