@@ -23,9 +23,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Timestamp};
+use rdkafka::{Message, TopicPartitionList};
 
 use super::Error;
-use rdkafka::{Message, TopicPartitionList};
 
 /// What a consumer read with [`Batches`] keeps in its context: the reader's queue,
 /// and how many partitions are assigned (none: the reader waits on the consumer's

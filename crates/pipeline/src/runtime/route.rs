@@ -21,13 +21,12 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
-
-use super::batch::{BatchQueue, Batched, Batches};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
 use sql::plan::Body;
 
+use super::batch::{BatchQueue, Batched, Batches};
 use super::{
     cached_high, copy, dead_letter_input, group_id, input_headers, read_json, send, send_rows,
     Clock, Error, Origin, Route, Shared, ROUTE_HEADER, TICK,

@@ -23,13 +23,12 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Headers;
-
-use super::batch::{BatchQueue, Batched, Batches};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
 use sql::plan::Body;
 
+use super::batch::{BatchQueue, Batched, Batches};
 use super::checkpoint::{Checkpoint, Claim, StateTopic};
 use super::json;
 use super::{

@@ -44,10 +44,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, OwnedMessage};
-
-use super::batch::{BatchContext, Batches};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::plan::{ColumnType, Connector, Sink};
+
+use super::batch::{BatchContext, Batches};
 
 use super::{group_id, Error, Shared};
 
