@@ -14,6 +14,7 @@ use crate::flusher::Flusher;
 use crate::group::{GroupConfig, GroupCoordinator};
 use crate::metrics::BrokerMetrics;
 use crate::topics::{write_atomically, TopicError, TopicRegistry};
+use crate::txn::TxnCoordinator;
 
 /// Time as the broker sees it; tests may substitute their own.
 pub trait Clock: Send + Sync {
@@ -66,6 +67,8 @@ pub struct Broker {
     /// be written (fetches on one connection run one at a time).
     pub fetch_waiting_turn: Gauge,
     pub producer_ids: ProducerIds,
+    /// Transactional ids and their open transactions.
+    pub txns: TxnCoordinator,
     /// What `GET /metrics` shows of this broker (`metrics` module).
     pub metrics: Arc<BrokerMetrics>,
     clock: Arc<dyn Clock>,
@@ -101,6 +104,9 @@ impl Broker {
                     OpenError::Topics(TopicError::Storage(format!("group offsets: {e}")))
                 })?;
         let producer_ids = ProducerIds::open(&dir)?;
+        let txns = TxnCoordinator::open(&dir).map_err(|e| {
+            OpenError::Topics(TopicError::Storage(format!("transaction state: {e}")))
+        })?;
         let metrics = Arc::new(BrokerMetrics::default());
         let broker = Arc::new(Broker {
             config,
@@ -115,6 +121,7 @@ impl Broker {
             fetch_memory_waiting: Gauge::default(),
             fetch_waiting_turn: Gauge::default(),
             producer_ids,
+            txns,
             metrics,
             clock,
             _lock: lock,
@@ -150,6 +157,14 @@ impl Broker {
         let flush_every = Duration::from_millis(self.config.flush_interval_ms.max(1));
         let expiry_every =
             Duration::from_millis(self.config.producer_id_expiration_check_interval_ms.max(1));
+        let txn_every =
+            Duration::from_millis(self.config.transaction_abort_check_interval_ms.max(1));
+        // Transactions a crash left prepared are finished before anything else;
+        // until then their ids answer CONCURRENT_TRANSACTIONS (retriable).
+        let broker = self.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.txns.recover(&broker)).await;
+        let mut txn_expiry = tokio::time::interval(txn_every);
+        txn_expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retention = tokio::time::interval(retention_every);
         let mut flush = tokio::time::interval(flush_every);
         let mut expiry = tokio::time::interval(expiry_every);
@@ -161,6 +176,10 @@ impl Broker {
                 _ = expiry.tick() => {
                     let broker = self.clone();
                     let _ = tokio::task::spawn_blocking(move || broker.expire_producers()).await;
+                }
+                _ = txn_expiry.tick() => {
+                    let broker = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || broker.txns.expire(&broker)).await;
                 }
                 _ = retention.tick() => {
                     let broker = self.clone();

@@ -90,6 +90,21 @@ pub struct BrokerConfig {
     /// KIP-936 proposes for unseen producer ids beyond a quota) until idle producers
     /// expire (`producer_id_expiration_ms`). Known producers are never refused.
     pub max_producer_ids_per_partition: usize,
+    /// Kafka's `transaction.max.timeout.ms`: the longest `transaction.timeout.ms`
+    /// a transactional producer may ask for (a longer one gets
+    /// `INVALID_TRANSACTION_TIMEOUT`). A transaction open longer than its producer's
+    /// timeout is aborted by the coordinator, its producer fenced.
+    pub transaction_max_timeout_ms: i32,
+    /// Kafka's `transaction.abort.timed.out.transaction.cleanup.interval.ms`: how
+    /// often the coordinator looks for transactions past their timeout.
+    pub transaction_abort_check_interval_ms: u64,
+    /// Transactional ids the coordinator keeps state for at most; `InitProducerId`
+    /// for a new one past it gets `THROTTLING_QUOTA_EXCEEDED` until idle ones
+    /// expire (`transactional_id_expiration_ms`). Known ids are never refused.
+    pub max_transactional_ids: usize,
+    /// Kafka's `transactional.id.expiration.ms`: a transactional id with no open
+    /// transaction and no request for this long is forgotten (its producer id too).
+    pub transactional_id_expiration_ms: i64,
     /// The committed-offsets log is compacted (the live offsets rewritten, the rest
     /// dropped) once it is twice the size it had after the last compaction and at
     /// least this big.
@@ -144,6 +159,10 @@ impl Default for BrokerConfig {
             producer_id_expiration_ms: 86_400_000,
             producer_id_expiration_check_interval_ms: 600_000,
             max_producer_ids_per_partition: 10_000,
+            transaction_max_timeout_ms: 900_000,
+            transaction_abort_check_interval_ms: 10_000,
+            max_transactional_ids: 100_000,
+            transactional_id_expiration_ms: 604_800_000,
             offsets_compaction_min_bytes: 16 * 1024 * 1024,
             metrics_max_partition_series: 10_000,
         }
@@ -274,6 +293,16 @@ impl BrokerConfig {
         if self.producer_id_expiration_ms < 1 || self.producer_id_expiration_check_interval_ms < 1 {
             return bad(
                 "producer_id_expiration_ms and producer_id_expiration_check_interval_ms must be at least 1",
+            );
+        }
+        if self.transaction_max_timeout_ms < 1
+            || self.transaction_abort_check_interval_ms < 1
+            || self.max_transactional_ids < 1
+            || self.transactional_id_expiration_ms < 1
+        {
+            return bad(
+                "transaction_max_timeout_ms, transaction_abort_check_interval_ms, \
+                 max_transactional_ids and transactional_id_expiration_ms must be at least 1",
             );
         }
         Ok(())

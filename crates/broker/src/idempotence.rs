@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use protocol::record_batch::BatchHeader;
+use protocol::record_batch::{control_type, BatchHeader, ControlType};
 use protocol::ResponseError;
 
 /// Kafka remembers this many batches per producer and partition.
@@ -56,6 +56,11 @@ struct ProducerEntry {
     /// starts the idle clock.
     #[serde(default = "unknown_timestamp")]
     last_timestamp_ms: i64,
+    /// The offset of this producer's first batch in its open transaction here, if
+    /// one is open (Kafka's `currentTxnFirstOffset`): the last stable offset stays
+    /// at or before it until the transaction's marker is written.
+    #[serde(default)]
+    txn_first_offset: Option<i64>,
 }
 
 fn unknown_timestamp() -> i64 {
@@ -68,6 +73,7 @@ impl Default for ProducerEntry {
             epoch: 0,
             batches: VecDeque::new(),
             last_timestamp_ms: unknown_timestamp(),
+            txn_first_offset: None,
         }
     }
 }
@@ -83,9 +89,45 @@ pub enum Check {
     Reject(ResponseError),
 }
 
+/// A transaction aborted in this partition: a `read_committed` fetch that returns
+/// records in `first_offset..=last_offset` names it, so the client drops the
+/// producer's records there (`last_offset` is the abort marker's offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AbortedTxn {
+    pub producer_id: i64,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// What a fetch needs of a partition's transactions, published after each change
+/// so that a fetch never waits for `producers` (held across appends).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TxnView {
+    /// The first offset of the oldest open transaction: the last stable offset is
+    /// this or the high watermark, whichever is lower.
+    pub first_unstable: Option<i64>,
+    /// In the order of their markers.
+    pub aborted: Vec<AbortedTxn>,
+}
+
+impl TxnView {
+    /// The aborted transactions a `read_committed` fetch of `from..upto` must name.
+    pub fn aborted_between(&self, from: i64, upto: i64) -> Vec<AbortedTxn> {
+        let start = self.aborted.partition_point(|a| a.last_offset < from);
+        self.aborted[start..]
+            .iter()
+            .filter(|a| a.first_offset < upto)
+            .copied()
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
+    /// Transactions aborted here whose markers are still in the log, in marker order.
+    #[serde(default)]
+    aborted: Vec<AbortedTxn>,
     /// The log end offset this state reflects.
     pub end_offset: i64,
     /// `end_offset` when the snapshot was last written.
@@ -155,14 +197,32 @@ impl ProducerStates {
         }
     }
 
-    /// Records a batch that is now in the log (appended, or met while replaying).
-    pub fn record(&mut self, header: &BatchHeader) {
+    /// Records a batch that is now in the log (appended, or met while replaying):
+    /// `control` is the marker a control batch carries. Returns whether the
+    /// partition's [`TxnView`] changed (a transaction began or ended here).
+    pub fn record(&mut self, header: &BatchHeader, control: Option<ControlType>) -> bool {
+        self.end_offset = self.end_offset.max(header.last_offset() + 1);
         let entry = self.producers.entry(header.producer_id).or_default();
         if header.producer_epoch != entry.epoch {
+            // A coordinator's marker may carry a bumped epoch (an abort that
+            // fences the producer): older epochs are refused from here on.
             entry.epoch = header.producer_epoch;
             entry.batches.clear();
         }
         entry.last_timestamp_ms = header.max_timestamp;
+        if header.is_control() {
+            let Some(first_offset) = entry.txn_first_offset.take() else {
+                return false; // a marker for a transaction with nothing here
+            };
+            if control == Some(ControlType::Abort) {
+                self.aborted.push(AbortedTxn {
+                    producer_id: header.producer_id,
+                    first_offset,
+                    last_offset: header.base_offset,
+                });
+            }
+            return true;
+        }
         entry.batches.push_back(BatchMeta {
             first_seq: header.base_sequence,
             last_seq: last_seq(header),
@@ -172,7 +232,41 @@ impl ProducerStates {
         while entry.batches.len() > BATCHES_REMEMBERED {
             entry.batches.pop_front();
         }
-        self.end_offset = self.end_offset.max(header.last_offset() + 1);
+        if header.is_transactional() && entry.txn_first_offset.is_none() {
+            entry.txn_first_offset = Some(header.base_offset);
+            return true;
+        }
+        false
+    }
+
+    /// What a fetch needs of the transactions here.
+    pub fn txn_view(&self) -> TxnView {
+        TxnView {
+            first_unstable: self
+                .producers
+                .values()
+                .filter_map(|e| e.txn_first_offset)
+                .min(),
+            aborted: self.aborted.clone(),
+        }
+    }
+
+    /// Whether any transaction is open or was aborted here: what crash recovery
+    /// cannot trim from a snapshot ahead of the log (see [`load`]).
+    fn has_transactions(&self) -> bool {
+        !self.aborted.is_empty()
+            || self
+                .producers
+                .values()
+                .any(|e| e.txn_first_offset.is_some())
+    }
+
+    /// Forgets aborted transactions whose markers are before `log_start_offset`
+    /// (retention or DeleteRecords took them). Returns whether any went.
+    pub fn forget_aborted_before(&mut self, log_start_offset: i64) -> bool {
+        let before = self.aborted.len();
+        self.aborted.retain(|a| a.last_offset >= log_start_offset);
+        self.aborted.len() != before
     }
 
     /// Forgets batches at or beyond `log_end_offset` (cut off by crash recovery).
@@ -195,7 +289,10 @@ impl ProducerStates {
             if e.last_timestamp_ms < 0 {
                 e.last_timestamp_ms = now_ms;
             }
-            now_ms.saturating_sub(e.last_timestamp_ms) < expiration_ms
+            // A producer with an open transaction stays until its marker (Kafka
+            // expires only producers without one).
+            e.txn_first_offset.is_some()
+                || now_ms.saturating_sub(e.last_timestamp_ms) < expiration_ms
         });
         let expired = before - self.producers.len();
         if expired > 0 {
@@ -225,6 +322,13 @@ pub fn load(
         .ok()
         .and_then(|bytes| serde_json::from_slice::<ProducerStates>(&bytes).ok());
     let mut states = match snapshot {
+        // A snapshot ahead of the log (a crash cut batches off) is trimmed to it;
+        // one with transactions is not (an open transaction's start or an abort
+        // marker may be among the batches cut off): the log is replayed whole.
+        Some(s) if s.end_offset > log_end && s.has_transactions() => ProducerStates {
+            end_offset: log.log_start_offset(),
+            ..Default::default()
+        },
         Some(mut s) => {
             s.truncate(log_end);
             s
@@ -235,9 +339,10 @@ pub fn load(
         },
     };
     let from = states.end_offset;
-    log.for_each_batch(from, log_end, REPLAY_READ_BYTES, |header, _| {
+    log.for_each_batch(from, log_end, REPLAY_READ_BYTES, |header, batch| {
         if header.last_offset() >= from && header.has_producer_id() {
-            states.record(header);
+            let control = header.is_control().then(|| control_type(batch)).flatten();
+            states.record(header, control);
         }
     })
     .map_err(TopicError::from)?;
@@ -289,10 +394,10 @@ mod tests {
         let mut s = ProducerStates::default();
         let a = header(7, 0, 0, 3, 0);
         assert_eq!(s.check(&a, NO_LIMIT), Check::Append);
-        s.record(&a);
+        s.record(&a, None);
         let b = header(7, 0, 3, 2, 3);
         assert_eq!(s.check(&b, NO_LIMIT), Check::Append);
-        s.record(&b);
+        s.record(&b, None);
         assert_eq!(
             s.check(&header(7, 0, 0, 3, 99), NO_LIMIT),
             Check::Duplicate { base_offset: 0 }
@@ -314,7 +419,7 @@ mod tests {
         for i in 0..6 {
             let h = header(1, 0, i, 1, i as i64);
             assert_eq!(s.check(&h, NO_LIMIT), Check::Append);
-            s.record(&h);
+            s.record(&h, None);
         }
         // The first batch has been forgotten: a retry of it is now out of order.
         assert_eq!(
@@ -330,7 +435,7 @@ mod tests {
     #[test]
     fn epochs_fence_and_reset_sequences() {
         let mut s = ProducerStates::default();
-        s.record(&header(1, 2, 0, 1, 0));
+        s.record(&header(1, 2, 0, 1, 0), None);
         assert_eq!(
             s.check(&header(1, 1, 1, 1, 0), NO_LIMIT),
             Check::Reject(ResponseError::InvalidProducerEpoch)
@@ -353,10 +458,10 @@ mod tests {
         let mut s = ProducerStates::default();
         let mut old = header(1, 0, 0, 1, 0);
         old.max_timestamp = 1_000;
-        s.record(&old);
+        s.record(&old, None);
         let mut recent = header(2, 0, 0, 1, 1);
         recent.max_timestamp = 5_000;
-        s.record(&recent);
+        s.record(&recent, None);
         assert_eq!(s.expire(10_999, 10_000), 0, "idle for 9999 ms only");
         assert_eq!(s.expire(11_000, 10_000), 1, "idle for exactly the limit");
         assert_eq!(s.producer_count(), 1);
@@ -374,7 +479,7 @@ mod tests {
         let mut s = ProducerStates::default();
         let mut h = header(1, 0, 0, 1, 0);
         h.max_timestamp = 0;
-        s.record(&h);
+        s.record(&h, None);
         save_if_changed(dir.path(), &mut s).unwrap();
         assert_eq!(s.expire(100, 10), 1);
         save_if_changed(dir.path(), &mut s).unwrap();
@@ -398,10 +503,10 @@ mod tests {
     #[test]
     fn sequences_wrap_and_truncation_forgets_cut_batches() {
         let mut s = ProducerStates::default();
-        s.record(&header(1, 0, 0, 1, 0));
+        s.record(&header(1, 0, 0, 1, 0), None);
         let mut h = header(1, 0, 1, 1, 1);
         h.base_sequence = 1;
-        s.record(&h);
+        s.record(&h, None);
         assert_eq!(add_seq(i32::MAX, 1), 0);
         s.truncate(1);
         assert_eq!(
@@ -419,7 +524,7 @@ mod tests {
         for pid in 0..3 {
             let h = header(pid, 0, 0, 1, pid);
             assert_eq!(s.check(&h, 3), Check::Append);
-            s.record(&h);
+            s.record(&h, None);
         }
         assert_eq!(
             s.check(&header(9, 0, 0, 1, 3), 3),
@@ -434,13 +539,153 @@ mod tests {
         // Once one expires, a new id gets its place.
         let mut old = header(0, 0, 1, 1, 3);
         old.max_timestamp = 0;
-        s.record(&old);
+        s.record(&old, None);
         for pid in 1..3 {
             let mut recent = header(pid, 0, 1, 1, 3 + pid);
             recent.max_timestamp = 1_000;
-            s.record(&recent);
+            s.record(&recent, None);
         }
         assert_eq!(s.expire(1_000, 1_000), 1);
         assert_eq!(s.check(&header(9, 0, 0, 1, 6), 3), Check::Append);
+    }
+
+    fn txn_batch(pid: i64, epoch: i16, seq: i32, records: usize, base_offset: i64) -> BatchHeader {
+        let mut h = header(pid, epoch, seq, records, base_offset);
+        h.attributes |= 0x10; // transactional
+        h
+    }
+
+    fn marker(pid: i64, epoch: i16, kind: ControlType, offset: i64) -> BatchHeader {
+        let batch = protocol::record_batch::build_control_batch(pid, epoch, kind, 0, 0);
+        BatchHeader {
+            base_offset: offset,
+            ..BatchHeader::parse(&batch).unwrap()
+        }
+    }
+
+    #[test]
+    fn open_transactions_hold_the_stable_offset_and_aborts_are_listed() {
+        let mut s = ProducerStates::default();
+        assert!(!s.record(&header(9, 0, 0, 2, 0), None), "not transactional");
+        assert!(
+            s.record(&txn_batch(1, 0, 0, 2, 2), None),
+            "a transaction opens at 2"
+        );
+        assert!(
+            !s.record(&txn_batch(1, 0, 2, 1, 4), None),
+            "still the same one"
+        );
+        assert!(s.record(&txn_batch(2, 0, 0, 1, 5), None));
+        assert_eq!(s.txn_view().first_unstable, Some(2));
+        assert!(s.record(
+            &marker(1, 0, ControlType::Abort, 6),
+            Some(ControlType::Abort)
+        ));
+        let view = s.txn_view();
+        assert_eq!(
+            view.first_unstable,
+            Some(5),
+            "producer 2's transaction is still open"
+        );
+        let aborted = AbortedTxn {
+            producer_id: 1,
+            first_offset: 2,
+            last_offset: 6,
+        };
+        assert_eq!(view.aborted, vec![aborted]);
+        assert!(s.record(
+            &marker(2, 0, ControlType::Commit, 7),
+            Some(ControlType::Commit)
+        ));
+        let view = s.txn_view();
+        assert_eq!(view.first_unstable, None);
+        assert_eq!(view.aborted.len(), 1, "a commit lists nothing");
+        assert!(
+            !s.record(
+                &marker(2, 0, ControlType::Commit, 8),
+                Some(ControlType::Commit)
+            ),
+            "a second marker ends nothing"
+        );
+        // Which aborted transactions a fetch of a range names.
+        assert_eq!(view.aborted_between(0, 3), vec![aborted]);
+        assert_eq!(view.aborted_between(6, 100), vec![aborted]);
+        assert!(
+            view.aborted_between(7, 100).is_empty(),
+            "its marker is before the range"
+        );
+        assert!(
+            view.aborted_between(0, 2).is_empty(),
+            "it starts after the range"
+        );
+        assert!(!s.forget_aborted_before(6));
+        assert!(s.forget_aborted_before(7));
+        assert!(s.txn_view().aborted.is_empty());
+    }
+
+    #[test]
+    fn a_marker_with_a_bumped_epoch_fences_the_old_one() {
+        let mut s = ProducerStates::default();
+        s.record(&txn_batch(1, 3, 0, 1, 0), None);
+        s.record(
+            &marker(1, 4, ControlType::Abort, 1),
+            Some(ControlType::Abort),
+        );
+        assert_eq!(
+            s.check(&txn_batch(1, 3, 1, 1, 2), NO_LIMIT),
+            Check::Reject(ResponseError::InvalidProducerEpoch)
+        );
+        assert_eq!(s.check(&txn_batch(1, 4, 0, 1, 2), NO_LIMIT), Check::Append);
+    }
+
+    #[test]
+    fn a_producer_with_an_open_transaction_does_not_expire() {
+        let mut s = ProducerStates::default();
+        let mut open = txn_batch(1, 0, 0, 1, 0);
+        open.max_timestamp = 0;
+        s.record(&open, None);
+        assert_eq!(s.expire(1_000_000, 10), 0);
+        s.record(
+            &marker(1, 0, ControlType::Commit, 1),
+            Some(ControlType::Commit),
+        );
+        assert_eq!(s.expire(1_000_000, 10), 1);
+    }
+
+    #[test]
+    fn a_snapshot_ahead_of_the_log_with_transactions_is_replaced_by_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) =
+            storage::PartitionLog::open(dir.path(), storage::LogConfig::default(), 0).unwrap();
+        let mut batch = build_simple_batch(0, &[b"a"]);
+        protocol::record_batch::set_producer(&mut batch, 1, 0, 0);
+        batch[22] |= 0x10; // transactional (attributes' low byte)
+        let crc = protocol::record_batch::compute_crc(&batch);
+        batch[17..21].copy_from_slice(&crc.to_be_bytes());
+        log.append(&batch, 0, 0).unwrap();
+        // A snapshot that saw the transaction aborted at offset 1, which the log
+        // lost: the transaction is open again after a load.
+        let mut ahead = ProducerStates::default();
+        ahead.record(&txn_batch(1, 0, 0, 1, 0), None);
+        ahead.record(
+            &marker(1, 0, ControlType::Abort, 1),
+            Some(ControlType::Abort),
+        );
+        std::fs::write(
+            dir.path().join(SNAPSHOT_FILE),
+            serde_json::to_vec(&ahead).unwrap(),
+        )
+        .unwrap();
+        let loaded = load(dir.path(), &log).unwrap();
+        assert_eq!(loaded.txn_view().first_unstable, Some(0));
+        assert!(loaded.txn_view().aborted.is_empty());
+        // With the marker in the log, a load from no snapshot sees the abort.
+        let mut m = protocol::record_batch::build_control_batch(1, 0, ControlType::Abort, 0, 0);
+        protocol::record_batch::set_base_offset(&mut m, 1);
+        log.append(&m, 0, 0).unwrap();
+        std::fs::remove_file(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let loaded = load(dir.path(), &log).unwrap();
+        assert_eq!(loaded.txn_view().first_unstable, None);
+        assert_eq!(loaded.txn_view().aborted.len(), 1);
     }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod server;
 pub mod topic_config;
 pub mod topics;
+pub mod txn;
 
 pub use broker::{Broker, Clock, SystemClock};
 pub use config::BrokerConfig;

@@ -15,8 +15,10 @@ use tokio::sync::Notify;
 
 use storage::{PartitionLog, StorageError, TimestampLookup, TimestampOffset};
 
-use crate::idempotence::{self, ProducerStates};
+use protocol::record_batch::{build_control_batch, BatchHeader, ControlType};
 use uuid::Uuid;
+
+use crate::idempotence::{self, ProducerStates, TxnView};
 
 use crate::config::BrokerConfig;
 use crate::topic_config::TopicConfig;
@@ -31,6 +33,9 @@ pub struct Partition {
     pub log: Mutex<PartitionLog>,
     /// Idempotent producers' sequences. Lock order: `producers` before `log`.
     pub producers: Mutex<ProducerStates>,
+    /// The transactions a fetch must know of, published from `producers` after
+    /// each change (a fetch never waits for `producers`, held across appends).
+    txns: Mutex<Arc<TxnView>>,
     /// Long-polling fetches waiting for an append here (Kafka's delayed-fetch
     /// purgatory, keyed by partition): an append wakes only these. Dropped fetches
     /// leave dead entries, pruned whenever the list is touched.
@@ -48,6 +53,7 @@ impl Partition {
             dir,
             log: Mutex::new(log),
             producers: Mutex::new(ProducerStates::default()),
+            txns: Mutex::default(),
             fetch_waiters: Mutex::default(),
         }
     }
@@ -72,12 +78,14 @@ impl Partition {
             );
         }
         let producers = idempotence::load(&dir, &log)?;
+        let txns = Mutex::new(Arc::new(producers.txn_view()));
         Ok(Partition {
             topic: topic.to_string(),
             index,
             dir,
             log: Mutex::new(log),
             producers: Mutex::new(producers),
+            txns,
             fetch_waiters: Mutex::default(),
         })
     }
@@ -114,13 +122,69 @@ impl Partition {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Publishes what fetches see of the transactions here, after `states`
+    /// changed them (call with `producers` held, so publications keep its order).
+    pub fn publish_txns(&self, states: &ProducerStates) {
+        let view = Arc::new(states.txn_view());
+        *self.txns.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+
+    /// The transactions a fetch must know of (open ones bound the last stable
+    /// offset; aborted ones are named to `read_committed` readers).
+    pub fn txns(&self) -> Arc<TxnView> {
+        self.txns.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The last stable offset: the high watermark, or the first offset of the
+    /// oldest open transaction when that is lower.
+    pub fn last_stable_offset(&self, high_watermark: i64) -> i64 {
+        self.txns()
+            .first_unstable
+            .map_or(high_watermark, |first| first.min(high_watermark))
+    }
+
+    /// Appends a transaction's marker for `producer_id` (written by the
+    /// transaction coordinator, never sent by a client). Returns its offset; the
+    /// caller makes it durable (the flusher) and wakes fetches (`appended`).
+    pub fn append_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        marker: ControlType,
+        now_ms: i64,
+    ) -> Result<i64, TopicError> {
+        let batch = build_control_batch(producer_id, producer_epoch, marker, 0, now_ms);
+        let mut states = self.lock_producers();
+        let mut log = self.lock();
+        let info = log.append(&batch, 0, now_ms)?;
+        let end = log.log_end_offset();
+        log.set_high_watermark(end);
+        drop(log);
+        let header = BatchHeader::parse(&batch).map_err(|e| TopicError::Storage(e.to_string()))?;
+        let header = BatchHeader {
+            base_offset: info.base_offset,
+            ..header
+        };
+        if states.record(&header, Some(marker)) {
+            self.publish_txns(&states);
+        }
+        Ok(info.base_offset)
+    }
+
     /// Writes the producer-state snapshot if it changed since the last one.
     pub fn save_producer_state(&self) -> Result<(), TopicError> {
         let mut states = self.lock_producers();
         // Every idempotent append holds `producers`, so the state covers the log
         // up to its current end. An empty state is saved too: without a snapshot,
         // opening the partition would replay its whole log.
-        states.end_offset = self.lock().log_end_offset();
+        let (end, start) = {
+            let log = self.lock();
+            (log.log_end_offset(), log.log_start_offset())
+        };
+        states.end_offset = end;
+        if states.forget_aborted_before(start) {
+            self.publish_txns(&states);
+        }
         idempotence::save_if_changed(&self.dir, &mut states)
     }
 

@@ -242,19 +242,97 @@ pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
 /// tools that need a valid batch without a client library.
 pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     assert!(!values.is_empty(), "a batch holds at least one record");
+    let records: Vec<(Option<&[u8]>, &[u8])> = values.iter().map(|v| (None, *v)).collect();
+    build_batch(0, base_timestamp, (-1, -1, -1), &records)
+}
+
+/// What a control batch marks: the end of a producer's transaction in a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlType {
+    Abort,
+    Commit,
+}
+
+/// The transaction marker a coordinator writes to each partition of a transaction
+/// it ends: a transactional control batch of one record whose key is (version 0,
+/// type: 0 abort, 1 commit) and whose value is (version 0, coordinator epoch), as
+/// Kafka's `EndTransactionMarker` writes it.
+pub fn build_control_batch(
+    producer_id: i64,
+    producer_epoch: i16,
+    marker: ControlType,
+    coordinator_epoch: i32,
+    timestamp: i64,
+) -> Vec<u8> {
+    let mut key = 0i16.to_be_bytes().to_vec();
+    key.extend_from_slice(&(marker as i16).to_be_bytes());
+    let mut value = 0i16.to_be_bytes().to_vec();
+    value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+    build_batch(
+        TRANSACTIONAL_BIT | CONTROL_BIT,
+        timestamp,
+        (producer_id, producer_epoch, -1),
+        &[(Some(&key), &value)],
+    )
+}
+
+/// The marker a control batch carries, from its first record's key; `None` when
+/// `batch` is not a control batch or its record is not a marker this broker knows
+/// (Kafka has other control types, e.g. KRaft's, which no partition here holds).
+pub fn control_type(batch: &[u8]) -> Option<ControlType> {
+    let header = BatchHeader::parse(batch).ok()?;
+    if !header.is_control() || header.compression() != 0 {
+        return None;
+    }
+    let mut at = BATCH_HEADER_BYTES;
+    let varint = |at: &mut usize| -> Option<i64> {
+        let (value, used) = get_varint(batch.get(*at..)?)?;
+        *at += used;
+        Some(value)
+    };
+    varint(&mut at)?; // record length
+    at += 1; // record attributes
+    varint(&mut at)?; // timestamp delta
+    varint(&mut at)?; // offset delta
+    if varint(&mut at)? != 4 {
+        return None; // key length
+    }
+    let key = batch.get(at..at + 4)?;
+    match (i16_at(key, 0), i16_at(key, 2)) {
+        (0, 0) => Some(ControlType::Abort),
+        (0, 1) => Some(ControlType::Commit),
+        _ => None,
+    }
+}
+
+/// One uncompressed v2 batch of `(key, value)` records at offset 0, with the
+/// given attributes and `(producer id, epoch, base sequence)`.
+fn build_batch(
+    attributes: i16,
+    base_timestamp: i64,
+    (producer_id, producer_epoch, base_sequence): (i64, i16, i32),
+    records_in: &[(Option<&[u8]>, &[u8])],
+) -> Vec<u8> {
     let mut records = Vec::new();
-    for (i, value) in values.iter().enumerate() {
+    for (i, (key, value)) in records_in.iter().enumerate() {
         let mut body = Vec::new();
         body.push(0u8); // record attributes
         put_varint(&mut body, 0); // timestamp delta
         put_varint(&mut body, i as i64); // offset delta
-        put_varint(&mut body, -1); // null key
+        match key {
+            None => put_varint(&mut body, -1),
+            Some(key) => {
+                put_varint(&mut body, key.len() as i64);
+                body.extend_from_slice(key);
+            }
+        }
         put_varint(&mut body, value.len() as i64);
         body.extend_from_slice(value);
         put_varint(&mut body, 0); // no headers
         put_varint(&mut records, body.len() as i64);
         records.extend_from_slice(&body);
     }
+    let count = records_in.len();
     let mut batch = Vec::with_capacity(BATCH_HEADER_BYTES + records.len());
     batch.extend_from_slice(&0i64.to_be_bytes());
     batch.extend_from_slice(
@@ -263,14 +341,14 @@ pub fn build_simple_batch(base_timestamp: i64, values: &[&[u8]]) -> Vec<u8> {
     batch.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
     batch.push(MAGIC_V2 as u8);
     batch.extend_from_slice(&0u32.to_be_bytes()); // crc, set below
-    batch.extend_from_slice(&0i16.to_be_bytes()); // attributes
-    batch.extend_from_slice(&((values.len() - 1) as i32).to_be_bytes());
+    batch.extend_from_slice(&attributes.to_be_bytes());
+    batch.extend_from_slice(&((count - 1) as i32).to_be_bytes());
     batch.extend_from_slice(&base_timestamp.to_be_bytes());
     batch.extend_from_slice(&base_timestamp.to_be_bytes());
-    batch.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
-    batch.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
-    batch.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
-    batch.extend_from_slice(&(values.len() as i32).to_be_bytes());
+    batch.extend_from_slice(&producer_id.to_be_bytes());
+    batch.extend_from_slice(&producer_epoch.to_be_bytes());
+    batch.extend_from_slice(&base_sequence.to_be_bytes());
+    batch.extend_from_slice(&(count as i32).to_be_bytes());
     batch.extend_from_slice(&records);
     let crc = compute_crc(&batch);
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
@@ -287,6 +365,19 @@ pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, bas
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// Reads a zig-zag varint at the start of `buf`: the value and the bytes it took;
+/// `None` when `buf` ends first or the varint is longer than 10 bytes.
+pub fn get_varint(buf: &[u8]) -> Option<(i64, usize)> {
+    let mut raw = 0u64;
+    for (i, byte) in buf.iter().take(10).enumerate() {
+        raw |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((((raw >> 1) as i64) ^ -((raw & 1) as i64), i + 1));
+        }
+    }
+    None
+}
+
 /// Appends `value` as a zig-zag varint (the record fields' encoding).
 pub fn put_varint(out: &mut Vec<u8>, value: i64) {
     let mut v = ((value << 1) ^ (value >> 63)) as u64;
@@ -301,6 +392,42 @@ pub fn put_varint(out: &mut Vec<u8>, value: i64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn control_batches_carry_their_marker() {
+        for marker in [ControlType::Abort, ControlType::Commit] {
+            let batch = build_control_batch(7, 3, marker, 0, 1_000);
+            let header = validate(&batch).unwrap();
+            assert!(header.is_control() && header.is_transactional());
+            assert_eq!((header.producer_id, header.producer_epoch), (7, 3));
+            assert_eq!(header.records_count, 1);
+            assert_eq!(control_type(&batch), Some(marker));
+        }
+        assert_eq!(control_type(&build_simple_batch(0, &[b"x"])), None);
+    }
+
+    proptest! {
+        #[test]
+        fn varints_read_back(value in any::<i64>(), tail in proptest::collection::vec(any::<u8>(), 0..4)) {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, value);
+            let used = buf.len();
+            buf.extend_from_slice(&tail);
+            prop_assert_eq!(get_varint(&buf), Some((value, used)));
+            prop_assert_eq!(get_varint(&buf[..used - 1]), None);
+        }
+
+        #[test]
+        fn control_type_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let _ = control_type(&bytes);
+            let mut batch = build_control_batch(1, 0, ControlType::Commit, 0, 0);
+            let n = batch.len();
+            for (i, b) in bytes.iter().enumerate() {
+                batch[(61 + i) % n] ^= b;
+            }
+            let _ = control_type(&batch);
+        }
+    }
 
     #[test]
     fn simple_batch_validates_and_survives_offset_rewrite() {

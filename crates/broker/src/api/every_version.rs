@@ -206,10 +206,65 @@ fn requests(api: ApiKey, version: i16) -> Vec<RequestKind> {
                 ]))
                 .into(),
         ],
-        ApiKey::InitProducerId => vec![InitProducerIdRequest::default()
-            .with_transactional_id(None)
-            .with_producer_id(ProducerId(-1))
-            .with_producer_epoch(-1)
+        ApiKey::InitProducerId => vec![
+            InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1)
+                .into(),
+            InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx"))))
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1)
+                .into(),
+            InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(StrBytes::from_static_str("tx"))))
+                .with_transaction_timeout_ms(i32::MAX)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1)
+                .into(),
+        ],
+        ApiKey::AddPartitionsToTxn => [("t", 0), ("missing", 0)]
+            .into_iter()
+            .map(|(t, p)| {
+                AddPartitionsToTxnRequest::default()
+                    .with_v3_and_below_transactional_id(TransactionalId(StrBytes::from_static_str(
+                        "tx",
+                    )))
+                    .with_v3_and_below_producer_id(ProducerId(999))
+                    .with_v3_and_below_producer_epoch(0)
+                    .with_v3_and_below_topics(vec![
+                        add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                            .with_name(topic(t))
+                            .with_partitions(vec![p]),
+                    ])
+                    .into()
+            })
+            .collect(),
+        ApiKey::AddOffsetsToTxn => vec![AddOffsetsToTxnRequest::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_static_str("tx")))
+            .with_producer_id(ProducerId(999))
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .into()],
+        ApiKey::EndTxn => vec![EndTxnRequest::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_static_str("tx")))
+            .with_producer_id(ProducerId(999))
+            .with_committed(true)
+            .into()],
+        ApiKey::TxnOffsetCommit => vec![TxnOffsetCommitRequest::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_static_str("tx")))
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_producer_id(ProducerId(999))
+            .with_generation_id(-1)
+            .with_topics(vec![
+                txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(vec![
+                        txn_offset_commit_request::TxnOffsetCommitRequestPartition::default()
+                            .with_committed_offset(1),
+                    ]),
+            ])
             .into()],
         ApiKey::FindCoordinator => vec![
             FindCoordinatorRequest::default()

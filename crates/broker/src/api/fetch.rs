@@ -15,8 +15,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use bytes::Bytes;
-use protocol::kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use protocol::kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+use protocol::kafka_protocol::messages::fetch_response::{
+    AbortedTransaction, FetchableTopicResponse, PartitionData,
+};
+use protocol::kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId, TopicName};
 use protocol::ResponseError;
 use storage::{ReadSlice, StorageError};
 use uuid::Uuid;
@@ -40,10 +42,20 @@ struct WantedTopic {
     partitions: Vec<Wanted>,
 }
 
+/// What the request asks for, as a look needs it.
+#[derive(Clone, Copy)]
+struct Asked {
+    max_bytes: usize,
+    min_bytes: usize,
+    /// Isolation level 1: nothing past the last stable offset.
+    read_committed: bool,
+}
+
 /// One partition's answer before its bytes are loaded.
 struct Located {
     error: Option<ResponseError>,
     high_watermark: i64,
+    last_stable_offset: i64,
     log_start_offset: i64,
     slice: Option<ReadSlice>,
 }
@@ -68,6 +80,11 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
     let min_bytes = request.min_bytes.max(0) as usize;
     let max_wait = Duration::from_millis(request.max_wait_ms.max(0) as u64);
     let read_committed = request.isolation_level == READ_COMMITTED;
+    let asked = Asked {
+        max_bytes,
+        min_bytes,
+        read_committed,
+    };
     let broker = broker.clone();
     Reply::Holding(Box::pin(async move {
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -89,17 +106,15 @@ pub fn handle(broker: &Arc<Broker>, request: FetchRequest, version: i16) -> Repl
         }
         let mut must_answer = !may_wait;
         let (reads, hold) = loop {
-            let look = if reads_nothing(&topics) {
+            let look = if reads_nothing(&topics, read_committed) {
                 // Every partition is caught up (or fails): the look touches no
                 // file, so the hop to the blocking pool (most of what an idle long
                 // poll costs) is saved.
-                Ok(look(&broker, &topics, max_bytes, min_bytes, must_answer))
+                Ok(look(&broker, &topics, asked, must_answer))
             } else {
                 let (broker, topics) = (broker.clone(), topics.clone());
-                tokio::task::spawn_blocking(move || {
-                    look(&broker, &topics, max_bytes, min_bytes, must_answer)
-                })
-                .await
+                tokio::task::spawn_blocking(move || look(&broker, &topics, asked, must_answer))
+                    .await
             };
             let storage_error = || {
                 let response = FetchResponse::default()
@@ -186,7 +201,7 @@ fn resolve(broker: &Broker, request: &FetchRequest) -> Vec<WantedTopic> {
 /// caught up (fetch offset at or past its high watermark) or fails, so `locate`
 /// answers from memory without scanning a segment file. An append just after this
 /// check may make the look scan its batch's header, which is in the page cache.
-fn reads_nothing(topics: &[WantedTopic]) -> bool {
+fn reads_nothing(topics: &[WantedTopic], read_committed: bool) -> bool {
     topics
         .iter()
         .flat_map(|t| &t.partitions)
@@ -194,13 +209,19 @@ fn reads_nothing(topics: &[WantedTopic]) -> bool {
             Err(_) => true,
             Ok(partition) => {
                 let log = partition.lock();
-                w.fetch_offset >= log.high_watermark() || w.fetch_offset < log.log_start_offset()
+                let hwm = log.high_watermark();
+                let upto = if read_committed {
+                    partition.last_stable_offset(hwm)
+                } else {
+                    hwm
+                };
+                w.fetch_offset >= upto || w.fetch_offset < log.log_start_offset()
             }
         })
 }
 
 /// Finds the byte ranges to return, under each partition's lock, without reading them.
-fn locate(topics: &[WantedTopic], max_bytes: usize) -> Vec<Vec<Located>> {
+fn locate(topics: &[WantedTopic], max_bytes: usize, read_committed: bool) -> Vec<Vec<Located>> {
     let mut total = 0usize;
     topics
         .iter()
@@ -211,17 +232,20 @@ fn locate(topics: &[WantedTopic], max_bytes: usize) -> Vec<Vec<Located>> {
                     let partition = match &w.target {
                         Ok(p) => p,
                         Err(e) => {
-                            return Located { error: Some(*e), high_watermark: -1, log_start_offset: -1, slice: None }
+                            return Located { error: Some(*e), high_watermark: -1, last_stable_offset: -1, log_start_offset: -1, slice: None }
                         }
                     };
                     let log = partition.lock();
                     let high_watermark = log.high_watermark();
+                    let last_stable_offset = partition.last_stable_offset(high_watermark);
+                    // A read_committed reader sees nothing past the last stable offset.
+                    let upto = if read_committed { last_stable_offset } else { high_watermark };
                     let log_start_offset = log.log_start_offset();
                     let remaining = max_bytes.saturating_sub(total);
                     let (error, slice) = if total > 0 && remaining == 0 {
                         (None, None)
                     } else {
-                        match log.read(w.fetch_offset, w.max_bytes.min(remaining), high_watermark) {
+                        match log.read(w.fetch_offset, w.max_bytes.min(remaining), upto) {
                             // Only the first non-empty partition may exceed the limits.
                             Ok(slice) if total > 0 && slice.len > remaining => (None, None),
                             Ok(slice) => {
@@ -235,7 +259,7 @@ fn locate(topics: &[WantedTopic], max_bytes: usize) -> Vec<Vec<Located>> {
                             }
                         }
                     };
-                    Located { error, high_watermark, log_start_offset, slice }
+                    Located { error, high_watermark, last_stable_offset, log_start_offset, slice }
                 })
                 .collect()
         })
@@ -278,15 +302,9 @@ enum Look {
 /// segment file from the nearest index entry, and the reads are `pread`s, so both
 /// may wait for the disk. When the answer is due and its share of
 /// `fetch_memory_bytes` is free, the ranges are read in the same task.
-fn look(
-    broker: &Broker,
-    topics: &[WantedTopic],
-    max_bytes: usize,
-    min_bytes: usize,
-    must_answer: bool,
-) -> Look {
-    let located = locate(topics, max_bytes);
-    if !must_answer && !satisfied(&located, min_bytes) {
+fn look(broker: &Broker, topics: &[WantedTopic], asked: Asked, must_answer: bool) -> Look {
+    let located = locate(topics, asked.max_bytes, asked.read_committed);
+    if !must_answer && !satisfied(&located, asked.min_bytes) {
         return Look::Wait(located);
     }
     let total = total_bytes(&located);
@@ -358,14 +376,29 @@ fn respond(topics: &[WantedTopic], reads: Vec<Vec<Read>>, read_committed: bool) 
                     Bytes::new()
                 }
             };
+            // The transactions aborted in what is returned, for the client to
+            // drop their records (Kafka names those overlapping the fetched range).
+            let aborted = match (&wanted.target, read_committed && !records.is_empty()) {
+                (Ok(partition), true) => partition
+                    .txns()
+                    .aborted_between(wanted.fetch_offset, l.last_stable_offset)
+                    .into_iter()
+                    .map(|a| {
+                        AbortedTransaction::default()
+                            .with_producer_id(ProducerId(a.producer_id))
+                            .with_first_offset(a.first_offset)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             topic_response.partitions.push(
                 PartitionData::default()
                     .with_partition_index(wanted.index)
                     .with_error_code(error.map_or(0, code))
                     .with_high_watermark(l.high_watermark)
-                    .with_last_stable_offset(l.high_watermark)
+                    .with_last_stable_offset(l.last_stable_offset)
                     .with_log_start_offset(l.log_start_offset)
-                    .with_aborted_transactions(read_committed.then(Vec::new))
+                    .with_aborted_transactions(read_committed.then_some(aborted))
                     .with_records(Some(records)),
             );
         }

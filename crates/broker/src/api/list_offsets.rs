@@ -1,8 +1,8 @@
 //! ListOffsets: earliest (-2), latest (-1) or the first offset at or after a
 //! timestamp: the exact record, as Kafka answers, also inside compressed batches
 //! (decompressed for the lookup, without the partition lock; runs on the blocking
-//! pool). read_committed sees the same end as read_uncommitted: there are no
-//! transactions yet, so the last stable offset is the high watermark.
+//! pool). Latest is the high watermark for read_uncommitted (isolation level 0)
+//! and the last stable offset for read_committed (1), as Kafka answers.
 
 use protocol::kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
@@ -15,6 +15,7 @@ use crate::Broker;
 
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
+const READ_COMMITTED: i8 = 1;
 
 /// `leader_epoch` exists from v4 on.
 const LEADER_EPOCH_SINCE: i16 = 4;
@@ -38,7 +39,15 @@ pub fn handle(broker: &Broker, request: ListOffsetsRequest, version: i16) -> Lis
                 }
                 Some(partition) => {
                     let found = match p.timestamp {
-                        LATEST => Ok(Some((partition.lock().high_watermark(), -1))),
+                        LATEST => {
+                            let hwm = partition.lock().high_watermark();
+                            let end = if request.isolation_level == READ_COMMITTED {
+                                partition.last_stable_offset(hwm)
+                            } else {
+                                hwm
+                            };
+                            Ok(Some((end, -1)))
+                        }
                         EARLIEST => Ok(Some((partition.lock().log_start_offset(), -1))),
                         ts if ts >= 0 => partition
                             .offset_for_timestamp(ts, broker.config.timestamp_lookup_max_bytes)

@@ -10,6 +10,7 @@ use protocol::kafka_protocol::protocol::StrBytes;
 use protocol::{ApiKey, RequestKind, ResponseError, ResponseKind};
 
 use crate::group;
+use crate::txn;
 use crate::Broker;
 
 pub mod api_versions;
@@ -54,6 +55,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 3),
+    (ApiKey::EndTxn, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 3),
 ];
 
 pub fn is_supported(api_key: ApiKey, version: i16) -> bool {
@@ -197,9 +202,23 @@ pub fn dispatch(broker: &Arc<Broker>, request: Request, peer: std::net::SocketAd
         RequestKind::OffsetDelete(r) => {
             Reply::in_order(broker, move |b| group::offset_delete::handle(b, r))
         }
-        RequestKind::InitProducerId(r) => {
-            Reply::in_order(broker, move |b| Reply::now(init_producer_id::handle(b, r)))
+        RequestKind::InitProducerId(r) => Reply::in_order(broker, move |b| {
+            Reply::now(init_producer_id::handle(b, r, v))
+        }),
+        // The transaction requests change the coordinator's state, and may fsync
+        // (EndTxn waits for its markers): in order, on the blocking pool.
+        RequestKind::AddPartitionsToTxn(r) => Reply::in_order(broker, move |b| {
+            Reply::now(txn::add_partitions::handle(b, r, v))
+        }),
+        RequestKind::AddOffsetsToTxn(r) => Reply::in_order(broker, move |b| {
+            Reply::now(txn::add_offsets::handle(b, r, v))
+        }),
+        RequestKind::EndTxn(r) => {
+            Reply::in_order(broker, move |b| Reply::now(txn::end::handle(b, r, v)))
         }
+        RequestKind::TxnOffsetCommit(r) => Reply::in_order(broker, move |b| {
+            Reply::now(txn::offset_commit::handle(b, r, v))
+        }),
         other => {
             // is_supported() admitted it, so SUPPORTED and this match disagree.
             unreachable!("dispatch has no handler for {other:?}")

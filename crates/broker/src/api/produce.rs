@@ -1,7 +1,8 @@
 //! Produce: validate the one v2 batch each partition carries, append it as sent,
 //! and answer by acks — 0: no answer, 1: once in the page cache, -1 (all): once
 //! fsync'd by the flusher's group commit. Batches from idempotent producers are
-//! checked against their producer's sequence first (`idempotence.rs`). Runs on the
+//! checked against their producer's sequence first (`idempotence.rs`), and
+//! transactional ones against their producer's open transaction (`txn`). Runs on the
 //! blocking pool, in order per connection (`Reply::InOrder`), and appends each
 //! batch from the request's own buffer, without a copy.
 
@@ -111,12 +112,43 @@ fn append(
             )),
         ));
     }
-    if header.is_transactional() || header.is_control() {
+    if header.is_control() {
         return Err((
             ResponseError::InvalidRecord,
-            Some("transactional producers are not supported yet".into()),
+            Some("control batches are written by the broker, never produced".into()),
         ));
     }
+    if header.is_transactional() {
+        if !header.has_producer_id() {
+            return Err((
+                ResponseError::InvalidRecord,
+                Some("a transactional batch needs a producer id".into()),
+            ));
+        }
+        // Checked against the producer's open transaction, which cannot end
+        // before this append is done.
+        return broker.txns.produce(
+            header.producer_id,
+            header.producer_epoch,
+            &topic.name,
+            data.index,
+            || append_checked(broker, topic, partition, header, records, now_ms),
+        );
+    }
+    append_checked(broker, topic, partition, header, records, now_ms)
+}
+
+/// Appends a batch whose header passed the checks that need no producer state:
+/// an idempotent producer's sequence is checked here, under its partition's lock.
+fn append_checked(
+    broker: &Broker,
+    topic: &Topic,
+    partition: Arc<Partition>,
+    header: BatchHeader,
+    records: bytes::Bytes,
+    now_ms: i64,
+) -> AppendResult {
+    let index = partition.index;
     // Lock order: producers, then log. Held across the append so that the check
     // and the record of a batch are one step for its producer.
     let mut producers = header.has_producer_id().then(|| partition.lock_producers());
@@ -137,7 +169,7 @@ fn append(
                 let message = format!(
                     "partition {} of {} keeps the state of max_producer_ids_per_partition={} \
                      producer ids: a new one gets in once idle ones expire",
-                    data.index, topic.name, broker.config.max_producer_ids_per_partition
+                    index, topic.name, broker.config.max_producer_ids_per_partition
                 );
                 return Err((ResponseError::ThrottlingQuotaExceeded, Some(message)));
             }
@@ -158,10 +190,13 @@ fn append(
             let start = log.log_start_offset();
             drop(log);
             if let Some(states) = &mut producers {
-                states.record(&BatchHeader {
+                let header = BatchHeader {
                     base_offset: info.base_offset,
                     ..header
-                });
+                };
+                if states.record(&header, None) {
+                    partition.publish_txns(states);
+                }
             }
             drop(producers);
             (broker.metrics).produced(
@@ -173,7 +208,7 @@ fn append(
         }
         Err(storage::StorageError::InvalidBatch(e)) => Err(batch_error(e)),
         Err(e) => {
-            tracing::error!(topic = %topic.name, partition = data.index, error = %e, "append failed");
+            tracing::error!(topic = %topic.name, partition = index, error = %e, "append failed");
             Err((ResponseError::KafkaStorageError, Some(e.to_string())))
         }
     }

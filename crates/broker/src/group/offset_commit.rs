@@ -113,7 +113,7 @@ pub fn handle(broker: &Arc<Broker>, request: OffsetCommitRequest, version: i16) 
 
 /// Kafka's group checks for a commit. A commit outside group management
 /// (generation < 0, no member id) to an unknown group creates it, Empty.
-fn validate_group(
+pub(crate) fn validate_group(
     broker: &Broker,
     group_id: &str,
     member_id: &str,

@@ -1,7 +1,8 @@
 //! OffsetFetch v1-v8: committed offsets, with their metadata and leader epoch; -1
 //! for partitions without one. `topics` null (v2+) means every committed offset of
-//! the group; v8 asks for several groups at once. `require_stable` (v7+) needs no
-//! waiting here: there are no transactional offset commits to be pending.
+//! the group; v8 asks for several groups at once. `require_stable` (v7+, KIP-447):
+//! a partition whose offset an open transaction will commit (`TxnOffsetCommit`)
+//! answers `UNSTABLE_OFFSET_COMMIT`, retriable, until the transaction ends.
 
 use protocol::kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
@@ -9,8 +10,12 @@ use protocol::kafka_protocol::messages::offset_fetch_response::{
 };
 use protocol::kafka_protocol::messages::{OffsetFetchRequest, OffsetFetchResponse, TopicName};
 
+use std::collections::BTreeSet;
+
+use protocol::ResponseError;
+
 use super::CommittedOffset;
-use crate::api::text;
+use crate::api::{code, text};
 use crate::Broker;
 
 /// One partition's answer: (partition, committed offset if any).
@@ -27,24 +32,26 @@ pub fn handle(broker: &Broker, request: OffsetFetchRequest, version: i16) -> Off
                         .map(|t| (t.name.0.to_string(), t.partition_indexes))
                         .collect()
                 });
+                let pending = pending(broker, &g.group_id, request.require_stable);
                 let topics = fetch(broker, &g.group_id, wanted)
                     .into_iter()
                     .map(|(name, partitions)| {
+                        let ps = partitions
+                            .into_iter()
+                            .map(|(index, c)| {
+                                let (c, error) = stable(&pending, &name, index, c);
+                                let (offset, epoch, metadata) = split(c);
+                                OffsetFetchResponsePartitions::default()
+                                    .with_partition_index(index)
+                                    .with_committed_offset(offset)
+                                    .with_committed_leader_epoch(epoch)
+                                    .with_metadata(Some(text(metadata)))
+                                    .with_error_code(error)
+                            })
+                            .collect();
                         OffsetFetchResponseTopics::default()
                             .with_name(topic_name(name))
-                            .with_partitions(
-                                partitions
-                                    .into_iter()
-                                    .map(|(index, c)| {
-                                        let (offset, epoch, metadata) = split(c);
-                                        OffsetFetchResponsePartitions::default()
-                                            .with_partition_index(index)
-                                            .with_committed_offset(offset)
-                                            .with_committed_leader_epoch(epoch)
-                                            .with_metadata(Some(text(metadata)))
-                                    })
-                                    .collect(),
-                            )
+                            .with_partitions(ps)
                     })
                     .collect();
                 OffsetFetchResponseGroup::default()
@@ -59,27 +66,58 @@ pub fn handle(broker: &Broker, request: OffsetFetchRequest, version: i16) -> Off
             .map(|t| (t.name.0.to_string(), t.partition_indexes))
             .collect()
     });
+    let pending = pending(
+        broker,
+        &request.group_id,
+        version >= 7 && request.require_stable,
+    );
     let topics = fetch(broker, &request.group_id, wanted)
         .into_iter()
         .map(|(name, partitions)| {
+            let ps = partitions
+                .into_iter()
+                .map(|(index, c)| {
+                    let (c, error) = stable(&pending, &name, index, c);
+                    let (offset, epoch, metadata) = split(c);
+                    OffsetFetchResponsePartition::default()
+                        .with_partition_index(index)
+                        .with_committed_offset(offset)
+                        .with_committed_leader_epoch(if version >= 5 { epoch } else { -1 })
+                        .with_metadata(Some(text(metadata)))
+                        .with_error_code(error)
+                })
+                .collect();
             OffsetFetchResponseTopic::default()
                 .with_name(topic_name(name))
-                .with_partitions(
-                    partitions
-                        .into_iter()
-                        .map(|(index, c)| {
-                            let (offset, epoch, metadata) = split(c);
-                            OffsetFetchResponsePartition::default()
-                                .with_partition_index(index)
-                                .with_committed_offset(offset)
-                                .with_committed_leader_epoch(if version >= 5 { epoch } else { -1 })
-                                .with_metadata(Some(text(metadata)))
-                        })
-                        .collect(),
-                )
+                .with_partitions(ps)
         })
         .collect();
     OffsetFetchResponse::default().with_topics(topics)
+}
+
+/// The partitions of `group` an open transaction will commit, when the request
+/// requires stable offsets.
+fn pending(broker: &Broker, group: &str, require_stable: bool) -> BTreeSet<(String, i32)> {
+    if require_stable {
+        broker.txns.pending_offsets(group)
+    } else {
+        BTreeSet::new()
+    }
+}
+
+/// A partition with a pending transactional commit: no offset, and the error
+/// that makes the client ask again.
+fn stable(
+    pending: &BTreeSet<(String, i32)>,
+    topic: &str,
+    index: i32,
+    committed: Option<CommittedOffset>,
+) -> (Option<CommittedOffset>, i16) {
+    if pending.contains(&(topic.to_string(), index)) {
+        (None, code(ResponseError::UnstableOffsetCommit))
+    } else {
+        (committed, 0)
+    }
 }
 
 fn topic_name(name: String) -> TopicName {
