@@ -1,5 +1,5 @@
-"""Transactions with librdkafka's transactional producer (confluent-kafka) and
-read_committed consumers: committed transactions are read, aborted ones are not,
+"""Transactions with librdkafka's transactional producer (confluent-kafka), and
+kafkajs's, and read_committed consumers of both: committed transactions are read, aborted ones are not,
 an open one holds readers at its first record, a new producer with the same
 transactional.id fences the old one, offsets sent to a transaction are committed
 with it, a transaction past its timeout is aborted by the broker, and all of it
@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from helpers import consume, create_topic, topic_name, wait_until
+from kafkajs_driver import b64, ok, unb64
 
 PARTITIONS = 2
 
@@ -194,3 +195,21 @@ def test_transactions_survive_a_kill_of_the_broker(broker_factory):
     b.kill()
     b.start()
     assert read(b.bootstrap, topic, "read_committed") == sorted(committed + more)
+
+
+def test_kafkajs_transactions_read_by_kafkajs_and_librdkafka(broker):
+    """A second client's own transaction code and read_committed decoding: kafkajs
+    commits and aborts, kafkajs (in a group) and librdkafka read what was committed,
+    in order."""
+    topic = create_topic(broker.bootstrap, topic_name("kjs-txn"), 1)
+    transactions = [{"values": [f"t{t}-{i}".encode() for i in range(5 + t)], "commit": t % 2 == 0}
+                    for t in range(6)]
+    ok(broker, "transactions", topic=topic, transactionalId=f"kjs-{uuid.uuid4()}",
+       transactions=[{"values": [b64(v) for v in t["values"]], "commit": t["commit"]}
+                     for t in transactions])
+    committed = [v for t in transactions if t["commit"] for v in t["values"]]
+    got = ok(broker, "consumeGroup", topic=topic, groupId=f"g-{topic}", count=len(committed),
+             timeoutMs=30000)
+    assert [unb64(r["value"]) for r in got] == committed
+    recs = consume(broker.bootstrap, topic, **{"isolation.level": "read_committed"})
+    assert [r.value for r in recs] == committed

@@ -659,9 +659,7 @@ mod tests {
             storage::PartitionLog::open(dir.path(), storage::LogConfig::default(), 0).unwrap();
         let mut batch = build_simple_batch(0, &[b"a"]);
         protocol::record_batch::set_producer(&mut batch, 1, 0, 0);
-        batch[22] |= 0x10; // transactional (attributes' low byte)
-        let crc = protocol::record_batch::compute_crc(&batch);
-        batch[17..21].copy_from_slice(&crc.to_be_bytes());
+        protocol::record_batch::set_transactional(&mut batch);
         log.append(&batch, 0, 0).unwrap();
         // A snapshot that saw the transaction aborted at offset 1, which the log
         // lost: the transaction is open again after a load.

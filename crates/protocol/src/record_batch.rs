@@ -378,6 +378,15 @@ pub fn get_varint(buf: &[u8]) -> Option<(i64, usize)> {
     None
 }
 
+/// Marks a batch transactional and recomputes the CRC. For tests and tools that
+/// build batches without a client library.
+pub fn set_transactional(batch: &mut [u8]) {
+    let attributes = i16_at(batch, 21) | TRANSACTIONAL_BIT;
+    batch[21..23].copy_from_slice(&attributes.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Appends `value` as a zig-zag varint (the record fields' encoding).
 pub fn put_varint(out: &mut Vec<u8>, value: i64) {
     let mut v = ((value << 1) ^ (value >> 63)) as u64;

@@ -99,6 +99,26 @@ const ops = {
     }
   },
 
+  // transactions: [{values: [b64, ...], commit: bool}], one after the other, by one
+  // transactional producer (transactionalId); each sends its values to req.topic
+  // partition 0 and commits or aborts. Returns nothing.
+  async transactions(kafka, req) {
+    const producer = kafka.producer({ transactionalId: req.transactionalId, idempotent: true,
+      maxInFlightRequests: 1 })
+    await producer.connect()
+    try {
+      for (const t of req.transactions) {
+        const txn = await producer.transaction()
+        await txn.send({ topic: req.topic, acks: -1,
+          messages: t.values.map(v => ({ value: b64(v), partition: 0 })) })
+        if (t.commit) await txn.commit()
+        else await txn.abort()
+      }
+    } finally {
+      await producer.disconnect()
+    }
+  },
+
   async createTopics(kafka, req) {
     return withAdmin(kafka, admin => admin.createTopics(req.args))
   },

@@ -88,6 +88,11 @@ pub struct TxnMeta {
     pub started_ms: i64,
     /// The last request that changed this id: what expiry measures from.
     pub updated_ms: i64,
+    /// The epoch before the coordinator bumped it to abort a transaction past its
+    /// timeout: the producer may still name it to InitProducerId (KIP-360) to go
+    /// on with the next epoch instead of being fenced.
+    #[serde(default)]
+    pub bumped_from: Option<i16>,
     /// Forgotten (expired) while a request held the entry: look it up again.
     #[serde(skip)]
     removed: bool,
@@ -213,6 +218,7 @@ impl TxnCoordinator {
                 offsets: Vec::new(),
                 started_ms: now_ms,
                 updated_ms: now_ms,
+                bumped_from: None,
                 removed: false,
             }));
             ids.insert(transactional_id.to_string(), entry.clone());
@@ -226,7 +232,8 @@ impl TxnCoordinator {
             return self.init_producer_id(broker, transactional_id, timeout_ms, current);
         }
         if let Some((producer_id, epoch)) = current {
-            if producer_id != meta.producer_id || epoch != meta.epoch {
+            let known = epoch == meta.epoch || Some(epoch) == meta.bumped_from;
+            if producer_id != meta.producer_id || !known {
                 return Err(ResponseError::ProducerFenced);
             }
         }
@@ -250,6 +257,7 @@ impl TxnCoordinator {
         next.epoch = meta.epoch + 1; // a new id's -1 becomes 0
         next.timeout_ms = timeout_ms;
         next.updated_ms = now_ms;
+        next.bumped_from = None;
         let exhausted = next.epoch >= i16::MAX - 1;
         if exhausted {
             // Kafka's answer to an exhausted epoch: a new producer id at epoch 0.
@@ -518,6 +526,7 @@ impl TxnCoordinator {
                 tracing::info!(transactional_id = %meta.transactional_id, timeout_ms = meta.timeout_ms, "aborting a transaction past its timeout");
                 let mut next = meta.clone();
                 next.epoch = meta.epoch.saturating_add(1);
+                next.bumped_from = Some(meta.epoch);
                 next.state = TxnState::PrepareAbort;
                 if self.save(&next, common::Durability::Durable).is_ok() {
                     *meta = next;
