@@ -31,6 +31,7 @@
 //! means replaying the whole log: correct, and as slow as the log is long.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use protocol::record_batch::{control_type, BatchHeader, ControlType};
 use protocol::ResponseError;
@@ -106,8 +107,9 @@ pub struct TxnView {
     /// The first offset of the oldest open transaction: the last stable offset is
     /// this or the high watermark, whichever is lower.
     pub first_unstable: Option<i64>,
-    /// In the order of their markers.
-    pub aborted: Vec<AbortedTxn>,
+    /// In the order of their markers; shared with the partition's state (copied
+    /// only when an abort or retention changes it while a fetch holds it).
+    pub aborted: Arc<Vec<AbortedTxn>>,
 }
 
 impl TxnView {
@@ -127,7 +129,7 @@ pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
     /// Transactions aborted here whose markers are still in the log, in marker order.
     #[serde(default)]
-    aborted: Vec<AbortedTxn>,
+    aborted: Arc<Vec<AbortedTxn>>,
     /// The log end offset this state reflects.
     pub end_offset: i64,
     /// `end_offset` when the snapshot was last written.
@@ -215,7 +217,7 @@ impl ProducerStates {
                 return false; // a marker for a transaction with nothing here
             };
             if control == Some(ControlType::Abort) {
-                self.aborted.push(AbortedTxn {
+                Arc::make_mut(&mut self.aborted).push(AbortedTxn {
                     producer_id: header.producer_id,
                     first_offset,
                     last_offset: header.base_offset,
@@ -264,9 +266,15 @@ impl ProducerStates {
     /// Forgets aborted transactions whose markers are before `log_start_offset`
     /// (retention or DeleteRecords took them). Returns whether any went.
     pub fn forget_aborted_before(&mut self, log_start_offset: i64) -> bool {
-        let before = self.aborted.len();
-        self.aborted.retain(|a| a.last_offset >= log_start_offset);
-        self.aborted.len() != before
+        if self
+            .aborted
+            .first()
+            .is_none_or(|a| a.last_offset >= log_start_offset)
+        {
+            return false; // in marker order: nothing before the start
+        }
+        Arc::make_mut(&mut self.aborted).retain(|a| a.last_offset >= log_start_offset);
+        true
     }
 
     /// Forgets batches at or beyond `log_end_offset` (cut off by crash recovery).
@@ -592,7 +600,7 @@ mod tests {
             first_offset: 2,
             last_offset: 6,
         };
-        assert_eq!(view.aborted, vec![aborted]);
+        assert_eq!(*view.aborted, vec![aborted]);
         assert!(s.record(
             &marker(2, 0, ControlType::Commit, 7),
             Some(ControlType::Commit)

@@ -280,6 +280,18 @@ fn error_codes(body: &ResponseKind, f: &mut dyn FnMut(i16)) {
         ResponseKind::LeaveGroup(r) => f(r.error_code),
         ResponseKind::DescribeGroups(r) => r.groups.iter().for_each(|g| f(g.error_code)),
         ResponseKind::InitProducerId(r) => f(r.error_code),
+        ResponseKind::AddPartitionsToTxn(r) => r
+            .results_by_topic_v3_and_below
+            .iter()
+            .flat_map(|t| &t.results_by_partition)
+            .for_each(|p| f(p.partition_error_code)),
+        ResponseKind::AddOffsetsToTxn(r) => f(r.error_code),
+        ResponseKind::EndTxn(r) => f(r.error_code),
+        ResponseKind::TxnOffsetCommit(r) => r
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .for_each(|p| f(p.error_code)),
         ResponseKind::ApiVersions(r) => f(r.error_code),
         _ => {}
     }
