@@ -770,6 +770,71 @@ INSERT INTO {names} SELECT upper(name) AS who, length(comment) AS len FROM {src}
     assert got == [{"who": f["name"].upper(), "len": len(f["comment"]) if f["comment"] else None} for f in forms]
 
 
+def test_a_pipeline_reads_only_the_committed_transactions_of_its_source(broker):
+    """A source written by a transactional producer (librdkafka): records of aborted
+    transactions are never read, an open transaction holds the pipeline at its
+    first record until it commits. Oracle: the records the test committed."""
+    from confluent_kafka import Producer
+    src = name("txn_src")
+    create_topic(broker.bootstrap, src)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": f"tx-{src}"})
+    p.init_transactions(30)
+    docs = [{"name": f"n{i}", "city": ["Oslo", "Lima", "Pune"][i % 3]} for i in range(40)]
+    committed = []
+
+    def txn(batch, commit):
+        p.begin_transaction()
+        for d in batch:
+            p.produce(src, json.dumps(d).encode(), partition=0)
+        if commit:
+            p.commit_transaction(30)
+            committed.extend(batch)
+        else:
+            p.flush(30)
+            p.abort_transaction(30)
+
+    txn(docs[0:10], True)
+    txn(docs[10:20], False)
+    txn(docs[20:30], True)
+    pipeline = name("txn")
+    names, counts = f"{pipeline}_names", f"{pipeline}_counts"
+    sql = f"""
+SET 'emit-interval' = '100ms';
+INSERT INTO {names} SELECT name FROM {src};
+INSERT INTO {counts} SELECT city, COUNT(*) AS n FROM {src} GROUP BY city EMIT CHANGES;
+"""
+    assert put_pipeline(broker, pipeline, sql).status == 201
+    # Left open: the pipeline must stop before it.
+    p.begin_transaction()
+    for d in docs[30:40]:
+        p.produce(src, json.dumps(d).encode(), partition=0)
+    p.flush(30)
+
+    def latest_counts() -> dict:
+        out = {}
+        for r in consume(broker.bootstrap, counts):
+            row = json.loads(r.value)
+            out[row["city"]] = row["n"]
+        return out
+
+    def oracle() -> dict:
+        out: dict = {}
+        for d in committed:
+            out[d["city"]] = out.get(d["city"], 0) + 1
+        return out
+
+    want_names = [{"name": d["name"]} for d in committed]
+    wait_until(lambda: len(consume(broker.bootstrap, names)) >= len(want_names), what="names")
+    wait_until(lambda: latest_counts() == oracle(), what=f"counts {oracle()}")
+    assert [json.loads(r.value) for r in consume(broker.bootstrap, names)] == want_names
+    p.commit_transaction(30)
+    committed.extend(docs[30:40])
+    want_names = [{"name": d["name"]} for d in committed]
+    wait_until(lambda: len(consume(broker.bootstrap, names)) >= len(want_names), what="names after commit")
+    wait_until(lambda: latest_counts() == oracle(), what=f"counts {oracle()} after commit")
+    assert [json.loads(r.value) for r in consume(broker.bootstrap, names)] == want_names
+
+
 def test_queries_read_record_headers(broker):
     """header('x') in a stateless query (stage 1) and in a grouped one (its task reads
     the source itself): the runtime reads headers only when a query does, so this
