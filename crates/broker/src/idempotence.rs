@@ -172,6 +172,11 @@ impl ProducerStates {
         if header.producer_epoch < entry.epoch {
             return Check::Reject(ResponseError::InvalidProducerEpoch);
         }
+        if entry.txn_first_offset.is_some() && !header.is_transactional() {
+            // Kafka's rule (ProducerAppendInfo): a producer with a transaction open
+            // here writes only inside it until its marker.
+            return Check::Reject(ResponseError::InvalidTxnState);
+        }
         if header.producer_epoch > entry.epoch {
             // A bumped epoch starts its sequences again at 0.
             return if first == 0 {
@@ -629,6 +634,22 @@ mod tests {
         assert!(!s.forget_aborted_before(6));
         assert!(s.forget_aborted_before(7));
         assert!(s.txn_view().aborted.is_empty());
+    }
+
+    #[test]
+    fn a_producer_with_an_open_transaction_writes_only_inside_it() {
+        let mut s = ProducerStates::default();
+        s.record(&txn_batch(1, 0, 0, 1, 0), None);
+        assert_eq!(
+            s.check(&header(1, 0, 1, 1, 1), NO_LIMIT),
+            Check::Reject(ResponseError::InvalidTxnState)
+        );
+        assert_eq!(s.check(&txn_batch(1, 0, 1, 1, 1), NO_LIMIT), Check::Append);
+        s.record(
+            &marker(1, 0, ControlType::Commit, 1),
+            Some(ControlType::Commit),
+        );
+        assert_eq!(s.check(&header(1, 0, 1, 1, 2), NO_LIMIT), Check::Append);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! served in-process: what the clients' tests (tests/e2e/test_transactions.py)
 //! cannot reach: a crash between a transaction's prepared state and its markers,
 //! epoch exhaustion, the limit on transactional ids and their expiry, a zombie
-//! writing outside its transaction, and KIP-360 after a timeout.
+//! writing outside its transaction, and KIP-360 after a timeout; and a property
+//! test: random sequences of transactional requests against a model of what each
+//! partition's last stable offset and aborted transactions must be.
 
 mod common;
 
@@ -325,4 +327,203 @@ async fn a_producer_whose_transaction_timed_out_goes_on_with_kip_360() {
     assert_eq!(c.init_txn("tx", (pid, epoch)).await, (0, pid, epoch + 2));
     drop(broker);
     b.stop().await;
+}
+
+// ---- random sequences of requests against a model ------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Init(usize),
+    Add(usize, i32),
+    Produce(usize, i32),
+    /// A produce with the epoch before the current one (a zombie's).
+    Stale(usize, i32),
+    End(usize, bool),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        2 => (0..3usize).prop_map(Op::Init),
+        2 => (0..3usize, 0..2i32).prop_map(|(i, p)| Op::Add(i, p)),
+        3 => (0..3usize, 0..2i32).prop_map(|(i, p)| Op::Produce(i, p)),
+        1 => (0..3usize, 0..2i32).prop_map(|(i, p)| Op::Stale(i, p)),
+        2 => (0..3usize, any::<bool>()).prop_map(|(i, c)| Op::End(i, c)),
+    ]
+}
+
+/// What the model knows of one transactional id.
+#[derive(Default)]
+struct IdModel {
+    producer: Option<(i64, i16)>,
+    open: bool,
+    /// Partition -> the first offset of the open transaction's batches there.
+    partitions: std::collections::BTreeMap<i32, Option<i64>>,
+    /// Per partition, the next sequence in the current epoch.
+    seqs: std::collections::BTreeMap<i32, i32>,
+    last_committed: Option<bool>,
+}
+
+impl IdModel {
+    /// The open transaction ends; an abort adds its (producer, first offset) per
+    /// partition to `aborted`.
+    fn end(&mut self, commit: bool, aborted: &mut std::collections::BTreeSet<(i32, i64, i64)>) {
+        let pid = self.producer.expect("open means initialised").0;
+        for (p, first) in std::mem::take(&mut self.partitions) {
+            if let (Some(first), false) = (first, commit) {
+                aborted.insert((p, pid, first));
+            }
+        }
+        self.open = false;
+        self.last_committed = Some(commit);
+    }
+}
+
+async fn run_ops(ops: Vec<Op>) {
+    let b = start(
+        tempfile::tempdir().unwrap(),
+        BrokerConfig::default(),
+        clock(),
+    )
+    .await;
+    let mut c = Client::connect(b.addr).await;
+    create_topic(&mut c, "t", 2).await;
+    let mut ids: Vec<IdModel> = (0..3).map(|_| IdModel::default()).collect();
+    let mut aborted = std::collections::BTreeSet::new();
+    for op in &ops {
+        match *op {
+            Op::Init(i) => {
+                let (err, pid, epoch) = c.init_txn(&format!("tx{i}"), (-1, -1)).await;
+                assert_eq!(err, 0, "{op:?}");
+                let m = &mut ids[i];
+                if m.open {
+                    m.end(false, &mut aborted);
+                }
+                m.producer = Some((pid, epoch));
+                m.seqs.clear();
+            }
+            Op::Add(i, p) => {
+                let m = &mut ids[i];
+                let Some((pid, epoch)) = m.producer else {
+                    continue;
+                };
+                assert_eq!(
+                    c.add_partition(&format!("tx{i}"), pid, epoch, "t", p).await,
+                    0,
+                    "{op:?}"
+                );
+                m.open = true;
+                m.partitions.entry(p).or_insert(None);
+            }
+            Op::Produce(i, p) => {
+                let m = &mut ids[i];
+                let Some((pid, epoch)) = m.producer else {
+                    continue;
+                };
+                let seq = *m.seqs.get(&p).unwrap_or(&0);
+                let mut batch = build_simple_batch(0, &[b"a", b"b"]);
+                set_producer(&mut batch, pid, epoch, seq);
+                set_transactional(&mut batch);
+                let r = produce(&mut c, "t", p, batch, -1).await;
+                match m.partitions.get_mut(&p) {
+                    Some(first) => {
+                        assert_eq!(r.error_code, 0, "{op:?}");
+                        first.get_or_insert(r.base_offset);
+                        m.seqs.insert(p, seq + 2);
+                    }
+                    None => {
+                        assert_eq!(r.error_code, code(ResponseError::InvalidTxnState), "{op:?}")
+                    }
+                }
+            }
+            Op::Stale(i, p) => {
+                let Some((pid, epoch)) = ids[i].producer else {
+                    continue;
+                };
+                if epoch == 0 {
+                    continue;
+                }
+                assert_eq!(
+                    c.produce_txn("t", p, pid, epoch - 1, 0).await,
+                    code(ResponseError::InvalidProducerEpoch),
+                    "{op:?}"
+                );
+            }
+            Op::End(i, commit) => {
+                let m = &mut ids[i];
+                let Some((pid, epoch)) = m.producer else {
+                    continue;
+                };
+                let r = c
+                    .call(
+                        EndTxnRequest::default()
+                            .with_transactional_id(txn_id(&format!("tx{i}")))
+                            .with_producer_id(ProducerId(pid))
+                            .with_producer_epoch(epoch)
+                            .with_committed(commit),
+                        3,
+                    )
+                    .await;
+                if m.open {
+                    assert_eq!(r.error_code, 0, "{op:?}");
+                    m.end(commit, &mut aborted);
+                } else if m.last_committed == Some(commit) {
+                    assert_eq!(r.error_code, 0, "{op:?}: a retry");
+                } else {
+                    assert_eq!(r.error_code, code(ResponseError::InvalidTxnState), "{op:?}");
+                }
+            }
+        }
+    }
+    for p in 0..2 {
+        let open_first = ids
+            .iter()
+            .filter_map(|m| m.partitions.get(&p).copied().flatten())
+            .min();
+        let hwm = b
+            .broker
+            .topics
+            .get("t")
+            .unwrap()
+            .partition(p)
+            .unwrap()
+            .lock()
+            .high_watermark();
+        assert_eq!(
+            c.stable_end("t", p).await,
+            open_first.unwrap_or(hwm),
+            "partition {p} after {ops:?}"
+        );
+        let want: Vec<(i64, i64)> = aborted
+            .iter()
+            .filter(|(q, _, _)| *q == p)
+            .map(|(_, pid, first)| (*pid, *first))
+            .collect();
+        let mut got = c.aborted("t", p).await;
+        got.sort();
+        let mut want = want;
+        want.sort();
+        // A fetch names only what it returns: nothing when the partition holds
+        // nothing stable yet.
+        if c.stable_end("t", p).await > 0 {
+            assert_eq!(got, want, "aborted in partition {p} after {ops:?}");
+        }
+    }
+    drop(c);
+    b.stop().await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    #[test]
+    fn random_transactions_leave_the_stable_offsets_and_aborts_the_model_says(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run_ops(ops));
+    }
 }
