@@ -199,12 +199,21 @@ def test_windows_and_aggregates_match_the_oracle(broker, report):
     assert d["watermark"] == docs[-1]["ts"] - 2_000, d
 
 
-@pytest.mark.parametrize("partitions,kills", [(1, 20), (4, 10)], ids=["direct", "repartitioned"])
-def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kills):
+def final_count(bootstrap: str, topic: str, partitions) -> int:
+    """How many final rows the topic holds (a read_committed read), repeats included."""
+    return sum(1 for r in consume(bootstrap, topic, partitions=partitions)
+               if dict(r.headers).get("freshet.final") == b"true")
+
+
+@pytest.mark.parametrize("partitions,kills,exactly_once",
+                         [(1, 20, False), (4, 10, False), (1, 8, True), (4, 8, True)],
+                         ids=["direct", "repartitioned", "direct-exactly-once", "repartitioned-exactly-once"])
+def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kills, exactly_once):
     """One partition: the task reads the source itself (late records included). Four:
     records go through the repartition topic, and copies sent again after each kill
     must be dropped (within the lateness only: with several partitions, which records
-    are late would depend on how their reading interleaves)."""
+    are late would depend on how their reading interleaves). Exactly-once: each
+    final row is in the output once, never repeated by a replay after a kill."""
     src = name("stream")
     create_topic(broker.bootstrap, src, partitions=partitions)
     docs = generate(30_000 if partitions == 1 else 24_000, seed=11, late_share=0.02 if partitions == 1 else 0.0)
@@ -218,7 +227,8 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
     pipeline = name("crashy")
     outs = {kind: f"{pipeline}_{kind}" for kind in WINDOWS}
     sql_file = tmp_path / "windows.sql"
-    sql_file.write_text(windows_sql(src, outs))
+    guarantee = "SET 'delivery-guarantee' = 'exactly-once';\n" if exactly_once else ""
+    sql_file.write_text(guarantee + windows_sql(src, outs))
     log = open(tmp_path / "pipeline.stderr.log", "ab")
 
     def start():
@@ -256,6 +266,9 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
             wait_until(lambda: len(final_rows(broker.bootstrap, outs[kind], every)) >= len(want), timeout=120,
                        what=lambda: f"{len(want)} final {kind} rows after the kills")
             assert_same(final_rows(broker.bootstrap, outs[kind], every), want, f"{kind} after {kills} kills")
+            if exactly_once:
+                assert final_count(broker.bootstrap, outs[kind], every) == len(want), \
+                    f"{kind}: a final row repeated after the kills"
     finally:
         proc.kill()
         proc.wait(10)
@@ -270,7 +283,8 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
                    what=f"the uninterrupted run's {kind} rows")
         assert final_rows(broker.bootstrap, ref_outs[kind], every) == crashed
     report("pipeline", f"kill -9 x{len(marks)} of a standalone pipeline over {len(docs)} records in "
-                       f"{partitions} partition(s): final rows equal to the oracle's and to an uninterrupted run's")
+                       f"{partitions} partition(s){', exactly-once' if exactly_once else ''}: final rows equal "
+                       f"to the oracle's{' (each once)' if exactly_once else ''} and to an uninterrupted run's")
 
 
 def group_members(bootstrap: str, prefix: str) -> dict:

@@ -121,6 +121,12 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
                 ));
             }
         }
+        if settings.exactly_once && query.exchange() == Exchange::None {
+            return Err(error_at(
+                at,
+                "delivery-guarantee 'exactly-once' is not supported yet for a query without GROUP BY (only grouped queries write their rows in transactions): leave it at 'at-least-once'",
+            ));
+        }
         if let Some(i) = sinks.iter().position(|(s, _)| s.name == query.output) {
             check_sink_query(&sinks[i].0, &query, at)?;
             query.sink = Some(i);
@@ -457,7 +463,7 @@ fn strip_emit(tokens: &[TokenWithSpan]) -> (Vec<TokenWithSpan>, Option<(Emit, Lo
 
 /// `SET 'key' = 'value'` (quotes optional).
 fn set(words: &[&TokenWithSpan], settings: &mut Settings) -> Result<()> {
-    let usage = "write SET 'key' = 'value'; (keys: allowed-lateness, idle-timeout, emit-interval, checkpoint-interval, late-topic, dead-letter-topic, max-state-bytes, max-windows-per-record)";
+    let usage = "write SET 'key' = 'value'; (keys: allowed-lateness, idle-timeout, emit-interval, checkpoint-interval, late-topic, dead-letter-topic, max-state-bytes, max-windows-per-record, delivery-guarantee)";
     let text = |t: &TokenWithSpan| match &t.token {
         Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => Some(s.clone()),
         Token::Word(w) => Some(w.value.clone()),
@@ -498,6 +504,18 @@ fn set(words: &[&TokenWithSpan], settings: &mut Settings) -> Result<()> {
         "checkpoint-interval" => settings.checkpoint_interval_ms = duration(&value)?.max(10),
         "late-topic" => settings.late_topic = Some(value),
         "dead-letter-topic" => settings.dead_letter_topic = Some(value),
+        "delivery-guarantee" => {
+            settings.exactly_once = match value.to_ascii_lowercase().as_str() {
+                "exactly-once" => true,
+                "at-least-once" => false,
+                _ => {
+                    return Err(error_at(
+                        at,
+                        format!("'{value}' is not a delivery guarantee: write 'exactly-once' or 'at-least-once'"),
+                    ))
+                }
+            }
+        }
         "max-windows-per-record" => {
             settings.max_windows_per_record = value
                 .parse::<u64>()

@@ -125,6 +125,15 @@ pub struct Settings {
         skip_serializing_if = "is_default_windows_per_record"
     )]
     pub max_windows_per_record: u64,
+    /// `delivery-guarantee = 'exactly-once'`: each task writes its rows and its
+    /// checkpoint in one Kafka transaction, committed at each checkpoint (Flink's
+    /// Kafka sink `EXACTLY_ONCE`): read_committed readers see every row once, at
+    /// the checkpoint interval's pace, and an instance that lost its task cannot
+    /// emit anything. Default `at-least-once`: rows at once, a crash may repeat
+    /// the rows since the last checkpoint (with the same values). Left out of the
+    /// JSON when off, so existing plans keep their hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exactly_once: bool,
 }
 
 const DEFAULT_WINDOWS_PER_RECORD: u64 = 1000;
@@ -148,6 +157,7 @@ impl Default for Settings {
             dead_letter_topic: None,
             max_state_bytes: 256 << 20,
             max_windows_per_record: DEFAULT_WINDOWS_PER_RECORD,
+            exactly_once: false,
         }
     }
 }

@@ -117,6 +117,19 @@ struct Commit {
     claim: Option<i64>,
 }
 
+/// The commit record of a checkpoint whose `chunks` chunk records, the pieces of
+/// `blob`, start at offset `first`, written under `claim`.
+pub fn commit_record(first: i64, chunks: i64, blob: &[u8], claim: &Claim) -> Vec<u8> {
+    let commit = Commit {
+        first,
+        chunks,
+        bytes: blob.len(),
+        crc: crc32c::crc32c(blob),
+        claim: Some(claim.epoch),
+    };
+    serde_json::to_vec(&commit).expect("a commit record serialises")
+}
+
 /// A record's offset, key and value.
 type Record = (i64, Vec<u8>, Vec<u8>);
 
@@ -231,14 +244,7 @@ impl StateTopic {
                 self.name
             )));
         }
-        let commit = Commit {
-            first,
-            chunks,
-            bytes: blob.len(),
-            crc: crc32c::crc32c(&blob),
-            claim: Some(claim.epoch),
-        };
-        let value = serde_json::to_vec(&commit).map_err(|e| Error::Cluster(e.to_string()))?;
+        let value = commit_record(first, chunks, &blob, claim);
         let at = self
             .send(partition, "commit", &value)
             .map_err(Error::Cluster)?;
@@ -249,7 +255,7 @@ impl StateTopic {
         }
         claim.last = at;
         // What came before this checkpoint is never read again.
-        self.trim(&self.name, &[(partition, commit.first)]);
+        self.trim(&self.name, &[(partition, first)]);
         Ok(())
     }
 
@@ -400,6 +406,18 @@ impl StateTopic {
         Checkpoint::decode(&blob).map(Some).map_err(corrupt)
     }
 
+    /// The consumer's position in `partition` (-1 when it has none).
+    fn position(&self, partition: i32) -> i64 {
+        self.consumer
+            .position()
+            .ok()
+            .and_then(|tpl| {
+                tpl.find_partition(&self.name, partition)
+                    .and_then(|e| e.offset().to_raw())
+            })
+            .unwrap_or(-1)
+    }
+
     /// Offsets, keys and values of the records of `partition` at offsets `[from, to)`.
     fn read_range(&self, partition: i32, from: i64, to: i64) -> Result<Vec<Record>, String> {
         let mut assignment = TopicPartitionList::new();
@@ -436,7 +454,12 @@ impl StateTopic {
                 Some(Err(err)) => {
                     tracing::debug!(topic = %self.name, error = %err, "reading the state topic")
                 }
-                None => {}
+                None => {
+                    // Transaction markers (exactly-once checkpoints) are never
+                    // delivered, but the position moves past them: a range that
+                    // ends in markers ends there.
+                    next = next.max(self.position(partition));
+                }
             }
         }
         let _ = self.consumer.unassign();

@@ -26,6 +26,7 @@ pub mod sink;
 mod tasks;
 #[cfg(test)]
 mod test_broker;
+mod txn;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -399,7 +400,10 @@ struct Delivery {
     first_error: Mutex<Option<String>>,
 }
 
-struct DeliveryContext(Arc<Delivery>);
+/// Counts failed deliveries; for a task's transactional producer (`txn.rs`) also
+/// keeps the offset of the last record delivered to each partition of the state
+/// topic (where its checkpoint's commit record names its first chunk).
+struct DeliveryContext(Arc<Delivery>, Option<Arc<txn::StateOffsets>>);
 
 impl ClientContext for DeliveryContext {}
 
@@ -407,12 +411,19 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((err, message)) = result {
-            self.0.failed.fetch_add(1, Ordering::Relaxed);
-            let mut first = self.0.first_error.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| {
-                format!("cannot write to topic '{}': {err}", message.topic())
-            });
+        match result {
+            Err((err, message)) => {
+                self.0.failed.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.0.first_error.lock().unwrap_or_else(|e| e.into_inner());
+                first.get_or_insert_with(|| {
+                    format!("cannot write to topic '{}': {err}", message.topic())
+                });
+            }
+            Ok(message) => {
+                if let Some(state) = &self.1 {
+                    state.delivered(message.topic(), message.partition(), message.offset());
+                }
+            }
         }
     }
 }
@@ -624,21 +635,7 @@ struct Shared<'a> {
 impl Shared<'_> {
     /// Waits until every record queued so far is acknowledged; fails if any was not.
     fn flush(&self) -> Result<(), Error> {
-        self.producer
-            .flush(CLUSTER_TIMEOUT)
-            .map_err(|e| Error::Cluster(format!("cannot deliver the pipeline's rows: {e}")))?;
-        if self.delivery.failed.load(Ordering::Relaxed) > 0 {
-            let first = self
-                .delivery
-                .first_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            return Err(Error::Cluster(
-                first.unwrap_or_else(|| "a row could not be delivered".into()),
-            ));
-        }
-        Ok(())
+        flush(&self.producer, &self.delivery)
     }
 
     /// A consumer of one of the pipeline's groups (the two stages', the sinks').
@@ -702,7 +699,7 @@ pub fn run(prepared: &Prepared, stats: &Stats, stop: &AtomicBool) -> Result<(), 
                 "message.timeout.ms",
                 CLUSTER_TIMEOUT.as_millis().to_string(),
             )
-            .create_with_context(DeliveryContext(delivery.clone()))
+            .create_with_context(DeliveryContext(delivery.clone(), None))
             .map_err(|e| Error::Cluster(e.to_string()))?;
         Shared {
             prepared,
@@ -849,11 +846,11 @@ fn run_stages(
 /// go to the partition of their source record.
 fn send_rows(
     shared: &Shared<'_>,
+    producer: &ThreadedProducer<DeliveryContext>,
     topic: &str,
     rows: &mut Vec<Row>,
     origin: Option<(usize, &Origin<'_>)>,
 ) -> Result<u64, Error> {
-    let producer = &shared.producer;
     let n = rows.len() as u64;
     let origin_at = origin;
     let origin = origin.map(|(q, o)| format!("{q}/{o}"));
@@ -1107,6 +1104,25 @@ fn cached_high<C: rdkafka::consumer::ConsumerContext>(
 }
 
 /// Queues one record, waiting while librdkafka's queue is full.
+/// Waits until every record `producer` queued so far is acknowledged; fails if any
+/// was not.
+fn flush(producer: &ThreadedProducer<DeliveryContext>, delivery: &Delivery) -> Result<(), Error> {
+    producer
+        .flush(CLUSTER_TIMEOUT)
+        .map_err(|e| Error::Cluster(format!("cannot deliver the pipeline's rows: {e}")))?;
+    if delivery.failed.load(Ordering::Relaxed) > 0 {
+        let first = delivery
+            .first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        return Err(Error::Cluster(
+            first.unwrap_or_else(|| "a row could not be delivered".into()),
+        ));
+    }
+    Ok(())
+}
+
 fn send<'a>(
     producer: &ThreadedProducer<DeliveryContext>,
     mut record: BaseRecord<'a, [u8], [u8]>,

@@ -271,7 +271,7 @@ fn one(
             Stage::Map(op) => match op.process(&input, rows) {
                 Ok(Fate::Done | Fate::Late) => {
                     let origin = shared.prepared.plan.queries[q].sink.map(|_| (q, &source));
-                    out += send_rows(shared, output, rows, origin)?
+                    out += send_rows(shared, &shared.producer, output, rows, origin)?
                 }
                 Err(ops::Error::Rejected(reason)) => {
                     if !dead_sent {

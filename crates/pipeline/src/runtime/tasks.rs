@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Headers;
+use rdkafka::producer::ThreadedProducer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
@@ -31,9 +32,11 @@ use sql::plan::Body;
 use super::batch::{BatchQueue, Batched, Batches};
 use super::checkpoint::{Checkpoint, Claim, StateTopic};
 use super::json;
+use super::txn::TaskTxn;
 use super::{
     cached_high, dead_letter_input, input_headers, read_json, send_copy, send_rows, state_topic,
-    tasks_group_id, Clock, Error, Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER, TICK,
+    tasks_group_id, Clock, DeliveryContext, Error, Origin, Route, Shared, CLUSTER_TIMEOUT,
+    ROUTE_HEADER, TICK,
 };
 use crate::ops::encode::Reader;
 use crate::ops::{self, Fate, QueryOperator, Row};
@@ -87,8 +90,21 @@ struct Job {
 struct Loaded {
     generation: u64,
     task: TaskId,
-    result: Result<(Claim, Option<Checkpoint>, Option<i64>), Error>,
+    result: Result<Taken, Error>,
 }
+
+/// What the loader took for a task: its claim, its last checkpoint, the first
+/// offset of its input, and (exactly-once) its transactional producer.
+struct Taken {
+    claim: Claim,
+    checkpoint: Option<Checkpoint>,
+    first: Option<i64>,
+    txn: Option<TaskTxn>,
+}
+
+/// Opens a task's transactional producer (exactly-once output), fencing the one of
+/// any earlier owner.
+type MakeTxn = Box<dyn Fn(TaskId) -> Result<TaskTxn, Error> + Send>;
 
 impl Gate {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, usize)> {
@@ -98,7 +114,10 @@ impl Gate {
 
 impl Loader {
     /// Starts the thread; results come out of the receiver.
-    fn start(state: Arc<StateTopic>) -> (Loader, mpsc::Receiver<Loaded>) {
+    fn start(
+        state: Arc<StateTopic>,
+        make_txn: Option<MakeTxn>,
+    ) -> (Loader, mpsc::Receiver<Loaded>) {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (done, results) = mpsc::channel();
         let gate = Arc::new(Gate::default());
@@ -114,15 +133,24 @@ impl Loader {
                         }
                         s.1 += 1;
                     }
-                    let claim = state.claim(job.state_partition);
+                    // Exactly-once: fence the task's earlier owner (its open
+                    // transaction aborted) before the claim and the read.
+                    let txn = make_txn.as_ref().map(|make| make(job.task)).transpose();
+                    let claim = txn
+                        .and_then(|txn| state.claim(job.state_partition).map(|claim| (claim, txn)));
                     {
                         g.lock().1 -= 1;
                         g.done.notify_all();
                     }
-                    let result = claim.and_then(|c| {
+                    let result = claim.and_then(|(c, txn)| {
                         let last = state.last_before(job.state_partition, &c)?;
                         let first = state.first_offset(&job.input, job.task.1);
-                        Ok((c, last, first))
+                        Ok(Taken {
+                            claim: c,
+                            checkpoint: last,
+                            first,
+                            txn,
+                        })
                     });
                     let loaded = Loaded {
                         generation: job.generation,
@@ -213,8 +241,11 @@ struct Task {
     applied: HashMap<(u32, u32, i32), i64>,
     /// The next repartition offset to read.
     next: i64,
-    /// Whether it read anything since its last checkpoint.
+    /// Whether it read anything (or, exactly-once, sent a row) since its last
+    /// checkpoint.
     dirty: bool,
+    /// Exactly-once: its transactional producer, for its rows and checkpoints.
+    txn: Option<TaskTxn>,
 }
 
 impl Task {
@@ -223,6 +254,7 @@ impl Task {
         (input, partition): TaskId,
         claim: Claim,
         checkpoint: Option<Checkpoint>,
+        txn: Option<TaskTxn>,
     ) -> Result<Task, Error> {
         let plan = &shared.prepared.plan;
         let layout = &shared.layout;
@@ -253,6 +285,7 @@ impl Task {
             applied: HashMap::new(),
             next: -1,
             dirty: false,
+            txn,
         };
         if let Some(c) = checkpoint {
             let bad = |e: String| {
@@ -338,7 +371,17 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let state = Arc::new(
         StateTopic::open(&prepared.client, &state_topic(name), CLUSTER_TIMEOUT).map_err(cluster)?,
     );
-    let (loader, loaded) = Loader::start(state.clone());
+    let make_txn: Option<MakeTxn> = plan.settings.exactly_once.then(|| {
+        let client = prepared.client.clone();
+        let prefix = tasks_group_id(name, plan);
+        let inputs = shared.layout.inputs.clone();
+        let state_name = state.name.clone();
+        Box::new(move |(input, partition): TaskId| {
+            let id = format!("{prefix}-{}-{partition}", inputs[input].0);
+            TaskTxn::start(&client, &id, &state_name)
+        }) as MakeTxn
+    });
+    let (loader, loaded) = Loader::start(state.clone(), make_txn);
     let context = TaskContext {
         inputs: shared.layout.inputs.clone(),
         events: Mutex::new(Vec::new()),
@@ -440,7 +483,14 @@ fn take_events(
     let events = std::mem::take(&mut *context.events.lock().unwrap_or_else(|e| e.into_inner()));
     for event in events {
         match event {
-            Event::Revoked => tasks.clear(),
+            Event::Revoked => {
+                // A transaction left open is aborted by the next owner.
+                for (_, task) in std::mem::take(tasks) {
+                    if let Some(txn) = task.txn {
+                        super::close_later(txn);
+                    }
+                }
+            }
             Event::Failed(e) => return Err(e),
         }
     }
@@ -453,7 +503,12 @@ fn take_events(
         if generation != context.loader.generation() {
             continue; // revoked since
         }
-        let (claim, checkpoint, first) = result?;
+        let Taken {
+            claim,
+            checkpoint,
+            first,
+            txn,
+        } = result?;
         let topic = &shared.layout.inputs[id.0].0;
         let checkpoint = checkpoint.filter(|c| c.plan_hash == shared.hash);
         let beginning = first.map_or(Offset::Beginning, Offset::Offset);
@@ -461,7 +516,7 @@ fn take_events(
             .as_ref()
             .and_then(|c| c.offsets.iter().find(|(t, p, _)| t == topic && *p == id.1))
             .map_or(beginning, |(_, _, next)| Offset::Offset(*next));
-        tasks.insert(id, Task::new(shared, id, claim, checkpoint)?);
+        tasks.insert(id, Task::new(shared, id, claim, checkpoint, txn)?);
         let mut resume = TopicPartitionList::new();
         resume.add_partition(topic, id.1);
         consumer
@@ -491,6 +546,7 @@ fn routed(
         // Written for another definition of the pipeline.
         return Ok(0);
     };
+    let producer = task.txn.as_ref().map_or(&shared.producer, |t| &t.producer);
     let Some((q, op)) = task.ops.iter_mut().find(|(q, _)| *q as u32 == route.query) else {
         return Ok(0);
     };
@@ -501,7 +557,7 @@ fn routed(
         } else if let Some(high) = route.high {
             op.observe(route.partition, high, rows);
         }
-        return send_rows(shared, &query.output, rows, None);
+        return send_rows(shared, producer, &query.output, rows, None);
     }
     let applied = task
         .applied
@@ -545,8 +601,8 @@ fn routed(
         offset: route.offset,
         headers: &headers,
     };
-    let out = send_rows(shared, &query.output, rows, None)?;
-    Ok(out + apply(shared, *q, op, &input, message, &source, rows)?)
+    let out = send_rows(shared, producer, &query.output, rows, None)?;
+    Ok(out + apply(shared, producer, *q, op, &input, message, &source, rows)?)
 }
 
 /// One record of a source a task reads directly; returns how many rows it sent.
@@ -589,8 +645,9 @@ fn direct(
         headers: &headers,
     };
     let mut out = 0;
+    let producer = task.txn.as_ref().map_or(&shared.producer, |t| &t.producer);
     for (q, op) in &mut task.ops {
-        out += apply(shared, *q, op, &input, message, &source, rows)?;
+        out += apply(shared, producer, *q, op, &input, message, &source, rows)?;
     }
     Ok(out)
 }
@@ -600,6 +657,7 @@ fn direct(
 #[allow(clippy::too_many_arguments)]
 fn apply(
     shared: &Shared<'_>,
+    producer: &ThreadedProducer<DeliveryContext>,
     q: usize,
     op: &mut QueryOperator,
     input: &Input<'_>,
@@ -624,7 +682,7 @@ fn apply(
             return Err(Error::StateLimit { used, limit });
         }
     }
-    send_rows(shared, output, rows, None)
+    send_rows(shared, producer, output, rows, None)
 }
 
 /// Ticks every operator; checks the state limit over all the tasks held here.
@@ -639,9 +697,14 @@ fn tick(
     let mut watermark: Option<i64> = None;
     let mut used = 0u64;
     for task in tasks.values_mut() {
+        let producer = task.txn.as_ref().map_or(&shared.producer, |t| &t.producer);
         for (q, op) in &mut task.ops {
             op.tick(now, rows);
-            out += send_rows(shared, &plan.queries[*q].output, rows, None)?;
+            let sent = send_rows(shared, producer, &plan.queries[*q].output, rows, None)?;
+            // Exactly-once: rows wait in the task's transaction for its next
+            // checkpoint, which must come.
+            task.dirty |= sent > 0 && task.txn.is_some();
+            out += sent;
             if matches!(&plan.queries[*q].body, Body::Aggregate(a) if a.window.is_some()) {
                 if let Some(w) = op.watermark() {
                     watermark = Some(watermark.map_or(w, |m| m.min(w)));
@@ -663,8 +726,9 @@ fn tick(
 }
 
 /// Flushes the rows emitted so far (every one acknowledged, or the run fails), then
-/// writes each task's state with the repartition offset it reflects, trims what the
-/// tasks will never read again, and commits those offsets for lag tools.
+/// writes each task's state with the repartition offset it reflects (exactly-once:
+/// and commits the task's transaction, its rows with it), trims what the tasks will
+/// never read again, and commits those offsets for lag tools.
 fn checkpoint(
     shared: &Shared<'_>,
     state: &StateTopic,
@@ -686,7 +750,15 @@ fn checkpoint(
             continue;
         }
         let checkpoint = task.checkpoint(shared, id);
-        state.write(task.state_partition, &checkpoint, &mut task.claim)?;
+        match &task.txn {
+            // Exactly-once: the checkpoint and the rows since the last one, in one
+            // transaction; what came before it is never read again.
+            Some(txn) => {
+                let first = txn.commit(state, task.state_partition, &checkpoint, &task.claim)?;
+                state.trim(&state.name, &[(task.state_partition, first)]);
+            }
+            None => state.write(task.state_partition, &checkpoint, &mut task.claim)?,
+        }
         task.dirty = false;
         shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         let topic = &shared.layout.inputs[id.0].0;
@@ -749,7 +821,7 @@ mod tests {
             c.fetch_watermarks(name, partition, timeout).unwrap().1
         };
 
-        let (loader, loaded) = Loader::start(state.clone());
+        let (loader, loaded) = Loader::start(state.clone(), None);
         let first = loader.generation();
         let job = |generation, p| Job {
             generation,
@@ -760,7 +832,12 @@ mod tests {
         loader.jobs.send(job(first, 1)).unwrap();
         let got = loaded.recv_timeout(timeout).unwrap();
         assert_eq!((got.generation, got.task), (first, (0, 1)));
-        let (claim, checkpoint, start) = got.result.unwrap();
+        let Taken {
+            claim,
+            checkpoint,
+            first: start,
+            ..
+        } = got.result.unwrap();
         assert!(claim.epoch > before.epoch);
         assert_eq!(checkpoint, Some(saved));
         let low = {
@@ -776,7 +853,7 @@ mod tests {
         loader.jobs.send(job(first + 1, 0)).unwrap();
         let got = loaded.recv_timeout(timeout).unwrap();
         assert_eq!(got.generation, first + 1, "the stale job gave nothing");
-        assert_eq!(got.result.unwrap().1, None);
+        assert_eq!(got.result.unwrap().checkpoint, None);
         assert_eq!(
             high(0),
             claims_on_0 + 1,
