@@ -43,6 +43,11 @@ async fn start(dir: tempfile::TempDir, config: BrokerConfig, clock: Arc<TestCloc
     TestBroker::start_with(dir, config, setup).await
 }
 
+/// A broker with the default settings in a new data directory.
+async fn fresh(clock: Arc<TestClock>) -> TestBroker {
+    start(tempfile::tempdir().unwrap(), BrokerConfig::default(), clock).await
+}
+
 fn txn_id(id: &str) -> TransactionalId {
     TransactionalId(StrBytes::from_string(id.to_string()))
 }
@@ -138,12 +143,7 @@ fn leave_prepared(dir: &std::path::Path, pid: i64, state: &str) {
 async fn a_transaction_a_crash_left_prepared_is_finished_at_start() {
     for (state, aborted) in [("PrepareCommit", false), ("PrepareAbort", true)] {
         let clock = clock();
-        let b = start(
-            tempfile::tempdir().unwrap(),
-            BrokerConfig::default(),
-            clock.clone(),
-        )
-        .await;
+        let b = fresh(clock.clone()).await;
         let mut c = Client::connect(b.addr).await;
         create_topic(&mut c, "t", 1).await;
         let (err, pid, epoch) = c.init_txn("tx", (-1, -1)).await;
@@ -183,12 +183,7 @@ async fn a_transaction_a_crash_left_prepared_is_finished_at_start() {
 #[tokio::test]
 async fn an_exhausted_epoch_gives_a_new_producer_id() {
     let clock = clock();
-    let b = start(
-        tempfile::tempdir().unwrap(),
-        BrokerConfig::default(),
-        clock.clone(),
-    )
-    .await;
+    let b = fresh(clock.clone()).await;
     let mut c = Client::connect(b.addr).await;
     let (_, pid, _) = c.init_txn("tx", (-1, -1)).await;
     drop(c);
@@ -250,7 +245,7 @@ async fn ids_past_the_limit_wait_for_idle_ones_to_expire() {
 #[tokio::test]
 async fn a_fenced_producer_writes_nowhere_and_a_partition_outside_the_transaction_is_refused() {
     let clock = clock();
-    let b = start(tempfile::tempdir().unwrap(), BrokerConfig::default(), clock).await;
+    let b = fresh(clock).await;
     let mut c = Client::connect(b.addr).await;
     create_topic(&mut c, "t", 2).await;
     let (_, pid, zombie) = c.init_txn("tx", (-1, -1)).await;
