@@ -42,7 +42,8 @@ class Postgres:
     def _run(self, *cmd: str, check=True, **kw):
         return subprocess.run([*self.as_user, *cmd], check=check, capture_output=True, text=True, **kw)
 
-    def start(self) -> "Postgres":
+    def start(self, settings: dict | None = None) -> "Postgres":
+        """Starts the server (`settings`: more `-c name=value` of its configuration)."""
         if self.as_user:
             shutil.chown(self.dir, "postgres", "postgres")
         if not self.data.exists():
@@ -52,8 +53,9 @@ class Postgres:
                 shutil.chown(pwfile, "postgres", "postgres")
             self._run(_bin("initdb"), "-D", str(self.data), "-U", self.USER, "--pwfile", str(pwfile),
                       "--auth-local=trust", "--auth-host=md5", "-E", "UTF8", "--no-sync")
+        extra = "".join(f" -c {k}={v}" for k, v in (settings or {}).items())
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60",
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1{extra}", "start")
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -238,12 +239,16 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
         return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))
 
     proc = start()
+    # Records that are not JSON, among the others: each goes to the dead-letter topic.
+    bad = [f"not json {i}".encode() for i in range(head, len(docs), 300)]
     def feed():
         # About 1,500 records a second, so that the kills fall while input flows.
         p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
         for i in range(head, len(docs), 100):
             for d in docs[i:i + 100]:
                 p.produce(src, json.dumps(d).encode(), partition=part_of(d))
+            if i % 300 == head % 300:
+                p.produce(src, f"not json {i}".encode(), partition=0)
             p.poll(0)
             time.sleep(0.06)  # pacing, not synchronisation
         assert p.flush(30) == 0
@@ -260,15 +265,28 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
             proc.wait(10)
             proc = start()
         feeder.join(120)
+        want_late = collections.Counter()
         for kind, window in WINDOWS.items():
             want, late = oracle_for(docs, kind, **window)
             assert partitions == 1 or not late
+            want_late.update((outs[kind], e.row["id"]) for e in late)
             wait_until(lambda: len(final_rows(broker.bootstrap, outs[kind], every)) >= len(want), timeout=120,
                        what=lambda: f"{len(want)} final {kind} rows after the kills")
             assert_same(final_rows(broker.bootstrap, outs[kind], every), want, f"{kind} after {kills} kills")
             if exactly_once:
                 assert final_count(broker.bootstrap, outs[kind], every) == len(want), \
                     f"{kind}: a final row repeated after the kills"
+        # Late and dead-letter copies: each once exactly-once, at least once otherwise.
+        late_topic, dead_topic = f"{pipeline}.late", f"{pipeline}.dead-letter"
+        got_late = lambda: collections.Counter(
+            (dict(r.headers)["freshet.query"].decode(), json.loads(r.value)["id"])
+            for r in consume(broker.bootstrap, late_topic))
+        got_dead = lambda: collections.Counter(r.value for r in consume(broker.bootstrap, dead_topic))
+        wait_until(lambda: set(got_late()) == set(want_late) and set(got_dead()) == set(bad), timeout=60,
+                   what=lambda: f"{len(want_late)} late and {len(bad)} dead-letter copies")
+        if exactly_once:
+            assert got_late() == want_late, "a late copy repeated after the kills"
+            assert got_dead() == collections.Counter(bad), "a dead letter repeated after the kills"
     finally:
         proc.kill()
         proc.wait(10)
@@ -285,6 +303,84 @@ def test_kill_9_changes_no_final_value(broker, tmp_path, report, partitions, kil
     report("pipeline", f"kill -9 x{len(marks)} of a standalone pipeline over {len(docs)} records in "
                        f"{partitions} partition(s){', exactly-once' if exactly_once else ''}: final rows equal "
                        f"to the oracle's{' (each once)' if exactly_once else ''} and to an uninterrupted run's")
+
+
+def test_stateless_exactly_once_through_kills_and_rebalances(broker, tmp_path, report):
+    """A query without GROUP BY, exactly-once: its rows and dead letters are committed
+    with the source offsets (a transaction per instance). Instance i0 is killed six
+    times; i1 joins midway (a rebalance: what i0 had open is aborted) and is killed
+    for good (its partitions come back to i0 after its session times out: the rows it
+    had not committed never show). Oracle: the query applied to the input in Python;
+    every row and every dead letter is read (read_committed) exactly once."""
+    partitions = 2
+    src = name("forms")
+    create_topic(broker.bootstrap, src, partitions=partitions)
+    docs = generate(24_000, seed=21, late_share=0.0)
+    part_of = lambda d: d["user_id"] % partitions
+    pipeline = name("eos_map")
+    out = f"{pipeline}_out"
+    sql_file = tmp_path / "map.sql"
+    sql_file.write_text(f"""SET 'delivery-guarantee' = 'exactly-once';
+INSERT INTO {out} SELECT id, city, v * 2 AS v2 FROM {src} WHERE retweet;
+""")
+    want = sorted(({"id": d["id"], "city": d["city"], "v2": None if d["v"] is None else d["v"] * 2}
+                   for d in docs if d["retweet"]), key=lambda r: r["id"])
+    bad = [f"not json {i}".encode() for i in range(0, len(docs), 300)]
+    log = open(tmp_path / "pipeline.stderr.log", "ab")
+
+    def start(instance):
+        return run_pipeline(broker, pipeline, sql_file, log, "--instance", instance,
+                            "-X", "session.timeout.ms=6000")
+
+    def feed():
+        p = producer(broker.bootstrap, **{"enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, len(docs), 100):
+            for d in docs[i:i + 100]:
+                p.produce(src, json.dumps(d).encode(), partition=part_of(d))
+            if i % 300 == 0:
+                p.produce(src, f"not json {i}".encode(), partition=(i // 300) % partitions)
+            p.poll(0)
+            time.sleep(0.06)  # pacing, not synchronisation
+        assert p.flush(30) == 0
+
+    def sent_so_far():
+        return sum(watermarks(broker.bootstrap, src, p)[1] for p in range(partitions))
+
+    i0 = start("i0")
+    i1 = None
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    marks = sorted(random.Random(22).sample(range(500, len(docs) - 500), 8))
+    try:
+        for n, mark in enumerate(marks):
+            wait_until(lambda: sent_so_far() >= mark, timeout=60, what=f"{mark} records sent")
+            if n == 3:
+                i1 = start("i1")
+            elif n == 5:
+                i1.kill()
+                i1.wait(10)
+            else:
+                i0.kill()
+                i0.wait(10)
+                i0 = start("i0")
+        feeder.join(120)
+        read = lambda: consume(broker.bootstrap, out, partitions=range(partitions))
+        wait_until(lambda: len(read()) >= len(want), timeout=120,
+                   what=lambda: f"{len(want)} rows after the kills, got {len(read())}")
+        got = sorted((json.loads(r.value) for r in read()), key=lambda r: r["id"])
+        assert len(got) == len(want), f"{len(got) - len(want)} rows repeated after the kills"
+        assert got == want
+        dead = lambda: collections.Counter(r.value for r in consume(broker.bootstrap, f"{pipeline}.dead-letter"))
+        wait_until(lambda: set(dead()) == set(bad), timeout=60, what=f"{len(bad)} dead letters")
+        assert dead() == collections.Counter(bad), "a dead letter repeated after the kills"
+    finally:
+        for proc in (i0, i1):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+    report("pipeline", f"stateless exactly-once: 6 kills -9, an instance joining and one lost, {len(docs)} "
+                       f"records in {partitions} partitions: {len(want)} rows and {len(bad)} dead letters, each once")
 
 
 def group_members(bootstrap: str, prefix: str) -> dict:

@@ -162,7 +162,7 @@ fn run_here(
         client.set(key, value);
     }
     if client.get("group.instance.id").is_none() {
-        let instance = instance.unwrap_or_else(host_name);
+        let instance = instance.unwrap_or_else(pipeline::runtime::host_name);
         client.set("group.instance.id", format!("{name}-{instance}"));
     }
     // Refuse a bad file at once, with its line and column.
@@ -201,14 +201,6 @@ fn run_here(
 }
 
 /// This machine's name (the default `--instance`), or "local" when it has none.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "local".into())
-}
-
 /// Prints a JSON answer; a refusal becomes the error (with line and column for SQL).
 fn print_answer((status, body): (u16, Vec<u8>)) -> anyhow::Result<()> {
     let json: serde_json::Value = serde_json::from_slice(&body)

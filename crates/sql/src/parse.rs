@@ -121,12 +121,6 @@ pub(crate) fn compile(text: &str, catalog: &dyn Catalog) -> Result<Pipeline> {
                 ));
             }
         }
-        if settings.exactly_once && query.exchange() == Exchange::None {
-            return Err(error_at(
-                at,
-                "delivery-guarantee 'exactly-once' is not supported yet for a query without GROUP BY (only grouped queries write their rows in transactions): leave it at 'at-least-once'",
-            ));
-        }
         if let Some(i) = sinks.iter().position(|(s, _)| s.name == query.output) {
             check_sink_query(&sinks[i].0, &query, at)?;
             query.sink = Some(i);

@@ -112,6 +112,16 @@ pub fn state_topic(name: &str) -> String {
     format!("_freshet.pipeline.{name}.state")
 }
 
+/// This machine's name: what tells a pipeline's instances apart when nothing else
+/// does (its static instance id, its stage-1 transactional id).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
 /// A pipeline name: what a topic name allows (it names the pipeline's own topics).
 pub fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
@@ -1004,6 +1014,7 @@ fn copy(
 /// `dead_letter`; otherwise the other stage does) and counted: `false`.
 fn read_json(
     shared: &Shared<'_>,
+    producer: &ThreadedProducer<DeliveryContext>,
     message: &impl Message,
     source: &Origin<'_>,
     s: usize,
@@ -1020,6 +1031,7 @@ fn read_json(
         Err(err) => {
             dead_letter_input(
                 shared,
+                producer,
                 message,
                 source,
                 &format!("the value is not JSON: {err}"),
@@ -1035,6 +1047,7 @@ fn read_json(
 /// `freshet.query`), and counts it.
 fn dead_letter_input(
     shared: &Shared<'_>,
+    producer: &ThreadedProducer<DeliveryContext>,
     message: &impl Message,
     source: &Origin<'_>,
     error: &str,
@@ -1042,7 +1055,7 @@ fn dead_letter_input(
 ) -> Result<(), Error> {
     let mut extra = vec![("freshet.error", error)];
     extra.extend(query.map(|q| ("freshet.query", q)));
-    send_copy(&shared.producer, &shared.dead, message, source, &extra)?;
+    send_copy(producer, &shared.dead, message, source, &extra)?;
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

@@ -13,6 +13,12 @@
 //! the records before them is acknowledged; a record sent twice (after a crash or a
 //! rebalance) is dropped by its task, which keeps the highest source offset it
 //! applied per source partition.
+//!
+//! Exactly once (`delivery-guarantee`): the stateless queries' rows and the dead
+//! letters go through a transactional producer of this instance, committed with the
+//! source offsets every checkpoint interval (`txn.rs`); a rebalance aborts what is
+//! open (the partitions' next owner reads those records again from the committed
+//! offsets). Routed records and markers stay outside it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -21,15 +27,16 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::BaseRecord;
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
 use sql::plan::Body;
 
 use super::batch::{BatchQueue, Batched, Batches};
+use super::txn::Txn;
 use super::{
-    cached_high, copy, dead_letter_input, group_id, input_headers, read_json, send, send_rows,
-    Clock, Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
+    cached_high, copy, dead_letter_input, group_id, host_name, input_headers, read_json, send,
+    send_rows, Clock, DeliveryContext, Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
 
@@ -140,8 +147,21 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         .map(|(i, (t, _))| (t.as_str(), i))
         .collect();
 
-    let consumer: BaseConsumer<RouteContext> =
-        shared.consumer(group_id(name, plan), RouteContext::default())?;
+    let group = group_id(name, plan);
+    // Exactly once: this instance's transactional producer (its id names the
+    // instance, so a restarted instance fences the one it replaces).
+    let txn = match plan.settings.exactly_once {
+        true => {
+            let client = &prepared.client;
+            let instance = client
+                .get("group.instance.id")
+                .map_or_else(host_name, str::to_string);
+            Some(Txn::start(client, &format!("{group}-{instance}"), "")?)
+        }
+        false => None,
+    };
+    let out = txn.as_ref().map_or(&shared.producer, |t| &t.producer);
+    let consumer: BaseConsumer<RouteContext> = shared.consumer(group, RouteContext::default())?;
     let mut revocations = 0u64;
     let topics: Vec<&str> = prepared
         .sources
@@ -166,6 +186,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
     let mut rows: Vec<Row> = Vec::new();
     let mut out_count = 0u64;
     let mut clock = Clock::new();
+    let mut read_since_commit = false;
     loop {
         let error = reader.read(TICK, Clock::EVERY as usize, &mut messages)?;
         // Partitions were revoked (all of them: the eager protocol) inside that poll:
@@ -176,15 +197,22 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
             revocations = revoked;
             positions.clear();
             progress.clear();
+            // The rows of those records are not committed: whoever reads the
+            // partitions next reads the records again from the committed offsets.
+            if let Some(txn) = &txn {
+                txn.abort()?;
+            }
         }
         let read = clock.after_read(messages.len());
         let now = clock.now;
         for message in messages.drain(..) {
             if let Some(&s) = source_index.get(message.topic()) {
                 positions.insert((s, message.partition()), message.offset() + 1);
+                read_since_commit = true;
                 stats.record_in();
                 out_count += one(
                     shared,
+                    out,
                     &mut stages,
                     &readers[s],
                     needs_json[s],
@@ -214,14 +242,28 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
                 .records_out
                 .fetch_add(std::mem::take(&mut out_count), Ordering::Relaxed);
         }
-        if last_commit.elapsed() >= checkpoint_every {
-            commit(shared, &consumer, &positions, CommitMode::Async)?;
+        // Exactly once, a commit is a transaction: none while no record comes.
+        if last_commit.elapsed() >= checkpoint_every && (txn.is_none() || read_since_commit) {
+            commit(
+                shared,
+                &consumer,
+                &positions,
+                txn.as_ref(),
+                CommitMode::Async,
+            )?;
             last_commit = Instant::now();
+            read_since_commit = false;
         }
     }
     stats.records_out.fetch_add(out_count, Ordering::Relaxed);
     send_markers(shared, &stages, &mut progress, clock.now)?;
-    commit(shared, &consumer, &positions, CommitMode::Sync)
+    commit(
+        shared,
+        &consumer,
+        &positions,
+        txn.as_ref(),
+        CommitMode::Sync,
+    )
 }
 
 /// Runs one source record through the queries that read it; returns how many rows
@@ -229,6 +271,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
 #[allow(clippy::too_many_arguments)]
 fn one(
     shared: &Shared<'_>,
+    out_producer: &ThreadedProducer<DeliveryContext>,
     stages: &mut [(Stage, &str, usize)],
     readers: &[usize],
     needs_json: bool,
@@ -244,7 +287,7 @@ fn one(
         offset: message.offset(),
     };
     let mut fields = Vec::new();
-    if needs_json && !read_json(shared, message, &source, s, true, &mut fields)? {
+    if needs_json && !read_json(shared, out_producer, message, &source, s, true, &mut fields)? {
         return Ok(0);
     }
     let json = match needs_json {
@@ -271,11 +314,18 @@ fn one(
             Stage::Map(op) => match op.process(&input, rows) {
                 Ok(Fate::Done | Fate::Late) => {
                     let origin = shared.prepared.plan.queries[q].sink.map(|_| (q, &source));
-                    out += send_rows(shared, &shared.producer, output, rows, origin)?
+                    out += send_rows(shared, out_producer, output, rows, origin)?
                 }
                 Err(ops::Error::Rejected(reason)) => {
                     if !dead_sent {
-                        dead_letter_input(shared, message, &source, &reason, Some(output))?;
+                        dead_letter_input(
+                            shared,
+                            out_producer,
+                            message,
+                            &source,
+                            &reason,
+                            Some(output),
+                        )?;
                         dead_sent = true;
                     }
                 }
@@ -417,11 +467,12 @@ fn send_markers(
 }
 
 /// Commits the source offsets read, once everything sent for the records before them
-/// is acknowledged; updates the source lag.
+/// is acknowledged (exactly once: in `txn`, with the rows); updates the source lag.
 fn commit(
     shared: &Shared<'_>,
     consumer: &BaseConsumer<RouteContext>,
     positions: &HashMap<(usize, i32), i64>,
+    txn: Option<&Txn>,
     mode: CommitMode,
 ) -> Result<(), Error> {
     shared.flush()?;
@@ -444,6 +495,17 @@ fn commit(
         }
     }
     shared.stats.lag.store(lag, Ordering::Relaxed);
+    if let Some(txn) = txn {
+        // Without offsets (nothing read yet) the rows wait: every row comes from a
+        // record read, whose offset is in `positions` until a rebalance aborts it.
+        if offsets.count() == 0 {
+            return Ok(());
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| Error::Cluster("the source consumer has no group metadata".into()))?;
+        return txn.commit_offsets(&offsets, &group);
+    }
     if offsets.count() > 0 {
         if let Err(err) = consumer.commit(&offsets, mode) {
             // Not fatal: a rebalance may have moved the partitions; what was sent is

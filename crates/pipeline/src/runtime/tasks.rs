@@ -32,7 +32,7 @@ use sql::plan::Body;
 use super::batch::{BatchQueue, Batched, Batches};
 use super::checkpoint::{Checkpoint, Claim, StateTopic};
 use super::json;
-use super::txn::TaskTxn;
+use super::txn::Txn;
 use super::{
     cached_high, dead_letter_input, input_headers, read_json, send_copy, send_rows, state_topic,
     tasks_group_id, Clock, DeliveryContext, Error, Origin, Route, Shared, CLUSTER_TIMEOUT,
@@ -99,12 +99,12 @@ struct Taken {
     claim: Claim,
     checkpoint: Option<Checkpoint>,
     first: Option<i64>,
-    txn: Option<TaskTxn>,
+    txn: Option<Txn>,
 }
 
 /// Opens a task's transactional producer (exactly-once output), fencing the one of
 /// any earlier owner.
-type MakeTxn = Box<dyn Fn(TaskId) -> Result<TaskTxn, Error> + Send>;
+type MakeTxn = Box<dyn Fn(TaskId) -> Result<Txn, Error> + Send>;
 
 impl Gate {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, usize)> {
@@ -245,7 +245,7 @@ struct Task {
     /// checkpoint.
     dirty: bool,
     /// Exactly-once: its transactional producer, for its rows and checkpoints.
-    txn: Option<TaskTxn>,
+    txn: Option<Txn>,
 }
 
 impl Task {
@@ -254,7 +254,7 @@ impl Task {
         (input, partition): TaskId,
         claim: Claim,
         checkpoint: Option<Checkpoint>,
-        txn: Option<TaskTxn>,
+        txn: Option<Txn>,
     ) -> Result<Task, Error> {
         let plan = &shared.prepared.plan;
         let layout = &shared.layout;
@@ -378,7 +378,7 @@ pub(super) fn run(shared: &Shared<'_>, stopping: &dyn Fn() -> bool) -> Result<()
         let state_name = state.name.clone();
         Box::new(move |(input, partition): TaskId| {
             let id = format!("{prefix}-{}-{partition}", inputs[input].0);
-            TaskTxn::start(&client, &id, &state_name)
+            Txn::start(&client, &id, &state_name)
         }) as MakeTxn
     });
     let (loader, loaded) = Loader::start(state.clone(), make_txn);
@@ -627,7 +627,8 @@ fn direct(
     let needs_json = task.ops.iter().any(|(q, _)| plan.queries[*q].source.json);
     // Stage 1 dead-letters what is not JSON when it reads this source too.
     let dead_letter = !shared.layout.stage1_reads[s];
-    if needs_json && !read_json(shared, message, &source, s, dead_letter, fields)? {
+    let producer = task.txn.as_ref().map_or(&shared.producer, |t| &t.producer);
+    if needs_json && !read_json(shared, producer, message, &source, s, dead_letter, fields)? {
         return Ok(0);
     }
     let json = match needs_json {
@@ -645,7 +646,6 @@ fn direct(
         headers: &headers,
     };
     let mut out = 0;
-    let producer = task.txn.as_ref().map_or(&shared.producer, |t| &t.producer);
     for (q, op) in &mut task.ops {
         out += apply(shared, producer, *q, op, &input, message, &source, rows)?;
     }
@@ -671,11 +671,11 @@ fn apply(
     match op.process(input, rows) {
         Ok(Fate::Done) => {}
         Ok(Fate::Late) => {
-            send_copy(&shared.producer, &shared.late, message, source, &[extra])?;
+            send_copy(producer, &shared.late, message, source, &[extra])?;
             stats.late.fetch_add(1, Ordering::Relaxed);
         }
         Err(ops::Error::Rejected(reason)) => {
-            dead_letter_input(shared, message, source, &reason, Some(output))?;
+            dead_letter_input(shared, producer, message, source, &reason, Some(output))?;
         }
         Err(ops::Error::StateLimit { used, limit }) => {
             stats.state_bytes.store(used, Ordering::Relaxed);
@@ -754,7 +754,8 @@ fn checkpoint(
             // Exactly-once: the checkpoint and the rows since the last one, in one
             // transaction; what came before it is never read again.
             Some(txn) => {
-                let first = txn.commit(state, task.state_partition, &checkpoint, &task.claim)?;
+                let first =
+                    txn.commit_checkpoint(state, task.state_partition, &checkpoint, &task.claim)?;
                 state.trim(&state.name, &[(task.state_partition, first)]);
             }
             None => state.write(task.state_partition, &checkpoint, &mut task.claim)?,

@@ -120,6 +120,7 @@ impl Fused {
         if self.needs_json
             && !read_json(
                 shared,
+                &shared.producer,
                 message,
                 &source,
                 self.source,
@@ -172,7 +173,14 @@ impl Fused {
                     // to the dead-letter topic, once, as stage 1 does.
                     if !dead_lettered {
                         let query = &shared.prepared.plan.queries[*index].output;
-                        dead_letter_input(shared, message, &source, &reason, Some(query))?;
+                        dead_letter_input(
+                            shared,
+                            &shared.producer,
+                            message,
+                            &source,
+                            &reason,
+                            Some(query),
+                        )?;
                         dead_lettered = true;
                     }
                     continue;
