@@ -126,6 +126,41 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid):
+    """{thread name: user + sys CPU seconds so far} of process `pid` (threads of one
+    name summed)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue  # the thread ended
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+def command_cpu_seconds(command):
+    """user + sys CPU seconds so far of every process whose name is `command`, with
+    their children that ended (e.g. PostgreSQL's backends)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        if text[text.index("(") + 1:text.rindex(")")] != command:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        total += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+    return total
+
+
 def append_result(date, host, kind, result):
     """Appends `result` as one JSON line to results/DATE-HOST-KIND.json; returns the path."""
     os.makedirs(RESULTS, exist_ok=True)

@@ -165,12 +165,13 @@ fn run_here(
         let instance = instance.unwrap_or_else(pipeline::runtime::host_name);
         client.set("group.instance.id", format!("{name}-{instance}"));
     }
-    // Refuse a bad file at once, with its line and column.
-    if let Err(err) = pipeline::runtime::prepare(name, &sql, &client) {
-        if !err.is_transient() {
-            bail!("{err}");
-        }
-    }
+    // Refuse a bad file at once, with its line and column; the first run uses what
+    // this compiled.
+    let first = match pipeline::runtime::prepare(name, &sql, &client) {
+        Ok(prepared) => Some(prepared),
+        Err(err) if err.is_transient() => None,
+        Err(err) => bail!("{err}"),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let signal_stop = stop.clone();
     std::thread::Builder::new()
@@ -187,7 +188,7 @@ fn run_here(
     let stats = Stats::new();
     println!("pipeline {name} running against {brokers}");
     let _ = std::io::stdout().flush();
-    gateway::pipelines::supervise(name, &sql, &client, &stats, &stop);
+    gateway::pipelines::supervise(name, &sql, &client, &stats, &stop, first);
     if *stats.status.lock().unwrap_or_else(|e| e.into_inner()) == Status::Failed {
         let error = stats
             .last_error

@@ -324,7 +324,7 @@ fn apply(
         );
         std::thread::Builder::new()
             .name(format!("pipeline-{name}"))
-            .spawn(move || supervise(&name, &sql, &client, &stats, &stop))
+            .spawn(move || supervise(&name, &sql, &client, &stats, &stop, None))
             .ok()
     } else {
         None
@@ -341,11 +341,22 @@ fn apply(
     );
 }
 
-/// Runs a pipeline until stopped, retrying transient failures every second.
-pub fn supervise(name: &str, sql: &str, client: &ClientConfig, stats: &Stats, stop: &AtomicBool) {
+/// Runs a pipeline until stopped, retrying transient failures every second. `first`:
+/// the definition already prepared (compiled against the cluster), for the first run.
+pub fn supervise(
+    name: &str,
+    sql: &str,
+    client: &ClientConfig,
+    stats: &Stats,
+    stop: &AtomicBool,
+    mut first: Option<runtime::Prepared>,
+) {
     while !stop.load(Ordering::Relaxed) {
-        let result =
-            runtime::prepare(name, sql, client).and_then(|p| runtime::run(&p, stats, stop));
+        let prepared = match first.take() {
+            Some(p) => Ok(p),
+            None => runtime::prepare(name, sql, client),
+        };
+        let result = prepared.and_then(|p| runtime::run(&p, stats, stop));
         match result {
             Ok(()) => return,
             Err(err) => {

@@ -70,6 +70,36 @@ impl BatchQueue {
     }
 }
 
+/// Sets where each partition of a new assignment `tpl` starts: its committed offset,
+/// or its first offset when the group has none (`auto.offset.reset = earliest`),
+/// both looked up here. Left to librdkafka, a partition without a committed offset
+/// is reset after a 100 ms back-off (it takes the missing offset for an error): a
+/// tenth of a second of every new pipeline's and sink's start. Two small requests
+/// on the reading thread, which has nothing to read until they are answered; if
+/// either fails, librdkafka looks the offsets up itself.
+pub(super) fn start_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+    timeout: Duration,
+) {
+    let Ok(committed) = consumer.committed_offsets(tpl.clone(), timeout) else {
+        return;
+    };
+    for mut e in tpl.elements() {
+        let at = match committed
+            .find_partition(e.topic(), e.partition())
+            .map(|c| c.offset())
+        {
+            Some(at @ rdkafka::Offset::Offset(_)) => at,
+            _ => match consumer.fetch_watermarks(e.topic(), e.partition(), timeout) {
+                Ok((low, _)) => rdkafka::Offset::Offset(low),
+                Err(_) => continue,
+            },
+        };
+        let _ = e.set_offset(at);
+    }
+}
+
 /// A consumer context with a [`BatchQueue`].
 pub(super) trait Batched: ConsumerContext {
     fn batch_queue(&self) -> &BatchQueue;
@@ -84,7 +114,10 @@ impl ClientContext for BatchContext {}
 impl ConsumerContext for BatchContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.0.assign(consumer, tpl),
+            Rebalance::Assign(tpl) => {
+                start_offsets(consumer, tpl, super::CLUSTER_TIMEOUT);
+                self.0.assign(consumer, tpl)
+            }
             Rebalance::Revoke(_) => self.0.revoke(),
             Rebalance::Error(_) => {}
         }

@@ -32,11 +32,12 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use sql::expr::{Input, Json};
 use sql::plan::Body;
 
-use super::batch::{BatchQueue, Batched, Batches};
+use super::batch::{start_offsets, BatchQueue, Batched, Batches};
 use super::txn::Txn;
 use super::{
     cached_high, copy, dead_letter_input, group_id, host_name, input_headers, read_json, send,
-    send_rows, Clock, DeliveryContext, Error, Origin, Route, Shared, ROUTE_HEADER, TICK,
+    send_rows, Clock, DeliveryContext, Error, Origin, Route, Shared, CLUSTER_TIMEOUT, ROUTE_HEADER,
+    TICK,
 };
 use crate::ops::{self, Fate, QueryOperator, Row};
 
@@ -87,7 +88,10 @@ impl ClientContext for RouteContext {}
 impl ConsumerContext for RouteContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.batches.assign(consumer, tpl),
+            Rebalance::Assign(tpl) => {
+                start_offsets(consumer, tpl, CLUSTER_TIMEOUT);
+                self.batches.assign(consumer, tpl)
+            }
             Rebalance::Revoke(_) => {
                 self.batches.revoke();
                 self.revocations.fetch_add(1, Ordering::Relaxed);
