@@ -201,7 +201,6 @@ fn run_here(
     Ok(())
 }
 
-/// This machine's name (the default `--instance`), or "local" when it has none.
 /// Prints a JSON answer; a refusal becomes the error (with line and column for SQL).
 fn print_answer((status, body): (u16, Vec<u8>)) -> anyhow::Result<()> {
     let json: serde_json::Value = serde_json::from_slice(&body)
