@@ -389,10 +389,15 @@ impl Acc {
                 }
             }
             Acc::Hll(Hll::Sparse(hashes)) => {
+                // In order, as the distinct sets: the list's own order depends on how
+                // merges (of session windows, of slices) came, which a replay from a
+                // checkpoint need not repeat; the same hashes encode the same.
                 out.push(2);
-                out.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
-                for h in hashes {
-                    encode::i64(out, *h as i64);
+                let mut sorted = hashes.clone();
+                sorted.sort_unstable();
+                out.extend_from_slice(&(sorted.len() as u32).to_be_bytes());
+                for h in sorted {
+                    encode::i64(out, h as i64);
                 }
             }
             Acc::Hll(Hll::Dense(regs)) => {
